@@ -1,0 +1,63 @@
+//! ListOffsets (key 2): the earliest offset, the latest offset (the log end offset, i.e. the
+//! high watermark on this single node), the offset for a timestamp, or the record with the
+//! largest timestamp.
+//!
+//! References: Kafka protocol guide (ListOffsets), KIP-79 (by timestamp), KIP-734 (max timestamp).
+
+use kafka_protocol::ResponseError;
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
+
+use crate::broker::BrokerState;
+
+/// `timestamp` sentinels from the protocol.
+const LATEST: i64 = -1;
+const EARLIEST: i64 = -2;
+const MAX_TIMESTAMP: i64 = -3;
+
+pub(crate) fn handle(state: &BrokerState, request: ListOffsetsRequest, version: i16) -> ListOffsetsResponse {
+    let topics = request
+        .topics
+        .into_iter()
+        .map(|wanted| {
+            let topic = state.catalog.topic(&wanted.name);
+            let partitions = wanted
+                .partitions
+                .iter()
+                .map(|p| {
+                    let mut response = ListOffsetsPartitionResponse::default()
+                        .with_partition_index(p.partition_index)
+                        .with_timestamp(-1)
+                        .with_offset(-1);
+                    let Some(partition) = topic.as_ref().and_then(|t| t.partition(p.partition_index)) else {
+                        return response.with_error_code(ResponseError::UnknownTopicOrPartition.code());
+                    };
+                    if version >= 4 {
+                        response = response.with_leader_epoch(0);
+                    }
+                    let log = partition.log();
+                    let found = match p.timestamp {
+                        LATEST => Ok(Some((log.log_end_offset(), -1))),
+                        EARLIEST => Ok(Some((log.log_start_offset(), -1))),
+                        MAX_TIMESTAMP => Ok(log.max_timestamp()),
+                        timestamp if timestamp >= 0 => {
+                            log.offset_for_timestamp(timestamp).map_err(|e| e.code())
+                        }
+                        _ => Err(ResponseError::UnsupportedVersion),
+                    };
+                    match found {
+                        Ok(Some((offset, timestamp))) => response.with_offset(offset).with_timestamp(timestamp),
+                        Ok(None) => response,
+                        Err(code) => response.with_error_code(code.code()),
+                    }
+                })
+                .collect();
+            ListOffsetsTopicResponse::default()
+                .with_name(wanted.name)
+                .with_partitions(partitions)
+        })
+        .collect();
+    ListOffsetsResponse::default().with_topics(topics)
+}

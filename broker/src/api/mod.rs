@@ -1,0 +1,119 @@
+//! One file per Kafka API. [`handle`] decodes a request body (already checked by the guard)
+//! and runs the API's handler; [`SUPPORTED_APIS`] is the single list ApiVersions advertises and
+//! the connection enforces.
+//!
+//! A handler returns a [`Reply`]: a response now, a response after waiting (an fsync for
+//! `acks=all`, data for a long-polling fetch), or nothing (`acks=0`).
+//!
+//! References: Kafka protocol guide (message schemas and versions).
+
+pub(crate) mod api_versions;
+pub(crate) mod create_partitions;
+pub(crate) mod create_topics;
+pub(crate) mod delete_topics;
+pub(crate) mod describe_configs;
+pub(crate) mod fetch;
+pub(crate) mod list_offsets;
+pub(crate) mod metadata;
+pub(crate) mod produce;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseKind};
+use kafka_protocol::protocol::{Decodable, StrBytes};
+
+use crate::broker::BrokerState;
+
+/// What a handler owes the client.
+pub(crate) enum Reply {
+    /// The response is ready.
+    Now(Box<ResponseKind>),
+    /// The response is ready once this completes; later requests proceed meanwhile, and the
+    /// connection still answers in order.
+    Later(Pin<Box<dyn Future<Output = ResponseKind> + Send>>),
+    /// No response at all (`acks=0`).
+    Nothing,
+}
+
+/// Every API this broker implements, with the exact version range it supports. Each range
+/// lies inside what both `kafka-protocol` and the request guard cover.
+pub(crate) const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 9),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 7),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ApiVersions, 0, 3),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 6),
+    (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::CreatePartitions, 0, 3),
+];
+
+/// The supported version range of `api_key`, if the broker implements it.
+pub(crate) fn supported_versions(api_key: ApiKey) -> Option<(i16, i16)> {
+    SUPPORTED_APIS
+        .iter()
+        .find(|(key, _, _)| *key == api_key)
+        .map(|&(_, min, max)| (min, max))
+}
+
+fn decode<T: Decodable>(mut body: Bytes, version: i16) -> Result<T, String> {
+    T::decode(&mut body, version).map_err(|e| e.to_string())
+}
+
+/// Decodes and handles one request. `Err` means the body does not decode; the connection is
+/// then closed.
+pub(crate) async fn handle(
+    state: &Arc<BrokerState>,
+    header: &RequestHeader,
+    api_key: ApiKey,
+    body: Bytes,
+) -> Result<Reply, String> {
+    let version = header.request_api_version;
+    let now = |response| Ok(Reply::Now(Box::new(response)));
+    match api_key {
+        ApiKey::ApiVersions => now(ResponseKind::ApiVersions(api_versions::handle(
+            decode(body, version)?,
+        ))),
+        ApiKey::Metadata => now(ResponseKind::Metadata(metadata::handle(
+            state,
+            decode(body, version)?,
+            version,
+        ))),
+        ApiKey::CreateTopics => now(ResponseKind::CreateTopics(create_topics::handle(
+            state,
+            decode(body, version)?,
+            version,
+        ))),
+        ApiKey::DeleteTopics => now(ResponseKind::DeleteTopics(delete_topics::handle(
+            state,
+            decode(body, version)?,
+            version,
+        ))),
+        ApiKey::CreatePartitions => now(ResponseKind::CreatePartitions(create_partitions::handle(
+            state,
+            decode(body, version)?,
+        ))),
+        ApiKey::DescribeConfigs => now(ResponseKind::DescribeConfigs(describe_configs::handle(
+            state,
+            decode(body, version)?,
+            version,
+        ))),
+        ApiKey::ListOffsets => now(ResponseKind::ListOffsets(list_offsets::handle(
+            state,
+            decode(body, version)?,
+            version,
+        ))),
+        ApiKey::Produce => Ok(produce::handle(state, decode(body, version)?, version)),
+        ApiKey::Fetch => Ok(fetch::handle(state, decode(body, version)?, version)),
+        other => Err(format!("{other:?} is not implemented")),
+    }
+}
+
+/// `Some(message)` as the protocol's nullable string.
+pub(crate) fn message(text: impl Into<String>) -> Option<StrBytes> {
+    Some(StrBytes::from_string(text.into()))
+}

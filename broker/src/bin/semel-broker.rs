@@ -1,0 +1,127 @@
+//! The `semel-broker` command: run a single-node Kafka-protocol broker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use semel_broker::log::{LogConfig, TimestampType};
+use semel_broker::{Broker, BrokerConfig};
+
+/// A single-node broker that speaks the Apache Kafka wire protocol.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on (Kafka: listeners).
+    #[arg(long, env = "SEMEL_LISTEN", default_value = "127.0.0.1:9092")]
+    listen: SocketAddr,
+    /// host:port announced to clients in Metadata (Kafka: advertised.listeners). Defaults to the bound address.
+    #[arg(long, env = "SEMEL_ADVERTISED_LISTENER")]
+    advertised_listener: Option<String>,
+    /// Directory for the catalog and partition logs (Kafka: log.dirs).
+    #[arg(long, env = "SEMEL_DATA_DIR", default_value = "./semel-data")]
+    data_dir: PathBuf,
+    /// This broker's node id (Kafka: node.id).
+    #[arg(long, env = "SEMEL_NODE_ID", default_value_t = 1)]
+    node_id: i32,
+    /// Largest request frame in bytes (Kafka: socket.request.max.bytes).
+    #[arg(long, env = "SEMEL_SOCKET_REQUEST_MAX_BYTES", default_value_t = 100 * 1024 * 1024)]
+    socket_request_max_bytes: usize,
+    /// Most client connections served at once (Kafka: max.connections).
+    #[arg(long, env = "SEMEL_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Create unknown topics on Metadata and Produce (Kafka: auto.create.topics.enable).
+    #[arg(long, env = "SEMEL_AUTO_CREATE_TOPICS_ENABLE", default_value_t = true, action = clap::ArgAction::Set)]
+    auto_create_topics_enable: bool,
+    /// Partition count of auto-created topics (Kafka: num.partitions).
+    #[arg(long, env = "SEMEL_NUM_PARTITIONS", default_value_t = 1)]
+    num_partitions: i32,
+    /// Segment file size before a roll, in bytes (Kafka: log.segment.bytes).
+    #[arg(long, env = "SEMEL_LOG_SEGMENT_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    log_segment_bytes: u64,
+    /// Segment age before a roll, in milliseconds (Kafka: log.roll.ms).
+    #[arg(long, env = "SEMEL_LOG_ROLL_MS", default_value_t = 7 * 24 * 3600 * 1000)]
+    log_roll_ms: i64,
+    /// Delete segments whose newest record is older than this, in milliseconds; -1 keeps forever (Kafka: log.retention.ms).
+    #[arg(long, env = "SEMEL_LOG_RETENTION_MS", default_value_t = 7 * 24 * 3600 * 1000, allow_negative_numbers = true)]
+    log_retention_ms: i64,
+    /// Delete old segments while a partition is larger than this; -1 for no limit (Kafka: log.retention.bytes).
+    #[arg(long, env = "SEMEL_LOG_RETENTION_BYTES", default_value_t = -1, allow_negative_numbers = true)]
+    log_retention_bytes: i64,
+    /// How often roll-by-time and retention run, in milliseconds (Kafka: log.retention.check.interval.ms).
+    #[arg(long, env = "SEMEL_LOG_RETENTION_CHECK_INTERVAL_MS", default_value_t = 300_000)]
+    log_retention_check_interval_ms: u64,
+    /// Largest record batch accepted, in bytes (Kafka: message.max.bytes).
+    #[arg(long, env = "SEMEL_MESSAGE_MAX_BYTES", default_value_t = 1_048_588)]
+    message_max_bytes: u32,
+    /// CreateTime or LogAppendTime (Kafka: log.message.timestamp.type).
+    #[arg(long, env = "SEMEL_LOG_MESSAGE_TIMESTAMP_TYPE", default_value = "CreateTime")]
+    log_message_timestamp_type: String,
+    /// How long shutdown waits for in-flight requests, in milliseconds.
+    #[arg(long, env = "SEMEL_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    shutdown_grace_ms: u64,
+    /// Log filter, e.g. info or semel_broker=debug (tracing-subscriber EnvFilter syntax).
+    #[arg(long, env = "SEMEL_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log_level)
+                .with_context(|| format!("invalid --log-level {:?}", args.log_level))?,
+        )
+        .init();
+    let timestamp_type = match args.log_message_timestamp_type.as_str() {
+        "CreateTime" => TimestampType::CreateTime,
+        "LogAppendTime" => TimestampType::LogAppendTime,
+        other => anyhow::bail!("--log-message-timestamp-type must be CreateTime or LogAppendTime, not {other:?}"),
+    };
+    let config = BrokerConfig {
+        listen: args.listen,
+        advertised_listener: args.advertised_listener,
+        data_dir: args.data_dir,
+        node_id: args.node_id,
+        max_frame_bytes: args.socket_request_max_bytes,
+        max_connections: args.max_connections,
+        auto_create_topics: args.auto_create_topics_enable,
+        num_partitions: args.num_partitions,
+        log: LogConfig {
+            segment_bytes: args.log_segment_bytes,
+            segment_ms: args.log_roll_ms,
+            retention_ms: args.log_retention_ms,
+            retention_bytes: args.log_retention_bytes,
+            max_message_bytes: args.message_max_bytes,
+            timestamp_type,
+            ..LogConfig::default()
+        },
+        retention_check_interval: Duration::from_millis(args.log_retention_check_interval_ms.max(1)),
+        shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
+        ..BrokerConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let broker = Broker::start(config).await.context("broker failed to start")?;
+        // Tests and scripts read this line to learn the bound port.
+        println!("semel-broker listening on {}", broker.local_addr());
+        wait_for_signal().await?;
+        tracing::info!("shutting down");
+        broker.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT")?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! Starting and stopping a broker: [`Broker::start`] opens the data directory, binds the
+//! listener and returns a [`BrokerHandle`] for the bound address and shutdown.
+//!
+//! Shutdown order: stop accepting, let connections finish the requests they have (bounded by
+//! `shutdown_grace`), then fsync every partition.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::catalog::{Catalog, CatalogOpenError};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{BrokerConfig, ConfigError, advertised_host_port};
+use crate::server;
+
+/// State shared by every connection.
+#[derive(Debug)]
+pub(crate) struct BrokerState {
+    pub(crate) config: BrokerConfig,
+    /// Host and port announced in Metadata.
+    pub(crate) advertised: (String, i32),
+    pub(crate) catalog: Catalog,
+    /// Bumped by every append; long-polling fetches wait on it.
+    pub(crate) appended: Arc<watch::Sender<u64>>,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl BrokerState {
+    pub(crate) fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+}
+
+/// Why a broker could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A setting cannot work.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory or a partition in it could not be opened.
+    #[error(transparent)]
+    Catalog(#[from] CatalogOpenError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address from the config.
+        address: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Opening the data directory panicked or was cancelled.
+    #[error("start-up task failed: {0}")]
+    Task(String),
+}
+
+/// The broker library's entry point.
+#[derive(Debug)]
+pub struct Broker;
+
+impl Broker {
+    /// Opens the data directory (recovering every partition log), binds the listener and starts
+    /// serving. Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`StartError`] when the config is invalid, the data directory cannot be opened or
+    /// recovered, or the address cannot be bound.
+    pub async fn start(config: BrokerConfig) -> Result<BrokerHandle, StartError> {
+        Self::start_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// [`Broker::start`] with an injected clock (for tests of time-based behaviour).
+    ///
+    /// # Errors
+    /// As [`Broker::start`].
+    pub async fn start_with_clock(
+        config: BrokerConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<BrokerHandle, StartError> {
+        config.validate()?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                address: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            address: config.listen,
+            source,
+        })?;
+        let advertised = match &config.advertised_listener {
+            Some(listener) => advertised_host_port(listener).map_err(|reason| ConfigError {
+                name: "advertised.listeners",
+                reason,
+            })?,
+            None => (local_addr.ip().to_string(), i32::from(local_addr.port())),
+        };
+        let appended = Arc::new(watch::channel(0u64).0);
+        let catalog = {
+            let data_dir = config.data_dir.clone();
+            let defaults = config.log.clone();
+            let appended = Arc::clone(&appended);
+            let now_ms = clock.now_ms();
+            tokio::task::spawn_blocking(move || Catalog::open(&data_dir, defaults, now_ms, appended))
+                .await
+                .map_err(|e| StartError::Task(e.to_string()))??
+        };
+        tracing::info!(
+            listen = %local_addr,
+            advertised = %format!("{}:{}", advertised.0, advertised.1),
+            data_dir = %config.data_dir.display(),
+            cluster_id = catalog.cluster_id(),
+            topics = catalog.topics().len(),
+            "broker started"
+        );
+        let state = Arc::new(BrokerState {
+            config,
+            advertised,
+            catalog,
+            appended,
+            clock,
+        });
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let maintenance = tokio::spawn(server::maintenance_loop(Arc::clone(&state), shutdown_rx.clone()));
+        let server = tokio::spawn(server::serve(listener, Arc::clone(&state), shutdown_rx));
+        Ok(BrokerHandle {
+            local_addr,
+            shutdown_tx,
+            server: Some(server),
+            maintenance: Some(maintenance),
+            state,
+        })
+    }
+}
+
+/// A running broker. Dropping it without [`BrokerHandle::shutdown`] stops accepting
+/// connections but skips the final flush.
+#[derive(Debug)]
+pub struct BrokerHandle {
+    local_addr: SocketAddr,
+    shutdown_tx: watch::Sender<bool>,
+    server: Option<JoinHandle<()>>,
+    maintenance: Option<JoinHandle<()>>,
+    state: Arc<BrokerState>,
+}
+
+impl BrokerHandle {
+    /// The address the listener is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The cluster id stored in the data directory.
+    pub fn cluster_id(&self) -> &str {
+        self.state.catalog.cluster_id()
+    }
+
+    /// Stops accepting, lets connections finish within the grace period, then fsyncs every
+    /// partition.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown_tx.send(true);
+        if let Some(server) = self.server.take() {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "server task failed");
+            }
+        }
+        if let Some(maintenance) = self.maintenance.take() {
+            let _ = maintenance.await;
+        }
+        let state = Arc::clone(&self.state);
+        let flushed = tokio::task::spawn_blocking(move || {
+            for partition in state.catalog.partitions() {
+                if let Err(e) = partition.log().flush() {
+                    tracing::error!(topic = %partition.topic, partition = partition.index, error = %e, "final flush failed");
+                }
+            }
+        })
+        .await;
+        if let Err(e) = flushed {
+            tracing::error!(error = %e, "final flush task failed");
+        }
+        tracing::info!("broker stopped");
+    }
+}
+
+impl Drop for BrokerHandle {
+    fn drop(&mut self) {
+        let _ = self.shutdown_tx.send(true);
+    }
+}

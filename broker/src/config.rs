@@ -1,0 +1,165 @@
+//! Broker configuration: every setting has Kafka's name in its doc line, a default, and a rule
+//! checked by [`BrokerConfig::validate`].
+//!
+//! References: Kafka broker configs (`socket.request.max.bytes`, `auto.create.topics.enable`,
+//! `num.partitions`, `log.segment.bytes`, `log.retention.ms`, ...), topic configs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::log::LogConfig;
+
+/// Everything [`crate::Broker::start`] needs. Build it with `Default` and adjust fields.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Address to bind (`listeners`). Port 0 picks a free port; read it back from the handle.
+    pub listen: SocketAddr,
+    /// `host:port` announced to clients in Metadata (`advertised.listeners`). `None` announces
+    /// the bound address.
+    pub advertised_listener: Option<String>,
+    /// Directory holding the catalog, producer-id allocator and partition logs (`log.dirs`).
+    pub data_dir: PathBuf,
+    /// This broker's node id (`node.id`).
+    pub node_id: i32,
+    /// Largest request frame accepted, in bytes (`socket.request.max.bytes`). A larger frame
+    /// closes the connection, as Kafka does.
+    pub max_frame_bytes: usize,
+    /// Most client connections served at once (`max.connections`). Further connections wait in
+    /// the accept backlog.
+    pub max_connections: usize,
+    /// Most requests of one connection being processed or awaiting their turn to be answered.
+    /// Reading pauses while a connection is at the cap (Kafka's `queued.max.requests`, per connection).
+    pub max_in_flight_per_connection: usize,
+    /// Create a topic when a client asks for it in Metadata or Produce (`auto.create.topics.enable`).
+    pub auto_create_topics: bool,
+    /// Partition count of auto-created topics and of CreateTopics without a count (`num.partitions`).
+    pub num_partitions: i32,
+    /// Defaults for every partition log (`log.segment.bytes`, `log.retention.ms`, ...); topic
+    /// configs override them per topic.
+    pub log: LogConfig,
+    /// How often segment roll by time and retention run (`log.retention.check.interval.ms`).
+    pub retention_check_interval: Duration,
+    /// How long a shutdown waits for in-flight requests before closing connections anyway.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
+            advertised_listener: None,
+            data_dir: PathBuf::from("./semel-data"),
+            node_id: 1,
+            max_frame_bytes: 100 * 1024 * 1024,
+            max_connections: 1024,
+            max_in_flight_per_connection: 32,
+            auto_create_topics: true,
+            num_partitions: 1,
+            log: LogConfig::default(),
+            retention_check_interval: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A setting that cannot work, with the setting's name and the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid broker setting {name}: {reason}")]
+pub struct ConfigError {
+    /// Kafka's name of the setting.
+    pub name: &'static str,
+    /// What is wrong with its value.
+    pub reason: String,
+}
+
+impl BrokerConfig {
+    /// Checks that the settings can work together.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first setting that cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |name, reason: String| Err(ConfigError { name, reason });
+        if self.max_frame_bytes < 1024 {
+            return fail(
+                "socket.request.max.bytes",
+                format!("{} is below the 1024-byte minimum", self.max_frame_bytes),
+            );
+        }
+        if i32::try_from(self.max_frame_bytes).is_err() {
+            return fail(
+                "socket.request.max.bytes",
+                format!("{} does not fit a Kafka frame length (i32)", self.max_frame_bytes),
+            );
+        }
+        if self.max_connections == 0 {
+            return fail("max.connections", "must be at least 1".into());
+        }
+        if self.max_in_flight_per_connection == 0 {
+            return fail("queued.max.requests", "must be at least 1".into());
+        }
+        if self.num_partitions < 1 {
+            return fail("num.partitions", format!("{} must be at least 1", self.num_partitions));
+        }
+        if self.node_id < 0 {
+            return fail("node.id", format!("{} must not be negative", self.node_id));
+        }
+        if let Some(listener) = &self.advertised_listener {
+            advertised_host_port(listener).map_err(|reason| ConfigError {
+                name: "advertised.listeners",
+                reason,
+            })?;
+        }
+        self.log.validate().map_err(|e| ConfigError {
+            name: "log",
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+}
+
+/// Splits `host:port` (an optional `PLAINTEXT://` prefix is accepted, as in Kafka's
+/// `advertised.listeners`).
+pub(crate) fn advertised_host_port(listener: &str) -> Result<(String, i32), String> {
+    let rest = listener.strip_prefix("PLAINTEXT://").unwrap_or(listener);
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{listener:?} is not host:port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{listener:?} has no valid port"))?;
+    if host.is_empty() {
+        return Err(format!("{listener:?} has an empty host"));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((host.to_string(), i32::from(port)))
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        BrokerConfig::default().validate().expect("default config");
+    }
+
+    #[test]
+    fn rejects_tiny_frames_and_bad_listener() {
+        let config = BrokerConfig {
+            max_frame_bytes: 10,
+            ..BrokerConfig::default()
+        };
+        assert_eq!(config.validate().unwrap_err().name, "socket.request.max.bytes");
+        let config = BrokerConfig {
+            advertised_listener: Some("nohost".into()),
+            ..BrokerConfig::default()
+        };
+        assert_eq!(config.validate().unwrap_err().name, "advertised.listeners");
+        assert_eq!(
+            advertised_host_port("PLAINTEXT://example.com:9093"),
+            Ok(("example.com".to_string(), 9093))
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! The network side: accept connections (at most `max_connections` at once), and run periodic
+//! log maintenance (time-based segment roll, retention).
+//!
+//! Request path: [`connection`] reads frames ([`frame`]), refuses anything [`guard`] cannot
+//! prove safe to decode, decodes with `kafka-protocol`, and hands the request to
+//! [`crate::api`].
+
+pub(crate) mod connection;
+pub mod frame;
+pub mod guard;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::broker::BrokerState;
+
+/// Accepts connections until shutdown, then waits (up to the grace period) for the open ones.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: Arc<BrokerState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(state.config.max_connections));
+    let mut connections = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        // Reap finished connection tasks so the set does not grow.
+        while connections.try_join_next().is_some() {}
+        match accepted {
+            Ok((stream, peer)) => {
+                let state = Arc::clone(&state);
+                let shutdown = shutdown.clone();
+                connections.spawn(async move {
+                    connection::serve(stream, peer, state, shutdown).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Usually EMFILE or a connection reset before accept; back off briefly.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    let grace = state.config.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            grace_ms = grace.as_millis() as u64,
+            "closing connections still busy after the shutdown grace period"
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// Rolls segments by time and applies retention every `retention_check_interval`.
+pub(crate) async fn maintenance_loop(state: Arc<BrokerState>, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(state.config.retention_check_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let state = Arc::clone(&state);
+        let run = tokio::task::spawn_blocking(move || {
+            let now_ms = state.now_ms();
+            for partition in state.catalog.partitions() {
+                match partition.log().maintain(now_ms) {
+                    Ok(report) => tracing::debug!(topic = %partition.topic, partition = partition.index, ?report, "log maintenance"),
+                    Err(e) => tracing::error!(topic = %partition.topic, partition = partition.index, error = %e, "log maintenance failed"),
+                }
+            }
+        });
+        if let Err(e) = run.await {
+            tracing::error!(error = %e, "log maintenance task failed");
+        }
+    }
+}

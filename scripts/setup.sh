@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what building and testing Semel needs, skipping whatever is already there.
+#   - Debian packages: kcat (librdkafka, for interop tests), clang + libclang-dev (RocksDB's
+#     bindings, for semel-consumer's dedup store), python3-venv.
+#   - A Python virtualenv with kafka-python and its compression codecs, for interop tests.
+# Idempotent and quiet when nothing is missing.
+set -euo pipefail
+
+SEMEL_CACHE="${SEMEL_CACHE:-$HOME/.cache/semel}"
+VENV="$SEMEL_CACHE/venv"
+PYTHON_PACKAGES=(kafka-python==3.0.12 python-snappy==0.7.3 cramjam==2.14.0 lz4==4.4.5 zstandard==0.25.0)
+
+need_apt=()
+command -v kcat >/dev/null 2>&1 || need_apt+=(kcat)
+command -v clang >/dev/null 2>&1 || need_apt+=(clang)
+dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if ((${#need_apt[@]})); then
+  echo "setup: installing Debian packages: ${need_apt[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo is missing; install Rust (https://rustup.rs) and run this again" >&2
+  exit 1
+fi
+
+stamp="$VENV/.semel-packages"
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${PYTHON_PACKAGES[*]}" ]; then
+  echo "setup: creating Python virtualenv $VENV"
+  mkdir -p "$SEMEL_CACHE"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${PYTHON_PACKAGES[@]}"
+  echo "${PYTHON_PACKAGES[*]}" > "$stamp"
+fi

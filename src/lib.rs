@@ -1,0 +1,8 @@
+//! Facade of the Semel workspace: [`broker`], [`client`], [`producer`], [`consumer`].
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+pub use semel_broker as broker;
+pub use semel_client as client;
+pub use semel_consumer as consumer;
+pub use semel_producer as producer;

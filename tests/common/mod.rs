@@ -1,0 +1,348 @@
+//! Shared helpers for the integration tests: an embedded broker on port 0, the broker binary as
+//! a child process, a raw Kafka-protocol client built on `kafka-protocol`, and record batches.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
+use kafka_protocol::protocol::{Decodable, Encodable, Request, StrBytes};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use semel::broker::{Broker, BrokerConfig, BrokerHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Installs a test log subscriber once (RUST_LOG controls it; quiet by default).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A broker running inside the test process, with its data directory.
+pub struct TestBroker {
+    pub handle: BrokerHandle,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestBroker {
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut BrokerConfig)) -> anyhow::Result<Self> {
+        init_tracing();
+        let dir = tempfile::tempdir()?;
+        let mut config = BrokerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            data_dir: dir.path().to_path_buf(),
+            ..BrokerConfig::default()
+        };
+        adjust(&mut config);
+        let handle = Broker::start(config).await?;
+        Ok(Self { handle, dir })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.local_addr()
+    }
+
+    pub fn bootstrap(&self) -> String {
+        self.addr().to_string()
+    }
+}
+
+/// Path of a workspace binary built next to the test executable (`target/<profile>/<name>`).
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable has no target/<profile> directory")?;
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is not built; run `cargo build --workspace --bins` first (the README's test command does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The `semel-broker` binary running as a real child process.
+pub struct ChildBroker {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// Everything the broker printed after its "listening" line, collected by a thread.
+    pub output: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ChildBroker {
+    /// Starts the binary on port 0 with `data_dir` and waits for its listening line.
+    pub fn spawn(data_dir: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn_with(data_dir, extra_args, None)
+    }
+
+    /// Like [`ChildBroker::spawn`], optionally through `sh -c` with a prefix (for `ulimit`).
+    pub fn spawn_with(data_dir: &Path, extra_args: &[&str], shell_prefix: Option<&str>) -> anyhow::Result<Self> {
+        let binary = workspace_binary("semel-broker")?;
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--log-level".into(),
+            "info".into(),
+        ];
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let mut command = match shell_prefix {
+            Some(prefix) => {
+                let quoted: Vec<String> = std::iter::once(binary.display().to_string())
+                    .chain(args)
+                    .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+                    .collect();
+                let mut c = Command::new("bash");
+                c.arg("-c").arg(format!("{prefix} exec {}", quoted.join(" ")));
+                c
+            }
+            None => {
+                let mut c = Command::new(&binary);
+                c.args(&args);
+                c
+            }
+        };
+        let mut child = command
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let mut before = Vec::new();
+        let addr = loop {
+            let Some(line) = lines.next() else {
+                let _ = child.kill();
+                bail!("broker exited before listening; output:\n{}", before.join("\n"));
+            };
+            let line = line?;
+            if let Some(addr) = line.strip_prefix("semel-broker listening on ") {
+                break addr.trim().parse()?;
+            }
+            before.push(line);
+        };
+        let output = std::sync::Arc::new(std::sync::Mutex::new(before));
+        let sink = std::sync::Arc::clone(&output);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().expect("output lock").push(line);
+            }
+        });
+        Ok(Self { child, addr, output })
+    }
+
+    /// `kill -9`: no flush, no shutdown.
+    pub fn kill9(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        Ok(self.child.wait()?)
+    }
+
+    pub fn output_text(&self) -> String {
+        self.output.lock().expect("output lock").join("\n")
+    }
+}
+
+impl Drop for ChildBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw Kafka-protocol connection that sends one request at a time (or pipelines raw frames).
+pub struct RawClient {
+    pub stream: TcpStream,
+    next_correlation_id: i32,
+}
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            next_correlation_id: 1,
+        })
+    }
+
+    /// Encodes `request` (header + body) as a frame payload, without sending it.
+    pub fn encode<R: Request>(&mut self, version: i16, request: &R) -> anyhow::Result<(i32, Bytes)> {
+        let correlation_id = self.next_correlation_id;
+        self.next_correlation_id += 1;
+        let api_key = ApiKey::try_from(R::KEY).map_err(|()| anyhow::anyhow!("unknown key"))?;
+        let header = RequestHeader::default()
+            .with_request_api_key(R::KEY)
+            .with_request_api_version(version)
+            .with_correlation_id(correlation_id)
+            .with_client_id(Some(StrBytes::from_static_str("semel-tests")));
+        let mut buf = BytesMut::new();
+        header.encode(&mut buf, api_key.request_header_version(version))?;
+        request.encode(&mut buf, version)?;
+        Ok((correlation_id, buf.freeze()))
+    }
+
+    pub async fn send_frame(&mut self, payload: &[u8]) -> anyhow::Result<()> {
+        let mut frame = Vec::with_capacity(payload.len() + 4);
+        frame.extend_from_slice(&(payload.len() as i32).to_be_bytes());
+        frame.extend_from_slice(payload);
+        self.stream.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// Reads one response frame; `None` if the broker closed the connection.
+    pub async fn read_frame(&mut self) -> anyhow::Result<Option<Bytes>> {
+        let mut prefix = [0u8; 4];
+        match tokio::time::timeout(Duration::from_secs(30), self.stream.read_exact(&mut prefix)).await? {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let length = usize::try_from(i32::from_be_bytes(prefix))?;
+        let mut payload = vec![0u8; length];
+        self.stream.read_exact(&mut payload).await?;
+        Ok(Some(Bytes::from(payload)))
+    }
+
+    /// Decodes a response frame for request type `R` at `version`; returns (correlation id, body).
+    pub fn decode<R: Request>(version: i16, mut frame: Bytes) -> anyhow::Result<(i32, R::Response)> {
+        let api_key = ApiKey::try_from(R::KEY).map_err(|()| anyhow::anyhow!("unknown key"))?;
+        let header = ResponseHeader::decode(&mut frame, api_key.response_header_version(version))?;
+        let body = R::Response::decode(&mut frame, version)?;
+        if frame.has_remaining() {
+            bail!("{} bytes left after the response body", frame.remaining());
+        }
+        Ok((header.correlation_id, body))
+    }
+
+    /// Sends `request` and waits for its response.
+    pub async fn send<R: Request>(&mut self, version: i16, request: &R) -> anyhow::Result<R::Response> {
+        let (correlation_id, payload) = self.encode(version, request)?;
+        self.send_frame(&payload).await?;
+        let frame = self
+            .read_frame()
+            .await?
+            .context("broker closed the connection instead of answering")?;
+        let (got, response) = Self::decode::<R>(version, frame)?;
+        if got != correlation_id {
+            bail!("correlation id {got}, expected {correlation_id}");
+        }
+        Ok(response)
+    }
+}
+
+/// One record for [`record_batch`].
+#[derive(Debug, Clone)]
+pub struct TestRecord {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub timestamp: i64,
+}
+
+impl TestRecord {
+    pub fn new(key: &str, value: &str, timestamp: i64) -> Self {
+        Self {
+            key: Some(key.as_bytes().to_vec()),
+            value: Some(value.as_bytes().to_vec()),
+            headers: Vec::new(),
+            timestamp,
+        }
+    }
+}
+
+/// Encodes records as one RecordBatch v2 with `kafka-protocol` (the client side of the crate).
+pub fn record_batch(records: &[TestRecord], compression: Compression) -> anyhow::Result<Bytes> {
+    record_batch_with_producer(records, compression, -1, -1, -1)
+}
+
+pub fn record_batch_with_producer(
+    records: &[TestRecord],
+    compression: Compression,
+    producer_id: i64,
+    producer_epoch: i16,
+    base_sequence: i32,
+) -> anyhow::Result<Bytes> {
+    let records: Vec<Record> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Record {
+            transactional: false,
+            control: false,
+            partition_leader_epoch: 0,
+            producer_id,
+            producer_epoch,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: if base_sequence < 0 { -1 } else { base_sequence + i as i32 },
+            timestamp: r.timestamp,
+            key: r.key.clone().map(Bytes::from),
+            value: r.value.clone().map(Bytes::from),
+            headers: r
+                .headers
+                .iter()
+                .map(|(k, v)| (StrBytes::from_string(k.clone()), Some(Bytes::from(v.clone()))))
+                .collect(),
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression,
+        },
+    )?;
+    Ok(buf.freeze())
+}
+
+/// Decodes every record in a Fetch response's `records` bytes.
+pub fn decode_records(bytes: &Bytes) -> anyhow::Result<Vec<Record>> {
+    let mut bytes = bytes.clone();
+    let mut out = Vec::new();
+    while bytes.has_remaining() {
+        let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut bytes)?;
+        out.extend(set.records);
+    }
+    Ok(out)
+}
+
+/// Appends a little-endian-agnostic raw i32 to a buffer (for hand-built hostile frames).
+pub fn put_i32(buf: &mut BytesMut, value: i32) {
+    buf.put_i32(value);
+}

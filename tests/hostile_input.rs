@@ -1,0 +1,170 @@
+//! Bad input on the wire: the broker answers with the right error or closes that one
+//! connection, never panics or aborts, and keeps serving everyone else.
+
+mod common;
+
+use bytes::{BufMut, BytesMut};
+use common::{RawClient, TestBroker};
+use kafka_protocol::ResponseError;
+use kafka_protocol::messages::{ApiVersionsRequest, MetadataRequest};
+use tokio::io::AsyncWriteExt;
+
+/// Asserts that the broker closed `client`'s connection without answering.
+async fn assert_closed(client: &mut RawClient, what: &str) {
+    let frame = client.read_frame().await.expect(what);
+    assert!(frame.is_none(), "{what}: expected the connection to be closed, got a response");
+}
+
+/// The bystander connection (opened before the attack) and a fresh one both still work.
+async fn assert_serving(broker: &TestBroker, bystander: &mut RawClient) {
+    let response = bystander
+        .send(3, &ApiVersionsRequest::default())
+        .await
+        .expect("bystander connection still served");
+    assert_eq!(response.error_code, 0);
+    let mut fresh = RawClient::connect(broker.addr()).await.expect("connect");
+    let metadata = fresh
+        .send(12, &MetadataRequest::default().with_topics(None))
+        .await
+        .expect("fresh connection served");
+    assert_eq!(metadata.brokers.len(), 1);
+}
+
+/// A request frame: header v1 (api key, version, correlation id, client id) then `body`.
+fn frame_with_body(api_key: i16, version: i16, body: &[u8]) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    buf.put_i16(api_key);
+    buf.put_i16(version);
+    buf.put_i32(7);
+    buf.put_i16(-1); // null client id
+    if version_is_flexible(api_key, version) {
+        buf.put_u8(0); // no header tagged fields
+    }
+    buf.extend_from_slice(body);
+    buf.to_vec()
+}
+
+fn version_is_flexible(api_key: i16, version: i16) -> bool {
+    match api_key {
+        0 => version >= 9,
+        1 => version >= 12,
+        3 => version >= 9,
+        _ => false,
+    }
+}
+
+#[tokio::test]
+async fn garbage_and_broken_framing_close_only_that_connection() {
+    let broker = TestBroker::start().await.expect("broker");
+    let mut bystander = RawClient::connect(broker.addr()).await.expect("connect");
+
+    // An HTTP request: its first four bytes read as a ~1.2 GB frame length.
+    let mut client = RawClient::connect(broker.addr()).await.expect("connect");
+    client.stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    assert_closed(&mut client, "garbage").await;
+
+    let mut client = RawClient::connect(broker.addr()).await.expect("connect");
+    client.stream.write_all(&(-1i32).to_be_bytes()).await.expect("write");
+    assert_closed(&mut client, "negative length").await;
+
+    let mut client = RawClient::connect(broker.addr()).await.expect("connect");
+    client.stream.write_all(&(100 * 1024 * 1024 + 1i32).to_be_bytes()).await.expect("write");
+    assert_closed(&mut client, "oversized length").await;
+
+    // A frame shorter than a request header.
+    let mut client = RawClient::connect(broker.addr()).await.expect("connect");
+    client.send_frame(&[0, 18, 0]).await.expect("write");
+    assert_closed(&mut client, "short header").await;
+
+    // A truncated frame, then the client hangs up mid-frame.
+    let mut client = RawClient::connect(broker.addr()).await.expect("connect");
+    client.stream.write_all(&100i32.to_be_bytes()).await.expect("write");
+    client.stream.write_all(&[0, 3, 0, 1]).await.expect("write");
+    drop(client);
+
+    assert_serving(&broker, &mut bystander).await;
+    broker.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_api_and_unsupported_versions() {
+    let broker = TestBroker::start().await.expect("broker");
+    let mut bystander = RawClient::connect(broker.addr()).await.expect("connect");
+
+    let mut client = RawClient::connect(broker.addr()).await.expect("connect");
+    client.send_frame(&frame_with_body(9999, 0, &[])).await.expect("write");
+    assert_closed(&mut client, "unknown api key").await;
+
+    // A known API the broker does not implement (SaslHandshake).
+    let mut client = RawClient::connect(broker.addr()).await.expect("connect");
+    client.send_frame(&frame_with_body(17, 1, &[0, 5, b'P', b'L', b'A', b'I', b'N'])).await.expect("write");
+    assert_closed(&mut client, "unimplemented api").await;
+
+    let mut client = RawClient::connect(broker.addr()).await.expect("connect");
+    client.send_frame(&frame_with_body(3, 99, &[])).await.expect("write");
+    assert_closed(&mut client, "unsupported Metadata version").await;
+
+    // ApiVersions with a version from the future: UNSUPPORTED_VERSION, encoded as v0, still
+    // listing what is supported (KIP-511).
+    let mut client = RawClient::connect(broker.addr()).await.expect("connect");
+    client.send_frame(&frame_with_body(18, 77, &[])).await.expect("write");
+    let frame = client.read_frame().await.expect("read").expect("an answer, not a close");
+    let (correlation_id, response) =
+        RawClient::decode::<ApiVersionsRequest>(0, frame).expect("v0 response");
+    assert_eq!(correlation_id, 7);
+    assert_eq!(response.error_code, ResponseError::UnsupportedVersion.code());
+    let api_versions = response
+        .api_keys
+        .iter()
+        .find(|k| k.api_key == 18)
+        .expect("ApiVersions listed");
+    assert_eq!((api_versions.min_version, api_versions.max_version), (0, 3));
+    // The same connection then works at a supported version.
+    let response = client.send(3, &ApiVersionsRequest::default()).await.expect("retry");
+    assert_eq!(response.error_code, 0);
+
+    assert_serving(&broker, &mut bystander).await;
+    broker.handle.shutdown().await;
+}
+
+/// ~20-byte requests whose array counts claim 2^31 (or 2^32) elements. `kafka-protocol` would
+/// pre-allocate from those counts and abort the process; the guard must refuse them first.
+#[tokio::test]
+async fn huge_array_counts_cannot_abort_the_broker() {
+    let broker = TestBroker::start().await.expect("broker");
+    let mut bystander = RawClient::connect(broker.addr()).await.expect("connect");
+
+    let classic = i32::MAX.to_be_bytes();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        // Metadata v1: topics array.
+        ("Metadata v1", frame_with_body(3, 1, &classic)),
+        // Metadata v9 (flexible): compact array with a 5-byte varint count of 2^32 - 1.
+        ("Metadata v9", frame_with_body(3, 9, &[0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0])),
+        // Produce v3: null transactional id, acks, timeout, then topic_data count.
+        ("Produce v3", {
+            let mut body = vec![0xff, 0xff, 0, 1, 0, 0, 0x75, 0x30];
+            body.extend_from_slice(&classic);
+            frame_with_body(0, 3, &body)
+        }),
+        // Fetch v4: replica id, max wait, min bytes, max bytes, isolation, then topics count.
+        ("Fetch v4", {
+            let mut body = vec![0xff, 0xff, 0xff, 0xff, 0, 0, 1, 0xf4, 0, 0, 0, 1, 0, 0x10, 0, 0, 0];
+            body.extend_from_slice(&classic);
+            frame_with_body(1, 4, &body)
+        }),
+        // A negative count where null is not allowed.
+        ("Metadata v4 negative", {
+            let mut body = (-5i32).to_be_bytes().to_vec();
+            body.push(1);
+            frame_with_body(3, 4, &body)
+        }),
+    ];
+    for (name, frame) in cases {
+        assert!(frame.len() < 40, "{name}: the attack frame should be tiny");
+        let mut client = RawClient::connect(broker.addr()).await.expect("connect");
+        client.send_frame(&frame).await.expect("write");
+        assert_closed(&mut client, name).await;
+        assert_serving(&broker, &mut bystander).await;
+    }
+    broker.handle.shutdown().await;
+}
