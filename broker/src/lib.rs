@@ -34,6 +34,7 @@ mod broker;
 mod catalog;
 pub mod clock;
 pub mod config;
+pub mod idempotence;
 pub mod log;
 mod partition;
 pub mod server;

@@ -1,0 +1,224 @@
+//! Produce load generator: measures how many records per second semel-broker (or any Kafka
+//! broker) appends, at a given `acks`, batch size and pipelining depth.
+//!
+//! ```sh
+//! cargo run --release --example produce_load -- --acks all --connections 4
+//! cargo run --release --example produce_load -- --bootstrap 127.0.0.1:9092 --acks 1
+//! ```
+//! Without `--bootstrap` it starts an embedded broker on a temporary directory.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use bytes::{Bytes, BytesMut};
+use clap::Parser;
+use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{
+    ApiKey, CreateTopicsRequest, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Produce load generator.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Broker to load; without it an embedded broker is started.
+    #[arg(long)]
+    bootstrap: Option<SocketAddr>,
+    /// acks: 0, 1 or all.
+    #[arg(long, default_value = "all")]
+    acks: String,
+    /// Concurrent connections, each producing to its own partition.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Produce requests each connection keeps in flight.
+    #[arg(long, default_value_t = 5)]
+    in_flight: usize,
+    /// Records per batch.
+    #[arg(long, default_value_t = 100)]
+    batch_records: usize,
+    /// Bytes per record value.
+    #[arg(long, default_value_t = 100)]
+    record_bytes: usize,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+}
+
+fn batch(records: usize, value_bytes: usize) -> anyhow::Result<Bytes> {
+    let value = Bytes::from(vec![b'x'; value_bytes]);
+    let records: Vec<Record> = (0..records)
+        .map(|i| Record {
+            transactional: false,
+            control: false,
+            partition_leader_epoch: 0,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: -1,
+            timestamp: 1_700_000_000_000,
+            key: Some(Bytes::from(format!("key-{i}"))),
+            value: Some(value.clone()),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(&mut buf, &records, &RecordEncodeOptions { version: 2, compression: Compression::None })?;
+    Ok(buf.freeze())
+}
+
+fn frame(api_key: ApiKey, version: i16, correlation_id: i32, body: &impl Encodable) -> anyhow::Result<Vec<u8>> {
+    let mut buf = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(api_key as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(StrBytes::from_static_str("produce-load")))
+        .encode(&mut buf, api_key.request_header_version(version))?;
+    body.encode(&mut buf, version)?;
+    let mut out = (buf.len() as i32).to_be_bytes().to_vec();
+    out.extend_from_slice(&buf);
+    Ok(out)
+}
+
+async fn read_frame(stream: &mut TcpStream) -> anyhow::Result<Bytes> {
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).await?;
+    let mut payload = vec![0u8; usize::try_from(i32::from_be_bytes(prefix))?];
+    stream.read_exact(&mut payload).await?;
+    Ok(Bytes::from(payload))
+}
+
+async fn create_topic(addr: SocketAddr, topic: &str, partitions: usize) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = CreateTopicsRequest::default().with_timeout_ms(5000).with_topics(vec![
+        CreatableTopic::default()
+            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_num_partitions(i32::try_from(partitions)?)
+            .with_replication_factor(1),
+    ]);
+    stream.write_all(&frame(ApiKey::CreateTopics, 7, 1, &request)?).await?;
+    read_frame(&mut stream).await?;
+    Ok(())
+}
+
+/// Produces until `deadline`; returns (records acknowledged, per-request latencies).
+async fn run_connection(
+    addr: SocketAddr,
+    topic: String,
+    partition: i32,
+    args: &Args,
+    acks: i16,
+    deadline: Instant,
+) -> anyhow::Result<(u64, Vec<Duration>)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let records = batch(args.batch_records, args.record_bytes)?;
+    let request = ProduceRequest::default().with_acks(acks).with_timeout_ms(30_000).with_topic_data(vec![
+        TopicProduceData::default()
+            .with_name(TopicName(StrBytes::from_string(topic)))
+            .with_partition_data(vec![PartitionProduceData::default().with_index(partition).with_records(Some(records))]),
+    ]);
+    let mut correlation_id = 0;
+    let mut sent_at = std::collections::VecDeque::new();
+    let mut latencies = Vec::new();
+    let mut acknowledged = 0u64;
+    loop {
+        let sending = Instant::now() < deadline;
+        while sending && sent_at.len() < args.in_flight {
+            correlation_id += 1;
+            stream.write_all(&frame(ApiKey::Produce, 9, correlation_id, &request)?).await?;
+            sent_at.push_back(Instant::now());
+            if acks == 0 {
+                acknowledged += args.batch_records as u64;
+                sent_at.pop_front();
+            }
+        }
+        let Some(started) = sent_at.pop_front() else {
+            return Ok((acknowledged, latencies));
+        };
+        let mut payload = read_frame(&mut stream).await?;
+        ResponseHeader::decode(&mut payload, ApiKey::Produce.response_header_version(9))?;
+        let response = ProduceResponse::decode(&mut payload, 9)?;
+        let code = response.responses[0].partition_responses[0].error_code;
+        ensure!(code == 0, "produce failed with error code {code}");
+        latencies.push(started.elapsed());
+        acknowledged += args.batch_records as u64;
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let acks: i16 = match args.acks.as_str() {
+        "0" => 0,
+        "1" => 1,
+        "all" | "-1" => -1,
+        other => bail!("--acks must be 0, 1 or all, not {other}"),
+    };
+    let dir = tempfile::tempdir()?;
+    let embedded = match args.bootstrap {
+        Some(_) => None,
+        None => Some(
+            semel::broker::Broker::start(semel::broker::BrokerConfig {
+                listen: "127.0.0.1:0".parse()?,
+                data_dir: dir.path().to_path_buf(),
+                ..Default::default()
+            })
+            .await?,
+        ),
+    };
+    let addr = args.bootstrap.or(embedded.as_ref().map(|b| b.local_addr())).context("no broker")?;
+    let topic = format!("load-{}", std::process::id());
+    create_topic(addr, &topic, args.connections).await?;
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.seconds);
+    let args = std::sync::Arc::new(args);
+    let mut tasks = Vec::new();
+    for partition in 0..args.connections {
+        let args = std::sync::Arc::clone(&args);
+        let topic = topic.clone();
+        tasks.push(tokio::spawn(async move {
+            run_connection(addr, topic, i32::try_from(partition)?, &args, acks, deadline).await
+        }));
+    }
+    let mut records = 0u64;
+    let mut latencies = Vec::new();
+    for task in tasks {
+        let (count, mut lat) = task.await??;
+        records += count;
+        latencies.append(&mut lat);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let bytes = records as f64 * args.record_bytes as f64;
+    println!(
+        "acks={} connections={} in_flight={} batch_records={} record_bytes={}: {:.0} records/s, {:.1} MB/s of values, request latency p50 {:.2} ms p99 {:.2} ms ({} records in {:.1} s)",
+        args.acks,
+        args.connections,
+        args.in_flight,
+        args.batch_records,
+        args.record_bytes,
+        records as f64 / elapsed,
+        bytes / elapsed / 1e6,
+        percentile(0.50),
+        percentile(0.99),
+        records,
+        elapsed
+    );
+    if let Some(broker) = embedded {
+        broker.shutdown().await;
+    }
+    Ok(())
+}
