@@ -16,10 +16,13 @@ use clap::Parser;
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
-    ApiKey, CreateTopicsRequest, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+    ApiKey, CreateTopicsRequest, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader,
+    TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -60,7 +63,8 @@ fn batch(records: usize, value_bytes: usize) -> anyhow::Result<Bytes> {
             producer_epoch: -1,
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
-            sequence: -1,
+            sequence: (i as i32) - 1,
+            delete_horizon: false,
             timestamp: 1_700_000_000_000,
             key: Some(Bytes::from(format!("key-{i}"))),
             value: Some(value.clone()),
@@ -68,11 +72,23 @@ fn batch(records: usize, value_bytes: usize) -> anyhow::Result<Bytes> {
         })
         .collect();
     let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(&mut buf, &records, &RecordEncodeOptions { version: 2, compression: Compression::None })?;
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )?;
     Ok(buf.freeze())
 }
 
-fn frame(api_key: ApiKey, version: i16, correlation_id: i32, body: &impl Encodable) -> anyhow::Result<Vec<u8>> {
+fn frame(
+    api_key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    body: &impl Encodable,
+) -> anyhow::Result<Vec<u8>> {
     let mut buf = BytesMut::new();
     RequestHeader::default()
         .with_request_api_key(api_key as i16)
@@ -96,13 +112,17 @@ async fn read_frame(stream: &mut TcpStream) -> anyhow::Result<Bytes> {
 
 async fn create_topic(addr: SocketAddr, topic: &str, partitions: usize) -> anyhow::Result<()> {
     let mut stream = TcpStream::connect(addr).await?;
-    let request = CreateTopicsRequest::default().with_timeout_ms(5000).with_topics(vec![
-        CreatableTopic::default()
-            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
-            .with_num_partitions(i32::try_from(partitions)?)
-            .with_replication_factor(1),
-    ]);
-    stream.write_all(&frame(ApiKey::CreateTopics, 7, 1, &request)?).await?;
+    let request = CreateTopicsRequest::default()
+        .with_timeout_ms(5000)
+        .with_topics(vec![
+            CreatableTopic::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_num_partitions(i32::try_from(partitions)?)
+                .with_replication_factor(1),
+        ]);
+    stream
+        .write_all(&frame(ApiKey::CreateTopics, 7, 1, &request)?)
+        .await?;
     read_frame(&mut stream).await?;
     Ok(())
 }
@@ -119,11 +139,18 @@ async fn run_connection(
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let records = batch(args.batch_records, args.record_bytes)?;
-    let request = ProduceRequest::default().with_acks(acks).with_timeout_ms(30_000).with_topic_data(vec![
-        TopicProduceData::default()
-            .with_name(TopicName(StrBytes::from_string(topic)))
-            .with_partition_data(vec![PartitionProduceData::default().with_index(partition).with_records(Some(records))]),
-    ]);
+    let request = ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(30_000)
+        .with_topic_data(vec![
+            TopicProduceData::default()
+                .with_name(TopicName(StrBytes::from_string(topic)))
+                .with_partition_data(vec![
+                    PartitionProduceData::default()
+                        .with_index(partition)
+                        .with_records(Some(records)),
+                ]),
+        ]);
     let mut correlation_id = 0;
     let mut sent_at = std::collections::VecDeque::new();
     let mut latencies = Vec::new();
@@ -132,7 +159,9 @@ async fn run_connection(
         let sending = Instant::now() < deadline;
         while sending && sent_at.len() < args.in_flight {
             correlation_id += 1;
-            stream.write_all(&frame(ApiKey::Produce, 9, correlation_id, &request)?).await?;
+            stream
+                .write_all(&frame(ApiKey::Produce, 9, correlation_id, &request)?)
+                .await?;
             sent_at.push_back(Instant::now());
             if acks == 0 {
                 acknowledged += args.batch_records as u64;
@@ -173,7 +202,10 @@ async fn main() -> anyhow::Result<()> {
             .await?,
         ),
     };
-    let addr = args.bootstrap.or(embedded.as_ref().map(|b| b.local_addr())).context("no broker")?;
+    let addr = args
+        .bootstrap
+        .or(embedded.as_ref().map(|b| b.local_addr()))
+        .context("no broker")?;
     let topic = format!("load-{}", std::process::id());
     create_topic(addr, &topic, args.connections).await?;
 
@@ -185,7 +217,15 @@ async fn main() -> anyhow::Result<()> {
         let args = std::sync::Arc::clone(&args);
         let topic = topic.clone();
         tasks.push(tokio::spawn(async move {
-            run_connection(addr, topic, i32::try_from(partition)?, &args, acks, deadline).await
+            run_connection(
+                addr,
+                topic,
+                i32::try_from(partition)?,
+                &args,
+                acks,
+                deadline,
+            )
+            .await
         }));
     }
     let mut records = 0u64;

@@ -15,8 +15,9 @@ use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListO
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
-    ApiVersionsRequest, CreatePartitionsRequest, CreateTopicsRequest, DeleteTopicsRequest, DescribeConfigsRequest,
-    FetchRequest, FetchResponse, ListOffsetsRequest, MetadataRequest, ProduceRequest, TopicName,
+    ApiVersionsRequest, CreatePartitionsRequest, CreateTopicsRequest, DeleteTopicsRequest,
+    DescribeConfigsRequest, FetchRequest, FetchResponse, ListOffsetsRequest, MetadataRequest,
+    ProduceRequest, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::Compression;
@@ -26,15 +27,25 @@ fn name(n: &str) -> TopicName {
 }
 
 fn creatable(n: &str, partitions: i32) -> CreatableTopic {
-    CreatableTopic::default().with_name(name(n)).with_num_partitions(partitions).with_replication_factor(1)
+    CreatableTopic::default()
+        .with_name(name(n))
+        .with_num_partitions(partitions)
+        .with_replication_factor(1)
 }
 
 fn produce_request(topic: &str, partition: i32, records: Bytes, acks: i16) -> ProduceRequest {
-    ProduceRequest::default().with_acks(acks).with_timeout_ms(10_000).with_topic_data(vec![
-        TopicProduceData::default()
-            .with_name(name(topic))
-            .with_partition_data(vec![PartitionProduceData::default().with_index(partition).with_records(Some(records))]),
-    ])
+    ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(10_000)
+        .with_topic_data(vec![
+            TopicProduceData::default()
+                .with_name(name(topic))
+                .with_partition_data(vec![
+                    PartitionProduceData::default()
+                        .with_index(partition)
+                        .with_records(Some(records)),
+                ]),
+        ])
 }
 
 fn fetch_request(topic: &str, partition: i32, offset: i64, max_wait_ms: i32) -> FetchRequest {
@@ -43,13 +54,23 @@ fn fetch_request(topic: &str, partition: i32, offset: i64, max_wait_ms: i32) -> 
         .with_max_wait_ms(max_wait_ms)
         .with_min_bytes(1)
         .with_max_bytes(1 << 20)
-        .with_topics(vec![FetchTopic::default().with_topic(name(topic)).with_partitions(vec![
-            FetchPartition::default().with_partition(partition).with_fetch_offset(offset).with_partition_max_bytes(1 << 20),
-        ])])
+        .with_topics(vec![
+            FetchTopic::default()
+                .with_topic(name(topic))
+                .with_partitions(vec![
+                    FetchPartition::default()
+                        .with_partition(partition)
+                        .with_fetch_offset(offset)
+                        .with_partition_max_bytes(1 << 20),
+                ]),
+        ])
 }
 
 fn records(values: &[&str], timestamp: i64) -> Bytes {
-    let records: Vec<TestRecord> = values.iter().map(|v| TestRecord::new("k", v, timestamp)).collect();
+    let records: Vec<TestRecord> = values
+        .iter()
+        .map(|v| TestRecord::new("k", v, timestamp))
+        .collect();
     record_batch(&records, Compression::None).expect("batch")
 }
 
@@ -58,7 +79,12 @@ fn values(response: &FetchResponse) -> Vec<(i64, String)> {
     decode_records(partition.records.as_ref().expect("records"))
         .expect("decode")
         .into_iter()
-        .map(|r| (r.offset, String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned()))
+        .map(|r| {
+            (
+                r.offset,
+                String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned(),
+            )
+        })
         .collect()
 }
 
@@ -91,37 +117,80 @@ async fn topic_admin_round_trip() -> anyhow::Result<()> {
     );
     assert_eq!(response.topics[0].num_partitions, 3);
     assert!(!response.topics[0].topic_id.is_nil());
-    let again = client.send(7, &CreateTopicsRequest::default().with_topics(vec![creatable("orders", 1)])).await?;
-    assert_eq!(again.topics[0].error_code, ResponseError::TopicAlreadyExists.code());
+    let again = client
+        .send(
+            7,
+            &CreateTopicsRequest::default().with_topics(vec![creatable("orders", 1)]),
+        )
+        .await?;
+    assert_eq!(
+        again.topics[0].error_code,
+        ResponseError::TopicAlreadyExists.code()
+    );
 
     // Metadata: broker, cluster id, controller, partitions with leader/replicas/isr.
     let metadata = client
-        .send(12, &MetadataRequest::default().with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(name("orders")))])))
+        .send(
+            12,
+            &MetadataRequest::default().with_topics(Some(vec![
+                MetadataRequestTopic::default().with_name(Some(name("orders"))),
+            ])),
+        )
         .await?;
     assert_eq!(metadata.brokers[0].port, i32::from(broker.addr().port()));
-    assert_eq!(metadata.cluster_id.as_deref(), Some(broker.handle.cluster_id()));
+    assert_eq!(
+        metadata.cluster_id.as_deref(),
+        Some(broker.handle.cluster_id())
+    );
     assert_eq!(metadata.controller_id.0, 1);
     let topic = &metadata.topics[0];
     assert_eq!(topic.partitions.len(), 3);
-    assert!(topic.partitions.iter().all(|p| p.leader_id.0 == 1 && p.isr_nodes.len() == 1));
+    assert!(
+        topic
+            .partitions
+            .iter()
+            .all(|p| p.leader_id.0 == 1 && p.isr_nodes.len() == 1)
+    );
 
     // CreatePartitions grows the topic; shrinking is refused.
     let grow = CreatePartitionsRequest::default().with_topics(vec![
-        CreatePartitionsTopic::default().with_name(name("orders")).with_count(5),
-        CreatePartitionsTopic::default().with_name(name("missing")).with_count(5),
+        CreatePartitionsTopic::default()
+            .with_name(name("orders"))
+            .with_count(5),
+        CreatePartitionsTopic::default()
+            .with_name(name("missing"))
+            .with_count(5),
     ]);
     let response = client.send(3, &grow).await?;
     assert_eq!(response.results[0].error_code, 0);
-    assert_eq!(response.results[1].error_code, ResponseError::UnknownTopicOrPartition.code());
-    let shrink = CreatePartitionsRequest::default().with_topics(vec![CreatePartitionsTopic::default().with_name(name("orders")).with_count(2)]);
-    assert_eq!(client.send(3, &shrink).await?.results[0].error_code, ResponseError::InvalidPartitions.code());
+    assert_eq!(
+        response.results[1].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
+    let shrink = CreatePartitionsRequest::default().with_topics(vec![
+        CreatePartitionsTopic::default()
+            .with_name(name("orders"))
+            .with_count(2),
+    ]);
+    assert_eq!(
+        client.send(3, &shrink).await?.results[0].error_code,
+        ResponseError::InvalidPartitions.code()
+    );
 
     // DescribeConfigs: the override and a default, with sources.
-    let describe = DescribeConfigsRequest::default().with_include_synonyms(true).with_resources(vec![
-        DescribeConfigsResource::default().with_resource_type(2).with_resource_name(StrBytes::from_static_str("orders")),
-        DescribeConfigsResource::default().with_resource_type(4).with_resource_name(StrBytes::from_static_str("1")),
-        DescribeConfigsResource::default().with_resource_type(2).with_resource_name(StrBytes::from_static_str("missing")),
-    ]);
+    let describe = DescribeConfigsRequest::default()
+        .with_include_synonyms(true)
+        .with_resources(vec![
+            DescribeConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(StrBytes::from_static_str("orders")),
+            DescribeConfigsResource::default()
+                .with_resource_type(4)
+                .with_resource_name(StrBytes::from_static_str("1")),
+            DescribeConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(StrBytes::from_static_str("missing")),
+        ]);
     let response = client.send(4, &describe).await?;
     let find = |i: usize, key: &str| {
         response.results[i]
@@ -131,14 +200,28 @@ async fn topic_admin_round_trip() -> anyhow::Result<()> {
             .map(|c| (c.value.as_ref().map(|v| v.to_string()), c.config_source))
     };
     assert_eq!(find(0, "retention.ms"), Some((Some("60000".into()), 1)));
-    assert_eq!(find(0, "segment.bytes"), Some((Some((1u64 << 30).to_string()), 5)));
-    assert_eq!(find(1, "num.partitions").map(|c| c.0), Some(Some("1".into())));
-    assert_eq!(response.results[2].error_code, ResponseError::UnknownTopicOrPartition.code());
+    assert_eq!(
+        find(0, "segment.bytes"),
+        Some((Some((1u64 << 30).to_string()), 5))
+    );
+    assert_eq!(
+        find(1, "num.partitions").map(|c| c.0),
+        Some(Some("1".into()))
+    );
+    assert_eq!(
+        response.results[2].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
 
     // DeleteTopics by name; a second delete is unknown.
-    let delete = DeleteTopicsRequest::default().with_topics(vec![DeleteTopicState::default().with_name(Some(name("orders")))]);
+    let delete = DeleteTopicsRequest::default().with_topics(vec![
+        DeleteTopicState::default().with_name(Some(name("orders"))),
+    ]);
     assert_eq!(client.send(6, &delete).await?.responses[0].error_code, 0);
-    assert_eq!(client.send(6, &delete).await?.responses[0].error_code, ResponseError::UnknownTopicOrPartition.code());
+    assert_eq!(
+        client.send(6, &delete).await?.responses[0].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
     broker.handle.shutdown().await;
     Ok(())
 }
@@ -150,10 +233,15 @@ async fn metadata_auto_creates_unless_disabled() -> anyhow::Result<()> {
     let ask = |allow: bool| {
         MetadataRequest::default()
             .with_allow_auto_topic_creation(allow)
-            .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(name("auto")))]))
+            .with_topics(Some(vec![
+                MetadataRequestTopic::default().with_name(Some(name("auto"))),
+            ]))
     };
     let refused = client.send(9, &ask(false)).await?;
-    assert_eq!(refused.topics[0].error_code, ResponseError::UnknownTopicOrPartition.code());
+    assert_eq!(
+        refused.topics[0].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
     let created = client.send(9, &ask(true)).await?;
     assert_eq!(created.topics[0].error_code, 0);
     assert_eq!(created.topics[0].partitions.len(), 2);
@@ -162,8 +250,13 @@ async fn metadata_auto_creates_unless_disabled() -> anyhow::Result<()> {
     let broker = TestBroker::start_with(|c| c.auto_create_topics = false).await?;
     let mut client = RawClient::connect(broker.addr()).await?;
     let refused = client.send(9, &ask(true)).await?;
-    assert_eq!(refused.topics[0].error_code, ResponseError::UnknownTopicOrPartition.code());
-    let produced = client.send(9, &produce_request("auto", 0, records(&["x"], 1), 1)).await?;
+    assert_eq!(
+        refused.topics[0].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
+    let produced = client
+        .send(9, &produce_request("auto", 0, records(&["x"], 1), 1))
+        .await?;
     assert_eq!(
         produced.responses[0].partition_responses[0].error_code,
         ResponseError::UnknownTopicOrPartition.code()
@@ -176,50 +269,116 @@ async fn metadata_auto_creates_unless_disabled() -> anyhow::Result<()> {
 async fn produce_fetch_offsets_and_corrupt_batches() -> anyhow::Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = RawClient::connect(broker.addr()).await?;
-    client.send(7, &CreateTopicsRequest::default().with_topics(vec![creatable("t", 1)])).await?;
+    client
+        .send(
+            7,
+            &CreateTopicsRequest::default().with_topics(vec![creatable("t", 1)]),
+        )
+        .await?;
 
-    let first = client.send(9, &produce_request("t", 0, records(&["a", "b", "c"], 1000), 1)).await?;
+    let first = client
+        .send(
+            9,
+            &produce_request("t", 0, records(&["a", "b", "c"], 1000), 1),
+        )
+        .await?;
     let p = &first.responses[0].partition_responses[0];
-    assert_eq!((p.error_code, p.base_offset, p.log_append_time_ms, p.log_start_offset), (0, 0, -1, 0));
-    let second = client.send(9, &produce_request("t", 0, records(&["d", "e"], 2000), -1)).await?;
+    assert_eq!(
+        (
+            p.error_code,
+            p.base_offset,
+            p.log_append_time_ms,
+            p.log_start_offset
+        ),
+        (0, 0, -1, 0)
+    );
+    let second = client
+        .send(9, &produce_request("t", 0, records(&["d", "e"], 2000), -1))
+        .await?;
     assert_eq!(second.responses[0].partition_responses[0].base_offset, 3);
 
     // A flipped byte inside the CRC-covered part: CORRUPT_MESSAGE, nothing appended.
     let mut corrupt = records(&["bad"], 3000).to_vec();
     let last = corrupt.len() - 1;
     corrupt[last] ^= 0x55;
-    let refused = client.send(9, &produce_request("t", 0, Bytes::from(corrupt), 1)).await?;
-    assert_eq!(refused.responses[0].partition_responses[0].error_code, ResponseError::CorruptMessage.code());
-    let bad_acks = client.send(9, &produce_request("t", 0, records(&["x"], 1), 2)).await?;
-    assert_eq!(bad_acks.responses[0].partition_responses[0].error_code, ResponseError::InvalidRequiredAcks.code());
-    let no_partition = client.send(9, &produce_request("t", 7, records(&["x"], 1), 1)).await?;
-    assert_eq!(no_partition.responses[0].partition_responses[0].error_code, ResponseError::UnknownTopicOrPartition.code());
+    let refused = client
+        .send(9, &produce_request("t", 0, Bytes::from(corrupt), 1))
+        .await?;
+    assert_eq!(
+        refused.responses[0].partition_responses[0].error_code,
+        ResponseError::CorruptMessage.code()
+    );
+    let bad_acks = client
+        .send(9, &produce_request("t", 0, records(&["x"], 1), 2))
+        .await?;
+    assert_eq!(
+        bad_acks.responses[0].partition_responses[0].error_code,
+        ResponseError::InvalidRequiredAcks.code()
+    );
+    let no_partition = client
+        .send(9, &produce_request("t", 7, records(&["x"], 1), 1))
+        .await?;
+    assert_eq!(
+        no_partition.responses[0].partition_responses[0].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
 
     // Fetch from the middle of the first batch returns that whole batch (clients skip below).
     let fetched = client.send(11, &fetch_request("t", 0, 1, 0)).await?;
     let partition = &fetched.responses[0].partitions[0];
-    assert_eq!((partition.high_watermark, partition.last_stable_offset, partition.log_start_offset), (5, 5, 0));
+    assert_eq!(
+        (
+            partition.high_watermark,
+            partition.last_stable_offset,
+            partition.log_start_offset
+        ),
+        (5, 5, 0)
+    );
     let got = values(&fetched);
     assert_eq!(got.first().map(|r| r.0), Some(0));
-    assert_eq!(got.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), ["a", "b", "c", "d", "e"]);
+    assert_eq!(
+        got.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "c", "d", "e"]
+    );
     let beyond = client.send(11, &fetch_request("t", 0, 6, 0)).await?;
-    assert_eq!(beyond.responses[0].partitions[0].error_code, ResponseError::OffsetOutOfRange.code());
+    assert_eq!(
+        beyond.responses[0].partitions[0].error_code,
+        ResponseError::OffsetOutOfRange.code()
+    );
     let at_end = client.send(11, &fetch_request("t", 0, 5, 0)).await?;
     assert_eq!(at_end.responses[0].partitions[0].error_code, 0);
     assert!(values(&at_end).is_empty());
 
     // ListOffsets: earliest, latest (= high watermark), by timestamp, max timestamp.
     let list = |timestamp: i64| {
-        ListOffsetsRequest::default().with_replica_id((-1).into()).with_topics(vec![
-            ListOffsetsTopic::default()
-                .with_name(name("t"))
-                .with_partitions(vec![ListOffsetsPartition::default().with_partition_index(0).with_timestamp(timestamp)]),
-        ])
+        ListOffsetsRequest::default()
+            .with_replica_id((-1).into())
+            .with_topics(vec![
+                ListOffsetsTopic::default()
+                    .with_name(name("t"))
+                    .with_partitions(vec![
+                        ListOffsetsPartition::default()
+                            .with_partition_index(0)
+                            .with_timestamp(timestamp),
+                    ]),
+            ])
     };
-    for (timestamp, offset) in [(-2, 0), (-1, 5), (0, 0), (1500, 3), (2000, 3), (2001, -1), (-3, 3)] {
+    for (timestamp, offset) in [
+        (-2, 0),
+        (-1, 5),
+        (0, 0),
+        (1500, 3),
+        (2000, 3),
+        (2001, -1),
+        (-3, 3),
+    ] {
         let response = client.send(7, &list(timestamp)).await?;
         let p = &response.topics[0].partitions[0];
-        assert_eq!((p.error_code, p.offset), (0, offset), "timestamp {timestamp}");
+        assert_eq!(
+            (p.error_code, p.offset),
+            (0, offset),
+            "timestamp {timestamp}"
+        );
     }
     broker.handle.shutdown().await;
     Ok(())
@@ -232,13 +391,33 @@ async fn log_append_time_topics_stamp_batches() -> anyhow::Result<()> {
     let config = CreatableTopicConfig::default()
         .with_name(StrBytes::from_static_str("message.timestamp.type"))
         .with_value(Some(StrBytes::from_static_str("LogAppendTime")));
-    client.send(7, &CreateTopicsRequest::default().with_topics(vec![creatable("lat", 1).with_configs(vec![config])])).await?;
-    let response = client.send(9, &produce_request("lat", 0, records(&["a"], 5), 1)).await?;
+    client
+        .send(
+            7,
+            &CreateTopicsRequest::default()
+                .with_topics(vec![creatable("lat", 1).with_configs(vec![config])]),
+        )
+        .await?;
+    let response = client
+        .send(9, &produce_request("lat", 0, records(&["a"], 5), 1))
+        .await?;
     let stamped = response.responses[0].partition_responses[0].log_append_time_ms;
     assert!(stamped > 1_600_000_000_000, "log_append_time_ms {stamped}");
     let fetched = client.send(11, &fetch_request("lat", 0, 0, 0)).await?;
-    let records = decode_records(fetched.responses[0].partitions[0].records.as_ref().expect("records"))?;
-    assert_eq!(records[0].timestamp, stamped);
+    let stored = fetched.responses[0].partitions[0]
+        .records
+        .clone()
+        .expect("records");
+    // The stored batch carries the LogAppendTime attribute and the broker's time as its max
+    // timestamp, which clients report for every record of the batch.
+    let attributes = i16::from_be_bytes([stored[21], stored[22]]);
+    assert_ne!(attributes & 0b1000, 0, "timestamp type bit");
+    assert_eq!(i64::from_be_bytes(stored[35..43].try_into()?), stamped);
+    let records = decode_records(&stored)?;
+    assert_eq!(
+        records[0].timestamp_type,
+        kafka_protocol::records::TimestampType::LogAppend
+    );
     broker.handle.shutdown().await;
     Ok(())
 }
@@ -247,7 +426,12 @@ async fn log_append_time_topics_stamp_batches() -> anyhow::Result<()> {
 async fn long_poll_answers_when_data_arrives_or_the_wait_ends() -> anyhow::Result<()> {
     let broker = TestBroker::start().await?;
     let mut admin = RawClient::connect(broker.addr()).await?;
-    admin.send(7, &CreateTopicsRequest::default().with_topics(vec![creatable("poll", 1)])).await?;
+    admin
+        .send(
+            7,
+            &CreateTopicsRequest::default().with_topics(vec![creatable("poll", 1)]),
+        )
+        .await?;
 
     // Nothing arrives: an empty answer once max_wait_ms ends, not a hang.
     let empty = admin.send(11, &fetch_request("poll", 0, 0, 100)).await?;
@@ -260,7 +444,9 @@ async fn long_poll_answers_when_data_arrives_or_the_wait_ends() -> anyhow::Resul
     consumer.send_frame(&payload).await?;
     // Make sure the fetch is parked before producing: a request pipelined behind it on the same
     // connection is answered only after it, so use a separate connection to produce.
-    let produced = admin.send(9, &produce_request("poll", 0, records(&["wake"], 1), 1)).await?;
+    let produced = admin
+        .send(9, &produce_request("poll", 0, records(&["wake"], 1), 1))
+        .await?;
     assert_eq!(produced.responses[0].partition_responses[0].error_code, 0);
     let frame = consumer.read_frame().await?.expect("fetch answered");
     let (_, response) = RawClient::decode::<FetchRequest>(11, frame)?;
@@ -273,7 +459,12 @@ async fn long_poll_answers_when_data_arrives_or_the_wait_ends() -> anyhow::Resul
 async fn acks_zero_gets_no_response_and_pipelined_answers_keep_order() -> anyhow::Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = RawClient::connect(broker.addr()).await?;
-    client.send(7, &CreateTopicsRequest::default().with_topics(vec![creatable("pipe", 1)])).await?;
+    client
+        .send(
+            7,
+            &CreateTopicsRequest::default().with_topics(vec![creatable("pipe", 1)]),
+        )
+        .await?;
 
     let (_, silent) = client.encode(9, &produce_request("pipe", 0, records(&["zero"], 1), 0))?;
     client.send_frame(&silent).await?;
@@ -281,7 +472,10 @@ async fn acks_zero_gets_no_response_and_pipelined_answers_keep_order() -> anyhow
     let mut expected = Vec::new();
     for i in 0..10 {
         let (id, payload) = if i % 2 == 0 {
-            client.encode(9, &produce_request("pipe", 0, records(&[&format!("p{i}")], 1), -1))?
+            client.encode(
+                9,
+                &produce_request("pipe", 0, records(&[&format!("p{i}")], 1), -1),
+            )?
         } else {
             client.encode(3, &ApiVersionsRequest::default())?
         };
@@ -293,7 +487,10 @@ async fn acks_zero_gets_no_response_and_pipelined_answers_keep_order() -> anyhow
         let frame = client.read_frame().await?.expect("response");
         got.push(i32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]));
     }
-    assert_eq!(got, expected, "responses out of order (or the acks=0 produce was answered)");
+    assert_eq!(
+        got, expected,
+        "responses out of order (or the acks=0 produce was answered)"
+    );
     let fetched = client.send(11, &fetch_request("pipe", 0, 0, 0)).await?;
     let stored: Vec<String> = values(&fetched).into_iter().map(|r| r.1).collect();
     assert_eq!(stored, ["zero", "p0", "p2", "p4", "p6", "p8"]);

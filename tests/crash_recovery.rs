@@ -24,14 +24,20 @@ fn topic_name(name: &str) -> TopicName {
 }
 
 async fn create_topic(client: &mut RawClient, name: &str, partitions: i32) -> anyhow::Result<()> {
-    let request = CreateTopicsRequest::default().with_timeout_ms(5000).with_topics(vec![
-        CreatableTopic::default()
-            .with_name(topic_name(name))
-            .with_num_partitions(partitions)
-            .with_replication_factor(1),
-    ]);
+    let request = CreateTopicsRequest::default()
+        .with_timeout_ms(5000)
+        .with_topics(vec![
+            CreatableTopic::default()
+                .with_name(topic_name(name))
+                .with_num_partitions(partitions)
+                .with_replication_factor(1),
+        ]);
     let response = client.send(7, &request).await?;
-    ensure!(response.topics[0].error_code == 0, "create {name}: {:?}", response.topics[0]);
+    ensure!(
+        response.topics[0].error_code == 0,
+        "create {name}: {:?}",
+        response.topics[0]
+    );
     Ok(())
 }
 
@@ -39,13 +45,25 @@ fn produce_request(topic: &str, partition: i32, batch: Bytes, acks: i16) -> Prod
     ProduceRequest::default()
         .with_acks(acks)
         .with_timeout_ms(30_000)
-        .with_topic_data(vec![TopicProduceData::default().with_name(topic_name(topic)).with_partition_data(vec![
-            PartitionProduceData::default().with_index(partition).with_records(Some(batch)),
-        ])])
+        .with_topic_data(vec![
+            TopicProduceData::default()
+                .with_name(topic_name(topic))
+                .with_partition_data(vec![
+                    PartitionProduceData::default()
+                        .with_index(partition)
+                        .with_records(Some(batch)),
+                ]),
+        ])
 }
 
-async fn produce(client: &mut RawClient, topic: &str, batch: Bytes) -> anyhow::Result<PartitionProduceResponse> {
-    let response = client.send(9, &produce_request(topic, 0, batch, -1)).await?;
+async fn produce(
+    client: &mut RawClient,
+    topic: &str,
+    batch: Bytes,
+) -> anyhow::Result<PartitionProduceResponse> {
+    let response = client
+        .send(9, &produce_request(topic, 0, batch, -1))
+        .await?;
     Ok(response.responses[0].partition_responses[0].clone())
 }
 
@@ -59,20 +77,40 @@ async fn fetch_all(client: &mut RawClient, topic: &str) -> anyhow::Result<Vec<(i
             .with_max_wait_ms(0)
             .with_min_bytes(1)
             .with_max_bytes(1 << 20)
-            .with_topics(vec![FetchTopic::default().with_topic(topic_name(topic)).with_partitions(vec![
-                FetchPartition::default().with_partition(0).with_fetch_offset(next).with_partition_max_bytes(1 << 20),
-            ])]);
+            .with_topics(vec![
+                FetchTopic::default()
+                    .with_topic(topic_name(topic))
+                    .with_partitions(vec![
+                        FetchPartition::default()
+                            .with_partition(0)
+                            .with_fetch_offset(next)
+                            .with_partition_max_bytes(1 << 20),
+                    ]),
+            ]);
         let response = client.send(11, &request).await?;
         let partition = &response.responses[0].partitions[0];
-        ensure!(partition.error_code == 0, "fetch error {}", partition.error_code);
+        ensure!(
+            partition.error_code == 0,
+            "fetch error {}",
+            partition.error_code
+        );
         let records = decode_records(partition.records.as_ref().context("records")?)?;
         let fresh: Vec<_> = records
             .into_iter()
             .filter(|r| r.offset >= next)
-            .map(|r| (r.offset, String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned()))
+            .map(|r| {
+                (
+                    r.offset,
+                    String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned(),
+                )
+            })
             .collect();
         if fresh.is_empty() {
-            ensure!(next == partition.high_watermark, "stopped at {next}, high watermark {}", partition.high_watermark);
+            ensure!(
+                next == partition.high_watermark,
+                "stopped at {next}, high watermark {}",
+                partition.high_watermark
+            );
             return Ok(out);
         }
         out.extend(fresh);
@@ -115,7 +153,11 @@ async fn acks_all_survives_repeated_kill_9() -> anyhow::Result<()> {
             next_batch += 1;
             let response = produce(&mut client, "durable", batch_of(&tag, 10)?).await?;
             ensure!(response.error_code == 0, "produce failed: {response:?}");
-            ensure!(response.base_offset == acknowledged.len() as i64, "base offset {}", response.base_offset);
+            ensure!(
+                response.base_offset == acknowledged.len() as i64,
+                "base offset {}",
+                response.base_offset
+            );
             for j in 0..10 {
                 acknowledged.push((response.base_offset + j, format!("{tag}-r{j}")));
             }
@@ -124,7 +166,8 @@ async fn acks_all_survives_repeated_kill_9() -> anyhow::Result<()> {
         for _ in 0..5 {
             let tag = format!("b{next_batch}");
             next_batch += 1;
-            let (_, payload) = client.encode(9, &produce_request("durable", 0, batch_of(&tag, 10)?, -1))?;
+            let (_, payload) =
+                client.encode(9, &produce_request("durable", 0, batch_of(&tag, 10)?, -1))?;
             client.send_frame(&payload).await?;
         }
         broker.kill9()?;
@@ -132,7 +175,10 @@ async fn acks_all_survives_repeated_kill_9() -> anyhow::Result<()> {
     let broker = ChildBroker::spawn(dir.path(), &[])?;
     let mut client = RawClient::connect(broker.addr).await?;
     let stored = fetch_all(&mut client, "durable").await?;
-    ensure!(stored[..acknowledged.len()] == acknowledged[..], "acknowledged records lost");
+    ensure!(
+        stored[..acknowledged.len()] == acknowledged[..],
+        "acknowledged records lost"
+    );
     ensure!(stored.len() >= 1500, "only {} records", stored.len());
     Ok(())
 }
@@ -172,12 +218,18 @@ async fn torn_tail_is_truncated_logged_and_appends_continue() -> anyhow::Result<
 
     let broker = ChildBroker::spawn(dir.path(), &[])?;
     let log = broker.output_text();
-    ensure!(log.contains("truncat"), "recovery did not log the cut:\n{log}");
+    ensure!(
+        log.contains("truncat"),
+        "recovery did not log the cut:\n{log}"
+    );
     let mut client = RawClient::connect(broker.addr).await?;
     let after = fetch_all(&mut client, "torn").await?;
     ensure!(after == before, "records before the torn tail changed");
     let response = produce(&mut client, "torn", batch_of("after", 5)?).await?;
-    ensure!(response.error_code == 0 && response.base_offset == 100, "append after recovery: {response:?}");
+    ensure!(
+        response.error_code == 0 && response.base_offset == 100,
+        "append after recovery: {response:?}"
+    );
     ensure!(fetch_all(&mut client, "torn").await?.len() == 105);
     Ok(())
 }
@@ -193,11 +245,25 @@ async fn full_disk_fails_the_produce_and_keeps_serving() -> anyhow::Result<()> {
     let mut refused = None;
     for n in 0..100 {
         let records: Vec<TestRecord> = (0..10)
-            .map(|j| TestRecord::new("k", &format!("b{n}-r{j}-{}", "x".repeat(1000)), 1_700_000_000_000))
+            .map(|j| {
+                TestRecord::new(
+                    "k",
+                    &format!("b{n}-r{j}-{}", "x".repeat(1000)),
+                    1_700_000_000_000,
+                )
+            })
             .collect();
-        let response = produce(&mut client, "full", record_batch(&records, Compression::None)?).await?;
+        let response = produce(
+            &mut client,
+            "full",
+            record_batch(&records, Compression::None)?,
+        )
+        .await?;
         if response.error_code == 0 {
-            ensure!(refused.is_none(), "a produce succeeded after the disk was full");
+            ensure!(
+                refused.is_none(),
+                "a produce succeeded after the disk was full"
+            );
             acknowledged += 10;
         } else {
             refused = Some(response.error_code);
@@ -211,7 +277,11 @@ async fn full_disk_fails_the_produce_and_keeps_serving() -> anyhow::Result<()> {
     ensure!(acknowledged > 0, "the limit was hit before any append");
     // Still serving: everything acknowledged is readable, and nothing partial was kept.
     let stored = fetch_all(&mut client, "full").await?;
-    ensure!(stored.len() == acknowledged, "{} stored, {acknowledged} acknowledged", stored.len());
+    ensure!(
+        stored.len() == acknowledged,
+        "{} stored, {acknowledged} acknowledged",
+        stored.len()
+    );
     drop(client);
     let status = broker.terminate()?;
     ensure!(status.success(), "broker exited with {status}");

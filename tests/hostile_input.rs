@@ -12,7 +12,10 @@ use tokio::io::AsyncWriteExt;
 /// Asserts that the broker closed `client`'s connection without answering.
 async fn assert_closed(client: &mut RawClient, what: &str) {
     let frame = client.read_frame().await.expect(what);
-    assert!(frame.is_none(), "{what}: expected the connection to be closed, got a response");
+    assert!(
+        frame.is_none(),
+        "{what}: expected the connection to be closed, got a response"
+    );
 }
 
 /// The bystander connection (opened before the attack) and a fresh one both still work.
@@ -60,15 +63,27 @@ async fn garbage_and_broken_framing_close_only_that_connection() {
 
     // An HTTP request: its first four bytes read as a ~1.2 GB frame length.
     let mut client = RawClient::connect(broker.addr()).await.expect("connect");
-    client.stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    client
+        .stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
     assert_closed(&mut client, "garbage").await;
 
     let mut client = RawClient::connect(broker.addr()).await.expect("connect");
-    client.stream.write_all(&(-1i32).to_be_bytes()).await.expect("write");
+    client
+        .stream
+        .write_all(&(-1i32).to_be_bytes())
+        .await
+        .expect("write");
     assert_closed(&mut client, "negative length").await;
 
     let mut client = RawClient::connect(broker.addr()).await.expect("connect");
-    client.stream.write_all(&(100 * 1024 * 1024 + 1i32).to_be_bytes()).await.expect("write");
+    client
+        .stream
+        .write_all(&(100 * 1024 * 1024 + 1i32).to_be_bytes())
+        .await
+        .expect("write");
     assert_closed(&mut client, "oversized length").await;
 
     // A frame shorter than a request header.
@@ -78,7 +93,11 @@ async fn garbage_and_broken_framing_close_only_that_connection() {
 
     // A truncated frame, then the client hangs up mid-frame.
     let mut client = RawClient::connect(broker.addr()).await.expect("connect");
-    client.stream.write_all(&100i32.to_be_bytes()).await.expect("write");
+    client
+        .stream
+        .write_all(&100i32.to_be_bytes())
+        .await
+        .expect("write");
     client.stream.write_all(&[0, 3, 0, 1]).await.expect("write");
     drop(client);
 
@@ -92,27 +111,50 @@ async fn unknown_api_and_unsupported_versions() {
     let mut bystander = RawClient::connect(broker.addr()).await.expect("connect");
 
     let mut client = RawClient::connect(broker.addr()).await.expect("connect");
-    client.send_frame(&frame_with_body(9999, 0, &[])).await.expect("write");
+    client
+        .send_frame(&frame_with_body(9999, 0, &[]))
+        .await
+        .expect("write");
     assert_closed(&mut client, "unknown api key").await;
 
     // A known API the broker does not implement (SaslHandshake).
     let mut client = RawClient::connect(broker.addr()).await.expect("connect");
-    client.send_frame(&frame_with_body(17, 1, &[0, 5, b'P', b'L', b'A', b'I', b'N'])).await.expect("write");
+    client
+        .send_frame(&frame_with_body(
+            17,
+            1,
+            &[0, 5, b'P', b'L', b'A', b'I', b'N'],
+        ))
+        .await
+        .expect("write");
     assert_closed(&mut client, "unimplemented api").await;
 
     let mut client = RawClient::connect(broker.addr()).await.expect("connect");
-    client.send_frame(&frame_with_body(3, 99, &[])).await.expect("write");
+    client
+        .send_frame(&frame_with_body(3, 99, &[]))
+        .await
+        .expect("write");
     assert_closed(&mut client, "unsupported Metadata version").await;
 
     // ApiVersions with a version from the future: UNSUPPORTED_VERSION, encoded as v0, still
     // listing what is supported (KIP-511).
     let mut client = RawClient::connect(broker.addr()).await.expect("connect");
-    client.send_frame(&frame_with_body(18, 77, &[])).await.expect("write");
-    let frame = client.read_frame().await.expect("read").expect("an answer, not a close");
+    client
+        .send_frame(&frame_with_body(18, 77, &[]))
+        .await
+        .expect("write");
+    let frame = client
+        .read_frame()
+        .await
+        .expect("read")
+        .expect("an answer, not a close");
     let (correlation_id, response) =
         RawClient::decode::<ApiVersionsRequest>(0, frame).expect("v0 response");
     assert_eq!(correlation_id, 7);
-    assert_eq!(response.error_code, ResponseError::UnsupportedVersion.code());
+    assert_eq!(
+        response.error_code,
+        ResponseError::UnsupportedVersion.code()
+    );
     let api_versions = response
         .api_keys
         .iter()
@@ -120,7 +162,10 @@ async fn unknown_api_and_unsupported_versions() {
         .expect("ApiVersions listed");
     assert_eq!((api_versions.min_version, api_versions.max_version), (0, 3));
     // The same connection then works at a supported version.
-    let response = client.send(3, &ApiVersionsRequest::default()).await.expect("retry");
+    let response = client
+        .send(3, &ApiVersionsRequest::default())
+        .await
+        .expect("retry");
     assert_eq!(response.error_code, 0);
 
     assert_serving(&broker, &mut bystander).await;
@@ -139,7 +184,10 @@ async fn huge_array_counts_cannot_abort_the_broker() {
         // Metadata v1: topics array.
         ("Metadata v1", frame_with_body(3, 1, &classic)),
         // Metadata v9 (flexible): compact array with a 5-byte varint count of 2^32 - 1.
-        ("Metadata v9", frame_with_body(3, 9, &[0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0])),
+        (
+            "Metadata v9",
+            frame_with_body(3, 9, &[0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0]),
+        ),
         // Produce v3: null transactional id, acks, timeout, then topic_data count.
         ("Produce v3", {
             let mut body = vec![0xff, 0xff, 0, 1, 0, 0, 0x75, 0x30];
@@ -148,7 +196,9 @@ async fn huge_array_counts_cannot_abort_the_broker() {
         }),
         // Fetch v4: replica id, max wait, min bytes, max bytes, isolation, then topics count.
         ("Fetch v4", {
-            let mut body = vec![0xff, 0xff, 0xff, 0xff, 0, 0, 1, 0xf4, 0, 0, 0, 1, 0, 0x10, 0, 0, 0];
+            let mut body = vec![
+                0xff, 0xff, 0xff, 0xff, 0, 0, 1, 0xf4, 0, 0, 0, 1, 0, 0x10, 0, 0, 0,
+            ];
             body.extend_from_slice(&classic);
             frame_with_body(1, 4, &body)
         }),

@@ -25,7 +25,9 @@ const PARTITIONS: i32 = 3;
 const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
 
 fn kcat() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("SEMEL_KCAT").map(PathBuf::from).unwrap_or_else(|| "kcat".into());
+    let path = std::env::var_os("SEMEL_KCAT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "kcat".into());
     let found = Command::new(&path).arg("-V").output();
     match found {
         Ok(out) if out.status.success() => Ok(path),
@@ -34,11 +36,15 @@ fn kcat() -> anyhow::Result<PathBuf> {
 }
 
 fn python() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("SEMEL_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").unwrap_or_default();
-        PathBuf::from(home).join(".cache/semel/venv/bin/python")
-    });
-    let found = Command::new(&path).args(["-c", "import kafka, lz4, snappy, zstandard"]).output();
+    let path = std::env::var_os("SEMEL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_default();
+            PathBuf::from(home).join(".cache/semel/venv/bin/python")
+        });
+    let found = Command::new(&path)
+        .args(["-c", "import kafka, lz4, snappy, zstandard"])
+        .output();
     match found {
         Ok(out) if out.status.success() => Ok(path),
         _ => bail!(
@@ -50,36 +56,60 @@ fn python() -> anyhow::Result<PathBuf> {
 
 async fn create_topic(broker: &TestBroker, name: &str, partitions: i32) -> anyhow::Result<()> {
     let mut client = RawClient::connect(broker.addr()).await?;
-    let request = CreateTopicsRequest::default().with_timeout_ms(5000).with_topics(vec![
-        CreatableTopic::default()
-            .with_name(TopicName(StrBytes::from_string(name.to_string())))
-            .with_num_partitions(partitions)
-            .with_replication_factor(1),
-    ]);
+    let request = CreateTopicsRequest::default()
+        .with_timeout_ms(5000)
+        .with_topics(vec![
+            CreatableTopic::default()
+                .with_name(TopicName(StrBytes::from_string(name.to_string())))
+                .with_num_partitions(partitions)
+                .with_replication_factor(1),
+        ]);
     let response = client.send(7, &request).await?;
-    ensure!(response.topics[0].error_code == 0, "create {name}: {:?}", response.topics[0]);
+    ensure!(
+        response.topics[0].error_code == 0,
+        "create {name}: {:?}",
+        response.topics[0]
+    );
     Ok(())
 }
 
-async fn high_watermarks(broker: &TestBroker, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
+async fn high_watermarks(
+    broker: &TestBroker,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<Vec<i64>> {
     let mut client = RawClient::connect(broker.addr()).await?;
-    let request = ListOffsetsRequest::default().with_replica_id((-1).into()).with_topics(vec![
-        ListOffsetsTopic::default()
-            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
-            .with_partitions(
-                (0..partitions)
-                    .map(|p| ListOffsetsPartition::default().with_partition_index(p).with_timestamp(-1))
-                    .collect(),
-            ),
-    ]);
+    let request = ListOffsetsRequest::default()
+        .with_replica_id((-1).into())
+        .with_topics(vec![
+            ListOffsetsTopic::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partitions(
+                    (0..partitions)
+                        .map(|p| {
+                            ListOffsetsPartition::default()
+                                .with_partition_index(p)
+                                .with_timestamp(-1)
+                        })
+                        .collect(),
+                ),
+        ]);
     let response = client.send(7, &request).await?;
-    Ok(response.topics[0].partitions.iter().map(|p| p.offset).collect())
+    Ok(response.topics[0]
+        .partitions
+        .iter()
+        .map(|p| p.offset)
+        .collect())
 }
 
 fn run_kcat(args: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<String> {
     let mut child = Command::new(kcat()?)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -89,7 +119,10 @@ fn run_kcat(args: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<String> {
     let out = child.wait_with_output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "kcat {args:?} failed: {stderr}");
-    ensure!(!stderr.contains("ERROR"), "kcat {args:?} reported errors: {stderr}");
+    ensure!(
+        !stderr.contains("ERROR"),
+        "kcat {args:?} reported errors: {stderr}"
+    );
     Ok(String::from_utf8(out.stdout)?)
 }
 
@@ -101,16 +134,38 @@ async fn kcat_lists_metadata_and_round_trips_every_codec() -> anyhow::Result<()>
         let topic = format!("kcat-{codec}");
         create_topic(&broker, &topic, PARTITIONS).await?;
 
-        let metadata = tokio::task::block_in_place(|| run_kcat(&["-b", &bootstrap, "-L", "-J"], None))?;
-        ensure!(metadata.contains(&format!("\"topic\":\"{topic}\"")), "metadata lacks {topic}: {metadata}");
-        ensure!(metadata.contains(&format!("\"name\":\"{bootstrap}\"")), "metadata lacks the broker {bootstrap}: {metadata}");
+        let metadata =
+            tokio::task::block_in_place(|| run_kcat(&["-b", &bootstrap, "-L", "-J"], None))?;
+        ensure!(
+            metadata.contains(&format!("\"topic\":\"{topic}\"")),
+            "metadata lacks {topic}: {metadata}"
+        );
+        ensure!(
+            metadata.contains(&format!("\"name\":\"{bootstrap}\"")),
+            "metadata lacks the broker {bootstrap}: {metadata}"
+        );
 
-        let input: String = (0..MESSAGES).map(|i| format!("key-{}:value-{i}\n", i % 97)).collect();
+        let input: String = (0..MESSAGES)
+            .map(|i| format!("key-{}:value-{i}\n", i % 97))
+            .collect();
         tokio::task::block_in_place(|| {
             run_kcat(
                 &[
-                    "-P", "-b", &bootstrap, "-t", &topic, "-K", ":", "-z", codec, "-H", "origin=kcat",
-                    "-X", "acks=all", "-X", "linger.ms=5",
+                    "-P",
+                    "-b",
+                    &bootstrap,
+                    "-t",
+                    &topic,
+                    "-K",
+                    ":",
+                    "-z",
+                    codec,
+                    "-H",
+                    "origin=kcat",
+                    "-X",
+                    "acks=all",
+                    "-X",
+                    "linger.ms=5",
                 ],
                 Some(input.as_bytes()),
             )
@@ -124,7 +179,19 @@ async fn kcat_lists_metadata_and_round_trips_every_codec() -> anyhow::Result<()>
 
         let output = tokio::task::block_in_place(|| {
             run_kcat(
-                &["-C", "-b", &bootstrap, "-t", &topic, "-o", "beginning", "-e", "-q", "-f", "%p|%o|%k|%s|%h\n"],
+                &[
+                    "-C",
+                    "-b",
+                    &bootstrap,
+                    "-t",
+                    &topic,
+                    "-o",
+                    "beginning",
+                    "-e",
+                    "-q",
+                    "-f",
+                    "%p|%o|%k|%s|%h\n",
+                ],
                 None,
             )
         })?;
@@ -136,11 +203,26 @@ async fn kcat_lists_metadata_and_round_trips_every_codec() -> anyhow::Result<()>
             let partition: i32 = fields[0].parse()?;
             let offset: i64 = fields[1].parse()?;
             let i: usize = fields[3].strip_prefix("value-").context("value")?.parse()?;
-            ensure!(fields[2] == format!("key-{}", i % 97), "{codec}: record {i} has key {}", fields[2]);
-            ensure!(fields[4] == "origin=kcat", "{codec}: record {i} has headers {:?}", fields[4]);
+            ensure!(
+                fields[2] == format!("key-{}", i % 97),
+                "{codec}: record {i} has key {}",
+                fields[2]
+            );
+            ensure!(
+                fields[4] == "origin=kcat",
+                "{codec}: record {i} has headers {:?}",
+                fields[4]
+            );
             let previous = partition_of_key.insert(fields[2].to_string(), partition);
-            ensure!(previous.is_none_or(|p| p == partition), "{codec}: key {} in two partitions", fields[2]);
-            per_partition.entry(partition).or_default().push((offset, i));
+            ensure!(
+                previous.is_none_or(|p| p == partition),
+                "{codec}: key {} in two partitions",
+                fields[2]
+            );
+            per_partition
+                .entry(partition)
+                .or_default()
+                .push((offset, i));
         }
         let total: usize = per_partition.values().map(Vec::len).sum();
         ensure!(total == MESSAGES, "{codec}: consumed {total} of {MESSAGES}");
@@ -169,7 +251,8 @@ async fn kcat_lists_metadata_and_round_trips_every_codec() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_python_round_trips_every_codec() -> anyhow::Result<()> {
     let python = python()?;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/kafka_python_roundtrip.py");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/kafka_python_roundtrip.py");
     let broker = TestBroker::start().await?;
     for codec in CODECS {
         let topic = format!("python-{codec}");
@@ -177,7 +260,12 @@ async fn kafka_python_round_trips_every_codec() -> anyhow::Result<()> {
             Command::new(&python)
                 .arg(&script)
                 .args(["--bootstrap", &broker.bootstrap(), "--topic", &topic])
-                .args(["--partitions", &PARTITIONS.to_string(), "--count", &MESSAGES.to_string()])
+                .args([
+                    "--partitions",
+                    &PARTITIONS.to_string(),
+                    "--count",
+                    &MESSAGES.to_string(),
+                ])
                 .args(["--compression", codec])
                 .output()
         })?;
@@ -188,7 +276,10 @@ async fn kafka_python_round_trips_every_codec() -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
         let watermarks = high_watermarks(&broker, &topic, PARTITIONS).await?;
-        ensure!(watermarks.iter().sum::<i64>() == MESSAGES as i64, "{codec}: {watermarks:?}");
+        ensure!(
+            watermarks.iter().sum::<i64>() == MESSAGES as i64,
+            "{codec}: {watermarks:?}"
+        );
     }
     broker.handle.shutdown().await;
     Ok(())

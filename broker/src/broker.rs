@@ -81,12 +81,13 @@ impl Broker {
         clock: Arc<dyn Clock>,
     ) -> Result<BrokerHandle, StartError> {
         config.validate()?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                address: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    address: config.listen,
+                    source,
+                })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
             address: config.listen,
             source,
@@ -104,9 +105,11 @@ impl Broker {
             let defaults = config.log.clone();
             let appended = Arc::clone(&appended);
             let now_ms = clock.now_ms();
-            tokio::task::spawn_blocking(move || Catalog::open(&data_dir, defaults, now_ms, appended))
-                .await
-                .map_err(|e| StartError::Task(e.to_string()))??
+            tokio::task::spawn_blocking(move || {
+                Catalog::open(&data_dir, defaults, now_ms, appended)
+            })
+            .await
+            .map_err(|e| StartError::Task(e.to_string()))??
         };
         tracing::info!(
             listen = %local_addr,
@@ -124,7 +127,10 @@ impl Broker {
             clock,
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let maintenance = tokio::spawn(server::maintenance_loop(Arc::clone(&state), shutdown_rx.clone()));
+        let maintenance = tokio::spawn(server::maintenance_loop(
+            Arc::clone(&state),
+            shutdown_rx.clone(),
+        ));
         let server = tokio::spawn(server::serve(listener, Arc::clone(&state), shutdown_rx));
         Ok(BrokerHandle {
             local_addr,

@@ -89,7 +89,10 @@ impl BrokerConfig {
         if i32::try_from(self.max_frame_bytes).is_err() {
             return fail(
                 "socket.request.max.bytes",
-                format!("{} does not fit a Kafka frame length (i32)", self.max_frame_bytes),
+                format!(
+                    "{} does not fit a Kafka frame length (i32)",
+                    self.max_frame_bytes
+                ),
             );
         }
         if self.max_connections == 0 {
@@ -99,7 +102,10 @@ impl BrokerConfig {
             return fail("queued.max.requests", "must be at least 1".into());
         }
         if self.num_partitions < 1 {
-            return fail("num.partitions", format!("{} must be at least 1", self.num_partitions));
+            return fail(
+                "num.partitions",
+                format!("{} must be at least 1", self.num_partitions),
+            );
         }
         if self.node_id < 0 {
             return fail("node.id", format!("{} must not be negative", self.node_id));
@@ -135,7 +141,6 @@ pub(crate) fn advertised_host_port(listener: &str) -> Result<(String, i32), Stri
     Ok((host.to_string(), i32::from(port)))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,7 +156,10 @@ mod tests {
             max_frame_bytes: 10,
             ..BrokerConfig::default()
         };
-        assert_eq!(config.validate().unwrap_err().name, "socket.request.max.bytes");
+        assert_eq!(
+            config.validate().unwrap_err().name,
+            "socket.request.max.bytes"
+        );
         let config = BrokerConfig {
             advertised_listener: Some("nohost".into()),
             ..BrokerConfig::default()

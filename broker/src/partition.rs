@@ -60,13 +60,20 @@ impl Partition {
     pub(crate) fn log(&self) -> MutexGuard<'_, PartitionLog> {
         // A panic while holding the lock cannot leave the log half-updated in memory (append
         // updates its state only after the write succeeded), so a poisoned lock is still usable.
-        self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.log
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Appends one validated batch and wakes long-polling fetches.
-    pub(crate) fn append(&self, batch: &ValidatedBatch, now_ms: i64) -> Result<AppendInfo, LogError> {
+    pub(crate) fn append(
+        &self,
+        batch: &ValidatedBatch,
+        now_ms: i64,
+    ) -> Result<AppendInfo, LogError> {
         let info = self.log().append(batch, now_ms)?;
-        self.appended.send_modify(|generation| *generation = generation.wrapping_add(1));
+        self.appended
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
         Ok(info)
     }
 

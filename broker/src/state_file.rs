@@ -164,10 +164,16 @@ mod tests {
     fn round_trip_and_corruption_is_named() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state.bin");
-        assert_eq!(read::<Vec<String>>(&path, MAGIC, 1).expect("missing is fine"), None);
+        assert_eq!(
+            read::<Vec<String>>(&path, MAGIC, 1).expect("missing is fine"),
+            None
+        );
         let value = vec!["a".to_string(), "b".to_string()];
         write(&path, MAGIC, 1, &value).expect("write");
-        assert_eq!(read::<Vec<String>>(&path, MAGIC, 1).expect("read"), Some(value));
+        assert_eq!(
+            read::<Vec<String>>(&path, MAGIC, 1).expect("read"),
+            Some(value)
+        );
 
         let err = read::<Vec<String>>(&path, MAGIC, 2).unwrap_err();
         assert!(err.to_string().contains("format version 1"), "{err}");

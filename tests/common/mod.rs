@@ -95,7 +95,11 @@ impl ChildBroker {
     }
 
     /// Like [`ChildBroker::spawn`], optionally through `sh -c` with a prefix (for `ulimit`).
-    pub fn spawn_with(data_dir: &Path, extra_args: &[&str], shell_prefix: Option<&str>) -> anyhow::Result<Self> {
+    pub fn spawn_with(
+        data_dir: &Path,
+        extra_args: &[&str],
+        shell_prefix: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let binary = workspace_binary("semel-broker")?;
         let mut args: Vec<String> = vec![
             "--listen".into(),
@@ -113,7 +117,8 @@ impl ChildBroker {
                     .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
                     .collect();
                 let mut c = Command::new("bash");
-                c.arg("-c").arg(format!("{prefix} exec {}", quoted.join(" ")));
+                c.arg("-c")
+                    .arg(format!("{prefix} exec {}", quoted.join(" ")));
                 c
             }
             None => {
@@ -134,7 +139,10 @@ impl ChildBroker {
         let addr = loop {
             let Some(line) = lines.next() else {
                 let _ = child.kill();
-                bail!("broker exited before listening; output:\n{}", before.join("\n"));
+                bail!(
+                    "broker exited before listening; output:\n{}",
+                    before.join("\n")
+                );
             };
             let line = line?;
             if let Some(addr) = line.strip_prefix("semel-broker listening on ") {
@@ -149,7 +157,11 @@ impl ChildBroker {
                 sink.lock().expect("output lock").push(line);
             }
         });
-        Ok(Self { child, addr, output })
+        Ok(Self {
+            child,
+            addr,
+            output,
+        })
     }
 
     /// `kill -9`: no flush, no shutdown.
@@ -200,7 +212,11 @@ impl RawClient {
     }
 
     /// Encodes `request` (header + body) as a frame payload, without sending it.
-    pub fn encode<R: Request>(&mut self, version: i16, request: &R) -> anyhow::Result<(i32, Bytes)> {
+    pub fn encode<R: Request>(
+        &mut self,
+        version: i16,
+        request: &R,
+    ) -> anyhow::Result<(i32, Bytes)> {
         let correlation_id = self.next_correlation_id;
         self.next_correlation_id += 1;
         let api_key = ApiKey::try_from(R::KEY).map_err(|()| anyhow::anyhow!("unknown key"))?;
@@ -226,7 +242,9 @@ impl RawClient {
     /// Reads one response frame; `None` if the broker closed the connection.
     pub async fn read_frame(&mut self) -> anyhow::Result<Option<Bytes>> {
         let mut prefix = [0u8; 4];
-        match tokio::time::timeout(Duration::from_secs(30), self.stream.read_exact(&mut prefix)).await? {
+        match tokio::time::timeout(Duration::from_secs(30), self.stream.read_exact(&mut prefix))
+            .await?
+        {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
@@ -239,7 +257,10 @@ impl RawClient {
     }
 
     /// Decodes a response frame for request type `R` at `version`; returns (correlation id, body).
-    pub fn decode<R: Request>(version: i16, mut frame: Bytes) -> anyhow::Result<(i32, R::Response)> {
+    pub fn decode<R: Request>(
+        version: i16,
+        mut frame: Bytes,
+    ) -> anyhow::Result<(i32, R::Response)> {
         let api_key = ApiKey::try_from(R::KEY).map_err(|()| anyhow::anyhow!("unknown key"))?;
         let header = ResponseHeader::decode(&mut frame, api_key.response_header_version(version))?;
         let body = R::Response::decode(&mut frame, version)?;
@@ -250,7 +271,11 @@ impl RawClient {
     }
 
     /// Sends `request` and waits for its response.
-    pub async fn send<R: Request>(&mut self, version: i16, request: &R) -> anyhow::Result<R::Response> {
+    pub async fn send<R: Request>(
+        &mut self,
+        version: i16,
+        request: &R,
+    ) -> anyhow::Result<R::Response> {
         let (correlation_id, payload) = self.encode(version, request)?;
         self.send_frame(&payload).await?;
         let frame = self
@@ -308,14 +333,22 @@ pub fn record_batch_with_producer(
             producer_epoch,
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
-            sequence: if base_sequence < 0 { -1 } else { base_sequence + i as i32 },
+            // -1 + i for non-idempotent batches keeps `offset - sequence` constant, which is
+            // how the encoder decides records share a batch; the batch's base sequence stays -1.
+            sequence: base_sequence.wrapping_add(i as i32),
+            delete_horizon: false,
             timestamp: r.timestamp,
             key: r.key.clone().map(Bytes::from),
             value: r.value.clone().map(Bytes::from),
             headers: r
                 .headers
                 .iter()
-                .map(|(k, v)| (StrBytes::from_string(k.clone()), Some(Bytes::from(v.clone()))))
+                .map(|(k, v)| {
+                    (
+                        StrBytes::from_string(k.clone()),
+                        Some(Bytes::from(v.clone())),
+                    )
+                })
                 .collect(),
         })
         .collect();

@@ -3,14 +3,17 @@
 //!
 //! References: Kafka protocol guide (CreatePartitions), KIP-195.
 
+use kafka_protocol::ResponseError;
 use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
 use kafka_protocol::messages::{CreatePartitionsRequest, CreatePartitionsResponse};
-use kafka_protocol::ResponseError;
 
 use super::message;
 use crate::broker::BrokerState;
 
-pub(crate) fn handle(state: &BrokerState, request: CreatePartitionsRequest) -> CreatePartitionsResponse {
+pub(crate) fn handle(
+    state: &BrokerState,
+    request: CreatePartitionsRequest,
+) -> CreatePartitionsResponse {
     let node = state.config.node_id;
     let results = request
         .topics
@@ -25,12 +28,16 @@ pub(crate) fn handle(state: &BrokerState, request: CreatePartitionsRequest) -> C
             if !assignments_ok {
                 return result
                     .with_error_code(ResponseError::InvalidReplicaAssignment.code())
-                    .with_error_message(message(format!("Every new partition must have exactly one replica, on broker {node}.")));
+                    .with_error_message(message(format!(
+                        "Every new partition must have exactly one replica, on broker {node}."
+                    )));
             }
-            match state
-                .catalog
-                .create_partitions(&wanted.name, wanted.count, request.validate_only, state.now_ms())
-            {
+            match state.catalog.create_partitions(
+                &wanted.name,
+                wanted.count,
+                request.validate_only,
+                state.now_ms(),
+            ) {
                 Ok(()) => result,
                 Err(e) => result
                     .with_error_code(e.code.code())

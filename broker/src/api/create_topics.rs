@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
-use kafka_protocol::messages::create_topics_response::{CreatableTopicConfigs, CreatableTopicResult};
+use kafka_protocol::messages::create_topics_response::{
+    CreatableTopicConfigs, CreatableTopicResult,
+};
 use kafka_protocol::messages::{CreateTopicsRequest, CreateTopicsResponse};
 use kafka_protocol::protocol::StrBytes;
 
@@ -20,7 +22,11 @@ use crate::catalog::config::{TOPIC_CONFIG_KEYS, effective_value};
 pub(crate) const SOURCE_TOPIC_CONFIG: i8 = 1;
 pub(crate) const SOURCE_DEFAULT_CONFIG: i8 = 5;
 
-pub(crate) fn handle(state: &BrokerState, request: CreateTopicsRequest, version: i16) -> CreateTopicsResponse {
+pub(crate) fn handle(
+    state: &BrokerState,
+    request: CreateTopicsRequest,
+    version: i16,
+) -> CreateTopicsResponse {
     let mut seen = HashSet::new();
     let duplicates: HashSet<_> = request
         .topics
@@ -34,7 +40,13 @@ pub(crate) fn handle(state: &BrokerState, request: CreateTopicsRequest, version:
         .map(|wanted| {
             let name = wanted.name.clone();
             let outcome = if duplicates.contains(&name) {
-                Err((ResponseError::InvalidRequest, format!("Topic '{}' appears more than once in the request.", name.as_str())))
+                Err((
+                    ResponseError::InvalidRequest,
+                    format!(
+                        "Topic '{}' appears more than once in the request.",
+                        name.as_str()
+                    ),
+                ))
             } else {
                 create(state, wanted, request.validate_only)
             };
@@ -71,7 +83,11 @@ struct Created {
     configs: Vec<CreatableTopicConfigs>,
 }
 
-fn create(state: &BrokerState, wanted: CreatableTopic, validate_only: bool) -> Result<Created, (ResponseError, String)> {
+fn create(
+    state: &BrokerState,
+    wanted: CreatableTopic,
+    validate_only: bool,
+) -> Result<Created, (ResponseError, String)> {
     let node = state.config.node_id;
     let mut partitions = if wanted.num_partitions == -1 {
         state.config.num_partitions
@@ -96,10 +112,17 @@ fn create(state: &BrokerState, wanted: CreatableTopic, validate_only: bool) -> R
         }
         for (expected, assignment) in wanted.assignments.iter().enumerate() {
             if usize::try_from(assignment.partition_index).ok() != Some(expected) {
-                return Err((ResponseError::InvalidReplicaAssignment, "Partitions in the assignment must be numbered 0, 1, 2, ... in order.".to_string()));
+                return Err((
+                    ResponseError::InvalidReplicaAssignment,
+                    "Partitions in the assignment must be numbered 0, 1, 2, ... in order."
+                        .to_string(),
+                ));
             }
             if assignment.broker_ids.len() != 1 || assignment.broker_ids[0].0 != node {
-                return Err((ResponseError::InvalidReplicaAssignment, format!("Every partition must have exactly one replica, on broker {node}.")));
+                return Err((
+                    ResponseError::InvalidReplicaAssignment,
+                    format!("Every partition must have exactly one replica, on broker {node}."),
+                ));
             }
         }
         partitions = i32::try_from(wanted.assignments.len()).unwrap_or(i32::MAX);
@@ -112,7 +135,13 @@ fn create(state: &BrokerState, wanted: CreatableTopic, validate_only: bool) -> R
     }
     let topic = state
         .catalog
-        .create_topic(&wanted.name, partitions, overrides, validate_only, state.now_ms())
+        .create_topic(
+            &wanted.name,
+            partitions,
+            overrides,
+            validate_only,
+            state.now_ms(),
+        )
         .map_err(|e| (e.code, e.message))?;
     let configs = TOPIC_CONFIG_KEYS
         .iter()

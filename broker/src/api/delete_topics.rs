@@ -11,11 +11,23 @@ use uuid::Uuid;
 use super::message;
 use crate::broker::BrokerState;
 
-pub(crate) fn handle(state: &BrokerState, request: DeleteTopicsRequest, version: i16) -> DeleteTopicsResponse {
+pub(crate) fn handle(
+    state: &BrokerState,
+    request: DeleteTopicsRequest,
+    version: i16,
+) -> DeleteTopicsResponse {
     let wanted: Vec<(Option<TopicName>, Uuid)> = if version >= 6 {
-        request.topics.into_iter().map(|t| (t.name, t.topic_id)).collect()
+        request
+            .topics
+            .into_iter()
+            .map(|t| (t.name, t.topic_id))
+            .collect()
     } else {
-        request.topic_names.into_iter().map(|name| (Some(name), Uuid::nil())).collect()
+        request
+            .topic_names
+            .into_iter()
+            .map(|name| (Some(name), Uuid::nil()))
+            .collect()
     };
     let responses = wanted
         .into_iter()
@@ -24,7 +36,9 @@ pub(crate) fn handle(state: &BrokerState, request: DeleteTopicsRequest, version:
                 Some(name) => state.catalog.topic(name),
                 None => state.catalog.topic_by_id(id),
             };
-            let mut result = DeletableTopicResult::default().with_name(name.clone()).with_topic_id(id);
+            let mut result = DeletableTopicResult::default()
+                .with_name(name.clone())
+                .with_topic_id(id);
             let Some(topic) = topic else {
                 let code = if name.is_some() {
                     ResponseError::UnknownTopicOrPartition

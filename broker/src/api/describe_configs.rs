@@ -37,7 +37,11 @@ struct Entry {
     synonyms: Vec<(&'static str, String, i8)>,
 }
 
-pub(crate) fn handle(state: &BrokerState, request: DescribeConfigsRequest, version: i16) -> DescribeConfigsResponse {
+pub(crate) fn handle(
+    state: &BrokerState,
+    request: DescribeConfigsRequest,
+    version: i16,
+) -> DescribeConfigsResponse {
     let results = request
         .resources
         .into_iter()
@@ -56,14 +60,27 @@ pub(crate) fn handle(state: &BrokerState, request: DescribeConfigsRequest, versi
             let entries = match entries {
                 Ok(entries) => entries,
                 Err((code, text)) => {
-                    return result.with_error_code(code.code()).with_error_message(message(text));
+                    return result
+                        .with_error_code(code.code())
+                        .with_error_message(message(text));
                 }
             };
-            let wanted = resource.configuration_keys.as_ref();
+            // Null or empty asks for every config.
+            let wanted = resource
+                .configuration_keys
+                .as_ref()
+                .filter(|keys| !keys.is_empty());
             let configs = entries
                 .into_iter()
                 .filter(|e| wanted.is_none_or(|keys| keys.iter().any(|k| k.as_str() == e.name)))
-                .map(|e| encode(e, version, request.include_synonyms, request.include_documentation))
+                .map(|e| {
+                    encode(
+                        e,
+                        version,
+                        request.include_synonyms,
+                        request.include_documentation,
+                    )
+                })
                 .collect();
             result.with_configs(configs)
         })
@@ -71,7 +88,12 @@ pub(crate) fn handle(state: &BrokerState, request: DescribeConfigsRequest, versi
     DescribeConfigsResponse::default().with_results(results)
 }
 
-fn encode(entry: Entry, version: i16, include_synonyms: bool, include_documentation: bool) -> DescribeConfigsResourceResult {
+fn encode(
+    entry: Entry,
+    version: i16,
+    include_synonyms: bool,
+    include_documentation: bool,
+) -> DescribeConfigsResourceResult {
     let mut result = DescribeConfigsResourceResult::default()
         .with_name(StrBytes::from_static_str(entry.name))
         .with_value(Some(StrBytes::from_string(entry.value)))
@@ -93,17 +115,20 @@ fn encode(entry: Entry, version: i16, include_synonyms: bool, include_documentat
     if version >= 3 {
         result = result.with_config_type(entry.config_type);
         if include_documentation {
-            result = result.with_documentation(Some(StrBytes::from_static_str(entry.documentation)));
+            result =
+                result.with_documentation(Some(StrBytes::from_static_str(entry.documentation)));
         }
     }
     result
 }
 
 fn topic_entries(state: &BrokerState, name: &str) -> Result<Vec<Entry>, (ResponseError, String)> {
-    let topic = state
-        .catalog
-        .topic(name)
-        .ok_or_else(|| (ResponseError::UnknownTopicOrPartition, format!("Topic '{name}' does not exist.")))?;
+    let topic = state.catalog.topic(name).ok_or_else(|| {
+        (
+            ResponseError::UnknownTopicOrPartition,
+            format!("Topic '{name}' does not exist."),
+        )
+    })?;
     let defaults = state.catalog.defaults();
     Ok(TOPIC_CONFIG_KEYS
         .iter()
@@ -119,7 +144,11 @@ fn topic_entries(state: &BrokerState, name: &str) -> Result<Vec<Entry>, (Respons
             Some(Entry {
                 name: key.name,
                 value,
-                source: if overridden { SOURCE_TOPIC_CONFIG } else { SOURCE_DEFAULT_CONFIG },
+                source: if overridden {
+                    SOURCE_TOPIC_CONFIG
+                } else {
+                    SOURCE_DEFAULT_CONFIG
+                },
                 config_type: match key.name {
                     "cleanup.policy" | "message.timestamp.type" => TYPE_STRING,
                     "retention.ms" | "retention.bytes" | "segment.ms" => TYPE_LONG,
@@ -153,18 +182,78 @@ fn broker_entries(state: &BrokerState, name: &str) -> Result<Vec<Entry>, (Respon
     Ok(vec![
         entry("node.id", node.to_string(), TYPE_INT, "This broker's id."),
         entry("broker.id", node.to_string(), TYPE_INT, "This broker's id."),
-        entry("log.dirs", config.data_dir.display().to_string(), TYPE_STRING, "Where partition logs are stored."),
-        entry("auto.create.topics.enable", config.auto_create_topics.to_string(), TYPE_BOOLEAN, "Create unknown topics on Metadata and Produce."),
-        entry("num.partitions", config.num_partitions.to_string(), TYPE_INT, "Partition count of auto-created topics."),
-        entry("default.replication.factor", "1".into(), TYPE_INT, "Single node: always 1."),
-        entry("min.insync.replicas", "1".into(), TYPE_INT, "Single node: always 1."),
-        entry("socket.request.max.bytes", config.max_frame_bytes.to_string(), TYPE_INT, "Largest request accepted."),
-        entry("message.max.bytes", log.max_message_bytes.to_string(), TYPE_INT, "Largest record batch accepted."),
-        entry("log.segment.bytes", log.segment_bytes.to_string(), TYPE_INT, "Segment file size before a roll."),
-        entry("log.roll.ms", log.segment_ms.to_string(), TYPE_LONG, "Segment age before a roll."),
-        entry("log.retention.ms", log.retention_ms.to_string(), TYPE_LONG, "Age after which segments are deleted; -1 keeps forever."),
-        entry("log.retention.bytes", log.retention_bytes.to_string(), TYPE_LONG, "Partition size above which old segments are deleted; -1 for no limit."),
-        entry("log.index.interval.bytes", log.index_interval_bytes.to_string(), TYPE_INT, "Bytes between offset index entries."),
+        entry(
+            "log.dirs",
+            config.data_dir.display().to_string(),
+            TYPE_STRING,
+            "Where partition logs are stored.",
+        ),
+        entry(
+            "auto.create.topics.enable",
+            config.auto_create_topics.to_string(),
+            TYPE_BOOLEAN,
+            "Create unknown topics on Metadata and Produce.",
+        ),
+        entry(
+            "num.partitions",
+            config.num_partitions.to_string(),
+            TYPE_INT,
+            "Partition count of auto-created topics.",
+        ),
+        entry(
+            "default.replication.factor",
+            "1".into(),
+            TYPE_INT,
+            "Single node: always 1.",
+        ),
+        entry(
+            "min.insync.replicas",
+            "1".into(),
+            TYPE_INT,
+            "Single node: always 1.",
+        ),
+        entry(
+            "socket.request.max.bytes",
+            config.max_frame_bytes.to_string(),
+            TYPE_INT,
+            "Largest request accepted.",
+        ),
+        entry(
+            "message.max.bytes",
+            log.max_message_bytes.to_string(),
+            TYPE_INT,
+            "Largest record batch accepted.",
+        ),
+        entry(
+            "log.segment.bytes",
+            log.segment_bytes.to_string(),
+            TYPE_INT,
+            "Segment file size before a roll.",
+        ),
+        entry(
+            "log.roll.ms",
+            log.segment_ms.to_string(),
+            TYPE_LONG,
+            "Segment age before a roll.",
+        ),
+        entry(
+            "log.retention.ms",
+            log.retention_ms.to_string(),
+            TYPE_LONG,
+            "Age after which segments are deleted; -1 keeps forever.",
+        ),
+        entry(
+            "log.retention.bytes",
+            log.retention_bytes.to_string(),
+            TYPE_LONG,
+            "Partition size above which old segments are deleted; -1 for no limit.",
+        ),
+        entry(
+            "log.index.interval.bytes",
+            log.index_interval_bytes.to_string(),
+            TYPE_INT,
+            "Bytes between offset index entries.",
+        ),
         entry(
             "log.message.timestamp.type",
             effective_value("message.timestamp.type", log).unwrap_or_default(),

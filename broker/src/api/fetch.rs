@@ -54,7 +54,11 @@ pub(crate) fn handle(state: &Arc<BrokerState>, request: FetchRequest, version: i
     let min_bytes = usize::try_from(request.min_bytes).unwrap_or(0);
     let first = run(&plan);
     let max_wait_ms = u64::try_from(request.max_wait_ms).unwrap_or(0);
-    if first.has_error || first.bytes >= min_bytes.max(1) || max_wait_ms == 0 || plan.topics.is_empty() {
+    if first.has_error
+        || first.bytes >= min_bytes.max(1)
+        || max_wait_ms == 0
+        || plan.topics.is_empty()
+    {
         return Reply::Now(Box::new(ResponseKind::Fetch(first.response)));
     }
     Reply::Later(Box::pin(async move {
@@ -93,11 +97,14 @@ fn run(plan: &Plan) -> Pass {
             let partition = topic.as_ref().and_then(|t| t.partition(p.partition));
             let Some(partition) = partition else {
                 has_error = true;
-                partitions.push(data.with_error_code(ResponseError::UnknownTopicOrPartition.code()));
+                partitions
+                    .push(data.with_error_code(ResponseError::UnknownTopicOrPartition.code()));
                 continue;
             };
             let remaining = plan.max_bytes.saturating_sub(bytes);
-            let limit = usize::try_from(p.partition_max_bytes).unwrap_or(0).min(remaining);
+            let limit = usize::try_from(p.partition_max_bytes)
+                .unwrap_or(0)
+                .min(remaining);
             let log = partition.log();
             data = data
                 .with_high_watermark(log.log_end_offset())

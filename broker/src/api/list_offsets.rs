@@ -17,7 +17,11 @@ const LATEST: i64 = -1;
 const EARLIEST: i64 = -2;
 const MAX_TIMESTAMP: i64 = -3;
 
-pub(crate) fn handle(state: &BrokerState, request: ListOffsetsRequest, version: i16) -> ListOffsetsResponse {
+pub(crate) fn handle(
+    state: &BrokerState,
+    request: ListOffsetsRequest,
+    version: i16,
+) -> ListOffsetsResponse {
     let topics = request
         .topics
         .into_iter()
@@ -31,8 +35,11 @@ pub(crate) fn handle(state: &BrokerState, request: ListOffsetsRequest, version: 
                         .with_partition_index(p.partition_index)
                         .with_timestamp(-1)
                         .with_offset(-1);
-                    let Some(partition) = topic.as_ref().and_then(|t| t.partition(p.partition_index)) else {
-                        return response.with_error_code(ResponseError::UnknownTopicOrPartition.code());
+                    let Some(partition) =
+                        topic.as_ref().and_then(|t| t.partition(p.partition_index))
+                    else {
+                        return response
+                            .with_error_code(ResponseError::UnknownTopicOrPartition.code());
                     };
                     if version >= 4 {
                         response = response.with_leader_epoch(0);
@@ -41,14 +48,16 @@ pub(crate) fn handle(state: &BrokerState, request: ListOffsetsRequest, version: 
                     let found = match p.timestamp {
                         LATEST => Ok(Some((log.log_end_offset(), -1))),
                         EARLIEST => Ok(Some((log.log_start_offset(), -1))),
-                        MAX_TIMESTAMP => Ok(log.max_timestamp()),
+                        MAX_TIMESTAMP => log.max_timestamp().map_err(|e| e.code()),
                         timestamp if timestamp >= 0 => {
                             log.offset_for_timestamp(timestamp).map_err(|e| e.code())
                         }
                         _ => Err(ResponseError::UnsupportedVersion),
                     };
                     match found {
-                        Ok(Some((offset, timestamp))) => response.with_offset(offset).with_timestamp(timestamp),
+                        Ok(Some((offset, timestamp))) => {
+                            response.with_offset(offset).with_timestamp(timestamp)
+                        }
                         Ok(None) => response,
                         Err(code) => response.with_error_code(code.code()),
                     }

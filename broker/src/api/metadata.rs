@@ -20,7 +20,11 @@ use uuid::Uuid;
 use crate::broker::BrokerState;
 use crate::catalog::Topic;
 
-pub(crate) fn handle(state: &BrokerState, request: MetadataRequest, version: i16) -> MetadataResponse {
+pub(crate) fn handle(
+    state: &BrokerState,
+    request: MetadataRequest,
+    version: i16,
+) -> MetadataResponse {
     let node = BrokerId(state.config.node_id);
     let broker = MetadataResponseBroker::default()
         .with_node_id(node)
@@ -39,7 +43,8 @@ pub(crate) fn handle(state: &BrokerState, request: MetadataRequest, version: i16
             .map(|t| describe(t, node, version))
             .collect()
     } else {
-        let may_create = state.config.auto_create_topics && (version < 4 || request.allow_auto_topic_creation);
+        let may_create =
+            state.config.auto_create_topics && (version < 4 || request.allow_auto_topic_creation);
         request
             .topics
             .unwrap_or_default()
@@ -58,7 +63,9 @@ pub(crate) fn handle(state: &BrokerState, request: MetadataRequest, version: i16
     };
     MetadataResponse::default()
         .with_brokers(vec![broker])
-        .with_cluster_id(Some(StrBytes::from_string(state.catalog.cluster_id().to_string())))
+        .with_cluster_id(Some(StrBytes::from_string(
+            state.catalog.cluster_id().to_string(),
+        )))
         .with_controller_id(node)
         .with_topics(topics)
 }

@@ -75,9 +75,9 @@ pub(crate) async fn handle(
     let version = header.request_api_version;
     let now = |response| Ok(Reply::Now(Box::new(response)));
     match api_key {
-        ApiKey::ApiVersions => now(ResponseKind::ApiVersions(api_versions::handle(
-            decode(body, version)?,
-        ))),
+        ApiKey::ApiVersions => now(ResponseKind::ApiVersions(api_versions::handle(decode(
+            body, version,
+        )?))),
         ApiKey::Metadata => now(ResponseKind::Metadata(metadata::handle(
             state,
             decode(body, version)?,

@@ -55,7 +55,12 @@ pub(crate) fn handle(state: &Arc<BrokerState>, request: ProduceRequest, version:
                         .with_log_append_time_ms(info.log_append_time_ms)
                         .with_log_start_offset(info.log_start_offset);
                     if acks == -1 {
-                        awaiting.push((topic_slot, partition_slot, partition, info.last_offset + 1));
+                        awaiting.push((
+                            topic_slot,
+                            partition_slot,
+                            partition,
+                            info.last_offset + 1,
+                        ));
                     }
                 }
                 Err((code, text)) => {
@@ -84,7 +89,11 @@ pub(crate) fn handle(state: &Arc<BrokerState>, request: ProduceRequest, version:
             // Kafka clients send `request.timeout.ms` here; a client sending 0 still gets an
             // answer based on the fsync rather than an instant timeout.
             let timeout_ms = u64::try_from(request.timeout_ms).unwrap_or(0);
-            let timeout = Duration::from_millis(if timeout_ms == 0 { DEFAULT_TIMEOUT_MS } else { timeout_ms });
+            let timeout = Duration::from_millis(if timeout_ms == 0 {
+                DEFAULT_TIMEOUT_MS
+            } else {
+                timeout_ms
+            });
             Reply::Later(Box::pin(wait_durable(response, awaiting, timeout)))
         }
         _ => Reply::Now(Box::new(ResponseKind::Produce(response))),
@@ -147,7 +156,11 @@ fn append_one(
     Ok((Arc::clone(partition), info))
 }
 
-async fn wait_durable(mut response: ProduceResponse, awaiting: Vec<Awaiting>, timeout: Duration) -> ResponseKind {
+async fn wait_durable(
+    mut response: ProduceResponse,
+    awaiting: Vec<Awaiting>,
+    timeout: Duration,
+) -> ResponseKind {
     let deadline = tokio::time::Instant::now() + timeout;
     for (topic_slot, partition_slot, partition, end_offset) in awaiting {
         let outcome = tokio::time::timeout_at(deadline, partition.wait_durable(end_offset)).await;

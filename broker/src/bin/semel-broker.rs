@@ -50,13 +50,21 @@ struct Args {
     #[arg(long, env = "SEMEL_LOG_RETENTION_BYTES", default_value_t = -1, allow_negative_numbers = true)]
     log_retention_bytes: i64,
     /// How often roll-by-time and retention run, in milliseconds (Kafka: log.retention.check.interval.ms).
-    #[arg(long, env = "SEMEL_LOG_RETENTION_CHECK_INTERVAL_MS", default_value_t = 300_000)]
+    #[arg(
+        long,
+        env = "SEMEL_LOG_RETENTION_CHECK_INTERVAL_MS",
+        default_value_t = 300_000
+    )]
     log_retention_check_interval_ms: u64,
     /// Largest record batch accepted, in bytes (Kafka: message.max.bytes).
     #[arg(long, env = "SEMEL_MESSAGE_MAX_BYTES", default_value_t = 1_048_588)]
     message_max_bytes: u32,
     /// CreateTime or LogAppendTime (Kafka: log.message.timestamp.type).
-    #[arg(long, env = "SEMEL_LOG_MESSAGE_TIMESTAMP_TYPE", default_value = "CreateTime")]
+    #[arg(
+        long,
+        env = "SEMEL_LOG_MESSAGE_TIMESTAMP_TYPE",
+        default_value = "CreateTime"
+    )]
     log_message_timestamp_type: String,
     /// How long shutdown waits for in-flight requests, in milliseconds.
     #[arg(long, env = "SEMEL_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
@@ -77,7 +85,9 @@ fn main() -> anyhow::Result<()> {
     let timestamp_type = match args.log_message_timestamp_type.as_str() {
         "CreateTime" => TimestampType::CreateTime,
         "LogAppendTime" => TimestampType::LogAppendTime,
-        other => anyhow::bail!("--log-message-timestamp-type must be CreateTime or LogAppendTime, not {other:?}"),
+        other => anyhow::bail!(
+            "--log-message-timestamp-type must be CreateTime or LogAppendTime, not {other:?}"
+        ),
     };
     let config = BrokerConfig {
         listen: args.listen,
@@ -97,7 +107,9 @@ fn main() -> anyhow::Result<()> {
             timestamp_type,
             ..LogConfig::default()
         },
-        retention_check_interval: Duration::from_millis(args.log_retention_check_interval_ms.max(1)),
+        retention_check_interval: Duration::from_millis(
+            args.log_retention_check_interval_ms.max(1),
+        ),
         shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
         ..BrokerConfig::default()
     };
@@ -106,7 +118,9 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let broker = Broker::start(config).await.context("broker failed to start")?;
+        let broker = Broker::start(config)
+            .await
+            .context("broker failed to start")?;
         // Tests and scripts read this line to learn the bound port.
         println!("semel-broker listening on {}", broker.local_addr());
         wait_for_signal().await?;

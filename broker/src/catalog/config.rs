@@ -106,25 +106,34 @@ pub(crate) fn apply_overrides(
             value: value.clone(),
             reason: reason.to_string(),
         };
-        let int = || value.trim().parse::<i64>().map_err(|_| invalid("not an integer"));
+        let int = || {
+            value
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| invalid("not an integer"))
+        };
         match name.as_str() {
             "cleanup.policy" => {
                 if value.trim() != "delete" {
                     return Err(invalid("log compaction is not supported; use \"delete\""));
                 }
             }
-            "retention.ms" => config.retention_ms = at_least(int()?, -1).map_err(|r| invalid(&r))?,
+            "retention.ms" => {
+                config.retention_ms = at_least(int()?, -1).map_err(|r| invalid(&r))?
+            }
             "retention.bytes" => {
                 config.retention_bytes = at_least(int()?, -1).map_err(|r| invalid(&r))?;
             }
             "segment.bytes" => {
-                config.segment_bytes = u64::try_from(at_least(int()?, 14).map_err(|r| invalid(&r))?)
-                    .map_err(|_| invalid("out of range"))?;
+                config.segment_bytes =
+                    u64::try_from(at_least(int()?, 14).map_err(|r| invalid(&r))?)
+                        .map_err(|_| invalid("out of range"))?;
             }
             "segment.ms" => config.segment_ms = at_least(int()?, 1).map_err(|r| invalid(&r))?,
             "max.message.bytes" => {
-                config.max_message_bytes = u32::try_from(at_least(int()?, 0).map_err(|r| invalid(&r))?)
-                    .map_err(|_| invalid("out of range"))?;
+                config.max_message_bytes =
+                    u32::try_from(at_least(int()?, 0).map_err(|r| invalid(&r))?)
+                        .map_err(|_| invalid("out of range"))?;
             }
             "index.interval.bytes" => {
                 config.index_interval_bytes =
@@ -140,7 +149,9 @@ pub(crate) fn apply_overrides(
             }
             "min.insync.replicas" => {
                 if int()? != 1 {
-                    return Err(invalid("a single-node broker has exactly one in-sync replica"));
+                    return Err(invalid(
+                        "a single-node broker has exactly one in-sync replica",
+                    ));
                 }
             }
             _ => return Err(invalid("unknown topic config")),
@@ -170,11 +181,17 @@ mod tests {
     fn overrides_apply_and_bad_ones_are_named() {
         let overrides = BTreeMap::from([
             ("retention.ms".to_string(), "1000".to_string()),
-            ("message.timestamp.type".to_string(), "LogAppendTime".to_string()),
+            (
+                "message.timestamp.type".to_string(),
+                "LogAppendTime".to_string(),
+            ),
         ]);
         let config = apply_overrides(&LogConfig::default(), &overrides).expect("valid");
         assert_eq!(config.retention_ms, 1000);
-        assert_eq!(effective_value("message.timestamp.type", &config).as_deref(), Some("LogAppendTime"));
+        assert_eq!(
+            effective_value("message.timestamp.type", &config).as_deref(),
+            Some("LogAppendTime")
+        );
 
         for (name, value) in [
             ("cleanup.policy", "compact"),
@@ -191,7 +208,11 @@ mod tests {
     #[test]
     fn every_key_has_an_effective_value() {
         for key in TOPIC_CONFIG_KEYS {
-            assert!(effective_value(key.name, &LogConfig::default()).is_some(), "{}", key.name);
+            assert!(
+                effective_value(key.name, &LogConfig::default()).is_some(),
+                "{}",
+                key.name
+            );
         }
     }
 }

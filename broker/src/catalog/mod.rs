@@ -59,7 +59,9 @@ pub(crate) struct Topic {
 
 impl Topic {
     pub(crate) fn partition(&self, index: i32) -> Option<&Arc<Partition>> {
-        usize::try_from(index).ok().and_then(|i| self.partitions.get(i))
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.partitions.get(i))
     }
 
     fn record(&self) -> TopicRecord {
@@ -177,12 +179,19 @@ impl Catalog {
             });
             let mut partitions = Vec::new();
             for index in 0..record.partitions {
-                let partition = open_partition(data_dir, &record.name, index, &log_config, now_ms, &appended)
-                    .map_err(|source| CatalogOpenError::Partition {
-                        topic: record.name.clone(),
-                        partition: index,
-                        source,
-                    })?;
+                let partition = open_partition(
+                    data_dir,
+                    &record.name,
+                    index,
+                    &log_config,
+                    now_ms,
+                    &appended,
+                )
+                .map_err(|source| CatalogOpenError::Partition {
+                    topic: record.name.clone(),
+                    partition: index,
+                    source,
+                })?;
                 partitions.push(Arc::new(partition));
             }
             topics.insert(
@@ -244,7 +253,12 @@ impl Catalog {
             cluster_id: self.cluster_id.clone(),
             topics: topics.values().map(|t| t.record()).collect(),
         };
-        state_file::write(&self.data_dir.join(CATALOG_FILE), CATALOG_MAGIC, CATALOG_VERSION, &file)?;
+        state_file::write(
+            &self.data_dir.join(CATALOG_FILE),
+            CATALOG_MAGIC,
+            CATALOG_VERSION,
+            &file,
+        )?;
         Ok(())
     }
 
@@ -268,19 +282,33 @@ impl Catalog {
                 format!("Topic '{name}' already exists."),
             ));
         }
-        let colliding = self.read().topics.keys().find(|existing| collides(existing, name)).cloned();
+        let colliding = self
+            .read()
+            .topics
+            .keys()
+            .find(|existing| collides(existing, name))
+            .cloned();
         if let Some(existing) = colliding {
             return Err(CatalogError::new(
                 ResponseError::InvalidTopicException,
-                format!("Topic '{name}' collides with existing topic '{existing}' ('.' and '_' are interchangeable in metric names)"),
+                format!(
+                    "Topic '{name}' collides with existing topic '{existing}' ('.' and '_' are interchangeable in metric names)"
+                ),
             ));
         }
         let id = Uuid::new_v4();
         let mut opened = Vec::new();
         if !validate_only {
             for index in 0..partitions {
-                let partition = open_partition(&self.data_dir, name, index, &log_config, now_ms, &self.appended)
-                    .map_err(|e| CatalogError::new(ResponseError::KafkaStorageError, e.to_string()))?;
+                let partition = open_partition(
+                    &self.data_dir,
+                    name,
+                    index,
+                    &log_config,
+                    now_ms,
+                    &self.appended,
+                )
+                .map_err(|e| CatalogError::new(ResponseError::KafkaStorageError, e.to_string()))?;
                 opened.push(Arc::new(partition));
             }
         }
@@ -352,7 +380,9 @@ impl Catalog {
         if total <= current {
             return Err(CatalogError::new(
                 ResponseError::InvalidPartitions,
-                format!("Topic currently has {current} partitions, {total} would not be an increase."),
+                format!(
+                    "Topic currently has {current} partitions, {total} would not be an increase."
+                ),
             ));
         }
         validate_partition_count(total)?;
@@ -361,8 +391,15 @@ impl Catalog {
         }
         let mut partitions = topic.partitions.clone();
         for index in current..total {
-            let partition = open_partition(&self.data_dir, name, index, &topic.log_config, now_ms, &self.appended)
-                .map_err(|e| CatalogError::new(ResponseError::KafkaStorageError, e.to_string()))?;
+            let partition = open_partition(
+                &self.data_dir,
+                name,
+                index,
+                &topic.log_config,
+                now_ms,
+                &self.appended,
+            )
+            .map_err(|e| CatalogError::new(ResponseError::KafkaStorageError, e.to_string()))?;
             partitions.push(Arc::new(partition));
         }
         let grown = Arc::new(Topic {
@@ -401,7 +438,14 @@ fn open_partition(
     appended: &Arc<watch::Sender<u64>>,
 ) -> Result<Partition, crate::log::LogError> {
     let dir = partition_dir(data_dir, topic, index);
-    let (partition, report) = Partition::open(topic, index, &dir, config.clone(), now_ms, Arc::clone(appended))?;
+    let (partition, report) = Partition::open(
+        topic,
+        index,
+        &dir,
+        config.clone(),
+        now_ms,
+        Arc::clone(appended),
+    )?;
     if report.truncated_bytes > 0 {
         tracing::warn!(topic, partition = index, report = ?report, "recovery truncated an invalid log tail");
     } else {
@@ -419,8 +463,12 @@ fn remove_leftover_deletions(data_dir: &Path) -> Result<(), CatalogOpenError> {
         let path = entry.path();
         if path.is_dir() && entry.file_name().to_string_lossy().ends_with("-delete") {
             match fs::remove_dir_all(&path) {
-                Ok(()) => tracing::info!(dir = %path.display(), "removed a partition of a deleted topic"),
-                Err(e) => tracing::warn!(dir = %path.display(), error = %e, "could not remove a deleted partition"),
+                Ok(()) => {
+                    tracing::info!(dir = %path.display(), "removed a partition of a deleted topic")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %path.display(), error = %e, "could not remove a deleted partition")
+                }
             }
         }
     }
@@ -444,7 +492,10 @@ pub(crate) fn validate_topic_name(name: &str) -> Result<(), CatalogError> {
     if name.chars().count() > MAX_TOPIC_NAME_CHARS {
         return invalid("it is longer than 249 characters");
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
         return invalid("it contains characters other than ASCII alphanumerics, '.', '_' and '-'");
     }
     Ok(())
@@ -454,7 +505,9 @@ fn validate_partition_count(partitions: i32) -> Result<(), CatalogError> {
     if !(1..=MAX_PARTITIONS_PER_TOPIC).contains(&partitions) {
         return Err(CatalogError::new(
             ResponseError::InvalidPartitions,
-            format!("Number of partitions must be between 1 and {MAX_PARTITIONS_PER_TOPIC}, got {partitions}."),
+            format!(
+                "Number of partitions must be between 1 and {MAX_PARTITIONS_PER_TOPIC}, got {partitions}."
+            ),
         ));
     }
     Ok(())
@@ -472,7 +525,11 @@ fn new_cluster_id() -> String {
     (0..22)
         .map(|i| {
             let shift = 128i32 - 6 * (i + 1);
-            let sextet = if shift >= 0 { (value >> shift) & 63 } else { (value << -shift) & 63 };
+            let sextet = if shift >= 0 {
+                (value >> shift) & 63
+            } else {
+                (value << -shift) & 63
+            };
             char::from(ALPHABET[usize::try_from(sextet).unwrap_or(0)])
         })
         .collect()
@@ -497,10 +554,16 @@ mod tests {
             .expect("create");
         assert_eq!(created.partitions.len(), 3);
         assert!(dir.path().join("orders-2").is_dir());
-        let err = catalog.create_topic("orders", 1, BTreeMap::new(), false, 0).unwrap_err();
+        let err = catalog
+            .create_topic("orders", 1, BTreeMap::new(), false, 0)
+            .unwrap_err();
         assert_eq!(err.code, ResponseError::TopicAlreadyExists);
-        catalog.create_partitions("orders", 5, false, 0).expect("grow");
-        let err = catalog.create_partitions("orders", 4, false, 0).unwrap_err();
+        catalog
+            .create_partitions("orders", 5, false, 0)
+            .expect("grow");
+        let err = catalog
+            .create_partitions("orders", 4, false, 0)
+            .unwrap_err();
         assert_eq!(err.code, ResponseError::InvalidPartitions);
         drop(catalog);
 
@@ -521,17 +584,27 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let catalog = open(dir.path());
         for bad in ["", ".", "..", "has space", "slash/inside", &"x".repeat(250)] {
-            let err = catalog.create_topic(bad, 1, BTreeMap::new(), false, 0).unwrap_err();
+            let err = catalog
+                .create_topic(bad, 1, BTreeMap::new(), false, 0)
+                .unwrap_err();
             assert_eq!(err.code, ResponseError::InvalidTopicException, "{bad:?}");
         }
         for count in [0, -1, MAX_PARTITIONS_PER_TOPIC + 1] {
-            let err = catalog.create_topic("t", count, BTreeMap::new(), false, 0).unwrap_err();
+            let err = catalog
+                .create_topic("t", count, BTreeMap::new(), false, 0)
+                .unwrap_err();
             assert_eq!(err.code, ResponseError::InvalidPartitions);
         }
-        catalog.create_topic("a.b", 1, BTreeMap::new(), false, 0).expect("create");
-        let err = catalog.create_topic("a_b", 1, BTreeMap::new(), false, 0).unwrap_err();
+        catalog
+            .create_topic("a.b", 1, BTreeMap::new(), false, 0)
+            .expect("create");
+        let err = catalog
+            .create_topic("a_b", 1, BTreeMap::new(), false, 0)
+            .unwrap_err();
         assert_eq!(err.code, ResponseError::InvalidTopicException);
-        catalog.create_topic("v", 1, BTreeMap::new(), true, 0).expect("validate only");
+        catalog
+            .create_topic("v", 1, BTreeMap::new(), true, 0)
+            .expect("validate only");
         assert!(catalog.topic("v").is_none());
     }
 }

@@ -27,7 +27,12 @@ pub struct BatchIdentity {
 
 impl BatchIdentity {
     /// Builds the identity from the header fields, computing the wrapped last sequence.
-    pub fn new(producer_id: i64, producer_epoch: i16, first_sequence: i32, last_offset_delta: i32) -> Self {
+    pub fn new(
+        producer_id: i64,
+        producer_epoch: i16,
+        first_sequence: i32,
+        last_offset_delta: i32,
+    ) -> Self {
         Self {
             producer_id,
             producer_epoch,
@@ -126,11 +131,9 @@ pub fn check(entry: Option<&ProducerEntry>, batch: &BatchIdentity) -> Decision {
         return Decision::Append;
     };
     if batch.producer_epoch == entry.epoch {
-        if let Some(original) = entry
-            .batches
-            .iter()
-            .find(|b| b.first_sequence == batch.first_sequence && b.last_sequence == batch.last_sequence)
-        {
+        if let Some(original) = entry.batches.iter().find(|b| {
+            b.first_sequence == batch.first_sequence && b.last_sequence == batch.last_sequence
+        }) {
             return Decision::Duplicate(*original);
         }
     }
@@ -146,7 +149,9 @@ pub fn check(entry: Option<&ProducerEntry>, batch: &BatchIdentity) -> Decision {
             Decision::OutOfOrder { expected: 0 }
         };
     }
-    let expected = entry.last_sequence().map_or(batch.first_sequence, |last| add_sequence(last, 1));
+    let expected = entry
+        .last_sequence()
+        .map_or(batch.first_sequence, |last| add_sequence(last, 1));
     if batch.first_sequence == expected {
         Decision::Append
     } else {
@@ -172,7 +177,11 @@ mod tests {
     fn entry_with(n: i32) -> ProducerEntry {
         let mut entry = ProducerEntry::first(3, cached(0, 9, 100), 0);
         for i in 1..n {
-            entry.record(3, cached(i * 10, i * 10 + 9, 100 + i64::from(i) * 10), i64::from(i));
+            entry.record(
+                3,
+                cached(i * 10, i * 10 + 9, 100 + i64::from(i) * 10),
+                i64::from(i),
+            );
         }
         entry
     }
@@ -187,43 +196,70 @@ mod tests {
         assert_eq!(entry.batches.len(), CACHED_BATCHES);
         for i in 3..8 {
             let decision = check(Some(&entry), &batch(3, i * 10, 10));
-            assert_eq!(decision, Decision::Duplicate(cached(i * 10, i * 10 + 9, 100 + i64::from(i) * 10)));
+            assert_eq!(
+                decision,
+                Decision::Duplicate(cached(i * 10, i * 10 + 9, 100 + i64::from(i) * 10))
+            );
         }
     }
 
     #[test]
     fn the_sixth_oldest_batch_is_out_of_order() {
         let entry = entry_with(8);
-        assert_eq!(check(Some(&entry), &batch(3, 20, 10)), Decision::OutOfOrder { expected: 80 });
+        assert_eq!(
+            check(Some(&entry), &batch(3, 20, 10)),
+            Decision::OutOfOrder { expected: 80 }
+        );
     }
 
     #[test]
     fn next_sequence_appends_and_a_gap_is_out_of_order() {
         let entry = entry_with(2);
         assert_eq!(check(Some(&entry), &batch(3, 20, 5)), Decision::Append);
-        assert_eq!(check(Some(&entry), &batch(3, 21, 5)), Decision::OutOfOrder { expected: 20 });
+        assert_eq!(
+            check(Some(&entry), &batch(3, 21, 5)),
+            Decision::OutOfOrder { expected: 20 }
+        );
         // Same first sequence, different length: not the cached batch, and not next in line.
-        assert_eq!(check(Some(&entry), &batch(3, 10, 5)), Decision::OutOfOrder { expected: 20 });
+        assert_eq!(
+            check(Some(&entry), &batch(3, 10, 5)),
+            Decision::OutOfOrder { expected: 20 }
+        );
     }
 
     #[test]
     fn lower_epoch_is_fenced_even_for_a_cached_range() {
         let entry = entry_with(2);
-        assert_eq!(check(Some(&entry), &batch(2, 0, 10)), Decision::Fenced { current_epoch: 3 });
-        assert_eq!(check(Some(&entry), &batch(2, 20, 10)), Decision::Fenced { current_epoch: 3 });
+        assert_eq!(
+            check(Some(&entry), &batch(2, 0, 10)),
+            Decision::Fenced { current_epoch: 3 }
+        );
+        assert_eq!(
+            check(Some(&entry), &batch(2, 20, 10)),
+            Decision::Fenced { current_epoch: 3 }
+        );
     }
 
     #[test]
     fn epoch_bump_must_restart_at_zero_and_clears_the_cache() {
         let entry = entry_with(2);
         assert_eq!(check(Some(&entry), &batch(4, 0, 10)), Decision::Append);
-        assert_eq!(check(Some(&entry), &batch(4, 20, 10)), Decision::OutOfOrder { expected: 0 });
+        assert_eq!(
+            check(Some(&entry), &batch(4, 20, 10)),
+            Decision::OutOfOrder { expected: 0 }
+        );
         let mut bumped = entry.clone();
         bumped.record(4, cached(0, 9, 500), 10);
         assert_eq!(bumped.batches.len(), 1);
         // The old epoch's batch 0-9 is no longer a duplicate; the new one is.
-        assert_eq!(check(Some(&bumped), &batch(3, 0, 10)), Decision::Fenced { current_epoch: 4 });
-        assert_eq!(check(Some(&bumped), &batch(4, 0, 10)), Decision::Duplicate(cached(0, 9, 500)));
+        assert_eq!(
+            check(Some(&bumped), &batch(3, 0, 10)),
+            Decision::Fenced { current_epoch: 4 }
+        );
+        assert_eq!(
+            check(Some(&bumped), &batch(4, 0, 10)),
+            Decision::Duplicate(cached(0, 9, 500))
+        );
     }
 
     #[test]
@@ -234,7 +270,10 @@ mod tests {
         assert_eq!(identity.last_sequence, 2);
         let entry = ProducerEntry::first(0, cached(i32::MAX - 9, i32::MAX, 0), 0);
         assert_eq!(check(Some(&entry), &batch(0, 0, 3)), Decision::Append);
-        assert_eq!(check(Some(&entry), &batch(0, 1, 3)), Decision::OutOfOrder { expected: 0 });
+        assert_eq!(
+            check(Some(&entry), &batch(0, 1, 3)),
+            Decision::OutOfOrder { expected: 0 }
+        );
     }
 
     #[test]

@@ -51,7 +51,13 @@ impl ProducerStateTable {
 
     /// Records an appended batch (or one replayed from the log during recovery). Returns the
     /// producer evicted to stay within `max_producers`, if any.
-    pub fn record(&mut self, batch: &BatchIdentity, cached: CachedBatch, now_ms: i64, max_producers: usize) -> Option<i64> {
+    pub fn record(
+        &mut self,
+        batch: &BatchIdentity,
+        cached: CachedBatch,
+        now_ms: i64,
+        max_producers: usize,
+    ) -> Option<i64> {
         if let Some(entry) = self.entries.get_mut(&batch.producer_id) {
             entry.record(batch.producer_epoch, cached, now_ms);
             return None;
@@ -69,8 +75,10 @@ impl ProducerStateTable {
         } else {
             None
         };
-        self.entries
-            .insert(batch.producer_id, ProducerEntry::first(batch.producer_epoch, cached, now_ms));
+        self.entries.insert(
+            batch.producer_id,
+            ProducerEntry::first(batch.producer_epoch, cached, now_ms),
+        );
         evicted
     }
 

@@ -117,7 +117,11 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
             continue;
         };
         let reply = match request {
-            Parsed::Request { header, api_key, body } => {
+            Parsed::Request {
+                header,
+                api_key,
+                body,
+            } => {
                 let api_version = header.request_api_version;
                 let reply = api::handle(state, &header, api_key, body)
                     .await
@@ -168,7 +172,10 @@ fn parse_request(mut frame: Bytes) -> Result<Option<Parsed>, Refusal> {
     };
     if version < range.0 || version > range.1 {
         if api_key == ApiKey::ApiVersions {
-            tracing::debug!(version, "ApiVersions with an unsupported version; answering v0 (KIP-511)");
+            tracing::debug!(
+                version,
+                "ApiVersions with an unsupported version; answering v0 (KIP-511)"
+            );
             return Ok(Some(Parsed::Immediate(Pending {
                 correlation_id,
                 api_key,
@@ -183,13 +190,12 @@ fn parse_request(mut frame: Bytes) -> Result<Option<Parsed>, Refusal> {
             max: range.1,
         });
     }
-    let header = RequestHeader::decode(&mut frame, api_key.request_header_version(version)).map_err(|e| {
-        Refusal::BadHeader {
+    let header = RequestHeader::decode(&mut frame, api_key.request_header_version(version))
+        .map_err(|e| Refusal::BadHeader {
             api: api_key,
             version,
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     guard::check_request_body(raw_key, version, &frame).map_err(|source| Refusal::Guard {
         api: api_key,
         version,
@@ -202,7 +208,10 @@ fn parse_request(mut frame: Bytes) -> Result<Option<Parsed>, Refusal> {
     }))
 }
 
-async fn write_responses<W: AsyncWrite + Unpin>(mut writer: W, mut pending: mpsc::Receiver<Pending>) {
+async fn write_responses<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut pending: mpsc::Receiver<Pending>,
+) {
     let mut buffer = BytesMut::new();
     while let Some(item) = pending.recv().await {
         let response = match item.reply {

@@ -170,14 +170,19 @@ mod tests {
         assert_eq!(frames, vec![Err("frame length -5 is negative".to_string())]);
 
         let frames = frames_from(&(i32::MAX).to_be_bytes(), 1024).await;
-        assert!(frames[0].as_ref().unwrap_err().contains("exceeds"), "{frames:?}");
+        assert!(
+            frames[0].as_ref().unwrap_err().contains("exceeds"),
+            "{frames:?}"
+        );
 
         let mut bytes = 10i32.to_be_bytes().to_vec();
         bytes.extend_from_slice(b"abc");
         let frames = frames_from(&bytes, 1024).await;
         assert_eq!(
             frames,
-            vec![Err("connection closed after 7 of 14 frame bytes".to_string())]
+            vec![Err(
+                "connection closed after 7 of 14 frame bytes".to_string()
+            )]
         );
     }
 }

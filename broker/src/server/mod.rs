@@ -85,8 +85,12 @@ pub(crate) async fn maintenance_loop(state: Arc<BrokerState>, mut shutdown: watc
             let now_ms = state.now_ms();
             for partition in state.catalog.partitions() {
                 match partition.log().maintain(now_ms) {
-                    Ok(report) => tracing::debug!(topic = %partition.topic, partition = partition.index, ?report, "log maintenance"),
-                    Err(e) => tracing::error!(topic = %partition.topic, partition = partition.index, error = %e, "log maintenance failed"),
+                    Ok(report) => {
+                        tracing::debug!(topic = %partition.topic, partition = partition.index, ?report, "log maintenance")
+                    }
+                    Err(e) => {
+                        tracing::error!(topic = %partition.topic, partition = partition.index, error = %e, "log maintenance failed")
+                    }
                 }
             }
         });

@@ -1,0 +1,314 @@
+//! RecordBatch v2 headers: parsing, validation of what a producer sent, and the fields the
+//! broker assigns (base offset, partition leader epoch, and under `LogAppendTime` the max
+//! timestamp, which is covered by the CRC and so requires recomputing it).
+//!
+//! Layout (big-endian): baseOffset i64 @0, batchLength i32 @8, partitionLeaderEpoch i32 @12,
+//! magic i8 @16, crc u32 @17 (CRC-32C of bytes 21..end), attributes i16 @21, lastOffsetDelta
+//! i32 @23, baseTimestamp i64 @27, maxTimestamp i64 @35, producerId i64 @43, producerEpoch i16
+//! @51, baseSequence i32 @53, recordsCount i32 @57, records @61.
+//!
+//! References: Kafka protocol guide "Record Batch"; KIP-98; KIP-32 (timestamps).
+
+use bytes::Bytes;
+
+use super::LogError;
+
+/// Bytes before the records.
+pub const HEADER_BYTES: usize = 61;
+/// `baseOffset` and `batchLength`: the part of the header outside `batchLength`.
+pub const LOG_OVERHEAD: usize = 12;
+const CRC_START: usize = 21;
+const ATTRIBUTE_TIMESTAMP_TYPE: i16 = 1 << 3;
+const ATTRIBUTE_TRANSACTIONAL: i16 = 1 << 4;
+const ATTRIBUTE_CONTROL: i16 = 1 << 5;
+
+fn i16_at(bytes: &[u8], at: usize) -> i16 {
+    i16::from_be_bytes([bytes[at], bytes[at + 1]])
+}
+fn i32_at(bytes: &[u8], at: usize) -> i32 {
+    i32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+fn i64_at(bytes: &[u8], at: usize) -> i64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    i64::from_be_bytes(b)
+}
+
+/// A parsed RecordBatch v2 header. Only constructed over at least [`HEADER_BYTES`] bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    /// Offset of the first record.
+    pub base_offset: i64,
+    /// Bytes after the `batchLength` field.
+    pub batch_length: i32,
+    /// Magic (format version); 2 for RecordBatch v2.
+    pub magic: i8,
+    /// Stored CRC-32C.
+    pub crc: u32,
+    /// Attribute bits (compression, timestamp type, transactional, control).
+    pub attributes: i16,
+    /// Offset of the last record minus the base offset.
+    pub last_offset_delta: i32,
+    /// Timestamp of the first record.
+    pub base_timestamp: i64,
+    /// Largest timestamp in the batch (or the append time under LogAppendTime).
+    pub max_timestamp: i64,
+    /// Producer id, -1 if none.
+    pub producer_id: i64,
+    /// Producer epoch, -1 if none.
+    pub producer_epoch: i16,
+    /// Sequence of the first record, -1 if none.
+    pub base_sequence: i32,
+    /// Number of records.
+    pub records_count: i32,
+}
+
+impl BatchHeader {
+    /// Parses the header at the start of `bytes`; `None` if fewer than [`HEADER_BYTES`] bytes.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < HEADER_BYTES {
+            return None;
+        }
+        Some(Self {
+            base_offset: i64_at(bytes, 0),
+            batch_length: i32_at(bytes, 8),
+            magic: i8::from_be_bytes([bytes[16]]),
+            crc: u32::from_be_bytes([bytes[17], bytes[18], bytes[19], bytes[20]]),
+            attributes: i16_at(bytes, 21),
+            last_offset_delta: i32_at(bytes, 23),
+            base_timestamp: i64_at(bytes, 27),
+            max_timestamp: i64_at(bytes, 35),
+            producer_id: i64_at(bytes, 43),
+            producer_epoch: i16_at(bytes, 51),
+            base_sequence: i32_at(bytes, 53),
+            records_count: i32_at(bytes, 57),
+        })
+    }
+
+    /// Total size of the batch in bytes, if `batch_length` is not negative.
+    pub fn total_size(&self) -> Option<usize> {
+        usize::try_from(self.batch_length)
+            .ok()
+            .map(|l| l + LOG_OVERHEAD)
+    }
+
+    /// Offset of the last record.
+    pub fn last_offset(&self) -> i64 {
+        self.base_offset + i64::from(self.last_offset_delta)
+    }
+
+    /// Compression codec id (0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd).
+    pub fn compression(&self) -> i16 {
+        self.attributes & 0x07
+    }
+
+    /// Whether the batch belongs to a transaction.
+    pub fn is_transactional(&self) -> bool {
+        self.attributes & ATTRIBUTE_TRANSACTIONAL != 0
+    }
+
+    /// Whether the batch is a control batch (transaction marker).
+    pub fn is_control(&self) -> bool {
+        self.attributes & ATTRIBUTE_CONTROL != 0
+    }
+
+    /// Whether the batch carries a producer id (idempotent or transactional producer).
+    pub fn has_producer_id(&self) -> bool {
+        self.producer_id >= 0
+    }
+}
+
+/// CRC-32C over the CRC-covered part of a whole batch.
+fn compute_crc(batch: &[u8]) -> u32 {
+    crc32c::crc32c(&batch[CRC_START..])
+}
+
+/// Checks one stored or incoming batch at the start of `bytes`: complete, magic 2, CRC valid.
+/// Returns its header. Used by recovery and by produce validation.
+///
+/// # Errors
+/// `CorruptMessage` for a truncated batch, a nonsensical length or a CRC mismatch;
+/// `InvalidRecord` for a magic other than 2.
+pub fn check_batch(bytes: &[u8]) -> Result<BatchHeader, LogError> {
+    let header = BatchHeader::parse(bytes).ok_or_else(|| LogError::CorruptBatch {
+        reason: format!(
+            "{} bytes is shorter than a record batch header ({HEADER_BYTES})",
+            bytes.len()
+        ),
+    })?;
+    let total = header
+        .total_size()
+        .filter(|t| *t >= HEADER_BYTES)
+        .ok_or_else(|| LogError::CorruptBatch {
+            reason: format!("batch length {} is invalid", header.batch_length),
+        })?;
+    if bytes.len() < total {
+        return Err(LogError::CorruptBatch {
+            reason: format!(
+                "batch claims {total} bytes but only {} are present",
+                bytes.len()
+            ),
+        });
+    }
+    if header.magic != 2 {
+        return Err(LogError::InvalidRecord {
+            reason: format!(
+                "record batch magic {} is not supported; only magic 2 (RecordBatch v2)",
+                header.magic
+            ),
+        });
+    }
+    let computed = compute_crc(&bytes[..total]);
+    if computed != header.crc {
+        return Err(LogError::CorruptBatch {
+            reason: format!(
+                "CRC-32C mismatch: stored {:#010x}, computed {computed:#010x}",
+                header.crc
+            ),
+        });
+    }
+    Ok(header)
+}
+
+/// A producer's batch that passed validation, ready to append.
+#[derive(Debug, Clone)]
+pub struct ValidatedBatch {
+    bytes: Bytes,
+    header: BatchHeader,
+}
+
+impl ValidatedBatch {
+    /// The batch's header as sent.
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
+    }
+
+    /// The batch's bytes as sent.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Number of records.
+    pub fn records_count(&self) -> i32 {
+        self.header.records_count
+    }
+}
+
+/// Validates the `records` of one partition in a Produce request: exactly one RecordBatch v2,
+/// complete, CRC-valid, with consistent counts and within `max_message_bytes`.
+///
+/// # Errors
+/// `CorruptMessage` (truncated, bad length, CRC), `InvalidRecord` (magic, counts, more than
+/// one batch, empty), `MessageTooLarge`.
+pub fn validate_produce_records(
+    records: &[u8],
+    max_message_bytes: u32,
+) -> Result<ValidatedBatch, LogError> {
+    if records.is_empty() {
+        return Err(LogError::InvalidRecord {
+            reason: "the produce request holds no record batch".into(),
+        });
+    }
+    let header = check_batch(records)?;
+    let total = header.total_size().unwrap_or(0);
+    if records.len() > total {
+        return Err(LogError::InvalidRecord {
+            reason: format!(
+                "a produce request must hold exactly one record batch per partition; {} bytes follow the first",
+                records.len() - total
+            ),
+        });
+    }
+    if usize::try_from(max_message_bytes).is_ok_and(|max| total > max) {
+        return Err(LogError::MessageTooLarge {
+            size: total,
+            max: max_message_bytes,
+        });
+    }
+    if header.last_offset_delta < 0
+        || header.records_count != header.last_offset_delta.saturating_add(1)
+    {
+        return Err(LogError::InvalidRecord {
+            reason: format!(
+                "records count {} does not match last offset delta {}",
+                header.records_count, header.last_offset_delta
+            ),
+        });
+    }
+    if header.is_control() {
+        return Err(LogError::InvalidRecord {
+            reason: "producers may not send control batches".into(),
+        });
+    }
+    Ok(ValidatedBatch {
+        bytes: Bytes::copy_from_slice(records),
+        header,
+    })
+}
+
+/// The bytes to store for `batch`: base offset and leader epoch assigned, and under
+/// LogAppendTime the timestamp type bit and max timestamp set, with the CRC recomputed.
+pub(crate) fn assign(
+    batch: &ValidatedBatch,
+    base_offset: i64,
+    log_append_time_ms: Option<i64>,
+) -> Vec<u8> {
+    let mut bytes = batch.bytes.to_vec();
+    bytes[0..8].copy_from_slice(&base_offset.to_be_bytes());
+    bytes[12..16].copy_from_slice(&0i32.to_be_bytes());
+    if let Some(now_ms) = log_append_time_ms {
+        let attributes = batch.header.attributes | ATTRIBUTE_TIMESTAMP_TYPE;
+        bytes[21..23].copy_from_slice(&attributes.to_be_bytes());
+        bytes[35..43].copy_from_slice(&now_ms.to_be_bytes());
+        let crc = compute_crc(&bytes);
+        bytes[17..21].copy_from_slice(&crc.to_be_bytes());
+    }
+    bytes
+}
+
+fn read_varint(bytes: &[u8], at: &mut usize) -> Option<i64> {
+    let mut value: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let byte = *bytes.get(*at)?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            // Zig-zag decoding.
+            return Some(((value >> 1) as i64) ^ -((value & 1) as i64));
+        }
+    }
+    None
+}
+
+/// For an uncompressed batch, each record's (offset delta, timestamp), walking the records'
+/// varint framing. `None` if the batch is compressed or its records are malformed.
+pub fn record_timestamps(batch: &[u8]) -> Option<Vec<(i32, i64)>> {
+    let header = BatchHeader::parse(batch)?;
+    if header.compression() != 0 {
+        return None;
+    }
+    let total = header.total_size()?;
+    let body = batch.get(HEADER_BYTES..total)?;
+    let log_append = header.attributes & ATTRIBUTE_TIMESTAMP_TYPE != 0;
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    for _ in 0..header.records_count.max(0) {
+        let length = usize::try_from(read_varint(body, &mut at)?).ok()?;
+        let start = at;
+        let end = start.checked_add(length)?;
+        if end > body.len() {
+            return None;
+        }
+        let mut cursor = start + 1; // attributes
+        let timestamp_delta = read_varint(body, &mut cursor)?;
+        let offset_delta = i32::try_from(read_varint(body, &mut cursor)?).ok()?;
+        let timestamp = if log_append {
+            header.max_timestamp
+        } else {
+            header.base_timestamp.checked_add(timestamp_delta)?
+        };
+        out.push((offset_delta, timestamp));
+        at = end;
+    }
+    Some(out)
+}

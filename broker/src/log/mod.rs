@@ -1,0 +1,593 @@
+//! Partition logs: append-only segment files of RecordBatch v2 bytes, with sparse offset and
+//! time indexes, recovery of a torn tail, segment roll, and retention.
+//!
+//! A [`PartitionLog`] is one partition directory. It is synchronous and single-threaded; the
+//! broker wraps each one in a lock. Time is passed in (`now_ms`), never read here.
+//!
+//! References: Kafka design "Log" and "Log Compaction" (retention part), KIP-74 (fetch returns
+//! at least one batch), KIP-79 (offsets by timestamp).
+
+pub mod batch;
+mod index;
+mod segment;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::ResponseError;
+
+pub use batch::{BatchHeader, ValidatedBatch, validate_produce_records};
+pub use segment::Truncation;
+use segment::{Segment, file_name};
+
+/// Settings of one partition log; broker defaults with topic overrides applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Roll to a new segment before the active one would exceed this many bytes (`segment.bytes`).
+    pub segment_bytes: u64,
+    /// Roll once the active segment is this old, in milliseconds (`segment.ms`).
+    pub segment_ms: i64,
+    /// Delete segments whose newest record is older than this; -1 keeps forever (`retention.ms`).
+    pub retention_ms: i64,
+    /// Delete the oldest segments while the log is larger than this; -1 for no limit (`retention.bytes`).
+    pub retention_bytes: i64,
+    /// Bytes of log between two offset-index entries (`index.interval.bytes`).
+    pub index_interval_bytes: u32,
+    /// Largest batch accepted (`max.message.bytes`).
+    pub max_message_bytes: u32,
+    /// Whose timestamps the log keeps (`message.timestamp.type`).
+    pub timestamp_type: TimestampType,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 1 << 30,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: -1,
+            index_interval_bytes: 4096,
+            max_message_bytes: 1_048_588,
+            timestamp_type: TimestampType::CreateTime,
+        }
+    }
+}
+
+impl LogConfig {
+    /// Checks that the settings can work.
+    ///
+    /// # Errors
+    /// [`LogError::InvalidConfig`] naming the setting.
+    pub fn validate(&self) -> Result<(), LogError> {
+        let invalid = |reason: String| Err(LogError::InvalidConfig { reason });
+        if self.segment_bytes < batch::HEADER_BYTES as u64
+            || self.segment_bytes > u64::from(u32::MAX)
+        {
+            return invalid(format!(
+                "segment.bytes {} must be between 61 and {}",
+                self.segment_bytes,
+                u32::MAX
+            ));
+        }
+        if self.segment_ms < 1 {
+            return invalid(format!("segment.ms {} must be positive", self.segment_ms));
+        }
+        if self.retention_ms < -1 || self.retention_bytes < -1 {
+            return invalid("retention.ms and retention.bytes must be -1 or more".into());
+        }
+        Ok(())
+    }
+}
+
+/// Whose timestamps the log keeps (`message.timestamp.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimestampType {
+    /// The producer's timestamps.
+    #[default]
+    CreateTime,
+    /// The broker's clock at append.
+    LogAppendTime,
+}
+
+/// Why a log operation failed; [`LogError::code`] is the Kafka error to answer with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogError {
+    /// The batch is truncated, has an invalid length, or fails its CRC.
+    #[error("corrupt record batch: {reason}")]
+    CorruptBatch {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The batch is well-formed but not acceptable (magic, counts, several batches).
+    #[error("invalid record batch: {reason}")]
+    InvalidRecord {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The batch is larger than `max.message.bytes`.
+    #[error("record batch of {size} bytes exceeds max.message.bytes ({max})")]
+    MessageTooLarge {
+        /// Batch size.
+        size: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// The requested offset is outside the log.
+    #[error("offset {offset} is outside the log [{log_start_offset}, {log_end_offset}]")]
+    OffsetOutOfRange {
+        /// The requested offset.
+        offset: i64,
+        /// First offset in the log.
+        log_start_offset: i64,
+        /// Next offset to be written.
+        log_end_offset: i64,
+    },
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An fsync for `acks=all` failed.
+    #[error("fsync of {topic_partition} failed: {source}")]
+    Sync {
+        /// `topic-partition`.
+        topic_partition: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A setting cannot work.
+    #[error("invalid log config: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file in the partition directory is not a segment this log can use.
+    #[error("{path}: {reason}")]
+    UnexpectedFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl LogError {
+    /// The Kafka error code for this failure.
+    pub fn code(&self) -> ResponseError {
+        match self {
+            Self::CorruptBatch { .. } => ResponseError::CorruptMessage,
+            Self::InvalidRecord { .. } => ResponseError::InvalidRecord,
+            Self::MessageTooLarge { .. } => ResponseError::MessageTooLarge,
+            Self::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,
+            Self::InvalidConfig { .. } => ResponseError::InvalidConfig,
+            Self::Io { .. } | Self::Sync { .. } | Self::UnexpectedFile { .. } => {
+                ResponseError::KafkaStorageError
+            }
+        }
+    }
+}
+
+/// What opening a log found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segments loaded.
+    pub segments: usize,
+    /// Batches validated in the last (active) segment.
+    pub tail_batches_checked: usize,
+    /// Bytes cut from the tail (0 if it was clean).
+    pub truncated_bytes: u64,
+    /// Where and why the tail was cut.
+    pub truncation: Option<Truncation>,
+}
+
+/// Where an append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    /// Offset of the first record.
+    pub base_offset: i64,
+    /// Offset of the last record.
+    pub last_offset: i64,
+    /// The broker's timestamp under LogAppendTime, else -1.
+    pub log_append_time_ms: i64,
+    /// First offset of the log after the append.
+    pub log_start_offset: i64,
+}
+
+/// Whole batches read from the log.
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    /// Concatenated stored batches (possibly empty).
+    pub records: Bytes,
+    /// Next offset to be written (the high watermark on a single node).
+    pub high_watermark: i64,
+    /// First offset in the log.
+    pub log_start_offset: i64,
+}
+
+/// What maintenance did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MaintenanceReport {
+    /// Whether the active segment was rolled by time.
+    pub rolled: bool,
+    /// Base offsets of the segments deleted by retention.
+    pub deleted_segments: Vec<i64>,
+}
+
+/// One partition's log in its directory.
+#[derive(Debug)]
+pub struct PartitionLog {
+    dir: PathBuf,
+    config: LogConfig,
+    /// Segments by base offset; never empty.
+    segments: BTreeMap<i64, Segment>,
+}
+
+impl PartitionLog {
+    /// Opens the log in `dir` (creating it if needed). The last segment is fully validated and
+    /// a torn or corrupt tail is truncated at the last valid batch.
+    ///
+    /// # Errors
+    /// `Io` when the directory cannot be read or a file cannot be opened; `UnexpectedFile` for
+    /// a `.log` file whose name is not a base offset; `CorruptBatch` for a corrupt sealed segment.
+    pub fn open(
+        dir: &Path,
+        config: LogConfig,
+        now_ms: i64,
+    ) -> Result<(Self, RecoveryReport), LogError> {
+        config.validate()?;
+        fs::create_dir_all(dir).map_err(|source| LogError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut bases = Vec::new();
+        let entries = fs::read_dir(dir).map_err(|source| LogError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| LogError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            let path = entry.path();
+            let Some(extension) = path.extension().and_then(|e| e.to_str()) else {
+                continue;
+            };
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
+            let base = stem
+                .parse::<i64>()
+                .ok()
+                .filter(|b| *b >= 0 && stem.len() == 20);
+            match (extension, base) {
+                ("log", Some(base)) => bases.push(base),
+                ("log", None) => {
+                    return Err(LogError::UnexpectedFile {
+                        path,
+                        reason: "segment file name is not a 20-digit base offset".into(),
+                    });
+                }
+                ("index" | "timeindex", Some(base))
+                    if !dir.join(file_name(base, "log")).exists() =>
+                {
+                    // An index without its segment (e.g. a crash during deletion).
+                    let _ = fs::remove_file(&path);
+                }
+                _ => {}
+            }
+        }
+        bases.sort_unstable();
+        let mut report = RecoveryReport::default();
+        let mut segments = BTreeMap::new();
+        let last = bases.last().copied();
+        for base in bases {
+            let recover = Some(base) == last;
+            let (segment, truncation, batches) =
+                Segment::open(dir, base, recover, config.index_interval_bytes, now_ms)?;
+            if recover {
+                report.tail_batches_checked = batches;
+                if let Some(t) = truncation {
+                    report.truncated_bytes = t.bytes;
+                    report.truncation = Some(t);
+                }
+            }
+            segments.insert(base, segment);
+        }
+        if segments.is_empty() {
+            segments.insert(0, Segment::create(dir, 0, now_ms)?);
+            sync_dir(dir)?;
+        }
+        report.segments = segments.len();
+        Ok((
+            Self {
+                dir: dir.to_path_buf(),
+                config,
+                segments,
+            },
+            report,
+        ))
+    }
+
+    fn active(&self) -> &Segment {
+        self.segments
+            .values()
+            .next_back()
+            .expect("a log always has a segment")
+    }
+
+    fn active_mut(&mut self) -> &mut Segment {
+        self.segments
+            .values_mut()
+            .next_back()
+            .expect("a log always has a segment")
+    }
+
+    /// First offset in the log.
+    pub fn log_start_offset(&self) -> i64 {
+        self.segments.keys().next().copied().unwrap_or(0)
+    }
+
+    /// Next offset to be assigned (the high watermark on this single node).
+    pub fn log_end_offset(&self) -> i64 {
+        self.active().next_offset
+    }
+
+    /// Bytes of all segment files.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.size).sum()
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// Appends a validated batch at the log end offset.
+    ///
+    /// # Errors
+    /// `Io` (code KAFKA_STORAGE_ERROR) when the write fails; the file is then truncated back and
+    /// the log is unchanged.
+    pub fn append(&mut self, batch: &ValidatedBatch, now_ms: i64) -> Result<AppendInfo, LogError> {
+        let size = batch.bytes().len() as u64;
+        let active = self.active();
+        if active.size > 0
+            && (active.size + size > self.config.segment_bytes
+                || now_ms - active.created_ms >= self.config.segment_ms)
+        {
+            self.roll(now_ms)?;
+        }
+        let base_offset = self.log_end_offset();
+        let log_append_time =
+            (self.config.timestamp_type == TimestampType::LogAppendTime).then_some(now_ms);
+        let stored = batch::assign(batch, base_offset, log_append_time);
+        let mut header = *batch.header();
+        header.base_offset = base_offset;
+        if let Some(now) = log_append_time {
+            header.max_timestamp = now;
+        }
+        let interval = self.config.index_interval_bytes;
+        let active = self.active_mut();
+        if active.size == 0 {
+            active.created_ms = now_ms;
+        }
+        active.append(&stored, &header, interval)?;
+        Ok(AppendInfo {
+            base_offset,
+            last_offset: header.last_offset(),
+            log_append_time_ms: log_append_time.unwrap_or(-1),
+            log_start_offset: self.log_start_offset(),
+        })
+    }
+
+    fn roll(&mut self, now_ms: i64) -> Result<(), LogError> {
+        let next = self.log_end_offset();
+        let active = self.active();
+        active.sync()?;
+        active.write_indexes(&self.dir)?;
+        let segment = Segment::create(&self.dir, next, now_ms)?;
+        sync_dir(&self.dir)?;
+        self.segments.insert(next, segment);
+        Ok(())
+    }
+
+    /// Whole batches from the one containing `fetch_offset`, up to `max_bytes`, but always at
+    /// least one batch when any is available (KIP-74).
+    ///
+    /// # Errors
+    /// `OffsetOutOfRange` below the log start or above the log end; `Io` on read failure.
+    pub fn read(&self, fetch_offset: i64, max_bytes: usize) -> Result<ReadResult, LogError> {
+        let (start, end) = (self.log_start_offset(), self.log_end_offset());
+        if fetch_offset < start || fetch_offset > end {
+            return Err(LogError::OffsetOutOfRange {
+                offset: fetch_offset,
+                log_start_offset: start,
+                log_end_offset: end,
+            });
+        }
+        let mut out = BytesMut::new();
+        let mut offset = fetch_offset;
+        'segments: for (_, segment) in self
+            .segments
+            .range(..=fetch_offset)
+            .next_back()
+            .into_iter()
+            .chain(self.segments.range(fetch_offset + 1..))
+        {
+            if offset >= segment.next_offset {
+                continue;
+            }
+            let Some(mut position) = segment.position_of(offset)? else {
+                continue;
+            };
+            while position < segment.size {
+                let header = segment.header_at(position)?;
+                let total = header.total_size().unwrap_or(0);
+                if !out.is_empty() && out.len() + total > max_bytes {
+                    break 'segments;
+                }
+                out.extend_from_slice(&segment.read_at(position, total)?);
+                position += total as u64;
+                offset = header.last_offset() + 1;
+                if out.len() >= max_bytes {
+                    break 'segments;
+                }
+            }
+        }
+        Ok(ReadResult {
+            records: out.freeze(),
+            high_watermark: end,
+            log_start_offset: start,
+        })
+    }
+
+    /// The earliest record with a timestamp at or after `timestamp_ms`, as (offset, timestamp).
+    /// Exact for uncompressed batches; for a compressed batch, its base offset and max timestamp
+    /// (the broker does not decompress).
+    ///
+    /// # Errors
+    /// `Io` on read failure.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<(i64, i64)>, LogError> {
+        for segment in self.segments.values() {
+            if segment.max_timestamp.is_none_or(|(t, _)| t < timestamp_ms) {
+                continue;
+            }
+            let start_offset = segment.time_scan_start(timestamp_ms);
+            let Some(mut position) = segment.position_of(start_offset)? else {
+                continue;
+            };
+            while position < segment.size {
+                let header = segment.header_at(position)?;
+                let total = header.total_size().unwrap_or(0);
+                if header.max_timestamp >= timestamp_ms {
+                    let bytes = segment.read_at(position, total)?;
+                    if let Some(records) = batch::record_timestamps(&bytes) {
+                        if let Some((delta, ts)) =
+                            records.into_iter().find(|(_, ts)| *ts >= timestamp_ms)
+                        {
+                            return Ok(Some((header.base_offset + i64::from(delta), ts)));
+                        }
+                    } else {
+                        return Ok(Some((header.base_offset, header.max_timestamp)));
+                    }
+                }
+                position += total as u64;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first record with the largest timestamp, as (offset, timestamp); `None` for an
+    /// empty log. Exact for uncompressed batches; for a compressed batch, its base offset.
+    ///
+    /// # Errors
+    /// `Io` on read failure.
+    pub fn max_timestamp(&self) -> Result<Option<(i64, i64)>, LogError> {
+        let best = self
+            .segments
+            .values()
+            .filter_map(|s| s.max_timestamp.map(|(t, base)| (t, base, s)))
+            .fold(
+                None,
+                |best: Option<(i64, i64, &Segment)>, candidate| match best {
+                    Some((bt, _, _)) if bt >= candidate.0 => best,
+                    _ => Some(candidate),
+                },
+            );
+        let Some((timestamp, base_offset, segment)) = best else {
+            return Ok(None);
+        };
+        let Some(position) = segment.position_of(base_offset)? else {
+            return Ok(Some((base_offset, timestamp)));
+        };
+        let header = segment.header_at(position)?;
+        let bytes = segment.read_at(position, header.total_size().unwrap_or(0))?;
+        let exact = batch::record_timestamps(&bytes)
+            .and_then(|records| records.into_iter().find(|(_, t)| *t == timestamp))
+            .map(|(delta, _)| base_offset + i64::from(delta));
+        Ok(Some((exact.unwrap_or(base_offset), timestamp)))
+    }
+
+    /// A handle on the active segment and the log end offset now, so the caller can fsync
+    /// outside its lock. Rolled segments were fsynced at roll, so syncing this file makes every
+    /// offset below the returned one durable.
+    ///
+    /// # Errors
+    /// `Io` if the file handle cannot be duplicated.
+    pub fn sync_target(&self) -> Result<(fs::File, i64), LogError> {
+        let active = self.active();
+        let file = active.file().try_clone().map_err(|source| LogError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        Ok((file, self.log_end_offset()))
+    }
+
+    /// Fsyncs the active segment.
+    ///
+    /// # Errors
+    /// `Io` if the fsync fails.
+    pub fn flush(&mut self) -> Result<(), LogError> {
+        self.active().sync()
+    }
+
+    /// Rolls by time and applies retention (whole segments, never the active one).
+    ///
+    /// # Errors
+    /// `Io` when a roll or a deletion fails.
+    pub fn maintain(&mut self, now_ms: i64) -> Result<MaintenanceReport, LogError> {
+        let mut report = MaintenanceReport::default();
+        let active = self.active();
+        if active.size > 0 && now_ms - active.created_ms >= self.config.segment_ms {
+            self.roll(now_ms)?;
+            report.rolled = true;
+        }
+        while self.segments.len() > 1 {
+            let Some((&base, oldest)) = self.segments.iter().next() else {
+                break;
+            };
+            let total = self.size_bytes();
+            let by_bytes = self.config.retention_bytes >= 0
+                && total.saturating_sub(oldest.size)
+                    >= u64::try_from(self.config.retention_bytes).unwrap_or(0);
+            let by_time = self.config.retention_ms >= 0
+                && oldest
+                    .max_timestamp
+                    .is_none_or(|(t, _)| t < now_ms - self.config.retention_ms);
+            if !(by_bytes || by_time) {
+                break;
+            }
+            if let Some(segment) = self.segments.remove(&base) {
+                segment.delete_files(&self.dir)?;
+                report.deleted_segments.push(base);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Fsyncs and writes the active segment's indexes.
+    ///
+    /// # Errors
+    /// `Io` on failure.
+    pub fn close(self) -> Result<(), LogError> {
+        let active = self.active();
+        active.sync()?;
+        active.write_indexes(&self.dir)
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| LogError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
