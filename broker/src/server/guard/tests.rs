@@ -1,0 +1,314 @@
+//! The guard against the crate's own encoder: every covered version of every request, populated
+//! and empty, is accepted and decodes; hostile counts, truncations and random corruption are
+//! either refused or decode without aborting.
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::create_partitions_request::{
+    CreatePartitionsAssignment, CreatePartitionsTopic,
+};
+use kafka_protocol::messages::create_topics_request::{
+    CreatableReplicaAssignment, CreatableTopic, CreatableTopicConfig,
+};
+use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
+use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ForgottenTopic};
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use proptest::prelude::*;
+
+use super::*;
+
+fn s(text: &str) -> StrBytes {
+    StrBytes::from_string(text.to_string())
+}
+fn topic(text: &str) -> TopicName {
+    TopicName(s(text))
+}
+fn twice<T: Clone>(item: T) -> Vec<T> {
+    vec![item.clone(), item]
+}
+
+/// A request of every covered kind with two elements in every array, as encoded bytes.
+fn populated(api_key: i16, version: i16) -> Bytes {
+    let mut buf = BytesMut::new();
+    let encoded = match api_key {
+        0 => ProduceRequest::default()
+            .with_transactional_id(Some(TransactionalId(s("tx"))))
+            .with_acks(-1)
+            .with_timeout_ms(30_000)
+            .with_topic_data(twice(
+                TopicProduceData::default()
+                    .with_name(topic("t"))
+                    .with_partition_data(twice(
+                        PartitionProduceData::default()
+                            .with_index(1)
+                            .with_records(Some(Bytes::from_static(b"0123456789"))),
+                    )),
+            ))
+            .encode(&mut buf, version),
+        1 => FetchRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_max_wait_ms(500)
+            .with_min_bytes(1)
+            .with_max_bytes(1 << 20)
+            .with_session_id(if version >= 7 { 3 } else { 0 })
+            .with_topics(twice(
+                FetchTopic::default()
+                    .with_topic(topic("t"))
+                    .with_partitions(twice(
+                        FetchPartition::default()
+                            .with_partition(2)
+                            .with_fetch_offset(9)
+                            .with_partition_max_bytes(1024),
+                    )),
+            ))
+            .with_forgotten_topics_data(if version >= 7 {
+                twice(
+                    ForgottenTopic::default()
+                        .with_topic(topic("old"))
+                        .with_partitions(vec![1, 2]),
+                )
+            } else {
+                Vec::new()
+            })
+            .with_rack_id(if version >= 11 {
+                s("rack")
+            } else {
+                StrBytes::default()
+            })
+            .with_cluster_id(if version >= 12 {
+                Some(s("cluster"))
+            } else {
+                None
+            })
+            .encode(&mut buf, version),
+        2 => ListOffsetsRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_topics(twice(
+                ListOffsetsTopic::default()
+                    .with_name(topic("t"))
+                    .with_partitions(twice(
+                        ListOffsetsPartition::default()
+                            .with_partition_index(0)
+                            .with_timestamp(-1),
+                    )),
+            ))
+            .encode(&mut buf, version),
+        3 => MetadataRequest::default()
+            .with_topics(Some(twice(
+                MetadataRequestTopic::default().with_name(Some(topic("t"))),
+            )))
+            .with_allow_auto_topic_creation(true)
+            .encode(&mut buf, version),
+        18 => ApiVersionsRequest::default()
+            .with_client_software_name(if version >= 3 {
+                s("semel")
+            } else {
+                StrBytes::default()
+            })
+            .with_client_software_version(if version >= 3 {
+                s("1.0")
+            } else {
+                StrBytes::default()
+            })
+            .encode(&mut buf, version),
+        19 => CreateTopicsRequest::default()
+            .with_topics(twice(
+                CreatableTopic::default()
+                    .with_name(topic("t"))
+                    .with_num_partitions(-1)
+                    .with_replication_factor(-1)
+                    .with_assignments(twice(
+                        CreatableReplicaAssignment::default()
+                            .with_partition_index(0)
+                            .with_broker_ids(vec![BrokerId(1), BrokerId(2)]),
+                    ))
+                    .with_configs(twice(
+                        CreatableTopicConfig::default()
+                            .with_name(s("retention.ms"))
+                            .with_value(Some(s("1"))),
+                    )),
+            ))
+            .with_timeout_ms(1000)
+            .encode(&mut buf, version),
+        20 => if version >= 6 {
+            DeleteTopicsRequest::default().with_topics(twice(
+                DeleteTopicState::default().with_name(Some(topic("t"))),
+            ))
+        } else {
+            DeleteTopicsRequest::default().with_topic_names(twice(topic("t")))
+        }
+        .with_timeout_ms(1000)
+        .encode(&mut buf, version),
+        32 => DescribeConfigsRequest::default()
+            .with_resources(twice(
+                DescribeConfigsResource::default()
+                    .with_resource_type(2)
+                    .with_resource_name(s("t"))
+                    .with_configuration_keys(Some(vec![s("a"), s("b")])),
+            ))
+            .with_include_synonyms(true)
+            .encode(&mut buf, version),
+        37 => CreatePartitionsRequest::default()
+            .with_topics(twice(
+                CreatePartitionsTopic::default()
+                    .with_name(topic("t"))
+                    .with_count(4)
+                    .with_assignments(Some(twice(
+                        CreatePartitionsAssignment::default().with_broker_ids(vec![BrokerId(1)]),
+                    ))),
+            ))
+            .with_timeout_ms(1000)
+            .encode(&mut buf, version),
+        other => panic!("no sample for api key {other}"),
+    };
+    encoded.unwrap_or_else(|e| panic!("encode {api_key} v{version}: {e}"));
+    buf.freeze()
+}
+
+fn empty(api_key: i16, version: i16) -> Bytes {
+    let mut buf = BytesMut::new();
+    let encoded = match api_key {
+        0 => ProduceRequest::default().encode(&mut buf, version),
+        1 => FetchRequest::default().encode(&mut buf, version),
+        2 => ListOffsetsRequest::default().encode(&mut buf, version),
+        3 => MetadataRequest::default().encode(&mut buf, version),
+        18 => ApiVersionsRequest::default().encode(&mut buf, version),
+        19 => CreateTopicsRequest::default().encode(&mut buf, version),
+        20 => DeleteTopicsRequest::default().encode(&mut buf, version),
+        32 => DescribeConfigsRequest::default().encode(&mut buf, version),
+        37 => CreatePartitionsRequest::default().encode(&mut buf, version),
+        other => panic!("no sample for api key {other}"),
+    };
+    encoded.unwrap_or_else(|e| panic!("encode empty {api_key} v{version}: {e}"));
+    buf.freeze()
+}
+
+/// Decodes with the crate. Only called on bodies the guard accepted: if the guard had a hole,
+/// this could abort the test process, which is a loud failure.
+fn decode(api_key: i16, version: i16, body: &Bytes) -> Result<(), String> {
+    let mut bytes = body.clone();
+    let result = match api_key {
+        0 => ProduceRequest::decode(&mut bytes, version).map(drop),
+        1 => FetchRequest::decode(&mut bytes, version).map(drop),
+        2 => ListOffsetsRequest::decode(&mut bytes, version).map(drop),
+        3 => MetadataRequest::decode(&mut bytes, version).map(drop),
+        18 => ApiVersionsRequest::decode(&mut bytes, version).map(drop),
+        19 => CreateTopicsRequest::decode(&mut bytes, version).map(drop),
+        20 => DeleteTopicsRequest::decode(&mut bytes, version).map(drop),
+        32 => DescribeConfigsRequest::decode(&mut bytes, version).map(drop),
+        37 => CreatePartitionsRequest::decode(&mut bytes, version).map(drop),
+        other => panic!("no decoder for api key {other}"),
+    };
+    result.map_err(|e| e.to_string())
+}
+
+fn covered() -> Vec<(i16, i16)> {
+    SCHEMAS
+        .iter()
+        .flat_map(|s| (s.min..=s.max).map(move |v| (s.api_key, v)))
+        .collect()
+}
+
+#[test]
+fn accepts_every_covered_version_populated_and_empty() {
+    for (api_key, version) in covered() {
+        for body in [populated(api_key, version), empty(api_key, version)] {
+            check_request_body(api_key, version, &body)
+                .unwrap_or_else(|e| panic!("api {api_key} v{version}: {e}"));
+            decode(api_key, version, &body)
+                .unwrap_or_else(|e| panic!("decode api {api_key} v{version}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn covers_exactly_what_the_broker_advertises() {
+    for &(key, min, max) in crate::api::SUPPORTED_APIS {
+        for version in min..=max {
+            assert!(is_covered(key as i16, version), "{key:?} v{version}");
+        }
+        assert!(!is_covered(key as i16, max + 1), "{key:?} v{}", max + 1);
+    }
+    assert!(!is_covered(9999, 0));
+    assert!(matches!(
+        check_request_body(17, 1, &[]),
+        Err(GuardError::NotCovered { .. })
+    ));
+}
+
+#[test]
+fn refuses_every_truncation() {
+    for (api_key, version) in covered() {
+        let body = populated(api_key, version);
+        for cut in 0..body.len() {
+            assert!(
+                check_request_body(api_key, version, &body[..cut]).is_err(),
+                "api {api_key} v{version} accepted a body cut at {cut} of {}",
+                body.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn refuses_huge_and_negative_counts() {
+    let huge = i32::MAX.to_be_bytes();
+    let err = check_request_body(3, 1, &huge).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            GuardError::ImplausibleCount {
+                count: 2147483647,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Compact: varint 0xffffffff (2^32 - 1, i.e. 2^32 - 2 elements).
+    let err = check_request_body(3, 9, &[0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0]).unwrap_err();
+    assert!(matches!(err, GuardError::ImplausibleCount { .. }), "{err}");
+    let err = check_request_body(3, 4, &[0xff, 0xff, 0xff, 0xfe, 1]).unwrap_err();
+    assert!(
+        matches!(err, GuardError::NegativeLength { length: -2, .. }),
+        "{err}"
+    );
+    let err = check_request_body(3, 9, &[0xff, 0xff, 0xff, 0xff, 0xff, 0x01]).unwrap_err();
+    assert!(matches!(err, GuardError::BadVarint { .. }), "{err}");
+    // A plausible count whose elements are missing is a truncation.
+    let err = check_request_body(3, 1, &[0, 0, 0, 2, 0, 1, b'a']).unwrap_err();
+    assert!(matches!(err, GuardError::Truncated { .. }), "{err}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Random corruption of valid requests: whatever the guard accepts decodes (or fails to
+    /// decode) without aborting.
+    #[test]
+    fn corrupted_requests_never_reach_the_decoder_unsafely(
+        which in 0usize..1000,
+        edits in proptest::collection::vec((0usize..4096, any::<u8>()), 1..5),
+        cut in proptest::option::of(0usize..4096),
+    ) {
+        let pairs = covered();
+        let (api_key, version) = pairs[which % pairs.len()];
+        let mut body = populated(api_key, version).to_vec();
+        for (at, byte) in edits {
+            if !body.is_empty() {
+                let at = at % body.len();
+                body[at] = byte;
+            }
+        }
+        if let Some(cut) = cut {
+            body.truncate(cut % (body.len() + 1));
+        }
+        let body = Bytes::from(body);
+        if check_request_body(api_key, version, &body).is_ok() {
+            let _ = decode(api_key, version, &body);
+        }
+    }
+}
