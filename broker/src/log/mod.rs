@@ -591,3 +591,6 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
             source,
         })
 }
+
+#[cfg(test)]
+mod tests;
