@@ -14,7 +14,9 @@ use tokio::task::JoinHandle;
 use crate::catalog::{Catalog, CatalogOpenError};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{BrokerConfig, ConfigError, advertised_host_port};
+use crate::producer_ids::ProducerIds;
 use crate::server;
+use crate::state_file::StateFileError;
 
 /// State shared by every connection.
 #[derive(Debug)]
@@ -23,6 +25,7 @@ pub(crate) struct BrokerState {
     /// Host and port announced in Metadata.
     pub(crate) advertised: (String, i32),
     pub(crate) catalog: Catalog,
+    pub(crate) producer_ids: ProducerIds,
     /// Bumped by every append; long-polling fetches wait on it.
     pub(crate) appended: Arc<watch::Sender<u64>>,
     pub(crate) clock: Arc<dyn Clock>,
@@ -44,6 +47,10 @@ pub enum StartError {
     /// The data directory or a partition in it could not be opened.
     #[error(transparent)]
     Catalog(#[from] CatalogOpenError),
+    /// The producer-id allocator file is corrupt or unreadable; starting anyway could hand
+    /// out a producer id twice.
+    #[error("producer-id allocator: {0}")]
+    ProducerIds(#[source] StateFileError),
     /// The listen address could not be bound.
     #[error("cannot listen on {address}: {source}")]
     Bind {
@@ -103,14 +110,16 @@ impl Broker {
         let catalog = {
             let data_dir = config.data_dir.clone();
             let defaults = config.log.clone();
+            let max_producers = config.max_producers_per_partition;
             let appended = Arc::clone(&appended);
             let now_ms = clock.now_ms();
             tokio::task::spawn_blocking(move || {
-                Catalog::open(&data_dir, defaults, now_ms, appended)
+                Catalog::open(&data_dir, defaults, max_producers, now_ms, appended)
             })
             .await
             .map_err(|e| StartError::Task(e.to_string()))??
         };
+        let producer_ids = ProducerIds::open(&config.data_dir).map_err(StartError::ProducerIds)?;
         tracing::info!(
             listen = %local_addr,
             advertised = %format!("{}:{}", advertised.0, advertised.1),
@@ -123,6 +132,7 @@ impl Broker {
             config,
             advertised,
             catalog,
+            producer_ids,
             appended,
             clock,
         });
@@ -178,8 +188,9 @@ impl BrokerHandle {
         }
         let state = Arc::clone(&self.state);
         let flushed = tokio::task::spawn_blocking(move || {
+            let now_ms = state.now_ms();
             for partition in state.catalog.partitions() {
-                if let Err(e) = partition.log().flush() {
+                if let Err(e) = partition.close(now_ms) {
                     tracing::error!(topic = %partition.topic, partition = partition.index, error = %e, "final flush failed");
                 }
             }

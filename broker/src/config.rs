@@ -42,6 +42,17 @@ pub struct BrokerConfig {
     pub retention_check_interval: Duration,
     /// How long a shutdown waits for in-flight requests before closing connections anyway.
     pub shutdown_grace: Duration,
+    /// Forget a producer's state on a partition after it has not written there for this long
+    /// (`producer.id.expiration.ms`, default 1 day). Checked with retention.
+    pub producer_id_expiration: Duration,
+    /// Most producers remembered per partition (`semel.max.producers.per.partition`). At the
+    /// cap, the least recently used producer is evicted: it becomes unknown to the partition,
+    /// so its next batch is accepted at any sequence (a retry of an evicted producer's old
+    /// batch would be appended again).
+    pub max_producers_per_partition: usize,
+    /// Largest `transaction.timeout.ms` a transactional producer may ask for in InitProducerId
+    /// (`transaction.max.timeout.ms`, default 15 minutes).
+    pub transaction_max_timeout: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -59,6 +70,9 @@ impl Default for BrokerConfig {
             log: LogConfig::default(),
             retention_check_interval: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(10),
+            producer_id_expiration: Duration::from_secs(24 * 3600),
+            max_producers_per_partition: crate::idempotence::DEFAULT_MAX_PRODUCERS_PER_PARTITION,
+            transaction_max_timeout: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -105,6 +119,18 @@ impl BrokerConfig {
             return fail(
                 "num.partitions",
                 format!("{} must be at least 1", self.num_partitions),
+            );
+        }
+        if self.max_producers_per_partition == 0 {
+            return fail(
+                "semel.max.producers.per.partition",
+                "must be at least 1".into(),
+            );
+        }
+        if i64::try_from(self.producer_id_expiration.as_millis()).is_err() {
+            return fail(
+                "producer.id.expiration.ms",
+                "does not fit in milliseconds as i64".into(),
             );
         }
         if self.node_id < 0 {

@@ -11,6 +11,8 @@
 //!   roll and retention.
 //! - `partition`: a log behind its lock, plus group commit for `acks=all`.
 //! - `catalog`: topics, partitions and topic configs, persisted atomically.
+//! - [`idempotence`] and `producer_ids`: the idempotent-producer rules, per-partition producer
+//!   state with snapshots, and the persisted producer-id allocator (InitProducerId).
 //! - [`config`], [`clock`], `state_file`: settings, injected time, atomic state files.
 //!
 //! # Embedding
@@ -37,6 +39,7 @@ pub mod config;
 pub mod idempotence;
 pub mod log;
 mod partition;
+mod producer_ids;
 pub mod server;
 mod state_file;
 

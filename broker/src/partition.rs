@@ -1,5 +1,14 @@
-//! One partition as the request handlers see it: the partition log behind a lock, plus group
-//! commit for `acks=all`.
+//! One partition as the request handlers see it: the partition log behind a lock, the
+//! producer state that makes idempotent appends exactly-once, and group commit for `acks=all`.
+//!
+//! Idempotent appends: the producer-state lock is held from the sequence check until the batch
+//! is written and recorded, so two copies of one batch (a retry racing its original) are
+//! decided one after the other: the second finds the first already recorded and is answered as
+//! a duplicate with the original's offsets. For `acks=all` the duplicate then waits for the same
+//! fsync as the original, so a retry that arrives while the original is being fsynced gets the
+//! original's result, and never a second append or an error caused by the race.
+//!
+//! Lock order: producer state, then log.
 //!
 //! Group commit: a producer waiting for durability takes the flush lock; whoever holds it fsyncs
 //! everything appended so far, so producers that queued behind it find their batch already
@@ -12,15 +21,114 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use kafka_protocol::ResponseError;
 use tokio::sync::watch;
 
-use crate::log::{AppendInfo, LogConfig, LogError, PartitionLog, RecoveryReport, ValidatedBatch};
+use crate::idempotence::snapshot::{self, SnapshotFile};
+use crate::idempotence::{BatchIdentity, CachedBatch, Decision, ProducerEntry, ProducerStateTable};
+use crate::log::{
+    AppendInfo, BatchHeader, LogConfig, LogError, MaintenanceReport, PartitionLog, RecoveryReport,
+    ValidatedBatch,
+};
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Appended {
+    /// The batch was written.
+    New(AppendInfo),
+    /// The batch was already in the log: nothing was written; this is the original.
+    Duplicate(CachedBatch),
+}
+
+impl Appended {
+    /// Offset after the batch's last record (what `acks=all` waits to be durable).
+    pub(crate) fn end_offset(&self) -> i64 {
+        match self {
+            Self::New(info) => info.last_offset + 1,
+            Self::Duplicate(original) => original.last_offset + 1,
+        }
+    }
+}
+
+/// Why an append was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AppendError {
+    /// The log refused or failed the write.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The batch's epoch is older than the one this partition knows.
+    #[error(
+        "producer {producer_id} sent epoch {epoch}, older than its current epoch {current_epoch} on this partition (fenced)"
+    )]
+    Fenced {
+        /// The producer.
+        producer_id: i64,
+        /// The batch's epoch.
+        epoch: i16,
+        /// The epoch this partition knows.
+        current_epoch: i16,
+    },
+    /// The batch's first sequence is not the next one expected.
+    #[error(
+        "out of order sequence number for producer {producer_id} at epoch {epoch}: expected sequence {expected}, received {first_sequence}"
+    )]
+    OutOfOrder {
+        /// The producer.
+        producer_id: i64,
+        /// The batch's epoch.
+        epoch: i16,
+        /// The sequence that would have been accepted.
+        expected: i32,
+        /// The batch's first sequence.
+        first_sequence: i32,
+    },
+    /// Transactions are not supported yet.
+    #[error(
+        "transactional batch from producer {producer_id}: transactions are not supported by this broker"
+    )]
+    Transactional {
+        /// The producer.
+        producer_id: i64,
+    },
+    /// The batch carries a producer id but no sequence, or is a control batch.
+    #[error("invalid record batch: {reason}")]
+    Invalid {
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl AppendError {
+    /// The Kafka error code to answer with.
+    pub(crate) fn code(&self) -> ResponseError {
+        match self {
+            Self::Log(e) => e.code(),
+            Self::Fenced { .. } => ResponseError::InvalidProducerEpoch,
+            Self::OutOfOrder { .. } => ResponseError::OutOfOrderSequenceNumber,
+            Self::Transactional { .. } => ResponseError::InvalidTxnState,
+            Self::Invalid { .. } => ResponseError::InvalidRecord,
+        }
+    }
+}
+
+/// One producer as DescribeProducers reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProducerView {
+    pub(crate) producer_id: i64,
+    pub(crate) epoch: i16,
+    pub(crate) last_sequence: i32,
+    pub(crate) last_timestamp_ms: i64,
+}
 
 /// A partition: its log and its durability state.
 #[derive(Debug)]
 pub(crate) struct Partition {
     pub(crate) topic: String,
     pub(crate) index: i32,
+    /// Producer state; locked before `log` when both are needed.
+    producers: Mutex<ProducerStateTable>,
+    /// Most producers remembered; the least recently used is evicted beyond it.
+    max_producers: usize,
     log: Mutex<PartitionLog>,
     /// Every offset below this is fsynced.
     durable_end: AtomicI64,
@@ -31,22 +139,27 @@ pub(crate) struct Partition {
 
 impl Partition {
     /// Opens (recovering) the log in `dir` and fsyncs whatever recovery kept, so everything
-    /// below the log end offset is durable from the start.
+    /// below the log end offset is durable from the start. Then rebuilds the producer state:
+    /// the newest intact snapshot, plus every batch appended after it.
     pub(crate) fn open(
         topic: &str,
         index: i32,
         dir: &Path,
         config: LogConfig,
+        max_producers: usize,
         now_ms: i64,
         appended: Arc<watch::Sender<u64>>,
     ) -> Result<(Self, RecoveryReport), LogError> {
         let (mut log, report) = PartitionLog::open(dir, config, now_ms)?;
         log.flush()?;
+        let producers = rebuild_producer_state(topic, index, &log, max_producers, now_ms)?;
         let durable_end = AtomicI64::new(log.log_end_offset());
         Ok((
             Self {
                 topic: topic.to_string(),
                 index,
+                producers: Mutex::new(producers),
+                max_producers,
                 log: Mutex::new(log),
                 durable_end,
                 flush_lock: tokio::sync::Mutex::new(()),
@@ -65,16 +178,162 @@ impl Partition {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Appends one validated batch and wakes long-polling fetches.
+    fn producers(&self) -> MutexGuard<'_, ProducerStateTable> {
+        // The table is only changed after the append it records succeeded; still usable.
+        self.producers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Appends one validated batch and wakes long-polling fetches. A batch with a producer id
+    /// is checked against the producer state first (specs/idempotence.md): a duplicate of one
+    /// of the producer's last five batches is not written again and the original is returned.
     pub(crate) fn append(
         &self,
         batch: &ValidatedBatch,
         now_ms: i64,
-    ) -> Result<AppendInfo, LogError> {
+    ) -> Result<Appended, AppendError> {
+        let header = batch.header();
+        let mut producers = self.producers();
+        let identity = if header.has_producer_id() {
+            if header.is_transactional() {
+                return Err(AppendError::Transactional {
+                    producer_id: header.producer_id,
+                });
+            }
+            if header.base_sequence < 0 || header.producer_epoch < 0 {
+                return Err(AppendError::Invalid {
+                    reason: format!(
+                        "batch from producer {} has epoch {} and base sequence {}",
+                        header.producer_id, header.producer_epoch, header.base_sequence
+                    ),
+                });
+            }
+            let identity = identity_of(header);
+            match producers.check(&identity) {
+                Decision::Append => {}
+                Decision::Duplicate(original) => {
+                    tracing::info!(
+                        topic = %self.topic,
+                        partition = self.index,
+                        producer_id = identity.producer_id,
+                        epoch = identity.producer_epoch,
+                        first_sequence = identity.first_sequence,
+                        last_sequence = identity.last_sequence,
+                        original_base_offset = original.base_offset,
+                        "duplicate batch dropped; answering with the original offset"
+                    );
+                    return Ok(Appended::Duplicate(original));
+                }
+                Decision::Fenced { current_epoch } => {
+                    tracing::warn!(topic = %self.topic, partition = self.index, producer_id = identity.producer_id, epoch = identity.producer_epoch, current_epoch, "fenced batch refused (INVALID_PRODUCER_EPOCH)");
+                    return Err(AppendError::Fenced {
+                        producer_id: identity.producer_id,
+                        epoch: identity.producer_epoch,
+                        current_epoch,
+                    });
+                }
+                Decision::OutOfOrder { expected } => {
+                    tracing::warn!(topic = %self.topic, partition = self.index, producer_id = identity.producer_id, epoch = identity.producer_epoch, expected, first_sequence = identity.first_sequence, "out-of-order batch refused (OUT_OF_ORDER_SEQUENCE_NUMBER)");
+                    return Err(AppendError::OutOfOrder {
+                        producer_id: identity.producer_id,
+                        epoch: identity.producer_epoch,
+                        expected,
+                        first_sequence: identity.first_sequence,
+                    });
+                }
+            }
+            Some(identity)
+        } else {
+            None
+        };
         let info = self.log().append(batch, now_ms)?;
+        if let Some(identity) = identity {
+            let cached = CachedBatch {
+                first_sequence: identity.first_sequence,
+                last_sequence: identity.last_sequence,
+                base_offset: info.base_offset,
+                last_offset: info.last_offset,
+                log_append_time_ms: info.log_append_time_ms,
+            };
+            if let Some(evicted) = producers.record(&identity, cached, now_ms, self.max_producers) {
+                tracing::warn!(topic = %self.topic, partition = self.index, evicted_producer_id = evicted, max_producers = self.max_producers, "producer state full; evicted the least recently used producer");
+            }
+        }
+        if info.rolled {
+            self.write_snapshot(&producers, info.last_offset + 1, now_ms);
+        }
+        drop(producers);
         self.appended
             .send_modify(|generation| *generation = generation.wrapping_add(1));
-        Ok(info)
+        Ok(Appended::New(info))
+    }
+
+    /// Writes a producer-state snapshot covering everything below `end_offset`. A failure is
+    /// logged, not returned: recovery then falls back to an older snapshot and replays more log.
+    fn write_snapshot(&self, producers: &ProducerStateTable, end_offset: i64, now_ms: i64) {
+        let file = SnapshotFile {
+            end_offset,
+            written_ms: now_ms,
+            producers: producers.iter().map(|(id, e)| (*id, e.clone())).collect(),
+        };
+        let dir = self.log().dir().to_path_buf();
+        match snapshot::write(&dir, &file) {
+            Ok(()) => {
+                tracing::debug!(topic = %self.topic, partition = self.index, end_offset, producers = file.producers.len(), "producer snapshot written")
+            }
+            Err(e) => {
+                tracing::warn!(topic = %self.topic, partition = self.index, end_offset, error = %e, "could not write a producer snapshot")
+            }
+        }
+    }
+
+    /// Rolls by time, applies retention, and forgets producers idle for longer than
+    /// `producer_expiration_ms` (`producer.id.expiration.ms`). Producer state is kept when
+    /// retention deletes the producer's records. A roll writes a snapshot.
+    pub(crate) fn maintain(
+        &self,
+        now_ms: i64,
+        producer_expiration_ms: i64,
+    ) -> Result<(MaintenanceReport, usize), LogError> {
+        let mut producers = self.producers();
+        let expired = producers.expire(now_ms, producer_expiration_ms);
+        let (report, end) = {
+            let mut log = self.log();
+            (log.maintain(now_ms)?, log.log_end_offset())
+        };
+        if report.rolled || expired > 0 {
+            self.write_snapshot(&producers, end, now_ms);
+        }
+        Ok((report, expired))
+    }
+
+    /// Fsyncs the log and snapshots the producer state at the log end (clean shutdown).
+    pub(crate) fn close(&self, now_ms: i64) -> Result<(), LogError> {
+        let producers = self.producers();
+        let end = {
+            let mut log = self.log();
+            log.flush()?;
+            log.log_end_offset()
+        };
+        self.write_snapshot(&producers, end, now_ms);
+        Ok(())
+    }
+
+    /// Every remembered producer, ordered by producer id.
+    pub(crate) fn producer_views(&self) -> Vec<ProducerView> {
+        let producers = self.producers();
+        let mut views: Vec<ProducerView> = producers
+            .iter()
+            .map(|(id, entry): (&i64, &ProducerEntry)| ProducerView {
+                producer_id: *id,
+                epoch: entry.epoch,
+                last_sequence: entry.last_sequence().unwrap_or(-1),
+                last_timestamp_ms: entry.last_timestamp_ms,
+            })
+            .collect();
+        views.sort_unstable_by_key(|v| v.producer_id);
+        views
     }
 
     /// Returns once every offset below `end_offset` is fsynced (group commit).
@@ -98,5 +357,258 @@ impl Partition {
             })?;
             self.durable_end.fetch_max(target, Ordering::AcqRel);
         }
+    }
+}
+
+fn identity_of(header: &BatchHeader) -> BatchIdentity {
+    BatchIdentity::new(
+        header.producer_id,
+        header.producer_epoch,
+        header.base_sequence,
+        header.last_offset_delta,
+    )
+}
+
+/// The newest intact snapshot, then every batch after it, recorded without validation (they
+/// were validated when appended). Replayed producers count as active at `now_ms`, so expiry
+/// runs from the restart: state may live one expiration period longer, never shorter.
+fn rebuild_producer_state(
+    topic: &str,
+    index: i32,
+    log: &PartitionLog,
+    max_producers: usize,
+    now_ms: i64,
+) -> Result<ProducerStateTable, LogError> {
+    let (loaded, report) = snapshot::load(log.dir(), log.log_end_offset());
+    for (path, reason) in &report.discarded {
+        tracing::warn!(topic, partition = index, snapshot = %path.display(), %reason, "producer snapshot discarded");
+    }
+    let (mut table, from) = match loaded {
+        Some(file) => (
+            ProducerStateTable::from_entries(file.producers),
+            file.end_offset,
+        ),
+        None => (ProducerStateTable::default(), log.log_start_offset()),
+    };
+    let mut replayed = 0usize;
+    for header in log.batch_headers(from)? {
+        if header.base_offset < from || !header.has_producer_id() || header.is_control() {
+            continue;
+        }
+        let identity = identity_of(&header);
+        let cached = CachedBatch {
+            first_sequence: identity.first_sequence,
+            last_sequence: identity.last_sequence,
+            base_offset: header.base_offset,
+            last_offset: header.last_offset(),
+            log_append_time_ms: if header.is_log_append_time() {
+                header.max_timestamp
+            } else {
+                -1
+            },
+        };
+        table.record(&identity, cached, now_ms, max_producers);
+        replayed += 1;
+    }
+    tracing::debug!(
+        topic,
+        partition = index,
+        snapshot_end = from,
+        replayed,
+        producers = table.len(),
+        "producer state rebuilt"
+    );
+    Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::tests::{build_batch, with_producer};
+    use crate::log::validate_produce_records;
+
+    const MAX: usize = 100;
+
+    fn open(dir: &Path, config: &LogConfig, now_ms: i64) -> Partition {
+        let appended = Arc::new(watch::channel(0).0);
+        Partition::open("t", 0, dir, config.clone(), MAX, now_ms, appended)
+            .expect("open")
+            .0
+    }
+
+    /// A 2-record batch from `producer` at `epoch`, starting at `sequence`.
+    fn batch(producer: i64, epoch: i16, sequence: i32, value_bytes: usize) -> ValidatedBatch {
+        let bytes = with_producer(
+            build_batch(2, 1_000, value_bytes),
+            producer,
+            epoch,
+            sequence,
+        );
+        validate_produce_records(&bytes, 1 << 20).expect("valid batch")
+    }
+
+    fn new_offset(appended: Appended) -> i64 {
+        match appended {
+            Appended::New(info) => info.base_offset,
+            Appended::Duplicate(original) => panic!("unexpected duplicate of {original:?}"),
+        }
+    }
+
+    fn duplicate_of(appended: Appended) -> i64 {
+        match appended {
+            Appended::Duplicate(original) => original.base_offset,
+            Appended::New(info) => panic!("appended again at {}", info.base_offset),
+        }
+    }
+
+    #[test]
+    fn duplicates_are_not_appended_and_errors_use_kafka_codes() {
+        let dir = tempfile::tempdir().unwrap();
+        let partition = open(dir.path(), &LogConfig::default(), 0);
+        assert_eq!(
+            new_offset(partition.append(&batch(1, 0, 0, 5), 1).unwrap()),
+            0
+        );
+        assert_eq!(
+            new_offset(partition.append(&batch(1, 0, 2, 5), 2).unwrap()),
+            2
+        );
+        assert_eq!(
+            duplicate_of(partition.append(&batch(1, 0, 0, 5), 3).unwrap()),
+            0
+        );
+        assert_eq!(partition.log().log_end_offset(), 4);
+        let gap = partition.append(&batch(1, 0, 7, 5), 4).unwrap_err();
+        assert_eq!(gap.code(), ResponseError::OutOfOrderSequenceNumber);
+        assert_eq!(
+            new_offset(partition.append(&batch(1, 1, 0, 5), 5).unwrap()),
+            4
+        );
+        let fenced = partition.append(&batch(1, 0, 4, 5), 6).unwrap_err();
+        assert_eq!(fenced.code(), ResponseError::InvalidProducerEpoch);
+        // A transactional batch (attribute bit 4) is refused until transactions exist.
+        let mut bytes = with_producer(build_batch(1, 1_000, 5), 1, 1, 2);
+        bytes[22] |= 0x10;
+        let crc = crc32c::crc32c(&bytes[21..]);
+        bytes[17..21].copy_from_slice(&crc.to_be_bytes());
+        let transactional = validate_produce_records(&bytes, 1 << 20).unwrap();
+        let refused = partition.append(&transactional, 7).unwrap_err();
+        assert_eq!(refused.code(), ResponseError::InvalidTxnState);
+        assert_eq!(
+            partition.log().log_end_offset(),
+            6,
+            "nothing refused was appended"
+        );
+        let views = partition.producer_views();
+        assert_eq!(
+            views,
+            vec![ProducerView {
+                producer_id: 1,
+                epoch: 1,
+                last_sequence: 1,
+                last_timestamp_ms: 5
+            }]
+        );
+    }
+
+    #[test]
+    fn state_is_rebuilt_from_snapshot_and_log_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of ~3 batches, so appends roll and write snapshots.
+        let config = LogConfig {
+            segment_bytes: 300,
+            ..LogConfig::default()
+        };
+        let partition = open(dir.path(), &config, 0);
+        let mut offsets = Vec::new();
+        for i in 0..12 {
+            offsets.push(new_offset(
+                partition.append(&batch(7, 0, i * 2, 20), 10).unwrap(),
+            ));
+        }
+        let snapshots = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension() == Some("snapshot".as_ref()))
+            .count();
+        assert!(snapshots >= 1, "rolls wrote snapshots");
+        // No clean close: as after kill -9, the batches after the newest snapshot are replayed.
+        drop(partition);
+        let reopened = open(dir.path(), &config, 20);
+        for i in 7..12 {
+            let again = reopened.append(&batch(7, 0, i * 2, 20), 30).unwrap();
+            assert_eq!(duplicate_of(again), offsets[i as usize]);
+        }
+        let too_old = reopened.append(&batch(7, 0, 12, 20), 30).unwrap_err();
+        assert_eq!(too_old.code(), ResponseError::OutOfOrderSequenceNumber);
+        assert_eq!(
+            new_offset(reopened.append(&batch(7, 0, 24, 20), 30).unwrap()),
+            24
+        );
+    }
+
+    #[test]
+    fn corrupt_snapshots_fall_back_to_replaying_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 300,
+            ..LogConfig::default()
+        };
+        let partition = open(dir.path(), &config, 0);
+        let mut offsets = Vec::new();
+        for i in 0..9 {
+            offsets.push(new_offset(
+                partition.append(&batch(3, 2, i * 2, 20), 10).unwrap(),
+            ));
+        }
+        partition.close(11).unwrap();
+        drop(partition);
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension() == Some("snapshot".as_ref()) {
+                std::fs::write(&path, b"not a snapshot").unwrap();
+            }
+        }
+        let reopened = open(dir.path(), &config, 20);
+        for i in 4..9 {
+            let again = reopened.append(&batch(3, 2, i * 2, 20), 30).unwrap();
+            assert_eq!(duplicate_of(again), offsets[i as usize]);
+        }
+    }
+
+    #[test]
+    fn retention_keeps_producer_state_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 300,
+            retention_bytes: 300,
+            ..LogConfig::default()
+        };
+        let partition = open(dir.path(), &config, 0);
+        // Producer 1 writes once; producer 2 then writes enough to push it out of the log.
+        let first = new_offset(partition.append(&batch(1, 0, 0, 20), 100).unwrap());
+        for i in 0..9 {
+            partition.append(&batch(2, 0, i * 2, 20), 200).unwrap();
+        }
+        let (report, expired) = partition.maintain(300, 1_000).unwrap();
+        assert!(!report.deleted_segments.is_empty());
+        assert_eq!(expired, 0);
+        assert!(partition.log().log_start_offset() > first);
+        assert_eq!(
+            duplicate_of(partition.append(&batch(1, 0, 0, 20), 300).unwrap()),
+            first
+        );
+        // After a restart too: the state comes from a snapshot, not from the deleted records.
+        partition.close(300).unwrap();
+        drop(partition);
+        let reopened = open(dir.path(), &config, 400);
+        assert_eq!(
+            duplicate_of(reopened.append(&batch(1, 0, 0, 20), 400).unwrap()),
+            first
+        );
+        // Idle past producer.id.expiration.ms: forgotten, so any sequence is accepted.
+        let (_, expired) = reopened.maintain(2_000, 1_000).unwrap();
+        assert_eq!(expired, 2);
+        assert!(reopened.producer_views().is_empty());
+        new_offset(reopened.append(&batch(1, 0, 40, 20), 2_000).unwrap());
     }
 }

@@ -379,3 +379,106 @@ pub fn decode_records(bytes: &Bytes) -> anyhow::Result<Vec<Record>> {
 pub fn put_i32(buf: &mut BytesMut, value: i32) {
     buf.put_i32(value);
 }
+
+pub fn topic_name(name: &str) -> kafka_protocol::messages::TopicName {
+    kafka_protocol::messages::TopicName(StrBytes::from_string(name.to_string()))
+}
+
+/// Creates a topic with CreateTopics v7 and fails unless the broker says NONE.
+pub async fn create_topic(
+    client: &mut RawClient,
+    name: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    use kafka_protocol::messages::CreateTopicsRequest;
+    use kafka_protocol::messages::create_topics_request::CreatableTopic;
+    let request = CreateTopicsRequest::default()
+        .with_timeout_ms(5000)
+        .with_topics(vec![
+            CreatableTopic::default()
+                .with_name(topic_name(name))
+                .with_num_partitions(partitions)
+                .with_replication_factor(1),
+        ]);
+    let response = client.send(7, &request).await?;
+    anyhow::ensure!(
+        response.topics[0].error_code == 0,
+        "create {name}: {:?}",
+        response.topics[0]
+    );
+    Ok(())
+}
+
+/// A Produce request carrying one batch for one partition.
+pub fn produce_request(
+    topic: &str,
+    partition: i32,
+    batch: Bytes,
+    acks: i16,
+) -> kafka_protocol::messages::ProduceRequest {
+    use kafka_protocol::messages::ProduceRequest;
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(30_000)
+        .with_topic_data(vec![
+            TopicProduceData::default()
+                .with_name(topic_name(topic))
+                .with_partition_data(vec![
+                    PartitionProduceData::default()
+                        .with_index(partition)
+                        .with_records(Some(batch)),
+                ]),
+        ])
+}
+
+/// Every record of one partition from its log start, fetched with Fetch v12 until the high
+/// watermark; fails on any fetch error.
+pub async fn fetch_all(
+    client: &mut RawClient,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<Vec<Record>> {
+    use kafka_protocol::messages::FetchRequest;
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    let mut out: Vec<Record> = Vec::new();
+    loop {
+        let next = out.last().map_or(0, |r| r.offset + 1);
+        let request = FetchRequest::default()
+            .with_replica_id((-1).into())
+            .with_max_wait_ms(0)
+            .with_min_bytes(1)
+            .with_max_bytes(1 << 20)
+            .with_topics(vec![
+                FetchTopic::default()
+                    .with_topic(topic_name(topic))
+                    .with_partitions(vec![
+                        FetchPartition::default()
+                            .with_partition(partition)
+                            .with_fetch_offset(next)
+                            .with_partition_max_bytes(1 << 20),
+                    ]),
+            ]);
+        let response = client.send(11, &request).await?;
+        let data = &response.responses[0].partitions[0];
+        anyhow::ensure!(data.error_code == 0, "fetch error {}", data.error_code);
+        let records = decode_records(data.records.as_ref().context("no records field")?)?;
+        let fresh: Vec<Record> = records.into_iter().filter(|r| r.offset >= next).collect();
+        if fresh.is_empty() {
+            anyhow::ensure!(
+                next == data.high_watermark,
+                "stopped at {next}, high watermark {}",
+                data.high_watermark
+            );
+            return Ok(out);
+        }
+        out.extend(fresh);
+    }
+}
+
+/// A record's value as text.
+pub fn value_text(record: &Record) -> String {
+    String::from_utf8_lossy(record.value.as_deref().unwrap_or_default()).into_owned()
+}
+
+pub mod proxy;

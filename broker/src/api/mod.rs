@@ -12,7 +12,9 @@ pub(crate) mod create_partitions;
 pub(crate) mod create_topics;
 pub(crate) mod delete_topics;
 pub(crate) mod describe_configs;
+pub(crate) mod describe_producers;
 pub(crate) mod fetch;
+pub(crate) mod init_producer_id;
 pub(crate) mod list_offsets;
 pub(crate) mod metadata;
 pub(crate) mod produce;
@@ -50,6 +52,8 @@ pub(crate) const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DeleteTopics, 1, 6),
     (ApiKey::DescribeConfigs, 1, 4),
     (ApiKey::CreatePartitions, 0, 3),
+    (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::DescribeProducers, 0, 0),
 ];
 
 /// The supported version range of `api_key`, if the broker implements it.
@@ -107,6 +111,14 @@ pub(crate) async fn handle(
             decode(body, version)?,
             version,
         ))),
+        ApiKey::InitProducerId => now(ResponseKind::InitProducerId(init_producer_id::handle(
+            state,
+            decode(body, version)?,
+            version,
+        ))),
+        ApiKey::DescribeProducers => now(ResponseKind::DescribeProducers(
+            describe_producers::handle(state, decode(body, version)?),
+        )),
         ApiKey::Produce => Ok(produce::handle(state, decode(body, version)?, version)),
         ApiKey::Fetch => Ok(fetch::handle(state, decode(body, version)?, version)),
         other => Err(format!("{other:?} is not implemented")),

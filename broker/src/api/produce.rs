@@ -7,6 +7,10 @@
 //! - `acks=-1` (all): answered only after the batch is fsynced (group commit, see
 //!   [`crate::partition`]). Nothing acknowledged is lost on this node short of losing the disk.
 //!
+//! Batches with a producer id go through the idempotence check first ([`crate::partition`]):
+//! a duplicate is answered with the original's offset, and under `acks=all` waits for the same
+//! fsync as the original.
+//!
 //! Appends happen in request order before the handler returns, so pipelined requests on one
 //! connection land in the log in the order they were sent; only the wait for fsync overlaps.
 //!
@@ -24,13 +28,13 @@ use super::{Reply, message};
 use crate::broker::BrokerState;
 use crate::catalog::Topic;
 use crate::log::validate_produce_records;
-use crate::partition::Partition;
+use crate::partition::{AppendError, Appended, Partition};
 
-/// An append that must be fsynced before `acks=all` may answer: (topic index, partition
-/// index in the response, partition, end offset).
 /// Used when a Produce request carries no usable timeout (Kafka's `request.timeout.ms` default).
 const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 
+/// An append that must be fsynced before `acks=all` may answer: (topic index, partition
+/// index in the response, partition, end offset).
 type Awaiting = (usize, usize, Arc<Partition>, i64);
 
 pub(crate) fn handle(state: &Arc<BrokerState>, request: ProduceRequest, version: i16) -> Reply {
@@ -49,17 +53,26 @@ pub(crate) fn handle(state: &Arc<BrokerState>, request: ProduceRequest, version:
                 .with_log_start_offset(-1);
             let outcome = append_one(&topic, data.index, data.records.as_deref(), acks, now_ms);
             match outcome {
-                Ok((partition, info)) => {
+                Ok((partition, appended)) => {
+                    // A duplicate is answered NONE with the original's offset and timestamp,
+                    // never DUPLICATE_SEQUENCE_NUMBER: clients count that as a failure or lose
+                    // the offset (specs/idempotence.md).
+                    let (base_offset, log_append_time_ms) = match appended {
+                        Appended::New(info) => (info.base_offset, info.log_append_time_ms),
+                        Appended::Duplicate(original) => {
+                            (original.base_offset, original.log_append_time_ms)
+                        }
+                    };
                     response = response
-                        .with_base_offset(info.base_offset)
-                        .with_log_append_time_ms(info.log_append_time_ms)
-                        .with_log_start_offset(info.log_start_offset);
+                        .with_base_offset(base_offset)
+                        .with_log_append_time_ms(log_append_time_ms)
+                        .with_log_start_offset(partition.log().log_start_offset());
                     if acks == -1 {
                         awaiting.push((
                             topic_slot,
                             partition_slot,
-                            partition,
-                            info.last_offset + 1,
+                            Arc::clone(&partition),
+                            appended.end_offset(),
                         ));
                     }
                 }
@@ -132,7 +145,7 @@ fn append_one(
     records: Option<&[u8]>,
     acks: i16,
     now_ms: i64,
-) -> Result<(Arc<Partition>, crate::log::AppendInfo), (ResponseError, String)> {
+) -> Result<(Arc<Partition>, Appended), (ResponseError, String)> {
     let topic = topic.as_ref().map_err(Clone::clone)?;
     if !matches!(acks, -1..=1) {
         return Err((
@@ -149,11 +162,13 @@ fn append_one(
     let records = records.unwrap_or_default();
     let batch = validate_produce_records(records, topic.log_config.max_message_bytes)
         .map_err(|e| (e.code(), e.to_string()))?;
-    let info = partition.append(&batch, now_ms).map_err(|e| {
-        tracing::error!(topic = %topic.name, partition = index, error = %e, "append failed");
+    let appended = partition.append(&batch, now_ms).map_err(|e| {
+        if matches!(e, AppendError::Log(_)) {
+            tracing::error!(topic = %topic.name, partition = index, error = %e, "append failed");
+        }
         (e.code(), e.to_string())
     })?;
-    Ok((Arc::clone(partition), info))
+    Ok((Arc::clone(partition), appended))
 }
 
 async fn wait_durable(

@@ -66,6 +66,19 @@ struct Args {
         default_value = "CreateTime"
     )]
     log_message_timestamp_type: String,
+    /// Forget an idle producer's state after this many milliseconds (Kafka: producer.id.expiration.ms).
+    #[arg(long, env = "SEMEL_PRODUCER_ID_EXPIRATION_MS", default_value_t = 24 * 3600 * 1000)]
+    producer_id_expiration_ms: u64,
+    /// Most producers remembered per partition; the least recently used is evicted beyond it.
+    #[arg(long, env = "SEMEL_MAX_PRODUCERS_PER_PARTITION", default_value_t = semel_broker::idempotence::DEFAULT_MAX_PRODUCERS_PER_PARTITION)]
+    max_producers_per_partition: usize,
+    /// Largest transaction.timeout.ms a transactional producer may ask for (Kafka: transaction.max.timeout.ms).
+    #[arg(
+        long,
+        env = "SEMEL_TRANSACTION_MAX_TIMEOUT_MS",
+        default_value_t = 900_000
+    )]
+    transaction_max_timeout_ms: u64,
     /// How long shutdown waits for in-flight requests, in milliseconds.
     #[arg(long, env = "SEMEL_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     shutdown_grace_ms: u64,
@@ -111,6 +124,9 @@ fn main() -> anyhow::Result<()> {
             args.log_retention_check_interval_ms.max(1),
         ),
         shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
+        producer_id_expiration: Duration::from_millis(args.producer_id_expiration_ms),
+        max_producers_per_partition: args.max_producers_per_partition,
+        transaction_max_timeout: Duration::from_millis(args.transaction_max_timeout_ms),
         ..BrokerConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -140,6 +140,8 @@ pub(crate) struct Catalog {
     data_dir: PathBuf,
     cluster_id: String,
     defaults: LogConfig,
+    /// Cap on producers remembered per partition.
+    max_producers: usize,
     appended: Arc<watch::Sender<u64>>,
     state: RwLock<CatalogState>,
     changes: Mutex<()>,
@@ -150,6 +152,7 @@ impl Catalog {
     pub(crate) fn open(
         data_dir: &Path,
         defaults: LogConfig,
+        max_producers: usize,
         now_ms: i64,
         appended: Arc<watch::Sender<u64>>,
     ) -> Result<Self, CatalogOpenError> {
@@ -184,6 +187,7 @@ impl Catalog {
                     &record.name,
                     index,
                     &log_config,
+                    max_producers,
                     now_ms,
                     &appended,
                 )
@@ -209,6 +213,7 @@ impl Catalog {
             data_dir: data_dir.to_path_buf(),
             cluster_id: file.cluster_id,
             defaults,
+            max_producers,
             appended,
             state: RwLock::new(CatalogState { topics }),
             changes: Mutex::new(()),
@@ -305,6 +310,7 @@ impl Catalog {
                     name,
                     index,
                     &log_config,
+                    self.max_producers,
                     now_ms,
                     &self.appended,
                 )
@@ -396,6 +402,7 @@ impl Catalog {
                 name,
                 index,
                 &topic.log_config,
+                self.max_producers,
                 now_ms,
                 &self.appended,
             )
@@ -434,6 +441,7 @@ fn open_partition(
     topic: &str,
     index: i32,
     config: &LogConfig,
+    max_producers: usize,
     now_ms: i64,
     appended: &Arc<watch::Sender<u64>>,
 ) -> Result<Partition, crate::log::LogError> {
@@ -443,6 +451,7 @@ fn open_partition(
         index,
         &dir,
         config.clone(),
+        max_producers,
         now_ms,
         Arc::clone(appended),
     )?;
@@ -540,7 +549,14 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path) -> Catalog {
-        Catalog::open(dir, LogConfig::default(), 0, Arc::new(watch::channel(0).0)).expect("open")
+        Catalog::open(
+            dir,
+            LogConfig::default(),
+            crate::idempotence::DEFAULT_MAX_PRODUCERS_PER_PARTITION,
+            0,
+            Arc::new(watch::channel(0).0),
+        )
+        .expect("open")
     }
 
     #[test]

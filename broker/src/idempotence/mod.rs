@@ -1,9 +1,10 @@
 //! Broker-side idempotence: the sequence rules ([`rules`]) and each partition's producer
-//! state ([`table`]).
+//! state ([`table`]), persisted in snapshots (`snapshot`).
 //!
 //! References: specs/idempotence.md, KIP-98, KIP-360, KIP-854.
 
 pub mod rules;
+pub(crate) mod snapshot;
 pub mod table;
 
 pub use rules::{BatchIdentity, CACHED_BATCHES, CachedBatch, Decision, ProducerEntry};

@@ -116,6 +116,12 @@ impl BatchHeader {
     pub fn has_producer_id(&self) -> bool {
         self.producer_id >= 0
     }
+
+    /// Whether the stored timestamps are the broker's (LogAppendTime); `max_timestamp` is then
+    /// the append time.
+    pub fn is_log_append_time(&self) -> bool {
+        self.attributes & ATTRIBUTE_TIMESTAMP_TYPE != 0
+    }
 }
 
 /// CRC-32C over the CRC-covered part of a whole batch.

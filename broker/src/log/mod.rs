@@ -197,6 +197,8 @@ pub struct AppendInfo {
     pub log_append_time_ms: i64,
     /// First offset of the log after the append.
     pub log_start_offset: i64,
+    /// Whether the append rolled a new segment first.
+    pub rolled: bool,
 }
 
 /// Whole batches read from the log.
@@ -358,10 +360,10 @@ impl PartitionLog {
     pub fn append(&mut self, batch: &ValidatedBatch, now_ms: i64) -> Result<AppendInfo, LogError> {
         let size = batch.bytes().len() as u64;
         let active = self.active();
-        if active.size > 0
+        let rolled = active.size > 0
             && (active.size + size > self.config.segment_bytes
-                || now_ms - active.created_ms >= self.config.segment_ms)
-        {
+                || now_ms - active.created_ms >= self.config.segment_ms);
+        if rolled {
             self.roll(now_ms)?;
         }
         let base_offset = self.log_end_offset();
@@ -384,6 +386,7 @@ impl PartitionLog {
             last_offset: header.last_offset(),
             log_append_time_ms: log_append_time.unwrap_or(-1),
             log_start_offset: self.log_start_offset(),
+            rolled,
         })
     }
 
@@ -446,6 +449,41 @@ impl PartitionLog {
             high_watermark: end,
             log_start_offset: start,
         })
+    }
+
+    /// Headers of every batch from the one containing `from_offset` to the log end, in order
+    /// (for rebuilding producer state). Offsets below the log start begin at the log start.
+    ///
+    /// # Errors
+    /// `Io` on read failure; `CorruptBatch` for an unreadable header.
+    pub fn batch_headers(&self, from_offset: i64) -> Result<Vec<BatchHeader>, LogError> {
+        let from = from_offset.max(self.log_start_offset());
+        let mut headers = Vec::new();
+        for (_, segment) in self
+            .segments
+            .range(..=from)
+            .next_back()
+            .into_iter()
+            .chain(self.segments.range(from + 1..))
+        {
+            if from >= segment.next_offset {
+                continue;
+            }
+            let Some(mut position) = segment.position_of(from.max(segment.base_offset))? else {
+                continue;
+            };
+            while position < segment.size {
+                let header = segment.header_at(position)?;
+                position += header.total_size().unwrap_or(0) as u64;
+                headers.push(header);
+            }
+        }
+        Ok(headers)
+    }
+
+    /// The partition directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The earliest record with a timestamp at or after `timestamp_ms`, as (offset, timestamp).
@@ -593,4 +631,4 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -53,6 +53,21 @@ pub(crate) fn build_batch(count: i32, base_timestamp: i64, value_bytes: usize) -
     batch
 }
 
+/// `batch` with its producer id, epoch and base sequence set (and the CRC recomputed).
+pub(crate) fn with_producer(
+    mut batch: Vec<u8>,
+    producer_id: i64,
+    epoch: i16,
+    sequence: i32,
+) -> Vec<u8> {
+    batch[43..51].copy_from_slice(&producer_id.to_be_bytes());
+    batch[51..53].copy_from_slice(&epoch.to_be_bytes());
+    batch[53..57].copy_from_slice(&sequence.to_be_bytes());
+    let crc = crc32c::crc32c(&batch[21..]);
+    batch[17..21].copy_from_slice(&crc.to_be_bytes());
+    batch
+}
+
 fn validated(count: i32, timestamp: i64) -> ValidatedBatch {
     validate_produce_records(&build_batch(count, timestamp, 10), 1 << 20).expect("valid batch")
 }

@@ -291,6 +291,30 @@ const SCHEMAS: &[Schema] = &[
             since(3, BOOL), // include_documentation
         ],
     },
+    // InitProducerId
+    Schema {
+        api_key: 22,
+        min: 0,
+        max: 4,
+        flexible_since: 2,
+        fields: &[
+            all(STRING),   // transactional_id (nullable)
+            all(I32),      // transaction_timeout_ms
+            since(3, I64), // producer_id
+            since(3, I16), // producer_epoch
+        ],
+    },
+    // DescribeProducers
+    Schema {
+        api_key: 61,
+        min: 0,
+        max: 0,
+        flexible_since: 0,
+        fields: &[all(Kind::Structs(&[
+            all(STRING),             // name
+            all(Kind::Values(&I32)), // partition_indexes
+        ]))],
+    },
     // CreatePartitions
     Schema {
         api_key: 37,

@@ -71,7 +71,8 @@ pub(crate) async fn serve(
     }
 }
 
-/// Rolls segments by time and applies retention every `retention_check_interval`.
+/// Rolls segments by time, applies retention and expires idle producers every
+/// `retention_check_interval`.
 pub(crate) async fn maintenance_loop(state: Arc<BrokerState>, mut shutdown: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(state.config.retention_check_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -83,10 +84,12 @@ pub(crate) async fn maintenance_loop(state: Arc<BrokerState>, mut shutdown: watc
         let state = Arc::clone(&state);
         let run = tokio::task::spawn_blocking(move || {
             let now_ms = state.now_ms();
+            let expiration_ms =
+                i64::try_from(state.config.producer_id_expiration.as_millis()).unwrap_or(i64::MAX);
             for partition in state.catalog.partitions() {
-                match partition.log().maintain(now_ms) {
-                    Ok(report) => {
-                        tracing::debug!(topic = %partition.topic, partition = partition.index, ?report, "log maintenance")
+                match partition.maintain(now_ms, expiration_ms) {
+                    Ok((report, expired_producers)) => {
+                        tracing::debug!(topic = %partition.topic, partition = partition.index, ?report, expired_producers, "log maintenance")
                     }
                     Err(e) => {
                         tracing::error!(topic = %partition.topic, partition = partition.index, error = %e, "log maintenance failed")

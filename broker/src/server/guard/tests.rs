@@ -163,6 +163,23 @@ fn populated(api_key: i16, version: i16) -> Bytes {
             ))
             .with_timeout_ms(1000)
             .encode(&mut buf, version),
+        22 => InitProducerIdRequest::default()
+            .with_transactional_id(Some(TransactionalId(s("tx"))))
+            .with_transaction_timeout_ms(60_000)
+            .with_producer_id(if version >= 3 {
+                ProducerId(7)
+            } else {
+                ProducerId(-1)
+            })
+            .with_producer_epoch(if version >= 3 { 2 } else { -1 })
+            .encode(&mut buf, version),
+        61 => DescribeProducersRequest::default()
+            .with_topics(twice(
+                describe_producers_request::TopicRequest::default()
+                    .with_name(topic("t"))
+                    .with_partition_indexes(vec![0, 1]),
+            ))
+            .encode(&mut buf, version),
         other => panic!("no sample for api key {other}"),
     };
     encoded.unwrap_or_else(|e| panic!("encode {api_key} v{version}: {e}"));
@@ -181,6 +198,8 @@ fn empty(api_key: i16, version: i16) -> Bytes {
         20 => DeleteTopicsRequest::default().encode(&mut buf, version),
         32 => DescribeConfigsRequest::default().encode(&mut buf, version),
         37 => CreatePartitionsRequest::default().encode(&mut buf, version),
+        22 => InitProducerIdRequest::default().encode(&mut buf, version),
+        61 => DescribeProducersRequest::default().encode(&mut buf, version),
         other => panic!("no sample for api key {other}"),
     };
     encoded.unwrap_or_else(|e| panic!("encode empty {api_key} v{version}: {e}"));
@@ -201,6 +220,8 @@ fn decode(api_key: i16, version: i16, body: &Bytes) -> Result<(), String> {
         20 => DeleteTopicsRequest::decode(&mut bytes, version).map(drop),
         32 => DescribeConfigsRequest::decode(&mut bytes, version).map(drop),
         37 => CreatePartitionsRequest::decode(&mut bytes, version).map(drop),
+        22 => InitProducerIdRequest::decode(&mut bytes, version).map(drop),
+        61 => DescribeProducersRequest::decode(&mut bytes, version).map(drop),
         other => panic!("no decoder for api key {other}"),
     };
     result.map_err(|e| e.to_string())

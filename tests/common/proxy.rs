@@ -1,0 +1,166 @@
+//! A fault-injecting TCP proxy for the Kafka protocol: it forwards frames both ways and can cut
+//! a connection right after the broker answered a Produce request, before the client sees the
+//! answer. That is the "lost reply" of the Kafka notes: the batch is stored, the producer does
+//! not know, and it retries.
+//!
+//! The upstream address can be changed while running, so a broker restarted on a new port
+//! (after `kill -9`) stays reachable at the proxy's fixed address. Brokers behind it must
+//! advertise the proxy's address, or clients would bypass it after their first Metadata.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+const PRODUCE: i16 = 0;
+
+/// What the proxy does to Produce replies.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FaultPlan {
+    /// Cut the connection instead of delivering every n-th Produce reply (0: never).
+    pub cut_every_nth_produce_reply: u64,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    upstream: Mutex<Option<SocketAddr>>,
+    plan: Mutex<FaultPlan>,
+    produce_replies: AtomicU64,
+    cut: AtomicU64,
+}
+
+/// A running proxy; stops when dropped.
+pub struct FaultProxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Listens on 127.0.0.1, port 0. Connections are refused until an upstream is set.
+    pub async fn start(plan: FaultPlan) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::default());
+        *shared.plan.lock().expect("plan") = plan;
+        let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
+        Ok(Self { addr, shared, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Where new connections go (existing ones keep their broker until they break).
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        *self.shared.upstream.lock().expect("upstream") = Some(upstream);
+    }
+
+    pub fn set_plan(&self, plan: FaultPlan) {
+        *self.shared.plan.lock().expect("plan") = plan;
+    }
+
+    /// Produce replies the proxy withheld by cutting the connection.
+    pub fn replies_cut(&self) -> u64 {
+        self.shared.cut.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    while let Ok((client, _)) = listener.accept().await {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let Some(upstream) = *shared.upstream.lock().expect("upstream") else {
+                return;
+            };
+            let Ok(broker) = TcpStream::connect(upstream).await else {
+                return; // dropping `client` closes it, like a refused connection
+            };
+            let _ = client.set_nodelay(true);
+            let _ = broker.set_nodelay(true);
+            let (client_read, client_write) = client.into_split();
+            let (broker_read, broker_write) = broker.into_split();
+            let api_keys: Arc<Mutex<HashMap<i32, i16>>> = Arc::default();
+            let requests = tokio::spawn(forward_requests(
+                client_read,
+                broker_write,
+                Arc::clone(&api_keys),
+            ));
+            forward_responses(broker_read, client_write, api_keys, &shared).await;
+            requests.abort();
+        });
+    }
+}
+
+async fn read_frame(from: &mut OwnedReadHalf) -> Option<Vec<u8>> {
+    let mut prefix = [0u8; 4];
+    from.read_exact(&mut prefix).await.ok()?;
+    let length = usize::try_from(i32::from_be_bytes(prefix)).ok()?;
+    let mut frame = vec![0u8; 4 + length];
+    frame[..4].copy_from_slice(&prefix);
+    from.read_exact(&mut frame[4..]).await.ok()?;
+    Some(frame)
+}
+
+async fn forward_requests(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    api_keys: Arc<Mutex<HashMap<i32, i16>>>,
+) {
+    while let Some(frame) = read_frame(&mut from).await {
+        if frame.len() >= 12 {
+            let api_key = i16::from_be_bytes([frame[4], frame[5]]);
+            let correlation_id = i32::from_be_bytes([frame[8], frame[9], frame[10], frame[11]]);
+            api_keys
+                .lock()
+                .expect("api keys")
+                .insert(correlation_id, api_key);
+        }
+        if to.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+async fn forward_responses(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    api_keys: Arc<Mutex<HashMap<i32, i16>>>,
+    shared: &Shared,
+) {
+    while let Some(frame) = read_frame(&mut from).await {
+        if frame.len() >= 8 {
+            let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+            let api_key = api_keys.lock().expect("api keys").remove(&correlation_id);
+            if api_key == Some(PRODUCE) {
+                let seen = shared.produce_replies.fetch_add(1, Ordering::Relaxed) + 1;
+                let every = shared
+                    .plan
+                    .lock()
+                    .expect("plan")
+                    .cut_every_nth_produce_reply;
+                if every > 0 && seen % every == 0 {
+                    shared.cut.fetch_add(1, Ordering::Relaxed);
+                    // Dropping both halves closes the client side without the reply; the
+                    // request task is aborted by the caller, closing the broker side too.
+                    return;
+                }
+            }
+        }
+        if to.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+}
