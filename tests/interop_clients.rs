@@ -13,8 +13,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use anyhow::{Context, bail, ensure};
-use common::{RawClient, TestBroker};
+use anyhow::{Context, ensure};
+use common::{RawClient, TestBroker, kcat, python};
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::{CreateTopicsRequest, ListOffsetsRequest, TopicName};
@@ -23,36 +23,6 @@ use kafka_protocol::protocol::StrBytes;
 const MESSAGES: usize = 10_000;
 const PARTITIONS: i32 = 3;
 const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
-
-fn kcat() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("SEMEL_KCAT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "kcat".into());
-    let found = Command::new(&path).arg("-V").output();
-    match found {
-        Ok(out) if out.status.success() => Ok(path),
-        _ => bail!("kcat is not installed (run scripts/setup.sh, or apt-get install kcat)"),
-    }
-}
-
-fn python() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("SEMEL_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").unwrap_or_default();
-            PathBuf::from(home).join(".cache/semel/venv/bin/python")
-        });
-    let found = Command::new(&path)
-        .args(["-c", "import kafka, lz4, snappy, zstandard"])
-        .output();
-    match found {
-        Ok(out) if out.status.success() => Ok(path),
-        _ => bail!(
-            "{} cannot import kafka-python and its codecs (run scripts/setup.sh)",
-            path.display()
-        ),
-    }
-}
 
 async fn create_topic(broker: &TestBroker, name: &str, partitions: i32) -> anyhow::Result<()> {
     let mut client = RawClient::connect(broker.addr()).await?;

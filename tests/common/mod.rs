@@ -481,4 +481,37 @@ pub fn value_text(record: &Record) -> String {
     String::from_utf8_lossy(record.value.as_deref().unwrap_or_default()).into_owned()
 }
 
+/// The `kcat` binary (librdkafka), or `$SEMEL_KCAT`. Installed by `scripts/setup.sh`; tests
+/// fail rather than skip without it, because interop is part of what the broker promises.
+pub fn kcat() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("SEMEL_KCAT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "kcat".into());
+    let found = Command::new(&path).arg("-V").output();
+    match found {
+        Ok(out) if out.status.success() => Ok(path),
+        _ => bail!("kcat is not installed (run scripts/setup.sh, or apt-get install kcat)"),
+    }
+}
+
+/// The venv Python with kafka-python and its codecs, or `$SEMEL_PYTHON`.
+pub fn python() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("SEMEL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_default();
+            PathBuf::from(home).join(".cache/semel/venv/bin/python")
+        });
+    let found = Command::new(&path)
+        .args(["-c", "import kafka, lz4, snappy, zstandard"])
+        .output();
+    match found {
+        Ok(out) if out.status.success() => Ok(path),
+        _ => bail!(
+            "{} cannot import kafka-python and its codecs (run scripts/setup.sh)",
+            path.display()
+        ),
+    }
+}
+
 pub mod proxy;
