@@ -4,7 +4,11 @@
 //! ```sh
 //! cargo run --release --example produce_load -- --acks all --connections 4
 //! cargo run --release --example produce_load -- --bootstrap 127.0.0.1:9092 --acks 1
+//! cargo run --release --example produce_load -- --acks all --idempotent
 //! ```
+//! With `--idempotent` each connection gets a producer id (InitProducerId) and numbers its
+//! batches, so the broker runs its sequence checks on every request, as for a real idempotent
+//! producer.
 //! Without `--bootstrap` it starts an embedded broker on a temporary directory.
 
 use std::net::SocketAddr;
@@ -16,8 +20,8 @@ use clap::Parser;
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
-    ApiKey, CreateTopicsRequest, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader,
-    TopicName,
+    ApiKey, CreateTopicsRequest, InitProducerIdRequest, InitProducerIdResponse, ProduceRequest,
+    ProduceResponse, ProducerId, RequestHeader, ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use kafka_protocol::records::{
@@ -47,23 +51,29 @@ struct Args {
     /// Bytes per record value.
     #[arg(long, default_value_t = 100)]
     record_bytes: usize,
+    /// Produce as an idempotent producer: a producer id per connection and sequenced batches.
+    #[arg(long)]
+    idempotent: bool,
     /// How long to run, in seconds.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
 }
 
-fn batch(records: usize, value_bytes: usize) -> anyhow::Result<Bytes> {
+/// A producer's identity in a batch header: (producer id, epoch); (-1, -1) when not idempotent.
+type Producer = (i64, i16);
+
+fn batch(records: usize, value_bytes: usize, producer: Producer) -> anyhow::Result<Bytes> {
     let value = Bytes::from(vec![b'x'; value_bytes]);
     let records: Vec<Record> = (0..records)
         .map(|i| Record {
             transactional: false,
             control: false,
             partition_leader_epoch: 0,
-            producer_id: -1,
-            producer_epoch: -1,
+            producer_id: producer.0,
+            producer_epoch: producer.1,
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
-            sequence: (i as i32) - 1,
+            sequence: if producer.0 < 0 { -1 } else { i as i32 },
             delete_horizon: false,
             timestamp: 1_700_000_000_000,
             key: Some(Bytes::from(format!("key-{i}"))),
@@ -81,6 +91,21 @@ fn batch(records: usize, value_bytes: usize) -> anyhow::Result<Bytes> {
         },
     )?;
     Ok(buf.freeze())
+}
+
+/// Byte positions in a RecordBatch v2 header.
+const BASE_SEQUENCE: usize = 53;
+const CRC: usize = 17;
+const CRC_COVERS_FROM: usize = 21;
+
+/// `batch` with its base sequence set and its CRC-32C recomputed: cheaper than re-encoding, so
+/// the load tool spends its CPU on sending, not on building batches.
+fn with_base_sequence(batch: &Bytes, base_sequence: i32) -> Bytes {
+    let mut out = BytesMut::from(&batch[..]);
+    out[BASE_SEQUENCE..BASE_SEQUENCE + 4].copy_from_slice(&base_sequence.to_be_bytes());
+    let crc = crc32c::crc32c(&out[CRC_COVERS_FROM..]);
+    out[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    out.freeze()
 }
 
 fn frame(
@@ -127,6 +152,29 @@ async fn create_topic(addr: SocketAddr, topic: &str, partitions: usize) -> anyho
     Ok(())
 }
 
+async fn init_producer_id(stream: &mut TcpStream) -> anyhow::Result<Producer> {
+    let request = InitProducerIdRequest::default()
+        .with_transactional_id(None)
+        .with_transaction_timeout_ms(60_000)
+        .with_producer_id(ProducerId(-1))
+        .with_producer_epoch(-1);
+    stream
+        .write_all(&frame(ApiKey::InitProducerId, 4, 0, &request)?)
+        .await?;
+    let mut payload = read_frame(stream).await?;
+    ResponseHeader::decode(
+        &mut payload,
+        ApiKey::InitProducerId.response_header_version(4),
+    )?;
+    let response = InitProducerIdResponse::decode(&mut payload, 4)?;
+    ensure!(
+        response.error_code == 0,
+        "InitProducerId failed with error code {}",
+        response.error_code
+    );
+    Ok((response.producer_id.0, response.producer_epoch))
+}
+
 /// Produces until `deadline`; returns (records acknowledged, per-request latencies).
 async fn run_connection(
     addr: SocketAddr,
@@ -138,19 +186,30 @@ async fn run_connection(
 ) -> anyhow::Result<(u64, Vec<Duration>)> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let records = batch(args.batch_records, args.record_bytes)?;
-    let request = ProduceRequest::default()
-        .with_acks(acks)
-        .with_timeout_ms(30_000)
-        .with_topic_data(vec![
-            TopicProduceData::default()
-                .with_name(TopicName(StrBytes::from_string(topic)))
-                .with_partition_data(vec![
-                    PartitionProduceData::default()
-                        .with_index(partition)
-                        .with_records(Some(records)),
-                ]),
-        ]);
+    let producer = if args.idempotent {
+        init_producer_id(&mut stream).await?
+    } else {
+        (-1, -1)
+    };
+    let records = batch(args.batch_records, args.record_bytes, producer)?;
+    let batch_records = i32::try_from(args.batch_records)?;
+    let mut next_sequence = 0i32;
+    let topic = TopicName(StrBytes::from_string(topic));
+    let request = |records: Bytes| {
+        ProduceRequest::default()
+            .with_acks(acks)
+            .with_timeout_ms(30_000)
+            .with_topic_data(vec![
+                TopicProduceData::default()
+                    .with_name(topic.clone())
+                    .with_partition_data(vec![
+                        PartitionProduceData::default()
+                            .with_index(partition)
+                            .with_records(Some(records)),
+                    ]),
+            ])
+    };
+    let plain = request(records.clone());
     let mut correlation_id = 0;
     let mut sent_at = std::collections::VecDeque::new();
     let mut latencies = Vec::new();
@@ -159,9 +218,19 @@ async fn run_connection(
         let sending = Instant::now() < deadline;
         while sending && sent_at.len() < args.in_flight {
             correlation_id += 1;
-            stream
-                .write_all(&frame(ApiKey::Produce, 9, correlation_id, &request)?)
-                .await?;
+            let bytes = if args.idempotent {
+                let sequenced = with_base_sequence(&records, next_sequence);
+                // Sequences wrap from i32::MAX to 0, as in Kafka.
+                next_sequence = if next_sequence > i32::MAX - batch_records {
+                    batch_records - (i32::MAX - next_sequence) - 1
+                } else {
+                    next_sequence + batch_records
+                };
+                frame(ApiKey::Produce, 9, correlation_id, &request(sequenced))?
+            } else {
+                frame(ApiKey::Produce, 9, correlation_id, &plain)?
+            };
+            stream.write_all(&bytes).await?;
             sent_at.push_back(Instant::now());
             if acks == 0 {
                 acknowledged += args.batch_records as u64;
@@ -244,8 +313,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let bytes = records as f64 * args.record_bytes as f64;
     println!(
-        "acks={} connections={} in_flight={} batch_records={} record_bytes={}: {:.0} records/s, {:.1} MB/s of values, request latency p50 {:.2} ms p99 {:.2} ms ({} records in {:.1} s)",
+        "acks={} idempotent={} connections={} in_flight={} batch_records={} record_bytes={}: {:.0} records/s, {:.1} MB/s of values, request latency p50 {:.2} ms p99 {:.2} ms ({} records in {:.1} s)",
         args.acks,
+        args.idempotent,
         args.connections,
         args.in_flight,
         args.batch_records,

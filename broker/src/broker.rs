@@ -14,6 +14,8 @@ use tokio::task::JoinHandle;
 use crate::catalog::{Catalog, CatalogOpenError};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{BrokerConfig, ConfigError, advertised_host_port};
+use crate::group::GroupCoordinator;
+use crate::log::LogError;
 use crate::producer_ids::ProducerIds;
 use crate::server;
 use crate::state_file::StateFileError;
@@ -26,6 +28,7 @@ pub(crate) struct BrokerState {
     pub(crate) advertised: (String, i32),
     pub(crate) catalog: Catalog,
     pub(crate) producer_ids: ProducerIds,
+    pub(crate) groups: GroupCoordinator,
     /// Bumped by every append; long-polling fetches wait on it.
     pub(crate) appended: Arc<watch::Sender<u64>>,
     pub(crate) clock: Arc<dyn Clock>,
@@ -51,6 +54,9 @@ pub enum StartError {
     /// out a producer id twice.
     #[error("producer-id allocator: {0}")]
     ProducerIds(#[source] StateFileError),
+    /// The committed-offsets log could not be opened.
+    #[error("offsets log: {0}")]
+    Offsets(#[source] LogError),
     /// The listen address could not be bound.
     #[error("cannot listen on {address}: {source}")]
     Bind {
@@ -120,6 +126,17 @@ impl Broker {
             .map_err(|e| StartError::Task(e.to_string()))??
         };
         let producer_ids = ProducerIds::open(&config.data_dir).map_err(StartError::ProducerIds)?;
+        let groups = {
+            let data_dir = config.data_dir.clone();
+            let group_config = config.group;
+            let clock = Arc::clone(&clock);
+            tokio::task::spawn_blocking(move || {
+                GroupCoordinator::open(&data_dir, group_config, clock)
+            })
+            .await
+            .map_err(|e| StartError::Task(e.to_string()))?
+            .map_err(StartError::Offsets)?
+        };
         tracing::info!(
             listen = %local_addr,
             advertised = %format!("{}:{}", advertised.0, advertised.1),
@@ -133,6 +150,7 @@ impl Broker {
             advertised,
             catalog,
             producer_ids,
+            groups,
             appended,
             clock,
         });
@@ -141,12 +159,15 @@ impl Broker {
             Arc::clone(&state),
             shutdown_rx.clone(),
         ));
+        let group_timers =
+            tokio::spawn(server::group_loop(Arc::clone(&state), shutdown_rx.clone()));
         let server = tokio::spawn(server::serve(listener, Arc::clone(&state), shutdown_rx));
         Ok(BrokerHandle {
             local_addr,
             shutdown_tx,
             server: Some(server),
             maintenance: Some(maintenance),
+            group_timers: Some(group_timers),
             state,
         })
     }
@@ -160,6 +181,7 @@ pub struct BrokerHandle {
     shutdown_tx: watch::Sender<bool>,
     server: Option<JoinHandle<()>>,
     maintenance: Option<JoinHandle<()>>,
+    group_timers: Option<JoinHandle<()>>,
     state: Arc<BrokerState>,
 }
 
@@ -186,6 +208,9 @@ impl BrokerHandle {
         if let Some(maintenance) = self.maintenance.take() {
             let _ = maintenance.await;
         }
+        if let Some(group_timers) = self.group_timers.take() {
+            let _ = group_timers.await;
+        }
         let state = Arc::clone(&self.state);
         let flushed = tokio::task::spawn_blocking(move || {
             let now_ms = state.now_ms();
@@ -193,6 +218,9 @@ impl BrokerHandle {
                 if let Err(e) = partition.close(now_ms) {
                     tracing::error!(topic = %partition.topic, partition = partition.index, error = %e, "final flush failed");
                 }
+            }
+            if let Err(e) = state.groups.close() {
+                tracing::error!(error = %e, "final flush of the offsets log failed");
             }
         })
         .await;

@@ -53,6 +53,8 @@ pub struct BrokerConfig {
     /// Largest `transaction.timeout.ms` a transactional producer may ask for in InitProducerId
     /// (`transaction.max.timeout.ms`, default 15 minutes).
     pub transaction_max_timeout: Duration,
+    /// Consumer-group coordinator settings (`group.*`, `offsets.*`).
+    pub group: crate::group::GroupConfig,
 }
 
 impl Default for BrokerConfig {
@@ -73,6 +75,7 @@ impl Default for BrokerConfig {
             producer_id_expiration: Duration::from_secs(24 * 3600),
             max_producers_per_partition: crate::idempotence::DEFAULT_MAX_PRODUCERS_PER_PARTITION,
             transaction_max_timeout: Duration::from_secs(15 * 60),
+            group: crate::group::GroupConfig::default(),
         }
     }
 }

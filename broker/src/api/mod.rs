@@ -14,12 +14,15 @@ pub(crate) mod delete_topics;
 pub(crate) mod describe_configs;
 pub(crate) mod describe_producers;
 pub(crate) mod fetch;
+pub(crate) mod group;
 pub(crate) mod init_producer_id;
 pub(crate) mod list_offsets;
 pub(crate) mod metadata;
+pub(crate) mod offsets;
 pub(crate) mod produce;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -54,6 +57,17 @@ pub(crate) const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::InitProducerId, 0, 4),
     (ApiKey::DescribeProducers, 0, 0),
+    (ApiKey::FindCoordinator, 0, 4),
+    (ApiKey::JoinGroup, 0, 9),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
+    (ApiKey::OffsetCommit, 2, 8),
+    (ApiKey::OffsetFetch, 1, 8),
+    (ApiKey::ListGroups, 0, 4),
+    (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::DeleteGroups, 0, 2),
+    (ApiKey::OffsetDelete, 0, 0),
 ];
 
 /// The supported version range of `api_key`, if the broker implements it.
@@ -75,6 +89,7 @@ pub(crate) async fn handle(
     header: &RequestHeader,
     api_key: ApiKey,
     body: Bytes,
+    peer: SocketAddr,
 ) -> Result<Reply, String> {
     let version = header.request_api_version;
     let now = |response| Ok(Reply::Now(Box::new(response)));
@@ -119,6 +134,44 @@ pub(crate) async fn handle(
         ApiKey::DescribeProducers => now(ResponseKind::DescribeProducers(
             describe_producers::handle(state, decode(body, version)?),
         )),
+        ApiKey::FindCoordinator => now(ResponseKind::FindCoordinator(group::find_coordinator(
+            state,
+            decode(body, version)?,
+            version,
+        ))),
+        ApiKey::JoinGroup => Ok(group::join_group(
+            state,
+            decode(body, version)?,
+            version,
+            header.client_id.as_deref().unwrap_or_default(),
+            peer,
+        )),
+        ApiKey::SyncGroup => Ok(group::sync_group(state, decode(body, version)?)),
+        ApiKey::Heartbeat => now(ResponseKind::Heartbeat(group::heartbeat(
+            state,
+            decode(body, version)?,
+        ))),
+        ApiKey::LeaveGroup => now(ResponseKind::LeaveGroup(group::leave_group(
+            state,
+            decode(body, version)?,
+            version,
+        ))),
+        ApiKey::ListGroups => now(ResponseKind::ListGroups(group::list_groups(
+            state,
+            decode(body, version)?,
+        ))),
+        ApiKey::DescribeGroups => now(ResponseKind::DescribeGroups(group::describe_groups(
+            state,
+            decode(body, version)?,
+        ))),
+        ApiKey::DeleteGroups => Ok(group::delete_groups(state, decode(body, version)?)),
+        ApiKey::OffsetCommit => Ok(offsets::offset_commit(state, decode(body, version)?)),
+        ApiKey::OffsetFetch => now(ResponseKind::OffsetFetch(offsets::offset_fetch(
+            state,
+            decode(body, version)?,
+            version,
+        ))),
+        ApiKey::OffsetDelete => Ok(offsets::offset_delete(state, decode(body, version)?)),
         ApiKey::Produce => Ok(produce::handle(state, decode(body, version)?, version)),
         ApiKey::Fetch => Ok(fetch::handle(state, decode(body, version)?, version)),
         other => Err(format!("{other:?} is not implemented")),

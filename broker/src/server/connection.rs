@@ -87,7 +87,7 @@ pub(crate) async fn serve(
         let (pending_tx, pending_rx) = mpsc::channel(state.config.max_in_flight_per_connection);
         let writer = tokio::spawn(write_responses(write_half, pending_rx).in_current_span());
         let reader = FrameReader::new(read_half, state.config.max_frame_bytes);
-        match read_requests(reader, &state, pending_tx, shutdown).await {
+        match read_requests(reader, &state, peer, pending_tx, shutdown).await {
             Ok(()) => tracing::debug!("connection closed"),
             Err(refusal) => tracing::warn!(error = %refusal, "closing connection"),
         }
@@ -102,6 +102,7 @@ pub(crate) async fn serve(
 async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
     mut reader: FrameReader<R>,
     state: &Arc<BrokerState>,
+    peer: SocketAddr,
     pending: mpsc::Sender<Pending>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Refusal> {
@@ -123,7 +124,7 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
                 body,
             } => {
                 let api_version = header.request_api_version;
-                let reply = api::handle(state, &header, api_key, body)
+                let reply = api::handle(state, &header, api_key, body, peer)
                     .await
                     .map_err(|reason| Refusal::BadBody {
                         api: api_key,

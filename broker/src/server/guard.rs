@@ -333,6 +333,183 @@ const SCHEMAS: &[Schema] = &[
             all(BOOL), // validate_only
         ],
     },
+    // FindCoordinator
+    Schema {
+        api_key: 10,
+        min: 0,
+        max: 4,
+        flexible_since: 3,
+        fields: &[
+            until(3, STRING),                // key
+            since(1, I8),                    // key_type
+            since(4, Kind::Values(&STRING)), // coordinator_keys
+        ],
+    },
+    // JoinGroup
+    Schema {
+        api_key: 11,
+        min: 0,
+        max: 9,
+        flexible_since: 6,
+        fields: &[
+            all(STRING),      // group_id
+            all(I32),         // session_timeout_ms
+            since(1, I32),    // rebalance_timeout_ms
+            all(STRING),      // member_id
+            since(5, STRING), // group_instance_id
+            all(STRING),      // protocol_type
+            all(Kind::Structs(&[
+                all(STRING), // name
+                all(BYTES),  // metadata
+            ])),
+            since(8, STRING), // reason
+        ],
+    },
+    // SyncGroup
+    Schema {
+        api_key: 14,
+        min: 0,
+        max: 5,
+        flexible_since: 4,
+        fields: &[
+            all(STRING),      // group_id
+            all(I32),         // generation_id
+            all(STRING),      // member_id
+            since(3, STRING), // group_instance_id
+            since(5, STRING), // protocol_type
+            since(5, STRING), // protocol_name
+            all(Kind::Structs(&[
+                all(STRING), // member_id
+                all(BYTES),  // assignment
+            ])),
+        ],
+    },
+    // Heartbeat
+    Schema {
+        api_key: 12,
+        min: 0,
+        max: 4,
+        flexible_since: 4,
+        fields: &[
+            all(STRING),      // group_id
+            all(I32),         // generation_id
+            all(STRING),      // member_id
+            since(3, STRING), // group_instance_id
+        ],
+    },
+    // LeaveGroup
+    Schema {
+        api_key: 13,
+        min: 0,
+        max: 5,
+        flexible_since: 4,
+        fields: &[
+            all(STRING),      // group_id
+            until(2, STRING), // member_id
+            since(
+                3,
+                Kind::Structs(&[
+                    all(STRING),      // member_id
+                    all(STRING),      // group_instance_id
+                    since(5, STRING), // reason
+                ]),
+            ),
+        ],
+    },
+    // OffsetCommit
+    Schema {
+        api_key: 8,
+        min: 2,
+        max: 8,
+        flexible_since: 8,
+        fields: &[
+            all(STRING),      // group_id
+            all(I32),         // generation_id_or_member_epoch
+            all(STRING),      // member_id
+            since(7, STRING), // group_instance_id
+            until(4, I64),    // retention_time_ms
+            all(Kind::Structs(&[
+                all(STRING), // name
+                all(Kind::Structs(&[
+                    all(I32),      // partition_index
+                    all(I64),      // committed_offset
+                    since(6, I32), // committed_leader_epoch
+                    all(STRING),   // committed_metadata
+                ])),
+            ])),
+        ],
+    },
+    // OffsetFetch
+    Schema {
+        api_key: 9,
+        min: 1,
+        max: 8,
+        flexible_since: 6,
+        fields: &[
+            until(7, STRING), // group_id
+            until(
+                7,
+                Kind::Structs(&[
+                    all(STRING),             // name
+                    all(Kind::Values(&I32)), // partition_indexes
+                ]),
+            ),
+            since(
+                8,
+                Kind::Structs(&[
+                    all(STRING), // group_id
+                    all(Kind::Structs(&[
+                        all(STRING),             // name
+                        all(Kind::Values(&I32)), // partition_indexes
+                    ])),
+                ]),
+            ),
+            since(7, BOOL), // require_stable
+        ],
+    },
+    // ListGroups
+    Schema {
+        api_key: 16,
+        min: 0,
+        max: 4,
+        flexible_since: 3,
+        fields: &[since(4, Kind::Values(&STRING))], // states_filter
+    },
+    // DescribeGroups
+    Schema {
+        api_key: 15,
+        min: 0,
+        max: 5,
+        flexible_since: 5,
+        fields: &[
+            all(Kind::Values(&STRING)), // groups
+            since(3, BOOL),             // include_authorized_operations
+        ],
+    },
+    // DeleteGroups
+    Schema {
+        api_key: 42,
+        min: 0,
+        max: 2,
+        flexible_since: 2,
+        fields: &[all(Kind::Values(&STRING))], // groups_names
+    },
+    // OffsetDelete
+    Schema {
+        api_key: 47,
+        min: 0,
+        max: 0,
+        flexible_since: i16::MAX,
+        fields: &[
+            all(STRING), // group_id
+            all(Kind::Structs(&[
+                all(STRING), // name
+                all(Kind::Structs(&[
+                    all(I32), // partition_index
+                ])),
+            ])),
+        ],
+    },
 ];
 
 fn schema(api_key: i16, api_version: i16) -> Option<&'static Schema> {

@@ -73,6 +73,22 @@ pub(crate) async fn serve(
 
 /// Rolls segments by time, applies retention and expires idle producers every
 /// `retention_check_interval`.
+/// How often the group coordinator checks session and rebalance timeouts.
+const GROUP_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Drives the group coordinator's timers until shutdown.
+pub(crate) async fn group_loop(state: Arc<BrokerState>, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(GROUP_TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        state.groups.tick().await;
+    }
+}
+
 pub(crate) async fn maintenance_loop(state: Arc<BrokerState>, mut shutdown: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(state.config.retention_check_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -180,6 +180,126 @@ fn populated(api_key: i16, version: i16) -> Bytes {
                     .with_partition_indexes(vec![0, 1]),
             ))
             .encode(&mut buf, version),
+        10 => FindCoordinatorRequest::default()
+            .with_key(if version <= 3 { s("g") } else { s("") })
+            .with_key_type(0)
+            .with_coordinator_keys(if version >= 4 { twice(s("g")) } else { vec![] })
+            .encode(&mut buf, version),
+        11 => JoinGroupRequest::default()
+            .with_group_id(GroupId(s("g")))
+            .with_session_timeout_ms(10_000)
+            .with_rebalance_timeout_ms(30_000)
+            .with_member_id(s("m"))
+            .with_group_instance_id((version >= 5).then(|| s("i")))
+            .with_protocol_type(s("consumer"))
+            .with_protocols(twice(
+                join_group_request::JoinGroupRequestProtocol::default()
+                    .with_name(s("range"))
+                    .with_metadata(Bytes::from_static(b"meta")),
+            ))
+            .with_reason((version >= 8).then(|| s("why")))
+            .encode(&mut buf, version),
+        14 => SyncGroupRequest::default()
+            .with_group_id(GroupId(s("g")))
+            .with_generation_id(3)
+            .with_member_id(s("m"))
+            .with_group_instance_id((version >= 3).then(|| s("i")))
+            .with_protocol_type((version >= 5).then(|| s("consumer")))
+            .with_protocol_name((version >= 5).then(|| s("range")))
+            .with_assignments(twice(
+                sync_group_request::SyncGroupRequestAssignment::default()
+                    .with_member_id(s("m"))
+                    .with_assignment(Bytes::from_static(b"assigned")),
+            ))
+            .encode(&mut buf, version),
+        12 => HeartbeatRequest::default()
+            .with_group_id(GroupId(s("g")))
+            .with_generation_id(3)
+            .with_member_id(s("m"))
+            .with_group_instance_id((version >= 3).then(|| s("i")))
+            .encode(&mut buf, version),
+        13 => {
+            if version >= 3 {
+                LeaveGroupRequest::default()
+                    .with_group_id(GroupId(s("g")))
+                    .with_members(twice(
+                        leave_group_request::MemberIdentity::default()
+                            .with_member_id(s("m"))
+                            .with_group_instance_id(Some(s("i")))
+                            .with_reason((version >= 5).then(|| s("bye"))),
+                    ))
+                    .encode(&mut buf, version)
+            } else {
+                LeaveGroupRequest::default()
+                    .with_group_id(GroupId(s("g")))
+                    .with_member_id(s("m"))
+                    .encode(&mut buf, version)
+            }
+        }
+        8 => OffsetCommitRequest::default()
+            .with_group_id(GroupId(s("g")))
+            .with_generation_id_or_member_epoch(3)
+            .with_member_id(s("m"))
+            .with_group_instance_id((version >= 7).then(|| s("i")))
+            .with_topics(twice(
+                offset_commit_request::OffsetCommitRequestTopic::default()
+                    .with_name(topic("t"))
+                    .with_partitions(twice(
+                        offset_commit_request::OffsetCommitRequestPartition::default()
+                            .with_partition_index(1)
+                            .with_committed_offset(42)
+                            .with_committed_metadata(Some(s("meta"))),
+                    )),
+            ))
+            .encode(&mut buf, version),
+        9 => {
+            if version >= 8 {
+                OffsetFetchRequest::default()
+                    .with_groups(twice(
+                        offset_fetch_request::OffsetFetchRequestGroup::default()
+                            .with_group_id(GroupId(s("g")))
+                            .with_topics(Some(twice(
+                                offset_fetch_request::OffsetFetchRequestTopics::default()
+                                    .with_name(topic("t"))
+                                    .with_partition_indexes(vec![0, 1]),
+                            ))),
+                    ))
+                    .encode(&mut buf, version)
+            } else {
+                OffsetFetchRequest::default()
+                    .with_group_id(GroupId(s("g")))
+                    .with_topics(Some(twice(
+                        offset_fetch_request::OffsetFetchRequestTopic::default()
+                            .with_name(topic("t"))
+                            .with_partition_indexes(vec![0, 1]),
+                    )))
+                    .encode(&mut buf, version)
+            }
+        }
+        16 => ListGroupsRequest::default()
+            .with_states_filter(if version >= 4 {
+                twice(s("Stable"))
+            } else {
+                vec![]
+            })
+            .encode(&mut buf, version),
+        15 => DescribeGroupsRequest::default()
+            .with_groups(twice(GroupId(s("g"))))
+            .encode(&mut buf, version),
+        42 => DeleteGroupsRequest::default()
+            .with_groups_names(twice(GroupId(s("g"))))
+            .encode(&mut buf, version),
+        47 => OffsetDeleteRequest::default()
+            .with_group_id(GroupId(s("g")))
+            .with_topics(twice(
+                offset_delete_request::OffsetDeleteRequestTopic::default()
+                    .with_name(topic("t"))
+                    .with_partitions(twice(
+                        offset_delete_request::OffsetDeleteRequestPartition::default()
+                            .with_partition_index(2),
+                    )),
+            ))
+            .encode(&mut buf, version),
         other => panic!("no sample for api key {other}"),
     };
     encoded.unwrap_or_else(|e| panic!("encode {api_key} v{version}: {e}"));
@@ -200,6 +320,17 @@ fn empty(api_key: i16, version: i16) -> Bytes {
         37 => CreatePartitionsRequest::default().encode(&mut buf, version),
         22 => InitProducerIdRequest::default().encode(&mut buf, version),
         61 => DescribeProducersRequest::default().encode(&mut buf, version),
+        10 => FindCoordinatorRequest::default().encode(&mut buf, version),
+        11 => JoinGroupRequest::default().encode(&mut buf, version),
+        14 => SyncGroupRequest::default().encode(&mut buf, version),
+        12 => HeartbeatRequest::default().encode(&mut buf, version),
+        13 => LeaveGroupRequest::default().encode(&mut buf, version),
+        8 => OffsetCommitRequest::default().encode(&mut buf, version),
+        9 => OffsetFetchRequest::default().encode(&mut buf, version),
+        16 => ListGroupsRequest::default().encode(&mut buf, version),
+        15 => DescribeGroupsRequest::default().encode(&mut buf, version),
+        42 => DeleteGroupsRequest::default().encode(&mut buf, version),
+        47 => OffsetDeleteRequest::default().encode(&mut buf, version),
         other => panic!("no sample for api key {other}"),
     };
     encoded.unwrap_or_else(|e| panic!("encode empty {api_key} v{version}: {e}"));
@@ -222,6 +353,17 @@ fn decode(api_key: i16, version: i16, body: &Bytes) -> Result<(), String> {
         37 => CreatePartitionsRequest::decode(&mut bytes, version).map(drop),
         22 => InitProducerIdRequest::decode(&mut bytes, version).map(drop),
         61 => DescribeProducersRequest::decode(&mut bytes, version).map(drop),
+        10 => FindCoordinatorRequest::decode(&mut bytes, version).map(drop),
+        11 => JoinGroupRequest::decode(&mut bytes, version).map(drop),
+        14 => SyncGroupRequest::decode(&mut bytes, version).map(drop),
+        12 => HeartbeatRequest::decode(&mut bytes, version).map(drop),
+        13 => LeaveGroupRequest::decode(&mut bytes, version).map(drop),
+        8 => OffsetCommitRequest::decode(&mut bytes, version).map(drop),
+        9 => OffsetFetchRequest::decode(&mut bytes, version).map(drop),
+        16 => ListGroupsRequest::decode(&mut bytes, version).map(drop),
+        15 => DescribeGroupsRequest::decode(&mut bytes, version).map(drop),
+        42 => DeleteGroupsRequest::decode(&mut bytes, version).map(drop),
+        47 => OffsetDeleteRequest::decode(&mut bytes, version).map(drop),
         other => panic!("no decoder for api key {other}"),
     };
     result.map_err(|e| e.to_string())

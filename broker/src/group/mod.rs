@@ -1,0 +1,444 @@
+//! The group coordinator: consumer groups (the classic protocol) and committed offsets. This
+//! broker coordinates every group.
+//!
+//! [`state`] is the pure state machine of one group; this module keeps the groups, parks
+//! JoinGroup and SyncGroup requests until the state machine answers them, ticks the clock
+//! for session and rebalance timeouts, and stores offsets through [`offsets`].
+//!
+//! Lock order: the groups lock is never held across an await; offsets are written after the
+//! group check, outside it.
+
+pub(crate) mod offsets;
+pub(crate) mod state;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kafka_protocol::ResponseError;
+use tokio::sync::oneshot;
+
+use crate::clock::Clock;
+use crate::log::LogError;
+use offsets::{CommitError, Committed, GroupOffsets, OffsetStore};
+use state::{
+    Completion, Group, GroupLimits, GroupState, JoinParams, JoinResult, MemberView, SyncParams,
+    SyncResult,
+};
+
+/// Group coordinator settings (Kafka's names).
+#[derive(Debug, Clone, Copy)]
+pub struct GroupConfig {
+    /// `group.min.session.timeout.ms`.
+    pub min_session_timeout: Duration,
+    /// `group.max.session.timeout.ms`.
+    pub max_session_timeout: Duration,
+    /// `group.initial.rebalance.delay.ms`.
+    pub initial_rebalance_delay: Duration,
+    /// `group.max.size`.
+    pub max_size: usize,
+    /// `offsets.retention.minutes`: offsets of a group empty this long are deleted.
+    pub offsets_retention: Duration,
+    /// `offset.metadata.max.bytes`.
+    pub offset_metadata_max_bytes: usize,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        Self {
+            min_session_timeout: Duration::from_millis(6_000),
+            max_session_timeout: Duration::from_millis(1_800_000),
+            initial_rebalance_delay: Duration::from_millis(3_000),
+            max_size: usize::MAX,
+            offsets_retention: Duration::from_secs(7 * 24 * 3600),
+            offset_metadata_max_bytes: 4096,
+        }
+    }
+}
+
+fn millis_i32(d: Duration) -> i32 {
+    i32::try_from(d.as_millis()).unwrap_or(i32::MAX)
+}
+
+fn millis_i64(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[derive(Debug)]
+struct Slot {
+    group: Group,
+    joins: HashMap<String, oneshot::Sender<JoinResult>>,
+    syncs: HashMap<String, oneshot::Sender<SyncResult>>,
+}
+
+impl Slot {
+    fn deliver(&mut self, completions: Vec<Completion>) {
+        for completion in completions {
+            match completion {
+                Completion::Join(member, result) => {
+                    if let Some(waiter) = self.joins.remove(&member) {
+                        let _ = waiter.send(result);
+                    }
+                }
+                Completion::Sync(member, result) => {
+                    if let Some(waiter) = self.syncs.remove(&member) {
+                        let _ = waiter.send(result);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What DescribeGroups shows of one group.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupView {
+    pub(crate) state: GroupState,
+    pub(crate) protocol_type: String,
+    pub(crate) protocol_name: String,
+    pub(crate) members: Vec<MemberView>,
+}
+
+/// A JoinGroup or SyncGroup answer: now, or once the rest of the group is there.
+#[derive(Debug)]
+pub(crate) enum Pending<T> {
+    Now(T),
+    Later(oneshot::Receiver<T>),
+}
+
+/// Every group on this broker.
+#[derive(Debug)]
+pub(crate) struct GroupCoordinator {
+    config: GroupConfig,
+    limits: GroupLimits,
+    groups: Mutex<HashMap<String, Slot>>,
+    offsets: OffsetStore,
+    clock: Arc<dyn Clock>,
+}
+
+impl GroupCoordinator {
+    pub(crate) fn open(
+        data_dir: &Path,
+        config: GroupConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, LogError> {
+        let offsets = OffsetStore::open(data_dir, clock.now_ms())?;
+        let limits = GroupLimits {
+            min_session_timeout_ms: millis_i32(config.min_session_timeout),
+            max_session_timeout_ms: millis_i32(config.max_session_timeout),
+            initial_rebalance_delay_ms: millis_i32(config.initial_rebalance_delay),
+            max_size: config.max_size,
+        };
+        Ok(Self {
+            config,
+            limits,
+            groups: Mutex::new(HashMap::new()),
+            offsets,
+            clock,
+        })
+    }
+
+    fn groups(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+        // Group calls update their state only through complete steps; still usable.
+        self.groups
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn slot<'a>(
+        &self,
+        groups: &'a mut HashMap<String, Slot>,
+        group_id: &str,
+        now_ms: i64,
+    ) -> &'a mut Slot {
+        let slot = groups.entry(group_id.to_string()).or_insert_with(|| Slot {
+            group: Group::new(group_id, self.limits, now_ms),
+            joins: HashMap::new(),
+            syncs: HashMap::new(),
+        });
+        if slot.group.state() == GroupState::Dead {
+            // A deleted group's id is free again.
+            slot.group = Group::new(group_id, self.limits, now_ms);
+        }
+        slot
+    }
+
+    pub(crate) fn offset_metadata_max_bytes(&self) -> usize {
+        self.config.offset_metadata_max_bytes
+    }
+
+    pub(crate) fn join(&self, group_id: &str, params: JoinParams) -> Pending<JoinResult> {
+        let now = self.clock.now_ms();
+        let fresh = uuid::Uuid::new_v4().to_string();
+        let mut groups = self.groups();
+        let slot = self.slot(&mut groups, group_id, now);
+        let (sender, receiver) = oneshot::channel();
+        let mut out = Vec::new();
+        // A member waiting in an earlier JoinGroup is answered by this one's outcome instead.
+        let waiter_id = if params.member_id.is_empty() {
+            None
+        } else {
+            Some(params.member_id.clone())
+        };
+        let answer = slot.group.join(params, &fresh, now, &mut out);
+        match answer {
+            Some(result) => {
+                slot.deliver(out);
+                Pending::Now(result)
+            }
+            None => {
+                // The member id this request waits under: known, or just handed out (the
+                // state machine names it in its completion).
+                let id = waiter_id.unwrap_or_else(|| new_member_id(&out, &slot.group, &fresh));
+                slot.joins.insert(id, sender);
+                slot.deliver(out);
+                Pending::Later(receiver)
+            }
+        }
+    }
+
+    pub(crate) fn sync(&self, group_id: &str, params: SyncParams) -> Pending<SyncResult> {
+        let now = self.clock.now_ms();
+        let mut groups = self.groups();
+        let Some(slot) = groups.get_mut(group_id) else {
+            return Pending::Now(SyncResult {
+                error: Some(ResponseError::UnknownMemberId),
+                protocol_type: None,
+                protocol_name: None,
+                assignment: bytes::Bytes::new(),
+            });
+        };
+        let member = params.member_id.clone();
+        let mut out = Vec::new();
+        match slot.group.sync(params, now, &mut out) {
+            Some(result) => {
+                slot.deliver(out);
+                Pending::Now(result)
+            }
+            None => {
+                let (sender, receiver) = oneshot::channel();
+                slot.syncs.insert(member, sender);
+                slot.deliver(out);
+                Pending::Later(receiver)
+            }
+        }
+    }
+
+    pub(crate) fn heartbeat(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        instance_id: Option<&str>,
+        generation_id: i32,
+    ) -> Result<(), ResponseError> {
+        let now = self.clock.now_ms();
+        let mut groups = self.groups();
+        match groups.get_mut(group_id) {
+            Some(slot) => slot
+                .group
+                .heartbeat(member_id, instance_id, generation_id, now),
+            None => Err(ResponseError::UnknownMemberId),
+        }
+    }
+
+    pub(crate) fn leave(
+        &self,
+        group_id: &str,
+        members: &[(String, Option<String>)],
+    ) -> Vec<Result<(), ResponseError>> {
+        let now = self.clock.now_ms();
+        let mut groups = self.groups();
+        let Some(slot) = groups.get_mut(group_id) else {
+            return vec![Err(ResponseError::UnknownMemberId); members.len()];
+        };
+        let mut out = Vec::new();
+        let codes = members
+            .iter()
+            .map(|(member, instance)| slot.group.leave(member, instance.as_deref(), now, &mut out))
+            .collect();
+        slot.deliver(out);
+        codes
+    }
+
+    /// Expires sessions, ends overdue join and sync phases, and deletes the offsets of groups
+    /// that have been empty longer than `offsets.retention.minutes`.
+    pub(crate) async fn tick(&self) {
+        let now = self.clock.now_ms();
+        let retention = millis_i64(self.config.offsets_retention);
+        let mut expired: Vec<(String, Vec<(String, i32)>)> = Vec::new();
+        {
+            let mut groups = self.groups();
+            for slot in groups.values_mut() {
+                let mut out = Vec::new();
+                slot.group.tick(now, &mut out);
+                slot.deliver(out);
+            }
+            groups.retain(|_, slot| slot.group.state() != GroupState::Dead);
+            for group in self.offsets.groups() {
+                let empty_since = match groups.get(&group) {
+                    Some(slot) if !slot.group.is_empty() => continue,
+                    Some(slot) => slot.group.empty_since_ms(),
+                    None => i64::MIN,
+                };
+                if now.saturating_sub(empty_since) < retention {
+                    continue;
+                }
+                let stale = self
+                    .offsets
+                    .committed_before(&group, now.saturating_sub(retention));
+                if !stale.is_empty() {
+                    expired.push((group, stale));
+                }
+            }
+        }
+        for (group, stale) in expired {
+            tracing::info!(%group, partitions = stale.len(), "offsets expired (offsets.retention.minutes)");
+            let entries = stale.into_iter().map(|key| (key, None)).collect();
+            if let Err(error) = self.offsets.commit(&group, entries, now).await {
+                tracing::warn!(%group, %error, "could not write expired-offset tombstones");
+            }
+        }
+    }
+
+    /// Checks an OffsetCommit against the group's membership and generation.
+    pub(crate) fn validate_commit(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        instance_id: Option<&str>,
+        generation_id: i32,
+    ) -> Result<(), ResponseError> {
+        let now = self.clock.now_ms();
+        let mut groups = self.groups();
+        match groups.get_mut(group_id) {
+            Some(slot) => slot
+                .group
+                .validate_commit(member_id, instance_id, generation_id, now),
+            None if generation_id < 0 => Ok(()),
+            None => Err(ResponseError::IllegalGeneration),
+        }
+    }
+
+    pub(crate) async fn commit(
+        &self,
+        group_id: &str,
+        entries: Vec<((String, i32), Option<Committed>)>,
+    ) -> Result<(), CommitError> {
+        self.offsets
+            .commit(group_id, entries, self.clock.now_ms())
+            .await
+    }
+
+    pub(crate) fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    pub(crate) fn committed(&self, group_id: &str) -> GroupOffsets {
+        self.offsets.group(group_id)
+    }
+
+    /// (group id, protocol type, state) of every group, including groups that only have
+    /// committed offsets.
+    pub(crate) fn list(&self) -> Vec<(String, String, GroupState)> {
+        let groups = self.groups();
+        let mut out: Vec<(String, String, GroupState)> = groups
+            .iter()
+            .filter(|(_, slot)| slot.group.state() != GroupState::Dead)
+            .map(|(id, slot)| {
+                (
+                    id.clone(),
+                    slot.group.protocol_type().unwrap_or_default().to_string(),
+                    slot.group.state(),
+                )
+            })
+            .collect();
+        for id in self.offsets.groups() {
+            if !groups.contains_key(&id) {
+                out.push((id, String::new(), GroupState::Empty));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// DescribeGroups for one group: `None` if the broker knows nothing of it.
+    pub(crate) fn describe(&self, group_id: &str) -> Option<GroupView> {
+        let groups = self.groups();
+        match groups.get(group_id) {
+            Some(slot) if slot.group.state() != GroupState::Dead => Some(GroupView {
+                state: slot.group.state(),
+                protocol_type: slot.group.protocol_type().unwrap_or_default().to_string(),
+                protocol_name: slot.group.protocol_name().unwrap_or_default().to_string(),
+                members: slot.group.member_views(),
+            }),
+            _ if !self.offsets.group(group_id).is_empty() => Some(GroupView {
+                state: GroupState::Empty,
+                protocol_type: String::new(),
+                protocol_name: String::new(),
+                members: Vec::new(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Members' metadata for the selected protocol, if the group is active (to tell which
+    /// topics a consumer group subscribes to).
+    pub(crate) fn active_metadata(&self, group_id: &str) -> Option<(String, Vec<bytes::Bytes>)> {
+        let groups = self.groups();
+        let slot = groups.get(group_id)?;
+        if slot.group.is_empty() || slot.group.state() == GroupState::Dead {
+            return None;
+        }
+        Some((
+            slot.group.protocol_type().unwrap_or_default().to_string(),
+            slot.group.selected_metadata(),
+        ))
+    }
+
+    /// DeleteGroups for one group: only an empty group can go; its offsets go with it.
+    pub(crate) async fn delete(&self, group_id: &str) -> Result<(), ResponseError> {
+        let known_offsets = self.offsets.group(group_id);
+        {
+            let mut groups = self.groups();
+            match groups.get_mut(group_id) {
+                Some(slot) if !slot.group.is_empty() => return Err(ResponseError::NonEmptyGroup),
+                Some(slot) if slot.group.state() != GroupState::Dead => slot.group.mark_dead(),
+                _ if known_offsets.is_empty() => return Err(ResponseError::GroupIdNotFound),
+                _ => {}
+            }
+            groups.remove(group_id);
+        }
+        let entries = known_offsets.into_keys().map(|key| (key, None)).collect();
+        match self.commit(group_id, entries).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                tracing::warn!(group = %group_id, %error, "deleting the group's offsets failed");
+                Err(ResponseError::KafkaStorageError)
+            }
+        }
+    }
+
+    pub(crate) fn close(&self) -> Result<(), LogError> {
+        self.offsets.close(self.clock.now_ms())
+    }
+}
+
+/// The member id a new member's join is parked under: the one its completion names, or else
+/// the one the group just added with this `fresh` suffix.
+fn new_member_id(out: &[Completion], group: &Group, fresh: &str) -> String {
+    let suffix = format!("-{fresh}");
+    out.iter()
+        .find_map(|c| match c {
+            Completion::Join(id, _) if id.ends_with(&suffix) => Some(id.clone()),
+            _ => None,
+        })
+        .or_else(|| {
+            group
+                .member_views()
+                .into_iter()
+                .map(|m| m.member_id)
+                .find(|id| id.ends_with(&suffix))
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,305 @@
+//! Committed offsets, kept the way Kafka keeps them: appended to an internal partition log
+//! (`<data-dir>/__consumer_offsets/`, like Kafka's `__consumer_offsets`) and loaded into memory
+//! on start. A commit is acknowledged only once its batch is fsynced, so it survives `kill -9`
+//! and power loss; a torn tail is cut by the log's own recovery, losing only unacknowledged
+//! commits.
+//!
+//! Each commit is one record batch with a record per partition. Keys and values are postcard
+//! with a leading format version; a record with no value is a tombstone (offset deleted or
+//! expired). The log is never compacted yet: it grows by about 100 bytes per committed
+//! partition, and replay on start reads all of it.
+//!
+//! References: Kafka's `GroupMetadataManager` (offset commit records, KIP-211 expiry).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::log::{LogConfig, LogError, validate_produce_records};
+use crate::partition::Partition;
+
+/// Directory of the offsets log inside the data directory.
+pub(crate) const OFFSETS_DIR: &str = "__consumer_offsets";
+const FORMAT_VERSION: u8 = 1;
+
+/// One committed offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Committed {
+    pub(crate) offset: i64,
+    pub(crate) leader_epoch: i32,
+    pub(crate) metadata: String,
+    pub(crate) commit_timestamp_ms: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OffsetKey {
+    version: u8,
+    group: String,
+    topic: String,
+    partition: i32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OffsetValue {
+    version: u8,
+    offset: i64,
+    leader_epoch: i32,
+    metadata: String,
+    commit_timestamp_ms: i64,
+}
+
+/// Why committing failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CommitError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("cannot encode the commit: {0}")]
+    Encode(String),
+}
+
+/// (topic, partition) → committed offset, per group.
+pub(crate) type GroupOffsets = BTreeMap<(String, i32), Committed>;
+
+/// The offsets log and its in-memory view.
+#[derive(Debug)]
+pub(crate) struct OffsetStore {
+    partition: Partition,
+    offsets: Mutex<HashMap<String, GroupOffsets>>,
+}
+
+impl OffsetStore {
+    /// Opens (recovering) the offsets log under `data_dir` and replays it.
+    pub(crate) fn open(data_dir: &Path, now_ms: i64) -> Result<Self, LogError> {
+        let config = LogConfig {
+            segment_bytes: 100 << 20,
+            retention_ms: -1,
+            retention_bytes: -1,
+            ..LogConfig::default()
+        };
+        let (appended, _) = watch::channel(0);
+        let (partition, report) = Partition::open(
+            OFFSETS_DIR,
+            0,
+            &data_dir.join(OFFSETS_DIR),
+            config,
+            0,
+            now_ms,
+            Arc::new(appended),
+        )?;
+        if report.truncated_bytes > 0 {
+            tracing::warn!(
+                bytes = report.truncated_bytes,
+                "offsets log: cut a torn tail (commits that were never acknowledged)"
+            );
+        }
+        let mut offsets: HashMap<String, GroupOffsets> = HashMap::new();
+        let mut next = partition.log().log_start_offset();
+        loop {
+            let read = partition.log().read(next, 1 << 20)?;
+            if read.records.is_empty() {
+                break;
+            }
+            let mut bytes = read.records.clone();
+            while !bytes.is_empty() {
+                let set =
+                    RecordBatchDecoder::decode(&mut bytes).map_err(|e| LogError::CorruptBatch {
+                        reason: format!("offsets log: {e}"),
+                    })?;
+                for record in set.records {
+                    next = next.max(record.offset + 1);
+                    apply(&mut offsets, &record);
+                }
+            }
+        }
+        let count: usize = offsets.values().map(BTreeMap::len).sum();
+        tracing::info!(
+            groups = offsets.len(),
+            offsets = count,
+            "loaded committed offsets"
+        );
+        Ok(Self {
+            partition,
+            offsets: Mutex::new(offsets),
+        })
+    }
+
+    fn offsets(&self) -> std::sync::MutexGuard<'_, HashMap<String, GroupOffsets>> {
+        self.offsets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Appends and fsyncs `entries` (None = delete) for `group`, then makes them visible.
+    pub(crate) async fn commit(
+        &self,
+        group: &str,
+        entries: Vec<((String, i32), Option<Committed>)>,
+        now_ms: i64,
+    ) -> Result<(), CommitError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let records = entries
+            .iter()
+            .enumerate()
+            .map(|(i, ((topic, partition), value))| {
+                let key = postcard::to_stdvec(&OffsetKey {
+                    version: FORMAT_VERSION,
+                    group: group.to_string(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                })
+                .map_err(|e| CommitError::Encode(e.to_string()))?;
+                let value = value
+                    .as_ref()
+                    .map(|c| {
+                        postcard::to_stdvec(&OffsetValue {
+                            version: FORMAT_VERSION,
+                            offset: c.offset,
+                            leader_epoch: c.leader_epoch,
+                            metadata: c.metadata.clone(),
+                            commit_timestamp_ms: c.commit_timestamp_ms,
+                        })
+                    })
+                    .transpose()
+                    .map_err(|e| CommitError::Encode(e.to_string()))?;
+                Ok(Record {
+                    transactional: false,
+                    control: false,
+                    partition_leader_epoch: 0,
+                    producer_id: -1,
+                    producer_epoch: -1,
+                    timestamp_type: TimestampType::Creation,
+                    offset: i64::try_from(i).unwrap_or(0),
+                    sequence: -1,
+                    delete_horizon: false,
+                    timestamp: now_ms,
+                    key: Some(Bytes::from(key)),
+                    value: value.map(Bytes::from),
+                    headers: Default::default(),
+                })
+            })
+            .collect::<Result<Vec<Record>, CommitError>>()?;
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            &records,
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            },
+        )
+        .map_err(|e| CommitError::Encode(e.to_string()))?;
+        let batch = validate_produce_records(&buf, u32::MAX)?;
+        let appended = self.partition.append(&batch, now_ms).map_err(|e| match e {
+            crate::partition::AppendError::Log(log) => CommitError::Log(log),
+            other => CommitError::Encode(other.to_string()),
+        })?;
+        self.partition.wait_durable(appended.end_offset()).await?;
+        let mut offsets = self.offsets();
+        let group_offsets = offsets.entry(group.to_string()).or_default();
+        for (key, value) in entries {
+            match value {
+                Some(committed) => {
+                    group_offsets.insert(key, committed);
+                }
+                None => {
+                    group_offsets.remove(&key);
+                }
+            }
+        }
+        if group_offsets.is_empty() {
+            offsets.remove(group);
+        }
+        Ok(())
+    }
+
+    /// Every committed offset of `group`.
+    pub(crate) fn group(&self, group: &str) -> GroupOffsets {
+        self.offsets().get(group).cloned().unwrap_or_default()
+    }
+
+    /// Groups that have committed offsets.
+    pub(crate) fn groups(&self) -> Vec<String> {
+        self.offsets().keys().cloned().collect()
+    }
+
+    /// Offsets of `group` committed before `cutoff_ms` (for expiry).
+    pub(crate) fn committed_before(&self, group: &str, cutoff_ms: i64) -> Vec<(String, i32)> {
+        self.offsets()
+            .get(group)
+            .map(|offsets| {
+                offsets
+                    .iter()
+                    .filter(|(_, c)| c.commit_timestamp_ms < cutoff_ms)
+                    .map(|(key, _)| key.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Fsyncs and closes the log (clean shutdown).
+    pub(crate) fn close(&self, now_ms: i64) -> Result<(), LogError> {
+        self.partition.close(now_ms)
+    }
+}
+
+fn apply(offsets: &mut HashMap<String, GroupOffsets>, record: &Record) {
+    let Some(key) = record.key.as_ref() else {
+        return;
+    };
+    let Ok(key) = postcard::from_bytes::<OffsetKey>(key) else {
+        tracing::warn!(
+            offset = record.offset,
+            "offsets log: unreadable key skipped"
+        );
+        return;
+    };
+    if key.version != FORMAT_VERSION {
+        tracing::warn!(
+            offset = record.offset,
+            version = key.version,
+            "offsets log: unknown record version skipped"
+        );
+        return;
+    }
+    let slot = (key.topic, key.partition);
+    match record
+        .value
+        .as_ref()
+        .map(|v| postcard::from_bytes::<OffsetValue>(v))
+    {
+        None => {
+            if let Some(group) = offsets.get_mut(&key.group) {
+                group.remove(&slot);
+                if group.is_empty() {
+                    offsets.remove(&key.group);
+                }
+            }
+        }
+        Some(Ok(value)) if value.version == FORMAT_VERSION => {
+            offsets.entry(key.group).or_default().insert(
+                slot,
+                Committed {
+                    offset: value.offset,
+                    leader_epoch: value.leader_epoch,
+                    metadata: value.metadata,
+                    commit_timestamp_ms: value.commit_timestamp_ms,
+                },
+            );
+        }
+        Some(_) => {
+            tracing::warn!(
+                offset = record.offset,
+                "offsets log: unreadable value skipped"
+            );
+        }
+    }
+}
