@@ -73,7 +73,13 @@ fn batch(records: usize, value_bytes: usize, producer: Producer) -> anyhow::Resu
             producer_epoch: producer.1,
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
-            sequence: if producer.0 < 0 { -1 } else { i as i32 },
+            // `kafka-protocol` starts a new batch wherever offset - sequence changes, so a
+            // non-idempotent batch numbers its records from -1 (base sequence -1 = none).
+            sequence: if producer.0 < 0 {
+                i as i32 - 1
+            } else {
+                i as i32
+            },
             delete_horizon: false,
             timestamp: 1_700_000_000_000,
             key: Some(Bytes::from(format!("key-{i}"))),

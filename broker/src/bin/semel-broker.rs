@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use semel_broker::log::{LogConfig, TimestampType};
-use semel_broker::{Broker, BrokerConfig};
+use semel_broker::{Broker, BrokerConfig, GroupConfig};
 
 /// A single-node broker that speaks the Apache Kafka wire protocol.
 #[derive(Debug, Parser)]
@@ -79,6 +79,40 @@ struct Args {
         default_value_t = 900_000
     )]
     transaction_max_timeout_ms: u64,
+    /// Shortest session.timeout.ms a consumer may ask for (Kafka: group.min.session.timeout.ms).
+    #[arg(
+        long,
+        env = "SEMEL_GROUP_MIN_SESSION_TIMEOUT_MS",
+        default_value_t = 6_000
+    )]
+    group_min_session_timeout_ms: u64,
+    /// Longest session.timeout.ms a consumer may ask for (Kafka: group.max.session.timeout.ms).
+    #[arg(
+        long,
+        env = "SEMEL_GROUP_MAX_SESSION_TIMEOUT_MS",
+        default_value_t = 1_800_000
+    )]
+    group_max_session_timeout_ms: u64,
+    /// How long an empty group's first rebalance waits for more members (Kafka: group.initial.rebalance.delay.ms).
+    #[arg(
+        long,
+        env = "SEMEL_GROUP_INITIAL_REBALANCE_DELAY_MS",
+        default_value_t = 3_000
+    )]
+    group_initial_rebalance_delay_ms: u64,
+    /// Most members in one group (Kafka: group.max.size).
+    #[arg(long, env = "SEMEL_GROUP_MAX_SIZE", default_value_t = usize::MAX)]
+    group_max_size: usize,
+    /// Delete the committed offsets of a group empty this long, in minutes (Kafka: offsets.retention.minutes).
+    #[arg(
+        long,
+        env = "SEMEL_OFFSETS_RETENTION_MINUTES",
+        default_value_t = 10_080
+    )]
+    offsets_retention_minutes: u64,
+    /// Largest metadata string kept with a committed offset (Kafka: offset.metadata.max.bytes).
+    #[arg(long, env = "SEMEL_OFFSET_METADATA_MAX_BYTES", default_value_t = 4096)]
+    offset_metadata_max_bytes: usize,
     /// How long shutdown waits for in-flight requests, in milliseconds.
     #[arg(long, env = "SEMEL_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     shutdown_grace_ms: u64,
@@ -127,6 +161,16 @@ fn main() -> anyhow::Result<()> {
         producer_id_expiration: Duration::from_millis(args.producer_id_expiration_ms),
         max_producers_per_partition: args.max_producers_per_partition,
         transaction_max_timeout: Duration::from_millis(args.transaction_max_timeout_ms),
+        group: GroupConfig {
+            min_session_timeout: Duration::from_millis(args.group_min_session_timeout_ms),
+            max_session_timeout: Duration::from_millis(args.group_max_session_timeout_ms),
+            initial_rebalance_delay: Duration::from_millis(args.group_initial_rebalance_delay_ms),
+            max_size: args.group_max_size,
+            offsets_retention: Duration::from_secs(
+                args.offsets_retention_minutes.saturating_mul(60),
+            ),
+            offset_metadata_max_bytes: args.offset_metadata_max_bytes,
+        },
         ..BrokerConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

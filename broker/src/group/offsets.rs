@@ -178,7 +178,9 @@ impl OffsetStore {
                     producer_epoch: -1,
                     timestamp_type: TimestampType::Creation,
                     offset: i64::try_from(i).unwrap_or(0),
-                    sequence: -1,
+                    // `kafka-protocol` starts a new batch wherever offset - sequence changes;
+                    // numbering from -1 keeps one batch with base sequence -1 (none).
+                    sequence: i32::try_from(i).unwrap_or(0) - 1,
                     delete_horizon: false,
                     timestamp: now_ms,
                     key: Some(Bytes::from(key)),
