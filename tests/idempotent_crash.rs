@@ -16,10 +16,9 @@ use anyhow::{Context, ensure};
 use bytes::Bytes;
 use common::proxy::{FaultPlan, FaultProxy};
 use common::{
-    ChildBroker, RawClient, TestRecord, create_topic, fetch_all, kcat, produce_request,
-    record_batch_with_producer, value_text,
+    ChildBroker, RawClient, TestRecord, create_topic, fetch_all, init_producer_id, kcat,
+    produce_request, record_batch_with_producer, value_text,
 };
-use kafka_protocol::messages::{InitProducerIdRequest, ProducerId};
 use kafka_protocol::records::Compression;
 
 const PARTITIONS: i32 = 3;
@@ -231,17 +230,7 @@ async fn an_acknowledged_batch_replayed_after_kill_9_gets_its_original_offset() 
     let broker = ChildBroker::spawn(dir.path(), &[])?;
     let mut client = RawClient::connect(broker.addr).await?;
     create_topic(&mut client, "replay", 1).await?;
-    let init = client
-        .send(
-            4,
-            &InitProducerIdRequest::default()
-                .with_transactional_id(None)
-                .with_transaction_timeout_ms(60_000)
-                .with_producer_id(ProducerId(-1))
-                .with_producer_epoch(-1),
-        )
-        .await?;
-    ensure!(init.error_code == 0);
+    let (producer_id, producer_epoch) = init_producer_id(&mut client).await?;
     let mut acknowledged: Vec<(Bytes, i64)> = Vec::new();
     for i in 0..8 {
         let records: Vec<TestRecord> = (0..3)
@@ -250,8 +239,8 @@ async fn an_acknowledged_batch_replayed_after_kill_9_gets_its_original_offset() 
         let batch = record_batch_with_producer(
             &records,
             Compression::None,
-            init.producer_id.0,
-            init.producer_epoch,
+            producer_id,
+            producer_epoch,
             i * 3,
         )?;
         let (_, request) = client.encode(9, &produce_request("replay", 0, batch, -1))?;

@@ -9,8 +9,8 @@ use std::collections::BTreeSet;
 use anyhow::{Context, ensure};
 use bytes::{Bytes, BytesMut};
 use common::{
-    RawClient, TestRecord, create_topic, fetch_all, produce_request, record_batch_with_producer,
-    topic_name, value_text,
+    RawClient, TestRecord, create_topic, fetch_all, init_producer_id, produce_request,
+    record_batch_with_producer, topic_name, value_text,
 };
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::describe_producers_request::TopicRequest;
@@ -30,21 +30,6 @@ async fn start_in(dir: &std::path::Path) -> anyhow::Result<BrokerHandle> {
         ..BrokerConfig::default()
     })
     .await?)
-}
-
-async fn init_producer_id(client: &mut RawClient) -> anyhow::Result<(i64, i16)> {
-    let response = client
-        .send(
-            4,
-            &InitProducerIdRequest::default()
-                .with_transactional_id(None)
-                .with_transaction_timeout_ms(60_000)
-                .with_producer_id(ProducerId(-1))
-                .with_producer_epoch(-1),
-        )
-        .await?;
-    ensure!(response.error_code == 0, "InitProducerId: {response:?}");
-    Ok((response.producer_id.0, response.producer_epoch))
 }
 
 /// A batch of `count` records tagged `tag`, from `producer` at `epoch` starting at `sequence`.

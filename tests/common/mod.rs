@@ -514,4 +514,21 @@ pub fn python() -> anyhow::Result<PathBuf> {
     }
 }
 
+/// A new idempotent producer id and epoch (InitProducerId v4, no transactional id).
+pub async fn init_producer_id(client: &mut RawClient) -> anyhow::Result<(i64, i16)> {
+    use kafka_protocol::messages::{InitProducerIdRequest, ProducerId};
+    let response = client
+        .send(
+            4,
+            &InitProducerIdRequest::default()
+                .with_transactional_id(None)
+                .with_transaction_timeout_ms(60_000)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+        )
+        .await?;
+    anyhow::ensure!(response.error_code == 0, "InitProducerId: {response:?}");
+    Ok((response.producer_id.0, response.producer_epoch))
+}
+
 pub mod proxy;
