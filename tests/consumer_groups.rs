@@ -641,3 +641,106 @@ async fn committed_offsets_survive_kill_9_and_zombie_commits_are_refused() -> an
     );
     Ok(())
 }
+
+/// A clock the test moves by hand.
+#[derive(Debug)]
+struct ManualClock(std::sync::atomic::AtomicI64);
+
+impl semel::broker::clock::Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn standalone_commit(client: &mut RawClient, group: &str, offset: i64) -> anyhow::Result<()> {
+    let request = commit_request("", -1, offset).with_group_id(GroupId(s(group)));
+    let response = client.send(7, &request).await?;
+    ensure!(
+        response.topics[0]
+            .partitions
+            .iter()
+            .all(|p| p.error_code == 0),
+        "standalone commit for {group}: {:?}",
+        response.topics[0].partitions
+    );
+    Ok(())
+}
+
+async fn committed_payments(client: &mut RawClient, group: &str) -> anyhow::Result<Vec<i64>> {
+    let response = client
+        .send(
+            5,
+            &OffsetFetchRequest::default()
+                .with_group_id(GroupId(s(group)))
+                .with_topics(Some(vec![
+                    OffsetFetchRequestTopic::default()
+                        .with_name(topic_name("payments"))
+                        .with_partition_indexes(vec![0, 1, 2]),
+                ])),
+        )
+        .await?;
+    Ok(response.topics[0]
+        .partitions
+        .iter()
+        .map(|p| p.committed_offset)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_groups_offsets_expire_after_retention_and_groups_can_be_deleted()
+-> anyhow::Result<()> {
+    use kafka_protocol::messages::{DeleteGroupsRequest, ListGroupsRequest};
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let start = 1_800_000_000_000;
+    let clock = std::sync::Arc::new(ManualClock(AtomicI64::new(start)));
+    let dir = tempfile::tempdir()?;
+    let broker = semel::broker::Broker::start_with_clock(
+        semel::broker::BrokerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            data_dir: dir.path().to_path_buf(),
+            group: semel::broker::GroupConfig {
+                offsets_retention: Duration::from_secs(60),
+                ..semel::broker::GroupConfig::default()
+            },
+            ..semel::broker::BrokerConfig::default()
+        },
+        clock.clone(),
+    )
+    .await?;
+    let mut client = RawClient::connect(broker.local_addr()).await?;
+    create_topic(&mut client, "payments", 3).await?;
+    standalone_commit(&mut client, "old", 5).await?;
+    clock.0.store(start + 61_000, Ordering::SeqCst);
+    standalone_commit(&mut client, "fresh", 7).await?;
+
+    // The coordinator's timer notices within a tick or two of real time.
+    let started = Instant::now();
+    while committed_payments(&mut client, "old").await? != vec![-1, -1, -1] {
+        ensure!(started.elapsed() < PATIENCE, "old offsets never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(committed_payments(&mut client, "fresh").await? == vec![7, 8, 9]);
+    let listed = client.send(4, &ListGroupsRequest::default()).await?;
+    let names: Vec<String> = listed
+        .groups
+        .iter()
+        .map(|g| g.group_id.to_string())
+        .collect();
+    ensure!(names == vec!["fresh".to_string()], "listed {names:?}");
+
+    let deleted = client
+        .send(
+            2,
+            &DeleteGroupsRequest::default()
+                .with_groups_names(vec![GroupId(s("fresh")), GroupId(s("never-was"))]),
+        )
+        .await?;
+    let codes: Vec<i16> = deleted.results.iter().map(|r| r.error_code).collect();
+    ensure!(
+        codes == vec![0, 69],
+        "delete groups: {codes:?} (expected NONE, GROUP_ID_NOT_FOUND)"
+    );
+    ensure!(committed_payments(&mut client, "fresh").await? == vec![-1, -1, -1]);
+    broker.shutdown().await;
+    Ok(())
+}
