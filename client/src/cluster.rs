@@ -1,0 +1,287 @@
+//! The cluster as a client sees it: bootstrap over several addresses, one pooled connection
+//! per broker (reconnected with exponential backoff when it breaks), and a metadata cache that
+//! maps each partition to its leader.
+//!
+//! Callers refresh the metadata when a broker says `NOT_LEADER_OR_FOLLOWER`,
+//! `UNKNOWN_TOPIC_OR_PARTITION` or `LEADER_NOT_AVAILABLE` (see [`needs_metadata_refresh`]),
+//! and when a connection breaks.
+//!
+//! References: Kafka protocol guide (Metadata); the Java client's `reconnect.backoff.ms`,
+//! `reconnect.backoff.max.ms` and `bootstrap.servers` semantics.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use kafka_protocol::ResponseError;
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::{MetadataRequest, TopicName};
+use kafka_protocol::protocol::StrBytes;
+
+use crate::connection::{Connection, ConnectionConfig};
+use crate::error::{ClientError, check_code};
+
+/// Client settings (Kafka's names).
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `bootstrap.servers`: `host:port` addresses tried in order until one answers.
+    pub bootstrap_servers: Vec<String>,
+    /// Per-connection settings (`client.id`, `request.timeout.ms`, ...).
+    pub connection: ConnectionConfig,
+    /// `reconnect.backoff.ms`: the first wait before reconnecting to a broker that failed.
+    pub reconnect_backoff: Duration,
+    /// `reconnect.backoff.max.ms`: the wait doubles up to this.
+    pub reconnect_backoff_max: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: vec!["127.0.0.1:9092".into()],
+            connection: ConnectionConfig::default(),
+            reconnect_backoff: Duration::from_millis(50),
+            reconnect_backoff_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One partition in the metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// The partition index.
+    pub partition: i32,
+    /// Node id of the leader; -1 when there is none.
+    pub leader: i32,
+    /// The partition's error, if any.
+    pub error: Option<ResponseError>,
+}
+
+/// One topic in the metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// The topic's error (`UNKNOWN_TOPIC_OR_PARTITION`, ...), if any.
+    pub error: Option<ResponseError>,
+    /// Partitions in index order.
+    pub partitions: Vec<PartitionInfo>,
+}
+
+#[derive(Debug, Default)]
+struct Metadata {
+    /// node id → `host:port`.
+    brokers: HashMap<i32, String>,
+    topics: HashMap<String, TopicInfo>,
+}
+
+#[derive(Debug)]
+struct Backoff {
+    next_attempt: Instant,
+    wait: Duration,
+}
+
+/// A client of one Kafka-protocol cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    config: ClientConfig,
+    connections: tokio::sync::Mutex<HashMap<String, Arc<Connection>>>,
+    backoff: std::sync::Mutex<HashMap<String, Backoff>>,
+    metadata: RwLock<Metadata>,
+}
+
+/// Whether a partition-level error means the client's metadata is stale.
+pub fn needs_metadata_refresh(error: ResponseError) -> bool {
+    matches!(
+        error,
+        ResponseError::NotLeaderOrFollower
+            | ResponseError::UnknownTopicOrPartition
+            | ResponseError::LeaderNotAvailable
+            | ResponseError::FencedLeaderEpoch
+            | ResponseError::UnknownLeaderEpoch
+    )
+}
+
+impl Cluster {
+    /// Connects to the first reachable bootstrap server and loads the metadata of every topic.
+    ///
+    /// # Errors
+    /// `NoBrokerReachable` when no bootstrap server answers.
+    pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+        let cluster = Self {
+            config,
+            connections: tokio::sync::Mutex::new(HashMap::new()),
+            backoff: std::sync::Mutex::new(HashMap::new()),
+            metadata: RwLock::new(Metadata::default()),
+        };
+        cluster.refresh_metadata(None, false).await?;
+        Ok(cluster)
+    }
+
+    /// The settings this cluster client was made with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// The pooled connection to `broker` (`host:port`), made (again) if needed. A broker that
+    /// failed recently is retried only after its backoff.
+    ///
+    /// # Errors
+    /// `Connect` and any error of the API-version exchange.
+    pub async fn connection(&self, broker: &str) -> Result<Arc<Connection>, ClientError> {
+        let mut connections = self.connections.lock().await;
+        if let Some(existing) = connections.get(broker) {
+            if !existing.is_broken() {
+                return Ok(Arc::clone(existing));
+            }
+            connections.remove(broker);
+        }
+        let wait = self
+            .backoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(broker)
+            .map(|b| b.next_attempt.saturating_duration_since(Instant::now()));
+        if let Some(wait) = wait.filter(|w| !w.is_zero()) {
+            tokio::time::sleep(wait).await;
+        }
+        match Connection::connect(broker, self.config.connection.clone()).await {
+            Ok(connection) => {
+                self.backoff
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(broker);
+                let connection = Arc::new(connection);
+                connections.insert(broker.to_string(), Arc::clone(&connection));
+                Ok(connection)
+            }
+            Err(error) => {
+                let mut backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+                let entry = backoff.entry(broker.to_string()).or_insert(Backoff {
+                    next_attempt: Instant::now(),
+                    wait: self.config.reconnect_backoff,
+                });
+                entry.next_attempt = Instant::now() + entry.wait;
+                entry.wait = (entry.wait * 2).min(self.config.reconnect_backoff_max);
+                Err(error)
+            }
+        }
+    }
+
+    /// The connection to node `node_id`, from the metadata.
+    ///
+    /// # Errors
+    /// `Metadata` for an unknown node; as [`Cluster::connection`].
+    pub async fn node(&self, node_id: i32) -> Result<Arc<Connection>, ClientError> {
+        let address = self
+            .metadata
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .brokers
+            .get(&node_id)
+            .cloned()
+            .ok_or_else(|| ClientError::Metadata(format!("no broker with node id {node_id}")))?;
+        self.connection(&address).await
+    }
+
+    /// A connection to any broker: a known one first, then the bootstrap servers.
+    ///
+    /// # Errors
+    /// `NoBrokerReachable` when none answers.
+    pub async fn any(&self) -> Result<Arc<Connection>, ClientError> {
+        let mut candidates: Vec<String> = self
+            .metadata
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .brokers
+            .values()
+            .cloned()
+            .collect();
+        candidates.sort();
+        for bootstrap in &self.config.bootstrap_servers {
+            if !candidates.contains(bootstrap) {
+                candidates.push(bootstrap.clone());
+            }
+        }
+        let mut last = String::from("no address configured");
+        for candidate in &candidates {
+            match self.connection(candidate).await {
+                Ok(connection) => return Ok(connection),
+                Err(error) => last = error.to_string(),
+            }
+        }
+        Err(ClientError::NoBrokerReachable {
+            tried: candidates,
+            last,
+        })
+    }
+
+    /// Reloads the metadata of `topics` (all topics with `None`), asking the broker to create
+    /// missing ones when `allow_auto_topic_creation`.
+    ///
+    /// # Errors
+    /// `NoBrokerReachable`, or the Metadata request's error.
+    pub async fn refresh_metadata(
+        &self,
+        topics: Option<&[String]>,
+        allow_auto_topic_creation: bool,
+    ) -> Result<(), ClientError> {
+        let connection = self.any().await?;
+        let request = MetadataRequest::default()
+            .with_topics(topics.map(|names| {
+                names
+                    .iter()
+                    .map(|name| {
+                        MetadataRequestTopic::default()
+                            .with_name(Some(TopicName(StrBytes::from_string(name.clone()))))
+                    })
+                    .collect()
+            }))
+            .with_allow_auto_topic_creation(allow_auto_topic_creation);
+        let response = connection.send(&request, (4, 12)).await?;
+        let mut metadata = self.metadata.write().unwrap_or_else(|p| p.into_inner());
+        for broker in &response.brokers {
+            metadata
+                .brokers
+                .insert(broker.node_id.0, format!("{}:{}", broker.host, broker.port));
+        }
+        for topic in response.topics {
+            let Some(name) = topic.name else { continue };
+            let mut partitions: Vec<PartitionInfo> = topic
+                .partitions
+                .iter()
+                .map(|p| PartitionInfo {
+                    partition: p.partition_index,
+                    leader: p.leader_id.0,
+                    error: check_code(p.error_code).err(),
+                })
+                .collect();
+            partitions.sort_by_key(|p| p.partition);
+            metadata.topics.insert(
+                name.0.to_string(),
+                TopicInfo {
+                    error: check_code(topic.error_code).err(),
+                    partitions,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The cached metadata of `topic`.
+    pub fn topic(&self, topic: &str) -> Option<TopicInfo> {
+        self.metadata
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .topics
+            .get(topic)
+            .cloned()
+    }
+
+    /// The cached leader of a partition (`None` when unknown or leaderless).
+    pub fn leader(&self, topic: &str, partition: i32) -> Option<i32> {
+        self.topic(topic)?
+            .partitions
+            .iter()
+            .find(|p| p.partition == partition)
+            .map(|p| p.leader)
+            .filter(|leader| *leader >= 0)
+    }
+}

@@ -1,0 +1,451 @@
+//! One connection to one broker: framing, correlation ids, pipelining, API-version
+//! negotiation.
+//!
+//! Requests are encoded whole and handed to a writer task, so a caller that stops waiting
+//! (a cancelled future) can never leave half a frame on the wire. A reader task matches each
+//! response to its request by correlation id; any framing problem (a length out of range, an
+//! unknown correlation id, end of stream) poisons the connection: every request in flight fails
+//! with that cause and later requests fail at once. A request that times out poisons it too,
+//! since its answer could still arrive later (what the Java client and librdkafka do).
+//!
+//! References: Kafka protocol guide ("Network", "Request Header"), KIP-511 (ApiVersions v3 and
+//! the v0 fallback), KIP-482 (flexible versions).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, RequestHeader, ResponseHeader};
+use kafka_protocol::protocol::{Decodable, Encodable, Request, StrBytes};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::ClientError;
+
+/// Settings of one connection (Kafka client names).
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    /// `client.id`, sent in every request header.
+    pub client_id: String,
+    /// `request.timeout.ms`.
+    pub request_timeout: Duration,
+    /// Largest response frame accepted (`receive.message.max.bytes` in librdkafka).
+    pub max_response_bytes: usize,
+    /// Requests queued for the writer before `send` waits.
+    pub max_queued_requests: usize,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        Self {
+            client_id: "semel".into(),
+            request_timeout: Duration::from_secs(30),
+            max_response_bytes: 100 * 1024 * 1024,
+            max_queued_requests: 64,
+        }
+    }
+}
+
+type Answer = Result<Bytes, ClientError>;
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// correlation id → who waits for the answer.
+    waiting: Mutex<HashMap<i32, oneshot::Sender<Answer>>>,
+    /// Set once; every later request fails with it.
+    broken: Mutex<Option<ClientError>>,
+}
+
+impl Shared {
+    fn poison(&self, error: ClientError) {
+        let mut broken = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        if broken.is_none() {
+            tracing::debug!(%error, "connection poisoned");
+            *broken = Some(error.clone());
+        }
+        let cause = broken.clone().unwrap_or(error);
+        drop(broken);
+        let waiting: Vec<_> = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for (_, sender) in waiting {
+            let _ = sender.send(Err(cause.clone()));
+        }
+    }
+
+    fn broken(&self) -> Option<ClientError> {
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A connection to one broker. Cheap to share: requests from many tasks are pipelined.
+#[derive(Debug)]
+pub struct Connection {
+    broker: String,
+    config: ConnectionConfig,
+    shared: Arc<Shared>,
+    frames: mpsc::Sender<Bytes>,
+    next_correlation_id: AtomicI32,
+    /// The broker's supported versions per API key, from ApiVersions.
+    versions: HashMap<i16, (i16, i16)>,
+}
+
+impl Connection {
+    /// Connects over TCP and negotiates API versions.
+    ///
+    /// # Errors
+    /// `Connect` if the TCP connection fails; any error of the ApiVersions exchange.
+    pub async fn connect(broker: &str, config: ConnectionConfig) -> Result<Self, ClientError> {
+        let stream = tokio::time::timeout(config.request_timeout, TcpStream::connect(broker))
+            .await
+            .map_err(|_| ClientError::Connect {
+                broker: broker.to_string(),
+                reason: format!("timed out after {:?}", config.request_timeout),
+            })?
+            .map_err(|e| ClientError::Connect {
+                broker: broker.to_string(),
+                reason: e.to_string(),
+            })?;
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        Self::over(broker, read, write, config).await
+    }
+
+    /// A connection over any byte stream (tests use `tokio::io::duplex`).
+    ///
+    /// # Errors
+    /// Any error of the ApiVersions exchange.
+    pub async fn over<R, W>(
+        broker: &str,
+        read: R,
+        write: W,
+        config: ConnectionConfig,
+    ) -> Result<Self, ClientError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = Arc::new(Shared::default());
+        let (frames, queue) = mpsc::channel(config.max_queued_requests.max(1));
+        tokio::spawn(write_frames(
+            write,
+            queue,
+            Arc::clone(&shared),
+            broker.to_string(),
+        ));
+        tokio::spawn(read_frames(
+            read,
+            Arc::clone(&shared),
+            broker.to_string(),
+            config.max_response_bytes,
+        ));
+        let mut connection = Self {
+            broker: broker.to_string(),
+            config,
+            shared,
+            frames,
+            next_correlation_id: AtomicI32::new(1),
+            versions: HashMap::new(),
+        };
+        connection.versions = connection.negotiate().await?;
+        Ok(connection)
+    }
+
+    /// `host:port` of the broker.
+    pub fn broker(&self) -> &str {
+        &self.broker
+    }
+
+    /// Whether the connection broke (it is never used again once it did).
+    pub fn is_broken(&self) -> bool {
+        self.shared.broken().is_some()
+    }
+
+    /// ApiVersions v3, and v0 if the broker does not know v3 (KIP-511: it answers
+    /// `UNSUPPORTED_VERSION` with its own ApiVersions range, in the v0 format).
+    async fn negotiate(&self) -> Result<HashMap<i16, (i16, i16)>, ClientError> {
+        let request = ApiVersionsRequest::default()
+            .with_client_software_name(StrBytes::from_static_str("semel"))
+            .with_client_software_version(StrBytes::from_static_str(env!("CARGO_PKG_VERSION")));
+        // KIP-511: a broker that does not know v3 answers in the v0 format.
+        let (api, payload) = self.round_trip(&request, 3).await?;
+        let mut response = decode_response::<ApiVersionsRequest>(api, 3, payload.clone())
+            .or_else(|_| decode_response::<ApiVersionsRequest>(api, 0, payload))?;
+        if response.error_code == kafka_protocol::ResponseError::UnsupportedVersion.code() {
+            response = self.send_version(&request, 0).await?;
+        }
+        crate::error::check_code(response.error_code).map_err(|code| ClientError::Broker {
+            api: ApiKey::ApiVersions,
+            code,
+            message: None,
+        })?;
+        Ok(response
+            .api_keys
+            .iter()
+            .map(|k| (k.api_key, (k.min_version, k.max_version)))
+            .collect())
+    }
+
+    /// The highest version of `api` both sides speak, within `ours`.
+    ///
+    /// # Errors
+    /// `UnsupportedVersion` when the ranges do not overlap or the broker lacks the API.
+    pub fn version(&self, api: ApiKey, ours: (i16, i16)) -> Result<i16, ClientError> {
+        let theirs = self.versions.get(&(api as i16)).copied();
+        match theirs {
+            Some((min, max)) if ours.0.max(min) <= ours.1.min(max) => Ok(ours.1.min(max)),
+            _ => Err(ClientError::UnsupportedVersion {
+                api,
+                broker: self.broker.clone(),
+                ours,
+                theirs,
+            }),
+        }
+    }
+
+    fn encode<R: Request>(
+        &self,
+        request: &R,
+        version: i16,
+    ) -> Result<(i32, ApiKey, Bytes), ClientError> {
+        let api = ApiKey::try_from(R::KEY).map_err(|()| ClientError::Encode {
+            api: ApiKey::ApiVersions,
+            version,
+            reason: format!("unknown api key {}", R::KEY),
+        })?;
+        let correlation_id = self.next_correlation_id.fetch_add(1, Ordering::Relaxed);
+        let mut buf = BytesMut::with_capacity(64);
+        buf.extend_from_slice(&[0, 0, 0, 0]);
+        let encode_error = |reason: String| ClientError::Encode {
+            api,
+            version,
+            reason,
+        };
+        RequestHeader::default()
+            .with_request_api_key(R::KEY)
+            .with_request_api_version(version)
+            .with_correlation_id(correlation_id)
+            .with_client_id(Some(StrBytes::from_string(self.config.client_id.clone())))
+            .encode(&mut buf, api.request_header_version(version))
+            .map_err(|e| encode_error(e.to_string()))?;
+        request
+            .encode(&mut buf, version)
+            .map_err(|e| encode_error(e.to_string()))?;
+        let length = i32::try_from(buf.len() - 4).map_err(|_| ClientError::Encode {
+            api,
+            version,
+            reason: format!("{} bytes do not fit a frame", buf.len()),
+        })?;
+        buf[..4].copy_from_slice(&length.to_be_bytes());
+        Ok((correlation_id, api, buf.freeze()))
+    }
+
+    /// Sends `request` at `version` and waits for its response.
+    ///
+    /// # Errors
+    /// `ConnectionBroken`, `Timeout` (which also breaks the connection), `Encode`, `Decode`.
+    pub async fn send_version<R: Request>(
+        &self,
+        request: &R,
+        version: i16,
+    ) -> Result<R::Response, ClientError> {
+        let (api, payload) = self.round_trip(request, version).await?;
+        decode_response::<R>(api, version, payload)
+    }
+
+    /// Sends `request` and returns the raw response (header and body).
+    async fn round_trip<R: Request>(
+        &self,
+        request: &R,
+        version: i16,
+    ) -> Result<(ApiKey, Bytes), ClientError> {
+        if let Some(error) = self.shared.broken() {
+            return Err(error);
+        }
+        let (correlation_id, api, frame) = self.encode(request, version)?;
+        let (sender, receiver) = oneshot::channel();
+        self.shared
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(correlation_id, sender);
+        let forget = || {
+            self.shared
+                .waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&correlation_id);
+        };
+        if self.frames.send(frame).await.is_err() {
+            forget();
+            return Err(self
+                .shared
+                .broken()
+                .unwrap_or_else(|| self.broken("writer stopped")));
+        }
+        let answer = match tokio::time::timeout(self.config.request_timeout, receiver).await {
+            Ok(Ok(answer)) => answer?,
+            Ok(Err(_)) => {
+                return Err(self
+                    .shared
+                    .broken()
+                    .unwrap_or_else(|| self.broken("reader stopped")));
+            }
+            Err(_) => {
+                forget();
+                let error = ClientError::Timeout {
+                    api,
+                    broker: self.broker.clone(),
+                    after: self.config.request_timeout,
+                };
+                self.shared.poison(ClientError::ConnectionBroken {
+                    broker: self.broker.clone(),
+                    cause: error.to_string(),
+                });
+                return Err(error);
+            }
+        };
+        Ok((api, answer))
+    }
+
+    /// Sends `request` at the highest version both sides speak within `ours`.
+    ///
+    /// # Errors
+    /// As [`Connection::send_version`], and `UnsupportedVersion`.
+    pub async fn send<R: Request>(
+        &self,
+        request: &R,
+        ours: (i16, i16),
+    ) -> Result<R::Response, ClientError> {
+        let api = ApiKey::try_from(R::KEY).unwrap_or(ApiKey::ApiVersions);
+        let version = self.version(api, ours)?;
+        self.send_version(request, version).await
+    }
+
+    /// Sends a request that gets no response (Produce with `acks=0`).
+    ///
+    /// # Errors
+    /// `ConnectionBroken`, `Encode`.
+    pub async fn send_without_response<R: Request>(
+        &self,
+        request: &R,
+        version: i16,
+    ) -> Result<(), ClientError> {
+        if let Some(error) = self.shared.broken() {
+            return Err(error);
+        }
+        let (_, _, frame) = self.encode(request, version)?;
+        self.frames.send(frame).await.map_err(|_| {
+            self.shared
+                .broken()
+                .unwrap_or_else(|| self.broken("writer stopped"))
+        })
+    }
+
+    fn broken(&self, cause: &str) -> ClientError {
+        ClientError::ConnectionBroken {
+            broker: self.broker.clone(),
+            cause: cause.to_string(),
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // Fails whatever still waits; the writer ends when `frames` is dropped, which closes
+        // the stream, and the reader then ends too.
+        self.shared
+            .poison(self.broken("connection closed by the client"));
+    }
+}
+
+fn decode_response<R: Request>(
+    api: ApiKey,
+    version: i16,
+    mut payload: Bytes,
+) -> Result<R::Response, ClientError> {
+    let decode_error = |reason: String| ClientError::Decode {
+        api,
+        version,
+        reason,
+    };
+    ResponseHeader::decode(&mut payload, api.response_header_version(version))
+        .map_err(|e| decode_error(e.to_string()))?;
+    let response =
+        R::Response::decode(&mut payload, version).map_err(|e| decode_error(e.to_string()))?;
+    if payload.has_remaining() {
+        return Err(decode_error(format!(
+            "{} bytes left after the body",
+            payload.remaining()
+        )));
+    }
+    Ok(response)
+}
+
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut write: W,
+    mut queue: mpsc::Receiver<Bytes>,
+    shared: Arc<Shared>,
+    broker: String,
+) {
+    while let Some(frame) = queue.recv().await {
+        if shared.broken().is_some() {
+            break;
+        }
+        if let Err(e) = write.write_all(&frame).await {
+            shared.poison(ClientError::ConnectionBroken {
+                broker: broker.clone(),
+                cause: format!("write failed: {e}"),
+            });
+            break;
+        }
+    }
+    let _ = write.shutdown().await;
+}
+
+async fn read_frames<R: AsyncRead + Unpin>(
+    mut read: R,
+    shared: Arc<Shared>,
+    broker: String,
+    max_response_bytes: usize,
+) {
+    let cause = loop {
+        let mut prefix = [0u8; 4];
+        if let Err(e) = read.read_exact(&mut prefix).await {
+            break format!("read failed: {e}");
+        }
+        let length = i32::from_be_bytes(prefix);
+        let length = match usize::try_from(length) {
+            Ok(l) if (4..=max_response_bytes).contains(&l) => l,
+            _ => break format!("response frame length {length} outside 4..={max_response_bytes}"),
+        };
+        let mut payload = vec![0u8; length];
+        if let Err(e) = read.read_exact(&mut payload).await {
+            break format!("read failed inside a frame: {e}");
+        }
+        let correlation_id = i32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        let waiter = shared
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&correlation_id);
+        match waiter {
+            Some(sender) => {
+                let _ = sender.send(Ok(Bytes::from(payload)));
+            }
+            None if shared.broken().is_some() => return,
+            // An answer nobody asked for: the stream can no longer be trusted.
+            None => break format!("response with unknown correlation id {correlation_id}"),
+        }
+    };
+    shared.poison(ClientError::ConnectionBroken { broker, cause });
+}
