@@ -1,5 +1,181 @@
-//! semel-producer: an idempotent Kafka producer library.
+//! semel-producer: an idempotent producer for any Kafka-protocol broker (semel-broker, Apache
+//! Kafka, Redpanda).
 //!
-//! Planned scope (issue 4). Nothing is implemented here yet; the crate exists so the workspace
-//! layout is fixed.
+//! With `enable.idempotence` (the default) the producer gets a producer id from the broker and
+//! numbers its records per partition, so when a reply is lost and a batch is sent again, the
+//! broker stores it once and answers with the original offset. Records of one partition are
+//! delivered in the order they were sent, retries included.
+//!
+//! What it cannot guarantee: a record given up after `delivery.timeout.ms` may or may not be
+//! stored; after such a give-up (or a broker that lost the producer's state), the producer
+//! bumps its epoch and renumbers what is queued (KIP-360), and a batch whose earlier attempt
+//! was stored with its reply lost can then be stored a second time. A restarted process gets a
+//! new producer id, so resends across a process restart are not deduplicated by the broker
+//! (deduplicate on the consumer side, which is what `semel-consumer`'s dedup store is for).
+//!
+//! # Layout
+//! - [`config`]: [`ProducerConfig`] under the Java client's names, with `validate()`.
+//! - [`record`]: [`ProducerRecord`], [`DeliveryReport`], [`ProduceError`].
+//! - [`partitioner`]: murmur2, the same partition as the Java client and librdkafka's
+//!   `murmur2_random` for the same key.
+//! - `sender`: the background task that batches, sends and retries in sequence order.
+//! - [`metrics`] holds the counters.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), semel_producer::ProduceError> {
+//! use semel_producer::{Producer, ProducerConfig, ProducerRecord};
+//! let producer = Producer::connect(ProducerConfig {
+//!     bootstrap_servers: vec!["127.0.0.1:9092".into()],
+//!     ..ProducerConfig::default()
+//! })
+//! .await?;
+//! let report = producer
+//!     .send(ProducerRecord::new("payments", "charge 42").key("order-7"))
+//!     .await?
+//!     .await?;
+//! println!("stored at {}-{}", report.partition, report.offset);
+//! producer.close().await;
+//! # Ok(()) }
+//! ```
 #![deny(missing_docs)]
+
+pub mod config;
+pub mod metrics;
+pub mod partitioner;
+pub mod record;
+mod sender;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use kafka_protocol::messages::{ApiKey, InitProducerIdRequest, ProducerId};
+use semel_client::{ClientConfig, ClientError, Cluster, ConnectionConfig, check_code};
+use tokio::sync::{mpsc, oneshot};
+
+pub use config::{Acks, ConfigError, ProducerConfig};
+pub use kafka_protocol::records::Compression;
+pub use metrics::Metrics;
+pub use record::{DeliveryReport, ProduceError, ProducerRecord};
+use sender::{Command, Sender};
+
+/// A running producer. Cheap to share behind an `Arc`; `send` may be called from many tasks.
+#[derive(Debug)]
+pub struct Producer {
+    commands: mpsc::Sender<Command>,
+    task: tokio::task::JoinHandle<()>,
+    metrics: Arc<Metrics>,
+    producer_id: i64,
+}
+
+/// Resolves to the record's delivery report once the broker acknowledged it.
+#[derive(Debug)]
+pub struct Delivery(oneshot::Receiver<Result<DeliveryReport, ProduceError>>);
+
+impl Future for Delivery {
+    type Output = Result<DeliveryReport, ProduceError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(ProduceError::Closed)))
+    }
+}
+
+impl Producer {
+    /// Validates the config, connects, and (when idempotent) gets a producer id.
+    ///
+    /// # Errors
+    /// `Config` for settings that cannot work; `Client` when no broker answers or
+    /// InitProducerId fails.
+    pub async fn connect(config: ProducerConfig) -> Result<Self, ProduceError> {
+        config.validate()?;
+        let cluster = Arc::new(
+            Cluster::connect(ClientConfig {
+                bootstrap_servers: config.bootstrap_servers.clone(),
+                connection: ConnectionConfig {
+                    client_id: config.client_id.clone(),
+                    request_timeout: config.request_timeout,
+                    ..ConnectionConfig::default()
+                },
+                ..ClientConfig::default()
+            })
+            .await?,
+        );
+        let producer = if config.enable_idempotence {
+            init_producer_id(&cluster).await?
+        } else {
+            (-1, -1)
+        };
+        let metrics = Arc::new(Metrics::default());
+        let (commands, receiver) = mpsc::channel(config.max_queued_records.max(1));
+        let sender = Sender::new(config, cluster, receiver, producer, Arc::clone(&metrics));
+        let task = tokio::spawn(sender.run());
+        Ok(Self {
+            commands,
+            task,
+            metrics,
+            producer_id: producer.0,
+        })
+    }
+
+    /// Queues `record`; waits only while `max_queued_records` are queued. The returned
+    /// [`Delivery`] resolves when the record is acknowledged (or fails for good).
+    ///
+    /// # Errors
+    /// `Closed` once the producer is closed.
+    pub async fn send(&self, record: ProducerRecord) -> Result<Delivery, ProduceError> {
+        let (reply, delivery) = oneshot::channel();
+        self.commands
+            .send(Command::Send { record, reply })
+            .await
+            .map_err(|_| ProduceError::Closed)?;
+        Ok(Delivery(delivery))
+    }
+
+    /// Sends everything queued now, and waits until all of it is acknowledged or failed.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.commands.send(Command::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Delivers (or reports the failure of) everything queued, then stops.
+    pub async fn close(self) {
+        drop(self.commands);
+        let _ = self.task.await;
+    }
+
+    /// The producer's counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The producer id from InitProducerId (-1 without idempotence).
+    pub fn producer_id(&self) -> i64 {
+        self.producer_id
+    }
+}
+
+async fn init_producer_id(cluster: &Cluster) -> Result<(i64, i16), ClientError> {
+    let connection = cluster.any().await?;
+    let version = connection.version(ApiKey::InitProducerId, (0, 4))?;
+    let response = connection
+        .send_version(
+            &InitProducerIdRequest::default()
+                .with_transactional_id(None)
+                .with_transaction_timeout_ms(60_000)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+            version,
+        )
+        .await?;
+    check_code(response.error_code).map_err(|code| ClientError::Broker {
+        api: ApiKey::InitProducerId,
+        code,
+        message: None,
+    })?;
+    Ok((response.producer_id.0, response.producer_epoch))
+}

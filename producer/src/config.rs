@@ -1,0 +1,132 @@
+//! Producer settings, under the Java client's names, with `validate()`.
+
+use std::time::Duration;
+
+use kafka_protocol::records::Compression;
+
+/// `acks`: how durable a write must be before the broker answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acks {
+    /// `acks=0`: no answer at all; nothing is retried and offsets are unknown (-1).
+    None,
+    /// `acks=1`: the leader wrote the batch.
+    Leader,
+    /// `acks=all` / `-1`: every in-sync replica has it (on semel-broker: fsynced).
+    All,
+}
+
+impl Acks {
+    pub(crate) fn wire(self) -> i16 {
+        match self {
+            Self::None => 0,
+            Self::Leader => 1,
+            Self::All => -1,
+        }
+    }
+}
+
+/// Producer settings. `Default` is the Java client's defaults (idempotence on, `acks=all`).
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: Vec<String>,
+    /// `client.id`.
+    pub client_id: String,
+    /// `acks`.
+    pub acks: Acks,
+    /// `enable.idempotence`: producer id + per-partition sequence numbers, so a retried batch
+    /// is stored once. Needs `acks=all` and at most 5 requests in flight per partition.
+    pub enable_idempotence: bool,
+    /// `linger.ms`: how long a batch waits for more records before it is sent.
+    pub linger: Duration,
+    /// `batch.size`: a batch is sent once its records take this many bytes.
+    pub batch_size: usize,
+    /// `compression.type`.
+    pub compression: Compression,
+    /// `delivery.timeout.ms`: from `send` to a delivery report or an error, retries included.
+    pub delivery_timeout: Duration,
+    /// `request.timeout.ms`: how long one Produce request may take.
+    pub request_timeout: Duration,
+    /// `retry.backoff.ms`: the wait before a failed batch is sent again.
+    pub retry_backoff: Duration,
+    /// `max.in.flight.requests.per.connection`: batches in flight per partition (≤ 5 when
+    /// idempotent).
+    pub max_in_flight: usize,
+    /// `buffer.memory`-like bound: records queued but not yet delivered before `send` waits.
+    pub max_queued_records: usize,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: vec!["127.0.0.1:9092".into()],
+            client_id: "semel-producer".into(),
+            acks: Acks::All,
+            enable_idempotence: true,
+            linger: Duration::from_millis(5),
+            batch_size: 16 * 1024,
+            compression: Compression::None,
+            delivery_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(30),
+            retry_backoff: Duration::from_millis(100),
+            max_in_flight: 5,
+            max_queued_records: 100_000,
+        }
+    }
+}
+
+/// A setting that cannot work.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid producer setting {name}: {reason}")]
+pub struct ConfigError {
+    /// Kafka's name of the setting.
+    pub name: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+impl ProducerConfig {
+    /// Checks the settings against each other, as the Java client does.
+    ///
+    /// # Errors
+    /// The first setting that cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |name, reason: &str| {
+            Err(ConfigError {
+                name,
+                reason: reason.to_string(),
+            })
+        };
+        if self.bootstrap_servers.is_empty() {
+            return fail("bootstrap.servers", "at least one address is needed");
+        }
+        if self.enable_idempotence && self.acks != Acks::All {
+            return fail(
+                "enable.idempotence",
+                "needs acks=all (a retried batch is only known stored once all replicas have it)",
+            );
+        }
+        if self.enable_idempotence && !(1..=5).contains(&self.max_in_flight) {
+            return fail(
+                "max.in.flight.requests.per.connection",
+                "must be 1 to 5 with enable.idempotence (brokers remember the last 5 batches)",
+            );
+        }
+        if self.max_in_flight == 0 {
+            return fail(
+                "max.in.flight.requests.per.connection",
+                "must be at least 1",
+            );
+        }
+        if self.delivery_timeout < self.linger + self.request_timeout {
+            return fail(
+                "delivery.timeout.ms",
+                "must be at least linger.ms + request.timeout.ms",
+            );
+        }
+        if self.batch_size == 0 {
+            return fail("batch.size", "must be at least 1");
+        }
+        Ok(())
+    }
+}

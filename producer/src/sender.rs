@@ -1,0 +1,711 @@
+//! The producer's background task: it batches records per partition, sends batches to the
+//! partition leaders, and retries what failed, in sequence order.
+//!
+//! Idempotence: a batch gets its base sequence when it is sealed and keeps it (and its bytes)
+//! across retries, so a broker that already stored it answers with the original offset. At
+//! most `max.in.flight` batches per partition are outstanding; a batch that fails with a
+//! retriable error goes back to the front of its partition's queue, and any later batch the
+//! broker then refuses as out of order follows it, so retries go out in sequence order.
+//!
+//! When the sequence is broken for good (a batch given up after `delivery.timeout.ms`, or the
+//! broker answering `OUT_OF_ORDER_SEQUENCE_NUMBER` to the first batch in line, or
+//! `UNKNOWN_PRODUCER_ID`), the producer does what the Java client does since KIP-360: it waits
+//! for nothing to be in flight, bumps its epoch with InitProducerId (current id and epoch), and
+//! renumbers every queued batch from sequence 0. A batch that was stored but whose answer was
+//! lost *and* which is renumbered this way can then be stored twice: the one case in which
+//! idempotence does not hold (the Java client has the same gap).
+//!
+//! References: KIP-98, KIP-360, KIP-480 (sticky partitioning), KIP-91 (delivery.timeout.ms).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::ResponseError;
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{
+    ApiKey, InitProducerIdRequest, ProduceRequest, ProducerId, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::{Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+use semel_client::{ClientError, Cluster, check_code, needs_metadata_refresh};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{Acks, ProducerConfig};
+use crate::metrics::Metrics;
+use crate::partitioner::partition_for_key;
+use crate::record::{DeliveryReport, ProduceError, ProducerRecord};
+
+pub(crate) type Reply = oneshot::Sender<Result<DeliveryReport, ProduceError>>;
+
+pub(crate) enum Command {
+    Send {
+        record: ProducerRecord,
+        reply: Reply,
+    },
+    Flush(oneshot::Sender<()>),
+}
+
+struct Pending {
+    record: ProducerRecord,
+    timestamp_ms: i64,
+    reply: Reply,
+    deadline: Instant,
+}
+
+struct Batch {
+    id: u64,
+    records: Vec<Pending>,
+    size: usize,
+    created: Instant,
+    /// Set when sealed (idempotent producers); -1 otherwise.
+    base_sequence: i32,
+    /// Encoded once when sealed; retries send the same bytes.
+    encoded: Bytes,
+    attempts: u32,
+    last_error: String,
+}
+
+impl Batch {
+    fn deadline(&self) -> Instant {
+        self.records
+            .iter()
+            .map(|p| p.deadline)
+            .min()
+            .unwrap_or(self.created)
+    }
+}
+
+#[derive(Default)]
+struct PartitionQueue {
+    open: Option<Batch>,
+    /// Sealed batches waiting to be sent, in sequence order.
+    ready: VecDeque<Batch>,
+    in_flight: Vec<Batch>,
+    next_sequence: i32,
+    backoff_until: Option<Instant>,
+}
+
+type Key = (String, i32);
+
+struct Outcome {
+    key: Key,
+    batch_id: u64,
+    result: Result<(i16, i64, i64), ClientError>,
+}
+
+pub(crate) struct Sender {
+    config: ProducerConfig,
+    cluster: Arc<Cluster>,
+    commands: mpsc::Receiver<Command>,
+    outcomes_tx: mpsc::UnboundedSender<Outcome>,
+    outcomes: mpsc::UnboundedReceiver<Outcome>,
+    queues: HashMap<Key, PartitionQueue>,
+    sticky: HashMap<String, i32>,
+    /// (producer id, epoch); (-1, -1) without idempotence.
+    producer: (i64, i16),
+    bump_epoch: bool,
+    flushes: Vec<oneshot::Sender<()>>,
+    next_batch_id: u64,
+    metrics: Arc<Metrics>,
+}
+
+fn next_sequence(sequence: i32, increment: i32) -> i32 {
+    if sequence > i32::MAX - increment {
+        increment - (i32::MAX - sequence) - 1
+    } else {
+        sequence + increment
+    }
+}
+
+impl Sender {
+    pub(crate) fn new(
+        config: ProducerConfig,
+        cluster: Arc<Cluster>,
+        commands: mpsc::Receiver<Command>,
+        producer: (i64, i16),
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (outcomes_tx, outcomes) = mpsc::unbounded_channel();
+        Self {
+            config,
+            cluster,
+            commands,
+            outcomes_tx,
+            outcomes,
+            queues: HashMap::new(),
+            sticky: HashMap::new(),
+            producer,
+            bump_epoch: false,
+            flushes: Vec::new(),
+            next_batch_id: 0,
+            metrics,
+        }
+    }
+
+    fn idempotent(&self) -> bool {
+        self.config.enable_idempotence
+    }
+
+    fn idle(&self) -> bool {
+        self.queues
+            .values()
+            .all(|q| q.open.is_none() && q.ready.is_empty() && q.in_flight.is_empty())
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut closing = false;
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                command = self.commands.recv(), if !closing => match command {
+                    Some(Command::Send { record, reply }) => self.enqueue(record, reply).await,
+                    Some(Command::Flush(done)) => self.flushes.push(done),
+                    None => closing = true,
+                },
+                Some(outcome) = self.outcomes.recv() => self.complete(outcome),
+                () = sleep_until(wake) => {}
+            }
+            let flushing = closing || !self.flushes.is_empty();
+            self.dispatch(flushing).await;
+            if self.idle() {
+                for done in self.flushes.drain(..) {
+                    let _ = done.send(());
+                }
+                if closing {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let mut wake: Option<Instant> = None;
+        let mut consider = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
+        for queue in self.queues.values() {
+            if let Some(open) = &queue.open {
+                consider(open.created + self.config.linger);
+            }
+            if let Some(until) = queue.backoff_until {
+                consider(until);
+            }
+            if let Some(first) = queue.ready.front() {
+                consider(first.deadline());
+            }
+        }
+        wake
+    }
+
+    async fn partitions_of(&self, topic: &str) -> Result<i32, ProduceError> {
+        let mut last = String::new();
+        for attempt in 0..20 {
+            if let Some(info) = self.cluster.topic(topic) {
+                if info.error.is_none() && !info.partitions.is_empty() {
+                    return i32::try_from(info.partitions.len())
+                        .map_err(|_| ProduceError::UnknownTopic(topic.to_string()));
+                }
+                last = format!("{:?}", info.error);
+            }
+            if attempt > 0 {
+                tokio::time::sleep(self.config.retry_backoff).await;
+            }
+            if let Err(e) = self
+                .cluster
+                .refresh_metadata(Some(&[topic.to_string()]), true)
+                .await
+            {
+                last = e.to_string();
+            }
+        }
+        Err(ProduceError::UnknownTopic(format!("{topic}: {last}")))
+    }
+
+    async fn enqueue(&mut self, mut record: ProducerRecord, reply: Reply) {
+        let partitions = match self.partitions_of(&record.topic).await {
+            Ok(n) => n,
+            Err(error) => {
+                self.metrics.failed.inc();
+                let _ = reply.send(Err(error));
+                return;
+            }
+        };
+        let partition = match (record.partition, &record.key) {
+            (Some(p), _) if (0..partitions).contains(&p) => p,
+            (Some(p), _) => {
+                self.metrics.failed.inc();
+                let _ = reply.send(Err(ProduceError::UnknownTopic(format!(
+                    "{}-{p} (the topic has {partitions} partitions)",
+                    record.topic
+                ))));
+                return;
+            }
+            (None, Some(key)) => partition_for_key(key, partitions),
+            (None, None) => {
+                let start = i32::try_from(self.next_batch_id % 7_919).unwrap_or(0) % partitions;
+                *self.sticky.entry(record.topic.clone()).or_insert(start) % partitions
+            }
+        };
+        record.partition = Some(partition);
+        let key = (record.topic.clone(), partition);
+        let size = record.size_estimate();
+        let pending = Pending {
+            timestamp_ms: record.timestamp_ms.unwrap_or_else(now_ms),
+            record,
+            reply,
+            deadline: Instant::now() + self.config.delivery_timeout,
+        };
+        let full = {
+            let queue = self.queues.entry(key.clone()).or_default();
+            let needs_new = queue
+                .open
+                .as_ref()
+                .is_some_and(|b| b.size + size > self.config.batch_size);
+            if needs_new {
+                if let Some(batch) = queue.open.take() {
+                    queue.ready.push_back(batch);
+                }
+            }
+            let id = &mut self.next_batch_id;
+            let batch = queue.open.get_or_insert_with(|| {
+                *id += 1;
+                Batch {
+                    id: *id,
+                    records: Vec::new(),
+                    size: 0,
+                    created: Instant::now(),
+                    base_sequence: -1,
+                    encoded: Bytes::new(),
+                    attempts: 0,
+                    last_error: String::new(),
+                }
+            });
+            batch.records.push(pending);
+            batch.size += size;
+            batch.size >= self.config.batch_size || needs_new
+        };
+        self.metrics.queued.add(1);
+        if full {
+            self.seal_full(&key);
+        }
+    }
+
+    /// Seals every batch of `key` waiting in `open` and in `ready` without bytes.
+    fn seal_full(&mut self, key: &Key) {
+        if let Some(queue) = self.queues.get_mut(key) {
+            if queue
+                .open
+                .as_ref()
+                .is_some_and(|b| b.size >= self.config.batch_size)
+            {
+                if let Some(batch) = queue.open.take() {
+                    queue.ready.push_back(batch);
+                }
+            }
+        }
+        self.encode_unsealed(key);
+        self.advance_sticky(&key.0, key.1);
+    }
+
+    fn advance_sticky(&mut self, topic: &str, partition: i32) {
+        if let Some(current) = self.sticky.get_mut(topic) {
+            if *current == partition {
+                *current = partition + 1;
+            }
+        }
+    }
+
+    /// Gives every batch in `ready` that has no bytes yet its sequence and bytes.
+    fn encode_unsealed(&mut self, key: &Key) {
+        let idempotent = self.idempotent();
+        let producer = self.producer;
+        let compression = self.config.compression;
+        let Some(queue) = self.queues.get_mut(key) else {
+            return;
+        };
+        for batch in &mut queue.ready {
+            if !batch.encoded.is_empty() {
+                continue;
+            }
+            let count = i32::try_from(batch.records.len()).unwrap_or(i32::MAX);
+            if idempotent {
+                batch.base_sequence = queue.next_sequence;
+                queue.next_sequence = next_sequence(queue.next_sequence, count);
+            }
+            match encode(batch, producer, compression) {
+                Ok(bytes) => batch.encoded = bytes,
+                Err(reason) => batch.last_error = reason,
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, flushing: bool) {
+        let now = Instant::now();
+        let keys: Vec<Key> = self.queues.keys().cloned().collect();
+        for key in &keys {
+            if let Some(queue) = self.queues.get_mut(key) {
+                if queue
+                    .open
+                    .as_ref()
+                    .is_some_and(|b| flushing || b.created + self.config.linger <= now)
+                {
+                    if let Some(batch) = queue.open.take() {
+                        queue.ready.push_back(batch);
+                    }
+                }
+            }
+            self.encode_unsealed(key);
+            self.advance_sticky(&key.0, key.1);
+        }
+        if self.bump_epoch {
+            if self.queues.values().any(|q| !q.in_flight.is_empty()) {
+                return; // bump once nothing is outstanding
+            }
+            self.bump().await;
+        }
+        let mut refresh = false;
+        for key in keys {
+            while let Some(queue) = self.queues.get_mut(&key) {
+                if queue.backoff_until.is_some_and(|t| t > now)
+                    || queue.in_flight.len() >= self.config.max_in_flight
+                {
+                    break;
+                }
+                let Some(batch) = queue.ready.pop_front() else {
+                    break;
+                };
+                if batch.encoded.is_empty() {
+                    let error =
+                        ProduceError::Fatal(format!("cannot encode batch: {}", batch.last_error));
+                    fail(batch, &error, &self.metrics);
+                    continue;
+                }
+                let Some(leader) = self.cluster.leader(&key.0, key.1) else {
+                    refresh = true;
+                    self.retry_later(&key, batch, "no leader known".into());
+                    break;
+                };
+                let connection = match self.cluster.node(leader).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        refresh = true;
+                        self.retry_later(&key, batch, e.to_string());
+                        break;
+                    }
+                };
+                self.send(key.clone(), batch, connection);
+            }
+        }
+        if refresh {
+            let _ = self.cluster.refresh_metadata(None, false).await;
+        }
+    }
+
+    fn send(&mut self, key: Key, mut batch: Batch, connection: Arc<semel_client::Connection>) {
+        batch.attempts += 1;
+        if batch.attempts > 1 {
+            self.metrics.retried.inc();
+        }
+        let request = ProduceRequest::default()
+            .with_acks(self.config.acks.wire())
+            .with_timeout_ms(
+                i32::try_from(self.config.request_timeout.as_millis()).unwrap_or(i32::MAX),
+            )
+            .with_topic_data(vec![
+                TopicProduceData::default()
+                    .with_name(TopicName(StrBytes::from_string(key.0.clone())))
+                    .with_partition_data(vec![
+                        PartitionProduceData::default()
+                            .with_index(key.1)
+                            .with_records(Some(batch.encoded.clone())),
+                    ]),
+            ]);
+        let acks = self.config.acks;
+        let tx = self.outcomes_tx.clone();
+        let batch_id = batch.id;
+        if let Some(queue) = self.queues.get_mut(&key) {
+            queue.in_flight.push(batch);
+        }
+        tokio::spawn(async move {
+            let result = async {
+                let version = connection.version(ApiKey::Produce, (3, 9))?;
+                if acks == Acks::None {
+                    connection.send_without_response(&request, version).await?;
+                    return Ok((0, -1, -1));
+                }
+                let response = connection.send_version(&request, version).await?;
+                let partition = response
+                    .responses
+                    .first()
+                    .and_then(|t| t.partition_responses.first())
+                    .ok_or_else(|| ClientError::Metadata("empty produce response".into()))?;
+                Ok((
+                    partition.error_code,
+                    partition.base_offset,
+                    partition.log_append_time_ms,
+                ))
+            }
+            .await;
+            let _ = tx.send(Outcome {
+                key,
+                batch_id,
+                result,
+            });
+        });
+    }
+
+    fn retry_later(&mut self, key: &Key, mut batch: Batch, error: String) {
+        batch.last_error = error;
+        if Instant::now() >= batch.deadline() {
+            if self.idempotent() {
+                self.bump_epoch = true;
+            }
+            let error = ProduceError::Timeout {
+                last_error: batch.last_error.clone(),
+            };
+            fail(batch, &error, &self.metrics);
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(key) else {
+            return;
+        };
+        let position = queue
+            .ready
+            .iter()
+            .position(|b| sequence_before(batch.base_sequence, b.base_sequence, batch.id, b.id))
+            .unwrap_or(queue.ready.len());
+        queue.ready.insert(position, batch);
+        queue.backoff_until = Some(Instant::now() + self.config.retry_backoff);
+    }
+
+    fn complete(&mut self, outcome: Outcome) {
+        let Some(queue) = self.queues.get_mut(&outcome.key) else {
+            return;
+        };
+        let Some(index) = queue
+            .in_flight
+            .iter()
+            .position(|b| b.id == outcome.batch_id)
+        else {
+            return;
+        };
+        let batch = queue.in_flight.remove(index);
+        let earlier_outstanding = queue
+            .in_flight
+            .iter()
+            .chain(queue.ready.iter())
+            .any(|b| sequence_before(b.base_sequence, batch.base_sequence, b.id, batch.id));
+        match outcome.result {
+            Ok((0, base_offset, append_time)) => {
+                succeed(
+                    batch,
+                    outcome.key.1,
+                    base_offset,
+                    append_time,
+                    &self.metrics,
+                );
+            }
+            Ok((46, _, _)) => {
+                // DUPLICATE_SEQUENCE_NUMBER (old brokers): stored before, offset unknown.
+                self.metrics.duplicates_acknowledged.inc();
+                succeed(batch, outcome.key.1, -1, -1, &self.metrics);
+            }
+            Ok((code, _, _)) => {
+                let error = check_code(code)
+                    .err()
+                    .unwrap_or(ResponseError::UnknownServerError);
+                let out_of_order = error == ResponseError::OutOfOrderSequenceNumber;
+                if out_of_order && earlier_outstanding {
+                    // An earlier batch failed; this one follows it in order.
+                    self.retry_later(&outcome.key, batch, format!("{error:?}"));
+                } else if self.idempotent()
+                    && (out_of_order || error == ResponseError::UnknownProducerId)
+                {
+                    tracing::warn!(topic = %outcome.key.0, partition = outcome.key.1, ?error, "sequence lost; bumping the epoch (KIP-360)");
+                    self.bump_epoch = true;
+                    self.retry_later(&outcome.key, batch, format!("{error:?}"));
+                } else if error == ResponseError::InvalidProducerEpoch
+                    || error == ResponseError::ProducerFenced
+                {
+                    fail(
+                        batch,
+                        &ProduceError::Fatal(format!("{error:?}")),
+                        &self.metrics,
+                    );
+                } else if error.is_retriable() {
+                    if needs_metadata_refresh(error) {
+                        let cluster = Arc::clone(&self.cluster);
+                        tokio::spawn(async move {
+                            let _ = cluster.refresh_metadata(None, false).await;
+                        });
+                    }
+                    self.retry_later(&outcome.key, batch, format!("{error:?}"));
+                } else {
+                    fail(batch, &ProduceError::Broker(error), &self.metrics);
+                }
+            }
+            Err(error) => {
+                // The connection broke or timed out: the batch may or may not be stored.
+                // Resending the same bytes is safe with idempotence; without it, this is
+                // where duplicates come from.
+                self.retry_later(&outcome.key, batch, error.to_string());
+            }
+        }
+    }
+
+    /// KIP-360: a new epoch for the same producer id, and every queued batch renumbered.
+    async fn bump(&mut self) {
+        let request = InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_transaction_timeout_ms(60_000)
+            .with_producer_id(ProducerId(self.producer.0))
+            .with_producer_epoch(self.producer.1);
+        let result = async {
+            let connection = self.cluster.any().await?;
+            let version = connection.version(ApiKey::InitProducerId, (0, 4))?;
+            let request = if version >= 3 {
+                request
+            } else {
+                request
+                    .with_producer_id(ProducerId(-1))
+                    .with_producer_epoch(-1)
+            };
+            let response = connection.send_version(&request, version).await?;
+            check_code(response.error_code).map_err(|code| ClientError::Broker {
+                api: ApiKey::InitProducerId,
+                code,
+                message: None,
+            })?;
+            Ok::<_, ClientError>((response.producer_id.0, response.producer_epoch))
+        }
+        .await;
+        match result {
+            Ok(producer) => {
+                tracing::info!(?producer, "producer epoch bumped; sequences restart at 0");
+                self.producer = producer;
+                self.bump_epoch = false;
+                for queue in self.queues.values_mut() {
+                    queue.next_sequence = 0;
+                    for batch in &mut queue.ready {
+                        batch.encoded = Bytes::new();
+                    }
+                }
+                let keys: Vec<Key> = self.queues.keys().cloned().collect();
+                for key in keys {
+                    self.encode_unsealed(&key);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "epoch bump failed; will retry");
+                for queue in self.queues.values_mut() {
+                    queue.backoff_until = Some(Instant::now() + self.config.retry_backoff);
+                }
+            }
+        }
+    }
+}
+
+/// Whether batch (seq a, id a) goes before batch (seq b, id b): by sequence when both have
+/// one, else by creation order.
+fn sequence_before(seq_a: i32, seq_b: i32, id_a: u64, id_b: u64) -> bool {
+    if seq_a >= 0 && seq_b >= 0 && seq_a != seq_b {
+        // Sequences wrap from i32::MAX to 0; within the few batches outstanding, the shorter
+        // way round the 2^31 circle decides.
+        let forward = (i64::from(seq_b) - i64::from(seq_a)).rem_euclid(1 << 31);
+        forward < (1 << 30)
+    } else {
+        id_a < id_b
+    }
+}
+
+fn succeed(batch: Batch, partition: i32, base_offset: i64, append_time: i64, metrics: &Metrics) {
+    for (i, pending) in batch.records.into_iter().enumerate() {
+        metrics.sent.inc();
+        metrics.queued.add(-1);
+        let offset = if base_offset < 0 {
+            -1
+        } else {
+            base_offset + i64::try_from(i).unwrap_or(0)
+        };
+        let _ = pending.reply.send(Ok(DeliveryReport {
+            partition,
+            offset,
+            timestamp_ms: append_time,
+        }));
+    }
+}
+
+fn fail(batch: Batch, error: &ProduceError, metrics: &Metrics) {
+    for pending in batch.records {
+        metrics.failed.inc();
+        metrics.queued.add(-1);
+        let _ = pending.reply.send(Err(error.clone()));
+    }
+}
+
+fn encode(
+    batch: &Batch,
+    producer: (i64, i16),
+    compression: kafka_protocol::records::Compression,
+) -> Result<Bytes, String> {
+    let idempotent = batch.base_sequence >= 0;
+    let records: Vec<Record> = batch
+        .records
+        .iter()
+        .enumerate()
+        .map(|(i, pending)| {
+            let i32_index = i32::try_from(i).unwrap_or(i32::MAX);
+            Record {
+                transactional: false,
+                control: false,
+                partition_leader_epoch: -1,
+                producer_id: if idempotent { producer.0 } else { -1 },
+                producer_epoch: if idempotent { producer.1 } else { -1 },
+                timestamp_type: TimestampType::Creation,
+                offset: i64::from(i32_index),
+                // kafka-protocol cuts a batch wherever offset - sequence changes; without a
+                // producer id the records are numbered from -1 (base sequence -1 = none).
+                sequence: if idempotent {
+                    next_sequence(batch.base_sequence, i32_index)
+                } else {
+                    i32_index - 1
+                },
+                delete_horizon: false,
+                timestamp: pending.timestamp_ms,
+                key: pending.record.key.clone(),
+                value: pending.record.value.clone(),
+                headers: pending
+                    .record
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (StrBytes::from_string(k.clone()), v.clone()))
+                    .collect(),
+            }
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(buf.freeze())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+async fn sleep_until(wake: Option<Instant>) {
+    match wake {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => tokio::time::sleep(Duration::from_secs(3600)).await,
+    }
+}
