@@ -268,6 +268,23 @@ impl Connection {
         request: &R,
         version: i16,
     ) -> Result<(ApiKey, Bytes), ClientError> {
+        let in_flight = self.submit(request, version).await?;
+        let api = in_flight.api;
+        Ok((api, in_flight.raw().await?))
+    }
+
+    /// Queues `request` for writing and returns a handle to await its answer. Requests are
+    /// written in the order `submit` is called (and returns), so a caller that needs ordering
+    /// across requests (a producer's batches of one partition) submits them one after the
+    /// other and awaits the answers concurrently.
+    ///
+    /// # Errors
+    /// `ConnectionBroken`, `Encode`.
+    pub async fn submit<R: Request>(
+        &self,
+        request: &R,
+        version: i16,
+    ) -> Result<InFlight<R>, ClientError> {
         if let Some(error) = self.shared.broken() {
             return Err(error);
         }
@@ -285,6 +302,11 @@ impl Connection {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&correlation_id);
         };
+        // Poisoned between the first check and the registration: nobody would answer.
+        if let Some(error) = self.shared.broken() {
+            forget();
+            return Err(error);
+        }
         if self.frames.send(frame).await.is_err() {
             forget();
             return Err(self
@@ -292,29 +314,16 @@ impl Connection {
                 .broken()
                 .unwrap_or_else(|| self.broken("writer stopped")));
         }
-        let answer = match tokio::time::timeout(self.config.request_timeout, receiver).await {
-            Ok(Ok(answer)) => answer?,
-            Ok(Err(_)) => {
-                return Err(self
-                    .shared
-                    .broken()
-                    .unwrap_or_else(|| self.broken("reader stopped")));
-            }
-            Err(_) => {
-                forget();
-                let error = ClientError::Timeout {
-                    api,
-                    broker: self.broker.clone(),
-                    after: self.config.request_timeout,
-                };
-                self.shared.poison(ClientError::ConnectionBroken {
-                    broker: self.broker.clone(),
-                    cause: error.to_string(),
-                });
-                return Err(error);
-            }
-        };
-        Ok((api, answer))
+        Ok(InFlight {
+            api,
+            version,
+            correlation_id,
+            receiver,
+            shared: Arc::clone(&self.shared),
+            broker: self.broker.clone(),
+            timeout: self.config.request_timeout,
+            response: std::marker::PhantomData,
+        })
     }
 
     /// Sends `request` at the highest version both sides speak within `ours`.
@@ -365,6 +374,62 @@ impl Drop for Connection {
         // the stream, and the reader then ends too.
         self.shared
             .poison(self.broken("connection closed by the client"));
+    }
+}
+
+/// A request on the wire (or queued for it), whose answer can be awaited.
+#[derive(Debug)]
+pub struct InFlight<R> {
+    api: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    receiver: oneshot::Receiver<Answer>,
+    shared: Arc<Shared>,
+    broker: String,
+    timeout: Duration,
+    response: std::marker::PhantomData<fn() -> R>,
+}
+
+impl<R: Request> InFlight<R> {
+    /// Waits for the answer (at most `request.timeout.ms`, after which the connection is
+    /// broken, since the answer could still come later).
+    ///
+    /// # Errors
+    /// `ConnectionBroken`, `Timeout`, `Decode`.
+    pub async fn response(self) -> Result<R::Response, ClientError> {
+        let (api, version) = (self.api, self.version);
+        let payload = self.raw().await?;
+        decode_response::<R>(api, version, payload)
+    }
+
+    async fn raw(self) -> Result<Bytes, ClientError> {
+        match tokio::time::timeout(self.timeout, self.receiver).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(self
+                .shared
+                .broken()
+                .unwrap_or(ClientError::ConnectionBroken {
+                    broker: self.broker.clone(),
+                    cause: "reader stopped".into(),
+                })),
+            Err(_) => {
+                self.shared
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&self.correlation_id);
+                let error = ClientError::Timeout {
+                    api: self.api,
+                    broker: self.broker.clone(),
+                    after: self.timeout,
+                };
+                self.shared.poison(ClientError::ConnectionBroken {
+                    broker: self.broker.clone(),
+                    cause: error.to_string(),
+                });
+                Err(error)
+            }
+        }
     }
 }
 

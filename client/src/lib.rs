@@ -30,5 +30,5 @@ pub mod connection;
 pub mod error;
 
 pub use cluster::{ClientConfig, Cluster, PartitionInfo, TopicInfo, needs_metadata_refresh};
-pub use connection::{Connection, ConnectionConfig};
+pub use connection::{Connection, ConnectionConfig, InFlight};
 pub use error::{ClientError, check_code};

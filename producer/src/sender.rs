@@ -65,6 +65,8 @@ struct Batch {
     encoded: Bytes,
     attempts: u32,
     last_error: String,
+    /// The connection of the current attempt.
+    connection: Option<Arc<semel_client::Connection>>,
 }
 
 impl Batch {
@@ -77,14 +79,28 @@ impl Batch {
     }
 }
 
-#[derive(Default)]
 struct PartitionQueue {
     open: Option<Batch>,
     /// Sealed batches waiting to be sent, in sequence order.
     ready: VecDeque<Batch>,
     in_flight: Vec<Batch>,
     next_sequence: i32,
+    /// Sequence of the last record the broker acknowledged in this epoch (-1: none yet).
+    acked_through: i32,
     backoff_until: Option<Instant>,
+}
+
+impl Default for PartitionQueue {
+    fn default() -> Self {
+        Self {
+            open: None,
+            ready: VecDeque::new(),
+            in_flight: Vec::new(),
+            next_sequence: 0,
+            acked_through: -1,
+            backoff_until: None,
+        }
+    }
 }
 
 type Key = (String, i32);
@@ -278,6 +294,7 @@ impl Sender {
                     encoded: Bytes::new(),
                     attempts: 0,
                     last_error: String::new(),
+                    connection: None,
                 }
             });
             batch.records.push(pending);
@@ -366,7 +383,15 @@ impl Sender {
         let mut refresh = false;
         for key in keys {
             while let Some(queue) = self.queues.get_mut(&key) {
-                if queue.backoff_until.is_some_and(|t| t > now)
+                // A broken connection fails its requests asynchronously; until those failures
+                // are back, a batch sent now on a new connection could overtake them and reach
+                // the broker out of sequence.
+                let waiting_for_failures = queue
+                    .in_flight
+                    .iter()
+                    .any(|b| b.connection.as_ref().is_some_and(|c| c.is_broken()));
+                if waiting_for_failures
+                    || queue.backoff_until.is_some_and(|t| t > now)
                     || queue.in_flight.len() >= self.config.max_in_flight
                 {
                     break;
@@ -393,7 +418,7 @@ impl Sender {
                         break;
                     }
                 };
-                self.send(key.clone(), batch, connection);
+                self.send(key.clone(), batch, connection).await;
             }
         }
         if refresh {
@@ -401,7 +426,13 @@ impl Sender {
         }
     }
 
-    fn send(&mut self, key: Key, mut batch: Batch, connection: Arc<semel_client::Connection>) {
+    /// Puts `batch` on the wire (in the caller's order) and awaits its answer in a task.
+    async fn send(
+        &mut self,
+        key: Key,
+        mut batch: Batch,
+        connection: Arc<semel_client::Connection>,
+    ) {
         batch.attempts += 1;
         if batch.attempts > 1 {
             self.metrics.retried.inc();
@@ -420,32 +451,42 @@ impl Sender {
                             .with_records(Some(batch.encoded.clone())),
                     ]),
             ]);
-        let acks = self.config.acks;
+        let version = match connection.version(ApiKey::Produce, (3, 9)) {
+            Ok(v) => v,
+            Err(error) => {
+                fail(batch, &ProduceError::Client(error), &self.metrics);
+                return;
+            }
+        };
+        if self.config.acks == Acks::None {
+            match connection.send_without_response(&request, version).await {
+                Ok(()) => succeed(batch, key.1, -1, -1, &self.metrics),
+                Err(error) => self.retry_later(&key, batch, error.to_string()),
+            }
+            return;
+        }
+        let in_flight = match connection.submit(&request, version).await {
+            Ok(in_flight) => in_flight,
+            Err(error) => {
+                self.retry_later(&key, batch, error.to_string());
+                return;
+            }
+        };
         let tx = self.outcomes_tx.clone();
         let batch_id = batch.id;
+        batch.connection = Some(connection);
         if let Some(queue) = self.queues.get_mut(&key) {
             queue.in_flight.push(batch);
         }
         tokio::spawn(async move {
-            let result = async {
-                let version = connection.version(ApiKey::Produce, (3, 9))?;
-                if acks == Acks::None {
-                    connection.send_without_response(&request, version).await?;
-                    return Ok((0, -1, -1));
-                }
-                let response = connection.send_version(&request, version).await?;
-                let partition = response
+            let result = in_flight.response().await.and_then(|response| {
+                response
                     .responses
                     .first()
                     .and_then(|t| t.partition_responses.first())
-                    .ok_or_else(|| ClientError::Metadata("empty produce response".into()))?;
-                Ok((
-                    partition.error_code,
-                    partition.base_offset,
-                    partition.log_append_time_ms,
-                ))
-            }
-            .await;
+                    .map(|p| (p.error_code, p.base_offset, p.log_append_time_ms))
+                    .ok_or_else(|| ClientError::Metadata("empty produce response".into()))
+            });
             let _ = tx.send(Outcome {
                 key,
                 batch_id,
@@ -456,6 +497,7 @@ impl Sender {
 
     fn retry_later(&mut self, key: &Key, mut batch: Batch, error: String) {
         batch.last_error = error;
+        batch.connection = None;
         if Instant::now() >= batch.deadline() {
             if self.idempotent() {
                 self.bump_epoch = true;
@@ -586,6 +628,7 @@ impl Sender {
                 self.bump_epoch = false;
                 for queue in self.queues.values_mut() {
                     queue.next_sequence = 0;
+                    queue.acked_through = -1;
                     for batch in &mut queue.ready {
                         batch.encoded = Bytes::new();
                     }

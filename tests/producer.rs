@@ -1,0 +1,263 @@
+//! semel-producer end to end, against semel-broker through a fault-injecting proxy:
+//! - idempotence on: 50,000 messages over 3 partitions while replies are lost (connections cut
+//!   after the broker answered) arrive exactly once and in order per partition;
+//! - idempotence off: the same run stores duplicates (asserted);
+//! - the broker `kill -9`ed and restarted during a send loop: no acknowledged message lost,
+//!   none duplicated;
+//! - our partition for a key equals librdkafka's `murmur2_random` (kcat) for the same key.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use common::proxy::{FaultPlan, FaultProxy};
+use common::{ChildBroker, RawClient, TestBroker, create_topic, fetch_all, kcat, value_text};
+use semel::producer::{Acks, Producer, ProducerConfig, ProducerRecord};
+
+const PARTITIONS: i32 = 3;
+
+fn config(bootstrap: String, idempotent: bool) -> ProducerConfig {
+    ProducerConfig {
+        bootstrap_servers: vec![bootstrap],
+        enable_idempotence: idempotent,
+        acks: Acks::All,
+        linger: Duration::from_millis(2),
+        // Small batches: many Produce requests, so many replies to lose.
+        batch_size: 4 * 1024,
+        request_timeout: Duration::from_secs(10),
+        retry_backoff: Duration::from_millis(10),
+        delivery_timeout: Duration::from_secs(120),
+        ..ProducerConfig::default()
+    }
+}
+
+/// Every stored message number per partition, in log order.
+async fn stored(client: &mut RawClient, topic: &str) -> anyhow::Result<Vec<Vec<usize>>> {
+    let mut out = Vec::new();
+    for partition in 0..PARTITIONS {
+        let numbers = fetch_all(client, topic, partition)
+            .await?
+            .iter()
+            .map(|r| value_text(r).parse::<usize>().context("value"))
+            .collect::<anyhow::Result<Vec<usize>>>()?;
+        out.push(numbers);
+    }
+    Ok(out)
+}
+
+fn counts(per_partition: &[Vec<usize>]) -> BTreeMap<usize, usize> {
+    let mut counts = BTreeMap::new();
+    for n in per_partition.iter().flatten() {
+        *counts.entry(*n).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Sends `range` keyed by `n % 97` (so each key stays on one partition) and waits for every
+/// delivery report.
+async fn send_all(
+    producer: &Producer,
+    topic: &str,
+    range: std::ops::Range<usize>,
+) -> anyhow::Result<()> {
+    let mut deliveries = Vec::with_capacity(range.len());
+    for n in range {
+        let record = ProducerRecord::new(topic, n.to_string()).key(format!("key-{}", n % 97));
+        deliveries.push((n, producer.send(record).await?));
+    }
+    for (n, delivery) in deliveries {
+        delivery
+            .await
+            .with_context(|| format!("message {n} was not delivered"))?;
+    }
+    Ok(())
+}
+
+async fn run_through_lossy_proxy(idempotent: bool) -> anyhow::Result<(Vec<Vec<usize>>, u64, u64)> {
+    let proxy = FaultProxy::start(FaultPlan::default()).await?;
+    let advertised = proxy.addr().to_string();
+    let broker = TestBroker::start_with(|c| c.advertised_listener = Some(advertised)).await?;
+    proxy.set_upstream(broker.addr());
+    let mut client = RawClient::connect(broker.addr()).await?;
+    let topic = if idempotent {
+        "ledger-on"
+    } else {
+        "ledger-off"
+    };
+    create_topic(&mut client, topic, PARTITIONS).await?;
+    proxy.set_plan(FaultPlan {
+        cut_every_nth_produce_reply: 13,
+    });
+    let producer = Producer::connect(config(proxy.addr().to_string(), idempotent)).await?;
+    send_all(&producer, topic, 0..50_000).await?;
+    let retried = producer.metrics().retried.get();
+    producer.close().await;
+    let cut = proxy.replies_cut();
+    ensure!(cut > 0, "the proxy cut no replies");
+    Ok((stored(&mut client, topic).await?, cut, retried))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_producer_stores_each_message_once_in_order_despite_lost_replies()
+-> anyhow::Result<()> {
+    let (per_partition, cut, retried) = run_through_lossy_proxy(true).await?;
+    let counts = counts(&per_partition);
+    ensure!(retried > 0, "{cut} replies cut but nothing retried");
+    ensure!(
+        counts.len() == 50_000 && counts.values().all(|&c| c == 1),
+        "{} distinct of 50000, {} stored more than once ({cut} replies cut, {retried} retries)",
+        counts.len(),
+        counts.values().filter(|&&c| c > 1).count()
+    );
+    for (partition, numbers) in per_partition.iter().enumerate() {
+        ensure!(
+            numbers.windows(2).all(|w| w[0] < w[1]),
+            "partition {partition} out of order"
+        );
+    }
+    eprintln!("idempotent: {cut} replies cut, {retried} batch retries, 50000 stored once each");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_idempotence_lost_replies_store_duplicates() -> anyhow::Result<()> {
+    let (per_partition, cut, retried) = run_through_lossy_proxy(false).await?;
+    let counts = counts(&per_partition);
+    let duplicated = counts.values().filter(|&&c| c > 1).count();
+    ensure!(
+        counts.len() == 50_000,
+        "lost messages: {} of 50000",
+        counts.len()
+    );
+    ensure!(
+        duplicated > 0,
+        "{cut} replies cut, {retried} retries, yet no duplicates"
+    );
+    eprintln!("not idempotent: {cut} replies cut, {duplicated} messages stored twice or more");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_kill_9_during_a_send_loop_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let proxy = FaultProxy::start(FaultPlan::default()).await?;
+    let advertised = proxy.addr().to_string();
+    let spawn = |proxy: &FaultProxy| -> anyhow::Result<ChildBroker> {
+        let broker = ChildBroker::spawn(dir.path(), &["--advertised-listener", &advertised])?;
+        proxy.set_upstream(broker.addr);
+        Ok(broker)
+    };
+    let mut first = Some(spawn(&proxy)?);
+    let mut client = RawClient::connect(first.as_ref().context("broker")?.addr).await?;
+    create_topic(&mut client, "crashy", PARTITIONS).await?;
+    drop(client);
+    let producer = Producer::connect(ProducerConfig {
+        request_timeout: Duration::from_secs(3),
+        ..config(proxy.addr().to_string(), true)
+    })
+    .await?;
+    // First part acknowledged, then the broker dies while the second part is in flight.
+    send_all(&producer, "crashy", 0..5_000).await?;
+    let mut deliveries = Vec::new();
+    for n in 5_000..15_000 {
+        let record = ProducerRecord::new("crashy", n.to_string()).key(format!("key-{}", n % 97));
+        deliveries.push((n, producer.send(record).await?));
+        if n == 7_000 {
+            first.take().context("broker")?.kill9()?;
+        }
+    }
+    let broker = spawn(&proxy)?;
+    for (n, delivery) in deliveries {
+        delivery
+            .await
+            .with_context(|| format!("message {n} was not delivered after the restart"))?;
+    }
+    producer.close().await;
+    let mut client = RawClient::connect(broker.addr).await?;
+    let per_partition = stored(&mut client, "crashy").await?;
+    let counts = counts(&per_partition);
+    let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(5).collect();
+    ensure!(twice.is_empty(), "stored twice: {twice:?}");
+    ensure!(counts.len() == 15_000, "{} of 15000 stored", counts.len());
+    for (partition, numbers) in per_partition.iter().enumerate() {
+        ensure!(
+            numbers.windows(2).all(|w| w[0] < w[1]),
+            "partition {partition} out of order"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_partitions_match_librdkafka_murmur2_random() -> anyhow::Result<()> {
+    const KEYED_PARTITIONS: i32 = 6;
+    let broker = TestBroker::start().await?;
+    let mut client = RawClient::connect(broker.addr()).await?;
+    create_topic(&mut client, "by-kcat", KEYED_PARTITIONS).await?;
+    create_topic(&mut client, "by-semel", KEYED_PARTITIONS).await?;
+    let keys: Vec<String> = (0..300)
+        .map(|i| format!("customer-{i}-{}", i * 7919))
+        .collect();
+
+    let mut child = Command::new(kcat()?)
+        .args(["-P", "-b", &broker.bootstrap(), "-t", "by-kcat", "-K", ":"])
+        .args(["-X", "partitioner=murmur2_random"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    {
+        let mut stdin = child.stdin.take().context("stdin")?;
+        for key in &keys {
+            writeln!(stdin, "{key}:{key}")?;
+        }
+    }
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+    ensure!(
+        output.status.success(),
+        "kcat: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![broker.bootstrap()],
+        ..ProducerConfig::default()
+    })
+    .await?;
+    let mut ours = BTreeMap::new();
+    for key in &keys {
+        let report = producer
+            .send(ProducerRecord::new("by-semel", key.clone()).key(key.clone()))
+            .await?
+            .await?;
+        ours.insert(key.clone(), report.partition);
+    }
+    producer.close().await;
+
+    let mut theirs = BTreeMap::new();
+    for partition in 0..KEYED_PARTITIONS {
+        for record in fetch_all(&mut client, "by-kcat", partition).await? {
+            theirs.insert(value_text(&record), partition);
+        }
+    }
+    ensure!(
+        theirs.len() == keys.len(),
+        "kcat stored {} keys",
+        theirs.len()
+    );
+    let differ: Vec<_> = keys
+        .iter()
+        .filter(|k| ours.get(*k) != theirs.get(*k))
+        .take(5)
+        .map(|k| (k, ours.get(k), theirs.get(k)))
+        .collect();
+    ensure!(
+        differ.is_empty(),
+        "partition differs (key, ours, kcat): {differ:?}"
+    );
+    Ok(())
+}
