@@ -1,0 +1,194 @@
+//! Producer benchmark: semel-producer and kcat (librdkafka) sending the same load to the same
+//! broker, for 100 B and 1 KiB records, `acks=1` and `acks=all`, idempotence on and off.
+//!
+//! ```sh
+//! cargo run --release --example producer_bench -- --messages 200000
+//! cargo run --release --example producer_bench -- --bootstrap 127.0.0.1:9092
+//! ```
+//! Without `--bootstrap` it starts an embedded semel-broker on a temporary directory. Each
+//! configuration writes to a fresh 3-partition topic; the figure is messages acknowledged per
+//! second, from the first send to the last delivery report (kcat: process start to exit).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use clap::Parser;
+use semel::producer::{Acks, Producer, ProducerConfig, ProducerRecord};
+
+/// Producer benchmark.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Broker to load; without it an embedded broker is started.
+    #[arg(long)]
+    bootstrap: Option<String>,
+    /// Messages per configuration.
+    #[arg(long, default_value_t = 200_000)]
+    messages: usize,
+    /// Skip kcat.
+    #[arg(long)]
+    no_kcat: bool,
+}
+
+async fn create_topic(bootstrap: &str, topic: &str) -> anyhow::Result<()> {
+    use kafka_protocol::messages::CreateTopicsRequest;
+    use kafka_protocol::messages::create_topics_request::CreatableTopic;
+    let cluster = semel::client::Cluster::connect(semel::client::ClientConfig {
+        bootstrap_servers: vec![bootstrap.to_string()],
+        ..Default::default()
+    })
+    .await?;
+    let response = cluster
+        .any()
+        .await?
+        .send(
+            &CreateTopicsRequest::default()
+                .with_timeout_ms(5_000)
+                .with_topics(vec![
+                    CreatableTopic::default()
+                        .with_name(kafka_protocol::messages::TopicName(
+                            kafka_protocol::protocol::StrBytes::from_string(topic.to_string()),
+                        ))
+                        .with_num_partitions(3)
+                        .with_replication_factor(1),
+                ]),
+            (2, 7),
+        )
+        .await?;
+    ensure!(
+        response.topics[0].error_code == 0,
+        "create topic: {:?}",
+        response.topics[0]
+    );
+    Ok(())
+}
+
+async fn semel(
+    bootstrap: &str,
+    topic: &str,
+    messages: usize,
+    size: usize,
+    acks: Acks,
+    idempotent: bool,
+) -> anyhow::Result<Duration> {
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![bootstrap.to_string()],
+        acks,
+        enable_idempotence: idempotent,
+        linger: Duration::from_millis(5),
+        batch_size: 64 * 1024,
+        ..ProducerConfig::default()
+    })
+    .await?;
+    let value = bytes::Bytes::from(vec![b'x'; size]);
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(messages);
+    for i in 0..messages {
+        let record = ProducerRecord::new(topic, value.clone()).key(format!("k{}", i % 1000));
+        deliveries.push(producer.send(record).await?);
+    }
+    for delivery in deliveries {
+        delivery.await?;
+    }
+    let elapsed = started.elapsed();
+    producer.close().await;
+    Ok(elapsed)
+}
+
+fn kcat(
+    bootstrap: &str,
+    topic: &str,
+    messages: usize,
+    size: usize,
+    acks: Acks,
+    idempotent: bool,
+) -> anyhow::Result<Duration> {
+    let value = "x".repeat(size);
+    let mut input = String::with_capacity(messages * (size + 8));
+    for i in 0..messages {
+        input.push_str(&format!("k{}:{value}\n", i % 1000));
+    }
+    let acks = match acks {
+        Acks::None => "0",
+        Acks::Leader => "1",
+        Acks::All => "all",
+    };
+    let started = Instant::now();
+    let mut child = Command::new("kcat")
+        .args(["-P", "-b", bootstrap, "-t", topic, "-K", ":"])
+        .args(["-X", &format!("acks={acks}")])
+        .args(["-X", &format!("enable.idempotence={idempotent}")])
+        .args(["-X", "linger.ms=5", "-X", "batch.size=65536"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start kcat")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let output = child.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "kcat: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(started.elapsed())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let embedded = match &args.bootstrap {
+        Some(_) => None,
+        None => Some(
+            semel::broker::Broker::start(semel::broker::BrokerConfig {
+                listen: "127.0.0.1:0".parse()?,
+                data_dir: dir.path().to_path_buf(),
+                ..Default::default()
+            })
+            .await?,
+        ),
+    };
+    let bootstrap = args
+        .bootstrap
+        .clone()
+        .or(embedded.as_ref().map(|b| b.local_addr().to_string()))
+        .context("no broker")?;
+    println!("| client | record | acks | idempotent | messages/s | MB/s |");
+    println!("|---|---|---|---|---|---|");
+    let mut n = 0;
+    for size in [100, 1024] {
+        for (acks, idempotent) in [(Acks::Leader, false), (Acks::All, false), (Acks::All, true)] {
+            let label = if acks == Acks::All { "all" } else { "1" };
+            for client in ["semel", "kcat"] {
+                if client == "kcat" && args.no_kcat {
+                    continue;
+                }
+                n += 1;
+                let topic = format!("bench-{n}-{}", std::process::id());
+                create_topic(&bootstrap, &topic).await?;
+                let elapsed = if client == "semel" {
+                    semel(&bootstrap, &topic, args.messages, size, acks, idempotent).await?
+                } else {
+                    let (b, t, m) = (bootstrap.clone(), topic.clone(), args.messages);
+                    tokio::task::spawn_blocking(move || kcat(&b, &t, m, size, acks, idempotent))
+                        .await??
+                };
+                let rate = args.messages as f64 / elapsed.as_secs_f64();
+                println!(
+                    "| {client} | {size} B | {label} | {idempotent} | {rate:.0} | {:.1} |",
+                    rate * size as f64 / 1e6
+                );
+            }
+        }
+    }
+    if let Some(broker) = embedded {
+        broker.shutdown().await;
+    }
+    Ok(())
+}
