@@ -108,6 +108,7 @@ async fn produce_through_lossy_proxy(idempotent: bool) -> anyhow::Result<(Vec<Ve
     create_topic(&mut client, "lossy", PARTITIONS).await?;
     proxy.set_plan(FaultPlan {
         cut_every_nth_produce_reply: 7,
+        ..FaultPlan::default()
     });
     let bootstrap = proxy.addr().to_string();
     let mut kcat = spawn_kcat_producer(&bootstrap, "lossy", idempotent)?;

@@ -4,7 +4,8 @@
 //! - idempotence off: the same run stores duplicates (asserted);
 //! - the broker `kill -9`ed and restarted during a send loop: no acknowledged message lost,
 //!   none duplicated;
-//! - our partition for a key equals librdkafka's `murmur2_random` (kcat) for the same key.
+//! - our partition for a key equals librdkafka's `murmur2_random` (kcat) for the same key;
+//! - every compression codec, `acks=0` and `flush`.
 
 mod common;
 
@@ -91,6 +92,9 @@ async fn run_through_lossy_proxy(idempotent: bool) -> anyhow::Result<(Vec<Vec<us
     create_topic(&mut client, topic, PARTITIONS).await?;
     proxy.set_plan(FaultPlan {
         cut_every_nth_produce_reply: 13,
+        cut_every_nth_produce_request: 17,
+        delay_every_nth_produce_reply: 5,
+        delay: Duration::from_millis(20),
     });
     let producer = Producer::connect(config(proxy.addr().to_string(), idempotent)).await?;
     send_all(&producer, topic, 0..50_000).await?;
@@ -98,6 +102,7 @@ async fn run_through_lossy_proxy(idempotent: bool) -> anyhow::Result<(Vec<Vec<us
     producer.close().await;
     let cut = proxy.replies_cut();
     ensure!(cut > 0, "the proxy cut no replies");
+    ensure!(proxy.requests_cut() > 0, "the proxy cut no requests");
     Ok((stored(&mut client, topic).await?, cut, retried))
 }
 
@@ -259,5 +264,98 @@ async fn keyed_partitions_match_librdkafka_murmur2_random() -> anyhow::Result<()
         differ.is_empty(),
         "partition differs (key, ours, kcat): {differ:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_codec_round_trips_and_acks_0_and_flush_work() -> anyhow::Result<()> {
+    use semel::producer::Compression;
+    let broker = TestBroker::start().await?;
+    let mut client = RawClient::connect(broker.addr()).await?;
+    for (name, codec) in [
+        ("none", Compression::None),
+        ("gzip", Compression::Gzip),
+        ("snappy", Compression::Snappy),
+        ("lz4", Compression::Lz4),
+        ("zstd", Compression::Zstd),
+    ] {
+        let topic = format!("codec-{name}");
+        create_topic(&mut client, &topic, 1).await?;
+        let producer = Producer::connect(ProducerConfig {
+            bootstrap_servers: vec![broker.bootstrap()],
+            compression: codec,
+            ..ProducerConfig::default()
+        })
+        .await?;
+        let mut deliveries = Vec::new();
+        for n in 0..1_000 {
+            let record = ProducerRecord::new(&topic, format!("{n}:{}", "v".repeat(n % 50)))
+                .header("trace", format!("t{n}"));
+            deliveries.push(producer.send(record).await?);
+        }
+        producer.flush().await;
+        for (n, delivery) in deliveries.into_iter().enumerate() {
+            let report = delivery.await?;
+            ensure!(
+                report.offset == i64::try_from(n)?,
+                "{name}: offset {} for {n}",
+                report.offset
+            );
+        }
+        producer.close().await;
+        let stored = fetch_all(&mut client, &topic, 0).await?;
+        ensure!(stored.len() == 1_000, "{name}: {} stored", stored.len());
+        for (n, record) in stored.iter().enumerate() {
+            ensure!(
+                value_text(record) == format!("{n}:{}", "v".repeat(n % 50)),
+                "{name}: record {n} is {:?}",
+                value_text(record)
+            );
+            let header = record
+                .headers
+                .iter()
+                .find(|(k, _)| k.as_str() == "trace")
+                .and_then(|(_, v)| v.as_ref())
+                .map(|v| String::from_utf8_lossy(v).into_owned());
+            ensure!(
+                header == Some(format!("t{n}")),
+                "{name}: header of {n}: {header:?}"
+            );
+        }
+    }
+
+    create_topic(&mut client, "fire-and-forget", 1).await?;
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![broker.bootstrap()],
+        acks: Acks::None,
+        enable_idempotence: false,
+        ..ProducerConfig::default()
+    })
+    .await?;
+    let mut deliveries = Vec::new();
+    for n in 0..500 {
+        deliveries.push(
+            producer
+                .send(ProducerRecord::new("fire-and-forget", n.to_string()))
+                .await?,
+        );
+    }
+    for delivery in deliveries {
+        ensure!(delivery.await?.offset == -1, "acks=0 reports no offset");
+    }
+    producer.close().await;
+    // acks=0 has no answer to wait for: poll until the broker has them all.
+    let started = std::time::Instant::now();
+    loop {
+        let stored = fetch_all(&mut client, "fire-and-forget", 0).await?.len();
+        if stored == 500 {
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "acks=0: {stored} of 500 stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(())
 }

@@ -1,7 +1,10 @@
-//! A fault-injecting TCP proxy for the Kafka protocol: it forwards frames both ways and can cut
-//! a connection right after the broker answered a Produce request, before the client sees the
-//! answer. That is the "lost reply" of the Kafka notes: the batch is stored, the producer does
-//! not know, and it retries.
+//! A fault-injecting TCP proxy for the Kafka protocol: it forwards frames both ways and can
+//! - cut a connection right after the broker answered a Produce request, before the client
+//!   sees the answer: the "lost reply" of the Kafka notes (the batch is stored, the producer
+//!   does not know, and it retries);
+//! - cut a connection in the middle of a Produce request (half the frame forwarded): the broker
+//!   never sees a complete request;
+//! - delay Produce replies, so requests pile up in flight.
 //!
 //! The upstream address can be changed while running, so a broker restarted on a new port
 //! (after `kill -9`) stays reachable at the proxy's fixed address. Brokers behind it must
@@ -24,6 +27,12 @@ const PRODUCE: i16 = 0;
 pub struct FaultPlan {
     /// Cut the connection instead of delivering every n-th Produce reply (0: never).
     pub cut_every_nth_produce_reply: u64,
+    /// Cut the connection halfway through forwarding every n-th Produce request (0: never).
+    pub cut_every_nth_produce_request: u64,
+    /// Hold every n-th Produce reply back for `delay` first (0: never).
+    pub delay_every_nth_produce_reply: u64,
+    /// How long a delayed reply is held.
+    pub delay: std::time::Duration,
 }
 
 #[derive(Debug, Default)]
@@ -31,7 +40,9 @@ struct Shared {
     upstream: Mutex<Option<SocketAddr>>,
     plan: Mutex<FaultPlan>,
     produce_replies: AtomicU64,
+    produce_requests: AtomicU64,
     cut: AtomicU64,
+    cut_requests: AtomicU64,
 }
 
 /// A running proxy; stops when dropped.
@@ -69,6 +80,11 @@ impl FaultProxy {
     pub fn replies_cut(&self) -> u64 {
         self.shared.cut.load(Ordering::Relaxed)
     }
+
+    /// Produce requests the proxy cut in half.
+    pub fn requests_cut(&self) -> u64 {
+        self.shared.cut_requests.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for FaultProxy {
@@ -96,6 +112,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 client_read,
                 broker_write,
                 Arc::clone(&api_keys),
+                Arc::clone(&shared),
             ));
             forward_responses(broker_read, client_write, api_keys, &shared).await;
             requests.abort();
@@ -117,6 +134,7 @@ async fn forward_requests(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     api_keys: Arc<Mutex<HashMap<i32, i16>>>,
+    shared: Arc<Shared>,
 ) {
     while let Some(frame) = read_frame(&mut from).await {
         if frame.len() >= 12 {
@@ -126,6 +144,21 @@ async fn forward_requests(
                 .lock()
                 .expect("api keys")
                 .insert(correlation_id, api_key);
+            if api_key == PRODUCE {
+                let seen = shared.produce_requests.fetch_add(1, Ordering::Relaxed) + 1;
+                let every = shared
+                    .plan
+                    .lock()
+                    .expect("plan")
+                    .cut_every_nth_produce_request;
+                if every > 0 && seen % every == 0 {
+                    shared.cut_requests.fetch_add(1, Ordering::Relaxed);
+                    // Half a frame, then the connection goes: the broker sees a truncated
+                    // request and drops the connection; the client sees it break.
+                    let _ = to.write_all(&frame[..frame.len() / 2]).await;
+                    return;
+                }
+            }
         }
         if to.write_all(&frame).await.is_err() {
             return;
@@ -146,11 +179,13 @@ async fn forward_responses(
             let api_key = api_keys.lock().expect("api keys").remove(&correlation_id);
             if api_key == Some(PRODUCE) {
                 let seen = shared.produce_replies.fetch_add(1, Ordering::Relaxed) + 1;
-                let every = shared
-                    .plan
-                    .lock()
-                    .expect("plan")
-                    .cut_every_nth_produce_reply;
+                let plan = *shared.plan.lock().expect("plan");
+                if plan.delay_every_nth_produce_reply > 0
+                    && seen % plan.delay_every_nth_produce_reply == 0
+                {
+                    tokio::time::sleep(plan.delay).await;
+                }
+                let every = plan.cut_every_nth_produce_reply;
                 if every > 0 && seen % every == 0 {
                     shared.cut.fetch_add(1, Ordering::Relaxed);
                     // Dropping both halves closes the client side without the reply; the
