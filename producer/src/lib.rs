@@ -110,8 +110,14 @@ impl Producer {
         };
         let metrics = Arc::new(Metrics::default());
         let (commands, receiver) = mpsc::channel(config.max_queued_records.max(1));
+        let span = tracing::info_span!(
+            "producer",
+            client_id = %config.client_id,
+            producer_id = producer.0,
+            idempotent = config.enable_idempotence,
+        );
         let sender = Sender::new(config, cluster, receiver, producer, Arc::clone(&metrics));
-        let task = tokio::spawn(sender.run());
+        let task = tokio::spawn(tracing::Instrument::instrument(sender.run(), span));
         Ok(Self {
             commands,
             task,
