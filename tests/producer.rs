@@ -32,6 +32,9 @@ fn config(bootstrap: String, idempotent: bool) -> ProducerConfig {
         request_timeout: Duration::from_secs(10),
         retry_backoff: Duration::from_millis(10),
         delivery_timeout: Duration::from_secs(120),
+        // Without idempotence semel-producer does not retry by default; retry like the Java
+        // client does, to show what those retries cost.
+        retries: if idempotent { None } else { Some(u32::MAX) },
         ..ProducerConfig::default()
     }
 }
@@ -357,5 +360,41 @@ async fn every_codec_round_trips_and_acks_0_and_flush_work() -> anyhow::Result<(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_idempotence_a_lost_reply_is_an_error_not_a_retry_by_default() -> anyhow::Result<()>
+{
+    let proxy = FaultProxy::start(FaultPlan::default()).await?;
+    let advertised = proxy.addr().to_string();
+    let broker = TestBroker::start_with(|c| c.advertised_listener = Some(advertised)).await?;
+    proxy.set_upstream(broker.addr());
+    let mut client = RawClient::connect(broker.addr()).await?;
+    create_topic(&mut client, "no-retries", 1).await?;
+    proxy.set_plan(FaultPlan {
+        cut_every_nth_produce_reply: 1,
+        ..FaultPlan::default()
+    });
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![proxy.addr().to_string()],
+        enable_idempotence: false,
+        ..ProducerConfig::default()
+    })
+    .await?;
+    let result = producer
+        .send(ProducerRecord::new("no-retries", "once"))
+        .await?
+        .await;
+    ensure!(
+        matches!(
+            result,
+            Err(semel::producer::ProduceError::RetriesExhausted { attempts: 1, .. })
+        ),
+        "expected an error after one attempt, got {result:?}"
+    );
+    // The broker did store it (only the reply was lost): reported, never silently duplicated.
+    ensure!(fetch_all(&mut client, "no-retries", 0).await?.len() == 1);
+    producer.close().await;
     Ok(())
 }

@@ -52,6 +52,12 @@ pub struct ProducerConfig {
     /// `max.in.flight.requests.per.connection`: batches in flight per partition (≤ 5 when
     /// idempotent).
     pub max_in_flight: usize,
+    /// `retries`: how many times a failed batch is sent again (within `delivery.timeout.ms`).
+    /// `None` (the default) means unlimited for an idempotent producer, whose retries the
+    /// broker deduplicates, and **0 without idempotence**, because such a retry after a lost
+    /// reply stores the batch twice. That default differs from the Java client's on purpose;
+    /// set `Some(u32::MAX)` for Java's behaviour.
+    pub retries: Option<u32>,
     /// `buffer.memory`-like bound: records queued but not yet delivered before `send` waits.
     pub max_queued_records: usize,
 }
@@ -70,6 +76,7 @@ impl Default for ProducerConfig {
             request_timeout: Duration::from_secs(30),
             retry_backoff: Duration::from_millis(100),
             max_in_flight: 5,
+            retries: None,
             max_queued_records: 100_000,
         }
     }

@@ -93,6 +93,14 @@ pub enum ProduceError {
         /// The last error seen while retrying.
         last_error: String,
     },
+    /// The batch failed and `retries` allowed no further attempt; it may or may not be stored.
+    #[error("failed after {attempts} attempt(s), retries exhausted: {last_error}")]
+    RetriesExhausted {
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        last_error: String,
+    },
     /// The producer was fenced by a newer instance with the same id (`INVALID_PRODUCER_EPOCH`)
     /// or lost its sequence (`OUT_OF_ORDER_SEQUENCE_NUMBER` on the first batch in line).
     #[error("producer fenced or out of sequence: {0}")]

@@ -508,6 +508,18 @@ impl Sender {
             fail(batch, &error, &self.metrics);
             return;
         }
+        let retries = self
+            .config
+            .retries
+            .unwrap_or(if self.idempotent() { u32::MAX } else { 0 });
+        if batch.attempts > retries {
+            let error = ProduceError::RetriesExhausted {
+                attempts: batch.attempts,
+                last_error: batch.last_error.clone(),
+            };
+            fail(batch, &error, &self.metrics);
+            return;
+        }
         let Some(queue) = self.queues.get_mut(key) else {
             return;
         };
