@@ -1,5 +1,14 @@
-//! semel-consumer: a consumer-group library with dedup middleware.
+//! semel-consumer: consumer-side exactly-once for Kafka-protocol topics.
 //!
-//! Planned scope (issues 6, 7, 8). Nothing is implemented here yet; the crate exists so the
-//! workspace layout is fixed.
+//! # Layout
+//! - `dedup` (feature `dedup`, on by default): the RocksDB store of handled message keys,
+//!   usable with any consumer.
+//! - [`clock`]: the injected clock.
+//!
+//! The group consumer (range, round-robin, sticky and cooperative-sticky assignment) is not
+//! written yet (issue 6).
 #![deny(missing_docs)]
+
+pub mod clock;
+#[cfg(feature = "dedup")]
+pub mod dedup;

@@ -1,0 +1,33 @@
+//! Consumer-side dedup: a RocksDB store of the keys of handled messages, so a message
+//! delivered again (after a crash, a rebalance, or a producer's resend) is dropped before the
+//! handler sees it. See [`store`] for the layout and guarantees.
+//!
+//! Standalone use with any consumer (rdkafka, for example): for each message, compute its
+//! [`KeyHash`], [`DedupStore::claim`] it, handle it only on `Fresh`/`Reclaimed`, then
+//! [`DedupStore::mark_done`] (with the next offset, and the handler's own state writes in
+//! the same atomic batch) or [`DedupStore::release`] on failure.
+//!
+//! ```ignore
+//! // With the rdkafka crate (not compiled here):
+//! let key = KeyHash::new("billing", message.topic(), message.key().unwrap_or_default());
+//! match store.claim(key)? {
+//!     Claim::Fresh | Claim::Reclaimed => match handle(&message) {
+//!         Ok(()) => store.mark_done(
+//!             key,
+//!             Some(("billing", message.topic(), message.partition(), message.offset() + 1)),
+//!             |state| state.put(b"balance", &new_balance),
+//!         )?,
+//!         Err(_) => store.release(key)?,
+//!     },
+//!     Claim::Duplicate => {}                       // already handled: skip
+//!     Claim::InProgress { .. } => { /* another handler has it; retry later */ }
+//! }
+//! ```
+//!
+//! Side effects outside the batch (an HTTP call, a file append) are at-least-once: a crash
+//! between the effect and `mark_done` leaves a claim whose lease expires, and the message is
+//! handled again. Writes made through the batch are exactly-once.
+
+pub mod store;
+
+pub use store::{Claim, DedupConfig, DedupCounts, DedupError, DedupStore, KeyHash, StateBatch};

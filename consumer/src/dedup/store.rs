@@ -1,0 +1,619 @@
+//! The dedup store: which message keys were handled, in RocksDB.
+//!
+//! A key is hashed with XXH3-128 together with the group and topic, so it is unique per
+//! (group, topic): a producer's resend that lands on another partition (the topic grew) is
+//! still caught. Marks live in **time buckets**, one column family per `window / 2`; a mark
+//! written at time t is valid until t + window, so a bucket can be dropped whole once its end
+//! plus the window has passed (at most three buckets are live). No key is ever deleted one by
+//! one for expiry. Consumed offsets live in their own column family, keyed by
+//! (group, topic, partition), and are written in the same `WriteBatch` as the mark, together
+//! with any state the handler adds: exactly-once for local state.
+//!
+//! A key is `claimed` (a short lease, `claim_lease`) while its handler runs and `done` after.
+//! A crashed handler's claim expires and the key can be claimed again; a failed handler
+//! releases its claim at once.
+//!
+//! Memory: the block cache (`block_cache_bytes`, shared by all column families) plus, per
+//! column family, up to `max_write_buffers` memtables of `write_buffer_bytes`. With the
+//! defaults (8 MiB cache, 2 × 4 MiB per family, at most 3 mark buckets + offsets + state +
+//! default) that is 8 + 6 × 8 = 56 MiB at most; table readers' index and filter blocks are
+//! kept in the block cache, so they count against it.
+//!
+//! References: Kafka Streams' segmented window store; specs/dedup.md.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBWithThreadMode, MultiThreaded, Options,
+    WriteBatch, WriteOptions,
+};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::clock::{Clock, SystemClock};
+
+const FORMAT_VERSION: u8 = 1;
+const OFFSETS: &str = "offsets";
+const STATE: &str = "state";
+const MARKS_PREFIX: &str = "marks-";
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct DedupConfig {
+    /// Where the RocksDB files live. One process at a time.
+    pub path: PathBuf,
+    /// How long a handled key is remembered (`window_ms`).
+    pub window: Duration,
+    /// How long a claim holds before another attempt may take the key (`claim_lease_ms`).
+    pub claim_lease: Duration,
+    /// Block cache, shared by every column family.
+    pub block_cache_bytes: usize,
+    /// One memtable's size.
+    pub write_buffer_bytes: usize,
+    /// Memtables per column family.
+    pub max_write_buffers: i32,
+    /// fsync every mark (survives power loss); without it a mark survives `kill -9` (it is in
+    /// the write-ahead log in the OS) but not a machine crash.
+    pub sync_writes: bool,
+}
+
+impl DedupConfig {
+    /// Defaults for a store at `path`: a 7-day window, 30 s claims, 8 MiB cache.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            window: Duration::from_secs(7 * 24 * 3600),
+            claim_lease: Duration::from_secs(30),
+            block_cache_bytes: 8 << 20,
+            write_buffer_bytes: 4 << 20,
+            max_write_buffers: 2,
+            sync_writes: false,
+        }
+    }
+}
+
+/// What the store says about a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Never handled (or forgotten after the window): the caller now holds the claim.
+    Fresh,
+    /// A claim whose lease expired (its handler crashed) was taken over: handle it again.
+    Reclaimed,
+    /// Already handled within the window: drop the message.
+    Duplicate,
+    /// Another handler holds a live claim.
+    InProgress {
+        /// When that claim's lease ends (ms since the epoch).
+        until_ms: i64,
+    },
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DedupError {
+    /// Another process (or another store in this one) has the path open.
+    #[error("dedup store {path} is already in use by another process or store: {reason}")]
+    InUse {
+        /// The path.
+        path: PathBuf,
+        /// RocksDB's words.
+        reason: String,
+    },
+    /// A stored value cannot be read: corruption, or a newer format.
+    #[error("dedup store {path}: corrupt or unknown value for {what}: {reason}")]
+    Corrupt {
+        /// The path.
+        path: PathBuf,
+        /// Which value.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// RocksDB failed (I/O, a full disk, a corrupt file).
+    #[error("dedup store {path}: {source}")]
+    Storage {
+        /// The path.
+        path: PathBuf,
+        /// RocksDB's error.
+        #[source]
+        source: rocksdb::Error,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+enum MarkState {
+    Claimed { until_ms: i64 },
+    Done { at_ms: i64 },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Mark {
+    version: u8,
+    state: MarkState,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredOffset {
+    version: u8,
+    next_offset: i64,
+}
+
+/// Counts of what the store decided.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DedupCounts {
+    /// Keys claimed for the first time.
+    pub fresh: u64,
+    /// Messages recognised as already handled.
+    pub duplicates: u64,
+    /// Claims taken over after their lease expired.
+    pub claims_expired: u64,
+    /// Claims released because the handler failed.
+    pub handler_failures: u64,
+}
+
+type Db = DBWithThreadMode<MultiThreaded>;
+
+/// A 128-bit key identity: XXH3-128 of (group, topic, key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyHash(u128);
+
+impl KeyHash {
+    /// Hashes `key` within (`group`, `topic`), each part length-prefixed so the parts cannot
+    /// run into each other.
+    pub fn new(group: &str, topic: &str, key: &[u8]) -> Self {
+        let mut hasher = Xxh3::new();
+        for part in [group.as_bytes(), topic.as_bytes(), key] {
+            hasher.update(&(part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+        Self(hasher.digest128())
+    }
+
+    fn bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+}
+
+/// Writes the handler adds to a mark's batch (its own state, in the `state` column family).
+pub struct StateBatch<'a> {
+    batch: &'a mut WriteBatch,
+    state: Arc<rocksdb::BoundColumnFamily<'a>>,
+}
+
+impl std::fmt::Debug for StateBatch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateBatch").finish_non_exhaustive()
+    }
+}
+
+impl StateBatch<'_> {
+    /// Sets `key` to `value`, committed with the mark or not at all.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.batch.put_cf(&self.state, key, value);
+    }
+
+    /// Deletes `key`, committed with the mark or not at all.
+    pub fn delete(&mut self, key: &[u8]) {
+        self.batch.delete_cf(&self.state, key);
+    }
+}
+
+/// The store. Share it behind an `Arc`; claims are decided one at a time.
+pub struct DedupStore {
+    db: Db,
+    config: DedupConfig,
+    clock: Arc<dyn Clock>,
+    /// Serialises read-modify-write of marks (claim, release) and bucket changes.
+    lock: Mutex<Inner>,
+    cache: Cache,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    counts: DedupCounts,
+    /// Live mark buckets, newest first: (bucket start ms, column family name).
+    buckets: Vec<(i64, String)>,
+}
+
+impl std::fmt::Debug for DedupStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DedupStore")
+            .field("path", &self.config.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DedupStore {
+    /// Opens (creating if needed) the store at `config.path`.
+    ///
+    /// # Errors
+    /// `InUse` when another store holds the path; `Storage` for RocksDB failures.
+    pub fn open(config: DedupConfig) -> Result<Self, DedupError> {
+        Self::open_with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// [`DedupStore::open`] with an injected clock (tests of leases and windows).
+    ///
+    /// # Errors
+    /// As [`DedupStore::open`].
+    pub fn open_with_clock(config: DedupConfig, clock: Arc<dyn Clock>) -> Result<Self, DedupError> {
+        let cache = Cache::new_lru_cache(config.block_cache_bytes);
+        let family_options = family_options(&config, &cache);
+        let mut db_options = family_options.clone();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        let path = config.path.clone();
+        let storage = |source: rocksdb::Error| {
+            let text = source.to_string();
+            if text.contains("lock") || text.contains("LOCK") {
+                DedupError::InUse {
+                    path: path.clone(),
+                    reason: text,
+                }
+            } else {
+                DedupError::Storage {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        };
+        let mut families: Vec<String> = match Db::list_cf(&db_options, &config.path) {
+            Ok(names) => names,
+            Err(_) => Vec::new(), // a new store
+        };
+        for required in ["default", OFFSETS, STATE] {
+            if !families.iter().any(|f| f == required) {
+                families.push(required.to_string());
+            }
+        }
+        let descriptors = families
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, family_options.clone()));
+        let db = Db::open_cf_descriptors(&db_options, &config.path, descriptors).map_err(storage)?;
+        let mut buckets: Vec<(i64, String)> = families
+            .into_iter()
+            .filter_map(|name| {
+                let start = name.strip_prefix(MARKS_PREFIX)?.parse::<i64>().ok()?;
+                Some((start, name))
+            })
+            .collect();
+        buckets.sort_by(|a, b| b.0.cmp(&a.0));
+        let store = Self {
+            db,
+            config,
+            clock,
+            lock: Mutex::new(Inner {
+                counts: DedupCounts::default(),
+                buckets,
+            }),
+            cache,
+        };
+        store.expire()?;
+        Ok(store)
+    }
+
+    fn storage(&self, source: rocksdb::Error) -> DedupError {
+        DedupError::Storage {
+            path: self.config.path.clone(),
+            source,
+        }
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bucket_width_ms(&self) -> i64 {
+        (i64::try_from(self.config.window.as_millis()).unwrap_or(i64::MAX) / 2).max(1)
+    }
+
+    fn window_ms(&self) -> i64 {
+        i64::try_from(self.config.window.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The bucket marks written now go to, created if needed.
+    fn current_bucket(&self, inner: &mut Inner, now_ms: i64) -> Result<String, DedupError> {
+        let width = self.bucket_width_ms();
+        let start = now_ms - now_ms.rem_euclid(width);
+        let name = format!("{MARKS_PREFIX}{start:020}");
+        if self.db.cf_handle(&name).is_none() {
+            self.db
+                .create_cf(&name, &family_options(&self.config, &self.cache))
+                .map_err(|e| self.storage(e))?;
+            inner.buckets.push((start, name.clone()));
+            inner.buckets.sort_by(|a, b| b.0.cmp(&a.0));
+        }
+        Ok(name)
+    }
+
+    /// Drops every bucket whose marks have all outlived the window.
+    ///
+    /// # Errors
+    /// `Storage` when a column family cannot be dropped.
+    pub fn expire(&self) -> Result<usize, DedupError> {
+        let mut inner = self.inner();
+        let now = self.clock.now_ms();
+        let width = self.bucket_width_ms();
+        let window = self.window_ms();
+        let mut dropped = 0;
+        for (start, name) in inner.buckets.clone() {
+            if now >= start.saturating_add(width).saturating_add(window) {
+                self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
+                inner.buckets.retain(|(_, n)| *n != name);
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
+    fn decode_mark(&self, bytes: &[u8], key: KeyHash) -> Result<MarkState, DedupError> {
+        let corrupt = |reason: String| DedupError::Corrupt {
+            path: self.config.path.clone(),
+            what: format!("key {:032x}", key.0),
+            reason,
+        };
+        let mark: Mark = postcard::from_bytes(bytes).map_err(|e| corrupt(e.to_string()))?;
+        if mark.version != FORMAT_VERSION {
+            return Err(corrupt(format!("format version {}", mark.version)));
+        }
+        Ok(mark.state)
+    }
+
+    /// The newest mark of `key` still inside the window, with its bucket.
+    fn lookup(
+        &self,
+        inner: &Inner,
+        key: KeyHash,
+        now_ms: i64,
+    ) -> Result<Option<(MarkState, String)>, DedupError> {
+        for (_, name) in &inner.buckets {
+            let Some(family) = self.db.cf_handle(&name) else {
+                continue;
+            };
+            if let Some(bytes) = self
+                .db
+                .get_pinned_cf(&family, key.bytes())
+                .map_err(|e| self.storage(e))?
+            {
+                let state = self.decode_mark(&bytes, key)?;
+                if let MarkState::Done { at_ms } = state {
+                    if now_ms >= at_ms.saturating_add(self.window_ms()) {
+                        return Ok(None); // outlived the window; its bucket goes soon
+                    }
+                }
+                return Ok(Some((state, name.clone())));
+            }
+        }
+        Ok(None)
+    }
+
+    fn encode(state: MarkState) -> Vec<u8> {
+        // A two-variant enum of i64s cannot fail to serialise.
+        postcard::to_stdvec(&Mark {
+            version: FORMAT_VERSION,
+            state,
+        })
+        .unwrap_or_default()
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), DedupError> {
+        let mut options = WriteOptions::default();
+        options.set_sync(self.config.sync_writes);
+        self.db.write_opt(batch, &options).map_err(|e| self.storage(e))
+    }
+
+    /// Whether `key` was handled, without claiming it.
+    ///
+    /// # Errors
+    /// `Corrupt`, `Storage`.
+    pub fn check(&self, key: KeyHash) -> Result<Claim, DedupError> {
+        let inner = self.inner();
+        self.check_locked(&inner, key, self.clock.now_ms())
+    }
+
+    fn check_locked(&self, inner: &Inner, key: KeyHash, now: i64) -> Result<Claim, DedupError> {
+        Ok(match self.lookup(inner, key, now)? {
+            None => Claim::Fresh,
+            Some((MarkState::Done { .. }, _)) => Claim::Duplicate,
+            Some((MarkState::Claimed { until_ms }, _)) if until_ms > now => {
+                Claim::InProgress { until_ms }
+            }
+            Some((MarkState::Claimed { .. }, _)) => Claim::Reclaimed,
+        })
+    }
+
+    /// Claims `key` for handling: `Fresh` or `Reclaimed` mean the caller holds it now.
+    ///
+    /// # Errors
+    /// `Corrupt`, `Storage`.
+    pub fn claim(&self, key: KeyHash) -> Result<Claim, DedupError> {
+        let mut inner = self.inner();
+        let now = self.clock.now_ms();
+        let outcome = self.check_locked(&inner, key, now)?;
+        match outcome {
+            Claim::Fresh | Claim::Reclaimed => {
+                let lease = i64::try_from(self.config.claim_lease.as_millis()).unwrap_or(i64::MAX);
+                let bucket = self.current_bucket(&mut inner, now)?;
+                let family = self
+                    .db
+                    .cf_handle(&bucket)
+                    .ok_or_else(|| self.missing(&bucket))?;
+                let mut batch = WriteBatch::default();
+                batch.put_cf(
+                    &family,
+                    key.bytes(),
+                    Self::encode(MarkState::Claimed {
+                        until_ms: now.saturating_add(lease),
+                    }),
+                );
+                self.write(batch)?;
+                if outcome == Claim::Fresh {
+                    inner.counts.fresh += 1;
+                } else {
+                    inner.counts.claims_expired += 1;
+                }
+            }
+            Claim::Duplicate => inner.counts.duplicates += 1,
+            Claim::InProgress { .. } => {}
+        }
+        Ok(outcome)
+    }
+
+    fn missing(&self, family: &str) -> DedupError {
+        DedupError::Corrupt {
+            path: self.config.path.clone(),
+            what: family.to_string(),
+            reason: "column family vanished".into(),
+        }
+    }
+
+    /// Marks `key` done and, in the same atomic write, records `next_offset` for
+    /// (group, topic, partition) and whatever `state` writes the handler adds.
+    ///
+    /// # Errors
+    /// `Storage` (nothing of the batch is written then).
+    pub fn mark_done(
+        &self,
+        key: KeyHash,
+        offset: Option<(&str, &str, i32, i64)>,
+        state: impl FnOnce(&mut StateBatch<'_>),
+    ) -> Result<(), DedupError> {
+        let mut inner = self.inner();
+        let now = self.clock.now_ms();
+        let bucket = self.current_bucket(&mut inner, now)?;
+        let marks = self
+            .db
+            .cf_handle(&bucket)
+            .ok_or_else(|| self.missing(&bucket))?;
+        let offsets = self.db.cf_handle(OFFSETS).ok_or_else(|| self.missing(OFFSETS))?;
+        let state_family = self.db.cf_handle(STATE).ok_or_else(|| self.missing(STATE))?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(&marks, key.bytes(), Self::encode(MarkState::Done { at_ms: now }));
+        if let Some((group, topic, partition, next_offset)) = offset {
+            let value = postcard::to_stdvec(&StoredOffset {
+                version: FORMAT_VERSION,
+                next_offset,
+            })
+            .unwrap_or_default();
+            batch.put_cf(&offsets, offset_key(group, topic, partition), value);
+        }
+        {
+            let mut handle = StateBatch {
+                batch: &mut batch,
+                state: state_family,
+            };
+            state(&mut handle);
+        }
+        self.write(batch)
+    }
+
+    /// Gives up a claim after the handler failed, so the message can be handled again.
+    ///
+    /// # Errors
+    /// `Corrupt`, `Storage`.
+    pub fn release(&self, key: KeyHash) -> Result<(), DedupError> {
+        let mut inner = self.inner();
+        let now = self.clock.now_ms();
+        if let Some((MarkState::Claimed { .. }, bucket)) = self.lookup(&inner, key, now)? {
+            let family = self.db.cf_handle(&bucket).ok_or_else(|| self.missing(&bucket))?;
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(&family, key.bytes());
+            self.write(batch)?;
+            inner.counts.handler_failures += 1;
+        }
+        Ok(())
+    }
+
+    /// The next offset recorded for (group, topic, partition) by `mark_done`.
+    ///
+    /// # Errors
+    /// `Corrupt`, `Storage`.
+    pub fn offset(&self, group: &str, topic: &str, partition: i32) -> Result<Option<i64>, DedupError> {
+        let offsets = self.db.cf_handle(OFFSETS).ok_or_else(|| self.missing(OFFSETS))?;
+        let Some(bytes) = self
+            .db
+            .get_pinned_cf(&offsets, offset_key(group, topic, partition))
+            .map_err(|e| self.storage(e))?
+        else {
+            return Ok(None);
+        };
+        let stored: StoredOffset = postcard::from_bytes(&bytes).map_err(|e| DedupError::Corrupt {
+            path: self.config.path.clone(),
+            what: format!("offset of {group}/{topic}-{partition}"),
+            reason: e.to_string(),
+        })?;
+        Ok(Some(stored.next_offset))
+    }
+
+    /// A value the handler wrote through [`StateBatch`].
+    ///
+    /// # Errors
+    /// `Storage`.
+    pub fn state(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DedupError> {
+        let family = self.db.cf_handle(STATE).ok_or_else(|| self.missing(STATE))?;
+        self.db.get_cf(&family, key).map_err(|e| self.storage(e))
+    }
+
+    /// What the store decided so far (since open).
+    pub fn counts(&self) -> DedupCounts {
+        self.inner().counts
+    }
+
+    /// Estimated keys in the live buckets and bytes of SST files on disk.
+    pub fn size(&self) -> (u64, u64) {
+        let mut keys = 0;
+        let mut bytes = 0;
+        let mut families: Vec<String> = self.inner().buckets.iter().map(|(_, n)| n.clone()).collect();
+        families.extend([OFFSETS.to_string(), STATE.to_string()]);
+        for name in &families {
+            if let Some(family) = self.db.cf_handle(name) {
+                if name.starts_with(MARKS_PREFIX) {
+                    keys += self
+                        .db
+                        .property_int_value_cf(&family, "rocksdb.estimate-num-keys")
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0);
+                }
+                bytes += self
+                    .db
+                    .property_int_value_cf(&family, "rocksdb.total-sst-files-size")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+            }
+        }
+        (keys, bytes)
+    }
+
+    /// The store's path.
+    pub fn path(&self) -> &Path {
+        &self.config.path
+    }
+}
+
+fn offset_key(group: &str, topic: &str, partition: i32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(group.len() + topic.len() + 12);
+    for part in [group.as_bytes(), topic.as_bytes()] {
+        key.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        key.extend_from_slice(part);
+    }
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
+fn family_options(config: &DedupConfig, cache: &Cache) -> Options {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    // Most lookups are misses (fresh keys): a Ribbon filter answers those without reading.
+    table.set_ribbon_filter(10.0);
+    table.set_cache_index_and_filter_blocks(true);
+    let mut options = Options::default();
+    options.set_block_based_table_factory(&table);
+    options.set_write_buffer_size(config.write_buffer_bytes);
+    options.set_max_write_buffer_number(config.max_write_buffers);
+    options
+}
