@@ -260,10 +260,8 @@ impl DedupStore {
                 }
             }
         };
-        let mut families: Vec<String> = match Db::list_cf(&db_options, &config.path) {
-            Ok(names) => names,
-            Err(_) => Vec::new(), // a new store
-        };
+        // A new store has no column families to list yet.
+        let mut families: Vec<String> = Db::list_cf(&db_options, &config.path).unwrap_or_default();
         for required in ["default", OFFSETS, STATE] {
             if !families.iter().any(|f| f == required) {
                 families.push(required.to_string());
@@ -272,7 +270,8 @@ impl DedupStore {
         let descriptors = families
             .iter()
             .map(|name| ColumnFamilyDescriptor::new(name, family_options.clone()));
-        let db = Db::open_cf_descriptors(&db_options, &config.path, descriptors).map_err(storage)?;
+        let db =
+            Db::open_cf_descriptors(&db_options, &config.path, descriptors).map_err(storage)?;
         let mut buckets: Vec<(i64, String)> = families
             .into_iter()
             .filter_map(|name| {
@@ -280,7 +279,7 @@ impl DedupStore {
                 Some((start, name))
             })
             .collect();
-        buckets.sort_by(|a, b| b.0.cmp(&a.0));
+        buckets.sort_by_key(|b| std::cmp::Reverse(b.0));
         let store = Self {
             db,
             config,
@@ -324,7 +323,7 @@ impl DedupStore {
                 .create_cf(&name, &family_options(&self.config, &self.cache))
                 .map_err(|e| self.storage(e))?;
             inner.buckets.push((start, name.clone()));
-            inner.buckets.sort_by(|a, b| b.0.cmp(&a.0));
+            inner.buckets.sort_by_key(|b| std::cmp::Reverse(b.0));
         }
         Ok(name)
     }
@@ -370,7 +369,7 @@ impl DedupStore {
         now_ms: i64,
     ) -> Result<Option<(MarkState, String)>, DedupError> {
         for (_, name) in &inner.buckets {
-            let Some(family) = self.db.cf_handle(&name) else {
+            let Some(family) = self.db.cf_handle(name) else {
                 continue;
             };
             if let Some(bytes) = self
@@ -402,7 +401,9 @@ impl DedupStore {
     fn write(&self, batch: WriteBatch) -> Result<(), DedupError> {
         let mut options = WriteOptions::default();
         options.set_sync(self.config.sync_writes);
-        self.db.write_opt(batch, &options).map_err(|e| self.storage(e))
+        self.db
+            .write_opt(batch, &options)
+            .map_err(|e| self.storage(e))
     }
 
     /// Whether `key` was handled, without claiming it.
@@ -488,10 +489,20 @@ impl DedupStore {
             .db
             .cf_handle(&bucket)
             .ok_or_else(|| self.missing(&bucket))?;
-        let offsets = self.db.cf_handle(OFFSETS).ok_or_else(|| self.missing(OFFSETS))?;
-        let state_family = self.db.cf_handle(STATE).ok_or_else(|| self.missing(STATE))?;
+        let offsets = self
+            .db
+            .cf_handle(OFFSETS)
+            .ok_or_else(|| self.missing(OFFSETS))?;
+        let state_family = self
+            .db
+            .cf_handle(STATE)
+            .ok_or_else(|| self.missing(STATE))?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(&marks, key.bytes(), Self::encode(MarkState::Done { at_ms: now }));
+        batch.put_cf(
+            &marks,
+            key.bytes(),
+            Self::encode(MarkState::Done { at_ms: now }),
+        );
         if let Some((group, topic, partition, next_offset)) = offset {
             let value = postcard::to_stdvec(&StoredOffset {
                 version: FORMAT_VERSION,
@@ -518,7 +529,10 @@ impl DedupStore {
         let mut inner = self.inner();
         let now = self.clock.now_ms();
         if let Some((MarkState::Claimed { .. }, bucket)) = self.lookup(&inner, key, now)? {
-            let family = self.db.cf_handle(&bucket).ok_or_else(|| self.missing(&bucket))?;
+            let family = self
+                .db
+                .cf_handle(&bucket)
+                .ok_or_else(|| self.missing(&bucket))?;
             let mut batch = WriteBatch::default();
             batch.delete_cf(&family, key.bytes());
             self.write(batch)?;
@@ -531,8 +545,16 @@ impl DedupStore {
     ///
     /// # Errors
     /// `Corrupt`, `Storage`.
-    pub fn offset(&self, group: &str, topic: &str, partition: i32) -> Result<Option<i64>, DedupError> {
-        let offsets = self.db.cf_handle(OFFSETS).ok_or_else(|| self.missing(OFFSETS))?;
+    pub fn offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, DedupError> {
+        let offsets = self
+            .db
+            .cf_handle(OFFSETS)
+            .ok_or_else(|| self.missing(OFFSETS))?;
         let Some(bytes) = self
             .db
             .get_pinned_cf(&offsets, offset_key(group, topic, partition))
@@ -540,11 +562,12 @@ impl DedupStore {
         else {
             return Ok(None);
         };
-        let stored: StoredOffset = postcard::from_bytes(&bytes).map_err(|e| DedupError::Corrupt {
-            path: self.config.path.clone(),
-            what: format!("offset of {group}/{topic}-{partition}"),
-            reason: e.to_string(),
-        })?;
+        let stored: StoredOffset =
+            postcard::from_bytes(&bytes).map_err(|e| DedupError::Corrupt {
+                path: self.config.path.clone(),
+                what: format!("offset of {group}/{topic}-{partition}"),
+                reason: e.to_string(),
+            })?;
         Ok(Some(stored.next_offset))
     }
 
@@ -553,7 +576,10 @@ impl DedupStore {
     /// # Errors
     /// `Storage`.
     pub fn state(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DedupError> {
-        let family = self.db.cf_handle(STATE).ok_or_else(|| self.missing(STATE))?;
+        let family = self
+            .db
+            .cf_handle(STATE)
+            .ok_or_else(|| self.missing(STATE))?;
         self.db.get_cf(&family, key).map_err(|e| self.storage(e))
     }
 
@@ -566,7 +592,12 @@ impl DedupStore {
     pub fn size(&self) -> (u64, u64) {
         let mut keys = 0;
         let mut bytes = 0;
-        let mut families: Vec<String> = self.inner().buckets.iter().map(|(_, n)| n.clone()).collect();
+        let mut families: Vec<String> = self
+            .inner()
+            .buckets
+            .iter()
+            .map(|(_, n)| n.clone())
+            .collect();
         families.extend([OFFSETS.to_string(), STATE.to_string()]);
         for name in &families {
             if let Some(family) = self.db.cf_handle(name) {
@@ -616,4 +647,165 @@ fn family_options(config: &DedupConfig, cache: &Cache) -> Options {
     options.set_write_buffer_size(config.write_buffer_bytes);
     options.set_max_write_buffer_number(config.max_write_buffers);
     options
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct ManualClock(AtomicI64);
+
+    impl Clock for ManualClock {
+        fn now_ms(&self) -> i64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    const T0: i64 = 1_800_000_000_000;
+
+    fn store(dir: &Path) -> (DedupStore, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock(AtomicI64::new(T0)));
+        let config = DedupConfig {
+            window: Duration::from_secs(3600),
+            claim_lease: Duration::from_secs(30),
+            ..DedupConfig::new(dir)
+        };
+        let store = DedupStore::open_with_clock(config, clock.clone()).expect("open");
+        (store, clock)
+    }
+
+    fn key(n: u32) -> KeyHash {
+        KeyHash::new("billing", "payments", format!("msg-{n}").as_bytes())
+    }
+
+    #[test]
+    fn claim_then_done_makes_a_duplicate() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, _) = store(dir.path());
+        assert_eq!(store.claim(key(1))?, Claim::Fresh);
+        assert!(matches!(store.claim(key(1))?, Claim::InProgress { .. }));
+        store.mark_done(key(1), Some(("billing", "payments", 0, 8)), |_| {})?;
+        assert_eq!(store.claim(key(1))?, Claim::Duplicate);
+        assert_eq!(store.check(key(2))?, Claim::Fresh);
+        assert_eq!(store.offset("billing", "payments", 0)?, Some(8));
+        assert_eq!(store.offset("billing", "payments", 1)?, None);
+        let counts = store.counts();
+        assert_eq!((counts.fresh, counts.duplicates), (1, 1));
+        Ok(())
+    }
+
+    #[test]
+    fn keys_are_scoped_by_group_and_topic() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, _) = store(dir.path());
+        let a = KeyHash::new("billing", "payments", b"m");
+        store.claim(a)?;
+        store.mark_done(a, None, |_| {})?;
+        assert_eq!(
+            store.claim(KeyHash::new("audit", "payments", b"m"))?,
+            Claim::Fresh
+        );
+        assert_eq!(
+            store.claim(KeyHash::new("billing", "refunds", b"m"))?,
+            Claim::Fresh
+        );
+        // Length prefixes keep ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(KeyHash::new("ab", "c", b""), KeyHash::new("a", "bc", b""));
+        Ok(())
+    }
+
+    #[test]
+    fn release_lets_the_message_be_handled_again() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, _) = store(dir.path());
+        assert_eq!(store.claim(key(1))?, Claim::Fresh);
+        store.release(key(1))?;
+        assert_eq!(store.claim(key(1))?, Claim::Fresh);
+        assert_eq!(store.counts().handler_failures, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn an_expired_claim_can_be_taken_over() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, clock) = store(dir.path());
+        assert_eq!(store.claim(key(1))?, Claim::Fresh);
+        clock.0.store(T0 + 29_999, Ordering::SeqCst);
+        assert!(matches!(store.claim(key(1))?, Claim::InProgress { .. }));
+        clock.0.store(T0 + 30_000, Ordering::SeqCst);
+        assert_eq!(store.claim(key(1))?, Claim::Reclaimed);
+        assert_eq!(store.counts().claims_expired, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn the_window_forgets_keys_and_drops_whole_buckets() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, clock) = store(dir.path());
+        for n in 0..100 {
+            store.claim(key(n))?;
+            store.mark_done(key(n), None, |_| {})?;
+        }
+        clock.0.store(T0 + 3_599_999, Ordering::SeqCst);
+        assert_eq!(store.check(key(7))?, Claim::Duplicate, "inside the window");
+        clock.0.store(T0 + 3_600_000, Ordering::SeqCst);
+        assert_eq!(store.check(key(7))?, Claim::Fresh, "the window has passed");
+        // The bucket goes once every mark in it is older than the window.
+        clock.0.store(T0 + 3_600_000 + 1_800_000, Ordering::SeqCst);
+        assert_eq!(store.expire()?, 1);
+        assert!(store.inner().buckets.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn reopening_keeps_marks_offsets_and_state() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let (store, _) = store(dir.path());
+            store.claim(key(1))?;
+            store.mark_done(key(1), Some(("billing", "payments", 2, 41)), |state| {
+                state.put(b"balance", b"42");
+            })?;
+        }
+        let (store, _) = store(dir.path());
+        assert_eq!(store.claim(key(1))?, Claim::Duplicate);
+        assert_eq!(store.offset("billing", "payments", 2)?, Some(41));
+        assert_eq!(store.state(b"balance")?, Some(b"42".to_vec()));
+        Ok(())
+    }
+
+    #[test]
+    fn a_second_opener_is_refused_clearly() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (_first, _) = store(dir.path());
+        let second = DedupStore::open(DedupConfig::new(dir.path()));
+        match second {
+            Err(DedupError::InUse { path, reason }) => {
+                assert_eq!(path, dir.path());
+                assert!(!reason.is_empty());
+            }
+            other => panic!("expected InUse, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_corrupt_mark_is_a_clear_error() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, _) = store(dir.path());
+        store.claim(key(1))?;
+        let bucket = store.inner().buckets[0].1.clone();
+        let family = store.db.cf_handle(&bucket).expect("bucket");
+        store
+            .db
+            .put_cf(&family, key(1).bytes(), [0xff, 0xff, 0xff])
+            .expect("raw write");
+        match store.claim(key(1)) {
+            Err(DedupError::Corrupt { what, .. }) => assert!(what.contains("key")),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        Ok(())
+    }
 }
