@@ -21,6 +21,9 @@ struct Args {
     /// fsync every mark.
     #[arg(long)]
     sync: bool,
+    /// Block cache size in MiB.
+    #[arg(long, default_value_t = 64)]
+    cache_mib: usize,
 }
 
 fn rss_mib() -> f64 {
@@ -53,6 +56,7 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = DedupStore::open(DedupConfig {
         sync_writes: args.sync,
+        block_cache_bytes: args.cache_mib << 20,
         ..DedupConfig::new(dir.path())
     })?;
     let key = |n: u64| KeyHash::new("bench", "payments", format!("msg-{n}").as_bytes());
@@ -82,11 +86,12 @@ fn main() -> anyhow::Result<()> {
     drop(store);
     let disk = dir_bytes(dir.path());
     println!(
-        "keys={} sync={}: claim+mark_done {:.0} pairs/s ({:.2} µs/pair); duplicate claim {:.0}/s; \
+        "keys={} sync={} cache={} MiB: claim+mark_done {:.0} pairs/s ({:.2} µs/pair); duplicate claim {:.0}/s; \
          estimated keys {estimated_keys}; SST bytes {sst_bytes}; on disk after close {disk} bytes \
          ({:.1} bytes/key); RSS {rss:.0} MiB",
         args.keys,
         args.sync,
+        args.cache_mib,
         args.keys as f64 / fresh.as_secs_f64(),
         fresh.as_secs_f64() * 1e6 / args.keys as f64,
         args.keys as f64 / duplicates.as_secs_f64(),

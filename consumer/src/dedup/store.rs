@@ -15,9 +15,12 @@
 //!
 //! Memory: the block cache (`block_cache_bytes`, shared by all column families) plus, per
 //! column family, up to `max_write_buffers` memtables of `write_buffer_bytes`. With the
-//! defaults (8 MiB cache, 2 × 4 MiB per family, at most 3 mark buckets + offsets + state +
-//! default) that is 8 + 6 × 8 = 56 MiB at most; table readers' index and filter blocks are
-//! kept in the block cache, so they count against it.
+//! defaults (64 MiB cache, 2 × 4 MiB per family, at most 3 mark buckets + offsets + state +
+//! default) that is 64 + 6 × 8 = 112 MiB at most; table readers' index and filter blocks are
+//! kept in the block cache, so they count against it. A mark takes about 34 bytes of SST
+//! (42 on disk with the write-ahead log): size the cache to the keys in one window for
+//! duplicate lookups to stay in memory (measured with 1e6 keys: 8 MiB → 13 k duplicate
+//! lookups/s, 64 MiB → 217 k/s).
 //!
 //! References: Kafka Streams' segmented window store; specs/dedup.md.
 
@@ -60,13 +63,13 @@ pub struct DedupConfig {
 }
 
 impl DedupConfig {
-    /// Defaults for a store at `path`: a 7-day window, 30 s claims, 8 MiB cache.
+    /// Defaults for a store at `path`: a 7-day window, 30 s claims, 64 MiB cache.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
             window: Duration::from_secs(7 * 24 * 3600),
             claim_lease: Duration::from_secs(30),
-            block_cache_bytes: 8 << 20,
+            block_cache_bytes: 64 << 20,
             write_buffer_bytes: 4 << 20,
             max_write_buffers: 2,
             sync_writes: false,
