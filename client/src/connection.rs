@@ -391,6 +391,14 @@ pub struct InFlight<R> {
 }
 
 impl<R: Request> InFlight<R> {
+    /// Waits up to `timeout` instead of `request.timeout.ms` (a JoinGroup may be held by the
+    /// coordinator for the whole rebalance timeout).
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// Waits for the answer (at most `request.timeout.ms`, after which the connection is
     /// broken, since the answer could still come later).
     ///

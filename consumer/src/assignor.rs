@@ -294,10 +294,15 @@ pub const PROTOCOL_VERSION: i16 = 3;
 ///
 /// # Errors
 /// When the encoder refuses a value.
+///
+/// `sticky_previous`: for the eager `sticky` protocol, the member's previous assignment,
+/// written as `StickyAssignorUserDataV1` user data (eager members own nothing when they
+/// rejoin, so that is where the sticky assignor looks, in Kafka and librdkafka alike).
 pub fn encode_subscription(
     topics: &BTreeSet<String>,
     owned: &BTreeSet<TopicPartition>,
     generation: i32,
+    sticky_previous: Option<&BTreeSet<TopicPartition>>,
 ) -> Result<Bytes, ProtocolError> {
     let mut by_topic: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
     for (t, p) in owned {
@@ -320,7 +325,8 @@ pub fn encode_subscription(
                 })
                 .collect(),
         )
-        .with_generation_id(generation);
+        .with_generation_id(generation)
+        .with_user_data(sticky_previous.map(|previous| sticky_user_data(previous, generation)));
     let mut buf = BytesMut::new();
     buf.put_i16(PROTOCOL_VERSION);
     body.encode(&mut buf, PROTOCOL_VERSION)
@@ -346,6 +352,17 @@ pub fn decode_subscription(
     let version = buf.get_i16().clamp(0, PROTOCOL_VERSION);
     let body = ConsumerProtocolSubscription::decode(&mut buf, version)
         .map_err(|e| ProtocolError(e.to_string()))?;
+    if body.owned_partitions.is_empty() {
+        if let Some((owned, generation)) = body.user_data.as_ref().and_then(decode_sticky_user_data)
+        {
+            return Ok(Subscription {
+                member_id: member_id.to_string(),
+                topics: body.topics.iter().map(ToString::to_string).collect(),
+                owned,
+                generation,
+            });
+        }
+    }
     Ok(Subscription {
         member_id: member_id.to_string(),
         topics: body.topics.iter().map(ToString::to_string).collect(),
@@ -360,6 +377,60 @@ pub fn decode_subscription(
             .collect(),
         generation: if version >= 2 { body.generation_id } else { -1 },
     })
+}
+
+/// `StickyAssignorUserDataV1`: `[topic: string, partitions: [int32]]`, `generation: int32`,
+/// in the classic (non-flexible) encoding, with no version prefix.
+fn sticky_user_data(previous: &BTreeSet<TopicPartition>, generation: i32) -> Bytes {
+    let mut by_topic: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+    for (t, p) in previous {
+        by_topic.entry(t.as_str()).or_default().push(*p);
+    }
+    let mut buf = BytesMut::new();
+    buf.put_i32(i32::try_from(by_topic.len()).unwrap_or(i32::MAX));
+    for (topic, partitions) in by_topic {
+        buf.put_i16(i16::try_from(topic.len()).unwrap_or(i16::MAX));
+        buf.put_slice(topic.as_bytes());
+        buf.put_i32(i32::try_from(partitions.len()).unwrap_or(i32::MAX));
+        for p in partitions {
+            buf.put_i32(p);
+        }
+    }
+    buf.put_i32(generation);
+    buf.freeze()
+}
+
+/// Reads sticky user data V1 (or V0, without the generation); `None` unless the bytes are
+/// exactly that shape (other assignors' user data is ignored).
+fn decode_sticky_user_data(bytes: &Bytes) -> Option<(BTreeSet<TopicPartition>, i32)> {
+    let mut buf = bytes.clone();
+    if buf.remaining() < 4 {
+        return None;
+    }
+    let topics = usize::try_from(buf.get_i32()).ok()?;
+    let mut owned = BTreeSet::new();
+    for _ in 0..topics {
+        if buf.remaining() < 2 {
+            return None;
+        }
+        let len = usize::try_from(buf.get_i16()).ok()?;
+        if buf.remaining() < len + 4 {
+            return None;
+        }
+        let topic = String::from_utf8(buf.copy_to_bytes(len).to_vec()).ok()?;
+        let count = usize::try_from(buf.get_i32()).ok()?;
+        if buf.remaining() < count.checked_mul(4)? {
+            return None;
+        }
+        for _ in 0..count {
+            owned.insert((topic.clone(), buf.get_i32()));
+        }
+    }
+    match buf.remaining() {
+        0 => Some((owned, -1)),
+        4 => Some((owned, buf.get_i32())),
+        _ => None,
+    }
 }
 
 /// SyncGroup assignment bytes for one member.

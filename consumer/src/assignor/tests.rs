@@ -199,7 +199,7 @@ fn subscriptions_and_assignments_round_trip_through_the_wire_format() {
     let topics: BTreeSet<String> = ["orders".to_string(), "refunds".to_string()].into();
     let owned: BTreeSet<TopicPartition> =
         [("orders".to_string(), 2), ("orders".to_string(), 5)].into();
-    let bytes = encode_subscription(&topics, &owned, 7).expect("encode");
+    let bytes = encode_subscription(&topics, &owned, 7, None).expect("encode");
     let back = decode_subscription("m", &bytes).expect("decode");
     assert_eq!(back.topics, topics);
     assert_eq!(back.owned, owned);
@@ -208,4 +208,40 @@ fn subscriptions_and_assignments_round_trip_through_the_wire_format() {
     assert_eq!(decode_assignment(&assignment).expect("decode"), owned);
     assert!(decode_assignment(&Bytes::new()).expect("empty").is_empty());
     assert!(decode_subscription("m", &Bytes::from_static(&[0])).is_err());
+}
+
+#[test]
+fn eager_sticky_carries_the_previous_assignment_in_user_data() {
+    let topics: BTreeSet<String> = ["orders".to_string()].into();
+    let previous: BTreeSet<TopicPartition> =
+        [("orders".to_string(), 1), ("orders".to_string(), 3)].into();
+    // Eager members own nothing when they rejoin: the previous assignment rides in
+    // StickyAssignorUserDataV1, which is where the leader (ours or librdkafka's) reads it.
+    let bytes = encode_subscription(&topics, &BTreeSet::new(), 4, Some(&previous)).expect("encode");
+    let back = decode_subscription("m", &bytes).expect("decode");
+    assert_eq!(back.owned, previous);
+    assert_eq!(back.generation, 4);
+    // V1 layout, byte for byte: one topic "orders" with [1, 3], generation 4.
+    let user_data = decode_user_data(&bytes);
+    let mut expected = vec![0, 0, 0, 1, 0, 6];
+    expected.extend_from_slice(b"orders");
+    expected.extend_from_slice(&[0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 3, 0, 0, 0, 4]);
+    assert_eq!(user_data, expected);
+    // Another assignor's user data (Java's cooperative-sticky writes just a generation) is
+    // not mistaken for it.
+    assert_eq!(
+        decode_sticky_user_data(&Bytes::from_static(&[0, 0, 0, 9])),
+        None
+    );
+}
+
+fn decode_user_data(bytes: &Bytes) -> Vec<u8> {
+    use kafka_protocol::protocol::Decodable;
+    let mut buf = bytes.clone();
+    let version = bytes::Buf::get_i16(&mut buf);
+    kafka_protocol::messages::ConsumerProtocolSubscription::decode(&mut buf, version)
+        .expect("decode")
+        .user_data
+        .expect("user data")
+        .to_vec()
 }

@@ -1,0 +1,361 @@
+//! Turning one partition's `records` bytes from a Fetch response into [`ConsumerRecord`]s.
+//!
+//! - Batches are split by their length prefix; a trailing partial batch (the broker cut the
+//!   response at `max.partition.fetch.bytes`) is left for the next fetch.
+//! - A batch that starts before the fetch offset (a compressed batch is always returned whole)
+//!   contributes only its records at or after it.
+//! - Control batches (transaction markers) are never returned; with `read_committed`, records
+//!   of aborted transactions are dropped, Kafka's way: the response's aborted-transaction list
+//!   activates a producer id once its first offset is reached, its ABORT marker ends it.
+//! - CRCs are checked by the decoder; all four codecs are decompressed.
+//!
+//! References: Kafka protocol guide (Record Batch), the Java client's `CompletedFetch`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use kafka_protocol::records::RecordBatchDecoder;
+
+use crate::record::ConsumerRecord;
+
+/// A transaction the broker says was aborted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AbortedTransaction {
+    pub(crate) producer_id: i64,
+    pub(crate) first_offset: i64,
+}
+
+/// One partition's decoded fetch data.
+#[derive(Debug, Default)]
+pub(crate) struct Decoded {
+    pub(crate) records: Vec<ConsumerRecord>,
+    /// Where the next fetch starts: after the last complete batch (control and aborted batches
+    /// included), or the fetch offset when there was none.
+    pub(crate) next_offset: i64,
+    /// Bytes of the records returned (keys, values, headers), for the buffer bound.
+    pub(crate) bytes: usize,
+}
+
+/// Why a partition's data could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DecodeError {
+    /// Offset of the batch that failed.
+    pub(crate) offset: i64,
+    pub(crate) reason: String,
+    /// What was decoded before it (returned to the application first).
+    pub(crate) before: usize,
+}
+
+const LENGTH_PREFIX: usize = 12;
+const MAGIC_AT: usize = 16;
+const ATTRIBUTES_AT: usize = 21;
+const LAST_OFFSET_DELTA_AT: usize = 23;
+const PRODUCER_ID_AT: usize = 43;
+const HEADER_LEN: usize = 61;
+
+fn be_i64(b: &[u8], at: usize) -> i64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    i64::from_be_bytes(a)
+}
+
+fn be_i32(b: &[u8], at: usize) -> i32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    i32::from_be_bytes(a)
+}
+
+/// What a buffered record counts for against the buffer bound.
+pub(crate) fn record_size(record: &ConsumerRecord) -> usize {
+    record.key.as_ref().map_or(0, Bytes::len)
+        + record.value.as_ref().map_or(0, Bytes::len)
+        + record
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len))
+            .sum::<usize>()
+        + 64
+}
+
+/// Decodes `data` fetched from `fetch_offset`.
+///
+/// # Errors
+/// The first batch that fails its CRC or does not decode; records before it are in
+/// `Ok` of a later call (the caller keeps them through [`DecodeError::before`]).
+pub(crate) fn decode(
+    topic: &Arc<str>,
+    partition: i32,
+    fetch_offset: i64,
+    mut data: Bytes,
+    aborted: Option<&[AbortedTransaction]>,
+) -> (Decoded, Option<DecodeError>) {
+    let mut out = Decoded {
+        next_offset: fetch_offset,
+        ..Decoded::default()
+    };
+    // producer id → aborted transactions not yet reached, by first offset.
+    let mut pending: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for a in aborted.unwrap_or_default() {
+        pending
+            .entry(a.first_offset)
+            .or_default()
+            .push(a.producer_id);
+    }
+    let mut active_aborts: HashSet<i64> = HashSet::new();
+    let read_committed = aborted.is_some();
+
+    while data.len() >= LENGTH_PREFIX {
+        let base_offset = be_i64(&data, 0);
+        let length = be_i32(&data, 8);
+        let fail = |reason: String, out: &Decoded| DecodeError {
+            offset: base_offset.max(fetch_offset),
+            reason,
+            before: out.records.len(),
+        };
+        let Ok(length) = usize::try_from(length) else {
+            let e = fail(format!("negative batch length {length}"), &out);
+            return (out, Some(e));
+        };
+        let total = LENGTH_PREFIX + length;
+        if data.len() < total {
+            break; // a partial batch at the end of the response
+        }
+        let mut batch = data.split_to(total);
+        if total < HEADER_LEN {
+            let e = fail(
+                format!("batch of {total} bytes is shorter than its header"),
+                &out,
+            );
+            return (out, Some(e));
+        }
+        let magic = batch[MAGIC_AT];
+        if magic != 2 {
+            let e = fail(
+                format!("message format v{magic} is not supported (only record batches v2)"),
+                &out,
+            );
+            return (out, Some(e));
+        }
+        let attributes = i16::from_be_bytes([batch[ATTRIBUTES_AT], batch[ATTRIBUTES_AT + 1]]);
+        let last_offset = base_offset + i64::from(be_i32(&batch, LAST_OFFSET_DELTA_AT));
+        let producer_id = be_i64(&batch, PRODUCER_ID_AT);
+        let transactional = attributes & (1 << 4) != 0;
+        let control = attributes & (1 << 5) != 0;
+
+        if read_committed {
+            let reached: Vec<i64> = pending.range(..=last_offset).map(|(k, _)| *k).collect();
+            for first in reached {
+                if let Some(ids) = pending.remove(&first) {
+                    active_aborts.extend(ids);
+                }
+            }
+        }
+        if last_offset < fetch_offset {
+            continue; // wholly before the position (and out.next_offset is still ahead)
+        }
+        let decoded = match RecordBatchDecoder::decode(&mut batch) {
+            Ok(set) => set.records,
+            Err(e) => {
+                let e = fail(e.to_string(), &out);
+                return (out, Some(e));
+            }
+        };
+        out.next_offset = out.next_offset.max(last_offset + 1);
+        if control {
+            // Key: version (i16), type (i16): 0 = ABORT, 1 = COMMIT.
+            let ends_transaction = decoded.iter().any(|r| {
+                r.key.as_ref().is_some_and(|k| {
+                    let mut k = k.clone();
+                    k.remaining() >= 4 && {
+                        k.advance(2);
+                        matches!(k.get_i16(), 0 | 1)
+                    }
+                })
+            });
+            if ends_transaction {
+                active_aborts.remove(&producer_id);
+            }
+            continue;
+        }
+        if read_committed && transactional && active_aborts.contains(&producer_id) {
+            continue;
+        }
+        for r in decoded {
+            if r.offset < fetch_offset {
+                continue;
+            }
+            let headers: Vec<(String, Option<Bytes>)> = r
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            let record = ConsumerRecord {
+                topic: Arc::clone(topic),
+                partition,
+                offset: r.offset,
+                timestamp: r.timestamp,
+                key: r.key,
+                value: r.value,
+                headers,
+            };
+            out.bytes += record_size(&record);
+            out.records.push(record);
+        }
+    }
+    (out, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+    use kafka_protocol::protocol::StrBytes;
+    use kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+
+    use super::*;
+
+    fn record(offset: i64, value: &str, producer_id: i64, transactional: bool) -> Record {
+        Record {
+            transactional,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: 0,
+            producer_id,
+            producer_epoch: 0,
+            timestamp_type: TimestampType::Creation,
+            offset,
+            sequence: -1,
+            timestamp: 1_000 + offset,
+            key: Some(Bytes::from(format!("k{offset}"))),
+            value: Some(Bytes::from(value.to_string())),
+            headers: [(
+                StrBytes::from_static_str("semel-msg-id"),
+                Some(Bytes::from("id")),
+            )]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    fn batch(records: &[Record], compression: Compression) -> BytesMut {
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            records,
+            &RecordEncodeOptions {
+                version: 2,
+                compression,
+            },
+        )
+        .expect("encode");
+        buf
+    }
+
+    fn topic() -> Arc<str> {
+        Arc::from("t")
+    }
+
+    #[test]
+    fn every_codec_decodes_and_partial_tail_is_left() {
+        for compression in [
+            Compression::None,
+            Compression::Gzip,
+            Compression::Snappy,
+            Compression::Lz4,
+            Compression::Zstd,
+        ] {
+            let mut data = batch(
+                &[record(0, "a", -1, false), record(1, "b", -1, false)],
+                compression,
+            );
+            let second = batch(&[record(2, "c", -1, false)], compression);
+            data.extend_from_slice(&second[..second.len() - 3]);
+            let (out, error) = decode(&topic(), 0, 0, data.freeze(), None);
+            assert_eq!(error, None, "{compression:?}");
+            let values: Vec<_> = out.records.iter().map(|r| r.value.clone()).collect();
+            assert_eq!(
+                values,
+                vec![Some(Bytes::from("a")), Some(Bytes::from("b"))],
+                "{compression:?}"
+            );
+            assert_eq!(out.next_offset, 2);
+            assert_eq!(
+                out.records[0].header("semel-msg-id"),
+                Some(&Bytes::from("id"))
+            );
+        }
+    }
+
+    #[test]
+    fn records_before_the_fetch_offset_are_skipped() {
+        let data = batch(
+            &[
+                record(10, "a", -1, false),
+                record(11, "b", -1, false),
+                record(12, "c", -1, false),
+            ],
+            Compression::Lz4,
+        );
+        let (out, error) = decode(&topic(), 0, 12, data.freeze(), None);
+        assert_eq!(error, None);
+        assert_eq!(
+            out.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            vec![12]
+        );
+        assert_eq!(out.next_offset, 13);
+    }
+
+    #[test]
+    fn a_bad_crc_is_an_error_after_the_good_batches() {
+        let mut data = batch(&[record(0, "a", -1, false)], Compression::None);
+        let mut bad = batch(&[record(1, "b", -1, false)], Compression::None);
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        data.extend_from_slice(&bad);
+        let (out, error) = decode(&topic(), 0, 0, data.freeze(), None);
+        assert_eq!(out.records.len(), 1);
+        let error = error.expect("crc error");
+        assert_eq!(error.offset, 1);
+        assert_eq!(error.before, 1);
+        assert!(error.reason.contains("Cyclic"), "{}", error.reason);
+    }
+
+    #[test]
+    fn read_committed_drops_aborted_transactions_and_control_batches() {
+        let mut data = batch(
+            &[record(0, "aborted", 7, true), record(1, "aborted", 7, true)],
+            Compression::None,
+        );
+        data.extend_from_slice(&batch(&[record(2, "plain", -1, false)], Compression::None));
+        // The ABORT marker for producer 7.
+        let mut marker = record(3, "", 7, true);
+        marker.control = true;
+        marker.key = Some(Bytes::from_static(&[0, 0, 0, 0]));
+        marker.headers.clear();
+        data.extend_from_slice(&batch(&[marker], Compression::None));
+        data.extend_from_slice(&batch(
+            &[record(4, "committed", 7, true)],
+            Compression::None,
+        ));
+        let aborted = [AbortedTransaction {
+            producer_id: 7,
+            first_offset: 0,
+        }];
+        let data = data.freeze();
+        let (out, error) = decode(&topic(), 0, 0, data.clone(), Some(&aborted));
+        assert_eq!(error, None);
+        assert_eq!(
+            out.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            vec![2, 4]
+        );
+        assert_eq!(out.next_offset, 5);
+        // read_uncommitted returns everything but the marker.
+        let (out, _) = decode(&topic(), 0, 0, data, None);
+        assert_eq!(
+            out.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            vec![0, 1, 2, 4]
+        );
+    }
+}
