@@ -1138,7 +1138,21 @@ impl Consumer {
     async fn send_fetches(&mut self) {
         let threshold = self.prefetch_below();
         let mut by_node: BTreeMap<i32, Vec<(TopicPartition, i64, u64)>> = BTreeMap::new();
+        // Nodes with a partition left out only because its buffer is full: their fetch must
+        // not wait for data (fetch.max.wait.ms), or it would hold back that partition's next
+        // fetch once the application drains it (one fetch per broker at a time).
+        let mut hurried: HashSet<i32> = HashSet::new();
         for (tp, s) in &self.partitions {
+            if s.position.is_some()
+                && !s.paused
+                && !s.in_flight
+                && s.error.is_none()
+                && s.buffered_bytes >= threshold
+            {
+                if let Some(node) = self.cluster.leader(&tp.0, tp.1) {
+                    hurried.insert(node);
+                }
+            }
             if s.position.is_none()
                 || s.paused
                 || s.in_flight
@@ -1190,9 +1204,14 @@ impl Consumer {
                     ),
                 }
             }
+            let max_wait = if hurried.contains(&node) {
+                0
+            } else {
+                millis(self.config.fetch_max_wait)
+            };
             let request = FetchRequest::default()
                 .with_replica_id(BrokerId(-1))
-                .with_max_wait_ms(millis(self.config.fetch_max_wait))
+                .with_max_wait_ms(max_wait)
                 .with_min_bytes(self.config.fetch_min_bytes)
                 .with_max_bytes(self.config.fetch_max_bytes)
                 .with_isolation_level(self.config.isolation_level.wire())
