@@ -373,6 +373,11 @@ impl Consumer {
         }
     }
 
+    /// `group.id`, if set.
+    pub fn group_id(&self) -> Option<String> {
+        self.config.group_id.clone()
+    }
+
     /// The group generation of the current assignment (-1 before the first).
     pub fn generation(&self) -> i32 {
         self.generation

@@ -28,6 +28,11 @@
 //! between the effect and `mark_done` leaves a claim whose lease expires, and the message is
 //! handled again. Writes made through the batch are exactly-once.
 
+pub mod middleware;
 pub mod store;
 
+pub use middleware::{
+    DedupConsumer, Fresh, KeyFn, KeySource, MiddlewareConfig, MiddlewareError, MiddlewareMetrics,
+    MissingKey,
+};
 pub use store::{Claim, DedupConfig, DedupCounts, DedupError, DedupStore, KeyHash, StateBatch};

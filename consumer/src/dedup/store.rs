@@ -434,36 +434,58 @@ impl DedupStore {
     /// # Errors
     /// `Corrupt`, `Storage`.
     pub fn claim(&self, key: KeyHash) -> Result<Claim, DedupError> {
+        Ok(self.claim_many(&[key])?[0])
+    }
+
+    /// Claims several keys with one write (a poll's worth of messages): the answer for each,
+    /// in order. A key that appears twice is `InProgress` the second time.
+    ///
+    /// # Errors
+    /// `Corrupt`, `Storage` (then nothing was claimed).
+    pub fn claim_many(&self, keys: &[KeyHash]) -> Result<Vec<Claim>, DedupError> {
         let mut inner = self.inner();
         let now = self.clock.now_ms();
-        let outcome = self.check_locked(&inner, key, now)?;
-        match outcome {
-            Claim::Fresh | Claim::Reclaimed => {
-                let lease = i64::try_from(self.config.claim_lease.as_millis()).unwrap_or(i64::MAX);
-                let bucket = self.current_bucket(&mut inner, now)?;
-                let family = self
-                    .db
-                    .cf_handle(&bucket)
-                    .ok_or_else(|| self.missing(&bucket))?;
-                let mut batch = WriteBatch::default();
-                batch.put_cf(
-                    &family,
-                    key.bytes(),
-                    Self::encode(MarkState::Claimed {
-                        until_ms: now.saturating_add(lease),
-                    }),
-                );
-                self.write(batch)?;
-                if outcome == Claim::Fresh {
-                    inner.counts.fresh += 1;
-                } else {
-                    inner.counts.claims_expired += 1;
+        let lease = i64::try_from(self.config.claim_lease.as_millis()).unwrap_or(i64::MAX);
+        let until_ms = now.saturating_add(lease);
+        let bucket = self.current_bucket(&mut inner, now)?;
+        let family = self
+            .db
+            .cf_handle(&bucket)
+            .ok_or_else(|| self.missing(&bucket))?;
+        let mut batch = WriteBatch::default();
+        let mut outcomes = Vec::with_capacity(keys.len());
+        let mut counts = inner.counts;
+        let mut taken = std::collections::HashSet::new();
+        for &key in keys {
+            let outcome = if taken.contains(&key) {
+                Claim::InProgress { until_ms }
+            } else {
+                self.check_locked(&inner, key, now)?
+            };
+            match outcome {
+                Claim::Fresh | Claim::Reclaimed => {
+                    batch.put_cf(
+                        &family,
+                        key.bytes(),
+                        Self::encode(MarkState::Claimed { until_ms }),
+                    );
+                    taken.insert(key);
+                    if outcome == Claim::Fresh {
+                        counts.fresh += 1;
+                    } else {
+                        counts.claims_expired += 1;
+                    }
                 }
+                Claim::Duplicate => counts.duplicates += 1,
+                Claim::InProgress { .. } => {}
             }
-            Claim::Duplicate => inner.counts.duplicates += 1,
-            Claim::InProgress { .. } => {}
+            outcomes.push(outcome);
         }
-        Ok(outcome)
+        if !batch.is_empty() {
+            self.write(batch)?;
+        }
+        inner.counts = counts;
+        Ok(outcomes)
     }
 
     fn missing(&self, family: &str) -> DedupError {
@@ -478,10 +500,24 @@ impl DedupStore {
     /// (group, topic, partition) and whatever `state` writes the handler adds.
     ///
     /// # Errors
-    /// `Storage` (nothing of the batch is written then).
+    /// `Corrupt`, `Storage` (then nothing was written).
     pub fn mark_done(
         &self,
         key: KeyHash,
+        offset: Option<(&str, &str, i32, i64)>,
+        state: impl FnOnce(&mut StateBatch<'_>),
+    ) -> Result<(), DedupError> {
+        self.mark_done_many(&[key], offset, state)
+    }
+
+    /// Marks several keys done in one atomic write (a poll's worth), with the partition's
+    /// next offset and the handler's writes. Everything or nothing is stored.
+    ///
+    /// # Errors
+    /// `Corrupt`, `Storage` (then nothing was written).
+    pub fn mark_done_many(
+        &self,
+        keys: &[KeyHash],
         offset: Option<(&str, &str, i32, i64)>,
         state: impl FnOnce(&mut StateBatch<'_>),
     ) -> Result<(), DedupError> {
@@ -501,11 +537,10 @@ impl DedupStore {
             .cf_handle(STATE)
             .ok_or_else(|| self.missing(STATE))?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(
-            &marks,
-            key.bytes(),
-            Self::encode(MarkState::Done { at_ms: now }),
-        );
+        let done = Self::encode(MarkState::Done { at_ms: now });
+        for key in keys {
+            batch.put_cf(&marks, key.bytes(), &done);
+        }
         if let Some((group, topic, partition, next_offset)) = offset {
             let value = postcard::to_stdvec(&StoredOffset {
                 version: FORMAT_VERSION,
@@ -522,6 +557,22 @@ impl DedupStore {
             state(&mut handle);
         }
         self.write(batch)
+    }
+
+    /// Records a partition's next offset and the handler's writes, with no mark (a record
+    /// handed out without a key).
+    ///
+    /// # Errors
+    /// `Corrupt`, `Storage`.
+    pub fn record_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+        state: impl FnOnce(&mut StateBatch<'_>),
+    ) -> Result<(), DedupError> {
+        self.mark_done_many(&[], Some((group, topic, partition, next_offset)), state)
     }
 
     /// Gives up a claim after the handler failed, so the message can be handled again.
@@ -697,6 +748,42 @@ mod tests {
         assert_eq!(store.offset("billing", "payments", 1)?, None);
         let counts = store.counts();
         assert_eq!((counts.fresh, counts.duplicates), (1, 1));
+        Ok(())
+    }
+
+    #[test]
+    fn batched_claims_and_marks_decide_each_key_and_write_atomically() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, _) = store(dir.path());
+        store.claim(key(2))?;
+        store.mark_done(key(2), None, |_| {})?;
+        let outcomes = store.claim_many(&[key(1), key(2), key(1), key(3)])?;
+        assert_eq!(outcomes[0], Claim::Fresh);
+        assert_eq!(outcomes[1], Claim::Duplicate);
+        assert!(
+            matches!(outcomes[2], Claim::InProgress { .. }),
+            "same key twice"
+        );
+        assert_eq!(outcomes[3], Claim::Fresh);
+        store.mark_done_many(
+            &[key(1), key(3)],
+            Some(("billing", "payments", 2, 40)),
+            |s| {
+                s.put(b"total", b"2");
+            },
+        )?;
+        assert_eq!(
+            store.claim_many(&[key(1), key(3)])?,
+            vec![Claim::Duplicate; 2]
+        );
+        assert_eq!(store.offset("billing", "payments", 2)?, Some(40));
+        assert_eq!(store.state(b"total")?, Some(b"2".to_vec()));
+        // An offset with no mark (a record handed out without a key).
+        store.record_offset("billing", "payments", 2, 41, |s| s.put(b"total", b"3"))?;
+        assert_eq!(store.offset("billing", "payments", 2)?, Some(41));
+        assert_eq!(store.state(b"total")?, Some(b"3".to_vec()));
+        let counts = store.counts();
+        assert_eq!((counts.fresh, counts.duplicates), (3, 3));
         Ok(())
     }
 
