@@ -212,7 +212,10 @@ impl Drop for KcatConsumer {
 
 fn consumed_lines(path: &Path) -> anyhow::Result<Vec<(i32, i64, String)>> {
     let text = std::fs::read_to_string(path)?;
-    text.lines()
+    // kcat may be writing the last line right now: only newline-terminated lines count.
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
         .filter(|l| !l.is_empty())
         .map(|line| {
             let mut parts = line.splitn(3, ' ');

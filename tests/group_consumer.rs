@@ -846,3 +846,47 @@ async fn pause_resume_seek_async_commit_and_the_stream() -> anyhow::Result<()> {
     consumer.close().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_bounds_the_buffer_instead_of_growing_memory() -> anyhow::Result<()> {
+    let broker = group_broker().await?;
+    let bootstrap = broker.bootstrap();
+    let mut admin = RawClient::connect(broker.addr()).await?;
+    create_topic(&mut admin, "backlog", 1).await?;
+    // 4,000 records of ~1 KiB: 4 MB waiting.
+    let value = "v".repeat(1_000);
+    for chunk in 0..40 {
+        let records: Vec<TestRecord> = (0..100)
+            .map(|n| TestRecord::new(&format!("k{}", chunk * 100 + n), &value, 1_700_000_000_000))
+            .collect();
+        let batch = record_batch(&records, Compression::None)?;
+        let response = admin
+            .send(9, &produce_request("backlog", 0, batch, -1))
+            .await?;
+        ensure!(response.responses[0].partition_responses[0].error_code == 0);
+    }
+    const LIMIT: i32 = 64 * 1024;
+    let mut consumer = Consumer::connect(ConsumerConfig {
+        group_id: None,
+        max_partition_fetch_bytes: LIMIT,
+        ..config(&bootstrap, "unused", Strategy::Range)
+    })
+    .await?;
+    consumer.assign([("backlog".to_string(), 0)])?;
+    let mut peak = 0;
+    for n in 0..400 {
+        let record = tokio::time::timeout(PATIENCE, consumer.recv()).await??;
+        ensure!(record.offset == n, "in order");
+        peak = peak.max(consumer.buffered_bytes());
+        if n % 50 == 0 {
+            // A slow handler: the broker has megabytes more, the consumer does not take them.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // One response may arrive while the buffer is just under half the limit, and a batch is
+    // returned whole: 100 records of ~1 KiB each on top.
+    let bound = usize::try_from(LIMIT)? * 3 / 2 + 100 * 1_100;
+    eprintln!("peak buffered {peak} bytes with max.partition.fetch.bytes={LIMIT} (4 MB waiting)");
+    ensure!(peak <= bound, "buffer grew to {peak} bytes (bound {bound})");
+    Ok(())
+}

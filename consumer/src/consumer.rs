@@ -396,6 +396,13 @@ impl Consumer {
             .unwrap_or_default()
     }
 
+    /// Bytes of records fetched but not yet handed out (keys, values, headers and a fixed
+    /// overhead per record), over all partitions. Stays below about 1.5 ×
+    /// `max.partition.fetch.bytes` per partition, however slow the application is.
+    pub fn buffered_bytes(&self) -> usize {
+        self.partitions.values().map(|s| s.buffered_bytes).sum()
+    }
+
     /// Counters since `connect`.
     pub fn metrics(&self) -> ConsumerMetrics {
         self.metrics
