@@ -263,6 +263,9 @@ fn main() -> anyhow::Result<()> {
                 Some(("bench", "payments", 0, i64::try_from(n)?)),
                 |_| {},
             )?;
+            if n % 10_000_000 < batch as u64 {
+                eprintln!("{n} keys marked after {:.0?}", started.elapsed());
+            }
         }
     }
     let fresh = started.elapsed();
