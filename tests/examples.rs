@@ -1,0 +1,78 @@
+//! The examples, run in their quick mode, with their with/without outcome asserted: a test
+//! fails if "with Semel" shows any loss or duplicate, or if "without" shows none (the fault
+//! was not injected). `cargo test` builds the examples before it runs tests.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use anyhow::{Context, ensure};
+
+/// Runs `target/<profile>/examples/<name> --quick`; returns its stdout.
+fn run_example(name: &str) -> anyhow::Result<String> {
+    let path = common::workspace_binary(&format!("examples/{name}"))
+        .with_context(|| format!("cargo build --examples builds {name}"))?;
+    let output = Command::new(&path).arg("--quick").output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    ensure!(
+        output.status.success(),
+        "{name} failed: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{stdout}");
+    Ok(stdout)
+}
+
+/// The `RESULT k=v ...` lines, keyed by their first field.
+fn results(stdout: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("RESULT "))
+        .map(|l| {
+            let fields: BTreeMap<String, String> = l
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let first = l.split_whitespace().next().unwrap_or_default().to_string();
+            (first, fields)
+        })
+        .collect()
+}
+
+fn number(fields: &BTreeMap<String, String>, key: &str) -> anyhow::Result<u64> {
+    fields
+        .get(key)
+        .with_context(|| format!("no {key}"))?
+        .parse()
+        .with_context(|| format!("{key} is not a number"))
+}
+
+#[test]
+fn duplicate_send_shows_duplicates_without_idempotence_and_none_with_it() -> anyhow::Result<()> {
+    let stdout = run_example("duplicate_send")?;
+    let results = results(&stdout);
+    let off = results
+        .get("idempotence=false")
+        .context("no run without idempotence")?;
+    let on = results
+        .get("idempotence=true")
+        .context("no run with idempotence")?;
+    ensure!(
+        number(off, "duplicated")? > 0,
+        "without: no duplicates: {off:?}"
+    );
+    ensure!(number(off, "lost")? == 0, "without: lost messages: {off:?}");
+    ensure!(
+        number(on, "duplicated")? == 0 && number(on, "lost")? == 0,
+        "with: {on:?}"
+    );
+    ensure!(number(on, "stored")? == number(on, "sent")?, "with: {on:?}");
+    ensure!(
+        on.get("in_order").map(String::as_str) == Some("true"),
+        "with: {on:?}"
+    );
+    Ok(())
+}
