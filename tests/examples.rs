@@ -76,3 +76,29 @@ fn duplicate_send_shows_duplicates_without_idempotence_and_none_with_it() -> any
     );
     Ok(())
 }
+
+#[test]
+fn duplicate_consume_double_counts_without_dedup_and_is_exact_with_it() -> anyhow::Result<()> {
+    let stdout = run_example("duplicate_consume")?;
+    let results = results(&stdout);
+    let plain = results.get("dedup=false").context("no plain run")?;
+    let semel = results.get("dedup=true").context("no dedup run")?;
+    ensure!(
+        number(plain, "off_by")? > 0,
+        "plain ledger exact: {plain:?}"
+    );
+    ensure!(
+        number(plain, "total")? > number(plain, "expected")?,
+        "plain: redelivery adds, never loses: {plain:?}"
+    );
+    ensure!(number(semel, "off_by")? == 0, "dedup ledger off: {semel:?}");
+    ensure!(
+        number(semel, "total")? == number(semel, "expected")?,
+        "dedup: {semel:?}"
+    );
+    ensure!(
+        number(semel, "dropped")? > 0,
+        "the store dropped the resent transfers: {semel:?}"
+    );
+    Ok(())
+}

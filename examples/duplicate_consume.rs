@@ -1,0 +1,329 @@
+//! Duplicate consumption, shown: a consumer keeps account balances, handles transfers, and
+//! crashes after handling a batch but before its offset commit. When it restarts, the group
+//! hands it the transfers since the last commit again. A plain consumer applies them twice;
+//! with Semel's dedup store (balances written through the store's atomic batch) every
+//! transfer counts once. The producer also resends 5% of the transfers (a resend after a
+//! producer restart, which broker idempotence cannot catch): the store drops those too.
+//!
+//! ```sh
+//! cargo run --example duplicate_consume            # 5,000 transfers
+//! cargo run --example duplicate_consume -- --quick # 1,000
+//! cargo run --example duplicate_consume -- --bootstrap 127.0.0.1:9092
+//! ```
+//! Without `--bootstrap` it runs an embedded semel-broker. The crash is simulated in-process:
+//! the consumer is dropped without commit or LeaveGroup; it is a static group member
+//! (`group.instance.id`), so its restart takes its place at once. The process exits non-zero
+//! if the dedup run's balances are off, or if the plain run's are right (no redelivery).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use clap::Parser;
+use semel::consumer::dedup::{DedupConfig, DedupConsumer, DedupStore, MiddlewareConfig};
+use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig, Strategy};
+use semel::producer::{Producer, ProducerConfig, ProducerRecord};
+
+/// Duplicate-consume demo.
+#[derive(Debug, Parser)]
+struct Args {
+    /// A Kafka-protocol broker; without it an embedded one is started.
+    #[arg(long)]
+    bootstrap: Option<String>,
+    /// Transfers to send.
+    #[arg(long, default_value_t = 5_000)]
+    transfers: usize,
+    /// A quick run (1,000 transfers), as the tests do.
+    #[arg(long)]
+    quick: bool,
+}
+
+const ACCOUNTS: usize = 10;
+
+/// Transfer `n`: account `n % 10` gets `n % 7 + 1`.
+fn transfer(n: usize) -> (String, i64) {
+    (format!("acct-{}", n % ACCOUNTS), (n % 7 + 1) as i64)
+}
+
+/// Where the consumer crashes: 77 records past a commit (commits every 200).
+fn crash_point(sent: usize) -> usize {
+    (sent / 2 / 200) * 200 + 77
+}
+
+fn expected(transfers: usize) -> BTreeMap<String, i64> {
+    let mut balances = BTreeMap::new();
+    for n in 0..transfers {
+        let (account, amount) = transfer(n);
+        *balances.entry(account).or_default() += amount;
+    }
+    balances
+}
+
+fn parse(value: Option<&[u8]>) -> anyhow::Result<(String, i64)> {
+    let text = std::str::from_utf8(value.unwrap_or_default())?;
+    let (account, amount) = text.split_once(':').context("account:amount")?;
+    Ok((account.to_string(), amount.parse()?))
+}
+
+async fn produce(bootstrap: &str, topic: &str, transfers: usize) -> anyhow::Result<usize> {
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![bootstrap.to_string()],
+        ..ProducerConfig::default()
+    })
+    .await?;
+    let mut sent = 0;
+    let mut deliveries = Vec::new();
+    // Every 20th transfer is sent twice, the second time much later.
+    let order = (0..transfers).chain((0..transfers).filter(|n| n % 20 == 0));
+    for n in order {
+        let (account, amount) = transfer(n);
+        let record = ProducerRecord::new(topic, format!("{account}:{amount}"))
+            .key(account)
+            .header("semel-msg-id", format!("transfer-{n}"));
+        deliveries.push(producer.send(record).await?);
+        sent += 1;
+    }
+    for delivery in deliveries {
+        delivery.await?;
+    }
+    producer.close().await;
+    Ok(sent)
+}
+
+fn consumer_config(bootstrap: &str, group: &str) -> ConsumerConfig {
+    ConsumerConfig {
+        bootstrap_servers: vec![bootstrap.to_string()],
+        group_id: Some(group.to_string()),
+        // A static member: the restarted process takes the crashed one's place at once.
+        group_instance_id: Some(format!("{group}-1")),
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        partition_assignment_strategy: vec![Strategy::Range],
+        fetch_max_wait: Duration::from_millis(100),
+        ..ConsumerConfig::default()
+    }
+}
+
+/// The plain consumer: balances in a map that survives the crash (think: a database),
+/// offsets committed every 200 records.
+async fn plain(bootstrap: &str, topic: &str, sent: usize) -> anyhow::Result<BTreeMap<String, i64>> {
+    let group = format!("{topic}-plain");
+    let mut balances: BTreeMap<String, i64> = BTreeMap::new();
+    let mut handled = 0;
+    let crash_at = crash_point(sent);
+    // First life: crashes after handling `crash_at` transfers, 77 past its last commit.
+    {
+        let mut consumer = Consumer::connect(consumer_config(bootstrap, &group)).await?;
+        consumer.subscribe([topic])?;
+        'first: loop {
+            for record in consumer.poll(Duration::from_secs(1)).await? {
+                let (account, amount) = parse(record.value.as_deref())?;
+                *balances.entry(account).or_default() += amount;
+                handled += 1;
+                let tp = record.topic_partition();
+                if handled % 200 == 0 {
+                    consumer
+                        .commit_offsets(&[(tp, record.offset + 1)].into())
+                        .await?;
+                }
+                if handled == crash_at {
+                    break 'first; // crash: no commit, no LeaveGroup
+                }
+            }
+        }
+    }
+    // Second life: the group hands out everything since the last commit again.
+    let mut consumer = Consumer::connect(consumer_config(bootstrap, &group)).await?;
+    consumer.subscribe([topic])?;
+    while !consumer
+        .position(&(topic.to_string(), 0))
+        .is_some_and(|p| p >= sent as i64)
+    {
+        for record in consumer.poll(Duration::from_secs(1)).await? {
+            let (account, amount) = parse(record.value.as_deref())?;
+            *balances.entry(account).or_default() += amount;
+        }
+    }
+    consumer.commit().await?;
+    consumer.close().await?;
+    Ok(balances)
+}
+
+/// The Semel consumer: balances written through the dedup store's batch.
+async fn with_dedup(
+    bootstrap: &str,
+    topic: &str,
+    sent: usize,
+) -> anyhow::Result<(BTreeMap<String, i64>, u64)> {
+    let group = format!("{topic}-semel");
+    let dir = tempfile::tempdir()?;
+    let store_path = dir.path().join("dedup");
+    let crash_at = crash_point(sent);
+    let handle = |dedup: &mut DedupConsumer, fresh: semel::consumer::dedup::Fresh| {
+        let (account, amount) = parse(fresh.record.value.as_deref())?;
+        let key = format!("balance/{account}");
+        let old = dedup
+            .store()
+            .state(key.as_bytes())?
+            .map(|b| i64::from_be_bytes(b.as_slice().try_into().unwrap_or_default()))
+            .unwrap_or(0);
+        dedup.done(fresh, |state| {
+            state.put(key.as_bytes(), &(old + amount).to_be_bytes());
+        })?;
+        anyhow::Ok(())
+    };
+    let position = |dedup: &DedupConsumer| dedup.position(&(topic.to_string(), 0));
+    let mut dropped = 0;
+    {
+        let store = Arc::new(DedupStore::open(DedupConfig::new(&store_path))?);
+        let mut consumer = Consumer::connect(consumer_config(bootstrap, &group)).await?;
+        consumer.subscribe([topic])?;
+        let mut dedup =
+            DedupConsumer::new(consumer, Arc::clone(&store), MiddlewareConfig::default())?;
+        let mut handled = 0;
+        while handled < crash_at {
+            let fresh = dedup.next().await?;
+            handle(&mut dedup, fresh)?;
+            handled += 1;
+        }
+        dropped += dedup.metrics().duplicates;
+        // crash: the DedupConsumer and the store are dropped, nothing more is committed
+    }
+    let store = Arc::new(DedupStore::open(DedupConfig::new(&store_path))?);
+    let mut consumer = Consumer::connect(consumer_config(bootstrap, &group)).await?;
+    consumer.subscribe([topic])?;
+    let mut dedup = DedupConsumer::new(consumer, Arc::clone(&store), MiddlewareConfig::default())?;
+    loop {
+        if position(&dedup).is_some_and(|p| p >= sent as i64) {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(500), dedup.next()).await {
+            Ok(fresh) => handle(&mut dedup, fresh?)?,
+            Err(_) => continue,
+        }
+    }
+    dropped += dedup.metrics().duplicates;
+    let mut balances = BTreeMap::new();
+    for a in 0..ACCOUNTS {
+        let account = format!("acct-{a}");
+        let value = store
+            .state(format!("balance/{account}").as_bytes())?
+            .map(|b| i64::from_be_bytes(b.as_slice().try_into().unwrap_or_default()))
+            .unwrap_or(0);
+        balances.insert(account, value);
+    }
+    dedup.close().await?;
+    Ok((balances, dropped))
+}
+
+async fn create_topic(bootstrap: &str, topic: &str) -> anyhow::Result<()> {
+    use kafka_protocol::messages::CreateTopicsRequest;
+    use kafka_protocol::messages::create_topics_request::CreatableTopic;
+    let cluster = semel::client::Cluster::connect(semel::client::ClientConfig {
+        bootstrap_servers: vec![bootstrap.to_string()],
+        ..Default::default()
+    })
+    .await?;
+    let response = cluster
+        .any()
+        .await?
+        .send(
+            &CreateTopicsRequest::default()
+                .with_timeout_ms(5_000)
+                .with_topics(vec![
+                    CreatableTopic::default()
+                        .with_name(kafka_protocol::messages::TopicName(
+                            kafka_protocol::protocol::StrBytes::from_string(topic.to_string()),
+                        ))
+                        .with_num_partitions(1)
+                        .with_replication_factor(1),
+                ]),
+            (2, 7),
+        )
+        .await?;
+    ensure!(
+        response.topics[0].error_code == 0,
+        "create topic: {:?}",
+        response.topics[0]
+    );
+    Ok(())
+}
+
+fn off_by(balances: &BTreeMap<String, i64>, expected: &BTreeMap<String, i64>) -> i64 {
+    expected
+        .iter()
+        .map(|(a, e)| (balances.get(a).copied().unwrap_or(0) - e).abs())
+        .sum()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let transfers = if args.quick { 1_000 } else { args.transfers };
+    let dir = tempfile::tempdir()?;
+    let embedded = match &args.bootstrap {
+        Some(_) => None,
+        None => Some(
+            semel::broker::Broker::start(semel::broker::BrokerConfig {
+                listen: "127.0.0.1:0".parse()?,
+                data_dir: dir.path().to_path_buf(),
+                ..Default::default()
+            })
+            .await?,
+        ),
+    };
+    let bootstrap = args
+        .bootstrap
+        .clone()
+        .or(embedded.as_ref().map(|b| b.local_addr().to_string()))
+        .context("no broker")?;
+    let topic = format!("transfers-{}", std::process::id());
+    create_topic(&bootstrap, &topic).await?;
+    let sent = produce(&bootstrap, &topic, transfers).await?;
+    let expected = expected(transfers);
+    let total: i64 = expected.values().sum();
+    println!(
+        "duplicate_consume: {transfers} transfers ({sent} records: every 20th sent twice) over {ACCOUNTS} accounts, total {total}; \
+         the consumer crashes after handling {} records, 77 past its last offset commit\n",
+        crash_point(sent)
+    );
+    let plain_balances = plain(&bootstrap, &topic, sent).await?;
+    let (semel_balances, dropped) = with_dedup(&bootstrap, &topic, sent).await?;
+    let plain_total: i64 = plain_balances.values().sum();
+    let semel_total: i64 = semel_balances.values().sum();
+    println!("| consumer | ledger total | expected | off by | duplicates dropped |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| plain (commit every 200) | {plain_total} | {total} | {} | 0 |",
+        off_by(&plain_balances, &expected)
+    );
+    println!(
+        "| Semel dedup store | {semel_total} | {total} | {} | {dropped} |",
+        off_by(&semel_balances, &expected)
+    );
+    println!();
+    println!(
+        "RESULT dedup=false total={plain_total} expected={total} off_by={}",
+        off_by(&plain_balances, &expected)
+    );
+    println!(
+        "RESULT dedup=true total={semel_total} expected={total} off_by={} dropped={dropped}",
+        off_by(&semel_balances, &expected)
+    );
+    ensure!(
+        off_by(&plain_balances, &expected) > 0,
+        "the plain consumer's ledger is right: nothing was delivered twice"
+    );
+    ensure!(
+        semel_balances == expected,
+        "the dedup consumer's ledger is off: {semel_balances:?} vs {expected:?}"
+    );
+    println!(
+        "\nWithout dedup the ledger is off by {}; with the store it is exact.",
+        off_by(&plain_balances, &expected)
+    );
+    if let Some(broker) = embedded {
+        broker.shutdown().await;
+    }
+    Ok(())
+}
