@@ -135,9 +135,9 @@ async fn plain(bootstrap: &str, topic: &str, sent: usize) -> anyhow::Result<BTre
     // Second life: the group hands out everything since the last commit again.
     let mut consumer = Consumer::connect(consumer_config(bootstrap, &group)).await?;
     consumer.subscribe([topic])?;
-    while !consumer
+    while consumer
         .position(&(topic.to_string(), 0))
-        .is_some_and(|p| p >= sent as i64)
+        .is_none_or(|p| p < sent as i64)
     {
         for record in consumer.poll(Duration::from_secs(1)).await? {
             let (account, amount) = parse(record.value.as_deref())?;
