@@ -102,3 +102,27 @@ fn duplicate_consume_double_counts_without_dedup_and_is_exact_with_it() -> anyho
     );
     Ok(())
 }
+
+#[test]
+fn acks_zero_loses_acknowledged_messages_to_a_crash_acks_one_and_all_do_not() -> anyhow::Result<()>
+{
+    common::workspace_binary("semel-broker")?;
+    let stdout = run_example("acks")?;
+    let results = results(&stdout);
+    let zero = results.get("acks=0").context("no acks=0 run")?;
+    ensure!(number(zero, "lost")? > 0, "acks=0 lost nothing: {zero:?}");
+    for level in ["acks=1", "acks=all"] {
+        let r = results
+            .get(level)
+            .with_context(|| format!("no {level} run"))?;
+        ensure!(
+            number(r, "lost")? == 0,
+            "{level} lost acknowledged messages: {r:?}"
+        );
+        ensure!(
+            number(r, "acknowledged")? > 0,
+            "{level}: nothing acknowledged: {r:?}"
+        );
+    }
+    Ok(())
+}
