@@ -126,3 +126,27 @@ fn acks_zero_loses_acknowledged_messages_to_a_crash_acks_one_and_all_do_not() ->
     }
     Ok(())
 }
+
+#[test]
+fn rebalance_tables_show_sticky_strategies_keep_partitions_in_place() -> anyhow::Result<()> {
+    let stdout = run_example("rebalance")?;
+    let results = results(&stdout);
+    for strategy in ["range", "roundrobin", "sticky", "cooperative-sticky"] {
+        let r = results
+            .get(&format!("strategy={strategy}"))
+            .with_context(|| format!("no table for {strategy}"))?;
+        if strategy.ends_with("sticky") {
+            ensure!(
+                number(r, "moved_on_leave")? == 0 && number(r, "moved_on_add")? == 0,
+                "{strategy} moved partitions between members that stayed: {r:?}"
+            );
+        }
+    }
+    // Range re-deals contiguous ranges when partitions are added: 3+3 becomes 5+4.
+    let range = results.get("strategy=range").context("range")?;
+    ensure!(
+        number(range, "moved_on_add")? > 0,
+        "range moved nothing: {range:?}"
+    );
+    Ok(())
+}
