@@ -373,6 +373,67 @@ impl Consumer {
         }
     }
 
+    /// The settings this consumer was made with.
+    pub fn config(&self) -> &ConsumerConfig {
+        &self.config
+    }
+
+    /// For each partition, the earliest offset whose record timestamp is at or after the given
+    /// time in ms (Kafka's `offsetsForTimes`; -1 asks for the end offset, -2 the beginning).
+    /// A partition with no such record maps to its end offset. The partitions need not be
+    /// assigned.
+    ///
+    /// # Errors
+    /// `Client` when a partition's leader gives no answer within `request.timeout.ms`.
+    pub async fn offsets_for_times(
+        &mut self,
+        times: &BTreeMap<TopicPartition, i64>,
+    ) -> Result<BTreeMap<TopicPartition, i64>, ConsumerError> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let mut found = BTreeMap::new();
+        let mut missing = times.clone();
+        loop {
+            let topics: Vec<String> = missing
+                .keys()
+                .map(|(t, _)| t.clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if let Err(e) = self.cluster.refresh_metadata(Some(&topics), false).await {
+                tracing::debug!(error = %e, "metadata refresh for ListOffsets failed");
+            }
+            let answered = self.list_offsets(&missing).await;
+            let mut ends = BTreeMap::new();
+            for (tp, offset) in answered {
+                missing.remove(&tp);
+                if offset < 0 {
+                    ends.insert(tp, -1);
+                } else {
+                    found.insert(tp, offset);
+                }
+            }
+            if !ends.is_empty() {
+                for (tp, offset) in self.list_offsets(&ends).await {
+                    if offset >= 0 {
+                        ends.remove(&tp);
+                        found.insert(tp, offset);
+                    }
+                }
+                missing.extend(ends);
+            }
+            if missing.is_empty() {
+                return Ok(found);
+            }
+            if Instant::now() >= deadline {
+                return Err(ConsumerError::State(format!(
+                    "ListOffsets: no answer for {:?} within request.timeout.ms",
+                    missing.keys().collect::<Vec<_>>()
+                )));
+            }
+            tokio::time::sleep(self.config.retry_backoff).await;
+        }
+    }
+
     /// `group.id`, if set.
     pub fn group_id(&self) -> Option<String> {
         self.config.group_id.clone()

@@ -20,13 +20,14 @@
 //! a file append) that happened before a crash, with the mark not yet written, happens again
 //! once the claim's lease expires: at-least-once. `tests/dedup_consumer.rs` shows both.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use super::changelog::{Changelog, ChangelogConfig, ChangelogError, RestoreMetrics};
 use super::store::{Claim, DedupError, DedupStore, KeyHash, StateBatch};
 use crate::assignor::TopicPartition;
 use crate::consumer::{Consumer, RebalanceContext, RebalanceListener};
@@ -86,6 +87,10 @@ pub struct MiddlewareConfig {
     pub missing_key: MissingKey,
     /// How often settled offsets are committed to the group (the store has them at once).
     pub commit_interval: Duration,
+    /// The changelog topic that lets a consumer on another host know the marks of a
+    /// partition it takes over (on by default; `None` keeps marks on this host only, which
+    /// is enough when one host consumes the group). See [`super::changelog`].
+    pub changelog: Option<ChangelogConfig>,
 }
 
 impl Default for MiddlewareConfig {
@@ -94,6 +99,7 @@ impl Default for MiddlewareConfig {
             key_source: KeySource::Header("semel-msg-id".into()),
             missing_key: MissingKey::Reject,
             commit_interval: Duration::from_secs(1),
+            changelog: Some(ChangelogConfig::default()),
         }
     }
 }
@@ -108,6 +114,9 @@ pub enum MiddlewareError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] DedupError),
+    /// The changelog failed.
+    #[error(transparent)]
+    Changelog(#[from] ChangelogError),
     /// A record without a key, with `MissingKey::Reject`.
     #[error(
         "record {topic}-{partition}@{offset} has no message key ({source_:?}); set MissingKey::Pass to hand such records out without deduplication"
@@ -143,6 +152,8 @@ pub struct MiddlewareMetrics {
     pub keys_stored: u64,
     /// SST bytes on disk.
     pub bytes_on_disk: u64,
+    /// Changelog replays (zero without a changelog).
+    pub changelog: RestoreMetrics,
 }
 
 /// A claimed record: settle it with [`DedupConsumer::done`] or [`DedupConsumer::failed`].
@@ -187,6 +198,16 @@ impl Drop for Fresh {
 struct StoreOffsets {
     store: Arc<DedupStore>,
     group: String,
+    /// With a changelog: offsets whose marks the changelog acknowledged (what may be
+    /// committed), and the partitions waiting for a replay.
+    changelog: Option<(SharedOffsets, SharedPartitions)>,
+}
+
+type SharedOffsets = Arc<Mutex<BTreeMap<TopicPartition, i64>>>;
+type SharedPartitions = Arc<Mutex<BTreeSet<TopicPartition>>>;
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl RebalanceListener for StoreOffsets {
@@ -195,6 +216,9 @@ impl RebalanceListener for StoreOffsets {
         ctx: &mut RebalanceContext<'_>,
         partitions: &std::collections::BTreeSet<TopicPartition>,
     ) {
+        if let Some((_, restore)) = &self.changelog {
+            locked(restore).extend(partitions.iter().cloned());
+        }
         for tp in partitions {
             match self.store.offset(&self.group, &tp.0, tp.1) {
                 Ok(Some(offset)) if Some(offset) > ctx.committed(tp) => {
@@ -212,6 +236,19 @@ impl RebalanceListener for StoreOffsets {
         ctx: &mut RebalanceContext<'_>,
         partitions: &std::collections::BTreeSet<TopicPartition>,
     ) {
+        if let Some((acked, restore)) = &self.changelog {
+            // Only offsets whose marks are in the changelog: the next owner may be on
+            // another host.
+            let acked = locked(acked);
+            let mut restore = locked(restore);
+            for tp in partitions {
+                restore.remove(tp);
+                if let Some(&offset) = acked.get(tp) {
+                    ctx.commit(tp.clone(), offset);
+                }
+            }
+            return;
+        }
         for tp in partitions {
             if let Ok(Some(offset)) = self.store.offset(&self.group, &tp.0, tp.1) {
                 ctx.commit(tp.clone(), offset);
@@ -222,8 +259,14 @@ impl RebalanceListener for StoreOffsets {
     fn on_partitions_lost(
         &mut self,
         _ctx: &mut RebalanceContext<'_>,
-        _partitions: &std::collections::BTreeSet<TopicPartition>,
+        partitions: &std::collections::BTreeSet<TopicPartition>,
     ) {
+        if let Some((_, restore)) = &self.changelog {
+            let mut restore = locked(restore);
+            for tp in partitions {
+                restore.remove(tp);
+            }
+        }
     }
 }
 
@@ -239,6 +282,9 @@ pub struct DedupConsumer {
     last_commit: Instant,
     passed: u64,
     rejected: u64,
+    changelog: Option<Changelog>,
+    acked: SharedOffsets,
+    to_restore: SharedPartitions,
 }
 
 impl DedupConsumer {
@@ -255,9 +301,15 @@ impl DedupConsumer {
         let group = consumer.group_id().ok_or_else(|| {
             ConsumerError::State("the dedup middleware scopes keys by group.id; set it".into())
         })?;
+        let acked = SharedOffsets::default();
+        let to_restore = SharedPartitions::default();
         consumer.set_rebalance_listener(StoreOffsets {
             store: Arc::clone(&store),
             group: group.clone(),
+            changelog: config
+                .changelog
+                .as_ref()
+                .map(|_| (Arc::clone(&acked), Arc::clone(&to_restore))),
         });
         Ok(Self {
             consumer,
@@ -269,6 +321,9 @@ impl DedupConsumer {
             last_commit: Instant::now(),
             passed: 0,
             rejected: 0,
+            changelog: None,
+            acked,
+            to_restore,
         })
     }
 
@@ -293,8 +348,10 @@ impl DedupConsumer {
             let (record, key) = match self.pending.take() {
                 Some(pending) => pending,
                 None => {
+                    self.pump_changelog().await?;
                     self.maybe_commit();
                     let record = self.consumer.recv().await?;
+                    self.restore_assigned().await?;
                     let Some(message_key) = self.config.key_source.key(&record) else {
                         match self.config.missing_key {
                             MissingKey::Pass => {
@@ -321,8 +378,7 @@ impl DedupConsumer {
                 Claim::Reclaimed => return Ok(self.fresh(record, Some(key), true)),
                 Claim::Duplicate => {
                     tracing::debug!(topic = %record.topic, partition = record.partition, offset = record.offset, "duplicate dropped");
-                    self.settled
-                        .insert(record.topic_partition(), record.offset + 1);
+                    self.settle(record.topic_partition(), record.offset + 1, None);
                 }
                 Claim::InProgress { until_ms } => {
                     let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
@@ -381,7 +437,98 @@ impl DedupConsumer {
             )?,
         }
         fresh.settled = true;
-        self.settled.insert(record.topic_partition(), next);
+        let tp = record.topic_partition();
+        self.settle(tp, next, fresh.key);
+        Ok(())
+    }
+
+    /// A record is settled (handled, or dropped as a duplicate): its offset may be committed
+    /// now, or with a changelog once the marks before it (and its own) are acknowledged.
+    fn settle(&mut self, tp: TopicPartition, next: i64, key: Option<KeyHash>) {
+        match (&mut self.changelog, &self.config.changelog) {
+            (Some(changelog), _) => match key {
+                Some(key) => changelog.push_mark(tp, next, key),
+                None => changelog.push_offset(tp, next),
+            },
+            (None, Some(_)) => {
+                // Cannot happen: the changelog starts before the first record is read.
+                tracing::error!(?tp, "changelog not started; offset not settled");
+            }
+            (None, None) => {
+                self.settled.insert(tp, next);
+            }
+        }
+    }
+
+    /// Starts the changelog on first use, sends queued marks, releases acknowledged offsets.
+    async fn pump_changelog(&mut self) -> Result<(), MiddlewareError> {
+        let Some(config) = &self.config.changelog else {
+            return Ok(());
+        };
+        if self.changelog.is_none() {
+            let mut topics: BTreeSet<String> = self.consumer.subscription();
+            topics.extend(self.consumer.assignment().into_iter().map(|tp| tp.0));
+            let changelog = Changelog::start(
+                self.consumer.config(),
+                &self.group,
+                self.store.window(),
+                &self.store,
+                config,
+                &topics.into_iter().collect::<Vec<_>>(),
+            )
+            .await?;
+            tracing::info!(topic = changelog.topic(), "dedup changelog started");
+            self.changelog = Some(changelog);
+        }
+        if let Some(changelog) = &mut self.changelog {
+            let before = self.settled.clone();
+            changelog.pump(&mut self.settled).await?;
+            if self.settled != before {
+                let mut acked = locked(&self.acked);
+                for (tp, offset) in &self.settled {
+                    acked.insert(tp.clone(), *offset);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replays the changelog of newly assigned partitions before any of their records is
+    /// handed out.
+    async fn restore_assigned(&mut self) -> Result<(), MiddlewareError> {
+        let partitions = std::mem::take(&mut *locked(&self.to_restore));
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        if self.changelog.is_none() {
+            self.pump_changelog().await?;
+        }
+        if let Some(changelog) = &mut self.changelog {
+            if let Err(e) = changelog.restore(&self.store, &partitions).await {
+                // Not replayed: ask again next time rather than hand out unprotected records.
+                locked(&self.to_restore).extend(partitions);
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the changelog acknowledged every mark written so far (no-op without a
+    /// changelog). Offsets are still committed only every `commit_interval`.
+    ///
+    /// # Errors
+    /// The changelog's error.
+    pub async fn flush_changelog(&mut self) -> Result<(), MiddlewareError> {
+        if self.changelog.is_none() {
+            return Ok(());
+        }
+        if let Some(changelog) = &mut self.changelog {
+            changelog.flush(&mut self.settled).await?;
+            let mut acked = locked(&self.acked);
+            for (tp, offset) in &self.settled {
+                acked.insert(tp.clone(), *offset);
+            }
+        }
         Ok(())
     }
 
@@ -424,6 +571,11 @@ impl DedupConsumer {
             rejected_without_key: self.rejected,
             keys_stored,
             bytes_on_disk,
+            changelog: self
+                .changelog
+                .as_ref()
+                .map(Changelog::metrics)
+                .unwrap_or_default(),
         }
     }
 
@@ -432,6 +584,12 @@ impl DedupConsumer {
     /// # Errors
     /// The commit's error.
     pub async fn close(mut self) -> Result<(), MiddlewareError> {
+        if let Err(e) = self.flush_changelog().await {
+            tracing::warn!(error = %e, "changelog not flushed; offsets of unacknowledged marks stay uncommitted");
+        }
+        if let Some(changelog) = self.changelog.take() {
+            changelog.close().await;
+        }
         let offsets = std::mem::take(&mut self.settled);
         if !offsets.is_empty() {
             if let Err(e) = self.consumer.commit_offsets(&offsets).await {

@@ -29,9 +29,11 @@
 //! between the effect and `mark_done` leaves a claim whose lease expires, and the message is
 //! handled again. Writes made through the batch are exactly-once.
 
+pub mod changelog;
 pub mod middleware;
 pub mod store;
 
+pub use changelog::{ChangelogConfig, ChangelogError, RestoreMetrics};
 pub use middleware::{
     DedupConsumer, Fresh, KeyFn, KeySource, MiddlewareConfig, MiddlewareError, MiddlewareMetrics,
     MissingKey,

@@ -175,8 +175,18 @@ impl KeyHash {
         Self(hasher.digest128())
     }
 
-    fn bytes(self) -> [u8; 16] {
+    /// The hash as 16 big-endian bytes (how it is stored, and the changelog's record key).
+    pub fn to_bytes(self) -> [u8; 16] {
         self.0.to_be_bytes()
+    }
+
+    /// The hash from [`KeyHash::to_bytes`]'s form.
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(u128::from_be_bytes(bytes))
+    }
+
+    fn bytes(self) -> [u8; 16] {
+        self.to_bytes()
     }
 }
 
@@ -575,6 +585,69 @@ impl DedupStore {
         self.mark_done_many(&[], Some((group, topic, partition, next_offset)), state)
     }
 
+    /// Adds done marks handled elsewhere (replayed from a changelog), each with the time it
+    /// was marked, so it expires when the original would. A key already done here is left as
+    /// it is; a key claimed here (a handler on it now, or one that crashed) becomes done. Marks
+    /// already outside the window are skipped. `position` (a changelog partition's next
+    /// offset) is written in the same batch. Returns how many marks were added.
+    ///
+    /// # Errors
+    /// `Corrupt`, `Storage` (then nothing was written).
+    pub fn restore_marks(
+        &self,
+        marks: &[(KeyHash, i64)],
+        position: Option<(&str, &str, i32, i64)>,
+    ) -> Result<usize, DedupError> {
+        let mut inner = self.inner();
+        let now = self.clock.now_ms();
+        let window = self.window_ms();
+        let mut batch = WriteBatch::default();
+        let mut added = 0;
+        let mut families: std::collections::HashMap<String, Arc<rocksdb::BoundColumnFamily<'_>>> =
+            std::collections::HashMap::new();
+        for &(key, at_ms) in marks {
+            if now >= at_ms.saturating_add(window) {
+                continue;
+            }
+            let bucket = match self.lookup(&inner, key, now)? {
+                Some((MarkState::Done { .. }, _)) => continue,
+                // A claim shadows older buckets: the mark goes where the claim is.
+                Some((MarkState::Claimed { .. }, bucket)) => bucket,
+                None => self.current_bucket(&mut inner, at_ms)?,
+            };
+            if !families.contains_key(&bucket) {
+                let family = self
+                    .db
+                    .cf_handle(&bucket)
+                    .ok_or_else(|| self.missing(&bucket))?;
+                families.insert(bucket.clone(), family);
+            }
+            batch.put_cf(
+                &families[&bucket],
+                key.bytes(),
+                Self::encode(MarkState::Done { at_ms }),
+            );
+            added += 1;
+        }
+        if let Some((group, topic, partition, next_offset)) = position {
+            let offsets = self
+                .db
+                .cf_handle(OFFSETS)
+                .ok_or_else(|| self.missing(OFFSETS))?;
+            let value = postcard::to_stdvec(&StoredOffset {
+                version: FORMAT_VERSION,
+                next_offset,
+            })
+            .unwrap_or_default();
+            batch.put_cf(&offsets, offset_key(group, topic, partition), value);
+        }
+        drop(families);
+        if !batch.is_empty() {
+            self.write(batch)?;
+        }
+        Ok(added)
+    }
+
     /// Gives up a claim after the handler failed, so the message can be handled again.
     ///
     /// # Errors
@@ -672,6 +745,11 @@ impl DedupStore {
             }
         }
         (keys, bytes)
+    }
+
+    /// How long a handled key is remembered.
+    pub fn window(&self) -> Duration {
+        self.config.window
     }
 
     /// The store's path.

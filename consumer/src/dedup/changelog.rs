@@ -1,0 +1,689 @@
+//! The dedup changelog: every done mark also goes to a Kafka topic, so a consumer on another
+//! host that takes a partition over knows which messages were already handled.
+//!
+//! A local store knows only the keys its own host handled. The changelog
+//! (`<group>-semel-dedup-changelog` by default) is partitioned like the input: the marks of
+//! input partition `p` (of every subscribed topic) go to changelog partition `p`, record key
+//! = the 16-byte [`KeyHash`], value = the topic, partition, offset and time of the mark,
+//! record timestamp = the time of the mark. When a partition is assigned, the middleware
+//! replays its changelog partition from (now − window) (ListOffsets by timestamp) into the
+//! local store **before** it hands out any record, skipping marks the store already has.
+//! The changelog position reached is kept in the store, so the next replay of that partition
+//! on this host reads only what is new. With [`ChangelogConfig::standby`], a task keeps
+//! tailing every changelog partition (warm standby), so a takeover replays almost nothing.
+//!
+//! **Order of writes**, per handled message:
+//! 1. the local `WriteBatch`: mark + next offset + the handler's state (atomic);
+//! 2. the mark is produced to the changelog (idempotent producer, `acks=all`, batched by
+//!    `linger.ms`);
+//! 3. only when the changelog acknowledged the marks of every record up to an offset is that
+//!    offset committed to the group.
+//!
+//! So a committed offset never has a mark that is missing from the changelog: whichever
+//! host takes the partition over starts at or before the first record whose mark it may not
+//! know, and everything before it is either committed or in the changelog. A crash after (1)
+//! and before (2) is acknowledged leaves a mark known only locally: the record is redelivered
+//! (the offset was not committed) and handled again on another host, or dropped by the local
+//! store if the partition comes back to this one. The reverse order (changelog first) would
+//! be worse: a crash between the two would leave a mark with no local effect, and the message
+//! would be dropped unhandled.
+//!
+//! What stays at-least-once: a side effect outside the store's batch (an HTTP call) done
+//! before a crash whose mark was not yet written anywhere; and the case above (a mark written
+//! locally but not yet acknowledged by the changelog when the host died) when the partition
+//! moves to another host.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
+use kafka_protocol::messages::{CreatePartitionsRequest, CreateTopicsRequest, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use semel_client::{ClientConfig, Cluster, ConnectionConfig};
+use semel_producer::{Delivery, ProduceError, Producer, ProducerConfig, ProducerRecord};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::store::{DedupError, DedupStore, KeyHash};
+use crate::assignor::TopicPartition;
+use crate::clock::{Clock, SystemClock};
+use crate::config::{AutoOffsetReset, ConsumerConfig};
+use crate::consumer::Consumer;
+use crate::record::ConsumerError;
+
+const FORMAT_VERSION: u8 = 1;
+/// The store's offsets family keeps changelog positions under this pseudo group.
+const POSITIONS: &str = "\u{0}semel-changelog-position";
+/// Marks written to the store per batch while replaying.
+const RESTORE_BATCH: usize = 10_000;
+
+/// Changelog settings ([`super::MiddlewareConfig::changelog`]).
+#[derive(Debug, Clone)]
+pub struct ChangelogConfig {
+    /// The topic; `None` means `<group>-semel-dedup-changelog`.
+    pub topic: Option<String>,
+    /// Replication factor when the topic is created (-1: the broker's
+    /// `default.replication.factor`, KIP-464).
+    pub replication_factor: i16,
+    /// Keep tailing the changelog of partitions this consumer does not own (warm standby),
+    /// so that taking one over replays almost nothing. Off by default.
+    pub standby: bool,
+    /// `linger.ms` of the changelog producer: marks are batched this long.
+    pub linger: Duration,
+}
+
+impl Default for ChangelogConfig {
+    fn default() -> Self {
+        Self {
+            topic: None,
+            replication_factor: -1,
+            standby: false,
+            linger: Duration::from_millis(5),
+        }
+    }
+}
+
+/// What went wrong with the changelog.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChangelogError {
+    /// The changelog topic could not be created or grown.
+    #[error("changelog topic {topic}: {reason}")]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// Why.
+        reason: String,
+    },
+    /// The changelog producer failed.
+    #[error("changelog producer: {0}")]
+    Produce(#[from] ProduceError),
+    /// Reading the changelog failed.
+    #[error("changelog reader: {0}")]
+    Read(#[from] ConsumerError),
+    /// The store refused the replayed marks.
+    #[error(transparent)]
+    Store(#[from] DedupError),
+}
+
+/// Replay figures since the middleware started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreMetrics {
+    /// Changelog records read while replaying (before any record of the partition was
+    /// handed out).
+    pub records_read: u64,
+    /// Marks added to the local store by replays (the rest were known already).
+    pub marks_restored: u64,
+    /// Time spent replaying, in ms.
+    pub restore_ms: u64,
+    /// Marks added by the warm standby task.
+    pub standby_marks: u64,
+    /// Changelog records that were not semel marks (skipped, logged).
+    pub records_skipped: u64,
+}
+
+/// A mark as written to the changelog (the record value).
+#[derive(Debug, Serialize, Deserialize)]
+struct MarkValue {
+    version: u8,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    at_ms: i64,
+}
+
+/// A mark waiting to be produced, or an offset waiting behind marks in flight.
+struct Entry {
+    partition: TopicPartition,
+    next_offset: i64,
+    mark: Option<(KeyHash, i64)>,
+    delivery: Option<Delivery>,
+}
+
+/// The changelog side of the middleware.
+pub(crate) struct Changelog {
+    topic: String,
+    group: String,
+    window_ms: i64,
+    producer: Producer,
+    admin: Cluster,
+    reader: Consumer,
+    partitions: i32,
+    replication_factor: i16,
+    entries: VecDeque<Entry>,
+    metrics: Arc<Mutex<RestoreMetrics>>,
+    standby: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Changelog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Changelog")
+            .field("topic", &self.topic)
+            .field("partitions", &self.partitions)
+            .field("queued", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn topic_name(name: &str) -> TopicName {
+    TopicName(StrBytes::from_string(name.to_string()))
+}
+
+impl Changelog {
+    /// Connects the producer, the reader and the admin client; creates the topic if needed.
+    pub(crate) async fn start(
+        consumer: &ConsumerConfig,
+        group: &str,
+        window: Duration,
+        store: &Arc<DedupStore>,
+        config: &ChangelogConfig,
+        input_topics: &[String],
+    ) -> Result<Self, ChangelogError> {
+        let topic = config
+            .topic
+            .clone()
+            .unwrap_or_else(|| format!("{group}-semel-dedup-changelog"));
+        let admin = Cluster::connect(ClientConfig {
+            bootstrap_servers: consumer.bootstrap_servers.clone(),
+            connection: ConnectionConfig {
+                client_id: format!("{}-changelog-admin", consumer.client_id),
+                request_timeout: consumer.request_timeout,
+                ..ConnectionConfig::default()
+            },
+            reconnect_backoff: consumer.reconnect_backoff,
+            reconnect_backoff_max: consumer.reconnect_backoff_max,
+        })
+        .await
+        .map_err(ConsumerError::from)?;
+        // Partitioned like the input: as many partitions as the largest subscribed topic.
+        let mut input_partitions = 1;
+        if !input_topics.is_empty() {
+            admin
+                .refresh_metadata(Some(input_topics), false)
+                .await
+                .map_err(ConsumerError::from)?;
+            for name in input_topics {
+                if let Some(info) = admin.topic(name) {
+                    input_partitions = input_partitions
+                        .max(i32::try_from(info.partitions.len()).unwrap_or(i32::MAX));
+                }
+            }
+        }
+        let producer = Producer::connect(ProducerConfig {
+            bootstrap_servers: consumer.bootstrap_servers.clone(),
+            client_id: format!("{}-changelog", consumer.client_id),
+            linger: config.linger,
+            request_timeout: consumer.request_timeout,
+            ..ProducerConfig::default()
+        })
+        .await?;
+        let reader = Consumer::connect(reader_config(consumer, "changelog-reader")).await?;
+        let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        let mut changelog = Self {
+            topic,
+            group: group.to_string(),
+            window_ms,
+            producer,
+            admin,
+            reader,
+            partitions: 0,
+            replication_factor: config.replication_factor,
+            entries: VecDeque::new(),
+            metrics: Arc::new(Mutex::new(RestoreMetrics::default())),
+            standby: None,
+        };
+        changelog.ensure_partitions(input_partitions).await?;
+        if config.standby {
+            let reader = Consumer::connect(reader_config(consumer, "changelog-standby")).await?;
+            changelog.standby = Some(tokio::spawn(standby(
+                reader,
+                Arc::clone(store),
+                changelog.topic.clone(),
+                changelog.partitions,
+                window_ms,
+                Arc::clone(&changelog.metrics),
+            )));
+        }
+        Ok(changelog)
+    }
+
+    /// The changelog topic's name.
+    pub(crate) fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    pub(crate) fn metrics(&self) -> RestoreMetrics {
+        *self.metrics.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates the topic with at least `needed` partitions, or grows it to that many.
+    async fn ensure_partitions(&mut self, needed: i32) -> Result<(), ChangelogError> {
+        if self.partitions >= needed {
+            return Ok(());
+        }
+        let fail = |reason: String| ChangelogError::Topic {
+            topic: self.topic.clone(),
+            reason,
+        };
+        let connection = self
+            .admin
+            .any()
+            .await
+            .map_err(|e| fail(format!("no broker: {e}")))?;
+        let create = CreateTopicsRequest::default()
+            .with_timeout_ms(30_000)
+            .with_topics(vec![
+                CreatableTopic::default()
+                    .with_name(topic_name(&self.topic))
+                    .with_num_partitions(needed)
+                    .with_replication_factor(self.replication_factor)
+                    .with_configs(vec![
+                        CreatableTopicConfig::default()
+                            .with_name(StrBytes::from_static_str("retention.ms"))
+                            .with_value(Some(StrBytes::from_string(self.window_ms.to_string()))),
+                        CreatableTopicConfig::default()
+                            .with_name(StrBytes::from_static_str("cleanup.policy"))
+                            .with_value(Some(StrBytes::from_static_str("delete"))),
+                    ]),
+            ]);
+        let response = connection
+            .send(&create, (2, 7))
+            .await
+            .map_err(|e| fail(format!("CreateTopics: {e}")))?;
+        for created in &response.topics {
+            // 36 TOPIC_ALREADY_EXISTS: someone (another member) was first.
+            if created.error_code != 0 && created.error_code != 36 {
+                return Err(fail(format!(
+                    "CreateTopics refused: error {} {}",
+                    created.error_code,
+                    created.error_message.as_deref().unwrap_or("")
+                )));
+            }
+            if created.error_code == 0 {
+                tracing::info!(topic = %self.topic, partitions = needed, retention_ms = self.window_ms, "changelog topic created");
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.admin
+                .refresh_metadata(Some(std::slice::from_ref(&self.topic)), false)
+                .await
+                .map_err(|e| fail(format!("Metadata: {e}")))?;
+            let count = self.admin.topic(&self.topic).map_or(0, |t| {
+                if t.error.is_some() {
+                    0
+                } else {
+                    i32::try_from(t.partitions.len()).unwrap_or(i32::MAX)
+                }
+            });
+            if count >= needed {
+                self.partitions = count;
+                return Ok(());
+            }
+            if count > 0 {
+                let grow = CreatePartitionsRequest::default()
+                    .with_timeout_ms(30_000)
+                    .with_topics(vec![
+                        CreatePartitionsTopic::default()
+                            .with_name(topic_name(&self.topic))
+                            .with_count(needed),
+                    ]);
+                let response = connection
+                    .send(&grow, (0, 3))
+                    .await
+                    .map_err(|e| fail(format!("CreatePartitions: {e}")))?;
+                for result in &response.results {
+                    // 37 INVALID_PARTITIONS: another member grew it first.
+                    if result.error_code != 0 && result.error_code != 37 {
+                        return Err(fail(format!(
+                            "CreatePartitions refused: error {} {}",
+                            result.error_code,
+                            result.error_message.as_deref().unwrap_or("")
+                        )));
+                    }
+                }
+                tracing::info!(topic = %self.topic, from = count, to = needed, "changelog partitions added");
+            }
+            if Instant::now() >= deadline {
+                return Err(fail(format!(
+                    "has {count} partitions, {needed} needed, after 30 s"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Queues the mark of a handled record (written locally already).
+    pub(crate) fn push_mark(&mut self, partition: TopicPartition, next_offset: i64, key: KeyHash) {
+        let at_ms = SystemClock.now_ms();
+        self.entries.push_back(Entry {
+            partition,
+            next_offset,
+            mark: Some((key, at_ms)),
+            delivery: None,
+        });
+    }
+
+    /// Queues an offset with no mark (a duplicate dropped, a record without key): committable
+    /// once the marks queued before it are acknowledged.
+    pub(crate) fn push_offset(&mut self, partition: TopicPartition, next_offset: i64) {
+        self.entries.push_back(Entry {
+            partition,
+            next_offset,
+            mark: None,
+            delivery: None,
+        });
+    }
+
+    /// Sends queued marks and moves acknowledged offsets into `settled` (in order: an offset
+    /// is released only when every mark queued before it is acknowledged). A mark whose
+    /// delivery failed for good is sent again.
+    pub(crate) async fn pump(
+        &mut self,
+        settled: &mut BTreeMap<TopicPartition, i64>,
+    ) -> Result<(), ChangelogError> {
+        let needed = self
+            .entries
+            .iter()
+            .filter(|e| e.mark.is_some() && e.delivery.is_none())
+            .map(|e| e.partition.1 + 1)
+            .max()
+            .unwrap_or(0);
+        if needed > self.partitions {
+            self.ensure_partitions(needed).await?;
+        }
+        for entry in &mut self.entries {
+            if entry.delivery.is_none() {
+                if let Some((key, at_ms)) = entry.mark {
+                    entry.delivery = Some(
+                        self.producer
+                            .send(mark_record(&self.topic, entry, key, at_ms))
+                            .await?,
+                    );
+                }
+            }
+        }
+        while let Some(front) = self.entries.front_mut() {
+            if let Some(delivery) = front.delivery.as_mut() {
+                match delivery.now_or_never() {
+                    None => break,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, partition = ?front.partition, offset = front.next_offset - 1, "changelog write failed; sending the mark again (its offset is not committed until it lands)");
+                        front.delivery = None;
+                        break;
+                    }
+                }
+            }
+            if let Some(entry) = self.entries.pop_front() {
+                settled.insert(entry.partition, entry.next_offset);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every queued mark is acknowledged, moving the offsets into `settled`.
+    pub(crate) async fn flush(
+        &mut self,
+        settled: &mut BTreeMap<TopicPartition, i64>,
+    ) -> Result<(), ChangelogError> {
+        loop {
+            self.pump(settled).await?;
+            if self.entries.is_empty() {
+                return Ok(());
+            }
+            self.producer.flush().await;
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Replays the changelog partitions of `assigned` into `store`, from (now − window) or
+    /// the position an earlier replay reached, to the end offsets read now.
+    pub(crate) async fn restore(
+        &mut self,
+        store: &DedupStore,
+        assigned: &BTreeSet<TopicPartition>,
+    ) -> Result<(), ChangelogError> {
+        let started = Instant::now();
+        let needed = assigned.iter().map(|tp| tp.1 + 1).max().unwrap_or(0);
+        self.ensure_partitions(needed).await?;
+        let partitions: BTreeSet<i32> = assigned.iter().map(|tp| tp.1).collect();
+        let since = SystemClock.now_ms().saturating_sub(self.window_ms).max(0);
+        let (read, added, skipped) = replay(
+            &mut self.reader,
+            store,
+            &self.topic,
+            &partitions,
+            since,
+            |done, total| {
+                tracing::info!(topic = %self.topic, read = done, of = total, "changelog replay in progress");
+            },
+        )
+        .await?;
+        self.reader.assign(Vec::new())?;
+        let elapsed = started.elapsed();
+        {
+            let mut metrics = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+            metrics.records_read += read;
+            metrics.marks_restored += added;
+            metrics.records_skipped += skipped;
+            metrics.restore_ms += u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        }
+        tracing::info!(
+            group = %self.group,
+            topic = %self.topic,
+            partitions = ?partitions,
+            records = read,
+            restored = added,
+            seconds = elapsed.as_secs_f64(),
+            "changelog replayed"
+        );
+        Ok(())
+    }
+
+    /// Stops the standby task and flushes the producer.
+    pub(crate) async fn close(self) {
+        if let Some(task) = self.standby {
+            task.abort();
+        }
+        self.producer.close().await;
+        if let Err(e) = self.reader.close().await {
+            tracing::debug!(error = %e, "changelog reader close");
+        }
+    }
+}
+
+fn reader_config(consumer: &ConsumerConfig, suffix: &str) -> ConsumerConfig {
+    ConsumerConfig {
+        group_id: None,
+        group_instance_id: None,
+        client_id: format!("{}-{suffix}", consumer.client_id),
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        enable_auto_commit: false,
+        ..consumer.clone()
+    }
+}
+
+fn mark_record(topic: &str, entry: &Entry, key: KeyHash, at_ms: i64) -> ProducerRecord {
+    let value = postcard::to_stdvec(&MarkValue {
+        version: FORMAT_VERSION,
+        topic: entry.partition.0.clone(),
+        partition: entry.partition.1,
+        offset: entry.next_offset - 1,
+        at_ms,
+    })
+    .unwrap_or_default();
+    ProducerRecord {
+        topic: topic.to_string(),
+        partition: Some(entry.partition.1),
+        key: Some(Bytes::copy_from_slice(&key.to_bytes())),
+        value: Some(Bytes::from(value)),
+        headers: Vec::new(),
+        timestamp_ms: Some(at_ms),
+    }
+}
+
+/// Decodes a changelog record: the key and when it was marked.
+fn decode(key: Option<&Bytes>, value: Option<&Bytes>) -> Option<(KeyHash, i64)> {
+    let key: [u8; 16] = key?.as_ref().try_into().ok()?;
+    let value: MarkValue = postcard::from_bytes(value?).ok()?;
+    (value.version == FORMAT_VERSION).then_some((KeyHash::from_bytes(key), value.at_ms))
+}
+
+/// Reads changelog `partitions` from `since` (or the stored position, if further) to their
+/// end offsets now, adding the marks to `store`. Returns (records read, marks added, records
+/// skipped).
+async fn replay(
+    reader: &mut Consumer,
+    store: &DedupStore,
+    topic: &str,
+    partitions: &BTreeSet<i32>,
+    since: i64,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(u64, u64, u64), ChangelogError> {
+    let tps: Vec<TopicPartition> = partitions.iter().map(|p| (topic.to_string(), *p)).collect();
+    let starts = reader
+        .offsets_for_times(&tps.iter().map(|tp| (tp.clone(), since)).collect())
+        .await?;
+    let ends = reader
+        .offsets_for_times(&tps.iter().map(|tp| (tp.clone(), -1)).collect())
+        .await?;
+    let mut from = BTreeMap::new();
+    let mut total = 0u64;
+    for tp in &tps {
+        let end = ends.get(tp).copied().unwrap_or(0);
+        let mut start = starts.get(tp).copied().unwrap_or(end);
+        if let Some(reached) = store.offset(POSITIONS, topic, tp.1)? {
+            if reached > start && reached <= end {
+                start = reached;
+            }
+        }
+        if start < end {
+            total += u64::try_from(end - start).unwrap_or(0);
+            from.insert(tp.clone(), (start, end));
+        }
+    }
+    if from.is_empty() {
+        return Ok((0, 0, 0));
+    }
+    reader.assign(from.keys().cloned())?;
+    for (tp, (start, _)) in &from {
+        reader.seek(tp, *start)?;
+    }
+    let (mut read, mut added, mut skipped) = (0u64, 0u64, 0u64);
+    let mut next_progress = 100_000u64;
+    let mut marks: Vec<(KeyHash, i64)> = Vec::with_capacity(RESTORE_BATCH);
+    let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
+    while !from.is_empty() {
+        let records = reader.poll(Duration::from_millis(200)).await?;
+        for record in &records {
+            read += 1;
+            match decode(record.key.as_ref(), record.value.as_ref()) {
+                Some(mark) => marks.push(mark),
+                None => {
+                    skipped += 1;
+                    tracing::warn!(
+                        topic,
+                        partition = record.partition,
+                        offset = record.offset,
+                        "changelog record is not a semel dedup mark; skipped"
+                    );
+                }
+            }
+            positions.insert(record.partition, record.offset + 1);
+            if marks.len() >= RESTORE_BATCH {
+                added += flush_marks(store, topic, &mut marks, &mut positions)?;
+            }
+        }
+        from.retain(|tp, (_, end)| reader.position(tp).is_none_or(|p| p < *end));
+        if read >= next_progress {
+            progress(read, total);
+            next_progress += 100_000;
+        }
+    }
+    added += flush_marks(store, topic, &mut marks, &mut positions)?;
+    Ok((read, added, skipped))
+}
+
+fn flush_marks(
+    store: &DedupStore,
+    topic: &str,
+    marks: &mut Vec<(KeyHash, i64)>,
+    positions: &mut BTreeMap<i32, i64>,
+) -> Result<u64, ChangelogError> {
+    // The positions go with the last batch of each partition's marks: one write per partition
+    // position (the marks are in the first), so a crash mid-replay re-reads, never skips.
+    let mut added = store.restore_marks(marks, None)? as u64;
+    for (partition, next) in std::mem::take(positions) {
+        added += store.restore_marks(&[], Some((POSITIONS, topic, partition, next)))? as u64;
+    }
+    marks.clear();
+    Ok(added)
+}
+
+/// Warm standby: tails every changelog partition into the store.
+async fn standby(
+    mut reader: Consumer,
+    store: Arc<DedupStore>,
+    topic: String,
+    partitions: i32,
+    window_ms: i64,
+    metrics: Arc<Mutex<RestoreMetrics>>,
+) {
+    let all: BTreeSet<i32> = (0..partitions).collect();
+    let since = SystemClock.now_ms().saturating_sub(window_ms).max(0);
+    let tps: Vec<TopicPartition> = all.iter().map(|p| (topic.clone(), *p)).collect();
+    let starts = match reader
+        .offsets_for_times(&tps.iter().map(|tp| (tp.clone(), since)).collect())
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "changelog standby cannot start");
+            return;
+        }
+    };
+    if let Err(e) = reader.assign(tps.iter().cloned()) {
+        tracing::warn!(error = %e, "changelog standby cannot start");
+        return;
+    }
+    for tp in &tps {
+        let mut start = starts.get(tp).copied().unwrap_or(0);
+        if let Ok(Some(reached)) = store.offset(POSITIONS, &topic, tp.1) {
+            start = start.max(reached);
+        }
+        if let Err(e) = reader.seek(tp, start) {
+            tracing::warn!(error = %e, "changelog standby cannot seek");
+        }
+    }
+    tracing::info!(%topic, partitions, "changelog standby tailing");
+    loop {
+        let records = match reader.poll(Duration::from_millis(500)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "changelog standby poll failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut marks = Vec::with_capacity(records.len());
+        let mut positions = BTreeMap::new();
+        for record in &records {
+            if let Some(mark) = decode(record.key.as_ref(), record.value.as_ref()) {
+                marks.push(mark);
+            }
+            positions.insert(record.partition, record.offset + 1);
+        }
+        match flush_marks(&store, &topic, &mut marks, &mut positions) {
+            Ok(added) => {
+                let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+                m.standby_marks += added;
+            }
+            Err(e) => tracing::warn!(error = %e, "changelog standby cannot write the store"),
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! The dedup changelog across two "hosts": two consumer processes of one group, each with its
+//! **own** store directory. Host A handles part of the input, its marks reach the changelog
+//! (`flush_changelog`), and it is `kill -9`ed before any offset commit. The partitions move to
+//! host B, which reads everything again from the start:
+//! - with the changelog, B replays A's marks first and drops every message A handled: each
+//!   id is handled exactly once over the two hosts;
+//! - without it, B handles A's messages a second time (asserted, so the test fails if the
+//!   fault was not injected).
+//!
+//! The consumer process is this test binary itself, started with `host_child` as the test to
+//! run and `SEMEL_HOST_CHILD` set.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use common::{RawClient, TestBroker, create_topic};
+use semel::consumer::dedup::{
+    ChangelogConfig, DedupConfig, DedupConsumer, DedupStore, MiddlewareConfig,
+};
+use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig, Strategy};
+use semel::producer::{Producer, ProducerConfig, ProducerRecord};
+
+const PATIENCE: Duration = Duration::from_secs(90);
+const PARTITIONS: i32 = 3;
+const MESSAGES: usize = 600;
+/// How many fresh messages host A handles before it flushes the changelog and waits to die.
+const A_HANDLES: usize = 300;
+
+fn consumer_config(bootstrap: &str, group: &str) -> ConsumerConfig {
+    ConsumerConfig {
+        bootstrap_servers: vec![bootstrap.to_string()],
+        group_id: Some(group.to_string()),
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        session_timeout: Duration::from_secs(6),
+        heartbeat_interval: Duration::from_millis(300),
+        max_poll_interval: Duration::from_secs(20),
+        fetch_max_wait: Duration::from_millis(100),
+        partition_assignment_strategy: vec![Strategy::CooperativeSticky],
+        ..ConsumerConfig::default()
+    }
+}
+
+fn env(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).with_context(|| format!("{name} not set"))
+}
+
+fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(file, "{line}")?;
+    Ok(())
+}
+
+fn lines(path: &Path) -> anyhow::Result<Vec<String>> {
+    Ok(if path.exists() {
+        std::fs::read_to_string(path)?
+            .lines()
+            .map(str::to_string)
+            .collect()
+    } else {
+        Vec::new()
+    })
+}
+
+/// One host. `SEMEL_STOP_AFTER=n`: handle n fresh messages, flush the changelog, write
+/// `flushed` to `SEMEL_STATUS`, then idle until killed (no offset is ever committed:
+/// `commit_interval` is an hour). `SEMEL_END`: drain to those end offsets, write the
+/// metrics to `SEMEL_STATUS`, exit. Every handled id is appended to `SEMEL_HANDLED` after
+/// its mark.
+#[test]
+fn host_child() -> anyhow::Result<()> {
+    if std::env::var_os("SEMEL_HOST_CHILD").is_none() {
+        return Ok(());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(child_main())
+}
+
+async fn child_main() -> anyhow::Result<()> {
+    let topic = env("SEMEL_TOPIC")?;
+    let handled = PathBuf::from(env("SEMEL_HANDLED")?);
+    let status = PathBuf::from(env("SEMEL_STATUS")?);
+    let stop_after: Option<usize> = std::env::var("SEMEL_STOP_AFTER")
+        .ok()
+        .map(|s| s.parse())
+        .transpose()?;
+    let end: Option<Vec<i64>> = std::env::var("SEMEL_END")
+        .ok()
+        .map(|s| s.split(',').map(str::parse).collect::<Result<_, _>>())
+        .transpose()?;
+    let mut consumer = Consumer::connect(consumer_config(
+        &env("SEMEL_BOOTSTRAP")?,
+        &env("SEMEL_GROUP")?,
+    ))
+    .await?;
+    consumer.subscribe([topic.clone()])?;
+    let store = Arc::new(DedupStore::open(DedupConfig::new(env("SEMEL_STORE")?))?);
+    let changelog = (env("SEMEL_CHANGELOG")? == "on").then(ChangelogConfig::default);
+    let mut dedup = DedupConsumer::new(
+        consumer,
+        store,
+        MiddlewareConfig {
+            commit_interval: Duration::from_secs(3600),
+            changelog,
+            ..MiddlewareConfig::default()
+        },
+    )?;
+    let reached = |dedup: &DedupConsumer| {
+        end.as_ref().is_some_and(|end| {
+            end.iter().enumerate().all(|(p, e)| {
+                let p = i32::try_from(p).unwrap_or(i32::MAX);
+                dedup
+                    .position(&(topic.clone(), p))
+                    .is_some_and(|pos| pos >= *e)
+            })
+        })
+    };
+    let mut count = 0;
+    loop {
+        if reached(&dedup) {
+            let m = dedup.metrics();
+            append_line(
+                &status,
+                &format!(
+                    "fresh={} duplicates={} restored={} read={}",
+                    m.fresh, m.duplicates, m.changelog.marks_restored, m.changelog.records_read
+                ),
+            )?;
+            dedup.close().await?;
+            return Ok(());
+        }
+        let fresh = match tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
+            Ok(fresh) => fresh?,
+            Err(_) => continue,
+        };
+        let id =
+            String::from_utf8_lossy(fresh.record.value.as_deref().unwrap_or_default()).into_owned();
+        dedup.done(fresh, |_| {})?;
+        append_line(&handled, &id)?;
+        count += 1;
+        if stop_after == Some(count) {
+            dedup.flush_changelog().await?;
+            append_line(&status, "flushed")?;
+            loop {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        }
+    }
+}
+
+struct Host(Child);
+
+impl Host {
+    fn spawn(vars: &[(&str, String)]) -> anyhow::Result<Self> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .args(["host_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env("SEMEL_HOST_CHILD", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in vars {
+            command.env(k, v);
+        }
+        Ok(Self(command.spawn().context("cannot start a host")?))
+    }
+
+    async fn wait_for_status(&mut self, status: &Path) -> anyhow::Result<Vec<String>> {
+        let started = Instant::now();
+        loop {
+            let found = lines(status)?;
+            if !found.is_empty() {
+                return Ok(found);
+            }
+            if let Some(exit) = self.0.try_wait()? {
+                anyhow::bail!("the host exited early: {exit}");
+            }
+            ensure!(started.elapsed() < PATIENCE, "the host never reported");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_exit(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(started.elapsed() < PATIENCE, "the host never finished");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill9(&mut self) -> anyhow::Result<()> {
+        self.0.kill()?;
+        self.0.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Outcome {
+    /// Per id: how many times it was handled, over both hosts.
+    handled: BTreeMap<String, u32>,
+    a_handled: usize,
+    b_status: String,
+}
+
+async fn two_hosts(changelog: &str) -> anyhow::Result<Outcome> {
+    let broker = TestBroker::start_with(|c| {
+        c.group.initial_rebalance_delay = Duration::from_millis(100);
+    })
+    .await?;
+    let bootstrap = broker.bootstrap();
+    let mut admin = RawClient::connect(broker.addr()).await?;
+    let topic = "orders";
+    create_topic(&mut admin, topic, PARTITIONS).await?;
+    let group = format!("billing-{changelog}");
+
+    // Every id once, and every 10th a second time (a producer-side resend).
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![bootstrap.clone()],
+        ..ProducerConfig::default()
+    })
+    .await?;
+    let mut deliveries = Vec::new();
+    for n in (0..MESSAGES).chain((0..MESSAGES).filter(|n| n % 10 == 0)) {
+        let id = format!("m{n}");
+        let record = ProducerRecord::new(topic, id.clone())
+            .key(id.clone())
+            .header("semel-msg-id", id);
+        deliveries.push(producer.send(record).await?);
+    }
+    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    for delivery in deliveries {
+        let report = delivery.await?;
+        let end = ends.entry(report.partition).or_default();
+        *end = (*end).max(report.offset + 1);
+    }
+    producer.close().await;
+
+    let work = tempfile::tempdir()?;
+    let host_vars = |name: &str| {
+        vec![
+            ("SEMEL_BOOTSTRAP", bootstrap.clone()),
+            ("SEMEL_TOPIC", topic.to_string()),
+            ("SEMEL_GROUP", group.clone()),
+            ("SEMEL_CHANGELOG", changelog.to_string()),
+            // Each host its own store directory.
+            (
+                "SEMEL_STORE",
+                work.path()
+                    .join(format!("store-{name}"))
+                    .display()
+                    .to_string(),
+            ),
+            (
+                "SEMEL_HANDLED",
+                work.path()
+                    .join(format!("handled-{name}"))
+                    .display()
+                    .to_string(),
+            ),
+            (
+                "SEMEL_STATUS",
+                work.path()
+                    .join(format!("status-{name}"))
+                    .display()
+                    .to_string(),
+            ),
+        ]
+    };
+
+    let mut a_vars = host_vars("a");
+    a_vars.push(("SEMEL_STOP_AFTER", A_HANDLES.to_string()));
+    let mut a = Host::spawn(&a_vars)?;
+    let status = a.wait_for_status(&work.path().join("status-a")).await?;
+    ensure!(status == ["flushed"], "host a: {status:?}");
+    a.kill9()?;
+    let a_handled = lines(&work.path().join("handled-a"))?.len();
+    ensure!(a_handled == A_HANDLES, "host a handled {a_handled}");
+
+    // The window this feature exists for: A's marks are in the changelog, no offset was
+    // committed.
+    let probe = Consumer::connect(consumer_config(&bootstrap, &group)).await?;
+    let tps = (0..PARTITIONS).map(|p| (topic.to_string(), p)).collect();
+    let committed = probe.committed(&tps).await?;
+    ensure!(
+        committed.is_empty(),
+        "host a committed offsets: {committed:?}"
+    );
+    probe.close().await?;
+
+    let mut b_vars = host_vars("b");
+    let end_list: Vec<String> = (0..PARTITIONS)
+        .map(|p| ends.get(&p).copied().unwrap_or(0).to_string())
+        .collect();
+    b_vars.push(("SEMEL_END", end_list.join(",")));
+    let mut b = Host::spawn(&b_vars)?;
+    let exit = b.wait_exit().await?;
+    ensure!(exit.success(), "host b failed: {exit}");
+    let b_status = lines(&work.path().join("status-b"))?.join(" ");
+
+    let mut handled: BTreeMap<String, u32> = BTreeMap::new();
+    for name in ["a", "b"] {
+        for id in lines(&work.path().join(format!("handled-{name}")))? {
+            *handled.entry(id).or_default() += 1;
+        }
+    }
+    Ok(Outcome {
+        handled,
+        a_handled,
+        b_status,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_carries_marks_to_another_host() -> anyhow::Result<()> {
+    let outcome = two_hosts("on").await?;
+    let missing = (0..MESSAGES)
+        .filter(|n| !outcome.handled.contains_key(&format!("m{n}")))
+        .count();
+    let twice: Vec<_> = outcome.handled.iter().filter(|(_, c)| **c > 1).collect();
+    eprintln!(
+        "changelog on: a handled {}, b: {}; ids handled twice {}, missing {missing}",
+        outcome.a_handled,
+        outcome.b_status,
+        twice.len()
+    );
+    ensure!(missing == 0, "{missing} ids never handled");
+    ensure!(
+        twice.is_empty(),
+        "handled twice with the changelog: {twice:?}"
+    );
+    ensure!(
+        outcome.b_status.contains(&format!("restored={A_HANDLES} ")),
+        "host b should have restored exactly host a's marks: {}",
+        outcome.b_status
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_changelog_the_other_host_handles_again() -> anyhow::Result<()> {
+    let outcome = two_hosts("off").await?;
+    let twice = outcome.handled.values().filter(|c| **c > 1).count();
+    eprintln!(
+        "changelog off: a handled {}, b: {}; ids handled twice {twice}",
+        outcome.a_handled, outcome.b_status
+    );
+    ensure!(outcome.handled.len() == MESSAGES, "ids missing");
+    // Every message A handled comes again on B, which has never seen its key.
+    ensure!(
+        twice == A_HANDLES,
+        "expected host a's {A_HANDLES} ids handled twice, got {twice}"
+    );
+    Ok(())
+}
