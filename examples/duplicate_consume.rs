@@ -14,6 +14,12 @@
 //! the consumer is dropped without commit or LeaveGroup; it is a static group member
 //! (`group.instance.id`), so its restart takes its place at once. The process exits non-zero
 //! if the dedup run's balances are off, or if the plain run's are right (no redelivery).
+//!
+//! The rebalance variant: host A (its own store) crashes, and the partition moves to host B
+//! (another store, as on another machine) once A's session times out (6 s). Each host books
+//! the transfers it handled; the bank's balance is the sum. Without the dedup changelog B has
+//! never seen A's keys and books A's uncommitted transfers again; with it, B replays A's
+//! marks (`<group>-semel-dedup-changelog`) before it handles anything, and the sum is exact.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,7 +27,9 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use clap::Parser;
-use semel::consumer::dedup::{DedupConfig, DedupConsumer, DedupStore, MiddlewareConfig};
+use semel::consumer::dedup::{
+    ChangelogConfig, DedupConfig, DedupConsumer, DedupStore, MiddlewareConfig,
+};
 use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig, Strategy};
 use semel::producer::{Producer, ProducerConfig, ProducerRecord};
 
@@ -159,19 +167,6 @@ async fn with_dedup(
     let dir = tempfile::tempdir()?;
     let store_path = dir.path().join("dedup");
     let crash_at = crash_point(sent);
-    let handle = |dedup: &mut DedupConsumer, fresh: semel::consumer::dedup::Fresh| {
-        let (account, amount) = parse(fresh.record.value.as_deref())?;
-        let key = format!("balance/{account}");
-        let old = dedup
-            .store()
-            .state(key.as_bytes())?
-            .map(|b| i64::from_be_bytes(b.as_slice().try_into().unwrap_or_default()))
-            .unwrap_or(0);
-        dedup.done(fresh, |state| {
-            state.put(key.as_bytes(), &(old + amount).to_be_bytes());
-        })?;
-        anyhow::Ok(())
-    };
     let position = |dedup: &DedupConsumer| dedup.position(&(topic.to_string(), 0));
     let mut dropped = 0;
     {
@@ -183,7 +178,7 @@ async fn with_dedup(
         let mut handled = 0;
         while handled < crash_at {
             let fresh = dedup.next().await?;
-            handle(&mut dedup, fresh)?;
+            book(&mut dedup, fresh)?;
             handled += 1;
         }
         dropped += dedup.metrics().duplicates;
@@ -198,11 +193,17 @@ async fn with_dedup(
             break;
         }
         match tokio::time::timeout(Duration::from_millis(500), dedup.next()).await {
-            Ok(fresh) => handle(&mut dedup, fresh?)?,
+            Ok(fresh) => book(&mut dedup, fresh?)?,
             Err(_) => continue,
         }
     }
     dropped += dedup.metrics().duplicates;
+    let balances = balances_of(&store)?;
+    dedup.close().await?;
+    Ok((balances, dropped))
+}
+
+fn balances_of(store: &DedupStore) -> anyhow::Result<BTreeMap<String, i64>> {
     let mut balances = BTreeMap::new();
     for a in 0..ACCOUNTS {
         let account = format!("acct-{a}");
@@ -212,8 +213,91 @@ async fn with_dedup(
             .unwrap_or(0);
         balances.insert(account, value);
     }
+    Ok(balances)
+}
+
+/// Books a transfer in the host's own store, with its mark and offset.
+fn book(dedup: &mut DedupConsumer, fresh: semel::consumer::dedup::Fresh) -> anyhow::Result<()> {
+    let (account, amount) = parse(fresh.record.value.as_deref())?;
+    let key = format!("balance/{account}");
+    let old = dedup
+        .store()
+        .state(key.as_bytes())?
+        .map(|b| i64::from_be_bytes(b.as_slice().try_into().unwrap_or_default()))
+        .unwrap_or(0);
+    dedup.done(fresh, |state| {
+        state.put(key.as_bytes(), &(old + amount).to_be_bytes());
+    })?;
+    Ok(())
+}
+
+/// The rebalance variant: host A crashes, host B (its own store) takes the partition over.
+/// Returns the summed balances, the duplicates B dropped and the marks it replayed.
+async fn moved(
+    bootstrap: &str,
+    topic: &str,
+    sent: usize,
+    changelog: bool,
+) -> anyhow::Result<(BTreeMap<String, i64>, u64, u64)> {
+    let group = format!(
+        "{topic}-moved-{}",
+        if changelog { "changelog" } else { "local" }
+    );
+    let config = |host: &str| ConsumerConfig {
+        group_instance_id: None,
+        client_id: format!("host-{host}"),
+        session_timeout: Duration::from_secs(6),
+        heartbeat_interval: Duration::from_millis(500),
+        ..consumer_config(bootstrap, &group)
+    };
+    let middleware = || MiddlewareConfig {
+        changelog: changelog.then(ChangelogConfig::default),
+        ..MiddlewareConfig::default()
+    };
+    let dir = tempfile::tempdir()?;
+    let crash_at = crash_point(sent);
+    let store_a = Arc::new(DedupStore::open(DedupConfig::new(
+        dir.path().join("host-a"),
+    ))?);
+    {
+        let mut consumer = Consumer::connect(config("a")).await?;
+        consumer.subscribe([topic])?;
+        let mut dedup = DedupConsumer::new(consumer, Arc::clone(&store_a), middleware())?;
+        for _ in 0..crash_at {
+            let fresh = dedup.next().await?;
+            book(&mut dedup, fresh)?;
+        }
+        // The marks reached the changelog (when there is one); the crash comes before the
+        // next offset commit.
+        dedup.flush_changelog().await?;
+        // crash: dropped without commit or LeaveGroup
+    }
+    let store_b = Arc::new(DedupStore::open(DedupConfig::new(
+        dir.path().join("host-b"),
+    ))?);
+    let mut consumer = Consumer::connect(config("b")).await?;
+    consumer.subscribe([topic])?;
+    let mut dedup = DedupConsumer::new(consumer, Arc::clone(&store_b), middleware())?;
+    while dedup
+        .position(&(topic.to_string(), 0))
+        .is_none_or(|p| p < sent as i64)
+    {
+        match tokio::time::timeout(Duration::from_millis(500), dedup.next()).await {
+            Ok(fresh) => book(&mut dedup, fresh?)?,
+            Err(_) => continue,
+        }
+    }
+    let metrics = dedup.metrics();
     dedup.close().await?;
-    Ok((balances, dropped))
+    let mut balances = balances_of(&store_a)?;
+    for (account, value) in balances_of(&store_b)? {
+        *balances.entry(account).or_default() += value;
+    }
+    Ok((
+        balances,
+        metrics.duplicates,
+        metrics.changelog.marks_restored,
+    ))
 }
 
 async fn create_topic(bootstrap: &str, topic: &str) -> anyhow::Result<()> {
@@ -289,6 +373,10 @@ async fn main() -> anyhow::Result<()> {
     );
     let plain_balances = plain(&bootstrap, &topic, sent).await?;
     let (semel_balances, dropped) = with_dedup(&bootstrap, &topic, sent).await?;
+    let ((local_balances, local_dropped, _), (logged_balances, logged_dropped, restored)) = tokio::try_join!(
+        moved(&bootstrap, &topic, sent, false),
+        moved(&bootstrap, &topic, sent, true)
+    )?;
     let plain_total: i64 = plain_balances.values().sum();
     let semel_total: i64 = semel_balances.values().sum();
     println!("| consumer | ledger total | expected | off by | duplicates dropped |");
@@ -301,7 +389,27 @@ async fn main() -> anyhow::Result<()> {
         "| Semel dedup store | {semel_total} | {total} | {} | {dropped} |",
         off_by(&semel_balances, &expected)
     );
+    println!(
+        "| partition moves to host B, own store, no changelog | {} | {total} | {} | {local_dropped} |",
+        local_balances.values().sum::<i64>(),
+        off_by(&local_balances, &expected)
+    );
+    println!(
+        "| partition moves to host B, own store, dedup changelog ({restored} marks replayed) | {} | {total} | {} | {logged_dropped} |",
+        logged_balances.values().sum::<i64>(),
+        off_by(&logged_balances, &expected)
+    );
     println!();
+    println!(
+        "RESULT moved=local total={} expected={total} off_by={} dropped={local_dropped}",
+        local_balances.values().sum::<i64>(),
+        off_by(&local_balances, &expected)
+    );
+    println!(
+        "RESULT moved=changelog total={} expected={total} off_by={} dropped={logged_dropped} restored={restored}",
+        logged_balances.values().sum::<i64>(),
+        off_by(&logged_balances, &expected)
+    );
     println!(
         "RESULT dedup=false total={plain_total} expected={total} off_by={}",
         off_by(&plain_balances, &expected)
@@ -318,9 +426,19 @@ async fn main() -> anyhow::Result<()> {
         semel_balances == expected,
         "the dedup consumer's ledger is off: {semel_balances:?} vs {expected:?}"
     );
+    ensure!(
+        off_by(&local_balances, &expected) > 0,
+        "host B without the changelog booked nothing twice: the partition did not move after a crash"
+    );
+    ensure!(
+        logged_balances == expected,
+        "with the changelog the two hosts' ledgers are off: {logged_balances:?} vs {expected:?}"
+    );
     println!(
-        "\nWithout dedup the ledger is off by {}; with the store it is exact.",
-        off_by(&plain_balances, &expected)
+        "\nWithout dedup the ledger is off by {}; with the store it is exact. When the partition \
+         moves to a host with its own store, it is off by {} without the changelog and exact with it.",
+        off_by(&plain_balances, &expected),
+        off_by(&local_balances, &expected)
     );
     if let Some(broker) = embedded {
         broker.shutdown().await;

@@ -100,6 +100,23 @@ fn duplicate_consume_double_counts_without_dedup_and_is_exact_with_it() -> anyho
         number(semel, "dropped")? > 0,
         "the store dropped the resent transfers: {semel:?}"
     );
+    // The rebalance variant: the partition moves to a host with its own store.
+    let local = results.get("moved=local").context("no moved=local run")?;
+    let logged = results
+        .get("moved=changelog")
+        .context("no moved=changelog run")?;
+    ensure!(
+        number(local, "total")? > number(local, "expected")?,
+        "without the changelog host B booked nothing twice: {local:?}"
+    );
+    ensure!(
+        number(logged, "off_by")? == 0,
+        "with the changelog: {logged:?}"
+    );
+    ensure!(
+        number(logged, "restored")? > 0,
+        "host B replayed no marks: {logged:?}"
+    );
     Ok(())
 }
 

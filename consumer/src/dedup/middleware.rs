@@ -279,6 +279,8 @@ pub struct DedupConsumer {
     config: MiddlewareConfig,
     settled: BTreeMap<TopicPartition, i64>,
     pending: Option<(ConsumerRecord, KeyHash)>,
+    /// A record read while a replay was due, kept until the replay is done.
+    held: Option<ConsumerRecord>,
     last_commit: Instant,
     passed: u64,
     rejected: u64,
@@ -318,6 +320,7 @@ impl DedupConsumer {
             config,
             settled: BTreeMap::new(),
             pending: None,
+            held: None,
             last_commit: Instant::now(),
             passed: 0,
             rejected: 0,
@@ -350,8 +353,19 @@ impl DedupConsumer {
                 None => {
                     self.pump_changelog().await?;
                     self.maybe_commit();
-                    let record = self.consumer.recv().await?;
-                    self.restore_assigned().await?;
+                    let mut record = match self.held.take() {
+                        Some(record) => record,
+                        None => self.consumer.recv().await?,
+                    };
+                    if !locked(&self.to_restore).is_empty() {
+                        // Kept across a failed or cancelled replay.
+                        self.held = Some(record);
+                        self.restore_assigned().await?;
+                        let Some(held) = self.held.take() else {
+                            continue;
+                        };
+                        record = held;
+                    }
                     let Some(message_key) = self.config.key_source.key(&record) else {
                         match self.config.missing_key {
                             MissingKey::Pass => {
@@ -394,8 +408,9 @@ impl DedupConsumer {
     /// The next offset of `partition` this middleware will hand out or drop (a record held
     /// back for another handler's lease counts as not yet read).
     pub fn position(&self, partition: &TopicPartition) -> Option<i64> {
-        match &self.pending {
-            Some((record, _)) if record.topic_partition() == *partition => Some(record.offset),
+        let waiting = self.pending.as_ref().map(|(r, _)| r).or(self.held.as_ref());
+        match waiting {
+            Some(record) if record.topic_partition() == *partition => Some(record.offset),
             _ => self.consumer.position(partition),
         }
     }
@@ -496,7 +511,9 @@ impl DedupConsumer {
     /// Replays the changelog of newly assigned partitions before any of their records is
     /// handed out.
     async fn restore_assigned(&mut self) -> Result<(), MiddlewareError> {
-        let partitions = std::mem::take(&mut *locked(&self.to_restore));
+        // Cloned, not taken: a cancelled `next()` (a timeout around it) must leave the
+        // partitions waiting for their replay.
+        let partitions = locked(&self.to_restore).clone();
         if partitions.is_empty() {
             return Ok(());
         }
@@ -504,11 +521,11 @@ impl DedupConsumer {
             self.pump_changelog().await?;
         }
         if let Some(changelog) = &mut self.changelog {
-            if let Err(e) = changelog.restore(&self.store, &partitions).await {
-                // Not replayed: ask again next time rather than hand out unprotected records.
-                locked(&self.to_restore).extend(partitions);
-                return Err(e.into());
-            }
+            changelog.restore(&self.store, &partitions).await?;
+        }
+        let mut waiting = locked(&self.to_restore);
+        for tp in &partitions {
+            waiting.remove(tp);
         }
         Ok(())
     }
