@@ -398,3 +398,55 @@ async fn without_idempotence_a_lost_reply_is_an_error_not_a_retry_by_default() -
     producer.close().await;
     Ok(())
 }
+
+/// `fencing_id` (a semel extension): two instances with the same id share a producer id; once
+/// the newer one has written to a partition (the broker checks epochs per partition, as
+/// Kafka's does), the older one's batches there are refused, its records fail (fatal), and
+/// nothing it sends after that is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_instance_with_the_same_fencing_id_fences_the_older() -> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = RawClient::connect(broker.addr()).await?;
+    create_topic(&mut client, "fenced", PARTITIONS).await?;
+    let fenced_config = || ProducerConfig {
+        fencing_id: Some("pipeline-0".into()),
+        ..config(broker.bootstrap(), true)
+    };
+    let old = Producer::connect(fenced_config()).await?;
+    let record = |n: usize| ProducerRecord::new("fenced", n.to_string()).partition(0);
+    old.send(record(1)).await?.await?;
+    let new = Producer::connect(fenced_config()).await?;
+    ensure!(
+        new.producer_id() == old.producer_id(),
+        "same fencing id, same producer id: {} vs {}",
+        new.producer_id(),
+        old.producer_id()
+    );
+    new.send(record(2)).await?.await?;
+    let refused = old.send(record(3)).await?.await;
+    ensure!(
+        matches!(refused, Err(semel::producer::ProduceError::Fatal(_))),
+        "the old instance's send after the takeover: {refused:?}"
+    );
+    // Fatal from then on, without another round trip.
+    let again = old.send(record(4)).await?.await;
+    ensure!(
+        matches!(again, Err(semel::producer::ProduceError::Fatal(_))),
+        "{again:?}"
+    );
+    new.send(record(5)).await?.await?;
+    old.close().await;
+    new.close().await;
+    let stored = stored(&mut client, "fenced").await?;
+    ensure!(stored[0] == [1, 2, 5], "partition 0 holds {:?}", stored[0]);
+    // Validation: fencing needs idempotence.
+    let bad = ProducerConfig {
+        enable_idempotence: false,
+        ..fenced_config()
+    };
+    ensure!(
+        bad.validate().is_err(),
+        "fencing_id without idempotence accepted"
+    );
+    Ok(())
+}

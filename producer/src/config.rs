@@ -60,6 +60,17 @@ pub struct ProducerConfig {
     pub retries: Option<u32>,
     /// `buffer.memory`-like bound: records queued but not yet delivered before `send` waits.
     pub max_queued_records: usize,
+    /// **Semel extension** (no Java counterpart): a stable identity for zombie fencing
+    /// without transactions. The producer id comes from InitProducerId with this as the
+    /// transactional id (from its transaction coordinator), so every instance using the same
+    /// fencing id gets the same producer id with a higher epoch. Brokers check epochs per
+    /// partition (Kafka's and semel's alike): once the newer instance has written to a
+    /// partition, the batches of any older instance still running are refused there
+    /// (`INVALID_PRODUCER_EPOCH` / `PRODUCER_FENCED`, fatal for that instance). To fence a
+    /// partition at once, write to it first (the `exactly_once_pipeline` example writes a
+    /// fence record). No transaction is ever opened; the batches are plain idempotent ones.
+    /// Needs `enable.idempotence`. At most one live instance per id: the newest wins.
+    pub fencing_id: Option<String>,
 }
 
 impl Default for ProducerConfig {
@@ -78,6 +89,7 @@ impl Default for ProducerConfig {
             max_in_flight: 5,
             retries: None,
             max_queued_records: 100_000,
+            fencing_id: None,
         }
     }
 }
@@ -133,6 +145,15 @@ impl ProducerConfig {
         }
         if self.batch_size == 0 {
             return fail("batch.size", "must be at least 1");
+        }
+        if self.fencing_id.is_some() && !self.enable_idempotence {
+            return fail(
+                "fencing_id",
+                "needs enable.idempotence (it fences by producer epoch)",
+            );
+        }
+        if self.fencing_id.as_deref() == Some("") {
+            return fail("fencing_id", "must not be empty");
         }
         Ok(())
     }

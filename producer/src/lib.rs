@@ -50,8 +50,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use kafka_protocol::messages::{ApiKey, InitProducerIdRequest, ProducerId};
-use semel_client::{ClientConfig, ClientError, Cluster, ConnectionConfig, check_code};
+use kafka_protocol::messages::{
+    ApiKey, FindCoordinatorRequest, InitProducerIdRequest, ProducerId, TransactionalId,
+};
+use kafka_protocol::protocol::StrBytes;
+use semel_client::{ClientConfig, ClientError, Cluster, Connection, ConnectionConfig, check_code};
 use tokio::sync::{mpsc, oneshot};
 
 pub use config::{Acks, ConfigError, ProducerConfig};
@@ -104,7 +107,7 @@ impl Producer {
             .await?,
         );
         let producer = if config.enable_idempotence {
-            init_producer_id(&cluster).await?
+            init_producer_id(&cluster, config.fencing_id.as_deref(), (-1, -1)).await?
         } else {
             (-1, -1)
         };
@@ -165,16 +168,29 @@ impl Producer {
     }
 }
 
-async fn init_producer_id(cluster: &Cluster) -> Result<(i64, i16), ClientError> {
-    let connection = cluster.any().await?;
+/// InitProducerId: a new producer id, or with `fencing_id` the id's producer id at the next
+/// epoch, asked of its transaction coordinator. `current` (KIP-360, v3+) is the id and epoch
+/// being bumped, (-1, -1) at start.
+pub(crate) async fn init_producer_id(
+    cluster: &Cluster,
+    fencing_id: Option<&str>,
+    current: (i64, i16),
+) -> Result<(i64, i16), ClientError> {
+    let connection = match fencing_id {
+        Some(id) => transaction_coordinator(cluster, id).await?,
+        None => cluster.any().await?,
+    };
     let version = connection.version(ApiKey::InitProducerId, (0, 4))?;
+    let current = if version >= 3 { current } else { (-1, -1) };
     let response = connection
         .send_version(
             &InitProducerIdRequest::default()
-                .with_transactional_id(None)
+                .with_transactional_id(
+                    fencing_id.map(|id| TransactionalId(StrBytes::from_string(id.to_string()))),
+                )
                 .with_transaction_timeout_ms(60_000)
-                .with_producer_id(ProducerId(-1))
-                .with_producer_epoch(-1),
+                .with_producer_id(ProducerId(current.0))
+                .with_producer_epoch(current.1),
             version,
         )
         .await?;
@@ -184,4 +200,44 @@ async fn init_producer_id(cluster: &Cluster) -> Result<(i64, i16), ClientError> 
         message: None,
     })?;
     Ok((response.producer_id.0, response.producer_epoch))
+}
+
+/// FindCoordinator for a transactional id (key type 1), connected.
+async fn transaction_coordinator(
+    cluster: &Cluster,
+    id: &str,
+) -> Result<Arc<Connection>, ClientError> {
+    let any = cluster.any().await?;
+    let version = any.version(ApiKey::FindCoordinator, (1, 4))?;
+    let key = StrBytes::from_string(id.to_string());
+    let request = if version >= 4 {
+        FindCoordinatorRequest::default()
+            .with_key_type(1)
+            .with_coordinator_keys(vec![key])
+    } else {
+        FindCoordinatorRequest::default()
+            .with_key(key)
+            .with_key_type(1)
+    };
+    let response = any.send_version(&request, version).await?;
+    let (code, message, host, port) = match response.coordinators.first() {
+        Some(c) if version >= 4 => (
+            c.error_code,
+            c.error_message.clone(),
+            c.host.to_string(),
+            c.port,
+        ),
+        _ => (
+            response.error_code,
+            response.error_message.clone(),
+            response.host.to_string(),
+            response.port,
+        ),
+    };
+    check_code(code).map_err(|code| ClientError::Broker {
+        api: ApiKey::FindCoordinator,
+        code,
+        message: message.map(|m| m.to_string()),
+    })?;
+    cluster.connection(&format!("{host}:{port}")).await
 }

@@ -24,9 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use kafka_protocol::messages::{
-    ApiKey, InitProducerIdRequest, ProduceRequest, ProducerId, TopicName,
-};
+use kafka_protocol::messages::{ApiKey, ProduceRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
 use semel_client::{ClientError, Cluster, check_code, needs_metadata_refresh};
@@ -122,6 +120,8 @@ pub(crate) struct Sender {
     /// (producer id, epoch); (-1, -1) without idempotence.
     producer: (i64, i16),
     bump_epoch: bool,
+    /// Set once a newer instance fenced this producer: every record fails from then on.
+    fenced: Option<String>,
     flushes: Vec<oneshot::Sender<()>>,
     next_batch_id: u64,
     metrics: Arc<Metrics>,
@@ -154,6 +154,7 @@ impl Sender {
             sticky: HashMap::new(),
             producer,
             bump_epoch: false,
+            fenced: None,
             flushes: Vec::new(),
             next_batch_id: 0,
             metrics,
@@ -238,6 +239,11 @@ impl Sender {
     }
 
     async fn enqueue(&mut self, mut record: ProducerRecord, reply: Reply) {
+        if let Some(reason) = &self.fenced {
+            self.metrics.failed.inc();
+            let _ = reply.send(Err(ProduceError::Fatal(reason.clone())));
+            return;
+        }
         let partitions = match self.partitions_of(&record.topic).await {
             Ok(n) => n,
             Err(error) => {
@@ -581,11 +587,9 @@ impl Sender {
                 } else if error == ResponseError::InvalidProducerEpoch
                     || error == ResponseError::ProducerFenced
                 {
-                    fail(
-                        batch,
-                        &ProduceError::Fatal(format!("{error:?}")),
-                        &self.metrics,
-                    );
+                    let reason = format!("{error:?}: a newer producer instance fenced this one");
+                    fail(batch, &ProduceError::Fatal(reason.clone()), &self.metrics);
+                    self.fence(reason);
                 } else if error.is_retriable() {
                     if needs_metadata_refresh(error) {
                         let cluster = Arc::clone(&self.cluster);
@@ -607,31 +611,29 @@ impl Sender {
         }
     }
 
+    /// A newer instance with the same producer id took over: everything queued fails, and so
+    /// does every later record (the Java client's fatal state).
+    fn fence(&mut self, reason: String) {
+        if self.fenced.is_none() {
+            tracing::error!(%reason, "producer fenced");
+        }
+        self.bump_epoch = false;
+        for queue in self.queues.values_mut() {
+            let error = ProduceError::Fatal(reason.clone());
+            for batch in queue.open.take().into_iter().chain(queue.ready.drain(..)) {
+                fail(batch, &error, &self.metrics);
+            }
+        }
+        self.fenced = Some(reason);
+    }
+
     /// KIP-360: a new epoch for the same producer id, and every queued batch renumbered.
     async fn bump(&mut self) {
-        let request = InitProducerIdRequest::default()
-            .with_transactional_id(None)
-            .with_transaction_timeout_ms(60_000)
-            .with_producer_id(ProducerId(self.producer.0))
-            .with_producer_epoch(self.producer.1);
-        let result = async {
-            let connection = self.cluster.any().await?;
-            let version = connection.version(ApiKey::InitProducerId, (0, 4))?;
-            let request = if version >= 3 {
-                request
-            } else {
-                request
-                    .with_producer_id(ProducerId(-1))
-                    .with_producer_epoch(-1)
-            };
-            let response = connection.send_version(&request, version).await?;
-            check_code(response.error_code).map_err(|code| ClientError::Broker {
-                api: ApiKey::InitProducerId,
-                code,
-                message: None,
-            })?;
-            Ok::<_, ClientError>((response.producer_id.0, response.producer_epoch))
-        }
+        let result = crate::init_producer_id(
+            &self.cluster,
+            self.config.fencing_id.as_deref(),
+            self.producer,
+        )
         .await;
         match result {
             Ok(producer) => {
@@ -649,6 +651,14 @@ impl Sender {
                 for key in keys {
                     self.encode_unsealed(&key);
                 }
+            }
+            Err(ClientError::Broker {
+                code: code @ (ResponseError::ProducerFenced | ResponseError::InvalidProducerEpoch),
+                ..
+            }) => {
+                self.fence(format!(
+                    "{code:?} on epoch bump: a newer producer instance fenced this one"
+                ));
             }
             Err(error) => {
                 tracing::warn!(%error, "epoch bump failed; will retry");
