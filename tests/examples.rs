@@ -167,3 +167,32 @@ fn rebalance_tables_show_sticky_strategies_keep_partitions_in_place() -> anyhow:
     );
     Ok(())
 }
+
+#[test]
+fn exactly_once_pipeline_writes_one_receipt_per_order_across_kill_9() -> anyhow::Result<()> {
+    let stdout = run_example("exactly_once_pipeline")?;
+    let results = results(&stdout);
+    let plain = results.get("pipeline=plain").context("no plain run")?;
+    let semel = results.get("pipeline=semel").context("no semel run")?;
+    ensure!(
+        number(plain, "kills")? >= 6 && number(semel, "kills")? >= 6,
+        "kills: {plain:?} {semel:?}"
+    );
+    ensure!(
+        number(plain, "missing")? == 0,
+        "plain lost orders: {plain:?}"
+    );
+    ensure!(
+        number(plain, "duplicated")? > 0,
+        "plain: no duplicate receipt, the kills redelivered nothing: {plain:?}"
+    );
+    ensure!(
+        number(semel, "missing")? == 0 && number(semel, "duplicated")? == 0,
+        "semel: {semel:?}"
+    );
+    ensure!(
+        number(semel, "receipts")? == number(semel, "orders")?,
+        "semel: {semel:?}"
+    );
+    Ok(())
+}
