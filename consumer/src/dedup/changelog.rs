@@ -41,7 +41,10 @@ use bytes::Bytes;
 use futures::FutureExt;
 use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
-use kafka_protocol::messages::{CreatePartitionsRequest, CreateTopicsRequest, TopicName};
+use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+use kafka_protocol::messages::{
+    CreatePartitionsRequest, CreateTopicsRequest, DescribeConfigsRequest, TopicName,
+};
 use kafka_protocol::protocol::StrBytes;
 use semel_client::{ClientConfig, Cluster, ConnectionConfig};
 use semel_producer::{Delivery, ProduceError, Producer, ProducerConfig, ProducerRecord};
@@ -155,6 +158,8 @@ pub(crate) struct Changelog {
     partitions: i32,
     replication_factor: i16,
     entries: VecDeque<Entry>,
+    /// How many entries at the front were sent (or need no sending).
+    sent: usize,
     metrics: Arc<Mutex<RestoreMetrics>>,
     standby: Option<tokio::task::JoinHandle<()>>,
 }
@@ -233,6 +238,7 @@ impl Changelog {
             partitions: 0,
             replication_factor: config.replication_factor,
             entries: VecDeque::new(),
+            sent: 0,
             metrics: Arc::new(Mutex::new(RestoreMetrics::default())),
             standby: None,
         };
@@ -305,6 +311,8 @@ impl Changelog {
             }
             if created.error_code == 0 {
                 tracing::info!(topic = %self.topic, partitions = needed, retention_ms = self.window_ms, "changelog topic created");
+            } else if self.partitions == 0 {
+                check_retention(&self.topic, self.window_ms, &connection).await;
             }
         }
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -386,9 +394,11 @@ impl Changelog {
         &mut self,
         settled: &mut BTreeMap<TopicPartition, i64>,
     ) -> Result<(), ChangelogError> {
+        // Entries before `sent` were sent already (or carry no mark): each call looks only
+        // at what is new.
         let needed = self
             .entries
-            .iter()
+            .range(self.sent.min(self.entries.len())..)
             .filter(|e| e.mark.is_some() && e.delivery.is_none())
             .map(|e| e.partition.1 + 1)
             .max()
@@ -396,7 +406,8 @@ impl Changelog {
         if needed > self.partitions {
             self.ensure_partitions(needed).await?;
         }
-        for entry in &mut self.entries {
+        while self.sent < self.entries.len() {
+            let entry = &mut self.entries[self.sent];
             if entry.delivery.is_none() {
                 if let Some((key, at_ms)) = entry.mark {
                     entry.delivery = Some(
@@ -406,6 +417,7 @@ impl Changelog {
                     );
                 }
             }
+            self.sent += 1;
         }
         while let Some(front) = self.entries.front_mut() {
             if let Some(delivery) = front.delivery.as_mut() {
@@ -415,11 +427,13 @@ impl Changelog {
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, partition = ?front.partition, offset = front.next_offset - 1, "changelog write failed; sending the mark again (its offset is not committed until it lands)");
                         front.delivery = None;
+                        self.sent = 0;
                         break;
                     }
                 }
             }
             if let Some(entry) = self.entries.pop_front() {
+                self.sent = self.sent.saturating_sub(1);
                 settled.insert(entry.partition, entry.next_offset);
             }
         }
@@ -493,6 +507,40 @@ impl Changelog {
         self.producer.close().await;
         if let Err(e) = self.reader.close().await {
             tracing::debug!(error = %e, "changelog reader close");
+        }
+    }
+}
+
+/// Warns when an existing changelog keeps marks for less than the window: a takeover would
+/// then miss the older marks (and handle their messages again).
+async fn check_retention(topic: &str, window_ms: i64, connection: &semel_client::Connection) {
+    let request = DescribeConfigsRequest::default().with_resources(vec![
+        DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(StrBytes::from_string(topic.to_string()))
+            .with_configuration_keys(Some(vec![StrBytes::from_static_str("retention.ms")])),
+    ]);
+    let retention = match connection.send(&request, (1, 4)).await {
+        Ok(response) => response
+            .results
+            .iter()
+            .flat_map(|r| r.configs.iter())
+            .find(|c| c.name.as_str() == "retention.ms")
+            .and_then(|c| c.value.as_ref())
+            .and_then(|v| v.as_str().parse::<i64>().ok()),
+        Err(e) => {
+            tracing::debug!(error = %e, "DescribeConfigs of the changelog failed");
+            None
+        }
+    };
+    if let Some(retention) = retention {
+        if retention >= 0 && retention < window_ms {
+            tracing::warn!(
+                topic,
+                retention_ms = retention,
+                window_ms = window_ms,
+                "the changelog keeps marks for less than the dedup window: a consumer taking a partition over will not know the older marks; raise the topic's retention.ms"
+            );
         }
     }
 }
