@@ -450,3 +450,58 @@ async fn a_newer_instance_with_the_same_fencing_id_fences_the_older() -> anyhow:
     );
     Ok(())
 }
+
+/// The broker goes away for good: every queued record fails with a timeout once its
+/// `delivery.timeout.ms` has passed (none hangs, none is reported stored), and `send` keeps
+/// taking records and failing them instead of blocking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_fail_at_delivery_timeout_when_the_broker_is_gone() -> anyhow::Result<()> {
+    for idempotent in [true, false] {
+        let broker = TestBroker::start().await?;
+        let mut client = RawClient::connect(broker.addr()).await?;
+        create_topic(&mut client, "gone", PARTITIONS).await?;
+        drop(client);
+        let producer = Producer::connect(ProducerConfig {
+            delivery_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(1),
+            max_queued_records: 500,
+            ..config(broker.bootstrap(), idempotent)
+        })
+        .await?;
+        producer
+            .send(ProducerRecord::new("gone", "before"))
+            .await?
+            .await?;
+        broker.handle.shutdown().await;
+        // A hang guard, far above the 3 s the records are given.
+        let outcome = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut deliveries = Vec::new();
+            for n in 0..2_000 {
+                deliveries.push(
+                    producer
+                        .send(ProducerRecord::new("gone", n.to_string()))
+                        .await?,
+                );
+            }
+            let mut timed_out = 0;
+            for delivery in deliveries {
+                match delivery.await {
+                    Err(semel::producer::ProduceError::Timeout { .. }) => timed_out += 1,
+                    other => anyhow::bail!("a record sent to a dead broker: {other:?}"),
+                }
+            }
+            anyhow::Ok(timed_out)
+        })
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "records still pending 60 s after the broker went away (idempotent: {idempotent})"
+            )
+        })??;
+        ensure!(outcome == 2_000, "timed out: {outcome}");
+        tokio::time::timeout(Duration::from_secs(30), producer.close())
+            .await
+            .map_err(|_| anyhow::anyhow!("close hangs"))?;
+    }
+    Ok(())
+}

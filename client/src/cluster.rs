@@ -181,6 +181,24 @@ impl Cluster {
         self.connection(&address).await
     }
 
+    /// When node `node_id` may be tried again, if a failed connection put it in backoff (a
+    /// caller that must not wait can skip it until then; [`Cluster::node`] would sleep).
+    pub fn node_retry_at(&self, node_id: i32) -> Option<Instant> {
+        let address = self
+            .metadata
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .brokers
+            .get(&node_id)
+            .cloned()?;
+        self.backoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&address)
+            .map(|b| b.next_attempt)
+            .filter(|at| *at > Instant::now())
+    }
+
     /// A connection to any broker: a known one first, then the bootstrap servers.
     ///
     /// # Errors

@@ -68,12 +68,10 @@ struct Batch {
 }
 
 impl Batch {
+    /// The first record's deadline: records join a batch in the order they were sent, each
+    /// with `delivery.timeout.ms` from then, so the first is the earliest.
     fn deadline(&self) -> Instant {
-        self.records
-            .iter()
-            .map(|p| p.deadline)
-            .min()
-            .unwrap_or(self.created)
+        self.records.first().map_or(self.created, |p| p.deadline)
     }
 }
 
@@ -120,6 +118,9 @@ pub(crate) struct Sender {
     /// (producer id, epoch); (-1, -1) without idempotence.
     producer: (i64, i16),
     bump_epoch: bool,
+    /// After a failed epoch bump: when to try again, and the wait that got us there.
+    next_bump_at: Option<Instant>,
+    bump_wait: Duration,
     /// Set once a newer instance fenced this producer: every record fails from then on.
     fenced: Option<String>,
     flushes: Vec<oneshot::Sender<()>>,
@@ -154,6 +155,8 @@ impl Sender {
             sticky: HashMap::new(),
             producer,
             bump_epoch: false,
+            next_bump_at: None,
+            bump_wait: Duration::ZERO,
             fenced: None,
             flushes: Vec::new(),
             next_batch_id: 0,
@@ -198,17 +201,24 @@ impl Sender {
     }
 
     fn next_wake(&self) -> Option<Instant> {
+        let now = Instant::now();
         let mut wake: Option<Instant> = None;
         let mut consider = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
         for queue in self.queues.values() {
             if let Some(open) = &queue.open {
                 consider(open.created + self.config.linger);
             }
-            if let Some(until) = queue.backoff_until {
+            // A backoff already over needs no wake-up (waking for it would spin).
+            if let Some(until) = queue.backoff_until.filter(|t| *t > now) {
                 consider(until);
             }
             if let Some(first) = queue.ready.front() {
                 consider(first.deadline());
+            }
+        }
+        if self.bump_epoch {
+            if let Some(at) = self.next_bump_at.filter(|t| *t > now) {
+                consider(at);
             }
         }
         wake
@@ -380,11 +390,21 @@ impl Sender {
             self.encode_unsealed(key);
             self.advance_sticky(&key.0, key.1);
         }
+        self.expire_ready(now);
         if self.bump_epoch {
             if self.queues.values().any(|q| !q.in_flight.is_empty()) {
                 return; // bump once nothing is outstanding
             }
+            if self.queues.values().all(|q| q.ready.is_empty()) {
+                return; // nothing to renumber yet: bump when there is
+            }
+            if self.next_bump_at.is_some_and(|at| at > now) {
+                return; // the last attempt failed; next_wake covers the retry
+            }
             self.bump().await;
+            if self.bump_epoch {
+                return;
+            }
         }
         let mut refresh = false;
         for key in keys {
@@ -416,6 +436,13 @@ impl Sender {
                     self.retry_later(&key, batch, "no leader known".into());
                     break;
                 };
+                if let Some(at) = self.cluster.node_retry_at(leader) {
+                    // The leader refused connections lately: wait out its backoff here
+                    // rather than inside `node`, which would hold up this whole task.
+                    queue.ready.push_front(batch);
+                    queue.backoff_until = Some(at);
+                    break;
+                }
                 let connection = match self.cluster.node(leader).await {
                     Ok(c) => c,
                     Err(e) => {
@@ -499,6 +526,37 @@ impl Sender {
                 result,
             });
         });
+    }
+
+    /// Fails every queued batch (not in flight) whose `delivery.timeout.ms` has passed, in
+    /// one sweep (KIP-91): with the broker gone, nothing else would pop them, since batches
+    /// wait behind a retry backoff or an epoch bump that cannot succeed. A failed batch
+    /// leaves a gap in its partition's sequence, so an idempotent producer bumps its epoch
+    /// and renumbers what is still queued.
+    fn expire_ready(&mut self, now: Instant) {
+        let idempotent = self.idempotent();
+        let mut gap = false;
+        for queue in self.queues.values_mut() {
+            // Ready batches are in sequence (= creation) order, so deadlines only grow along
+            // the queue: the expired ones are at the front.
+            while queue.ready.front().is_some_and(|b| b.deadline() <= now) {
+                let Some(batch) = queue.ready.pop_front() else {
+                    break;
+                };
+                gap |= idempotent && !batch.encoded.is_empty();
+                let error = ProduceError::Timeout {
+                    last_error: if batch.last_error.is_empty() {
+                        "not sent: no broker took it in time".into()
+                    } else {
+                        batch.last_error.clone()
+                    },
+                };
+                fail(batch, &error, &self.metrics);
+            }
+        }
+        if gap {
+            self.bump_epoch = true;
+        }
     }
 
     fn retry_later(&mut self, key: &Key, mut batch: Batch, error: String) {
@@ -640,6 +698,8 @@ impl Sender {
                 tracing::info!(?producer, "producer epoch bumped; sequences restart at 0");
                 self.producer = producer;
                 self.bump_epoch = false;
+                self.next_bump_at = None;
+                self.bump_wait = Duration::ZERO;
                 for queue in self.queues.values_mut() {
                     queue.next_sequence = 0;
                     queue.acked_through = -1;
@@ -661,10 +721,14 @@ impl Sender {
                 ));
             }
             Err(error) => {
-                tracing::warn!(%error, "epoch bump failed; will retry");
-                for queue in self.queues.values_mut() {
-                    queue.backoff_until = Some(Instant::now() + self.config.retry_backoff);
-                }
+                // Doubling waits up to 1 s: a broker that is gone is not asked 10 times a
+                // second, and the task never sleeps inside a connection attempt's backoff.
+                self.bump_wait = (self.bump_wait * 2).clamp(
+                    self.config.retry_backoff,
+                    Duration::from_secs(1).max(self.config.retry_backoff),
+                );
+                self.next_bump_at = Some(Instant::now() + self.bump_wait);
+                tracing::warn!(%error, retry_in = ?self.bump_wait, "epoch bump failed; will retry");
             }
         }
     }
