@@ -1,7 +1,8 @@
 //! Consumer-side dedup: a RocksDB store of the keys of handled messages, so a message
 //! delivered again (after a crash, a rebalance, or a producer's resend) is dropped before the
-//! handler sees it. See [`store`] for the layout and guarantees, and [`middleware`] for
-//! [`DedupConsumer`], which wraps semel's group consumer.
+//! handler sees it. See [`store`] for the layout and guarantees, [`middleware`] for
+//! [`DedupConsumer`], which wraps semel's group consumer, and [`changelog`] for how marks
+//! follow a partition to a consumer on another host.
 //!
 //! Standalone use with any consumer (rdkafka, for example): for each message, compute its
 //! [`KeyHash`], [`DedupStore::claim`] it, handle it only on `Fresh`/`Reclaimed`, then
