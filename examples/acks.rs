@@ -21,8 +21,8 @@
 //!
 //! The process exits non-zero unless `acks=0` lost something and the others lost nothing.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,12 +31,12 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use clap::Parser;
-use common::ChildBroker;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::{BrokerId, ListOffsetsRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig};
 use semel::producer::{Acks, Producer, ProducerConfig, ProducerRecord};
+use support::common::ChildBroker;
 
 /// acks demo.
 #[derive(Debug, Parser)]
@@ -60,43 +60,6 @@ struct Outcome {
     stored_unacknowledged: usize,
 }
 
-async fn cluster(addr: &str) -> anyhow::Result<semel::client::Cluster> {
-    Ok(
-        semel::client::Cluster::connect(semel::client::ClientConfig {
-            bootstrap_servers: vec![addr.to_string()],
-            ..Default::default()
-        })
-        .await?,
-    )
-}
-
-async fn create_topic(addr: &str) -> anyhow::Result<()> {
-    use kafka_protocol::messages::CreateTopicsRequest;
-    use kafka_protocol::messages::create_topics_request::CreatableTopic;
-    let response = cluster(addr)
-        .await?
-        .any()
-        .await?
-        .send(
-            &CreateTopicsRequest::default()
-                .with_timeout_ms(5_000)
-                .with_topics(vec![
-                    CreatableTopic::default()
-                        .with_name(TopicName(StrBytes::from_static_str(TOPIC)))
-                        .with_num_partitions(1)
-                        .with_replication_factor(1),
-                ]),
-            (2, 7),
-        )
-        .await?;
-    ensure!(
-        response.topics[0].error_code == 0,
-        "{:?}",
-        response.topics[0]
-    );
-    Ok(())
-}
-
 async fn end_offset(addr: &str) -> anyhow::Result<i64> {
     let request = ListOffsetsRequest::default()
         .with_replica_id(BrokerId(-1))
@@ -109,7 +72,7 @@ async fn end_offset(addr: &str) -> anyhow::Result<i64> {
                         .with_timestamp(-1),
                 ]),
         ]);
-    let response = cluster(addr)
+    let response = support::admin(addr)
         .await?
         .any()
         .await?
@@ -130,7 +93,7 @@ async fn run(acks: Acks, acknowledged_first: usize) -> anyhow::Result<Outcome> {
     let dir = tempfile::tempdir()?;
     let broker = ChildBroker::spawn(dir.path(), &[])?;
     let addr = broker.addr.to_string();
-    create_topic(&addr).await?;
+    support::create_topics(&addr, &[(TOPIC, 1)]).await?;
     let producer = Arc::new(
         Producer::connect(ProducerConfig {
             bootstrap_servers: vec![addr.clone()],

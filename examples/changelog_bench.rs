@@ -15,10 +15,13 @@
 //! ```
 //! Everything runs in this process on an embedded broker (or `--bootstrap host:port`).
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use clap::Parser;
 use semel::consumer::dedup::{
     ChangelogConfig, DedupConfig, DedupConsumer, DedupStore, MiddlewareConfig,
@@ -112,62 +115,14 @@ async fn handle_all(
     Ok(rate)
 }
 
-async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    use kafka_protocol::messages::CreateTopicsRequest;
-    use kafka_protocol::messages::create_topics_request::CreatableTopic;
-    let cluster = semel::client::Cluster::connect(semel::client::ClientConfig {
-        bootstrap_servers: vec![bootstrap.to_string()],
-        ..Default::default()
-    })
-    .await?;
-    let response = cluster
-        .any()
-        .await?
-        .send(
-            &CreateTopicsRequest::default()
-                .with_timeout_ms(5_000)
-                .with_topics(vec![
-                    CreatableTopic::default()
-                        .with_name(kafka_protocol::messages::TopicName(
-                            kafka_protocol::protocol::StrBytes::from_string(topic.to_string()),
-                        ))
-                        .with_num_partitions(partitions)
-                        .with_replication_factor(1),
-                ]),
-            (2, 7),
-        )
-        .await?;
-    ensure!(
-        response.topics[0].error_code == 0,
-        "create topic: {:?}",
-        response.topics[0]
-    );
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let dir = tempfile::tempdir()?;
-    let embedded = match &args.bootstrap {
-        Some(_) => None,
-        None => Some(
-            semel::broker::Broker::start(semel::broker::BrokerConfig {
-                listen: "127.0.0.1:0".parse()?,
-                data_dir: dir.path().to_path_buf(),
-                ..Default::default()
-            })
-            .await?,
-        ),
-    };
-    let bootstrap = args
-        .bootstrap
-        .clone()
-        .or(embedded.as_ref().map(|b| b.local_addr().to_string()))
-        .context("no broker")?;
+    let broker = support::ExampleBroker::start(args.bootstrap.as_deref(), |_| {}).await?;
+    let bootstrap = broker.bootstrap.clone();
     let run = std::process::id();
     let topic = format!("bench-input-{run}");
-    create_topic(&bootstrap, &topic, args.partitions).await?;
+    support::create_topics(&bootstrap, &[(&topic, args.partitions)]).await?;
     produce(
         &bootstrap,
         &topic,
@@ -241,8 +196,6 @@ async fn main() -> anyhow::Result<()> {
         m.records_read, m.marks_restored, m.restore_ms
     );
     dedup.close().await?;
-    if let Some(broker) = embedded {
-        broker.shutdown().await;
-    }
+    broker.shutdown().await;
     Ok(())
 }

@@ -11,6 +11,9 @@
 //! (manual assignment, no group), kcat from process start to exit (`-C -e`, output to
 //! /dev/null). Clients alternate, and each reads the topic `--rounds` times.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -37,39 +40,6 @@ struct Args {
 }
 
 const PARTITIONS: i32 = 3;
-
-async fn create_topic(bootstrap: &str, topic: &str) -> anyhow::Result<()> {
-    use kafka_protocol::messages::CreateTopicsRequest;
-    use kafka_protocol::messages::create_topics_request::CreatableTopic;
-    let cluster = semel::client::Cluster::connect(semel::client::ClientConfig {
-        bootstrap_servers: vec![bootstrap.to_string()],
-        ..Default::default()
-    })
-    .await?;
-    let response = cluster
-        .any()
-        .await?
-        .send(
-            &CreateTopicsRequest::default()
-                .with_timeout_ms(5_000)
-                .with_topics(vec![
-                    CreatableTopic::default()
-                        .with_name(kafka_protocol::messages::TopicName(
-                            kafka_protocol::protocol::StrBytes::from_string(topic.to_string()),
-                        ))
-                        .with_num_partitions(PARTITIONS)
-                        .with_replication_factor(1),
-                ]),
-            (2, 7),
-        )
-        .await?;
-    ensure!(
-        response.topics[0].error_code == 0,
-        "create topic: {:?}",
-        response.topics[0]
-    );
-    Ok(())
-}
 
 async fn fill(bootstrap: &str, topic: &str, messages: usize, size: usize) -> anyhow::Result<()> {
     let producer = Producer::connect(ProducerConfig {
@@ -147,28 +117,13 @@ fn kcat(bootstrap: &str, topic: &str, messages: usize) -> anyhow::Result<Duratio
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let dir = tempfile::tempdir()?;
-    let embedded = match &args.bootstrap {
-        Some(_) => None,
-        None => Some(
-            semel::broker::Broker::start(semel::broker::BrokerConfig {
-                listen: "127.0.0.1:0".parse()?,
-                data_dir: dir.path().to_path_buf(),
-                ..Default::default()
-            })
-            .await?,
-        ),
-    };
-    let bootstrap = args
-        .bootstrap
-        .clone()
-        .or(embedded.as_ref().map(|b| b.local_addr().to_string()))
-        .context("no broker")?;
+    let broker = support::ExampleBroker::start(args.bootstrap.as_deref(), |_| {}).await?;
+    let bootstrap = broker.bootstrap.clone();
     println!("| client | record | round | records/s | MB/s (values) |");
     println!("|---|---|---|---|---|");
     for size in [100, 1024] {
         let topic = format!("consume-{size}-{}", std::process::id());
-        create_topic(&bootstrap, &topic).await?;
+        support::create_topics(&bootstrap, &[(&topic, PARTITIONS)]).await?;
         fill(&bootstrap, &topic, args.messages, size).await?;
         for round in 1..=args.rounds {
             for client in ["semel", "kcat"] {
@@ -194,8 +149,6 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    if let Some(broker) = embedded {
-        broker.shutdown().await;
-    }
+    broker.shutdown().await;
     Ok(())
 }

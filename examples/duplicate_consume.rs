@@ -21,6 +21,9 @@
 //! never seen A's keys and books A's uncommitted transfers again; with it, B replays A's
 //! marks (`<group>-semel-dedup-changelog`) before it handles anything, and the sum is exact.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -300,39 +303,6 @@ async fn moved(
     ))
 }
 
-async fn create_topic(bootstrap: &str, topic: &str) -> anyhow::Result<()> {
-    use kafka_protocol::messages::CreateTopicsRequest;
-    use kafka_protocol::messages::create_topics_request::CreatableTopic;
-    let cluster = semel::client::Cluster::connect(semel::client::ClientConfig {
-        bootstrap_servers: vec![bootstrap.to_string()],
-        ..Default::default()
-    })
-    .await?;
-    let response = cluster
-        .any()
-        .await?
-        .send(
-            &CreateTopicsRequest::default()
-                .with_timeout_ms(5_000)
-                .with_topics(vec![
-                    CreatableTopic::default()
-                        .with_name(kafka_protocol::messages::TopicName(
-                            kafka_protocol::protocol::StrBytes::from_string(topic.to_string()),
-                        ))
-                        .with_num_partitions(1)
-                        .with_replication_factor(1),
-                ]),
-            (2, 7),
-        )
-        .await?;
-    ensure!(
-        response.topics[0].error_code == 0,
-        "create topic: {:?}",
-        response.topics[0]
-    );
-    Ok(())
-}
-
 fn off_by(balances: &BTreeMap<String, i64>, expected: &BTreeMap<String, i64>) -> i64 {
     expected
         .iter()
@@ -344,25 +314,10 @@ fn off_by(balances: &BTreeMap<String, i64>, expected: &BTreeMap<String, i64>) ->
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let transfers = if args.quick { 1_000 } else { args.transfers };
-    let dir = tempfile::tempdir()?;
-    let embedded = match &args.bootstrap {
-        Some(_) => None,
-        None => Some(
-            semel::broker::Broker::start(semel::broker::BrokerConfig {
-                listen: "127.0.0.1:0".parse()?,
-                data_dir: dir.path().to_path_buf(),
-                ..Default::default()
-            })
-            .await?,
-        ),
-    };
-    let bootstrap = args
-        .bootstrap
-        .clone()
-        .or(embedded.as_ref().map(|b| b.local_addr().to_string()))
-        .context("no broker")?;
+    let broker = support::ExampleBroker::start(args.bootstrap.as_deref(), |_| {}).await?;
+    let bootstrap = broker.bootstrap.clone();
     let topic = format!("transfers-{}", std::process::id());
-    create_topic(&bootstrap, &topic).await?;
+    support::create_topics(&bootstrap, &[(&topic, 1)]).await?;
     let sent = produce(&bootstrap, &topic, transfers).await?;
     let expected = expected(transfers);
     let total: i64 = expected.values().sum();
@@ -440,8 +395,6 @@ async fn main() -> anyhow::Result<()> {
         off_by(&plain_balances, &expected),
         off_by(&local_balances, &expected)
     );
-    if let Some(broker) = embedded {
-        broker.shutdown().await;
-    }
+    broker.shutdown().await;
     Ok(())
 }

@@ -16,9 +16,8 @@
 //! The proxy only works with a broker that advertises the proxy's address, so this example
 //! always runs its own embedded broker.
 
-#[allow(dead_code, unreachable_pub)]
-#[path = "../tests/common/proxy.rs"]
-mod proxy;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,9 +27,9 @@ use clap::Parser;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::{BrokerId, ListOffsetsRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
-use proxy::{FaultPlan, FaultProxy};
 use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig};
 use semel::producer::{Acks, Producer, ProducerConfig, ProducerRecord};
+use support::common::proxy::{FaultPlan, FaultProxy};
 
 /// Duplicate-send demo.
 #[derive(Debug, Parser)]
@@ -56,37 +55,6 @@ struct Outcome {
     lost: usize,
     duplicated: usize,
     in_order: bool,
-}
-
-async fn create_topic(bootstrap: &str) -> anyhow::Result<semel::client::Cluster> {
-    use kafka_protocol::messages::CreateTopicsRequest;
-    use kafka_protocol::messages::create_topics_request::CreatableTopic;
-    let cluster = semel::client::Cluster::connect(semel::client::ClientConfig {
-        bootstrap_servers: vec![bootstrap.to_string()],
-        ..Default::default()
-    })
-    .await?;
-    let response = cluster
-        .any()
-        .await?
-        .send(
-            &CreateTopicsRequest::default()
-                .with_timeout_ms(5_000)
-                .with_topics(vec![
-                    CreatableTopic::default()
-                        .with_name(TopicName(StrBytes::from_static_str(TOPIC)))
-                        .with_num_partitions(PARTITIONS)
-                        .with_replication_factor(1),
-                ]),
-            (2, 7),
-        )
-        .await?;
-    ensure!(
-        response.topics[0].error_code == 0,
-        "create topic: {:?}",
-        response.topics[0]
-    );
-    Ok(cluster)
 }
 
 /// Each partition's end offset (ListOffsets, latest).
@@ -115,17 +83,14 @@ async fn end_offsets(cluster: &semel::client::Cluster) -> anyhow::Result<Vec<i64
 }
 
 async fn run(messages: usize, idempotent: bool) -> anyhow::Result<Outcome> {
-    let dir = tempfile::tempdir()?;
     let proxy = FaultProxy::start(FaultPlan::default()).await?;
-    let broker = semel::broker::Broker::start(semel::broker::BrokerConfig {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_path_buf(),
-        advertised_listener: Some(proxy.addr().to_string()),
-        ..Default::default()
+    let broker = support::ExampleBroker::start(None, |c| {
+        c.advertised_listener = Some(proxy.addr().to_string());
     })
     .await?;
-    proxy.set_upstream(broker.local_addr());
-    let cluster = create_topic(&broker.local_addr().to_string()).await?;
+    proxy.set_upstream(broker.bootstrap.parse()?);
+    support::create_topics(&broker.bootstrap, &[(TOPIC, PARTITIONS)]).await?;
+    let cluster = support::admin(&broker.bootstrap).await?;
     proxy.set_plan(FaultPlan {
         cut_every_nth_produce_reply: 7,
         delay_every_nth_produce_reply: 5,
@@ -166,7 +131,7 @@ async fn run(messages: usize, idempotent: bool) -> anyhow::Result<Outcome> {
     // Read everything back (straight from the broker) and count each id.
     let ends = end_offsets(&cluster).await?;
     let mut consumer = Consumer::connect(ConsumerConfig {
-        bootstrap_servers: vec![broker.local_addr().to_string()],
+        bootstrap_servers: vec![broker.bootstrap.clone()],
         auto_offset_reset: AutoOffsetReset::Earliest,
         ..ConsumerConfig::default()
     })

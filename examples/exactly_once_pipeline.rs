@@ -36,6 +36,9 @@
 //! Kafka's first exactly-once design had a transactional id per input partition); receipts
 //! are co-partitioned with orders (receipt partition = order partition).
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
@@ -113,18 +116,6 @@ fn receipt(
     .header("semel-msg-id", id))
 }
 
-/// Drain mode: the end offsets of the input, one per partition.
-fn drain_ends() -> anyhow::Result<Option<Vec<i64>>> {
-    std::env::var("SEMEL_DRAIN")
-        .ok()
-        .map(|s| {
-            s.split(',')
-                .map(|n| n.parse().map_err(anyhow::Error::from))
-                .collect()
-        })
-        .transpose()
-}
-
 fn reached(
     ends: Option<&Vec<i64>>,
     topic: &str,
@@ -144,7 +135,7 @@ async fn plain_worker(
     output: &str,
     group: &str,
 ) -> anyhow::Result<()> {
-    let ends = drain_ends()?;
+    let ends = support::common::child::env_list("SEMEL_DRAIN")?;
     let producer = Producer::connect(ProducerConfig {
         bootstrap_servers: vec![bootstrap.to_string()],
         ..ProducerConfig::default()
@@ -237,7 +228,7 @@ async fn semel_worker(
     output: &str,
     group: &str,
 ) -> anyhow::Result<()> {
-    let ends = drain_ends()?;
+    let ends = support::common::child::env_list("SEMEL_DRAIN")?;
     let producer = Producer::connect(ProducerConfig {
         bootstrap_servers: vec![bootstrap.to_string()],
         fencing_id: Some(format!("{group}-receipts")),
@@ -313,42 +304,6 @@ async fn semel_worker(
     }
 }
 
-async fn create_topics(bootstrap: &str, topics: &[&str]) -> anyhow::Result<()> {
-    use kafka_protocol::messages::CreateTopicsRequest;
-    use kafka_protocol::messages::create_topics_request::CreatableTopic;
-    let cluster = semel::client::Cluster::connect(semel::client::ClientConfig {
-        bootstrap_servers: vec![bootstrap.to_string()],
-        ..Default::default()
-    })
-    .await?;
-    let response = cluster
-        .any()
-        .await?
-        .send(
-            &CreateTopicsRequest::default()
-                .with_timeout_ms(5_000)
-                .with_topics(
-                    topics
-                        .iter()
-                        .map(|t| {
-                            CreatableTopic::default()
-                                .with_name(kafka_protocol::messages::TopicName(
-                                    kafka_protocol::protocol::StrBytes::from_string(t.to_string()),
-                                ))
-                                .with_num_partitions(PARTITIONS)
-                                .with_replication_factor(1)
-                        })
-                        .collect(),
-                ),
-            (2, 7),
-        )
-        .await?;
-    for topic in &response.topics {
-        ensure!(topic.error_code == 0, "create topic: {topic:?}");
-    }
-    Ok(())
-}
-
 /// A pipeline process, killed on drop.
 struct Worker(Child);
 
@@ -373,19 +328,6 @@ impl Drop for Worker {
     }
 }
 
-/// Deterministic kill delays.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next_ms(&mut self, low: u64, high: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1);
-        low + (self.0 >> 33) % (high - low)
-    }
-}
-
 struct Outcome {
     /// Marks recovered from receipts at start-ups (Semel only).
     recovered: usize,
@@ -407,7 +349,7 @@ async fn run(
     let input = format!("orders-{mode}-{tag}");
     let output = format!("receipts-{mode}-{tag}");
     let group = format!("pipeline-{mode}-{tag}");
-    create_topics(bootstrap, &[&input, &output]).await?;
+    support::create_topics(bootstrap, &[(&input, PARTITIONS), (&output, PARTITIONS)]).await?;
     let dir = tempfile::tempdir()?;
     let vars = |drain: Option<&BTreeMap<i32, i64>>| {
         let mut v = vec![
@@ -460,7 +402,7 @@ async fn run(
             anyhow::Ok(ends)
         })
     };
-    let mut rng = Lcg(11);
+    let mut rng = support::Lcg(11);
     let mut killed = 0;
     while !sending.is_finished() || killed < kills {
         let worker = Worker::spawn(mode, &vars(None))?;
@@ -559,24 +501,11 @@ async fn main() -> anyhow::Result<()> {
     } else {
         (args.orders, args.kills)
     };
-    let dir = tempfile::tempdir()?;
-    let embedded = match &args.bootstrap {
-        Some(_) => None,
-        None => {
-            let mut config = semel::broker::BrokerConfig {
-                listen: "127.0.0.1:0".parse()?,
-                data_dir: dir.path().to_path_buf(),
-                ..Default::default()
-            };
-            config.group.initial_rebalance_delay = Duration::from_millis(100);
-            Some(semel::broker::Broker::start(config).await?)
-        }
-    };
-    let bootstrap = args
-        .bootstrap
-        .clone()
-        .or(embedded.as_ref().map(|b| b.local_addr().to_string()))
-        .context("no broker")?;
+    let broker = support::ExampleBroker::start(args.bootstrap.as_deref(), |c| {
+        c.group.initial_rebalance_delay = Duration::from_millis(100);
+    })
+    .await?;
+    let bootstrap = broker.bootstrap.clone();
     let tag = std::process::id().to_string();
     println!(
         "exactly_once_pipeline: {orders} orders → one receipt each; the pipeline process is kill -9ed at least {kills} times mid-run and restarted\n"
@@ -617,8 +546,6 @@ async fn main() -> anyhow::Result<()> {
          start-up scan found them).",
         plain.duplicated, semel.recovered
     );
-    if let Some(broker) = embedded {
-        broker.shutdown().await;
-    }
+    broker.shutdown().await;
     Ok(())
 }

@@ -9,6 +9,9 @@
 //! configuration writes to a fresh 3-partition topic; the figure is messages acknowledged per
 //! second, from the first send to the last delivery report (kcat: process start to exit).
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,39 +32,6 @@ struct Args {
     /// Skip kcat.
     #[arg(long)]
     no_kcat: bool,
-}
-
-async fn create_topic(bootstrap: &str, topic: &str) -> anyhow::Result<()> {
-    use kafka_protocol::messages::CreateTopicsRequest;
-    use kafka_protocol::messages::create_topics_request::CreatableTopic;
-    let cluster = semel::client::Cluster::connect(semel::client::ClientConfig {
-        bootstrap_servers: vec![bootstrap.to_string()],
-        ..Default::default()
-    })
-    .await?;
-    let response = cluster
-        .any()
-        .await?
-        .send(
-            &CreateTopicsRequest::default()
-                .with_timeout_ms(5_000)
-                .with_topics(vec![
-                    CreatableTopic::default()
-                        .with_name(kafka_protocol::messages::TopicName(
-                            kafka_protocol::protocol::StrBytes::from_string(topic.to_string()),
-                        ))
-                        .with_num_partitions(3)
-                        .with_replication_factor(1),
-                ]),
-            (2, 7),
-        )
-        .await?;
-    ensure!(
-        response.topics[0].error_code == 0,
-        "create topic: {:?}",
-        response.topics[0]
-    );
-    Ok(())
 }
 
 async fn semel(
@@ -142,23 +112,8 @@ fn kcat(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let dir = tempfile::tempdir()?;
-    let embedded = match &args.bootstrap {
-        Some(_) => None,
-        None => Some(
-            semel::broker::Broker::start(semel::broker::BrokerConfig {
-                listen: "127.0.0.1:0".parse()?,
-                data_dir: dir.path().to_path_buf(),
-                ..Default::default()
-            })
-            .await?,
-        ),
-    };
-    let bootstrap = args
-        .bootstrap
-        .clone()
-        .or(embedded.as_ref().map(|b| b.local_addr().to_string()))
-        .context("no broker")?;
+    let broker = support::ExampleBroker::start(args.bootstrap.as_deref(), |_| {}).await?;
+    let bootstrap = broker.bootstrap.clone();
     println!("| client | record | acks | idempotent | messages/s | MB/s |");
     println!("|---|---|---|---|---|---|");
     let mut n = 0;
@@ -171,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 n += 1;
                 let topic = format!("bench-{n}-{}", std::process::id());
-                create_topic(&bootstrap, &topic).await?;
+                support::create_topics(&bootstrap, &[(&topic, 3)]).await?;
                 let elapsed = if client == "semel" {
                     semel(&bootstrap, &topic, args.messages, size, acks, idempotent).await?
                 } else {
@@ -187,8 +142,6 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    if let Some(broker) = embedded {
-        broker.shutdown().await;
-    }
+    broker.shutdown().await;
     Ok(())
 }

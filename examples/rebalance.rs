@@ -12,6 +12,9 @@
 //! The process exits non-zero if any table assigns a partition twice or leaves one out, or if a
 //! sticky strategy moved a partition between members that stayed.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,73 +35,6 @@ struct Args {
 }
 
 type Owners = Arc<Mutex<BTreeMap<String, BTreeSet<i32>>>>;
-
-async fn admin(bootstrap: &str) -> anyhow::Result<semel::client::Cluster> {
-    Ok(
-        semel::client::Cluster::connect(semel::client::ClientConfig {
-            bootstrap_servers: vec![bootstrap.to_string()],
-            ..Default::default()
-        })
-        .await?,
-    )
-}
-
-async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    use kafka_protocol::messages::CreateTopicsRequest;
-    use kafka_protocol::messages::create_topics_request::CreatableTopic;
-    let response = admin(bootstrap)
-        .await?
-        .any()
-        .await?
-        .send(
-            &CreateTopicsRequest::default()
-                .with_timeout_ms(5_000)
-                .with_topics(vec![
-                    CreatableTopic::default()
-                        .with_name(kafka_protocol::messages::TopicName(
-                            kafka_protocol::protocol::StrBytes::from_string(topic.to_string()),
-                        ))
-                        .with_num_partitions(partitions)
-                        .with_replication_factor(1),
-                ]),
-            (2, 7),
-        )
-        .await?;
-    ensure!(
-        response.topics[0].error_code == 0,
-        "{:?}",
-        response.topics[0]
-    );
-    Ok(())
-}
-
-async fn add_partitions(bootstrap: &str, topic: &str, count: i32) -> anyhow::Result<()> {
-    use kafka_protocol::messages::CreatePartitionsRequest;
-    use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
-    let response = admin(bootstrap)
-        .await?
-        .any()
-        .await?
-        .send(
-            &CreatePartitionsRequest::default()
-                .with_timeout_ms(5_000)
-                .with_topics(vec![
-                    CreatePartitionsTopic::default()
-                        .with_name(kafka_protocol::messages::TopicName(
-                            kafka_protocol::protocol::StrBytes::from_string(topic.to_string()),
-                        ))
-                        .with_count(count),
-                ]),
-            (0, 3),
-        )
-        .await?;
-    ensure!(
-        response.results[0].error_code == 0,
-        "{:?}",
-        response.results
-    );
-    Ok(())
-}
 
 /// A member polling on its own task and publishing its assignment; `stop` makes it close
 /// (LeaveGroup).
@@ -223,7 +159,7 @@ fn row(phase: &str, owners: &BTreeMap<String, BTreeSet<i32>>, moved: Option<usiz
 async fn run(bootstrap: &str, strategy: Strategy) -> anyhow::Result<(usize, usize)> {
     let topic = format!("rebalance-{}-{}", strategy.name(), std::process::id());
     let group = format!("{topic}-group");
-    create_topic(bootstrap, &topic, 6).await?;
+    support::create_topics(bootstrap, &[(&topic, 6)]).await?;
     let owners: Owners = Arc::default();
     let mut stops = Vec::new();
     let mut tasks = Vec::new();
@@ -245,7 +181,7 @@ async fn run(bootstrap: &str, strategy: Strategy) -> anyhow::Result<(usize, usiz
     let first = settled(&owners, 3, 6).await?;
     stops[2].send(true)?;
     let left = settled(&owners, 2, 6).await?;
-    add_partitions(bootstrap, &topic, 9).await?;
+    support::add_partitions(bootstrap, &topic, 9).await?;
     let grown = settled(&owners, 2, 9).await?;
     let (on_leave, on_add) = (moved(&first, &left), moved(&left, &grown));
     println!("\n{} (6 partitions, 3 members):\n", strategy.name());
@@ -266,27 +202,11 @@ async fn run(bootstrap: &str, strategy: Strategy) -> anyhow::Result<(usize, usiz
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let dir = tempfile::tempdir()?;
-    let embedded = match &args.bootstrap {
-        Some(_) => None,
-        None => Some(
-            semel::broker::Broker::start(semel::broker::BrokerConfig {
-                listen: "127.0.0.1:0".parse()?,
-                data_dir: dir.path().to_path_buf(),
-                group: semel::broker::GroupConfig {
-                    initial_rebalance_delay: Duration::from_millis(200),
-                    ..Default::default()
-                },
-                ..Default::default()
-            })
-            .await?,
-        ),
-    };
-    let bootstrap = args
-        .bootstrap
-        .clone()
-        .or(embedded.as_ref().map(|b| b.local_addr().to_string()))
-        .context("no broker")?;
+    let broker = support::ExampleBroker::start(args.bootstrap.as_deref(), |c| {
+        c.group.initial_rebalance_delay = Duration::from_millis(200);
+    })
+    .await?;
+    let bootstrap = broker.bootstrap.clone();
     println!("rebalance: who owns what, for each assignment strategy");
     let mut results = Vec::new();
     for strategy in [
@@ -313,8 +233,6 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    if let Some(broker) = embedded {
-        broker.shutdown().await;
-    }
+    broker.shutdown().await;
     Ok(())
 }

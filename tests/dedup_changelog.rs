@@ -13,21 +13,19 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
-use common::{RawClient, TestBroker, create_topic};
+use anyhow::ensure;
+use common::child::{ChildProcess, PATIENCE, append_line, env, env_list, lines};
+use common::{RawClient, TestBroker, child, create_topic};
 use semel::consumer::dedup::{
     ChangelogConfig, DedupConfig, DedupConsumer, DedupStore, MiddlewareConfig,
 };
 use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig, Strategy};
 use semel::producer::{Producer, ProducerConfig, ProducerRecord};
 
-const PATIENCE: Duration = Duration::from_secs(90);
 const PARTITIONS: i32 = 3;
 const MESSAGES: usize = 600;
 /// How many fresh messages host A handles before it flushes the changelog and waits to die.
@@ -47,30 +45,6 @@ fn consumer_config(bootstrap: &str, group: &str) -> ConsumerConfig {
     }
 }
 
-fn env(name: &str) -> anyhow::Result<String> {
-    std::env::var(name).with_context(|| format!("{name} not set"))
-}
-
-fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    writeln!(file, "{line}")?;
-    Ok(())
-}
-
-fn lines(path: &Path) -> anyhow::Result<Vec<String>> {
-    Ok(if path.exists() {
-        std::fs::read_to_string(path)?
-            .lines()
-            .map(str::to_string)
-            .collect()
-    } else {
-        Vec::new()
-    })
-}
-
 /// One host. `SEMEL_STOP_AFTER=n`: handle n fresh messages, flush the changelog, write
 /// `flushed` to `SEMEL_STATUS`, then idle until killed (no offset is ever committed:
 /// `commit_interval` is an hour). `SEMEL_END`: drain to those end offsets, write the
@@ -78,14 +52,7 @@ fn lines(path: &Path) -> anyhow::Result<Vec<String>> {
 /// its mark.
 #[test]
 fn host_child() -> anyhow::Result<()> {
-    if std::env::var_os("SEMEL_HOST_CHILD").is_none() {
-        return Ok(());
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(child_main())
+    child::run_if_child("SEMEL_HOST_CHILD", child_main)
 }
 
 async fn child_main() -> anyhow::Result<()> {
@@ -96,10 +63,7 @@ async fn child_main() -> anyhow::Result<()> {
         .ok()
         .map(|s| s.parse())
         .transpose()?;
-    let end: Option<Vec<i64>> = std::env::var("SEMEL_END")
-        .ok()
-        .map(|s| s.split(',').map(str::parse).collect::<Result<_, _>>())
-        .transpose()?;
+    let end = env_list("SEMEL_END")?;
     let mut consumer = Consumer::connect(consumer_config(
         &env("SEMEL_BOOTSTRAP")?,
         &env("SEMEL_GROUP")?,
@@ -157,62 +121,6 @@ async fn child_main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
         }
-    }
-}
-
-struct Host(Child);
-
-impl Host {
-    fn spawn(vars: &[(&str, String)]) -> anyhow::Result<Self> {
-        let mut command = Command::new(std::env::current_exe()?);
-        command
-            .args(["host_child", "--exact", "--nocapture", "--test-threads=1"])
-            .env("SEMEL_HOST_CHILD", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for (k, v) in vars {
-            command.env(k, v);
-        }
-        Ok(Self(command.spawn().context("cannot start a host")?))
-    }
-
-    async fn wait_for_status(&mut self, status: &Path) -> anyhow::Result<Vec<String>> {
-        let started = Instant::now();
-        loop {
-            let found = lines(status)?;
-            if !found.is_empty() {
-                return Ok(found);
-            }
-            if let Some(exit) = self.0.try_wait()? {
-                anyhow::bail!("the host exited early: {exit}");
-            }
-            ensure!(started.elapsed() < PATIENCE, "the host never reported");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn wait_exit(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.0.try_wait()? {
-                return Ok(status);
-            }
-            ensure!(started.elapsed() < PATIENCE, "the host never finished");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn kill9(&mut self) -> anyhow::Result<()> {
-        self.0.kill()?;
-        self.0.wait()?;
-        Ok(())
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -290,8 +198,8 @@ async fn two_hosts(changelog: &str) -> anyhow::Result<Outcome> {
 
     let mut a_vars = host_vars("a");
     a_vars.push(("SEMEL_STOP_AFTER", A_HANDLES.to_string()));
-    let mut a = Host::spawn(&a_vars)?;
-    let status = a.wait_for_status(&work.path().join("status-a")).await?;
+    let mut a = ChildProcess::spawn("host_child", "SEMEL_HOST_CHILD", &a_vars)?;
+    let status = a.wait_for_lines(&work.path().join("status-a")).await?;
     ensure!(status == ["flushed"], "host a: {status:?}");
     a.kill9()?;
     let a_handled = lines(&work.path().join("handled-a"))?.len();
@@ -313,7 +221,7 @@ async fn two_hosts(changelog: &str) -> anyhow::Result<Outcome> {
         .map(|p| ends.get(&p).copied().unwrap_or(0).to_string())
         .collect();
     b_vars.push(("SEMEL_END", end_list.join(",")));
-    let mut b = Host::spawn(&b_vars)?;
+    let mut b = ChildProcess::spawn("host_child", "SEMEL_HOST_CHILD", &b_vars)?;
     let exit = b.wait_exit().await?;
     ensure!(exit.success(), "host b failed: {exit}");
     let b_status = lines(&work.path().join("status-b"))?.join(" ");

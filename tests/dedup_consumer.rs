@@ -15,21 +15,18 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
-use common::{RawClient, TestBroker, create_topic};
+use anyhow::ensure;
+use common::child::{ChildProcess, Lcg, PATIENCE, append_line, env, env_list};
+use common::{RawClient, TestBroker, child, create_topic};
 use semel::consumer::dedup::{
     DedupConfig, DedupConsumer, DedupStore, MiddlewareConfig, MiddlewareError, MissingKey,
 };
 use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig, Strategy};
 use semel::producer::{Producer, ProducerConfig, ProducerRecord};
-
-const PATIENCE: Duration = Duration::from_secs(90);
 
 fn consumer_config(bootstrap: &str, group: &str) -> ConsumerConfig {
     ConsumerConfig {
@@ -56,15 +53,6 @@ fn count_of(store: &DedupStore, id: &str) -> anyhow::Result<u32> {
     })
 }
 
-fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    writeln!(file, "{line}")?;
-    Ok(())
-}
-
 fn line_counts(path: &Path) -> anyhow::Result<BTreeMap<String, u32>> {
     let mut counts = BTreeMap::new();
     if path.exists() {
@@ -75,24 +63,13 @@ fn line_counts(path: &Path) -> anyhow::Result<BTreeMap<String, u32>> {
     Ok(counts)
 }
 
-fn env(name: &str) -> anyhow::Result<String> {
-    std::env::var(name).with_context(|| format!("{name} not set"))
-}
-
 /// The consumer process. Modes: `dedup` (middleware, ledger through the store's batch,
 /// side effects appended to `SEMEL_EFFECTS`), `plain` (ledger appended to `SEMEL_EFFECTS`,
 /// offsets committed every 100 ms). With `SEMEL_END` (end offset per partition) it exits once
 /// it has read that far; otherwise it runs until killed.
 #[test]
 fn ledger_child() -> anyhow::Result<()> {
-    if std::env::var_os("SEMEL_LEDGER_CHILD").is_none() {
-        return Ok(());
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(child_main())
+    child::run_if_child("SEMEL_LEDGER_CHILD", child_main)
 }
 
 async fn child_main() -> anyhow::Result<()> {
@@ -100,10 +77,7 @@ async fn child_main() -> anyhow::Result<()> {
     let topic = env("SEMEL_TOPIC")?;
     let group = env("SEMEL_GROUP")?;
     let effects = PathBuf::from(env("SEMEL_EFFECTS")?);
-    let end: Option<Vec<i64>> = std::env::var("SEMEL_END")
-        .ok()
-        .map(|s| s.split(',').map(str::parse).collect::<Result<_, _>>())
-        .transpose()?;
+    let end = env_list("SEMEL_END")?;
     let crash_after_effect = std::env::var("SEMEL_CRASH_AFTER_EFFECT").ok();
     let config = ConsumerConfig {
         // A static member: a restarted process takes its place at once (KIP-345).
@@ -172,50 +146,6 @@ async fn child_main() -> anyhow::Result<()> {
     }
 }
 
-struct ChildConsumer(Child);
-
-impl ChildConsumer {
-    fn spawn(vars: &[(&str, String)]) -> anyhow::Result<Self> {
-        let mut command = Command::new(std::env::current_exe()?);
-        command
-            .args(["ledger_child", "--exact", "--nocapture", "--test-threads=1"])
-            .env("SEMEL_LEDGER_CHILD", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for (k, v) in vars {
-            command.env(k, v);
-        }
-        Ok(Self(
-            command.spawn().context("cannot start the child consumer")?,
-        ))
-    }
-
-    fn kill9(&mut self) -> anyhow::Result<()> {
-        self.0.kill()?;
-        self.0.wait()?;
-        Ok(())
-    }
-
-    /// Waits for a drain-mode child to exit by itself.
-    async fn wait_exit(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.0.try_wait()? {
-                return Ok(status);
-            }
-            ensure!(started.elapsed() < PATIENCE, "the child never finished");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for ChildConsumer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Sends ids `m<first>..m<first+count>` (header `semel-msg-id`, value = id, key = id);
 /// returns the end offset per partition seen in the delivery reports.
 async fn send_ids(
@@ -238,20 +168,6 @@ async fn send_ids(
         *end = (*end).max(report.offset + 1);
     }
     Ok(())
-}
-
-/// A deterministic sequence of kill delays (no timing luck in what is asserted: only the
-/// number of kills and the final counts).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next_ms(&mut self, low: u64, high: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1);
-        low + (self.0 >> 33) % (high - low)
-    }
 }
 
 /// Runs the kill -9 loop in one mode; returns the per-id counts and how many kills.
@@ -314,13 +230,13 @@ async fn crash_run(mode: &str) -> anyhow::Result<(BTreeMap<String, u32>, usize, 
     let mut kills = 0;
     // At least 10 kills: while the producer sends, and after it while the consumer catches up.
     while !sending.is_finished() || kills < 10 {
-        let mut child = ChildConsumer::spawn(&vars(None))?;
+        let mut child = ChildProcess::spawn("ledger_child", "SEMEL_LEDGER_CHILD", &vars(None))?;
         tokio::time::sleep(Duration::from_millis(rng.next_ms(300, 1_200))).await;
         child.kill9()?;
         kills += 1;
     }
     let ends = sending.await??;
-    let mut last = ChildConsumer::spawn(&vars(Some(&ends)))?;
+    let mut last = ChildProcess::spawn("ledger_child", "SEMEL_LEDGER_CHILD", &vars(Some(&ends)))?;
     let status = last.wait_exit().await?;
     ensure!(status.success(), "the last consumer failed: {status}");
 
@@ -400,10 +316,14 @@ async fn a_side_effect_outside_the_batch_is_at_least_once_writes_through_it_exac
         // Crash after m7's effect, before its mark (only on the first attempt).
         ("SEMEL_CRASH_AFTER_EFFECT", "m7".to_string()),
     ];
-    let status = ChildConsumer::spawn(&vars)?.wait_exit().await?;
+    let status = ChildProcess::spawn("ledger_child", "SEMEL_LEDGER_CHILD", &vars)?
+        .wait_exit()
+        .await?;
     ensure!(!status.success(), "the first run was meant to crash at m7");
     let started = Instant::now();
-    let status = ChildConsumer::spawn(&vars)?.wait_exit().await?;
+    let status = ChildProcess::spawn("ledger_child", "SEMEL_LEDGER_CHILD", &vars)?
+        .wait_exit()
+        .await?;
     ensure!(status.success(), "the second run failed: {status}");
     let effect_counts = line_counts(&effects)?;
     let store = DedupStore::open(DedupConfig::new(&store))?;

@@ -171,26 +171,24 @@ impl Cluster {
     /// `Metadata` for an unknown node; as [`Cluster::connection`].
     pub async fn node(&self, node_id: i32) -> Result<Arc<Connection>, ClientError> {
         let address = self
-            .metadata
+            .address_of(node_id)
+            .ok_or_else(|| ClientError::Metadata(format!("no broker with node id {node_id}")))?;
+        self.connection(&address).await
+    }
+
+    fn address_of(&self, node_id: i32) -> Option<String> {
+        self.metadata
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .brokers
             .get(&node_id)
             .cloned()
-            .ok_or_else(|| ClientError::Metadata(format!("no broker with node id {node_id}")))?;
-        self.connection(&address).await
     }
 
     /// When node `node_id` may be tried again, if a failed connection put it in backoff (a
     /// caller that must not wait can skip it until then; [`Cluster::node`] would sleep).
     pub fn node_retry_at(&self, node_id: i32) -> Option<Instant> {
-        let address = self
-            .metadata
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .brokers
-            .get(&node_id)
-            .cloned()?;
+        let address = self.address_of(node_id)?;
         self.backoff
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -136,17 +136,18 @@ impl Connection {
     {
         let shared = Arc::new(Shared::default());
         let (frames, queue) = mpsc::channel(config.max_queued_requests.max(1));
+        let reader = tokio::spawn(read_frames(
+            read,
+            Arc::clone(&shared),
+            broker.to_string(),
+            config.max_response_bytes,
+        ));
         tokio::spawn(write_frames(
             write,
             queue,
             Arc::clone(&shared),
             broker.to_string(),
-        ));
-        tokio::spawn(read_frames(
-            read,
-            Arc::clone(&shared),
-            broker.to_string(),
-            config.max_response_bytes,
+            (reader.abort_handle(), config.request_timeout),
         ));
         let mut connection = Self {
             broker: broker.to_string(),
@@ -370,10 +371,9 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        // Fails whatever still waits; the writer ends when `frames` is dropped, which closes
-        // the stream, and the reader then ends too.
-        self.shared
-            .poison(self.broken("connection closed by the client"));
+        // Dropping `frames` ends the writer once it has written what was queued (an acks=0
+        // produce request counts as sent once queued, so it must not be thrown away); the
+        // writer then closes the stream and fails whatever still waits for an answer.
     }
 }
 
@@ -464,11 +464,15 @@ fn decode_response<R: Request>(
     Ok(response)
 }
 
+/// Writes queued frames in order until the connection breaks or is dropped (then after the
+/// frames already queued). On the way out it closes the write half, fails the requests still
+/// waiting for an answer, and gives the reader `grace` to see the broker close its side.
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut write: W,
     mut queue: mpsc::Receiver<Bytes>,
     shared: Arc<Shared>,
     broker: String,
+    (reader, grace): (tokio::task::AbortHandle, Duration),
 ) {
     while let Some(frame) = queue.recv().await {
         if shared.broken().is_some() {
@@ -482,7 +486,14 @@ async fn write_frames<W: AsyncWrite + Unpin>(
             break;
         }
     }
+    let _ = write.flush().await;
     let _ = write.shutdown().await;
+    shared.poison(ClientError::ConnectionBroken {
+        broker: broker.clone(),
+        cause: "connection closed by the client".into(),
+    });
+    tokio::time::sleep(grace).await;
+    reader.abort();
 }
 
 async fn read_frames<R: AsyncRead + Unpin>(

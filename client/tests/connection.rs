@@ -302,3 +302,40 @@ async fn an_oversized_response_frame_is_refused_before_it_is_buffered() -> TestR
     }
     Ok(())
 }
+
+/// Requests queued when the connection is dropped (an acks=0 producer counts them as sent)
+/// are still written, in full, before the stream is closed.
+#[tokio::test]
+async fn frames_queued_before_a_drop_are_still_written() -> TestResult {
+    let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+    let (count_tx, count_rx) = tokio::sync::oneshot::channel::<usize>();
+    let connection = fake_broker(ConnectionConfig::default(), |mut stream| async move {
+        // Reads nothing until the client has dropped the connection, so the frames pile up
+        // (the 64 KiB pipe fills after about one of them).
+        let _ = dropped_rx.await;
+        let mut frames = 0;
+        while read_request(&mut stream).await.is_ok() {
+            frames += 1;
+        }
+        let _ = count_tx.send(frames);
+    })
+    .await?;
+    let topics = (0..2_000)
+        .map(|i| {
+            kafka_protocol::messages::metadata_request::MetadataRequestTopic::default().with_name(
+                Some(TopicName(StrBytes::from_string(format!(
+                    "a-topic-with-a-rather-long-name-{i:05}"
+                )))),
+            )
+        })
+        .collect();
+    let request = MetadataRequest::default().with_topics(Some(topics));
+    for _ in 0..10 {
+        connection.send_without_response(&request, 9).await?;
+    }
+    drop(connection);
+    let _ = dropped_tx.send(());
+    let frames = tokio::time::timeout(Duration::from_secs(30), count_rx).await??;
+    assert_eq!(frames, 10, "every queued frame reached the broker");
+    Ok(())
+}

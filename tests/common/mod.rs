@@ -531,4 +531,5 @@ pub async fn init_producer_id(client: &mut RawClient) -> anyhow::Result<(i64, i1
     Ok((response.producer_id.0, response.producer_epoch))
 }
 
+pub mod child;
 pub mod proxy;

@@ -1,0 +1,129 @@
+//! What the examples share (each includes this file with `#[path = "support/mod.rs"]`): a
+//! broker to run against (an embedded semel-broker unless `--bootstrap` names one), topic
+//! administration, and (from the tests' helpers) a deterministic source of delays.
+#![allow(dead_code)]
+
+/// The integration tests' helpers (child brokers, the fault proxy, `Lcg`).
+#[path = "../../tests/common/mod.rs"]
+pub(crate) mod common;
+#[allow(unused_imports)]
+pub(crate) use common::child::Lcg;
+
+use anyhow::ensure;
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::{CreatePartitionsRequest, CreateTopicsRequest, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use semel::broker::{BrokerConfig, BrokerHandle};
+use semel::client::{ClientConfig, Cluster};
+
+/// The broker an example runs against.
+pub(crate) struct ExampleBroker {
+    /// `host:port` to bootstrap from.
+    pub(crate) bootstrap: String,
+    embedded: Option<BrokerHandle>,
+    _data: Option<tempfile::TempDir>,
+}
+
+impl ExampleBroker {
+    /// `bootstrap`'s broker when given; otherwise a semel-broker in this process on
+    /// 127.0.0.1 (a free port), its data in a temporary directory, configured by `adjust`.
+    pub(crate) async fn start(
+        bootstrap: Option<&str>,
+        adjust: impl FnOnce(&mut BrokerConfig),
+    ) -> anyhow::Result<Self> {
+        if let Some(bootstrap) = bootstrap {
+            return Ok(Self {
+                bootstrap: bootstrap.to_string(),
+                embedded: None,
+                _data: None,
+            });
+        }
+        let data = tempfile::tempdir()?;
+        let mut config = BrokerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            data_dir: data.path().to_path_buf(),
+            ..BrokerConfig::default()
+        };
+        adjust(&mut config);
+        let handle = semel::broker::Broker::start(config).await?;
+        Ok(Self {
+            bootstrap: handle.local_addr().to_string(),
+            embedded: Some(handle),
+            _data: Some(data),
+        })
+    }
+
+    /// The embedded broker, if this is one.
+    pub(crate) fn embedded(&self) -> Option<&BrokerHandle> {
+        self.embedded.as_ref()
+    }
+
+    /// Shuts the embedded broker down cleanly (nothing to do for an external one).
+    pub(crate) async fn shutdown(self) {
+        if let Some(handle) = self.embedded {
+            handle.shutdown().await;
+        }
+    }
+}
+
+/// An admin client of `bootstrap`'s cluster.
+pub(crate) async fn admin(bootstrap: &str) -> anyhow::Result<Cluster> {
+    Ok(Cluster::connect(ClientConfig {
+        bootstrap_servers: vec![bootstrap.to_string()],
+        ..ClientConfig::default()
+    })
+    .await?)
+}
+
+fn name(topic: &str) -> TopicName {
+    TopicName(StrBytes::from_string(topic.to_string()))
+}
+
+/// Creates each (topic, partitions), replication factor 1; fails on any refusal.
+pub(crate) async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> anyhow::Result<()> {
+    let request = CreateTopicsRequest::default()
+        .with_timeout_ms(5_000)
+        .with_topics(
+            topics
+                .iter()
+                .map(|(topic, partitions)| {
+                    CreatableTopic::default()
+                        .with_name(name(topic))
+                        .with_num_partitions(*partitions)
+                        .with_replication_factor(1)
+                })
+                .collect(),
+        );
+    let response = admin(bootstrap)
+        .await?
+        .any()
+        .await?
+        .send(&request, (2, 7))
+        .await?;
+    for topic in &response.topics {
+        ensure!(topic.error_code == 0, "create topic: {topic:?}");
+    }
+    Ok(())
+}
+
+/// Grows `topic` to `count` partitions.
+pub(crate) async fn add_partitions(bootstrap: &str, topic: &str, count: i32) -> anyhow::Result<()> {
+    let request = CreatePartitionsRequest::default()
+        .with_timeout_ms(5_000)
+        .with_topics(vec![
+            CreatePartitionsTopic::default()
+                .with_name(name(topic))
+                .with_count(count),
+        ]);
+    let response = admin(bootstrap)
+        .await?
+        .any()
+        .await?
+        .send(&request, (0, 3))
+        .await?;
+    for result in &response.results {
+        ensure!(result.error_code == 0, "add partitions: {result:?}");
+    }
+    Ok(())
+}
