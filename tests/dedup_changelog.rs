@@ -5,7 +5,9 @@
 //! - with the changelog, B replays A's marks first and drops every message A handled: each
 //!   id is handled exactly once over the two hosts;
 //! - without it, B handles A's messages a second time (asserted, so the test fails if the
-//!   fault was not injected).
+//!   fault was not injected);
+//! - a record in the changelog that is not a mark (someone else wrote to the topic) is
+//!   skipped and counted, not fatal.
 //!
 //! The consumer process is this test binary itself, started with `host_child` as the test to
 //! run and `SEMEL_HOST_CHILD` set.
@@ -98,8 +100,12 @@ async fn child_main() -> anyhow::Result<()> {
             append_line(
                 &status,
                 &format!(
-                    "fresh={} duplicates={} restored={} read={}",
-                    m.fresh, m.duplicates, m.changelog.marks_restored, m.changelog.records_read
+                    "fresh={} duplicates={} restored={} read={} skipped={}",
+                    m.fresh,
+                    m.duplicates,
+                    m.changelog.marks_restored,
+                    m.changelog.records_read,
+                    m.changelog.records_skipped
                 ),
             )?;
             dedup.close().await?;
@@ -215,6 +221,24 @@ async fn two_hosts(changelog: &str) -> anyhow::Result<Outcome> {
         "host a committed offsets: {committed:?}"
     );
     probe.close().await?;
+    if changelog == "on" {
+        // Bad input: a record in the changelog that is not a semel mark (someone else wrote
+        // to the topic). The replay skips it, counted, and goes on.
+        let producer = Producer::connect(ProducerConfig {
+            bootstrap_servers: vec![bootstrap.clone()],
+            ..ProducerConfig::default()
+        })
+        .await?;
+        producer
+            .send(
+                ProducerRecord::new(format!("{group}-semel-dedup-changelog"), "not a mark")
+                    .key("junk")
+                    .partition(0),
+            )
+            .await?
+            .await?;
+        producer.close().await;
+    }
 
     let mut b_vars = host_vars("b");
     let end_list: Vec<String> = (0..PARTITIONS)
@@ -260,6 +284,11 @@ async fn changelog_carries_marks_to_another_host() -> anyhow::Result<()> {
     ensure!(
         outcome.b_status.contains(&format!("restored={A_HANDLES} ")),
         "host b should have restored exactly host a's marks: {}",
+        outcome.b_status
+    );
+    ensure!(
+        outcome.b_status.contains("skipped=1"),
+        "the record that is not a mark was skipped and counted: {}",
         outcome.b_status
     );
     Ok(())
