@@ -425,3 +425,69 @@ async fn a_warm_standby_knows_the_marks_before_the_takeover() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// The broker goes away while marks wait for the changelog: `flush_changelog` reports the
+/// failure once `delivery_timeout` has passed (it used to retry forever), and `close` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_returns_when_the_broker_is_gone_and_says_the_marks_did_not_land()
+-> anyhow::Result<()> {
+    let broker = TestBroker::start_with(|c| {
+        c.group.initial_rebalance_delay = Duration::from_millis(100);
+    })
+    .await?;
+    let bootstrap = broker.bootstrap();
+    let mut admin = RawClient::connect(broker.addr()).await?;
+    create_topic(&mut admin, "orders", 1).await?;
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![bootstrap.clone()],
+        ..ProducerConfig::default()
+    })
+    .await?;
+    for n in 0..50 {
+        let id = format!("m{n}");
+        let record = ProducerRecord::new("orders", id.clone()).header("semel-msg-id", id);
+        producer.send(record).await?.await?;
+    }
+    producer.close().await;
+    let work = tempfile::tempdir()?;
+    let store = Arc::new(DedupStore::open(DedupConfig::new(work.path().join("s")))?);
+    let mut consumer = Consumer::connect(ConsumerConfig {
+        request_timeout: Duration::from_secs(2),
+        ..consumer_config(&bootstrap, "gone")
+    })
+    .await?;
+    consumer.subscribe(["orders"])?;
+    let mut dedup = DedupConsumer::new(
+        consumer,
+        store,
+        MiddlewareConfig {
+            changelog: Some(ChangelogConfig {
+                delivery_timeout: Duration::from_secs(3),
+                ..ChangelogConfig::default()
+            }),
+            ..MiddlewareConfig::default()
+        },
+    )?;
+    // The first record brings the rest of the partition into the consumer's buffer.
+    let first = tokio::time::timeout(PATIENCE, dedup.next()).await??;
+    dedup.done(first, |_| {})?;
+    dedup.flush_changelog().await?;
+    broker.handle.shutdown().await;
+    // Buffered records are still handed out and marked locally; their marks cannot land.
+    for _ in 0..5 {
+        let fresh = tokio::time::timeout(PATIENCE, dedup.next()).await??;
+        dedup.done(fresh, |_| {})?;
+    }
+    let flushed = tokio::time::timeout(PATIENCE, dedup.flush_changelog())
+        .await
+        .map_err(|_| anyhow::anyhow!("flush_changelog hangs with the broker gone"))?;
+    ensure!(
+        flushed.is_err(),
+        "flush_changelog reported success with the broker gone"
+    );
+    tokio::time::timeout(PATIENCE, dedup.close())
+        .await
+        .map_err(|_| anyhow::anyhow!("close hangs with the broker gone"))?
+        .ok();
+    Ok(())
+}

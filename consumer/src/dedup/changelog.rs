@@ -77,6 +77,10 @@ pub struct ChangelogConfig {
     pub standby: bool,
     /// `linger.ms` of the changelog producer: marks are batched this long.
     pub linger: Duration,
+    /// `delivery.timeout.ms` of the changelog producer: how long a mark may take to be
+    /// acknowledged before the attempt counts as failed (the mark is sent again, and
+    /// `flush_changelog` / `close` report the failure).
+    pub delivery_timeout: Duration,
 }
 
 impl Default for ChangelogConfig {
@@ -86,6 +90,7 @@ impl Default for ChangelogConfig {
             replication_factor: -1,
             standby: false,
             linger: Duration::from_millis(5),
+            delivery_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -158,6 +163,8 @@ pub(crate) struct Changelog {
     partitions: i32,
     replication_factor: i16,
     entries: VecDeque<Entry>,
+    /// The last mark delivery that failed for good (reported by `flush`).
+    last_failure: Option<ProduceError>,
     /// How many entries at the front were sent (or need no sending).
     sent: usize,
     metrics: Arc<Mutex<RestoreMetrics>>,
@@ -222,7 +229,10 @@ impl Changelog {
             bootstrap_servers: consumer.bootstrap_servers.clone(),
             client_id: format!("{}-changelog", consumer.client_id),
             linger: config.linger,
-            request_timeout: consumer.request_timeout,
+            request_timeout: consumer
+                .request_timeout
+                .min(config.delivery_timeout.saturating_sub(config.linger)),
+            delivery_timeout: config.delivery_timeout,
             ..ProducerConfig::default()
         })
         .await?;
@@ -238,6 +248,7 @@ impl Changelog {
             partitions: 0,
             replication_factor: config.replication_factor,
             entries: VecDeque::new(),
+            last_failure: None,
             sent: 0,
             metrics: Arc::new(Mutex::new(RestoreMetrics::default())),
             standby: None,
@@ -428,6 +439,7 @@ impl Changelog {
                         tracing::warn!(error = %e, partition = ?front.partition, offset = front.next_offset - 1, "changelog write failed; sending the mark again (its offset is not committed until it lands)");
                         front.delivery = None;
                         self.sent = 0;
+                        self.last_failure = Some(e);
                         break;
                     }
                 }
@@ -445,10 +457,16 @@ impl Changelog {
         &mut self,
         settled: &mut BTreeMap<TopicPartition, i64>,
     ) -> Result<(), ChangelogError> {
+        self.last_failure = None;
         loop {
             self.pump(settled).await?;
             if self.entries.is_empty() {
                 return Ok(());
+            }
+            if let Some(failure) = self.last_failure.take() {
+                // Not sent again here: whoever flushes wants an answer, and the marks stay
+                // queued (their offsets uncommitted) for the next attempt.
+                return Err(failure.into());
             }
             self.producer.flush().await;
             tokio::task::yield_now().await;
