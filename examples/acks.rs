@@ -141,7 +141,14 @@ async fn run(acks: Acks, acknowledged_first: usize) -> anyhow::Result<Outcome> {
             while waiting.join_next().await.is_some() {}
         })
     };
+    let patience = support::Patience::new("the first acknowledgements", Duration::from_secs(60));
     while acked.lock().expect("acked").len() < acknowledged_first {
+        patience.check(|| {
+            format!(
+                "{} of {acknowledged_first} acknowledged",
+                acked.lock().expect("acked").len()
+            )
+        })?;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Freeze the broker (it reads nothing more), let the producer go on for a moment, kill.
@@ -176,10 +183,20 @@ async fn run(acks: Acks, acknowledged_first: usize) -> anyhow::Result<Outcome> {
     .await?;
     consumer.assign([(TOPIC.to_string(), 0)])?;
     let mut stored = BTreeSet::new();
+    let patience = support::Patience::new(
+        "the log read back after the restart",
+        Duration::from_secs(120),
+    );
     while consumer
         .position(&(TOPIC.to_string(), 0))
         .is_none_or(|p| p < end)
     {
+        patience.check(|| {
+            format!(
+                "position {:?} of {end}",
+                consumer.position(&(TOPIC.to_string(), 0))
+            )
+        })?;
         for record in consumer.poll(Duration::from_secs(1)).await? {
             stored.insert(
                 std::str::from_utf8(record.value.as_deref().unwrap_or_default())?

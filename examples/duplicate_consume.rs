@@ -35,6 +35,7 @@ use semel::consumer::dedup::{
 };
 use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig, Strategy};
 use semel::producer::{Producer, ProducerConfig, ProducerRecord};
+use support::Patience;
 
 /// Duplicate-consume demo.
 #[derive(Debug, Parser)]
@@ -51,6 +52,25 @@ struct Args {
 }
 
 const ACCOUNTS: usize = 10;
+
+/// The bound on each of the run's waits (a quick run needs a few seconds for each).
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn host_a_wait(changelog: bool) -> &'static str {
+    if changelog {
+        "host A (changelog) to handle its records"
+    } else {
+        "host A (no changelog) to handle its records"
+    }
+}
+
+fn host_b_wait(changelog: bool) -> &'static str {
+    if changelog {
+        "host B (changelog) to be assigned the partition and read it to its end"
+    } else {
+        "host B (no changelog) to be assigned the partition and read it to its end"
+    }
+}
 
 /// Transfer `n`: account `n % 10` gets `n % 7 + 1`.
 fn transfer(n: usize) -> (String, i64) {
@@ -126,7 +146,9 @@ async fn plain(bootstrap: &str, topic: &str, sent: usize) -> anyhow::Result<BTre
     {
         let mut consumer = Consumer::connect(consumer_config(bootstrap, &group)).await?;
         consumer.subscribe([topic])?;
+        let patience = Patience::new("the plain consumer's first life", LIMIT);
         'first: loop {
+            patience.check(|| format!("{handled} of {crash_at} handled"))?;
             for record in consumer.poll(Duration::from_secs(1)).await? {
                 let (account, amount) = parse(record.value.as_deref())?;
                 *balances.entry(account).or_default() += amount;
@@ -146,10 +168,17 @@ async fn plain(bootstrap: &str, topic: &str, sent: usize) -> anyhow::Result<BTre
     // Second life: the group hands out everything since the last commit again.
     let mut consumer = Consumer::connect(consumer_config(bootstrap, &group)).await?;
     consumer.subscribe([topic])?;
+    let patience = Patience::new("the plain consumer's second life", LIMIT);
     while consumer
         .position(&(topic.to_string(), 0))
         .is_none_or(|p| p < sent as i64)
     {
+        patience.check(|| {
+            format!(
+                "position {:?} of {sent}",
+                consumer.position(&(topic.to_string(), 0))
+            )
+        })?;
         for record in consumer.poll(Duration::from_secs(1)).await? {
             let (account, amount) = parse(record.value.as_deref())?;
             *balances.entry(account).or_default() += amount;
@@ -179,8 +208,9 @@ async fn with_dedup(
         let mut dedup =
             DedupConsumer::new(consumer, Arc::clone(&store), MiddlewareConfig::default())?;
         let mut handled = 0;
+        let patience = Patience::new("the dedup consumer's first life", LIMIT);
         while handled < crash_at {
-            let fresh = dedup.next().await?;
+            let fresh = patience.wait(dedup.next()).await??;
             book(&mut dedup, fresh)?;
             handled += 1;
         }
@@ -191,10 +221,12 @@ async fn with_dedup(
     let mut consumer = Consumer::connect(consumer_config(bootstrap, &group)).await?;
     consumer.subscribe([topic])?;
     let mut dedup = DedupConsumer::new(consumer, Arc::clone(&store), MiddlewareConfig::default())?;
+    let patience = Patience::new("the dedup consumer's second life", LIMIT);
     loop {
         if position(&dedup).is_some_and(|p| p >= sent as i64) {
             break;
         }
+        patience.check(|| format!("position {:?} of {sent}", position(&dedup)))?;
         match tokio::time::timeout(Duration::from_millis(500), dedup.next()).await {
             Ok(fresh) => book(&mut dedup, fresh?)?,
             Err(_) => continue,
@@ -266,13 +298,14 @@ async fn moved(
         let mut consumer = Consumer::connect(config("a")).await?;
         consumer.subscribe([topic])?;
         let mut dedup = DedupConsumer::new(consumer, Arc::clone(&store_a), middleware())?;
+        let patience = Patience::new(host_a_wait(changelog), LIMIT);
         for _ in 0..crash_at {
-            let fresh = dedup.next().await?;
+            let fresh = patience.wait(dedup.next()).await??;
             book(&mut dedup, fresh)?;
         }
         // The marks reached the changelog (when there is one); the crash comes before the
         // next offset commit.
-        dedup.flush_changelog().await?;
+        patience.wait(dedup.flush_changelog()).await??;
         // crash: dropped without commit or LeaveGroup
     }
     let store_b = Arc::new(DedupStore::open(DedupConfig::new(
@@ -281,10 +314,19 @@ async fn moved(
     let mut consumer = Consumer::connect(config("b")).await?;
     consumer.subscribe([topic])?;
     let mut dedup = DedupConsumer::new(consumer, Arc::clone(&store_b), middleware())?;
+    // Host A's session has to time out (6 s) before B is given the partition.
+    let patience = Patience::new(host_b_wait(changelog), LIMIT);
     while dedup
         .position(&(topic.to_string(), 0))
         .is_none_or(|p| p < sent as i64)
     {
+        let assignment = dedup.consumer().assignment();
+        patience.check(|| {
+            format!(
+                "position {:?} of {sent}, assignment {assignment:?}",
+                dedup.position(&(topic.to_string(), 0)),
+            )
+        })?;
         match tokio::time::timeout(Duration::from_millis(500), dedup.next()).await {
             Ok(fresh) => book(&mut dedup, fresh?)?,
             Err(_) => continue,

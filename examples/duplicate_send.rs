@@ -144,7 +144,17 @@ async fn run(messages: usize, idempotent: bool) -> anyhow::Result<Outcome> {
                 .is_some_and(|pos| pos >= ends[p as usize])
         })
     };
+    let patience =
+        support::Patience::new("the topic read back to its end", Duration::from_secs(120));
     while !done(&consumer) {
+        patience.check(|| {
+            format!(
+                "positions {:?}, ends {ends:?}",
+                (0..PARTITIONS)
+                    .map(|p| consumer.position(&(TOPIC.to_string(), p)))
+                    .collect::<Vec<_>>()
+            )
+        })?;
         for record in consumer.poll(Duration::from_secs(1)).await? {
             let id: usize = std::str::from_utf8(record.value.as_deref().unwrap_or_default())?
                 .parse()

@@ -410,7 +410,9 @@ async fn run(
         drop(worker); // kill -9
         killed += 1;
     }
-    let ends = sending.await??;
+    let ends = support::Patience::new("the orders to be sent", Duration::from_secs(120))
+        .wait(sending)
+        .await???;
     let mut last = Worker::spawn(mode, &vars(Some(&ends)))?;
     let started = Instant::now();
     let status = loop {
@@ -445,10 +447,12 @@ async fn run(
     }
     let mut per_order: BTreeMap<String, usize> = BTreeMap::new();
     let mut receipts = 0;
+    let patience = support::Patience::new("the receipts read back", Duration::from_secs(120));
     while tps
         .iter()
         .any(|tp| reader.position(tp).is_none_or(|p| p < out_ends[tp]))
     {
+        patience.check(|| format!("{receipts} receipts so far, ends {out_ends:?}"))?;
         for record in reader.poll(Duration::from_millis(100)).await? {
             if record.header(FENCE_HEADER).is_some() {
                 continue;

@@ -193,8 +193,9 @@ async fn run(bootstrap: &str, strategy: Strategy) -> anyhow::Result<(usize, usiz
     for stop in &stops {
         let _ = stop.send(true);
     }
+    let patience = support::Patience::new("the members to close", Duration::from_secs(60));
     for task in tasks {
-        task.await.context("member task")??;
+        patience.wait(task).await?.context("member task")??;
     }
     Ok((on_leave, on_add))
 }

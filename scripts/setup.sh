@@ -23,10 +23,28 @@ if ((${#need_apt[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# Rust cannot be installed from here (rustup downloads toolchains from its own servers):
+# check what the build needs and say what to do.
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "setup: cargo is missing; install Rust (https://rustup.rs) and run this again" >&2
+  echo "setup: cargo is missing; install Rust 1.85 or newer (https://rustup.rs) and run this again" >&2
   exit 1
 fi
+rust_version=$(rustc --version | awk '{print $2}')
+if ! printf '1.85.0\n%s\n' "${rust_version%%-*}" | sort -V -C; then
+  echo "setup: Rust $rust_version is too old: Semel uses edition 2024, which needs 1.85 or newer." >&2
+  echo "setup: run 'rustup update stable' (or install a newer toolchain) and run this again" >&2
+  exit 1
+fi
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    if command -v rustup >/dev/null 2>&1 && rustup component add "$component" >/dev/null 2>&1; then
+      echo "setup: installed the $component component"
+    else
+      echo "setup: cargo ${component/rustfmt/fmt} is missing: run 'rustup component add $component'" >&2
+      exit 1
+    fi
+  fi
+done
 
 stamp="$VENV/.semel-packages"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${PYTHON_PACKAGES[*]}" ]; then

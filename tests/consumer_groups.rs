@@ -485,10 +485,13 @@ async fn kafka_python_group_shares_partitions_and_resumes_from_commits() -> anyh
             let script = script.clone();
             let bootstrap = broker.bootstrap();
             move || {
-                Command::new(python)
-                    .arg(script)
-                    .args([&bootstrap, &topic, strategy])
-                    .output()
+                common::output_within(
+                    Command::new(python)
+                        .arg(script)
+                        .args([&bootstrap, &topic, strategy]),
+                    Duration::from_secs(300),
+                    &format!("kafka-python group ({strategy})"),
+                )
             }
         })
         .await??;

@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, ensure};
 
@@ -13,7 +14,12 @@ use anyhow::{Context, ensure};
 fn run_example(name: &str) -> anyhow::Result<String> {
     let path = common::workspace_binary(&format!("examples/{name}"))
         .with_context(|| format!("cargo build --examples builds {name}"))?;
-    let output = Command::new(&path).arg("--quick").output()?;
+    // A quick run takes seconds to a minute; a hung one fails here, naming the example.
+    let output = common::output_within(
+        Command::new(&path).arg("--quick"),
+        Duration::from_secs(600),
+        &format!("example {name} --quick"),
+    )?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     ensure!(
         output.status.success(),

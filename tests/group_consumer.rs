@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use bytes::Buf;
+use common::proxy::{FaultPlan, FaultProxy};
 use common::{
     RawClient, TestBroker, TestRecord, create_topic, kcat, produce_request, record_batch,
 };
@@ -888,5 +889,72 @@ async fn a_slow_handler_bounds_the_buffer_instead_of_growing_memory() -> anyhow:
     let bound = usize::try_from(LIMIT)? * 3 / 2 + 100 * 1_100;
     eprintln!("peak buffered {peak} bytes with max.partition.fetch.bytes={LIMIT} (4 MB waiting)");
     ensure!(peak <= bound, "buffer grew to {peak} bytes (bound {bound})");
+    Ok(())
+}
+
+/// `timeout(…, consumer.recv())` (or a `select!`) cancels a poll wherever it waits. A poll
+/// cancelled while the consumer applies a finished JoinGroup + SyncGroup round must not lose
+/// that round: here every Metadata reply is held 400 ms by a proxy and every poll is cut off
+/// after 50 ms, so each poll is cancelled inside the rebalance. The member must still get its
+/// partitions, read every record, and see each partition assigned exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_cancelled_in_the_middle_of_a_rebalance_do_not_lose_the_assignment()
+-> anyhow::Result<()> {
+    const METADATA: i16 = 3;
+    let proxy = FaultProxy::start(FaultPlan::default()).await?;
+    let advertised = proxy.addr().to_string();
+    let broker = TestBroker::start_with(|config| {
+        config.group.initial_rebalance_delay = Duration::from_millis(300);
+        config.advertised_listener = Some(advertised);
+    })
+    .await?;
+    proxy.set_upstream(broker.addr());
+    let topic = "cancelled-polls";
+    let mut client = RawClient::connect(broker.addr()).await?;
+    create_topic(&mut client, topic, 2).await?;
+    produce(&mut client, topic, 2, 0, 50).await?;
+
+    let mut consumer = Consumer::connect(config(
+        &proxy.addr().to_string(),
+        "cancelled-polls",
+        Strategy::Range,
+    ))
+    .await?;
+    let calls = Calls::default();
+    consumer.set_rebalance_listener(calls.clone());
+    consumer.subscribe([topic])?;
+    proxy.set_plan(FaultPlan {
+        delay_replies_of_api: Some(METADATA),
+        delay: Duration::from_millis(400),
+        ..FaultPlan::default()
+    });
+    let expected = expected_values(2, 0, 50);
+    let mut seen = BTreeSet::new();
+    let started = Instant::now();
+    while seen != expected {
+        ensure!(
+            started.elapsed() < PATIENCE,
+            "after {PATIENCE:?} of polls cut off at 50 ms: {} of {} records, assignment {:?}, \
+             generation {}",
+            seen.len(),
+            expected.len(),
+            consumer.assignment(),
+            consumer.generation()
+        );
+        if let Ok(record) = tokio::time::timeout(Duration::from_millis(50), consumer.recv()).await {
+            seen.insert(text(record?.value.as_ref()));
+        }
+    }
+    let calls = calls.0.lock().expect("calls").clone();
+    let mut assigned: BTreeMap<TopicPartition, usize> = BTreeMap::new();
+    for (_, partitions) in calls.iter().filter(|(kind, _)| kind == "assigned") {
+        for tp in partitions {
+            *assigned.entry(tp.clone()).or_default() += 1;
+        }
+    }
+    let want: BTreeMap<TopicPartition, usize> =
+        (0..2).map(|p| ((topic.to_string(), p), 1)).collect();
+    ensure!(assigned == want, "each partition assigned once: {calls:?}");
+    consumer.close().await?;
     Ok(())
 }

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use common::{RawClient, TestBroker, kcat, python};
@@ -227,17 +228,20 @@ async fn kafka_python_round_trips_every_codec() -> anyhow::Result<()> {
     for codec in CODECS {
         let topic = format!("python-{codec}");
         let out = tokio::task::block_in_place(|| {
-            Command::new(&python)
-                .arg(&script)
-                .args(["--bootstrap", &broker.bootstrap(), "--topic", &topic])
-                .args([
-                    "--partitions",
-                    &PARTITIONS.to_string(),
-                    "--count",
-                    &MESSAGES.to_string(),
-                ])
-                .args(["--compression", codec])
-                .output()
+            common::output_within(
+                Command::new(&python)
+                    .arg(&script)
+                    .args(["--bootstrap", &broker.bootstrap(), "--topic", &topic])
+                    .args([
+                        "--partitions",
+                        &PARTITIONS.to_string(),
+                        "--count",
+                        &MESSAGES.to_string(),
+                    ])
+                    .args(["--compression", codec]),
+                Duration::from_secs(300),
+                &format!("kafka-python round trip ({codec})"),
+            )
         })?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         ensure!(

@@ -98,6 +98,7 @@ async fn run_through_lossy_proxy(idempotent: bool) -> anyhow::Result<(Vec<Vec<us
         cut_every_nth_produce_request: 17,
         delay_every_nth_produce_reply: 5,
         delay: Duration::from_millis(20),
+        ..FaultPlan::default()
     });
     let producer = Producer::connect(config(proxy.addr().to_string(), idempotent)).await?;
     send_all(&producer, topic, 0..50_000).await?;

@@ -186,7 +186,7 @@ impl Partition {
     }
 
     /// Appends one validated batch and wakes long-polling fetches. A batch with a producer id
-    /// is checked against the producer state first (specs/idempotence.md): a duplicate of one
+    /// is checked against the producer state first (docs/idempotence.md): a duplicate of one
     /// of the producer's last five batches is not written again and the original is returned.
     pub(crate) fn append(
         &self,

@@ -6,7 +6,7 @@
 //! fsynced, renamed over the old file, and followed by an fsync of the directory, so a crash
 //! leaves either the old file or the new one, never a mix.
 //!
-//! References: ARCHITECTURE.md "Storage"; Kafka's checkpoint files follow the same
+//! References: docs/architecture.md "Storage"; Kafka's checkpoint files follow the same
 //! write-temp-then-rename pattern.
 
 use std::fs::{self, File, OpenOptions};

@@ -195,6 +195,19 @@ struct FetchDone {
 
 type FetchFuture = Pin<Box<dyn Future<Output = FetchDone> + Send>>;
 
+/// Completion of a commit running on its own task.
+type CommitDone = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
+
+/// What a rebalance round on the join task brings back: the assignment, and what applying it
+/// needs from the network (partition counts, committed offsets of the added partitions), so
+/// that applying it in `poll` has nothing left to wait for.
+#[derive(Debug)]
+struct Round {
+    joined: crate::group::Joined,
+    counts: BTreeMap<String, i32>,
+    committed: BTreeMap<TopicPartition, i64>,
+}
+
 /// A Kafka-protocol consumer: a group member (`subscribe`) or a reader of chosen partitions
 /// (`assign`).
 pub struct Consumer {
@@ -220,8 +233,14 @@ pub struct Consumer {
     last_metadata: Instant,
     retry_at: Option<Instant>,
     metadata_stale: bool,
-    last_async_commit: Option<tokio::task::JoinHandle<()>>,
-    pending_join: Option<tokio::task::JoinHandle<Result<crate::group::Joined, ConsumerError>>>,
+    /// The last commit started without waiting (async commits, commits on revocation); the
+    /// next one waits for it, so commits land in order. Shared, so a wait that is cancelled
+    /// leaves it for the next waiter.
+    last_async_commit: Option<CommitDone>,
+    /// The JoinGroup + SyncGroup round under way, on its own task. It stays here until its
+    /// result has been applied, so a poll cancelled while waiting for it (a `timeout` around
+    /// `recv`, a `select!`) never loses a round the coordinator already completed.
+    pending_join: Option<tokio::task::JoinHandle<Result<Round, ConsumerError>>>,
     metrics: ConsumerMetrics,
     closed: bool,
 }
@@ -575,8 +594,8 @@ impl Consumer {
         offsets: &BTreeMap<TopicPartition, i64>,
     ) -> Result<(), ConsumerError> {
         // An earlier async commit lands first, so commits never go backwards.
-        if let Some(previous) = self.last_async_commit.take() {
-            let _ = previous.await;
+        if let Some(previous) = self.last_async_commit.clone() {
+            previous.await;
         }
         let group = self.group()?;
         group
@@ -595,20 +614,35 @@ impl Consumer {
         offsets: BTreeMap<TopicPartition, i64>,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<(), ConsumerError>>, ConsumerError> {
         let group = Arc::clone(self.group()?);
+        Ok(self.commit_in_background(group, offsets, "async commit failed"))
+    }
+
+    /// Starts a commit on its own task, after the previous one.
+    fn commit_in_background(
+        &mut self,
+        group: Arc<GroupShared>,
+        offsets: BTreeMap<TopicPartition, i64>,
+        failure: &'static str,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), ConsumerError>> {
         let as_member = matches!(self.mode, Mode::Subscribed(_));
         let previous = self.last_async_commit.take();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.last_async_commit = Some(tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Some(previous) = previous {
-                let _ = previous.await;
+                previous.await;
             }
             let result = group.commit(&offsets, as_member).await;
             if let Err(e) = &result {
-                tracing::warn!(error = %e, "async commit failed");
+                tracing::warn!(error = %e, "{failure}");
             }
             let _ = tx.send(result);
-        }));
-        Ok(rx)
+        });
+        self.last_async_commit = Some(futures::FutureExt::shared(futures::FutureExt::boxed(
+            async move {
+                let _ = task.await;
+            },
+        )));
+        rx
     }
 
     fn group(&self) -> Result<&Arc<GroupShared>, ConsumerError> {
@@ -644,6 +678,8 @@ impl Consumer {
         if !self.fill(Some(deadline)).await? {
             return Ok(Vec::new());
         }
+        // Nothing waits once records are taken: a poll cancelled before this point has
+        // taken none, so none is lost (the next fetches went out in `fill`).
         let mut out = Vec::new();
         while out.len() < self.config.max_poll_records {
             match self.take_one()? {
@@ -651,7 +687,6 @@ impl Consumer {
                 None => break,
             }
         }
-        self.send_fetches().await;
         Ok(out)
     }
 
@@ -664,14 +699,13 @@ impl Consumer {
             if self.attention_needed() {
                 self.fill(Some(Instant::now())).await?;
             }
+            // The next fetches go out before a record is taken, never after: a `recv`
+            // cancelled while it waits (a `timeout`, a `select!`) must not have taken a
+            // record it then never returns.
+            if self.prefetch_due() {
+                self.send_fetches().await;
+            }
             if let Some(record) = self.take_one()? {
-                let tp_buffered = self
-                    .partitions
-                    .get(&(record.topic.to_string(), record.partition))
-                    .map_or(0, |s| s.buffered_bytes);
-                if tp_buffered < self.prefetch_below() {
-                    self.send_fetches().await;
-                }
                 return Ok(record);
             }
             self.fill(None).await?;
@@ -688,6 +722,19 @@ impl Consumer {
                 other => Some((other, consumer)),
             }
         }))
+    }
+
+    /// A partition the next record may come from has room for another fetch and none in
+    /// flight (cheap: no allocation; `send_fetches` does the real work).
+    fn prefetch_due(&self) -> bool {
+        let threshold = self.prefetch_below();
+        self.partitions.values().any(|s| {
+            s.position.is_some()
+                && !s.paused
+                && !s.in_flight
+                && s.error.is_none()
+                && s.buffered_bytes < threshold
+        })
     }
 
     fn prefetch_below(&self) -> usize {
@@ -865,21 +912,21 @@ impl Consumer {
                     Err(e) => tracing::debug!(error = %e, "metadata refresh failed"),
                 }
             }
-            if self
-                .pending_join
-                .as_ref()
-                .is_some_and(tokio::task::JoinHandle::is_finished)
-            {
-                if let Some(handle) = self.pending_join.take() {
-                    let joined = handle.await.map_err(|e| {
+            if let Some(handle) = self.pending_join.as_mut() {
+                if handle.is_finished() {
+                    // Awaited in place and applied without another wait: if this poll is
+                    // cancelled here, the handle is still there for the next one.
+                    let result = handle.await;
+                    self.pending_join = None;
+                    let round = result.map_err(|e| {
                         ConsumerError::State(format!("the join task failed: {e}"))
                     })??;
-                    self.finish_rebalance(&group, joined).await?;
+                    self.finish_rebalance(&group, round);
                 }
-            } else if self.pending_join.is_none() {
+            } else {
                 let reason = group.lock().rejoin.take();
                 if let Some(reason) = reason {
-                    self.start_rebalance(&group, reason).await;
+                    self.start_rebalance(&group, reason);
                 }
             }
         }
@@ -948,9 +995,11 @@ impl Consumer {
         (ctx.seeks, ctx.commits)
     }
 
-    /// Gives up `partitions` cleanly: auto-commit and the listener's commits, then the
-    /// revocation callback, then they are dropped.
-    async fn revoke(&mut self, group: &GroupShared, partitions: &BTreeSet<TopicPartition>) {
+    /// Gives up `partitions` cleanly: the revocation callback, then they are dropped, and the
+    /// listener's commits (and auto-commit's) start on their own task; the next JoinGroup
+    /// waits for them, so the next owner starts after them. Nothing here waits, so a
+    /// cancelled poll cannot stop half-way through.
+    fn revoke(&mut self, group: &Arc<GroupShared>, partitions: &BTreeSet<TopicPartition>) {
         if partitions.is_empty() {
             return;
         }
@@ -963,18 +1012,22 @@ impl Consumer {
                 }
             }
         }
-        if !commits.is_empty() {
-            if let Err(e) = group.commit(&commits, true).await {
-                tracing::warn!(error = %e, "commit on revocation failed; those records will be read again");
-            }
-        }
         self.partitions.retain(|tp, _| !partitions.contains(tp));
+        if !commits.is_empty() {
+            // Its outcome is logged by the task; the next JoinGroup waits for it.
+            drop(self.commit_in_background(
+                Arc::clone(group),
+                commits,
+                "commit on revocation failed; those records will be read again",
+            ));
+        }
         tracing::info!(group = %group.group_id, ?partitions, "partitions revoked");
     }
 
     /// Before JoinGroup: lost partitions are dropped (the listener is told), and an eager
-    /// member revokes everything; then the JoinGroup + SyncGroup round starts on its own task.
-    async fn start_rebalance(&mut self, group: &Arc<GroupShared>, reason: Rejoin) {
+    /// member revokes everything; then the rebalance round starts on its own task: the
+    /// revocation commits, JoinGroup + SyncGroup, and what applying the result needs.
+    fn start_rebalance(&mut self, group: &Arc<GroupShared>, reason: Rejoin) {
         let Mode::Subscribed(topics) = self.mode.clone() else {
             return;
         };
@@ -990,52 +1043,50 @@ impl Consumer {
             }
             Rejoin::Needed(why) => {
                 if !self.config.cooperative() {
-                    self.revoke(group, &owned).await;
+                    self.revoke(group, &owned);
                 }
                 why
             }
         };
         let owned: BTreeSet<TopicPartition> = self.partitions.keys().cloned().collect();
         let previous = self.previous.clone();
+        let commits = self.last_async_commit.clone();
         let task_group = Arc::clone(group);
         self.pending_join = Some(tokio::spawn(async move {
-            let result = task_group.join(&topics, &owned, &previous, &why).await;
+            if let Some(commits) = commits {
+                commits.await;
+            }
+            let result = rebalance_round(&task_group, &topics, &owned, &previous, &why).await;
             task_group.wake.notify_one();
             result
         }));
     }
 
     /// After SyncGroup: cooperative revocations (and the follow-up rebalance), then the new
-    /// partitions with their committed offsets, then the assignment callback.
-    async fn finish_rebalance(
-        &mut self,
-        group: &GroupShared,
-        joined: crate::group::Joined,
-    ) -> Result<(), ConsumerError> {
-        let Mode::Subscribed(topics) = self.mode.clone() else {
-            return Ok(());
-        };
+    /// partitions with their committed offsets, then the assignment callback. Nothing here
+    /// waits (the round brought what it needs), so it happens whole or not at all.
+    fn finish_rebalance(&mut self, group: &Arc<GroupShared>, round: Round) {
+        if !matches!(self.mode, Mode::Subscribed(_)) {
+            return;
+        }
+        let Round {
+            joined,
+            counts,
+            committed,
+        } = round;
         let owned: BTreeSet<TopicPartition> = self.partitions.keys().cloned().collect();
         self.metrics.rebalances += 1;
         self.generation = joined.generation;
         self.protocol = Some(joined.strategy);
         self.previous.clone_from(&joined.assigned);
-        let topic_list: Vec<String> = topics.iter().cloned().collect();
-        if let Err(e) = self
-            .cluster
-            .refresh_metadata(Some(&topic_list), false)
-            .await
-        {
-            tracing::debug!(error = %e, "metadata refresh after join failed");
-        }
-        self.joined_counts = partition_counts(&self.cluster, &topic_list);
+        self.joined_counts = counts;
         self.last_metadata = Instant::now();
 
         let revoked: BTreeSet<TopicPartition> =
             owned.difference(&joined.assigned).cloned().collect();
         if !revoked.is_empty() {
             // Cooperative: give these up, then rejoin so the leader can hand them over.
-            self.revoke(group, &revoked).await;
+            self.revoke(group, &revoked);
             group.request_rejoin(Rejoin::Needed(
                 "partitions revoked; follow-up rebalance".into(),
             ));
@@ -1051,9 +1102,8 @@ impl Consumer {
             "assignment received"
         );
         if added.is_empty() {
-            return Ok(());
+            return;
         }
-        let committed = group.committed(&added).await?;
         for tp in &added {
             let topic = self.topic_name(&tp.0);
             let mut state = PartitionState::new(topic);
@@ -1068,7 +1118,6 @@ impl Consumer {
                 state.set_position(offset);
             }
         }
-        Ok(())
     }
 
     /// Positions for partitions that have none: the committed offset, else
@@ -1442,7 +1491,7 @@ impl Consumer {
             join.abort();
         }
         if let Some(previous) = self.last_async_commit.take() {
-            let _ = previous.await;
+            previous.await;
         }
         if let Some(group) = self.group.clone() {
             let owned: BTreeSet<TopicPartition> = self.partitions.keys().cloned().collect();
@@ -1476,6 +1525,41 @@ impl Consumer {
         self.closed = true;
         result
     }
+}
+
+/// One rebalance round on the join task: JoinGroup + SyncGroup, then the partition counts
+/// of the subscribed topics and the committed offsets of the partitions it adds (those that
+/// cannot be read now are read again when their position is needed).
+async fn rebalance_round(
+    group: &GroupShared,
+    topics: &BTreeSet<String>,
+    owned: &BTreeSet<TopicPartition>,
+    previous: &BTreeSet<TopicPartition>,
+    why: &str,
+) -> Result<Round, ConsumerError> {
+    let joined = group.join(topics, owned, previous, why).await?;
+    let topic_list: Vec<String> = topics.iter().cloned().collect();
+    if let Err(e) = group
+        .cluster
+        .refresh_metadata(Some(&topic_list), false)
+        .await
+    {
+        tracing::debug!(error = %e, "metadata refresh after join failed");
+    }
+    let counts = partition_counts(&group.cluster, &topic_list);
+    let added: BTreeSet<TopicPartition> = joined.assigned.difference(owned).cloned().collect();
+    let committed = match group.committed(&added).await {
+        Ok(committed) => committed,
+        Err(e) => {
+            tracing::warn!(error = %e, "committed offsets of the new partitions not read; asking again before fetching");
+            BTreeMap::new()
+        }
+    };
+    Ok(Round {
+        joined,
+        counts,
+        committed,
+    })
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -127,3 +127,48 @@ pub(crate) async fn add_partitions(bootstrap: &str, topic: &str, count: i32) -> 
     }
     Ok(())
 }
+
+/// A bound on one of an example's waits: every loop that waits for something checks it, and
+/// every single await that could wait forever goes through [`Patience::wait`], so a stuck run
+/// stops with an error that names what it was waiting for instead of hanging.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Patience {
+    what: &'static str,
+    deadline: tokio::time::Instant,
+    limit: std::time::Duration,
+}
+
+impl Patience {
+    /// A wait for `what`, of at most `limit`.
+    pub(crate) fn new(what: &'static str, limit: std::time::Duration) -> Self {
+        Self {
+            what,
+            deadline: tokio::time::Instant::now() + limit,
+            limit,
+        }
+    }
+
+    /// Fails once the limit has passed; `progress` says how far it got.
+    pub(crate) fn check(&self, progress: impl FnOnce() -> String) -> anyhow::Result<()> {
+        ensure!(
+            tokio::time::Instant::now() < self.deadline,
+            "gave up waiting for {} after {:?} ({})",
+            self.what,
+            self.limit,
+            progress()
+        );
+        Ok(())
+    }
+
+    /// `future`'s output, or an error naming the wait once the limit has passed.
+    pub(crate) async fn wait<T>(
+        &self,
+        future: impl std::future::Future<Output = T>,
+    ) -> anyhow::Result<T> {
+        tokio::time::timeout_at(self.deadline, future)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("gave up waiting for {} after {:?}", self.what, self.limit)
+            })
+    }
+}

@@ -4,7 +4,9 @@
 //!   does not know, and it retries);
 //! - cut a connection in the middle of a Produce request (half the frame forwarded): the broker
 //!   never sees a complete request;
-//! - delay Produce replies, so requests pile up in flight.
+//! - delay Produce replies, so requests pile up in flight;
+//! - delay every reply of one API (say Metadata), so a client's call is still waiting when
+//!   the application cancels it.
 //!
 //! The upstream address can be changed while running, so a broker restarted on a new port
 //! (after `kill -9`) stays reachable at the proxy's fixed address. Brokers behind it must
@@ -33,11 +35,30 @@ pub struct FaultPlan {
     pub delay_every_nth_produce_reply: u64,
     /// How long a delayed reply is held.
     pub delay: std::time::Duration,
+    /// Hold every reply of this API key back for `delay` (any API, not only Produce).
+    pub delay_replies_of_api: Option<i16>,
+}
+
+/// Called with every request frame (size prefix included) before it is forwarded.
+pub type RequestHook = Arc<dyn Fn(i16, &[u8]) + Send + Sync>;
+
+#[derive(Default)]
+struct Hook(Option<RequestHook>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Hook(set)"
+        } else {
+            "Hook(none)"
+        })
+    }
 }
 
 #[derive(Debug, Default)]
 struct Shared {
     upstream: Mutex<Option<SocketAddr>>,
+    hook: Mutex<Hook>,
     plan: Mutex<FaultPlan>,
     produce_replies: AtomicU64,
     produce_requests: AtomicU64,
@@ -70,6 +91,12 @@ impl FaultProxy {
     /// Where new connections go (existing ones keep their broker until they break).
     pub fn set_upstream(&self, upstream: SocketAddr) {
         *self.shared.upstream.lock().expect("upstream") = Some(upstream);
+    }
+
+    /// Calls `hook` with every request's API key and frame, before forwarding it (what the
+    /// broker is about to see, at the moment it leaves the client).
+    pub fn on_request(&self, hook: RequestHook) {
+        self.shared.hook.lock().expect("hook").0 = Some(hook);
     }
 
     pub fn set_plan(&self, plan: FaultPlan) {
@@ -144,6 +171,10 @@ async fn forward_requests(
                 .lock()
                 .expect("api keys")
                 .insert(correlation_id, api_key);
+            let hook = shared.hook.lock().expect("hook").0.clone();
+            if let Some(hook) = hook {
+                hook(api_key, &frame);
+            }
             if api_key == PRODUCE {
                 let seen = shared.produce_requests.fetch_add(1, Ordering::Relaxed) + 1;
                 let every = shared
@@ -177,9 +208,12 @@ async fn forward_responses(
         if frame.len() >= 8 {
             let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
             let api_key = api_keys.lock().expect("api keys").remove(&correlation_id);
+            let plan = *shared.plan.lock().expect("plan");
+            if api_key.is_some() && api_key == plan.delay_replies_of_api {
+                tokio::time::sleep(plan.delay).await;
+            }
             if api_key == Some(PRODUCE) {
                 let seen = shared.produce_replies.fetch_add(1, Ordering::Relaxed) + 1;
-                let plan = *shared.plan.lock().expect("plan");
                 if plan.delay_every_nth_produce_reply > 0
                     && seen % plan.delay_every_nth_produce_reply == 0
                 {

@@ -56,7 +56,7 @@ pub(crate) fn handle(state: &Arc<BrokerState>, request: ProduceRequest, version:
                 Ok((partition, appended)) => {
                     // A duplicate is answered NONE with the original's offset and timestamp,
                     // never DUPLICATE_SEQUENCE_NUMBER: clients count that as a failure or lose
-                    // the offset (specs/idempotence.md).
+                    // the offset (docs/idempotence.md "Answering a duplicate").
                     let (base_offset, log_append_time_ms) = match appended {
                         Appended::New(info) => (info.base_offset, info.log_append_time_ms),
                         Appended::Duplicate(original) => {

@@ -1,7 +1,7 @@
 //! Broker-side idempotence: the sequence rules ([`rules`]) and each partition's producer
 //! state ([`table`]), persisted in snapshots (`snapshot`).
 //!
-//! References: specs/idempotence.md, KIP-98, KIP-360, KIP-854.
+//! References: docs/idempotence.md, KIP-98, KIP-360, KIP-854.
 
 pub mod rules;
 pub(crate) mod snapshot;

@@ -2,7 +2,7 @@
 //! partition remembers about a producer and an incoming batch's identity, decide whether to
 //! append it, answer it as a duplicate, or refuse it.
 //!
-//! Order of checks (specs/idempotence.md): duplicate, then epoch, then sequence.
+//! Order of checks (docs/idempotence.md "Order of checks"): duplicate, then epoch, then sequence.
 //!
 //! References: KIP-98 (idempotent producer), KIP-360 (epoch bump on UNKNOWN_PRODUCER_ID /
 //! OUT_OF_ORDER), KAFKA-5494 (5 cached batches, i.e. max.in.flight.requests.per.connection <= 5).

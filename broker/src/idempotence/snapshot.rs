@@ -10,7 +10,7 @@
 //! intact. Snapshots above the log end (the tail they covered was truncated) and corrupt ones
 //! are deleted, with a warning. The caller then replays the log after the snapshot.
 //!
-//! References: specs/idempotence.md "Persistence and rebuild"; Kafka's `ProducerStateManager`
+//! References: docs/idempotence.md "Persistence and rebuild"; Kafka's `ProducerStateManager`
 //! (snapshot per segment roll, named by offset).
 
 use std::fs;

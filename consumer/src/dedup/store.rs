@@ -23,7 +23,7 @@
 //! duplicate checks/s, 64 MiB 168 k/s; at 1e8 keys, far beyond the cache, 50 k/s thanks to
 //! partitioned filters and a two-level index).
 //!
-//! References: Kafka Streams' segmented window store; specs/dedup.md.
+//! References: Kafka Streams' segmented window store; docs/dedup.md.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
