@@ -13,7 +13,8 @@
 //! tailing every changelog partition (warm standby), so a takeover replays almost nothing.
 //!
 //! **Order of writes**, per handled message:
-//! 1. the local `WriteBatch`: mark + next offset + the handler's state (atomic);
+//! 1. the local `WriteBatch`: mark + committable offset + the handler's state (atomic),
+//!    and the store's write-ahead log synced before the mark leaves the process;
 //! 2. the mark is produced to the changelog (idempotent producer, `acks=all`, batched by
 //!    `linger.ms`);
 //! 3. only when the changelog acknowledged the marks of every record up to an offset is that
@@ -147,7 +148,11 @@ struct MarkValue {
 /// A mark waiting to be produced, or an offset waiting behind marks in flight.
 struct Entry {
     partition: TopicPartition,
-    next_offset: i64,
+    /// The offset of the record a mark is for.
+    record_offset: i64,
+    /// The partition's committable offset once this entry (and all before it) is
+    /// acknowledged; `None` for a mark whose partition has left (it still goes out).
+    release: Option<i64>,
     mark: Option<(KeyHash, i64)>,
     delivery: Option<Delivery>,
 }
@@ -168,7 +173,18 @@ pub(crate) struct Changelog {
     /// How many entries at the front were sent (or need no sending).
     sent: usize,
     metrics: Arc<Mutex<RestoreMetrics>>,
-    standby: Option<tokio::task::JoinHandle<()>>,
+    standby: Option<AbortOnDrop>,
+}
+
+/// The standby task, stopped when the changelog goes, with or without `close` (it holds the
+/// store, and with it the store's lock).
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl std::fmt::Debug for Changelog {
@@ -256,14 +272,14 @@ impl Changelog {
         changelog.ensure_partitions(input_partitions).await?;
         if config.standby {
             let reader = Consumer::connect(reader_config(consumer, "changelog-standby")).await?;
-            changelog.standby = Some(tokio::spawn(standby(
+            changelog.standby = Some(AbortOnDrop(tokio::spawn(standby(
                 reader,
                 Arc::clone(store),
                 changelog.topic.clone(),
                 changelog.partitions,
                 window_ms,
                 Arc::clone(&changelog.metrics),
-            )));
+            ))));
         }
         Ok(changelog)
     }
@@ -376,12 +392,20 @@ impl Changelog {
         }
     }
 
-    /// Queues the mark of a handled record (written locally already).
-    pub(crate) fn push_mark(&mut self, partition: TopicPartition, next_offset: i64, key: KeyHash) {
+    /// Queues the mark of a handled record (written and synced locally already); `release`
+    /// is the partition's committable offset once it is acknowledged.
+    pub(crate) fn push_mark(
+        &mut self,
+        partition: TopicPartition,
+        record_offset: i64,
+        release: Option<i64>,
+        key: KeyHash,
+    ) {
         let at_ms = SystemClock.now_ms();
         self.entries.push_back(Entry {
             partition,
-            next_offset,
+            record_offset,
+            release,
             mark: Some((key, at_ms)),
             delivery: None,
         });
@@ -392,7 +416,8 @@ impl Changelog {
     pub(crate) fn push_offset(&mut self, partition: TopicPartition, next_offset: i64) {
         self.entries.push_back(Entry {
             partition,
-            next_offset,
+            record_offset: next_offset - 1,
+            release: Some(next_offset),
             mark: None,
             delivery: None,
         });
@@ -436,7 +461,7 @@ impl Changelog {
                     None => break,
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
-                        tracing::warn!(error = %e, partition = ?front.partition, offset = front.next_offset - 1, "changelog write failed; sending the mark again (its offset is not committed until it lands)");
+                        tracing::warn!(error = %e, partition = ?front.partition, offset = front.record_offset, "changelog write failed; sending the mark again (its offset is not committed until it lands)");
                         front.delivery = None;
                         self.sent = 0;
                         self.last_failure = Some(e);
@@ -446,7 +471,9 @@ impl Changelog {
             }
             if let Some(entry) = self.entries.pop_front() {
                 self.sent = self.sent.saturating_sub(1);
-                settled.insert(entry.partition, entry.next_offset);
+                if let Some(release) = entry.release {
+                    settled.insert(entry.partition, release);
+                }
             }
         }
         Ok(())
@@ -519,9 +546,7 @@ impl Changelog {
 
     /// Stops the standby task and flushes the producer.
     pub(crate) async fn close(self) {
-        if let Some(task) = self.standby {
-            task.abort();
-        }
+        drop(self.standby);
         self.producer.close().await;
         if let Err(e) = self.reader.close().await {
             tracing::debug!(error = %e, "changelog reader close");
@@ -579,7 +604,7 @@ fn mark_record(topic: &str, entry: &Entry, key: KeyHash, at_ms: i64) -> Producer
         version: FORMAT_VERSION,
         topic: entry.partition.0.clone(),
         partition: entry.partition.1,
-        offset: entry.next_offset - 1,
+        offset: entry.record_offset,
         at_ms,
     })
     .unwrap_or_default();

@@ -3,31 +3,45 @@
 //! For every record it derives a message key ([`KeySource`]: a header, `semel-msg-id` by
 //! default; the record key; or a closure), claims it in the [`DedupStore`], and:
 //! - **Fresh** (or a claim whose lease expired, its handler having crashed): the record is
-//!   returned as a [`Fresh`] handle. [`DedupConsumer::done`] marks it handled, records the
-//!   partition's next offset and applies the handler's own writes, all in one RocksDB
-//!   `WriteBatch`; [`DedupConsumer::failed`] releases the claim and seeks back, so the record
-//!   comes again. A handle dropped without either (a panicking handler) releases its claim.
+//!   returned as a [`Fresh`] handle. [`Fresh::done`] marks it handled, records the
+//!   partition's committable offset and applies the handler's own writes, all in one RocksDB
+//!   `WriteBatch`; [`Fresh::failed`] releases the claim and hands the record out again. A
+//!   handle dropped without either (a panicking handler) does the same.
 //! - **Duplicate**: dropped and counted.
 //! - **In progress** (another handler's live claim, e.g. a member of the same process that
-//!   is still on it): waits for the lease to end, then asks again.
+//!   is still on it): waits until a handler of this process settles or the lease ends, then
+//!   asks again.
+//!
+//! **Concurrent handlers.** `Fresh` handles are independent of the consumer: hand each to a
+//! task, or use `futures::StreamExt::for_each_concurrent`, and settle them in any order. Per
+//! partition the offset written to the store and committed to the group is the lowest offset
+//! not yet settled ([`super::settlement`]), so a record still in flight, failed or dropped is
+//! never passed by one that settled after it: after a crash it is delivered again.
+//!
+//! **Durability.** Before an offset leaves the process (a group commit, a commit on
+//! revocation, a mark released to the changelog) the store's write-ahead log is synced
+//! ([`DedupStore::sync`]), so the marks and state it depends on survive a power cut, not only
+//! `kill -9`. `sync_writes` syncs every batch instead.
 //!
 //! On assignment the consumer starts at the store's offset when it is ahead of the group's
-//! committed offset (the store is written with every mark, the group commit only every
-//! `commit_interval`). Group commits carry the offsets of settled records.
+//! committed offset (the store is written with every settle, the group commit only every
+//! `commit_interval`). `enable.auto.commit` is refused: it would commit records not handled.
 //!
 //! **What is exactly-once and what is not.** Writes made through the batch (`done`'s closure)
 //! commit with the mark or not at all: exactly once. A side effect outside it (an HTTP call,
 //! a file append) that happened before a crash, with the mark not yet written, happens again
 //! once the claim's lease expires: at-least-once. `tests/dedup_consumer.rs` shows both.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::changelog::{Changelog, ChangelogConfig, ChangelogError, RestoreMetrics};
+use super::settlement::{Epoch, Settlements};
 use super::store::{Claim, DedupError, DedupStore, KeyHash, StateBatch};
 use crate::assignor::TopicPartition;
 use crate::consumer::{Consumer, RebalanceContext, RebalanceListener};
@@ -156,15 +170,19 @@ pub struct MiddlewareMetrics {
     pub changelog: RestoreMetrics,
 }
 
-/// A claimed record: settle it with [`DedupConsumer::done`] or [`DedupConsumer::failed`].
-/// Dropping it unsettled releases the claim.
+/// A claimed record: settle it with [`Fresh::done`] or [`Fresh::failed`] (or the
+/// [`DedupConsumer`] methods of the same names). Handles are independent of the consumer:
+/// several may be in flight at once (a task each) and settle in any order; the offset that is
+/// committed never passes one that is still in flight. Dropping a handle unsettled (a
+/// panicking handler) releases its claim and hands the record out again.
 #[derive(Debug)]
 pub struct Fresh {
     /// The record.
     pub record: ConsumerRecord,
     key: Option<KeyHash>,
     reclaimed: bool,
-    store: Arc<DedupStore>,
+    epoch: Epoch,
+    shared: Arc<Shared>,
     settled: bool,
 }
 
@@ -179,48 +197,179 @@ impl Fresh {
     pub fn reclaimed(&self) -> bool {
         self.reclaimed
     }
+
+    /// Marks the message handled: its mark, the partition's committable offset (the lowest
+    /// offset not yet settled, so never past a record still in flight) and `state`'s writes,
+    /// in one atomic batch.
+    ///
+    /// # Errors
+    /// The store's error: nothing was written, and the record will be handed out again.
+    pub fn done(mut self, state: impl FnOnce(&mut StateBatch<'_>)) -> Result<(), MiddlewareError> {
+        self.settled = true;
+        let shared = Arc::clone(&self.shared);
+        let record = &self.record;
+        let tp = record.topic_partition();
+        let mut inner = shared.lock();
+        // The batch is written under the lock, so the offsets written for a partition never
+        // go backwards however the handles race.
+        let offset = inner
+            .settlements
+            .committable_after(&tp, self.epoch, record.offset);
+        let written = shared.store.mark_done_many(
+            self.key.as_slice(),
+            offset.map(|o| (shared.group.as_str(), &*record.topic, record.partition, o)),
+            state,
+        );
+        if let Err(e) = written {
+            drop(inner);
+            if let Err(release) = shared.give_back(record, self.key, self.epoch) {
+                tracing::warn!(error = %release, "claim not released; the record comes again once its lease ends");
+            }
+            return Err(e.into());
+        }
+        let released = inner.settlements.settle(&tp, self.epoch, record.offset);
+        if shared.changelog {
+            inner.outbox.push_back(Settled {
+                partition: tp,
+                record_offset: record.offset,
+                release: released,
+                key: self.key,
+            });
+        }
+        drop(inner);
+        shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// The handler failed: the claim is released and the record is handed out again (before
+    /// anything after it is committed).
+    ///
+    /// # Errors
+    /// The store's error releasing the claim (the record still comes again, once the claim's
+    /// lease has ended).
+    pub fn failed(mut self) -> Result<(), MiddlewareError> {
+        self.settled = true;
+        self.shared.give_back(&self.record, self.key, self.epoch)?;
+        Ok(())
+    }
 }
 
 impl Drop for Fresh {
     fn drop(&mut self) {
         if !self.settled {
-            if let Some(key) = self.key {
-                if let Err(e) = self.store.release(key) {
-                    tracing::warn!(error = %e, "releasing an unsettled claim failed; its lease will expire");
-                }
+            tracing::warn!(topic = %self.record.topic, partition = self.record.partition, offset = self.record.offset, "a claimed record was dropped unsettled; handing it out again");
+            if let Err(e) = self.shared.give_back(&self.record, self.key, self.epoch) {
+                tracing::warn!(error = %e, "claim not released; the record comes again once its lease ends");
             }
         }
     }
 }
 
-/// Seeks newly assigned partitions to the store's offset when it is ahead of the group's
-/// commit, and commits the store's offsets of revoked partitions.
-struct StoreOffsets {
+/// A settled record on its way to the changelog.
+#[derive(Debug)]
+struct Settled {
+    partition: TopicPartition,
+    record_offset: i64,
+    /// The partition's committable offset once this mark is in the changelog (`None`: the
+    /// record was settled after its partition left; its mark still goes out).
+    release: Option<i64>,
+    key: Option<KeyHash>,
+}
+
+/// A record to hand out again: failed, dropped unsettled, or its `done` failed.
+#[derive(Debug)]
+struct Again {
+    record: ConsumerRecord,
+    key: Option<KeyHash>,
+    epoch: Epoch,
+}
+
+/// What the middleware, its rebalance listener and every [`Fresh`] share.
+#[derive(Debug)]
+struct Shared {
     store: Arc<DedupStore>,
     group: String,
-    /// With a changelog: offsets whose marks the changelog acknowledged (what may be
-    /// committed), and the partitions waiting for a replay.
-    changelog: Option<(SharedOffsets, SharedPartitions)>,
+    changelog: bool,
+    state: Mutex<SharedState>,
+    /// Wakes `next` when a record comes back or a claim is settled.
+    wake: Notify,
 }
 
-type SharedOffsets = Arc<Mutex<BTreeMap<TopicPartition, i64>>>;
-type SharedPartitions = Arc<Mutex<BTreeSet<TopicPartition>>>;
-
-fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+#[derive(Debug, Default)]
+struct SharedState {
+    settlements: Settlements,
+    /// Records to hand out again, oldest first (still outstanding in `settlements`).
+    again: VecDeque<Again>,
+    /// Settled records for the changelog, in settling order.
+    outbox: VecDeque<Settled>,
+    /// With a changelog: per partition, the committable offset whose marks the changelog
+    /// has acknowledged (what may be committed).
+    acked: BTreeMap<TopicPartition, i64>,
+    /// Partitions waiting for a changelog replay.
+    to_restore: BTreeSet<TopicPartition>,
 }
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SharedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Releases `key`'s claim and queues the record to be handed out again, if its partition
+    /// is still owned by the same assignment (otherwise the next owner reads it).
+    fn give_back(
+        &self,
+        record: &ConsumerRecord,
+        key: Option<KeyHash>,
+        epoch: Epoch,
+    ) -> Result<(), DedupError> {
+        let released = key.map_or(Ok(()), |key| self.store.release(key));
+        let tp = record.topic_partition();
+        let mut state = self.lock();
+        if state.settlements.epoch(&tp) == Some(epoch) {
+            state.again.push_back(Again {
+                record: record.clone(),
+                key,
+                epoch,
+            });
+        }
+        drop(state);
+        self.wake.notify_one();
+        released
+    }
+
+    /// Everything about `tp` is forgotten (revoked, lost, or assigned anew).
+    fn forget(state: &mut SharedState, tp: &TopicPartition) {
+        state.settlements.revoke(tp);
+        state.acked.remove(tp);
+        state.to_restore.remove(tp);
+        state.again.retain(|a| a.record.topic_partition() != *tp);
+    }
+}
+
+/// The rebalance side: new partitions start at the store's offset when it is ahead of the
+/// group's commit; revoked ones commit what is settled (synced first).
+#[derive(Debug)]
+struct StoreOffsets(Arc<Shared>);
 
 impl RebalanceListener for StoreOffsets {
     fn on_partitions_assigned(
         &mut self,
         ctx: &mut RebalanceContext<'_>,
-        partitions: &std::collections::BTreeSet<TopicPartition>,
+        partitions: &BTreeSet<TopicPartition>,
     ) {
-        if let Some((_, restore)) = &self.changelog {
-            locked(restore).extend(partitions.iter().cloned());
+        let shared = &self.0;
+        {
+            let mut state = shared.lock();
+            for tp in partitions {
+                Shared::forget(&mut state, tp);
+                state.settlements.assign(tp);
+                if shared.changelog {
+                    state.to_restore.insert(tp.clone());
+                }
+            }
         }
         for tp in partitions {
-            match self.store.offset(&self.group, &tp.0, tp.1) {
+            match shared.store.offset(&shared.group, &tp.0, tp.1) {
                 Ok(Some(offset)) if Some(offset) > ctx.committed(tp) => {
                     tracing::info!(?tp, store = offset, committed = ?ctx.committed(tp), "starting at the dedup store's offset");
                     ctx.seek(tp.clone(), offset);
@@ -234,59 +383,77 @@ impl RebalanceListener for StoreOffsets {
     fn on_partitions_revoked(
         &mut self,
         ctx: &mut RebalanceContext<'_>,
-        partitions: &std::collections::BTreeSet<TopicPartition>,
+        partitions: &BTreeSet<TopicPartition>,
     ) {
-        if let Some((acked, restore)) = &self.changelog {
-            // Only offsets whose marks are in the changelog: the next owner may be on
-            // another host.
-            let acked = locked(acked);
-            let mut restore = locked(restore);
-            for tp in partitions {
-                restore.remove(tp);
-                if let Some(&offset) = acked.get(tp) {
-                    ctx.commit(tp.clone(), offset);
-                }
-            }
+        let shared = &self.0;
+        let mut state = shared.lock();
+        // With a changelog only offsets whose marks it acknowledged: the next owner may be
+        // on another host. Without, the lowest offset not settled.
+        let offsets: Vec<(TopicPartition, i64)> = partitions
+            .iter()
+            .filter_map(|tp| {
+                let offset = if shared.changelog {
+                    state.acked.get(tp).copied()
+                } else {
+                    state.settlements.committable(tp)
+                };
+                offset.map(|o| (tp.clone(), o))
+            })
+            .collect();
+        for tp in partitions {
+            Shared::forget(&mut state, tp);
+        }
+        drop(state);
+        if offsets.is_empty() {
             return;
         }
-        for tp in partitions {
-            if let Ok(Some(offset)) = self.store.offset(&self.group, &tp.0, tp.1) {
-                ctx.commit(tp.clone(), offset);
-            }
+        // The marks behind these offsets must survive a power cut before the offsets leave.
+        if let Err(e) = shared.store.sync() {
+            tracing::warn!(error = %e, "store not synced; not committing on revocation");
+            return;
+        }
+        for (tp, offset) in offsets {
+            ctx.commit(tp, offset);
         }
     }
 
     fn on_partitions_lost(
         &mut self,
         _ctx: &mut RebalanceContext<'_>,
-        partitions: &std::collections::BTreeSet<TopicPartition>,
+        partitions: &BTreeSet<TopicPartition>,
     ) {
-        if let Some((_, restore)) = &self.changelog {
-            let mut restore = locked(restore);
-            for tp in partitions {
-                restore.remove(tp);
-            }
+        let mut state = self.0.lock();
+        for tp in partitions {
+            Shared::forget(&mut state, tp);
         }
     }
+}
+
+/// Where the record being looked at came from.
+#[derive(Debug)]
+struct Candidate {
+    record: ConsumerRecord,
+    key: KeyHash,
+    /// Set for a record handed out before (already outstanding).
+    epoch: Option<Epoch>,
 }
 
 /// A group consumer that yields only messages not handled before.
 #[derive(Debug)]
 pub struct DedupConsumer {
     consumer: Consumer,
-    store: Arc<DedupStore>,
-    group: String,
+    shared: Arc<Shared>,
     config: MiddlewareConfig,
-    settled: BTreeMap<TopicPartition, i64>,
-    pending: Option<(ConsumerRecord, KeyHash)>,
+    /// A record whose key another handler holds, waiting for that claim to end.
+    pending: Option<Candidate>,
     /// A record read while a replay was due, kept until the replay is done.
     held: Option<ConsumerRecord>,
+    /// What was last committed, so unchanged offsets are not committed again.
+    committed: BTreeMap<TopicPartition, i64>,
     last_commit: Instant,
     passed: u64,
     rejected: u64,
     changelog: Option<Changelog>,
-    acked: SharedOffsets,
-    to_restore: SharedPartitions,
 }
 
 impl DedupConsumer {
@@ -294,7 +461,8 @@ impl DedupConsumer {
     /// consumer's rebalance listener with the one that seeks to the store's offsets.
     ///
     /// # Errors
-    /// `State` without `group.id`.
+    /// `State` without `group.id`, or with `enable.auto.commit` (it would commit offsets of
+    /// records not handled yet; the middleware commits what is settled).
     pub fn new(
         mut consumer: Consumer,
         store: Arc<DedupStore>,
@@ -303,30 +471,32 @@ impl DedupConsumer {
         let group = consumer.group_id().ok_or_else(|| {
             ConsumerError::State("the dedup middleware scopes keys by group.id; set it".into())
         })?;
-        let acked = SharedOffsets::default();
-        let to_restore = SharedPartitions::default();
-        consumer.set_rebalance_listener(StoreOffsets {
-            store: Arc::clone(&store),
-            group: group.clone(),
-            changelog: config
-                .changelog
-                .as_ref()
-                .map(|_| (Arc::clone(&acked), Arc::clone(&to_restore))),
-        });
-        Ok(Self {
-            consumer,
+        if consumer.config().enable_auto_commit {
+            return Err(ConsumerError::State(
+                "enable.auto.commit would commit offsets of records not handled yet: turn it off; the dedup middleware commits what is settled"
+                    .into(),
+            )
+            .into());
+        }
+        let shared = Arc::new(Shared {
             store,
             group,
+            changelog: config.changelog.is_some(),
+            state: Mutex::new(SharedState::default()),
+            wake: Notify::new(),
+        });
+        consumer.set_rebalance_listener(StoreOffsets(Arc::clone(&shared)));
+        Ok(Self {
+            consumer,
+            shared,
             config,
-            settled: BTreeMap::new(),
             pending: None,
             held: None,
+            committed: BTreeMap::new(),
             last_commit: Instant::now(),
             passed: 0,
             rejected: 0,
             changelog: None,
-            acked,
-            to_restore,
         })
     }
 
@@ -337,145 +507,222 @@ impl DedupConsumer {
 
     /// The store.
     pub fn store(&self) -> &Arc<DedupStore> {
-        &self.store
+        &self.shared.store
     }
 
-    /// The next message not handled before, claimed. Duplicates are dropped on the way.
-    /// Cancel-safe: a record taken from the consumer but not yet handed out (waiting for
-    /// another handler's lease) is kept for the next call.
+    /// Records handed out and not settled yet.
+    pub fn in_flight(&self) -> usize {
+        self.shared.lock().settlements.outstanding()
+    }
+
+    /// The next message not handled before, claimed. Duplicates are dropped on the way;
+    /// records given back (failed, dropped unsettled) come first. Cancel-safe: a record taken
+    /// from the consumer but not yet handed out is kept for the next call.
     ///
     /// # Errors
     /// The consumer's and the store's errors; `NoKey` with `MissingKey::Reject`.
     pub async fn next(&mut self) -> Result<Fresh, MiddlewareError> {
         loop {
-            let (record, key) = match self.pending.take() {
-                Some(pending) => pending,
+            let candidate = match self.pending.take() {
+                Some(candidate) => candidate,
                 None => {
                     self.pump_changelog().await?;
                     self.maybe_commit();
-                    let mut record = match self.held.take() {
-                        Some(record) => record,
-                        None => self.consumer.recv().await?,
-                    };
-                    if !locked(&self.to_restore).is_empty() {
-                        // Kept across a failed or cancelled replay.
-                        self.held = Some(record);
-                        self.restore_assigned().await?;
-                        let Some(held) = self.held.take() else {
-                            continue;
-                        };
-                        record = held;
+                    match self.read().await? {
+                        Ok(candidate) => candidate,
+                        Err(passed) => return Ok(passed),
                     }
-                    let Some(message_key) = self.config.key_source.key(&record) else {
-                        match self.config.missing_key {
-                            MissingKey::Pass => {
-                                self.passed += 1;
-                                return Ok(self.fresh(record, None, false));
-                            }
-                            MissingKey::Reject => {
-                                self.rejected += 1;
-                                return Err(MiddlewareError::NoKey {
-                                    topic: record.topic.to_string(),
-                                    partition: record.partition,
-                                    offset: record.offset,
-                                    source_: self.config.key_source.clone(),
-                                });
-                            }
-                        }
-                    };
-                    let key = KeyHash::new(&self.group, &record.topic, &message_key);
-                    (record, key)
                 }
             };
-            match self.store.claim(key)? {
-                Claim::Fresh => return Ok(self.fresh(record, Some(key), false)),
-                Claim::Reclaimed => return Ok(self.fresh(record, Some(key), true)),
+            match self.shared.store.claim(candidate.key)? {
+                outcome @ (Claim::Fresh | Claim::Reclaimed) => {
+                    let Candidate { record, key, epoch } = candidate;
+                    let epoch = match epoch {
+                        Some(epoch) => epoch,
+                        None => self.shared.lock().settlements.read(
+                            &record.topic_partition(),
+                            record.offset,
+                            true,
+                        ),
+                    };
+                    return Ok(self.fresh(record, Some(key), epoch, outcome == Claim::Reclaimed));
+                }
                 Claim::Duplicate => {
-                    tracing::debug!(topic = %record.topic, partition = record.partition, offset = record.offset, "duplicate dropped");
-                    self.settle(record.topic_partition(), record.offset + 1, None);
+                    tracing::debug!(topic = %candidate.record.topic, partition = candidate.record.partition, offset = candidate.record.offset, "duplicate dropped");
+                    self.settle_unhandled(&candidate.record, candidate.epoch);
                 }
                 Claim::InProgress { until_ms } => {
                     let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
                     let wait = u64::try_from(until_ms.saturating_sub(now)).unwrap_or(0);
-                    tracing::info!(topic = %record.topic, partition = record.partition, offset = record.offset, wait_ms = wait, "another handler holds the claim; waiting for its lease");
-                    self.pending = Some((record, key));
-                    tokio::time::sleep(Duration::from_millis(wait.clamp(10, 60_000))).await;
+                    tracing::debug!(topic = %candidate.record.topic, partition = candidate.record.partition, offset = candidate.record.offset, wait_ms = wait, "another handler holds the claim; waiting for it");
+                    self.pending = Some(candidate);
+                    // A handler of this process settling wakes us; another's lease ends.
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(wait.clamp(10, 60_000)),
+                        self.shared.wake.notified(),
+                    )
+                    .await;
                 }
             }
         }
     }
 
-    /// The next offset of `partition` this middleware will hand out or drop (a record held
-    /// back for another handler's lease counts as not yet read).
-    pub fn position(&self, partition: &TopicPartition) -> Option<i64> {
-        let waiting = self.pending.as_ref().map(|(r, _)| r).or(self.held.as_ref());
-        match waiting {
-            Some(record) if record.topic_partition() == *partition => Some(record.offset),
-            _ => self.consumer.position(partition),
+    /// A record given back, if its partition is still ours.
+    fn take_again(&mut self) -> Option<Again> {
+        let mut state = self.shared.lock();
+        while let Some(again) = state.again.pop_front() {
+            if state.settlements.epoch(&again.record.topic_partition()) == Some(again.epoch) {
+                return Some(again);
+            }
+        }
+        None
+    }
+
+    /// The next record from the consumer (after a due replay), with its key; or, for a record
+    /// without one and `MissingKey::Pass`, the handle to return as it is. Records given back
+    /// while it waits come first.
+    async fn read(&mut self) -> Result<Result<Candidate, Fresh>, MiddlewareError> {
+        let record = loop {
+            if let Some(again) = self.take_again() {
+                return Ok(match again.key {
+                    Some(key) => Ok(Candidate {
+                        record: again.record,
+                        key,
+                        epoch: Some(again.epoch),
+                    }),
+                    // Passed without a key: no claim to take; handed out again as it is.
+                    None => Err(self.fresh(again.record, None, again.epoch, false)),
+                });
+            }
+            let record = match self.held.take() {
+                Some(record) => record,
+                None => {
+                    let shared = Arc::clone(&self.shared);
+                    // `recv` is cancel-safe: a record it took is never lost to the select.
+                    tokio::select! {
+                        record = self.consumer.recv() => record?,
+                        () = shared.wake.notified() => continue,
+                    }
+                }
+            };
+            if self.shared.lock().to_restore.is_empty() {
+                break record;
+            }
+            // Kept across a failed or cancelled replay.
+            self.held = Some(record);
+            self.restore_assigned().await?;
+        };
+        let tp = record.topic_partition();
+        let Some(message_key) = self.config.key_source.key(&record) else {
+            return match self.config.missing_key {
+                MissingKey::Pass => {
+                    self.passed += 1;
+                    let epoch = self
+                        .shared
+                        .lock()
+                        .settlements
+                        .read(&tp, record.offset, true);
+                    Ok(Err(self.fresh(record, None, epoch, false)))
+                }
+                MissingKey::Reject => {
+                    self.rejected += 1;
+                    self.settle_unhandled(&record, None);
+                    Err(MiddlewareError::NoKey {
+                        topic: record.topic.to_string(),
+                        partition: record.partition,
+                        offset: record.offset,
+                        source_: self.config.key_source.clone(),
+                    })
+                }
+            };
+        };
+        let key = KeyHash::new(&self.shared.group, &record.topic, &message_key);
+        Ok(Ok(Candidate {
+            record,
+            key,
+            epoch: None,
+        }))
+    }
+
+    /// A record settled without being handed out (a duplicate, or rejected for having no
+    /// key): `epoch` is set when it had been handed out before.
+    fn settle_unhandled(&mut self, record: &ConsumerRecord, epoch: Option<Epoch>) {
+        let tp = record.topic_partition();
+        let mut state = self.shared.lock();
+        let release = match epoch {
+            Some(epoch) => state.settlements.settle(&tp, epoch, record.offset),
+            None => {
+                let epoch = state.settlements.read(&tp, record.offset, false);
+                state.settlements.settle(&tp, epoch, record.offset)
+            }
+        };
+        if self.shared.changelog {
+            state.outbox.push_back(Settled {
+                partition: tp,
+                record_offset: record.offset,
+                release,
+                key: None,
+            });
         }
     }
 
-    fn fresh(&self, record: ConsumerRecord, key: Option<KeyHash>, reclaimed: bool) -> Fresh {
+    /// The next offset of `partition` this middleware will hand out or drop: records given
+    /// back or held for another handler's claim count as not yet read.
+    pub fn position(&self, partition: &TopicPartition) -> Option<i64> {
+        let state = self.shared.lock();
+        let waiting = self
+            .pending
+            .iter()
+            .map(|c| &c.record)
+            .chain(self.held.iter())
+            .chain(state.again.iter().map(|a| &a.record))
+            .filter(|r| r.topic_partition() == *partition)
+            .map(|r| r.offset)
+            .min();
+        match (waiting, self.consumer.position(partition)) {
+            (Some(w), Some(p)) => Some(w.min(p)),
+            (w, p) => w.or(p),
+        }
+    }
+
+    fn fresh(
+        &self,
+        record: ConsumerRecord,
+        key: Option<KeyHash>,
+        epoch: Epoch,
+        reclaimed: bool,
+    ) -> Fresh {
         Fresh {
             record,
             key,
             reclaimed,
-            store: Arc::clone(&self.store),
+            epoch,
+            shared: Arc::clone(&self.shared),
             settled: false,
         }
     }
 
-    /// Marks the message handled: the mark, the partition's next offset and `state`'s writes
-    /// in one atomic batch.
+    /// Marks the message handled (see [`Fresh::done`]).
     ///
     /// # Errors
-    /// The store's error (nothing was written; the claim stays until its lease ends).
+    /// As [`Fresh::done`].
     pub fn done(
         &mut self,
-        mut fresh: Fresh,
+        fresh: Fresh,
         state: impl FnOnce(&mut StateBatch<'_>),
     ) -> Result<(), MiddlewareError> {
-        let record = &fresh.record;
-        let next = record.offset + 1;
-        match fresh.key {
-            Some(key) => self.store.mark_done(
-                key,
-                Some((&self.group, &record.topic, record.partition, next)),
-                state,
-            )?,
-            None => self.store.record_offset(
-                &self.group,
-                &record.topic,
-                record.partition,
-                next,
-                state,
-            )?,
-        }
-        fresh.settled = true;
-        let tp = record.topic_partition();
-        self.settle(tp, next, fresh.key);
-        Ok(())
+        fresh.done(state)
     }
 
-    /// A record is settled (handled, or dropped as a duplicate): its offset may be committed
-    /// now, or with a changelog once the marks before it (and its own) are acknowledged.
-    fn settle(&mut self, tp: TopicPartition, next: i64, key: Option<KeyHash>) {
-        match (&mut self.changelog, &self.config.changelog) {
-            (Some(changelog), _) => match key {
-                Some(key) => changelog.push_mark(tp, next, key),
-                None => changelog.push_offset(tp, next),
-            },
-            (None, Some(_)) => {
-                // Cannot happen: the changelog starts before the first record is read.
-                tracing::error!(?tp, "changelog not started; offset not settled");
-            }
-            (None, None) => {
-                self.settled.insert(tp, next);
-            }
-        }
+    /// The handler failed (see [`Fresh::failed`]).
+    ///
+    /// # Errors
+    /// As [`Fresh::failed`].
+    pub fn failed(&mut self, fresh: Fresh) -> Result<(), MiddlewareError> {
+        fresh.failed()
     }
 
-    /// Starts the changelog on first use, sends queued marks, releases acknowledged offsets.
+    /// Starts the changelog on first use, sends settled marks, releases acknowledged offsets.
     async fn pump_changelog(&mut self) -> Result<(), MiddlewareError> {
         let Some(config) = &self.config.changelog else {
             return Ok(());
@@ -485,9 +732,9 @@ impl DedupConsumer {
             topics.extend(self.consumer.assignment().into_iter().map(|tp| tp.0));
             let changelog = Changelog::start(
                 self.consumer.config(),
-                &self.group,
-                self.store.window(),
-                &self.store,
+                &self.shared.group,
+                self.shared.store.window(),
+                &self.shared.store,
                 config,
                 &topics.into_iter().collect::<Vec<_>>(),
             )
@@ -495,17 +742,42 @@ impl DedupConsumer {
             tracing::info!(topic = changelog.topic(), "dedup changelog started");
             self.changelog = Some(changelog);
         }
-        if let Some(changelog) = &mut self.changelog {
-            let before = self.settled.clone();
-            changelog.pump(&mut self.settled).await?;
-            if self.settled != before {
-                let mut acked = locked(&self.acked);
-                for (tp, offset) in &self.settled {
-                    acked.insert(tp.clone(), *offset);
+        let Some(changelog) = &mut self.changelog else {
+            return Ok(());
+        };
+        let settled: Vec<Settled> = self.shared.lock().outbox.drain(..).collect();
+        if settled.iter().any(|s| s.key.is_some()) {
+            // Marks leave the process only once they would survive a power cut here: a mark
+            // in the changelog whose local state was lost would drop a message unhandled.
+            self.shared.store.sync()?;
+        }
+        for s in settled {
+            match s.key {
+                Some(key) => changelog.push_mark(s.partition, s.record_offset, s.release, key),
+                None => {
+                    if let Some(release) = s.release {
+                        changelog.push_offset(s.partition, release);
+                    }
                 }
             }
         }
+        let mut acked = BTreeMap::new();
+        changelog.pump(&mut acked).await?;
+        self.note_acked(acked);
         Ok(())
+    }
+
+    /// Offsets the changelog acknowledged, for partitions still owned.
+    fn note_acked(&self, acked: BTreeMap<TopicPartition, i64>) {
+        if acked.is_empty() {
+            return;
+        }
+        let mut state = self.shared.lock();
+        for (tp, offset) in acked {
+            if state.settlements.epoch(&tp).is_some() {
+                state.acked.insert(tp, offset);
+            }
+        }
     }
 
     /// Replays the changelog of newly assigned partitions before any of their records is
@@ -513,7 +785,7 @@ impl DedupConsumer {
     async fn restore_assigned(&mut self) -> Result<(), MiddlewareError> {
         // Cloned, not taken: a cancelled `next()` (a timeout around it) must leave the
         // partitions waiting for their replay.
-        let partitions = locked(&self.to_restore).clone();
+        let partitions = self.shared.lock().to_restore.clone();
         if partitions.is_empty() {
             return Ok(());
         }
@@ -521,55 +793,63 @@ impl DedupConsumer {
             self.pump_changelog().await?;
         }
         if let Some(changelog) = &mut self.changelog {
-            changelog.restore(&self.store, &partitions).await?;
+            changelog.restore(&self.shared.store, &partitions).await?;
         }
-        let mut waiting = locked(&self.to_restore);
+        let mut state = self.shared.lock();
         for tp in &partitions {
-            waiting.remove(tp);
+            state.to_restore.remove(tp);
         }
         Ok(())
     }
 
-    /// Waits until the changelog acknowledged every mark written so far (no-op without a
+    /// Waits until the changelog acknowledged every mark settled so far (no-op without a
     /// changelog). Offsets are still committed only every `commit_interval`.
     ///
     /// # Errors
     /// The changelog's error.
     pub async fn flush_changelog(&mut self) -> Result<(), MiddlewareError> {
-        if self.changelog.is_none() {
+        if self.config.changelog.is_none() {
             return Ok(());
         }
+        self.pump_changelog().await?;
         if let Some(changelog) = &mut self.changelog {
-            changelog.flush(&mut self.settled).await?;
-            let mut acked = locked(&self.acked);
-            for (tp, offset) in &self.settled {
-                acked.insert(tp.clone(), *offset);
-            }
+            let mut acked = BTreeMap::new();
+            changelog.flush(&mut acked).await?;
+            self.note_acked(acked);
         }
         Ok(())
     }
 
-    /// The handler failed: the claim is released and the consumer seeks back, so the message
-    /// is handed out again.
-    ///
-    /// # Errors
-    /// The store's or the consumer's error.
-    pub fn failed(&mut self, mut fresh: Fresh) -> Result<(), MiddlewareError> {
-        if let Some(key) = fresh.key {
-            self.store.release(key)?;
-        }
-        fresh.settled = true;
-        let tp = fresh.record.topic_partition();
-        self.consumer.seek(&tp, fresh.record.offset)?;
-        Ok(())
+    /// What may be committed now: per partition the lowest offset not settled (with a
+    /// changelog: whose marks it acknowledged), where it moved since the last commit.
+    fn commit_offsets(&self) -> BTreeMap<TopicPartition, i64> {
+        let state = self.shared.lock();
+        let offsets = if self.shared.changelog {
+            state.acked.clone()
+        } else {
+            state.settlements.all_committable()
+        };
+        offsets
+            .into_iter()
+            .filter(|(tp, o)| self.committed.get(tp) != Some(o))
+            .collect()
     }
 
     fn maybe_commit(&mut self) {
-        if self.settled.is_empty() || self.last_commit.elapsed() < self.config.commit_interval {
+        if self.last_commit.elapsed() < self.config.commit_interval {
             return;
         }
         self.last_commit = Instant::now();
-        let offsets = std::mem::take(&mut self.settled);
+        let offsets = self.commit_offsets();
+        if offsets.is_empty() {
+            return;
+        }
+        // The marks behind these offsets must survive a power cut before the offsets leave.
+        if let Err(e) = self.shared.store.sync() {
+            tracing::warn!(error = %e, "store not synced; offsets not committed");
+            return;
+        }
+        self.committed.extend(offsets.clone());
         if let Err(e) = self.consumer.commit_async(offsets) {
             tracing::warn!(error = %e, "commit not sent");
         }
@@ -577,8 +857,9 @@ impl DedupConsumer {
 
     /// Counters.
     pub fn metrics(&self) -> MiddlewareMetrics {
-        let counts = self.store.counts();
-        let (keys_stored, bytes_on_disk) = self.store.size();
+        let store = &self.shared.store;
+        let counts = store.counts();
+        let (keys_stored, bytes_on_disk) = store.size();
         MiddlewareMetrics {
             fresh: counts.fresh,
             duplicates: counts.duplicates,
@@ -596,7 +877,8 @@ impl DedupConsumer {
         }
     }
 
-    /// Commits the settled offsets and closes the consumer (leaving the group).
+    /// Commits what is settled (records still in flight, or given back, are not: they come
+    /// again to the next owner) and closes the consumer (leaving the group).
     ///
     /// # Errors
     /// The commit's error.
@@ -607,10 +889,17 @@ impl DedupConsumer {
         if let Some(changelog) = self.changelog.take() {
             changelog.close().await;
         }
-        let offsets = std::mem::take(&mut self.settled);
+        let offsets = self.commit_offsets();
         if !offsets.is_empty() {
-            if let Err(e) = self.consumer.commit_offsets(&offsets).await {
-                tracing::warn!(error = %e, "final commit failed; the store's offsets still hold");
+            match self.shared.store.sync() {
+                Ok(()) => {
+                    if let Err(e) = self.consumer.commit_offsets(&offsets).await {
+                        tracing::warn!(error = %e, "final commit failed; the store's offsets still hold");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "store not synced; final offsets not committed")
+                }
             }
         }
         self.consumer.close().await?;

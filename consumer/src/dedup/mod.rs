@@ -32,6 +32,7 @@
 
 pub mod changelog;
 pub mod middleware;
+mod settlement;
 pub mod store;
 
 pub use changelog::{ChangelogConfig, ChangelogError, RestoreMetrics};

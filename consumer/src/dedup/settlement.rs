@@ -1,0 +1,253 @@
+//! Which records of each partition are settled, so that the offset committed to the group and
+//! recorded in the store is always the **lowest offset not yet settled**.
+//!
+//! The middleware reads records in offset order but hands them out as owned [`Fresh`]
+//! handles, which an application settles in any order (a task per message,
+//! `for_each_concurrent`). Committing "the offset after the record that settled last" would
+//! skip every record before it that is still in flight, failed, or lost to a crash. Here, per
+//! partition:
+//! - a record read and handed out is *outstanding* until it is settled (done, or dropped as a
+//!   duplicate at once);
+//! - the committable offset is the smallest outstanding offset, or, with none, the offset after
+//!   the last record read;
+//! - each ownership of a partition (from one assignment to its revocation) has its own
+//!   [`Epoch`]: a handle from an earlier ownership settles nothing here (its mark still counts,
+//!   its offset does not), so a partition that left and came back never commits from stale
+//!   state.
+//!
+//! Plain values and no I/O: the middleware feeds it and writes what it answers.
+//!
+//! [`Fresh`]: super::Fresh
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::assignor::TopicPartition;
+
+/// One ownership of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Epoch(u64);
+
+#[derive(Debug)]
+struct Track {
+    epoch: Epoch,
+    /// The offset after the last record read (`None` before the first).
+    read_to: Option<i64>,
+    /// Offsets handed out and not settled yet.
+    outstanding: BTreeSet<i64>,
+}
+
+impl Track {
+    fn committable(&self) -> Option<i64> {
+        match self.outstanding.first() {
+            Some(&lowest) => Some(lowest),
+            None => self.read_to,
+        }
+    }
+}
+
+/// The settlement state of every partition this member owns.
+#[derive(Debug, Default)]
+pub(crate) struct Settlements {
+    partitions: BTreeMap<TopicPartition, Track>,
+    next_epoch: u64,
+}
+
+impl Settlements {
+    /// The partition is (newly) ours: whatever was known about it is forgotten.
+    pub(crate) fn assign(&mut self, tp: &TopicPartition) -> Epoch {
+        let epoch = Epoch(self.next_epoch);
+        self.next_epoch += 1;
+        self.partitions.insert(
+            tp.clone(),
+            Track {
+                epoch,
+                read_to: None,
+                outstanding: BTreeSet::new(),
+            },
+        );
+        epoch
+    }
+
+    /// The partition is no longer ours.
+    pub(crate) fn revoke(&mut self, tp: &TopicPartition) {
+        self.partitions.remove(tp);
+    }
+
+    /// The current epoch of `tp`, if it is ours.
+    pub(crate) fn epoch(&self, tp: &TopicPartition) -> Option<Epoch> {
+        self.partitions.get(tp).map(|t| t.epoch)
+    }
+
+    /// A record at `offset` was read: handed out (`outstanding`) or settled at once (a
+    /// duplicate, a record rejected for having no key). A partition not known yet (manual
+    /// assignment, or a record that raced its assignment callback) is taken as assigned now.
+    pub(crate) fn read(&mut self, tp: &TopicPartition, offset: i64, outstanding: bool) -> Epoch {
+        if !self.partitions.contains_key(tp) {
+            self.assign(tp);
+        }
+        let Some(track) = self.partitions.get_mut(tp) else {
+            unreachable!("assigned just above");
+        };
+        let next = offset.saturating_add(1);
+        // A seek backwards re-reads records: the end already read does not move back.
+        track.read_to = Some(track.read_to.map_or(next, |r| r.max(next)));
+        if outstanding {
+            track.outstanding.insert(offset);
+        }
+        track.epoch
+    }
+
+    /// What [`Settlements::committable`] will be once `offset` (read in `epoch`) is settled;
+    /// `None` when `epoch` is not the partition's current one.
+    pub(crate) fn committable_after(
+        &self,
+        tp: &TopicPartition,
+        epoch: Epoch,
+        offset: i64,
+    ) -> Option<i64> {
+        let track = self.partitions.get(tp).filter(|t| t.epoch == epoch)?;
+        let lowest_other = track.outstanding.iter().copied().find(|&o| o != offset);
+        match lowest_other {
+            Some(lowest) => Some(lowest),
+            None => track.read_to,
+        }
+    }
+
+    /// `offset` (read in `epoch`) is settled; returns the partition's committable offset then,
+    /// or `None` when `epoch` is stale (nothing changes).
+    pub(crate) fn settle(&mut self, tp: &TopicPartition, epoch: Epoch, offset: i64) -> Option<i64> {
+        let track = self.partitions.get_mut(tp).filter(|t| t.epoch == epoch)?;
+        track.outstanding.remove(&offset);
+        track.committable()
+    }
+
+    /// The lowest offset not yet settled of `tp` (`None`: nothing read since it was assigned).
+    pub(crate) fn committable(&self, tp: &TopicPartition) -> Option<i64> {
+        self.partitions.get(tp).and_then(Track::committable)
+    }
+
+    /// [`Settlements::committable`] of every partition that has one.
+    pub(crate) fn all_committable(&self) -> BTreeMap<TopicPartition, i64> {
+        self.partitions
+            .iter()
+            .filter_map(|(tp, t)| t.committable().map(|o| (tp.clone(), o)))
+            .collect()
+    }
+
+    /// Records handed out and not settled, over all partitions.
+    pub(crate) fn outstanding(&self) -> usize {
+        self.partitions.values().map(|t| t.outstanding.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tp() -> TopicPartition {
+        ("t".to_string(), 0)
+    }
+
+    #[test]
+    fn the_committable_offset_stops_at_the_lowest_record_in_flight() {
+        let mut s = Settlements::default();
+        let e = s.assign(&tp());
+        assert_eq!(s.committable(&tp()), None);
+        s.read(&tp(), 0, true);
+        s.read(&tp(), 1, true);
+        assert_eq!(s.committable(&tp()), Some(0));
+        assert_eq!(s.committable_after(&tp(), e, 1), Some(0));
+        assert_eq!(s.settle(&tp(), e, 1), Some(0), "m1 settled, m0 in flight");
+        s.read(&tp(), 2, false); // a duplicate, settled at once
+        assert_eq!(
+            s.committable(&tp()),
+            Some(0),
+            "a duplicate does not pass m0"
+        );
+        assert_eq!(s.committable_after(&tp(), e, 0), Some(3));
+        assert_eq!(s.settle(&tp(), e, 0), Some(3));
+    }
+
+    #[test]
+    fn a_handle_from_an_earlier_ownership_settles_nothing() {
+        let mut s = Settlements::default();
+        let old = s.assign(&tp());
+        s.read(&tp(), 5, true);
+        s.revoke(&tp());
+        assert_eq!(s.settle(&tp(), old, 5), None);
+        let new = s.assign(&tp());
+        assert_ne!(old, new);
+        s.read(&tp(), 3, true);
+        assert_eq!(s.settle(&tp(), old, 3), None, "stale epoch");
+        assert_eq!(s.committable(&tp()), Some(3));
+        assert_eq!(s.settle(&tp(), new, 3), Some(4));
+    }
+
+    #[test]
+    fn a_seek_backwards_does_not_move_the_end_read_back() {
+        let mut s = Settlements::default();
+        let e = s.assign(&tp());
+        for o in 0..5 {
+            s.read(&tp(), o, false);
+        }
+        assert_eq!(s.committable(&tp()), Some(5));
+        s.read(&tp(), 2, false); // re-read after a seek to 2: a duplicate
+        assert_eq!(s.committable(&tp()), Some(5));
+        s.read(&tp(), 3, true); // re-read and handed out again
+        assert_eq!(s.committable(&tp()), Some(3));
+        assert_eq!(s.settle(&tp(), e, 3), Some(5));
+    }
+
+    proptest! {
+        /// Against a model: records 0..n read in order, each handed out or settled at once,
+        /// settled in a random order. The committable offset is always the lowest offset not
+        /// settled (or the end read), it never moves backwards, and every offset below it is
+        /// settled.
+        #[test]
+        fn the_committable_offset_is_the_lowest_unsettled(
+            handed in proptest::collection::vec(any::<bool>(), 1..40),
+            order in proptest::collection::vec(any::<proptest::sample::Index>(), 0..80),
+            interleave in proptest::collection::vec(any::<bool>(), 0..120),
+        ) {
+            let mut s = Settlements::default();
+            let e = s.assign(&tp());
+            let n = handed.len();
+            let mut settled = vec![false; n];
+            let mut read = 0usize;
+            let mut in_flight: Vec<i64> = Vec::new();
+            let mut last: Option<i64> = None;
+            let mut steps = interleave.into_iter();
+            let mut picks = order.into_iter();
+            loop {
+                let read_next = steps.next().unwrap_or(true);
+                if read_next && read < n {
+                    let offset = i64::try_from(read).unwrap_or(i64::MAX);
+                    s.read(&tp(), offset, handed[read]);
+                    if handed[read] { in_flight.push(offset) } else { settled[read] = true }
+                    read += 1;
+                } else if !in_flight.is_empty() {
+                    let i = picks.next().map_or(0, |p| p.index(in_flight.len()));
+                    let offset = in_flight.swap_remove(i);
+                    let predicted = s.committable_after(&tp(), e, offset);
+                    let now = s.settle(&tp(), e, offset);
+                    prop_assert_eq!(predicted, now);
+                    settled[usize::try_from(offset).unwrap_or(usize::MAX)] = true;
+                } else if read >= n {
+                    break;
+                }
+                let got = s.committable(&tp());
+                if read == 0 {
+                    prop_assert_eq!(got, None);
+                    continue;
+                }
+                let want = settled[..read].iter().position(|done| !done).unwrap_or(read);
+                prop_assert_eq!(got, Some(i64::try_from(want).unwrap_or(i64::MAX)));
+                prop_assert!(last <= got, "moved backwards: {:?} -> {:?}", last, got);
+                last = got;
+            }
+            prop_assert_eq!(s.outstanding(), 0);
+            prop_assert_eq!(s.committable(&tp()), Some(i64::try_from(n).unwrap_or(i64::MAX)));
+        }
+    }
+}

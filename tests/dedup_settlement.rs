@@ -1,0 +1,336 @@
+//! Settling out of order: `Fresh` handles are owned values, so an application handles several
+//! at once and they settle in any order. Whatever the order, and whether a handle is settled,
+//! dropped (a panicking handler) or lost to a crash, a record that was not settled must be
+//! delivered again, to this member or the next one: the offset committed to the group and
+//! recorded in the store is the lowest offset not yet settled, never the offset after the
+//! last record that happened to settle.
+//!
+//! One partition, messages `m0..m9` (some tests add a resent `m1`); a first member takes m0
+//! and m1, settles m1 only, then closes or crashes; a new member with the same store and
+//! group reads the partition to its end. It must handle m0, and must not handle m1 again.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use common::TestBroker;
+use common::child::PATIENCE;
+use common::proxy::{FaultPlan, FaultProxy};
+use semel::consumer::dedup::{DedupConfig, DedupConsumer, DedupStore, Fresh, MiddlewareConfig};
+use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig, Strategy};
+use semel::producer::{Producer, ProducerConfig, ProducerRecord};
+
+fn consumer_config(bootstrap: &str, group: &str) -> ConsumerConfig {
+    ConsumerConfig {
+        bootstrap_servers: vec![bootstrap.to_string()],
+        group_id: Some(group.to_string()),
+        // A static member: the next member takes the crashed one's place at once.
+        group_instance_id: Some(format!("{group}-member")),
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        session_timeout: Duration::from_secs(6),
+        heartbeat_interval: Duration::from_millis(300),
+        fetch_max_wait: Duration::from_millis(50),
+        partition_assignment_strategy: vec![Strategy::Range],
+        ..ConsumerConfig::default()
+    }
+}
+
+fn middleware() -> MiddlewareConfig {
+    MiddlewareConfig {
+        // Commits as often as it can: a commit past an unsettled record has every chance.
+        commit_interval: Duration::from_millis(1),
+        changelog: None,
+        ..MiddlewareConfig::default()
+    }
+}
+
+/// Sends `ids` in this order to partition 0 of `topic`; returns the end offset.
+async fn send(bootstrap: &str, topic: &str, ids: &[&str]) -> anyhow::Result<i64> {
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![bootstrap.to_string()],
+        ..ProducerConfig::default()
+    })
+    .await?;
+    let mut end = 0;
+    for id in ids {
+        let record = ProducerRecord::new(topic, id.to_string())
+            .partition(0)
+            .header("semel-msg-id", id.to_string());
+        end = producer.send(record).await?.await?.offset + 1;
+    }
+    producer.close().await;
+    Ok(end)
+}
+
+async fn member(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    store: &Arc<DedupStore>,
+) -> anyhow::Result<DedupConsumer> {
+    let mut consumer = Consumer::connect(consumer_config(bootstrap, group)).await?;
+    consumer.subscribe([topic])?;
+    Ok(DedupConsumer::new(
+        consumer,
+        Arc::clone(store),
+        middleware(),
+    )?)
+}
+
+async fn next(dedup: &mut DedupConsumer) -> anyhow::Result<Fresh> {
+    tokio::time::timeout(PATIENCE, dedup.next())
+        .await
+        .context("no record within PATIENCE")?
+        .map_err(Into::into)
+}
+
+fn id(fresh: &Fresh) -> String {
+    String::from_utf8_lossy(fresh.record.value.as_deref().unwrap_or_default()).into_owned()
+}
+
+/// A new member with the same store and group reads to `end`; returns how often it handled
+/// each id.
+async fn handled_by_the_next_member(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    store_path: &Path,
+    end: i64,
+) -> anyhow::Result<BTreeMap<String, u32>> {
+    let store = Arc::new(DedupStore::open(DedupConfig::new(store_path))?);
+    let mut dedup = member(bootstrap, group, topic, &store).await?;
+    let mut handled: BTreeMap<String, u32> = BTreeMap::new();
+    let started = Instant::now();
+    while dedup
+        .position(&(topic.to_string(), 0))
+        .is_none_or(|p| p < end)
+    {
+        ensure!(
+            started.elapsed() < PATIENCE,
+            "the next member never read to {end}: position {:?}, handled {handled:?}",
+            dedup.position(&(topic.to_string(), 0))
+        );
+        if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
+            let fresh = fresh?;
+            *handled.entry(id(&fresh)).or_default() += 1;
+            dedup.done(fresh, |_| {})?;
+        }
+    }
+    dedup.close().await?;
+    Ok(handled)
+}
+
+fn ids(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|n| format!("m{n}")).collect()
+}
+
+/// What the next member must have handled: m0, and m2..m9, each once; not m1.
+fn check(handled: &BTreeMap<String, u32>) -> anyhow::Result<()> {
+    let mut want: BTreeMap<String, u32> = ids(2..10).into_iter().map(|id| (id, 1)).collect();
+    want.insert("m0".into(), 1);
+    ensure!(
+        *handled == want,
+        "the next member handled {handled:?}; want m0 and m2..m9 once each (m1 was settled)"
+    );
+    Ok(())
+}
+
+/// How the first member ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// m0's handle is dropped unsettled, then `close()`.
+    DropThenClose,
+    /// m0's handle is still held when the process "crashes" (everything dropped, no commit
+    /// and no LeaveGroup), after a few more commit chances.
+    Crash,
+}
+
+async fn first_member_settles_m1_only(
+    topic: &str,
+    messages: &[&str],
+    end_how: End,
+    take_a_duplicate: bool,
+) -> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let bootstrap = broker.bootstrap();
+    let group = format!("{topic}-group");
+    let end = send(&bootstrap, topic, messages).await?;
+    let dir = tempfile::tempdir()?;
+    let store_path = dir.path().join("store");
+    {
+        let store = Arc::new(DedupStore::open(DedupConfig::new(&store_path))?);
+        let mut dedup = member(&bootstrap, &group, topic, &store).await?;
+        let m0 = next(&mut dedup).await?;
+        ensure!(id(&m0) == "m0", "first record {}", id(&m0));
+        let m1 = next(&mut dedup).await?;
+        ensure!(id(&m1) == "m1", "second record {}", id(&m1));
+        dedup.done(m1, |_| {})?;
+        if take_a_duplicate {
+            // The resent m1 is dropped on the way to m2; m0 is still in flight.
+            let m2 = next(&mut dedup).await?;
+            ensure!(id(&m2) == "m2", "after the resent m1: {}", id(&m2));
+            ensure!(
+                dedup.metrics().duplicates == 1,
+                "the resent m1 was not dropped"
+            );
+            dedup.done(m2, |_| {})?;
+        }
+        match end_how {
+            End::DropThenClose => {
+                drop(m0); // a handler that panicked
+                dedup.close().await?;
+            }
+            End::Crash => {
+                // More chances to commit (the commit interval is 1 ms), m0 still held.
+                for _ in 0..3 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let _ = tokio::time::timeout(Duration::from_millis(100), dedup.next()).await;
+                }
+                // The crash: no commit, no LeaveGroup. (m0's handle goes last; a real crash
+                // would leave its claim to expire instead of releasing it.)
+                drop(dedup);
+                drop(m0);
+            }
+        }
+    }
+    let handled = handled_by_the_next_member(&bootstrap, &group, topic, &store_path, end).await?;
+    if take_a_duplicate {
+        let mut want: BTreeMap<String, u32> = ids(3..10).into_iter().map(|id| (id, 1)).collect();
+        want.insert("m0".into(), 1);
+        ensure!(
+            handled == want,
+            "the next member handled {handled:?}; want m0 and m3..m9 once each (m1, its resend \
+             and m2 were settled)"
+        );
+        return Ok(());
+    }
+    check(&handled)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_handle_before_a_settled_one_is_delivered_again_after_close() -> anyhow::Result<()>
+{
+    let messages = ids(0..10);
+    let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
+    first_member_settles_m1_only("settle-drop-close", &messages, End::DropThenClose, false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_still_held_at_a_crash_is_delivered_again() -> anyhow::Result<()> {
+    let messages = ids(0..10);
+    let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
+    first_member_settles_m1_only("settle-crash", &messages, End::Crash, false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_dropped_while_an_earlier_record_is_in_flight_does_not_settle_past_it()
+-> anyhow::Result<()> {
+    let mut messages = vec!["m0".to_string(), "m1".into(), "m1".into()];
+    messages.extend(ids(2..10));
+    let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
+    first_member_settles_m1_only("settle-duplicate", &messages, End::Crash, true).await
+}
+
+/// Defect: marks and offsets were never synced before the offsets left the process, so after
+/// a power cut the group's offset could be past records whose marks (and the handler's state)
+/// were lost. Here a proxy looks at every OffsetCommit as it leaves the client: each
+/// committed offset's marks must already be durable (the store's write counter at the time
+/// the record was settled is at most its synced counter at the time the commit is seen).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_offset_commit_leaves_after_the_marks_it_covers_are_synced() -> anyhow::Result<()> {
+    use kafka_protocol::messages::{OffsetCommitRequest, RequestHeader};
+    use kafka_protocol::protocol::Decodable;
+
+    let proxy = FaultProxy::start(FaultPlan::default()).await?;
+    let advertised = proxy.addr().to_string();
+    let broker = TestBroker::start_with(|c| c.advertised_listener = Some(advertised)).await?;
+    proxy.set_upstream(broker.addr());
+    let bootstrap = proxy.addr().to_string();
+    let topic = "synced-commits";
+    let messages = ids(0..200);
+    let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
+    let end = send(&bootstrap, topic, &refs).await?;
+
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(DedupStore::open(DedupConfig::new(
+        dir.path().join("store"),
+    ))?);
+    // offset + 1 -> the store's write count once that record was settled.
+    let settled_at: Arc<Mutex<BTreeMap<i64, u64>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    proxy.on_request({
+        let (store, settled_at, seen) = (
+            Arc::clone(&store),
+            Arc::clone(&settled_at),
+            Arc::clone(&seen),
+        );
+        Arc::new(move |api_key, frame| {
+            const OFFSET_COMMIT: i16 = 8;
+            if api_key != OFFSET_COMMIT {
+                return;
+            }
+            let durable = store.durable_writes();
+            let mut body = bytes::Bytes::copy_from_slice(&frame[4..]);
+            let version = i16::from_be_bytes([frame[6], frame[7]]);
+            let Ok(_header) = RequestHeader::decode(&mut body, 2) else {
+                seen.lock().expect("seen").push("undecodable header".into());
+                return;
+            };
+            let Ok(request) = OffsetCommitRequest::decode(&mut body, version) else {
+                seen.lock()
+                    .expect("seen")
+                    .push("undecodable OffsetCommit".into());
+                return;
+            };
+            let settled_at = settled_at.lock().expect("settled");
+            for t in &request.topics {
+                for p in &t.partitions {
+                    let needed = settled_at
+                        .range(..=p.committed_offset)
+                        .next_back()
+                        .map_or(0, |(_, w)| *w);
+                    seen.lock().expect("seen").push(if needed <= durable {
+                        "ok".into()
+                    } else {
+                        format!(
+                            "offset {} left with {durable} writes synced; its marks need {needed}",
+                            p.committed_offset
+                        )
+                    });
+                }
+            }
+        })
+    });
+    let mut dedup = member(&bootstrap, "synced-commits-group", topic, &store).await?;
+    let started = Instant::now();
+    while dedup
+        .position(&(topic.to_string(), 0))
+        .is_none_or(|p| p < end)
+    {
+        ensure!(started.elapsed() < PATIENCE, "never read to {end}");
+        if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
+            let fresh = fresh?;
+            let next = fresh.record.offset + 1;
+            dedup.done(fresh, |_| {})?;
+            settled_at
+                .lock()
+                .expect("settled")
+                .insert(next, store.writes());
+        }
+    }
+    dedup.close().await?;
+    let seen = seen.lock().expect("seen").clone();
+    ensure!(!seen.is_empty(), "no OffsetCommit went through the proxy");
+    let bad: Vec<&String> = seen.iter().filter(|s| *s != "ok").collect();
+    ensure!(
+        bad.is_empty(),
+        "{} of {} commits left too early: {bad:?}",
+        bad.len(),
+        seen.len()
+    );
+    Ok(())
+}
