@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use semel::consumer::dedup::{Claim, DedupConfig, DedupStore, KeyHash};
+use semel::consumer::dedup::{Claim, ClaimToken, DedupConfig, DedupStore, KeyHash};
 
 /// Dedup store benchmark.
 #[derive(Debug, Parser)]
@@ -239,9 +239,12 @@ fn main() -> anyhow::Result<()> {
     if batch == 1 {
         for n in 0..args.keys {
             let k = key(n);
-            anyhow::ensure!(store.claim(k)? == Claim::Fresh, "key {n} not fresh");
+            let Claim::Fresh(token) = store.claim(k)? else {
+                anyhow::bail!("key {n} not fresh");
+            };
             store.mark_done(
                 k,
+                token,
                 Some(("bench", "payments", 0, i64::try_from(n)? + 1)),
                 |_| {},
             )?;
@@ -253,13 +256,18 @@ fn main() -> anyhow::Result<()> {
             keys.clear();
             keys.extend((n..(n + batch as u64).min(args.keys)).map(key));
             let outcomes = store.claim_many(&keys)?;
-            anyhow::ensure!(
-                outcomes.iter().all(|c| *c == Claim::Fresh),
-                "keys from {n} not fresh"
-            );
+            let claims: Vec<(KeyHash, ClaimToken)> = keys
+                .iter()
+                .zip(&outcomes)
+                .filter_map(|(k, c)| match c {
+                    Claim::Fresh(token) => Some((*k, *token)),
+                    _ => None,
+                })
+                .collect();
+            anyhow::ensure!(claims.len() == keys.len(), "keys from {n} not fresh");
             n += keys.len() as u64;
             store.mark_done_many(
-                &keys,
+                &claims,
                 Some(("bench", "payments", 0, i64::try_from(n)?)),
                 |_| {},
             )?;

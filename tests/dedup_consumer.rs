@@ -1,7 +1,8 @@
 //! The dedup middleware end to end:
 //! - a consumer process that keeps a ledger (a count per message id) through the store's
 //!   atomic batch is `kill -9`ed at random points many times while a producer keeps sending
-//!   (and resends some messages): every id is counted exactly once. The same run with a plain
+//!   (and resends some messages): every id is counted exactly once, with one handler and with
+//!   eight on their own tasks settling in any order (some failing, some dropped). The same run with a plain
 //!   consumer (ledger in a file, offsets committed every 100 ms) counts some ids twice;
 //! - a side effect outside the batch (a file append) before a crash happens twice
 //!   (at-least-once) while the batch ledger counts once (exactly-once);
@@ -117,6 +118,9 @@ async fn child_main() -> anyhow::Result<()> {
         ..DedupConfig::new(env("SEMEL_STORE")?)
     })?);
     let mut dedup = DedupConsumer::new(consumer, Arc::clone(&store), MiddlewareConfig::default())?;
+    if env("SEMEL_MODE")? == "concurrent" {
+        return concurrent_handlers(dedup, store, &reached).await;
+    }
     loop {
         let fresh = match tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
             Ok(fresh) => fresh?,
@@ -143,6 +147,61 @@ async fn child_main() -> anyhow::Result<()> {
             dedup.close().await?;
             return Ok(());
         }
+    }
+}
+
+/// Whether every partition's position reached the end offset it was given.
+type Reached<'a> = dyn Fn(&dyn Fn(&(String, i32)) -> Option<i64>) -> bool + 'a;
+
+/// Up to 8 handlers at once, each on its own task, each taking a pseudo-random 0-15 ms, so
+/// they settle in any order; every 17th attempt fails (`failed`) and every 23rd handle is
+/// dropped unsettled (a panicking handler). Each id's count goes through the batch.
+async fn concurrent_handlers(
+    mut dedup: DedupConsumer,
+    store: Arc<DedupStore>,
+    reached: &Reached<'_>,
+) -> anyhow::Result<()> {
+    let mut tasks: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
+    let mut attempts: u64 = 0;
+    loop {
+        while tasks.len() >= 8 {
+            if let Some(done) = tasks.join_next().await {
+                done??;
+            }
+        }
+        while let Some(done) = tasks.try_join_next() {
+            done??;
+        }
+        let fresh = match tokio::time::timeout(Duration::from_millis(100), dedup.next()).await {
+            Ok(fresh) => fresh?,
+            Err(_) => {
+                if tasks.is_empty() && dedup.in_flight() == 0 && reached(&|tp| dedup.position(tp)) {
+                    dedup.close().await?;
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        attempts += 1;
+        let attempt = attempts;
+        let store = Arc::clone(&store);
+        tasks.spawn(async move {
+            let pause = (attempt.wrapping_mul(2_654_435_761) >> 7) % 16;
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            if attempt % 17 == 0 {
+                fresh.failed()?;
+                return Ok(());
+            }
+            if attempt % 23 == 0 {
+                drop(fresh);
+                return Ok(());
+            }
+            let id = String::from_utf8_lossy(fresh.record.value.as_deref().unwrap_or_default())
+                .into_owned();
+            let count = count_of(&store, &id)? + 1;
+            fresh.done(|state| state.put(&ledger_key(&id), &count.to_be_bytes()))?;
+            Ok(())
+        });
     }
 }
 
@@ -271,6 +330,19 @@ async fn a_ledger_kept_through_the_store_counts_every_message_once_across_kill_9
     );
     ensure!(kills >= 10, "only {kills} kills");
     ensure!(twice.is_empty(), "counted other than once: {twice:?}");
+
+    // Eight handlers at once, settling in any order, some failing or dropped, same kills.
+    let (counts, kills, ids) = crash_run("concurrent").await?;
+    let twice: Vec<(&String, &u32)> = counts.iter().filter(|(_, n)| **n != 1).collect();
+    eprintln!(
+        "concurrent: {ids} ids, {kills} kill -9s, counted other than once: {}",
+        twice.len()
+    );
+    ensure!(kills >= 10, "only {kills} kills");
+    ensure!(
+        twice.is_empty(),
+        "concurrent: counted other than once: {twice:?}"
+    );
 
     // The same load and kills without the store: double counts.
     let (counts, kills, ids) = crash_run("plain").await?;

@@ -334,3 +334,58 @@ async fn every_offset_commit_leaves_after_the_marks_it_covers_are_synced() -> an
     );
     Ok(())
 }
+
+/// A handler slower than `claim_lease`: the same message id comes again (a resend), and the
+/// middleware reclaims it once the lease has run out. Both handlers then settle, adding to a
+/// count through the batch. The count must be 1: the first handler's claim was taken over, so
+/// its `done` is refused and its state write not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_whose_lease_ran_out_cannot_settle_after_another_took_the_claim()
+-> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let bootstrap = broker.bootstrap();
+    let topic = "slow-handler";
+    // m0, then m0 resent, then m1.
+    send(&bootstrap, topic, &["m0", "m0", "m1"]).await?;
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(DedupStore::open(DedupConfig {
+        claim_lease: Duration::from_millis(300),
+        ..DedupConfig::new(dir.path().join("store"))
+    })?);
+    let count = |store: &DedupStore| -> anyhow::Result<u32> {
+        Ok(match store.state(b"count/m0")? {
+            Some(bytes) => u32::from_be_bytes(bytes.as_slice().try_into()?),
+            None => 0,
+        })
+    };
+    let mut dedup = member(&bootstrap, "slow-handler-group", topic, &store).await?;
+    let slow = next(&mut dedup).await?;
+    ensure!(
+        slow.record.offset == 0,
+        "first record at {}",
+        slow.record.offset
+    );
+    // The resend: its claim is in progress until the slow handler's lease runs out.
+    let fast = next(&mut dedup).await?;
+    ensure!(
+        fast.record.offset == 1 && fast.reclaimed(),
+        "the resend at offset {} (reclaimed: {})",
+        fast.record.offset,
+        fast.reclaimed()
+    );
+    let before = count(&store)?;
+    dedup.done(fast, |state| {
+        state.put(b"count/m0", &(before + 1).to_be_bytes());
+    })?;
+    let before = count(&store)?;
+    let late = dedup.done(slow, |state| {
+        state.put(b"count/m0", &(before + 1).to_be_bytes());
+    });
+    ensure!(
+        late.is_err(),
+        "the handler whose claim was taken over settled too (count now {})",
+        count(&store)?
+    );
+    ensure!(count(&store)? == 1, "m0 counted {} times", count(&store)?);
+    Ok(())
+}

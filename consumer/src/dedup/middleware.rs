@@ -42,7 +42,7 @@ use tokio::time::Instant;
 
 use super::changelog::{Changelog, ChangelogConfig, ChangelogError, RestoreMetrics};
 use super::settlement::{Epoch, Settlements};
-use super::store::{Claim, DedupError, DedupStore, KeyHash, StateBatch};
+use super::store::{Claim, ClaimToken, DedupError, DedupStore, KeyHash, StateBatch};
 use crate::assignor::TopicPartition;
 use crate::consumer::{Consumer, RebalanceContext, RebalanceListener};
 use crate::record::{ConsumerError, ConsumerRecord};
@@ -179,7 +179,8 @@ pub struct MiddlewareMetrics {
 pub struct Fresh {
     /// The record.
     pub record: ConsumerRecord,
-    key: Option<KeyHash>,
+    /// The message key's hash and this handle's claim on it (`None`: passed without a key).
+    claim: Option<(KeyHash, ClaimToken)>,
     reclaimed: bool,
     epoch: Epoch,
     shared: Arc<Shared>,
@@ -189,7 +190,7 @@ pub struct Fresh {
 impl Fresh {
     /// The message key's hash (`None` for a record passed without key).
     pub fn key(&self) -> Option<KeyHash> {
-        self.key
+        self.claim.map(|(key, _)| key)
     }
 
     /// Whether an earlier handler claimed it and crashed (its lease expired): a side effect
@@ -204,6 +205,9 @@ impl Fresh {
     ///
     /// # Errors
     /// The store's error: nothing was written, and the record will be handed out again.
+    /// `Store(DedupError::LeaseLost)` when this handler's lease ran out and another handler
+    /// claimed the key since: `state` was not applied (the record counts once, through the
+    /// current holder).
     pub fn done(mut self, state: impl FnOnce(&mut StateBatch<'_>)) -> Result<(), MiddlewareError> {
         self.settled = true;
         let shared = Arc::clone(&self.shared);
@@ -216,13 +220,13 @@ impl Fresh {
             .settlements
             .committable_after(&tp, self.epoch, record.offset);
         let written = shared.store.mark_done_many(
-            self.key.as_slice(),
+            self.claim.as_slice(),
             offset.map(|o| (shared.group.as_str(), &*record.topic, record.partition, o)),
             state,
         );
         if let Err(e) = written {
             drop(inner);
-            if let Err(release) = shared.give_back(record, self.key, self.epoch) {
+            if let Err(release) = shared.give_back(record, self.claim, self.epoch) {
                 tracing::warn!(error = %release, "claim not released; the record comes again once its lease ends");
             }
             return Err(e.into());
@@ -233,7 +237,7 @@ impl Fresh {
                 partition: tp,
                 record_offset: record.offset,
                 release: released,
-                key: self.key,
+                key: self.key(),
             });
         }
         drop(inner);
@@ -249,7 +253,8 @@ impl Fresh {
     /// lease has ended).
     pub fn failed(mut self) -> Result<(), MiddlewareError> {
         self.settled = true;
-        self.shared.give_back(&self.record, self.key, self.epoch)?;
+        self.shared
+            .give_back(&self.record, self.claim, self.epoch)?;
         Ok(())
     }
 }
@@ -258,7 +263,7 @@ impl Drop for Fresh {
     fn drop(&mut self) {
         if !self.settled {
             tracing::warn!(topic = %self.record.topic, partition = self.record.partition, offset = self.record.offset, "a claimed record was dropped unsettled; handing it out again");
-            if let Err(e) = self.shared.give_back(&self.record, self.key, self.epoch) {
+            if let Err(e) = self.shared.give_back(&self.record, self.claim, self.epoch) {
                 tracing::warn!(error = %e, "claim not released; the record comes again once its lease ends");
             }
         }
@@ -314,15 +319,17 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Releases `key`'s claim and queues the record to be handed out again, if its partition
-    /// is still owned by the same assignment (otherwise the next owner reads it).
+    /// Releases the claim (if it is still this handle's) and queues the record to be handed
+    /// out again, if its partition is still owned by the same assignment (otherwise the next
+    /// owner reads it).
     fn give_back(
         &self,
         record: &ConsumerRecord,
-        key: Option<KeyHash>,
+        claim: Option<(KeyHash, ClaimToken)>,
         epoch: Epoch,
     ) -> Result<(), DedupError> {
-        let released = key.map_or(Ok(()), |key| self.store.release(key));
+        let released = claim.map_or(Ok(()), |(key, token)| self.store.release(key, token));
+        let key = claim.map(|(key, _)| key);
         let tp = record.topic_partition();
         let mut state = self.lock();
         if state.settlements.epoch(&tp) == Some(epoch) {
@@ -535,7 +542,7 @@ impl DedupConsumer {
                 }
             };
             match self.shared.store.claim(candidate.key)? {
-                outcome @ (Claim::Fresh | Claim::Reclaimed) => {
+                outcome @ (Claim::Fresh(token) | Claim::Reclaimed(token)) => {
                     let Candidate { record, key, epoch } = candidate;
                     let epoch = match epoch {
                         Some(epoch) => epoch,
@@ -545,7 +552,8 @@ impl DedupConsumer {
                             true,
                         ),
                     };
-                    return Ok(self.fresh(record, Some(key), epoch, outcome == Claim::Reclaimed));
+                    let reclaimed = matches!(outcome, Claim::Reclaimed(_));
+                    return Ok(self.fresh(record, Some((key, token)), epoch, reclaimed));
                 }
                 Claim::Duplicate => {
                     tracing::debug!(topic = %candidate.record.topic, partition = candidate.record.partition, offset = candidate.record.offset, "duplicate dropped");
@@ -688,13 +696,13 @@ impl DedupConsumer {
     fn fresh(
         &self,
         record: ConsumerRecord,
-        key: Option<KeyHash>,
+        claim: Option<(KeyHash, ClaimToken)>,
         epoch: Epoch,
         reclaimed: bool,
     ) -> Fresh {
         Fresh {
             record,
-            key,
+            claim,
             reclaimed,
             epoch,
             shared: Arc::clone(&self.shared),

@@ -5,21 +5,24 @@
 //! follow a partition to a consumer on another host.
 //!
 //! Standalone use with any consumer (rdkafka, for example): for each message, compute its
-//! [`KeyHash`], [`DedupStore::claim`] it, handle it only on `Fresh`/`Reclaimed`, then
-//! [`DedupStore::mark_done`] (with the next offset, and the handler's own state writes in
-//! the same atomic batch) or [`DedupStore::release`] on failure.
+//! [`KeyHash`], [`DedupStore::claim`] it, handle it only on `Fresh`/`Reclaimed` (which carry
+//! the claim's token), then [`DedupStore::mark_done`] with that token (with the next offset,
+//! and the handler's own state writes in the same atomic batch) or [`DedupStore::release`] on
+//! failure. A handler whose claim was taken over after its lease ran out gets
+//! `DedupError::LeaseLost`, and its batch is not applied.
 //!
 //! ```ignore
 //! // With the rdkafka crate (not compiled here):
 //! let key = KeyHash::new("billing", message.topic(), message.key().unwrap_or_default());
 //! match store.claim(key)? {
-//!     Claim::Fresh | Claim::Reclaimed => match handle(&message) {
+//!     Claim::Fresh(token) | Claim::Reclaimed(token) => match handle(&message) {
 //!         Ok(()) => store.mark_done(
 //!             key,
+//!             token,
 //!             Some(("billing", message.topic(), message.partition(), message.offset() + 1)),
 //!             |state| state.put(b"balance", &new_balance),
 //!         )?,
-//!         Err(_) => store.release(key)?,
+//!         Err(_) => store.release(key, token)?,
 //!     },
 //!     Claim::Duplicate => {}                       // already handled: skip
 //!     Claim::InProgress { .. } => { /* another handler has it; retry later */ }
@@ -40,4 +43,6 @@ pub use middleware::{
     DedupConsumer, Fresh, KeyFn, KeySource, MiddlewareConfig, MiddlewareError, MiddlewareMetrics,
     MissingKey,
 };
-pub use store::{Claim, DedupConfig, DedupCounts, DedupError, DedupStore, KeyHash, StateBatch};
+pub use store::{
+    Check, Claim, ClaimToken, DedupConfig, DedupCounts, DedupError, DedupStore, KeyHash, StateBatch,
+};

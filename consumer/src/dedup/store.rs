@@ -43,6 +43,8 @@ const FORMAT_VERSION: u8 = 1;
 const OFFSETS: &str = "offsets";
 const STATE: &str = "state";
 const MARKS_PREFIX: &str = "marks-";
+/// In the default column family: the bucket width the store was created with.
+const BUCKET_WIDTH_KEY: &[u8] = b"semel/bucket-width-ms";
 
 /// Store settings.
 #[derive(Debug, Clone)]
@@ -79,18 +81,51 @@ impl DedupConfig {
     }
 }
 
-/// What the store says about a key.
+/// What [`DedupStore::claim`] says about a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
-    /// Never handled (or forgotten after the window): the caller now holds the claim.
-    Fresh,
-    /// A claim whose lease expired (its handler crashed) was taken over: handle it again.
-    Reclaimed,
+    /// Never handled (or forgotten after the window): the caller now holds the claim, and
+    /// settles it with this token.
+    Fresh(ClaimToken),
+    /// A claim whose lease expired (its handler crashed, or is too slow) was taken over:
+    /// handle it again, and settle it with this token. The earlier holder's token no longer
+    /// settles anything.
+    Reclaimed(ClaimToken),
     /// Already handled within the window: drop the message.
     Duplicate,
     /// Another handler holds a live claim.
     InProgress {
         /// When that claim's lease ends (ms since the epoch).
+        until_ms: i64,
+    },
+}
+
+impl Claim {
+    /// The token, when the caller now holds the claim (`Fresh` or `Reclaimed`).
+    pub fn token(self) -> Option<ClaimToken> {
+        match self {
+            Self::Fresh(token) | Self::Reclaimed(token) => Some(token),
+            Self::Duplicate | Self::InProgress { .. } => None,
+        }
+    }
+}
+
+/// Identifies one claim of one key: [`DedupStore::mark_done`] and [`DedupStore::release`]
+/// act only for the claim's current holder. A handler whose lease ran out and whose key was
+/// claimed again gets [`DedupError::LeaseLost`], and its batch is not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClaimToken(u64);
+
+/// What [`DedupStore::check`] says about a key (it claims nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Not handled within the window, and not claimed (or its claim expired).
+    Unhandled,
+    /// Handled within the window.
+    Handled,
+    /// A handler holds a live claim.
+    Claimed {
+        /// When the claim's lease ends (ms since the epoch).
         until_ms: i64,
     },
 }
@@ -117,6 +152,18 @@ pub enum DedupError {
         /// Why.
         reason: String,
     },
+    /// The claim was taken over after its lease ran out (or the key was marked done from a
+    /// changelog): this handler's batch was not applied, so the record counts once, through
+    /// whoever holds the claim now.
+    #[error(
+        "dedup store {path}: the claim on key {key} is no longer this handler's (its lease ran out and the key was claimed again, or it was marked done elsewhere); the batch was not applied"
+    )]
+    LeaseLost {
+        /// The path.
+        path: PathBuf,
+        /// The key, in hex.
+        key: String,
+    },
     /// RocksDB failed (I/O, a full disk, a corrupt file).
     #[error("dedup store {path}: {source}")]
     Storage {
@@ -130,14 +177,46 @@ pub enum DedupError {
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 enum MarkState {
-    Claimed { until_ms: i64 },
-    Done { at_ms: i64 },
+    /// A claim written before claims had tokens: no token settles it; it can only expire.
+    Claimed {
+        until_ms: i64,
+    },
+    Done {
+        at_ms: i64,
+    },
+    /// A claim and its holder's token. (A new variant, last: older marks still decode.)
+    ClaimedBy {
+        until_ms: i64,
+        token: u64,
+    },
+}
+
+impl MarkState {
+    /// When the claim's lease ends, for a claim.
+    fn claimed_until(&self) -> Option<i64> {
+        match self {
+            Self::Claimed { until_ms } | Self::ClaimedBy { until_ms, .. } => Some(*until_ms),
+            Self::Done { .. } => None,
+        }
+    }
+
+    fn held_by(&self, token: ClaimToken) -> bool {
+        matches!(self, Self::ClaimedBy { token: t, .. } if *t == token.0)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Mark {
     version: u8,
     state: MarkState,
+}
+
+/// The bucket width, kept with the store: buckets are named by their start only, so a
+/// different width at a later open (a changed window) must not change how they expire.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredWidth {
+    version: u8,
+    width_ms: i64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -224,6 +303,12 @@ pub struct DedupStore {
     /// Serialises read-modify-write of marks (claim, release) and bucket changes.
     lock: Mutex<Inner>,
     cache: Cache,
+    /// The next claim token: seeded from the clock at open, so tokens of a crashed earlier
+    /// process are not handed out again.
+    next_token: AtomicU64,
+    /// Width of the mark buckets (ms): from the store when it has one, else `window / 2` of
+    /// the config that created it.
+    bucket_width_ms: i64,
     /// Batches written, counted once they are in the write-ahead log.
     writes: AtomicU64,
     /// Of those, how many a sync covered.
@@ -299,6 +384,7 @@ impl DedupStore {
             })
             .collect();
         buckets.sort_by_key(|b| std::cmp::Reverse(b.0));
+        let bucket_width_ms = stored_width(&db, &config)?;
         let store = Self {
             db,
             config,
@@ -308,6 +394,8 @@ impl DedupStore {
                 buckets,
             }),
             cache,
+            next_token: AtomicU64::new(token_seed()),
+            bucket_width_ms,
             writes: AtomicU64::new(0),
             durable: AtomicU64::new(0),
         };
@@ -327,7 +415,7 @@ impl DedupStore {
     }
 
     fn bucket_width_ms(&self) -> i64 {
-        (i64::try_from(self.config.window.as_millis()).unwrap_or(i64::MAX) / 2).max(1)
+        self.bucket_width_ms
     }
 
     fn window_ms(&self) -> i64 {
@@ -345,6 +433,9 @@ impl DedupStore {
                 .map_err(|e| self.storage(e))?;
             inner.buckets.push((start, name.clone()));
             inner.buckets.sort_by_key(|b| std::cmp::Reverse(b.0));
+            // A new bucket is the moment older ones may have outlived the window: a store
+            // open for months keeps only the live buckets, without anyone calling `expire`.
+            self.expire_locked(inner, self.clock.now_ms())?;
         }
         Ok(name)
     }
@@ -355,7 +446,10 @@ impl DedupStore {
     /// `Storage` when a column family cannot be dropped.
     pub fn expire(&self) -> Result<usize, DedupError> {
         let mut inner = self.inner();
-        let now = self.clock.now_ms();
+        self.expire_locked(&mut inner, self.clock.now_ms())
+    }
+
+    fn expire_locked(&self, inner: &mut Inner, now: i64) -> Result<usize, DedupError> {
         let width = self.bucket_width_ms();
         let window = self.window_ms();
         let mut dropped = 0;
@@ -463,23 +557,21 @@ impl DedupStore {
     ///
     /// # Errors
     /// `Corrupt`, `Storage`.
-    pub fn check(&self, key: KeyHash) -> Result<Claim, DedupError> {
+    pub fn check(&self, key: KeyHash) -> Result<Check, DedupError> {
         let inner = self.inner();
-        self.check_locked(&inner, key, self.clock.now_ms())
-    }
-
-    fn check_locked(&self, inner: &Inner, key: KeyHash, now: i64) -> Result<Claim, DedupError> {
-        Ok(match self.lookup(inner, key, now)? {
-            None => Claim::Fresh,
-            Some((MarkState::Done { .. }, _)) => Claim::Duplicate,
-            Some((MarkState::Claimed { until_ms }, _)) if until_ms > now => {
-                Claim::InProgress { until_ms }
-            }
-            Some((MarkState::Claimed { .. }, _)) => Claim::Reclaimed,
+        let now = self.clock.now_ms();
+        Ok(match self.lookup(&inner, key, now)? {
+            None => Check::Unhandled,
+            Some((MarkState::Done { .. }, _)) => Check::Handled,
+            Some((mark, _)) => match mark.claimed_until() {
+                Some(until_ms) if until_ms > now => Check::Claimed { until_ms },
+                _ => Check::Unhandled,
+            },
         })
     }
 
-    /// Claims `key` for handling: `Fresh` or `Reclaimed` mean the caller holds it now.
+    /// Claims `key` for handling: `Fresh` or `Reclaimed` mean the caller holds it now, with
+    /// the token that settles it.
     ///
     /// # Errors
     /// `Corrupt`, `Storage`.
@@ -510,17 +602,27 @@ impl DedupStore {
             let outcome = if taken.contains(&key) {
                 Claim::InProgress { until_ms }
             } else {
-                self.check_locked(&inner, key, now)?
+                match self.lookup(&inner, key, now)? {
+                    None => Claim::Fresh(self.new_token()),
+                    Some((MarkState::Done { .. }, _)) => Claim::Duplicate,
+                    Some((mark, _)) => match mark.claimed_until() {
+                        Some(live) if live > now => Claim::InProgress { until_ms: live },
+                        _ => Claim::Reclaimed(self.new_token()),
+                    },
+                }
             };
             match outcome {
-                Claim::Fresh | Claim::Reclaimed => {
+                Claim::Fresh(token) | Claim::Reclaimed(token) => {
                     batch.put_cf(
                         &family,
                         key.bytes(),
-                        Self::encode(MarkState::Claimed { until_ms }),
+                        Self::encode(MarkState::ClaimedBy {
+                            until_ms,
+                            token: token.0,
+                        }),
                     );
                     taken.insert(key);
-                    if outcome == Claim::Fresh {
+                    if matches!(outcome, Claim::Fresh(_)) {
                         counts.fresh += 1;
                     } else {
                         counts.claims_expired += 1;
@@ -538,6 +640,10 @@ impl DedupStore {
         Ok(outcomes)
     }
 
+    fn new_token(&self) -> ClaimToken {
+        ClaimToken(self.next_token.fetch_add(1, Ordering::Relaxed))
+    }
+
     fn missing(&self, family: &str) -> DedupError {
         DedupError::Corrupt {
             path: self.config.path.clone(),
@@ -547,32 +653,47 @@ impl DedupStore {
     }
 
     /// Marks `key` done and, in the same atomic write, records `next_offset` for
-    /// (group, topic, partition) and whatever `state` writes the handler adds.
+    /// (group, topic, partition) and whatever `state` writes the handler adds; only for the
+    /// holder of the claim (`token`, from [`DedupStore::claim`]).
     ///
     /// # Errors
-    /// `Corrupt`, `Storage` (then nothing was written).
+    /// `LeaseLost` when the claim is no longer `token`'s; `Corrupt`, `Storage`. Then nothing
+    /// was written.
     pub fn mark_done(
         &self,
         key: KeyHash,
+        token: ClaimToken,
         offset: Option<(&str, &str, i32, i64)>,
         state: impl FnOnce(&mut StateBatch<'_>),
     ) -> Result<(), DedupError> {
-        self.mark_done_many(&[key], offset, state)
+        self.mark_done_many(&[(key, token)], offset, state)
     }
 
-    /// Marks several keys done in one atomic write (a poll's worth), with the partition's
-    /// next offset and the handler's writes. Everything or nothing is stored.
+    /// Marks several claimed keys done in one atomic write (a poll's worth), with the
+    /// partition's next offset and the handler's writes. Everything or nothing is stored: if
+    /// any claim is no longer its token's, nothing is.
     ///
     /// # Errors
-    /// `Corrupt`, `Storage` (then nothing was written).
+    /// `LeaseLost`, `Corrupt`, `Storage` (then nothing was written).
     pub fn mark_done_many(
         &self,
-        keys: &[KeyHash],
+        claims: &[(KeyHash, ClaimToken)],
         offset: Option<(&str, &str, i32, i64)>,
         state: impl FnOnce(&mut StateBatch<'_>),
     ) -> Result<(), DedupError> {
         let mut inner = self.inner();
         let now = self.clock.now_ms();
+        // Checked under the same lock as every claim: no claim can change in between.
+        for &(key, token) in claims {
+            let held =
+                matches!(self.lookup(&inner, key, now)?, Some((mark, _)) if mark.held_by(token));
+            if !held {
+                return Err(DedupError::LeaseLost {
+                    path: self.config.path.clone(),
+                    key: format!("{:032x}", key.0),
+                });
+            }
+        }
         let bucket = self.current_bucket(&mut inner, now)?;
         let marks = self
             .db
@@ -588,7 +709,7 @@ impl DedupStore {
             .ok_or_else(|| self.missing(STATE))?;
         let mut batch = WriteBatch::default();
         let done = Self::encode(MarkState::Done { at_ms: now });
-        for key in keys {
+        for (key, _) in claims {
             batch.put_cf(&marks, key.bytes(), &done);
         }
         if let Some((group, topic, partition, next_offset)) = offset {
@@ -652,7 +773,7 @@ impl DedupStore {
             let bucket = match self.lookup(&inner, key, now)? {
                 Some((MarkState::Done { .. }, _)) => continue,
                 // A claim shadows older buckets: the mark goes where the claim is.
-                Some((MarkState::Claimed { .. }, bucket)) => bucket,
+                Some((_, bucket)) => bucket,
                 None => self.current_bucket(&mut inner, at_ms)?,
             };
             if !families.contains_key(&bucket) {
@@ -688,14 +809,18 @@ impl DedupStore {
         Ok(added)
     }
 
-    /// Gives up a claim after the handler failed, so the message can be handled again.
+    /// Gives up a claim after the handler failed, so the message can be handled again. Only
+    /// `token`'s claim: a claim taken over since (or a done mark) is left alone.
     ///
     /// # Errors
     /// `Corrupt`, `Storage`.
-    pub fn release(&self, key: KeyHash) -> Result<(), DedupError> {
+    pub fn release(&self, key: KeyHash, token: ClaimToken) -> Result<(), DedupError> {
         let mut inner = self.inner();
         let now = self.clock.now_ms();
-        if let Some((MarkState::Claimed { .. }, bucket)) = self.lookup(&inner, key, now)? {
+        if let Some((mark, bucket)) = self.lookup(&inner, key, now)? {
+            if !mark.held_by(token) {
+                return Ok(());
+            }
             let family = self
                 .db
                 .cf_handle(&bucket)
@@ -798,6 +923,49 @@ impl DedupStore {
     }
 }
 
+/// The bucket width recorded in `db`, or (a store without one: new, or older than the record)
+/// `window / 2` of `config`, recorded now.
+fn stored_width(db: &Db, config: &DedupConfig) -> Result<i64, DedupError> {
+    let storage = |source| DedupError::Storage {
+        path: config.path.clone(),
+        source,
+    };
+    if let Some(bytes) = db.get(BUCKET_WIDTH_KEY).map_err(storage)? {
+        let stored: StoredWidth =
+            postcard::from_bytes(&bytes).map_err(|e| DedupError::Corrupt {
+                path: config.path.clone(),
+                what: "bucket width".into(),
+                reason: e.to_string(),
+            })?;
+        if stored.version != FORMAT_VERSION || stored.width_ms <= 0 {
+            return Err(DedupError::Corrupt {
+                path: config.path.clone(),
+                what: "bucket width".into(),
+                reason: format!("version {}, width {} ms", stored.version, stored.width_ms),
+            });
+        }
+        return Ok(stored.width_ms);
+    }
+    let width_ms = (i64::try_from(config.window.as_millis()).unwrap_or(i64::MAX) / 2).max(1);
+    let value = postcard::to_stdvec(&StoredWidth {
+        version: FORMAT_VERSION,
+        width_ms,
+    })
+    .unwrap_or_default();
+    let mut options = WriteOptions::default();
+    options.set_sync(true);
+    db.put_opt(BUCKET_WIDTH_KEY, value, &options)
+        .map_err(storage)?;
+    Ok(width_ms)
+}
+
+/// A start for claim tokens that a restart does not repeat: nanoseconds since the epoch.
+fn token_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
+}
+
 fn offset_key(group: &str, topic: &str, partition: i32) -> Vec<u8> {
     let mut key = Vec::with_capacity(group.len() + topic.len() + 12);
     for part in [group.as_bytes(), topic.as_bytes()] {
@@ -861,15 +1029,23 @@ mod tests {
         KeyHash::new("billing", "payments", format!("msg-{n}").as_bytes())
     }
 
+    /// Claims `key`, which must be fresh, and returns its token.
+    fn fresh(store: &DedupStore, key: KeyHash) -> Result<ClaimToken, DedupError> {
+        match store.claim(key)? {
+            Claim::Fresh(token) => Ok(token),
+            other => panic!("expected Fresh, got {other:?}"),
+        }
+    }
+
     #[test]
     fn claim_then_done_makes_a_duplicate() -> Result<(), DedupError> {
         let dir = tempfile::tempdir().expect("dir");
         let (store, _) = store(dir.path());
-        assert_eq!(store.claim(key(1))?, Claim::Fresh);
+        let token = fresh(&store, key(1))?;
         assert!(matches!(store.claim(key(1))?, Claim::InProgress { .. }));
-        store.mark_done(key(1), Some(("billing", "payments", 0, 8)), |_| {})?;
+        store.mark_done(key(1), token, Some(("billing", "payments", 0, 8)), |_| {})?;
         assert_eq!(store.claim(key(1))?, Claim::Duplicate);
-        assert_eq!(store.check(key(2))?, Claim::Fresh);
+        assert_eq!(store.check(key(2))?, Check::Unhandled);
         assert_eq!(store.offset("billing", "payments", 0)?, Some(8));
         assert_eq!(store.offset("billing", "payments", 1)?, None);
         let counts = store.counts();
@@ -881,18 +1057,21 @@ mod tests {
     fn batched_claims_and_marks_decide_each_key_and_write_atomically() -> Result<(), DedupError> {
         let dir = tempfile::tempdir().expect("dir");
         let (store, _) = store(dir.path());
-        store.claim(key(2))?;
-        store.mark_done(key(2), None, |_| {})?;
+        let token = fresh(&store, key(2))?;
+        store.mark_done(key(2), token, None, |_| {})?;
         let outcomes = store.claim_many(&[key(1), key(2), key(1), key(3)])?;
-        assert_eq!(outcomes[0], Claim::Fresh);
+        assert!(matches!(outcomes[0], Claim::Fresh(_)));
         assert_eq!(outcomes[1], Claim::Duplicate);
         assert!(
             matches!(outcomes[2], Claim::InProgress { .. }),
             "same key twice"
         );
-        assert_eq!(outcomes[3], Claim::Fresh);
+        assert!(matches!(outcomes[3], Claim::Fresh(_)));
+        let (Some(t1), Some(t3)) = (outcomes[0].token(), outcomes[3].token()) else {
+            panic!("no tokens: {outcomes:?}");
+        };
         store.mark_done_many(
-            &[key(1), key(3)],
+            &[(key(1), t1), (key(3), t3)],
             Some(("billing", "payments", 2, 40)),
             |s| {
                 s.put(b"total", b"2");
@@ -918,16 +1097,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let (store, _) = store(dir.path());
         let a = KeyHash::new("billing", "payments", b"m");
-        store.claim(a)?;
-        store.mark_done(a, None, |_| {})?;
-        assert_eq!(
-            store.claim(KeyHash::new("audit", "payments", b"m"))?,
-            Claim::Fresh
-        );
-        assert_eq!(
-            store.claim(KeyHash::new("billing", "refunds", b"m"))?,
-            Claim::Fresh
-        );
+        let token = fresh(&store, a)?;
+        store.mark_done(a, token, None, |_| {})?;
+        fresh(&store, KeyHash::new("audit", "payments", b"m"))?;
+        fresh(&store, KeyHash::new("billing", "refunds", b"m"))?;
         // Length prefixes keep ("ab", "c") and ("a", "bc") apart.
         assert_ne!(KeyHash::new("ab", "c", b""), KeyHash::new("a", "bc", b""));
         Ok(())
@@ -937,9 +1110,9 @@ mod tests {
     fn release_lets_the_message_be_handled_again() -> Result<(), DedupError> {
         let dir = tempfile::tempdir().expect("dir");
         let (store, _) = store(dir.path());
-        assert_eq!(store.claim(key(1))?, Claim::Fresh);
-        store.release(key(1))?;
-        assert_eq!(store.claim(key(1))?, Claim::Fresh);
+        let token = fresh(&store, key(1))?;
+        store.release(key(1), token)?;
+        fresh(&store, key(1))?;
         assert_eq!(store.counts().handler_failures, 1);
         Ok(())
     }
@@ -948,12 +1121,50 @@ mod tests {
     fn an_expired_claim_can_be_taken_over() -> Result<(), DedupError> {
         let dir = tempfile::tempdir().expect("dir");
         let (store, clock) = store(dir.path());
-        assert_eq!(store.claim(key(1))?, Claim::Fresh);
+        fresh(&store, key(1))?;
         clock.0.store(T0 + 29_999, Ordering::SeqCst);
         assert!(matches!(store.claim(key(1))?, Claim::InProgress { .. }));
         clock.0.store(T0 + 30_000, Ordering::SeqCst);
-        assert_eq!(store.claim(key(1))?, Claim::Reclaimed);
+        assert!(matches!(store.claim(key(1))?, Claim::Reclaimed(_)));
         assert_eq!(store.counts().claims_expired, 1);
+        Ok(())
+    }
+
+    /// A handler slower than its lease: once another handler reclaimed the key, the slow
+    /// one's batch (mark, offset, state) is refused, and its release leaves the new claim.
+    #[test]
+    fn a_claim_taken_over_fences_its_earlier_holder() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, clock) = store(dir.path());
+        let slow = fresh(&store, key(1))?;
+        clock.0.store(T0 + 30_000, Ordering::SeqCst);
+        let Claim::Reclaimed(fast) = store.claim(key(1))? else {
+            panic!("not reclaimed");
+        };
+        store.release(key(1), slow)?;
+        assert!(
+            matches!(store.claim(key(1))?, Claim::InProgress { .. }),
+            "the slow handler's release deleted the new holder's claim"
+        );
+        match store.mark_done(key(1), slow, Some(("g", "t", 0, 5)), |s| {
+            s.put(b"n", b"slow")
+        }) {
+            Err(DedupError::LeaseLost { key: k, .. }) => {
+                assert!(k.contains(&format!("{:032x}", key(1).0)))
+            }
+            other => panic!("expected LeaseLost, got {other:?}"),
+        }
+        assert_eq!(store.state(b"n")?, None, "the fenced batch was applied");
+        assert_eq!(store.offset("g", "t", 0)?, None);
+        store.mark_done(key(1), fast, Some(("g", "t", 0, 5)), |s| {
+            s.put(b"n", b"fast")
+        })?;
+        assert_eq!(store.state(b"n")?, Some(b"fast".to_vec()));
+        // Done: no token settles it again.
+        assert!(matches!(
+            store.mark_done(key(1), fast, None, |_| {}),
+            Err(DedupError::LeaseLost { .. })
+        ));
         Ok(())
     }
 
@@ -962,17 +1173,65 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let (store, clock) = store(dir.path());
         for n in 0..100 {
-            store.claim(key(n))?;
-            store.mark_done(key(n), None, |_| {})?;
+            let token = fresh(&store, key(n))?;
+            store.mark_done(key(n), token, None, |_| {})?;
         }
         clock.0.store(T0 + 3_599_999, Ordering::SeqCst);
-        assert_eq!(store.check(key(7))?, Claim::Duplicate, "inside the window");
+        assert_eq!(store.check(key(7))?, Check::Handled, "inside the window");
         clock.0.store(T0 + 3_600_000, Ordering::SeqCst);
-        assert_eq!(store.check(key(7))?, Claim::Fresh, "the window has passed");
+        assert_eq!(
+            store.check(key(7))?,
+            Check::Unhandled,
+            "the window has passed"
+        );
         // The bucket goes once every mark in it is older than the window.
         clock.0.store(T0 + 3_600_000 + 1_800_000, Ordering::SeqCst);
         assert_eq!(store.expire()?, 1);
         assert!(store.inner().buckets.is_empty());
+        Ok(())
+    }
+
+    /// A smaller window at a later open must not drop a bucket whose marks are still inside
+    /// the new window: buckets keep the width they were made with.
+    #[test]
+    fn a_smaller_window_after_a_restart_keeps_live_marks() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let clock = Arc::new(ManualClock(AtomicI64::new(T0)));
+        let open = |window_s: u64| {
+            DedupStore::open_with_clock(
+                DedupConfig {
+                    window: Duration::from_secs(window_s),
+                    ..DedupConfig::new(dir.path())
+                },
+                clock.clone(),
+            )
+        };
+        let bucket_start = T0 - T0.rem_euclid(1_800_000);
+        {
+            let store = open(3600)?; // buckets of 30 min
+            clock.0.store(bucket_start + 25 * 60_000, Ordering::SeqCst);
+            let token = fresh(&store, key(1))?;
+            store.mark_done(key(1), token, None, |_| {})?;
+        }
+        // Six minutes later, with a 10-minute window: the mark is still inside it.
+        clock.0.store(bucket_start + 31 * 60_000, Ordering::SeqCst);
+        let store = open(600)?;
+        assert_eq!(store.check(key(1))?, Check::Handled);
+        Ok(())
+    }
+
+    /// Old buckets go as new ones come, with nobody calling `expire`.
+    #[test]
+    fn buckets_outside_the_window_are_dropped_as_time_goes_on() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, clock) = store(dir.path());
+        for hour in 0..6 {
+            clock.0.store(T0 + hour * 3_600_000, Ordering::SeqCst);
+            let token = fresh(&store, key(u32::try_from(hour).unwrap_or(0)))?;
+            store.mark_done(key(u32::try_from(hour).unwrap_or(0)), token, None, |_| {})?;
+            let live = store.inner().buckets.len();
+            assert!(live <= 3, "hour {hour}: {live} buckets live");
+        }
         Ok(())
     }
 
@@ -981,10 +1240,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         {
             let (store, _) = store(dir.path());
-            store.claim(key(1))?;
-            store.mark_done(key(1), Some(("billing", "payments", 2, 41)), |state| {
-                state.put(b"balance", b"42");
-            })?;
+            let token = fresh(&store, key(1))?;
+            store.mark_done(
+                key(1),
+                token,
+                Some(("billing", "payments", 2, 41)),
+                |state| {
+                    state.put(b"balance", b"42");
+                },
+            )?;
         }
         let (store, _) = store(dir.path());
         assert_eq!(store.claim(key(1))?, Claim::Duplicate);
