@@ -101,8 +101,21 @@ async fn handled_by_the_next_member(
     store_path: &Path,
     end: i64,
 ) -> anyhow::Result<BTreeMap<String, u32>> {
+    handled_by_the_next_member_with(bootstrap, group, topic, store_path, end, middleware()).await
+}
+
+async fn handled_by_the_next_member_with(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    store_path: &Path,
+    end: i64,
+    config: MiddlewareConfig,
+) -> anyhow::Result<BTreeMap<String, u32>> {
     let store = Arc::new(DedupStore::open(DedupConfig::new(store_path))?);
-    let mut dedup = member(bootstrap, group, topic, &store).await?;
+    let mut consumer = Consumer::connect(consumer_config(bootstrap, group)).await?;
+    consumer.subscribe([topic])?;
+    let mut dedup = DedupConsumer::new(consumer, Arc::clone(&store), config)?;
     let mut handled: BTreeMap<String, u32> = BTreeMap::new();
     let started = Instant::now();
     while dedup
@@ -387,5 +400,74 @@ async fn a_handler_whose_lease_ran_out_cannot_settle_after_another_took_the_clai
         count(&store)?
     );
     ensure!(count(&store)? == 1, "m0 counted {} times", count(&store)?);
+    Ok(())
+}
+
+/// With the changelog: marks written locally but never acknowledged by the changelog (the
+/// host crashed first) must reach it after the restart, or a host that takes the partition
+/// over later does not know them: a resend of such a message would be handled twice. Host A
+/// handles m0..m9 and crashes right after its last `done` (m9's mark never left); it restarts
+/// on the same store, handles m10 and closes. Host B (its own store) takes over and gets a
+/// resend of m9: it must drop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_the_changelog_never_acknowledged_reach_it_after_a_restart() -> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let bootstrap = broker.bootstrap();
+    let topic = "changelog-resend";
+    let group = "changelog-resend-group";
+    let first = ids(0..10);
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    send(&bootstrap, topic, &first).await?;
+    let with_changelog = || MiddlewareConfig {
+        changelog: Some(semel::consumer::dedup::ChangelogConfig::default()),
+        ..middleware()
+    };
+    let host = |store: &Arc<DedupStore>| {
+        let (bootstrap, store) = (bootstrap.clone(), Arc::clone(store));
+        async move {
+            let mut consumer = Consumer::connect(consumer_config(&bootstrap, group)).await?;
+            consumer.subscribe([topic])?;
+            anyhow::Ok(DedupConsumer::new(consumer, store, with_changelog())?)
+        }
+    };
+    let dir = tempfile::tempdir()?;
+    {
+        let store = Arc::new(DedupStore::open(DedupConfig::new(dir.path().join("a")))?);
+        let mut a = host(&store).await?;
+        for n in 0..10 {
+            let fresh = next(&mut a).await?;
+            ensure!(id(&fresh) == format!("m{n}"), "host A got {}", id(&fresh));
+            a.done(fresh, |_| {})?;
+        }
+        // Crash: m9's mark is in the store only.
+    }
+    send(&bootstrap, topic, &["m10"]).await?;
+    {
+        let store = Arc::new(DedupStore::open(DedupConfig::new(dir.path().join("a")))?);
+        let mut a = host(&store).await?;
+        let fresh = next(&mut a).await?;
+        ensure!(
+            id(&fresh) == "m10",
+            "host A after its restart got {}",
+            id(&fresh)
+        );
+        a.done(fresh, |_| {})?;
+        a.flush_changelog().await?;
+        a.close().await?;
+    }
+    let end = send(&bootstrap, topic, &["m9"]).await?;
+    let handled = handled_by_the_next_member_with(
+        &bootstrap,
+        group,
+        topic,
+        &dir.path().join("b"),
+        end,
+        with_changelog(),
+    )
+    .await?;
+    ensure!(
+        handled.is_empty(),
+        "host B handled {handled:?}: the resent m9 should have been dropped"
+    );
     Ok(())
 }

@@ -23,9 +23,11 @@
 //! ([`DedupStore::sync`]), so the marks and state it depends on survive a power cut, not only
 //! `kill -9`. `sync_writes` syncs every batch instead.
 //!
-//! On assignment the consumer starts at the store's offset when it is ahead of the group's
-//! committed offset (the store is written with every settle, the group commit only every
-//! `commit_interval`). `enable.auto.commit` is refused: it would commit records not handled.
+//! On assignment without a changelog, the consumer starts at the store's offset when it is
+//! ahead of the group's committed offset (the store is written with every settle, the group
+//! commit only every `commit_interval`). With a changelog it starts at the group's offset:
+//! the records in between are dropped as duplicates, and their marks go to the changelog
+//! again, in case a crash kept them from it. `enable.auto.commit` is refused: it would commit records not handled.
 //!
 //! **What is exactly-once and what is not.** Writes made through the batch (`done`'s closure)
 //! commit with the mark or not at all: exactly once. A side effect outside it (an HTTP call,
@@ -375,6 +377,12 @@ impl RebalanceListener for StoreOffsets {
                 }
             }
         }
+        if shared.changelog {
+            // From the group's offset, not the store's: records settled here whose marks
+            // the changelog never acknowledged (a crash in between) lie between the two, and
+            // reading them again (as duplicates) is what sends their marks.
+            return;
+        }
         for tp in partitions {
             match shared.store.offset(&shared.group, &tp.0, tp.1) {
                 Ok(Some(offset)) if Some(offset) > ctx.committed(tp) => {
@@ -557,7 +565,7 @@ impl DedupConsumer {
                 }
                 Claim::Duplicate => {
                     tracing::debug!(topic = %candidate.record.topic, partition = candidate.record.partition, offset = candidate.record.offset, "duplicate dropped");
-                    self.settle_unhandled(&candidate.record, candidate.epoch);
+                    self.settle_unhandled(&candidate.record, candidate.epoch, Some(candidate.key));
                 }
                 Claim::InProgress { until_ms } => {
                     let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
@@ -634,7 +642,7 @@ impl DedupConsumer {
                 }
                 MissingKey::Reject => {
                     self.rejected += 1;
-                    self.settle_unhandled(&record, None);
+                    self.settle_unhandled(&record, None, None);
                     Err(MiddlewareError::NoKey {
                         topic: record.topic.to_string(),
                         partition: record.partition,
@@ -653,8 +661,15 @@ impl DedupConsumer {
     }
 
     /// A record settled without being handed out (a duplicate, or rejected for having no
-    /// key): `epoch` is set when it had been handed out before.
-    fn settle_unhandled(&mut self, record: &ConsumerRecord, epoch: Option<Epoch>) {
+    /// key): `epoch` is set when it had been handed out before. A duplicate's mark goes to the
+    /// changelog again: it may be one this host marked but never got into the changelog
+    /// before a crash, and a mark the changelog has twice is harmless.
+    fn settle_unhandled(
+        &mut self,
+        record: &ConsumerRecord,
+        epoch: Option<Epoch>,
+        key: Option<KeyHash>,
+    ) {
         let tp = record.topic_partition();
         let mut state = self.shared.lock();
         let release = match epoch {
@@ -669,7 +684,7 @@ impl DedupConsumer {
                 partition: tp,
                 record_offset: record.offset,
                 release,
-                key: None,
+                key,
             });
         }
     }

@@ -766,8 +766,11 @@ impl DedupStore {
         let mut added = 0;
         let mut families: std::collections::HashMap<String, Arc<rocksdb::BoundColumnFamily<'_>>> =
             std::collections::HashMap::new();
+        // A key twice in one call (a changelog holds a mark again after a restart) is added
+        // and counted once.
+        let mut seen = std::collections::HashSet::new();
         for &(key, at_ms) in marks {
-            if now >= at_ms.saturating_add(window) {
+            if now >= at_ms.saturating_add(window) || !seen.insert(key) {
                 continue;
             }
             let bucket = match self.lookup(&inner, key, now)? {
