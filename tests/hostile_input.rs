@@ -218,3 +218,67 @@ async fn huge_array_counts_cannot_abort_the_broker() {
     }
     broker.handle.shutdown().await;
 }
+
+/// A batch whose header claims far more records than it holds: rewrites the count and the
+/// last offset delta (consistent with each other) and recomputes the CRC, so only a walk of
+/// the records can tell.
+fn batch_claiming(records: i32, compression: kafka_protocol::records::Compression) -> bytes::Bytes {
+    let batch = common::record_batch(
+        &[common::TestRecord::new(
+            "k",
+            "one record",
+            1_700_000_000_000,
+        )],
+        compression,
+    )
+    .expect("batch");
+    let mut bytes = BytesMut::from(&batch[..]);
+    bytes[23..27].copy_from_slice(&(records - 1).to_be_bytes());
+    bytes[57..61].copy_from_slice(&records.to_be_bytes());
+    let crc = crc32c::crc32c(&bytes[21..]);
+    bytes[17..21].copy_from_slice(&crc.to_be_bytes());
+    bytes.freeze()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_claiming_more_records_than_it_holds_is_refused() {
+    use kafka_protocol::records::Compression;
+    let broker = TestBroker::start().await.expect("broker");
+    let mut client = RawClient::connect(broker.addr()).await.expect("connect");
+    common::create_topic(&mut client, "claims", 1)
+        .await
+        .expect("topic");
+    for (records, compression) in [
+        (i32::MAX, Compression::None),
+        (2, Compression::None),
+        (i32::MAX, Compression::Gzip),
+    ] {
+        let response = client
+            .send(
+                9,
+                &common::produce_request("claims", 0, batch_claiming(records, compression), -1),
+            )
+            .await
+            .expect("produce answered");
+        let partition = &response.responses[0].partition_responses[0];
+        assert_eq!(
+            partition.error_code,
+            ResponseError::InvalidRecord.code(),
+            "{records} records claimed ({compression:?}): {partition:?}"
+        );
+    }
+    // Nothing was stored: the log end is still 0, and a good batch lands at offset 0.
+    let response = client
+        .send(
+            9,
+            &common::produce_request("claims", 0, batch_claiming(1, Compression::None), -1),
+        )
+        .await
+        .expect("produce answered");
+    let partition = &response.responses[0].partition_responses[0];
+    assert_eq!(
+        (partition.error_code, partition.base_offset),
+        (0, 0),
+        "{partition:?}"
+    );
+}

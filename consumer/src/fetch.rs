@@ -52,6 +52,7 @@ const MAGIC_AT: usize = 16;
 const ATTRIBUTES_AT: usize = 21;
 const LAST_OFFSET_DELTA_AT: usize = 23;
 const PRODUCER_ID_AT: usize = 43;
+const RECORDS_COUNT_AT: usize = 57;
 const HEADER_LEN: usize = 61;
 
 fn be_i64(b: &[u8], at: usize) -> i64 {
@@ -83,6 +84,17 @@ pub(crate) fn record_size(record: &ConsumerRecord) -> usize {
 /// # Errors
 /// The first batch that fails its CRC or does not decode; records before it are in
 /// `Ok` of a later call (the caller keeps them through [`DecodeError::before`]).
+/// The fewest bytes one record takes (length, attributes, timestamp delta, offset delta, key
+/// length, value length, header count: a byte each at the least).
+const MIN_RECORD_BYTES: usize = 7;
+
+/// The most records a compressed batch of `payload` bytes may claim: a thousand per
+/// compressed byte, and at least a million (more than any real batch), so a claim is bounded
+/// by memory the bytes could back. The broker applies the same bound on produce.
+fn max_compressed_records(payload: usize) -> usize {
+    payload.saturating_mul(1024).max(1 << 20)
+}
+
 pub(crate) fn decode(
     topic: &Arc<str>,
     partition: i32,
@@ -153,6 +165,22 @@ pub(crate) fn decode(
         }
         if last_offset < fetch_offset {
             continue; // wholly before the position (and out.next_offset is still ahead)
+        }
+        // The decoder reserves room for the header's record count: a count the bytes cannot
+        // back (a hostile or broken broker) would abort the process, so it is checked first.
+        let count = be_i32(&batch, RECORDS_COUNT_AT);
+        let payload = total - HEADER_LEN;
+        let most = if attributes & 0x7 != 0 {
+            max_compressed_records(payload)
+        } else {
+            payload / MIN_RECORD_BYTES
+        };
+        if !usize::try_from(count).is_ok_and(|c| c <= most) {
+            let e = fail(
+                format!("the batch claims {count} records in {payload} bytes (at most {most})"),
+                &out,
+            );
+            return (out, Some(e));
         }
         let decoded = match RecordBatchDecoder::decode(&mut batch) {
             Ok(set) => set.records,
@@ -305,6 +333,29 @@ mod tests {
             vec![12]
         );
         assert_eq!(out.next_offset, 13);
+    }
+
+    /// A batch whose header claims 2^31 - 1 records around one (count and last offset delta
+    /// consistent, CRC recomputed): a hostile or broken broker must not make the consumer
+    /// allocate from the count (the process died with "memory allocation of 377957121872
+    /// bytes failed"); the batch is an error, after the good batches before it.
+    #[test]
+    fn a_batch_claiming_more_records_than_it_holds_is_an_error_not_an_abort() {
+        for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            let mut data = batch(&[record(0, "a", -1, false)], compression);
+            let mut bad = batch(&[record(1, "b", -1, false)], compression);
+            bad[LAST_OFFSET_DELTA_AT..LAST_OFFSET_DELTA_AT + 4]
+                .copy_from_slice(&(i32::MAX - 1).to_be_bytes());
+            bad[RECORDS_COUNT_AT..RECORDS_COUNT_AT + 4].copy_from_slice(&i32::MAX.to_be_bytes());
+            let crc = crc32c::crc32c(&bad[21..]);
+            bad[17..21].copy_from_slice(&crc.to_be_bytes());
+            data.extend_from_slice(&bad);
+            let (out, error) = decode(&topic(), 0, 0, data.freeze(), None);
+            assert_eq!(out.records.len(), 1, "{compression:?}");
+            let error = error.expect("an error for the batch");
+            assert_eq!(error.offset, 1, "{compression:?}");
+            assert!(error.reason.contains("records"), "{}", error.reason);
+        }
     }
 
     #[test]

@@ -246,10 +246,85 @@ pub fn validate_produce_records(
             reason: "producers may not send control batches".into(),
         });
     }
+    check_records(&records[HEADER_BYTES..total], &header)?;
     Ok(ValidatedBatch {
         bytes: Bytes::copy_from_slice(records),
         header,
     })
+}
+
+/// The fewest bytes one record takes: length, attributes, timestamp delta, offset delta, key
+/// length, value length and header count, one byte each at the least.
+pub const MIN_RECORD_BYTES: usize = 7;
+
+/// The most records a compressed batch of `payload` bytes may claim: generous for real data
+/// (a thousand records per compressed byte), and never more than a few million, so nobody
+/// decoding it allocates from a count the bytes cannot back.
+pub fn max_compressed_records(payload: usize) -> usize {
+    payload.saturating_mul(1024).max(1 << 20)
+}
+
+/// Checks the records inside a batch against its header, without allocating from any count
+/// in it. Uncompressed: walks every record's framing (length, then attributes, timestamp
+/// delta and offset delta as varints); there must be exactly `records_count` of them, the
+/// n-th with offset delta n, filling the batch to its last byte. Compressed: the count must be
+/// one the compressed bytes could hold ([`max_compressed_records`]); the records themselves
+/// are not decompressed here.
+///
+/// # Errors
+/// `InvalidRecord`, saying what does not match.
+pub fn check_records(payload: &[u8], header: &BatchHeader) -> Result<(), LogError> {
+    let invalid = |reason: String| LogError::InvalidRecord { reason };
+    let count = usize::try_from(header.records_count)
+        .map_err(|_| invalid(format!("negative records count {}", header.records_count)))?;
+    if header.compression() != 0 {
+        let most = max_compressed_records(payload.len());
+        if count > most {
+            return Err(invalid(format!(
+                "a compressed batch of {} bytes cannot hold {count} records (at most {most})",
+                payload.len()
+            )));
+        }
+        return Ok(());
+    }
+    if count.saturating_mul(MIN_RECORD_BYTES) > payload.len() {
+        return Err(invalid(format!(
+            "{count} records cannot fit in {} bytes",
+            payload.len()
+        )));
+    }
+    let mut at = 0usize;
+    for index in 0..count {
+        let malformed = || invalid(format!("record {index} of {count} is malformed"));
+        let length = read_varint(payload, &mut at)
+            .and_then(|l| usize::try_from(l).ok())
+            .ok_or_else(malformed)?;
+        let end = at
+            .checked_add(length)
+            .filter(|end| *end <= payload.len())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "record {index} of {count} claims {length} bytes past the end of the batch"
+                ))
+            })?;
+        let record = &payload[at..end];
+        let mut cursor = 1; // attributes
+        read_varint(record, &mut cursor).ok_or_else(malformed)?; // timestamp delta
+        let offset_delta = read_varint(record, &mut cursor).ok_or_else(malformed)?;
+        if usize::try_from(offset_delta).ok() != Some(index) {
+            return Err(invalid(format!(
+                "record {index} of {count} has offset delta {offset_delta}"
+            )));
+        }
+        at = end;
+    }
+    if at != payload.len() {
+        return Err(invalid(format!(
+            "{} bytes follow the {count} records of the batch",
+            payload.len() - at
+        )));
+    }
+    Ok(())
 }
 
 /// The bytes to store for `batch`: base offset and leader epoch assigned, and under
