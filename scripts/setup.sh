@@ -26,12 +26,12 @@ fi
 # Rust cannot be installed from here (rustup downloads toolchains from its own servers):
 # check what the build needs and say what to do.
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "setup: cargo is missing; install Rust 1.85 or newer (https://rustup.rs) and run this again" >&2
+  echo "setup: cargo is missing; install Rust 1.89 or newer (https://rustup.rs) and run this again" >&2
   exit 1
 fi
 rust_version=$(rustc --version | awk '{print $2}')
-if ! printf '1.85.0\n%s\n' "${rust_version%%-*}" | sort -V -C; then
-  echo "setup: Rust $rust_version is too old: Semel uses edition 2024, which needs 1.85 or newer." >&2
+if ! printf '1.89.0\n%s\n' "${rust_version%%-*}" | sort -V -C; then
+  echo "setup: Rust $rust_version is too old: Semel needs 1.89 or newer (edition 2024, File::try_lock)." >&2
   echo "setup: run 'rustup update stable' (or install a newer toolchain) and run this again" >&2
   exit 1
 fi

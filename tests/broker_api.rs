@@ -497,3 +497,61 @@ async fn acks_zero_gets_no_response_and_pipelined_answers_keep_order() -> anyhow
     broker.handle.shutdown().await;
     Ok(())
 }
+
+/// Two brokers on one data directory would both write its logs: the second is refused with an
+/// error naming the directory, and once the first stops the directory can be used again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_broker_on_the_same_data_directory_is_refused() {
+    let first = TestBroker::start().await.expect("first broker");
+    let config = || semel::broker::BrokerConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: first.dir.path().to_path_buf(),
+        ..semel::broker::BrokerConfig::default()
+    };
+    match semel::broker::Broker::start(config()).await {
+        Ok(_) => panic!("a second broker started on {}", first.dir.path().display()),
+        Err(e) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("in use") && text.contains(&first.dir.path().display().to_string()),
+                "{text}"
+            );
+        }
+    }
+    let TestBroker { handle, dir } = first;
+    handle.shutdown().await;
+    let again = semel::broker::Broker::start(semel::broker::BrokerConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.path().to_path_buf(),
+        ..semel::broker::BrokerConfig::default()
+    })
+    .await
+    .expect("the directory is free once the first broker stopped");
+    again.shutdown().await;
+}
+
+/// Listening on every address without saying where clients should connect would advertise
+/// 0.0.0.0 in Metadata, which no client can reach: refused, as Kafka refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listening_on_every_address_needs_an_advertised_listener() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = |advertised: Option<&str>| semel::broker::BrokerConfig {
+        listen: "0.0.0.0:0".parse().expect("addr"),
+        data_dir: dir.path().to_path_buf(),
+        advertised_listener: advertised.map(str::to_string),
+        ..semel::broker::BrokerConfig::default()
+    };
+    for advertised in [None, Some("0.0.0.0:9092")] {
+        match semel::broker::Broker::start(config(advertised)).await {
+            Ok(_) => panic!("started advertising the unspecified address ({advertised:?})"),
+            Err(e) => assert!(
+                e.to_string().contains("advertised.listeners"),
+                "{advertised:?}: {e}"
+            ),
+        }
+    }
+    let broker = semel::broker::Broker::start(config(Some("127.0.0.1:9092")))
+        .await
+        .expect("with an advertised listener");
+    broker.shutdown().await;
+}

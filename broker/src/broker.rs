@@ -32,6 +32,9 @@ pub(crate) struct BrokerState {
     /// Bumped by every append; long-polling fetches wait on it.
     pub(crate) appended: Arc<watch::Sender<u64>>,
     pub(crate) clock: Arc<dyn Clock>,
+    /// `<data dir>/.lock`, held (an OS file lock) for as long as anything of this broker
+    /// runs: a second broker on the same directory is refused instead of corrupting it.
+    _lock: std::fs::File,
 }
 
 impl BrokerState {
@@ -68,6 +71,49 @@ pub enum StartError {
     /// Opening the data directory panicked or was cancelled.
     #[error("start-up task failed: {0}")]
     Task(String),
+    /// Another broker (in this process or another) has the data directory open.
+    #[error(
+        "data directory {path} is in use by another broker ({reason}); stop it, or give this one its own --data-dir"
+    )]
+    DataDirInUse {
+        /// The data directory.
+        path: std::path::PathBuf,
+        /// What locking its `.lock` file said.
+        reason: String,
+    },
+    /// The data directory cannot be created or its lock file opened.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The data directory.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Creates the data directory if needed and takes its lock (`.lock`, as Kafka's log
+/// directories have): an exclusive OS lock, released when the file is closed, so a crash
+/// never leaves a stale lock behind.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    let io = |source| StartError::DataDir {
+        path: data_dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(data_dir).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data_dir.join(".lock"))
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::DataDirInUse {
+            path: data_dir.to_path_buf(),
+            reason: "its .lock file is locked".into(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(io(source)),
+    }
 }
 
 /// The broker library's entry point.
@@ -110,8 +156,19 @@ impl Broker {
                 name: "advertised.listeners",
                 reason,
             })?,
+            None if local_addr.ip().is_unspecified() => {
+                return Err(ConfigError {
+                    name: "advertised.listeners",
+                    reason: format!(
+                        "listening on {local_addr} (every address) needs --advertised-listener: clients cannot connect to {}; name a host:port they can reach",
+                        local_addr.ip()
+                    ),
+                }
+                .into());
+            }
             None => (local_addr.ip().to_string(), i32::from(local_addr.port())),
         };
+        let lock = lock_data_dir(&config.data_dir)?;
         let appended = Arc::new(watch::channel(0u64).0);
         let catalog = {
             let data_dir = config.data_dir.clone();
@@ -153,6 +210,7 @@ impl Broker {
             groups,
             appended,
             clock,
+            _lock: lock,
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let maintenance = tokio::spawn(server::maintenance_loop(

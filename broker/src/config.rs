@@ -140,10 +140,21 @@ impl BrokerConfig {
             return fail("node.id", format!("{} must not be negative", self.node_id));
         }
         if let Some(listener) = &self.advertised_listener {
-            advertised_host_port(listener).map_err(|reason| ConfigError {
+            let (host, _) = advertised_host_port(listener).map_err(|reason| ConfigError {
                 name: "advertised.listeners",
                 reason,
             })?;
+            if host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_unspecified())
+            {
+                return fail(
+                    "advertised.listeners",
+                    format!(
+                        "{listener}: clients cannot connect to the unspecified address {host}; name a routable host"
+                    ),
+                );
+            }
         }
         self.log.validate().map_err(|e| ConfigError {
             name: "log",

@@ -16,7 +16,7 @@ struct Args {
     /// Address to listen on (Kafka: listeners).
     #[arg(long, env = "SEMEL_LISTEN", default_value = "127.0.0.1:9092")]
     listen: SocketAddr,
-    /// host:port announced to clients in Metadata (Kafka: advertised.listeners). Defaults to the bound address.
+    /// host:port announced to clients in Metadata (Kafka: advertised.listeners). Defaults to the bound address; required when listening on 0.0.0.0 or [::].
     #[arg(long, env = "SEMEL_ADVERTISED_LISTENER")]
     advertised_listener: Option<String>,
     /// Directory for the catalog and partition logs (Kafka: log.dirs).
