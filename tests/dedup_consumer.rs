@@ -188,11 +188,11 @@ async fn concurrent_handlers(
         tasks.spawn(async move {
             let pause = (attempt.wrapping_mul(2_654_435_761) >> 7) % 16;
             tokio::time::sleep(Duration::from_millis(pause)).await;
-            if attempt % 17 == 0 {
+            if attempt.is_multiple_of(17) {
                 fresh.failed()?;
                 return Ok(());
             }
-            if attempt % 23 == 0 {
+            if attempt.is_multiple_of(23) {
                 drop(fresh);
                 return Ok(());
             }

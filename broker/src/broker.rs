@@ -258,10 +258,10 @@ impl BrokerHandle {
     /// partition.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown_tx.send(true);
-        if let Some(server) = self.server.take() {
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "server task failed");
-            }
+        if let Some(server) = self.server.take()
+            && let Err(e) = server.await
+        {
+            tracing::error!(error = %e, "server task failed");
         }
         if let Some(maintenance) = self.maintenance.take() {
             let _ = maintenance.await;

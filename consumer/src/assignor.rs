@@ -352,16 +352,15 @@ pub fn decode_subscription(
     let version = buf.get_i16().clamp(0, PROTOCOL_VERSION);
     let body = ConsumerProtocolSubscription::decode(&mut buf, version)
         .map_err(|e| ProtocolError(e.to_string()))?;
-    if body.owned_partitions.is_empty() {
-        if let Some((owned, generation)) = body.user_data.as_ref().and_then(decode_sticky_user_data)
-        {
-            return Ok(Subscription {
-                member_id: member_id.to_string(),
-                topics: body.topics.iter().map(ToString::to_string).collect(),
-                owned,
-                generation,
-            });
-        }
+    if body.owned_partitions.is_empty()
+        && let Some((owned, generation)) = body.user_data.as_ref().and_then(decode_sticky_user_data)
+    {
+        return Ok(Subscription {
+            member_id: member_id.to_string(),
+            topics: body.topics.iter().map(ToString::to_string).collect(),
+            owned,
+            generation,
+        });
     }
     Ok(Subscription {
         member_id: member_id.to_string(),

@@ -216,10 +216,10 @@ impl Sender {
                 consider(first.deadline());
             }
         }
-        if self.bump_epoch {
-            if let Some(at) = self.next_bump_at.filter(|t| *t > now) {
-                consider(at);
-            }
+        if self.bump_epoch
+            && let Some(at) = self.next_bump_at.filter(|t| *t > now)
+        {
+            consider(at);
         }
         wake
     }
@@ -293,10 +293,8 @@ impl Sender {
                 .open
                 .as_ref()
                 .is_some_and(|b| b.size + size > self.config.batch_size);
-            if needs_new {
-                if let Some(batch) = queue.open.take() {
-                    queue.ready.push_back(batch);
-                }
+            if needs_new && let Some(batch) = queue.open.take() {
+                queue.ready.push_back(batch);
             }
             let id = &mut self.next_batch_id;
             let batch = queue.open.get_or_insert_with(|| {
@@ -325,26 +323,24 @@ impl Sender {
 
     /// Seals every batch of `key` waiting in `open` and in `ready` without bytes.
     fn seal_full(&mut self, key: &Key) {
-        if let Some(queue) = self.queues.get_mut(key) {
-            if queue
+        if let Some(queue) = self.queues.get_mut(key)
+            && queue
                 .open
                 .as_ref()
                 .is_some_and(|b| b.size >= self.config.batch_size)
-            {
-                if let Some(batch) = queue.open.take() {
-                    queue.ready.push_back(batch);
-                }
-            }
+            && let Some(batch) = queue.open.take()
+        {
+            queue.ready.push_back(batch);
         }
         self.encode_unsealed(key);
         self.advance_sticky(&key.0, key.1);
     }
 
     fn advance_sticky(&mut self, topic: &str, partition: i32) {
-        if let Some(current) = self.sticky.get_mut(topic) {
-            if *current == partition {
-                *current = partition + 1;
-            }
+        if let Some(current) = self.sticky.get_mut(topic)
+            && *current == partition
+        {
+            *current = partition + 1;
         }
     }
 
@@ -376,16 +372,14 @@ impl Sender {
         let now = Instant::now();
         let keys: Vec<Key> = self.queues.keys().cloned().collect();
         for key in &keys {
-            if let Some(queue) = self.queues.get_mut(key) {
-                if queue
+            if let Some(queue) = self.queues.get_mut(key)
+                && queue
                     .open
                     .as_ref()
                     .is_some_and(|b| flushing || b.created + self.config.linger <= now)
-                {
-                    if let Some(batch) = queue.open.take() {
-                        queue.ready.push_back(batch);
-                    }
-                }
+                && let Some(batch) = queue.open.take()
+            {
+                queue.ready.push_back(batch);
             }
             self.encode_unsealed(key);
             self.advance_sticky(&key.0, key.1);

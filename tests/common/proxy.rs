@@ -182,7 +182,7 @@ async fn forward_requests(
                     .lock()
                     .expect("plan")
                     .cut_every_nth_produce_request;
-                if every > 0 && seen % every == 0 {
+                if every > 0 && seen.is_multiple_of(every) {
                     shared.cut_requests.fetch_add(1, Ordering::Relaxed);
                     // Half a frame, then the connection goes: the broker sees a truncated
                     // request and drops the connection; the client sees it break.
@@ -215,12 +215,12 @@ async fn forward_responses(
             if api_key == Some(PRODUCE) {
                 let seen = shared.produce_replies.fetch_add(1, Ordering::Relaxed) + 1;
                 if plan.delay_every_nth_produce_reply > 0
-                    && seen % plan.delay_every_nth_produce_reply == 0
+                    && seen.is_multiple_of(plan.delay_every_nth_produce_reply)
                 {
                     tokio::time::sleep(plan.delay).await;
                 }
                 let every = plan.cut_every_nth_produce_reply;
-                if every > 0 && seen % every == 0 {
+                if every > 0 && seen.is_multiple_of(every) {
                     shared.cut.fetch_add(1, Ordering::Relaxed);
                     // Dropping both halves closes the client side without the reply; the
                     // request task is aborted by the caller, closing the broker side too.

@@ -696,10 +696,9 @@ impl Group {
                 .protocols
                 .iter()
                 .find(|(n, _)| candidates.contains(&n))
+                && let Some(vote) = votes.iter_mut().find(|(_, c)| *c == name)
             {
-                if let Some(vote) = votes.iter_mut().find(|(_, c)| *c == name) {
-                    vote.0 += 1;
-                }
+                vote.0 += 1;
             }
         }
         // Most votes; ties go to the first member's preference order.
@@ -944,10 +943,10 @@ impl Group {
                     .collect();
                 tracing::info!(group = %self.id, members = ?unsynced, "no SyncGroup within the rebalance timeout; removing");
                 for id in &unsynced {
-                    if let Some(member) = self.members.remove(id) {
-                        if let Some(instance) = &member.instance_id {
-                            self.static_members.remove(instance);
-                        }
+                    if let Some(member) = self.members.remove(id)
+                        && let Some(instance) = &member.instance_id
+                    {
+                        self.static_members.remove(instance);
                     }
                 }
                 self.prepare_rebalance(now_ms, out);

@@ -130,12 +130,12 @@ pub fn check(entry: Option<&ProducerEntry>, batch: &BatchIdentity) -> Decision {
         // have expired, or it may be new to this partition).
         return Decision::Append;
     };
-    if batch.producer_epoch == entry.epoch {
-        if let Some(original) = entry.batches.iter().find(|b| {
+    if batch.producer_epoch == entry.epoch
+        && let Some(original) = entry.batches.iter().find(|b| {
             b.first_sequence == batch.first_sequence && b.last_sequence == batch.last_sequence
-        }) {
-            return Decision::Duplicate(*original);
-        }
+        })
+    {
+        return Decision::Duplicate(*original);
     }
     if batch.producer_epoch < entry.epoch {
         return Decision::Fenced {

@@ -48,7 +48,7 @@ impl OffsetIndex {
 
     /// Parses a persisted index; `None` if it is inconsistent with a log of `log_size` bytes.
     pub(crate) fn from_bytes(bytes: &[u8], log_size: u64) -> Option<Self> {
-        if bytes.len() % 8 != 0 {
+        if !bytes.len().is_multiple_of(8) {
             return None;
         }
         let mut index = Self::default();
@@ -58,10 +58,10 @@ impl OffsetIndex {
             if u64::from(position) >= log_size.max(1) {
                 return None;
             }
-            if let Some(&(o, p)) = index.entries.last() {
-                if offset <= o || position <= p {
-                    return None;
-                }
+            if let Some(&(o, p)) = index.entries.last()
+                && (offset <= o || position <= p)
+            {
+                return None;
             }
             index.entries.push((offset, position));
         }
@@ -104,7 +104,7 @@ impl TimeIndex {
     }
 
     pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() % 12 != 0 {
+        if !bytes.len().is_multiple_of(12) {
             return None;
         }
         let mut index = Self::default();
@@ -113,10 +113,10 @@ impl TimeIndex {
             t.copy_from_slice(&chunk[..8]);
             let timestamp = i64::from_be_bytes(t);
             let offset = u32::from_be_bytes([chunk[8], chunk[9], chunk[10], chunk[11]]);
-            if let Some(&(pt, po)) = index.entries.last() {
-                if timestamp <= pt || offset <= po {
-                    return None;
-                }
+            if let Some(&(pt, po)) = index.entries.last()
+                && (timestamp <= pt || offset <= po)
+            {
+                return None;
             }
             index.entries.push((timestamp, offset));
         }

@@ -343,10 +343,9 @@ impl Consumer {
                 && !s.in_flight
                 && s.error.is_none()
                 && s.buffered_bytes >= threshold
+                && let Some(node) = self.cluster.leader(&tp.0, tp.1)
             {
-                if let Some(node) = self.cluster.leader(&tp.0, tp.1) {
-                    hurried.insert(node);
-                }
+                hurried.insert(node);
             }
             if s.position.is_none()
                 || s.paused

@@ -444,14 +444,14 @@ impl Changelog {
         }
         while self.sent < self.entries.len() {
             let entry = &mut self.entries[self.sent];
-            if entry.delivery.is_none() {
-                if let Some((key, at_ms)) = entry.mark {
-                    entry.delivery = Some(
-                        self.producer
-                            .send(mark_record(&self.topic, entry, key, at_ms))
-                            .await?,
-                    );
-                }
+            if entry.delivery.is_none()
+                && let Some((key, at_ms)) = entry.mark
+            {
+                entry.delivery = Some(
+                    self.producer
+                        .send(mark_record(&self.topic, entry, key, at_ms))
+                        .await?,
+                );
             }
             self.sent += 1;
         }
@@ -576,15 +576,16 @@ async fn check_retention(topic: &str, window_ms: i64, connection: &semel_client:
             None
         }
     };
-    if let Some(retention) = retention {
-        if retention >= 0 && retention < window_ms {
-            tracing::warn!(
-                topic,
-                retention_ms = retention,
-                window_ms = window_ms,
-                "the changelog keeps marks for less than the dedup window: a consumer taking a partition over will not know the older marks; raise the topic's retention.ms"
-            );
-        }
+    if let Some(retention) = retention
+        && retention >= 0
+        && retention < window_ms
+    {
+        tracing::warn!(
+            topic,
+            retention_ms = retention,
+            window_ms = window_ms,
+            "the changelog keeps marks for less than the dedup window: a consumer taking a partition over will not know the older marks; raise the topic's retention.ms"
+        );
     }
 }
 
@@ -648,10 +649,11 @@ async fn replay(
     for tp in &tps {
         let end = ends.get(tp).copied().unwrap_or(0);
         let mut start = starts.get(tp).copied().unwrap_or(end);
-        if let Some(reached) = store.offset(POSITIONS, topic, tp.1)? {
-            if reached > start && reached <= end {
-                start = reached;
-            }
+        if let Some(reached) = store.offset(POSITIONS, topic, tp.1)?
+            && reached > start
+            && reached <= end
+        {
+            start = reached;
         }
         if start < end {
             total += u64::try_from(end - start).unwrap_or(0);

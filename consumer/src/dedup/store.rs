@@ -493,10 +493,10 @@ impl DedupStore {
                 .map_err(|e| self.storage(e))?
             {
                 let state = self.decode_mark(&bytes, key)?;
-                if let MarkState::Done { at_ms } = state {
-                    if now_ms >= at_ms.saturating_add(self.window_ms()) {
-                        return Ok(None); // outlived the window; its bucket goes soon
-                    }
+                if let MarkState::Done { at_ms } = state
+                    && now_ms >= at_ms.saturating_add(self.window_ms())
+                {
+                    return Ok(None); // outlived the window; its bucket goes soon
                 }
                 return Ok(Some((state, name.clone())));
             }
