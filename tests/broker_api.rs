@@ -555,3 +555,47 @@ async fn listening_on_every_address_needs_an_advertised_listener() {
         .expect("with an advertised listener");
     broker.shutdown().await;
 }
+
+/// A client asking for `i32::MAX` bytes gets at most the broker's `fetch.max.bytes` (here
+/// 300 kB) of records, whatever the partition holds: one response, one bounded buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_responses_are_capped_by_the_broker_whatever_the_request_asks() {
+    let broker = TestBroker::start_with(|c| c.fetch_max_bytes = 300_000)
+        .await
+        .expect("broker");
+    let mut client = RawClient::connect(broker.addr()).await.expect("connect");
+    let value = "x".repeat(100_000);
+    for _ in 0..5 {
+        let response = client
+            .send(
+                9,
+                &produce_request("big", 0, records(&[value.as_str()], 1), -1),
+            )
+            .await
+            .expect("produce");
+        assert_eq!(response.responses[0].partition_responses[0].error_code, 0);
+    }
+    let request = fetch_request("big", 0, 0, 0)
+        .with_max_bytes(i32::MAX)
+        .with_topics(vec![
+            FetchTopic::default()
+                .with_topic(name("big"))
+                .with_partitions(vec![
+                    FetchPartition::default()
+                        .with_partition(0)
+                        .with_fetch_offset(0)
+                        .with_partition_max_bytes(i32::MAX),
+                ]),
+        ]);
+    let response = client.send(12, &request).await.expect("fetch");
+    let records = response.responses[0].partitions[0]
+        .records
+        .clone()
+        .unwrap_or_default();
+    let batches = decode_records(&records).expect("records").len();
+    assert!(
+        records.len() <= 300_000 && batches >= 1,
+        "{} bytes, {batches} batches in one response",
+        records.len()
+    );
+}

@@ -28,6 +28,10 @@ pub struct BrokerConfig {
     /// Most client connections served at once (`max.connections`). Further connections wait in
     /// the accept backlog.
     pub max_connections: usize,
+    /// Most record bytes in one Fetch response, whatever the request's `max_bytes` says
+    /// (`fetch.max.bytes`, 55 MiB as in Kafka). The first batch of a response may still exceed
+    /// it (KIP-74), so a consumer always makes progress.
+    pub fetch_max_bytes: usize,
     /// Most requests of one connection being processed or awaiting their turn to be answered.
     /// Reading pauses while a connection is at the cap (Kafka's `queued.max.requests`, per connection).
     pub max_in_flight_per_connection: usize,
@@ -57,6 +61,9 @@ pub struct BrokerConfig {
     pub group: crate::group::GroupConfig,
 }
 
+/// Kafka's `fetch.max.bytes` default: 55 MiB.
+pub const DEFAULT_FETCH_MAX_BYTES: usize = 55 * 1024 * 1024;
+
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
@@ -66,6 +73,7 @@ impl Default for BrokerConfig {
             node_id: 1,
             max_frame_bytes: 100 * 1024 * 1024,
             max_connections: 1024,
+            fetch_max_bytes: DEFAULT_FETCH_MAX_BYTES,
             max_in_flight_per_connection: 32,
             auto_create_topics: true,
             num_partitions: 1,

@@ -1,6 +1,7 @@
 //! Fetch (key 1): whole stored batches from the batch that contains each fetch offset.
 //!
-//! Limits: `partition_max_bytes` per partition and `max_bytes` for the response, except that
+//! Limits: `partition_max_bytes` per partition and `max_bytes` for the response (at most the
+//! broker's `fetch.max.bytes`), except that
 //! the first partition with data always returns at least one whole batch, however large, so a
 //! consumer always makes progress (KIP-74). `max_wait_ms` with `min_bytes` is a long poll: the
 //! response goes out as soon as `min_bytes` are available, or when the wait ends. Fetch sessions
@@ -49,7 +50,11 @@ pub(crate) fn handle(state: &Arc<BrokerState>, request: FetchRequest, version: i
                 (t, topic)
             })
             .collect(),
-        max_bytes: usize::try_from(request.max_bytes).unwrap_or(0),
+        // The broker's cap wins over the request's: a client asking for i32::MAX bytes on a
+        // large partition must not make the broker buffer gigabytes for one response.
+        max_bytes: usize::try_from(request.max_bytes)
+            .unwrap_or(0)
+            .min(state.config.fetch_max_bytes),
     };
     let min_bytes = usize::try_from(request.min_bytes).unwrap_or(0);
     let first = run(&plan);

@@ -31,6 +31,9 @@ struct Args {
     /// Most client connections served at once (Kafka: max.connections).
     #[arg(long, env = "SEMEL_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
+    /// Most record bytes in one Fetch response, whatever the request asks (Kafka: fetch.max.bytes).
+    #[arg(long, env = "SEMEL_FETCH_MAX_BYTES", default_value_t = semel_broker::config::DEFAULT_FETCH_MAX_BYTES)]
+    fetch_max_bytes: usize,
     /// Create unknown topics on Metadata and Produce (Kafka: auto.create.topics.enable).
     #[arg(long, env = "SEMEL_AUTO_CREATE_TOPICS_ENABLE", default_value_t = true, action = clap::ArgAction::Set)]
     auto_create_topics_enable: bool,
@@ -142,6 +145,7 @@ fn main() -> anyhow::Result<()> {
         data_dir: args.data_dir,
         node_id: args.node_id,
         max_frame_bytes: args.socket_request_max_bytes,
+        fetch_max_bytes: args.fetch_max_bytes,
         max_connections: args.max_connections,
         auto_create_topics: args.auto_create_topics_enable,
         num_partitions: args.num_partitions,
