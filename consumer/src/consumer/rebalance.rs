@@ -61,6 +61,26 @@ pub struct RebalanceContext<'a> {
     generation: i32,
 }
 
+impl<'a> RebalanceContext<'a> {
+    /// A context with these committed offsets and nothing else, for listener tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(committed: &'a BTreeMap<TopicPartition, i64>) -> Self {
+        Self {
+            committed,
+            positions: BTreeMap::new(),
+            seeks: Vec::new(),
+            commits: BTreeMap::new(),
+            generation: 1,
+        }
+    }
+
+    /// The commits asked for so far (listener tests).
+    #[cfg(test)]
+    pub(crate) fn commits_for_tests(&self) -> &BTreeMap<TopicPartition, i64> {
+        &self.commits
+    }
+}
+
 impl RebalanceContext<'_> {
     /// The group's committed offset of a newly assigned partition (assignment callbacks).
     pub fn committed(&self, partition: &TopicPartition) -> Option<i64> {

@@ -929,3 +929,49 @@ impl DedupConsumer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(dir: &std::path::Path) -> Arc<Shared> {
+        let store = DedupStore::open(super::super::store::DedupConfig::new(dir)).expect("store");
+        Arc::new(Shared {
+            store: Arc::new(store),
+            group: "g".into(),
+            changelog: true,
+            state: Mutex::new(SharedState::default()),
+            wake: Notify::new(),
+        })
+    }
+
+    /// A partition's acknowledged offset belongs to one ownership of it: after the partition
+    /// left and came back (another member advanced it meanwhile), revoking it again must not
+    /// commit the old offset, which would rewind the group.
+    #[test]
+    fn a_partition_that_comes_back_does_not_commit_an_offset_from_before() {
+        let dir = tempfile::tempdir().expect("dir");
+        let shared = shared(dir.path());
+        let mut listener = StoreOffsets(Arc::clone(&shared));
+        let tp: TopicPartition = ("t".into(), 0);
+        let partitions: BTreeSet<TopicPartition> = [tp.clone()].into();
+        let none = BTreeMap::new();
+
+        listener.on_partitions_assigned(&mut RebalanceContext::for_tests(&none), &partitions);
+        shared.lock().acked.insert(tp.clone(), 10);
+        let mut ctx = RebalanceContext::for_tests(&none);
+        listener.on_partitions_revoked(&mut ctx, &partitions);
+        assert_eq!(ctx.commits_for_tests().get(&tp), Some(&10));
+
+        // Another member read it to 20 and committed; it comes back here.
+        let committed: BTreeMap<TopicPartition, i64> = [(tp.clone(), 20)].into();
+        listener.on_partitions_assigned(&mut RebalanceContext::for_tests(&committed), &partitions);
+        let mut ctx = RebalanceContext::for_tests(&committed);
+        listener.on_partitions_revoked(&mut ctx, &partitions);
+        assert_eq!(
+            ctx.commits_for_tests().get(&tp),
+            None,
+            "nothing was acknowledged in this ownership; committing would rewind the group"
+        );
+    }
+}
