@@ -272,6 +272,11 @@ impl Drop for Fresh {
     }
 }
 
+/// How long settled marks wait to go to the changelog together (one store sync for them all).
+const MARKS_LINGER: Duration = Duration::from_millis(5);
+/// How many settled marks go to the changelog at once at the most, linger or not.
+const MARKS_GROUP: usize = 1024;
+
 /// A settled record on its way to the changelog.
 #[derive(Debug)]
 struct Settled {
@@ -466,6 +471,8 @@ pub struct DedupConsumer {
     /// What was last committed, so unchanged offsets are not committed again.
     committed: BTreeMap<TopicPartition, i64>,
     last_commit: Instant,
+    /// When settled marks last went to the changelog.
+    last_marks_sent: Instant,
     passed: u64,
     rejected: u64,
     changelog: Option<Changelog>,
@@ -509,6 +516,7 @@ impl DedupConsumer {
             held: None,
             committed: BTreeMap::new(),
             last_commit: Instant::now(),
+            last_marks_sent: Instant::now(),
             passed: 0,
             rejected: 0,
             changelog: None,
@@ -540,14 +548,10 @@ impl DedupConsumer {
         loop {
             let candidate = match self.pending.take() {
                 Some(candidate) => candidate,
-                None => {
-                    self.pump_changelog().await?;
-                    self.maybe_commit();
-                    match self.read().await? {
-                        Ok(candidate) => candidate,
-                        Err(passed) => return Ok(passed),
-                    }
-                }
+                None => match self.read().await? {
+                    Ok(candidate) => candidate,
+                    Err(passed) => return Ok(passed),
+                },
             };
             match self.shared.store.claim(candidate.key)? {
                 outcome @ (Claim::Fresh(token) | Claim::Reclaimed(token)) => {
@@ -583,6 +587,17 @@ impl DedupConsumer {
         }
     }
 
+    /// When the marks waiting for the changelog, or the next commit, are due while `next`
+    /// waits for records.
+    fn upkeep_at(&self) -> Instant {
+        let commit = self.last_commit + self.config.commit_interval;
+        if self.shared.lock().outbox.is_empty() {
+            commit
+        } else {
+            commit.min(self.last_marks_sent + MARKS_LINGER)
+        }
+    }
+
     /// A record given back, if its partition is still ours.
     fn take_again(&mut self) -> Option<Again> {
         let mut state = self.shared.lock();
@@ -599,6 +614,8 @@ impl DedupConsumer {
     /// while it waits come first.
     async fn read(&mut self) -> Result<Result<Candidate, Fresh>, MiddlewareError> {
         let record = loop {
+            self.pump_changelog(false).await?;
+            self.maybe_commit();
             if let Some(again) = self.take_again() {
                 return Ok(match again.key {
                     Some(key) => Ok(Candidate {
@@ -614,10 +631,13 @@ impl DedupConsumer {
                 Some(record) => record,
                 None => {
                     let shared = Arc::clone(&self.shared);
+                    let upkeep = self.upkeep_at();
                     // `recv` is cancel-safe: a record it took is never lost to the select.
                     tokio::select! {
                         record = self.consumer.recv() => record?,
+                        // A record given back, or a settle (marks to send, offsets to commit).
                         () = shared.wake.notified() => continue,
+                        () = tokio::time::sleep_until(upkeep) => continue,
                     }
                 }
             };
@@ -746,7 +766,10 @@ impl DedupConsumer {
     }
 
     /// Starts the changelog on first use, sends settled marks, releases acknowledged offsets.
-    async fn pump_changelog(&mut self) -> Result<(), MiddlewareError> {
+    /// Marks are sent in groups (every [`MARKS_LINGER`], or [`MARKS_GROUP`] of them, or when
+    /// `now` is asked for), each group after one sync of the store: a sync per record would
+    /// cost a disk flush per message.
+    async fn pump_changelog(&mut self, now: bool) -> Result<(), MiddlewareError> {
         let Some(config) = &self.config.changelog else {
             return Ok(());
         };
@@ -768,7 +791,18 @@ impl DedupConsumer {
         let Some(changelog) = &mut self.changelog else {
             return Ok(());
         };
-        let settled: Vec<Settled> = self.shared.lock().outbox.drain(..).collect();
+        let settled: Vec<Settled> = {
+            let mut state = self.shared.lock();
+            let due = now
+                || state.outbox.len() >= MARKS_GROUP
+                || self.last_marks_sent.elapsed() >= MARKS_LINGER;
+            if due {
+                self.last_marks_sent = Instant::now();
+                state.outbox.drain(..).collect()
+            } else {
+                Vec::new()
+            }
+        };
         if settled.iter().any(|s| s.key.is_some()) {
             // Marks leave the process only once they would survive a power cut here: a mark
             // in the changelog whose local state was lost would drop a message unhandled.
@@ -813,7 +847,7 @@ impl DedupConsumer {
             return Ok(());
         }
         if self.changelog.is_none() {
-            self.pump_changelog().await?;
+            self.pump_changelog(true).await?;
         }
         if let Some(changelog) = &mut self.changelog {
             changelog.restore(&self.shared.store, &partitions).await?;
@@ -834,7 +868,7 @@ impl DedupConsumer {
         if self.config.changelog.is_none() {
             return Ok(());
         }
-        self.pump_changelog().await?;
+        self.pump_changelog(true).await?;
         if let Some(changelog) = &mut self.changelog {
             let mut acked = BTreeMap::new();
             changelog.flush(&mut acked).await?;
