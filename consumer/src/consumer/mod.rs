@@ -1,8 +1,9 @@
 //! The consumer: subscription or manual assignment, positions, fetching, rebalances, commits.
 //!
-//! The application drives it (`poll`, `recv`, or the `stream`), as with the Java client: a
-//! rebalance, a commit on revocation and the rebalance listener run inside those calls, on
-//! the application's task, so a listener sees a consistent view and may commit or seek. The
+//! The application drives it (`poll`, `recv`, or the `stream`), as with the Java client: the
+//! rebalance listener runs inside those calls, on the application's task, so it sees a
+//! consistent view and may commit or seek. The JoinGroup + SyncGroup round and the commits
+//! asked for on revocation run on tasks of their own, so a cancelled poll loses neither. The
 //! heartbeat runs on its own task (see `group`), so a slow handler never makes the member look
 //! dead; a handler slower than `max.poll.interval.ms` makes it leave the group instead.
 //!

@@ -30,9 +30,10 @@
 //! would be dropped unhandled.
 //!
 //! What stays at-least-once: a side effect outside the store's batch (an HTTP call) done
-//! before a crash whose mark was not yet written anywhere; and the case above (a mark written
-//! locally but not yet acknowledged by the changelog when the host died) when the partition
-//! moves to another host.
+//! before a crash whose mark was not yet written anywhere; and, when the partition moves to
+//! another host, a record whose mark had not reached the changelog yet: its host died, or its
+//! handler was still running (or the mark still queued) at the revocation, which does not wait
+//! for them.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -52,7 +53,13 @@ use semel_producer::{Delivery, ProduceError, Producer, ProducerConfig, ProducerR
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use super::settlement::Epoch;
 use super::store::{DedupError, DedupStore, KeyHash};
+
+/// An offset that may be committed once the changelog acknowledged what came before it, and
+/// the ownership of the partition it was settled in (an offset from an earlier ownership is
+/// not committed for a later one).
+pub(crate) type Release = (Epoch, i64);
 use crate::assignor::TopicPartition;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{AutoOffsetReset, ConsumerConfig};
@@ -151,8 +158,9 @@ struct Entry {
     /// The offset of the record a mark is for.
     record_offset: i64,
     /// The partition's committable offset once this entry (and all before it) is
-    /// acknowledged; `None` for a mark whose partition has left (it still goes out).
-    release: Option<i64>,
+    /// acknowledged, with the ownership it belongs to; `None` for a mark whose partition has
+    /// left (it still goes out).
+    release: Option<Release>,
     mark: Option<(KeyHash, i64)>,
     delivery: Option<Delivery>,
 }
@@ -398,7 +406,7 @@ impl Changelog {
         &mut self,
         partition: TopicPartition,
         record_offset: i64,
-        release: Option<i64>,
+        release: Option<Release>,
         key: KeyHash,
     ) {
         let at_ms = SystemClock.now_ms();
@@ -413,11 +421,11 @@ impl Changelog {
 
     /// Queues an offset with no mark (a duplicate dropped, a record without key): committable
     /// once the marks queued before it are acknowledged.
-    pub(crate) fn push_offset(&mut self, partition: TopicPartition, next_offset: i64) {
+    pub(crate) fn push_offset(&mut self, partition: TopicPartition, release: Release) {
         self.entries.push_back(Entry {
             partition,
-            record_offset: next_offset - 1,
-            release: Some(next_offset),
+            record_offset: release.1 - 1,
+            release: Some(release),
             mark: None,
             delivery: None,
         });
@@ -428,7 +436,7 @@ impl Changelog {
     /// delivery failed for good is sent again.
     pub(crate) async fn pump(
         &mut self,
-        settled: &mut BTreeMap<TopicPartition, i64>,
+        settled: &mut BTreeMap<TopicPartition, Release>,
     ) -> Result<(), ChangelogError> {
         // Entries before `sent` were sent already (or carry no mark): each call looks only
         // at what is new.
@@ -482,7 +490,7 @@ impl Changelog {
     /// Waits until every queued mark is acknowledged, moving the offsets into `settled`.
     pub(crate) async fn flush(
         &mut self,
-        settled: &mut BTreeMap<TopicPartition, i64>,
+        settled: &mut BTreeMap<TopicPartition, Release>,
     ) -> Result<(), ChangelogError> {
         self.last_failure = None;
         loop {

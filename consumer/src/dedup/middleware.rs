@@ -89,8 +89,8 @@ impl KeySource {
 pub enum MissingKey {
     /// Hand it out without deduplication (`Fresh::key()` is `None`).
     Pass,
-    /// Fail `next` with [`MiddlewareError::NoKey`] (the default); the consumer has moved past
-    /// the record, and `seek` brings it back.
+    /// Fail `next` with [`MiddlewareError::NoKey`] (the default). The record counts as settled
+    /// (its offset may be committed): the error is the only report of it.
     Reject,
 }
 
@@ -211,13 +211,14 @@ impl Fresh {
     /// claimed the key since: `state` was not applied (the record counts once, through the
     /// current holder).
     pub fn done(mut self, state: impl FnOnce(&mut StateBatch<'_>)) -> Result<(), MiddlewareError> {
-        self.settled = true;
+        // `settled` is set once the batch is written (or refused): if `state` panics, the
+        // handle is dropped unsettled and its record is given back.
         let shared = Arc::clone(&self.shared);
         let record = &self.record;
         let tp = record.topic_partition();
         let mut inner = shared.lock();
-        // The batch is written under the lock, so the offsets written for a partition never
-        // go backwards however the handles race.
+        // The batch is written under the lock, so handles racing each other never write a
+        // partition's offsets out of order.
         let offset = inner
             .settlements
             .committable_after(&tp, self.epoch, record.offset);
@@ -226,6 +227,7 @@ impl Fresh {
             offset.map(|o| (shared.group.as_str(), &*record.topic, record.partition, o)),
             state,
         );
+        self.settled = true;
         if let Err(e) = written {
             drop(inner);
             if let Err(release) = shared.give_back(record, self.claim, self.epoch) {
@@ -238,7 +240,7 @@ impl Fresh {
             inner.outbox.push_back(Settled {
                 partition: tp,
                 record_offset: record.offset,
-                release: released,
+                release: released.map(|offset| (self.epoch, offset)),
                 key: self.key(),
             });
         }
@@ -282,9 +284,10 @@ const MARKS_GROUP: usize = 1024;
 struct Settled {
     partition: TopicPartition,
     record_offset: i64,
-    /// The partition's committable offset once this mark is in the changelog (`None`: the
-    /// record was settled after its partition left; its mark still goes out).
-    release: Option<i64>,
+    /// The partition's committable offset once this mark is in the changelog, with the
+    /// ownership it was settled in (`None`: the record was settled after its partition left;
+    /// its mark still goes out).
+    release: Option<(Epoch, i64)>,
     key: Option<KeyHash>,
 }
 
@@ -349,6 +352,21 @@ impl Shared {
         drop(state);
         self.wake.notify_one();
         released
+    }
+
+    /// Offsets the changelog acknowledged, for partitions still owned by the same ownership
+    /// that settled them (an offset from before a partition left and came back would rewind
+    /// the group).
+    fn note_acked(&self, acked: BTreeMap<TopicPartition, (Epoch, i64)>) {
+        if acked.is_empty() {
+            return;
+        }
+        let mut state = self.lock();
+        for (tp, (epoch, offset)) in acked {
+            if state.settlements.epoch(&tp) == Some(epoch) {
+                state.acked.insert(tp, offset);
+            }
+        }
     }
 
     /// Everything about `tp` is forgotten (revoked, lost, or assigned anew).
@@ -553,7 +571,16 @@ impl DedupConsumer {
                     Err(passed) => return Ok(passed),
                 },
             };
-            match self.shared.store.claim(candidate.key)? {
+            let claimed = match self.shared.store.claim(candidate.key) {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    // Kept for the next call: a record read and then lost to a store error
+                    // would be passed by the next one settled.
+                    self.pending = Some(candidate);
+                    return Err(e.into());
+                }
+            };
+            match claimed {
                 outcome @ (Claim::Fresh(token) | Claim::Reclaimed(token)) => {
                     let Candidate { record, key, epoch } = candidate;
                     let epoch = match epoch {
@@ -692,13 +719,11 @@ impl DedupConsumer {
     ) {
         let tp = record.topic_partition();
         let mut state = self.shared.lock();
-        let release = match epoch {
-            Some(epoch) => state.settlements.settle(&tp, epoch, record.offset),
-            None => {
-                let epoch = state.settlements.read(&tp, record.offset, false);
-                state.settlements.settle(&tp, epoch, record.offset)
-            }
-        };
+        let epoch = epoch.unwrap_or_else(|| state.settlements.read(&tp, record.offset, false));
+        let release = state
+            .settlements
+            .settle(&tp, epoch, record.offset)
+            .map(|offset| (epoch, offset));
         if self.shared.changelog {
             state.outbox.push_back(Settled {
                 partition: tp,
@@ -791,22 +816,33 @@ impl DedupConsumer {
         let Some(changelog) = &mut self.changelog else {
             return Ok(());
         };
-        let settled: Vec<Settled> = {
-            let mut state = self.shared.lock();
-            let due = now
-                || state.outbox.len() >= MARKS_GROUP
-                || self.last_marks_sent.elapsed() >= MARKS_LINGER;
-            if due {
-                self.last_marks_sent = Instant::now();
-                state.outbox.drain(..).collect()
-            } else {
-                Vec::new()
-            }
+        let due = {
+            let state = self.shared.lock();
+            !state.outbox.is_empty()
+                && (now
+                    || state.outbox.len() >= MARKS_GROUP
+                    || self.last_marks_sent.elapsed() >= MARKS_LINGER)
+        };
+        let settled: Vec<Settled> = if due {
+            self.shared.lock().outbox.drain(..).collect()
+        } else {
+            Vec::new()
         };
         if settled.iter().any(|s| s.key.is_some()) {
             // Marks leave the process only once they would survive a power cut here: a mark
             // in the changelog whose local state was lost would drop a message unhandled.
-            self.shared.store.sync()?;
+            // Every mark taken above was written before it was queued, so this sync covers
+            // them; if it fails they go back to the front of the queue, in order.
+            if let Err(e) = self.shared.store.sync() {
+                let mut state = self.shared.lock();
+                for s in settled.into_iter().rev() {
+                    state.outbox.push_front(s);
+                }
+                return Err(e.into());
+            }
+        }
+        if due {
+            self.last_marks_sent = Instant::now();
         }
         for s in settled {
             match s.key {
@@ -820,21 +856,8 @@ impl DedupConsumer {
         }
         let mut acked = BTreeMap::new();
         changelog.pump(&mut acked).await?;
-        self.note_acked(acked);
+        self.shared.note_acked(acked);
         Ok(())
-    }
-
-    /// Offsets the changelog acknowledged, for partitions still owned.
-    fn note_acked(&self, acked: BTreeMap<TopicPartition, i64>) {
-        if acked.is_empty() {
-            return;
-        }
-        let mut state = self.shared.lock();
-        for (tp, offset) in acked {
-            if state.settlements.epoch(&tp).is_some() {
-                state.acked.insert(tp, offset);
-            }
-        }
     }
 
     /// Replays the changelog of newly assigned partitions before any of their records is
@@ -871,8 +894,10 @@ impl DedupConsumer {
         self.pump_changelog(true).await?;
         if let Some(changelog) = &mut self.changelog {
             let mut acked = BTreeMap::new();
-            changelog.flush(&mut acked).await?;
-            self.note_acked(acked);
+            let flushed = changelog.flush(&mut acked).await;
+            // What was acknowledged before a failure still counts.
+            self.shared.note_acked(acked);
+            flushed?;
         }
         Ok(())
     }
@@ -1007,5 +1032,21 @@ mod tests {
             None,
             "nothing was acknowledged in this ownership; committing would rewind the group"
         );
+    }
+
+    /// An acknowledgement that arrives after the partition left and came back carries the
+    /// offset of the earlier ownership: it must not become this ownership's committable.
+    #[test]
+    fn an_acknowledgement_from_an_earlier_ownership_is_ignored() {
+        let dir = tempfile::tempdir().expect("dir");
+        let shared = shared(dir.path());
+        let tp: TopicPartition = ("t".into(), 0);
+        let earlier = shared.lock().settlements.assign(&tp);
+        Shared::forget(&mut shared.lock(), &tp);
+        let now = shared.lock().settlements.assign(&tp);
+        shared.note_acked([(tp.clone(), (earlier, 6))].into());
+        assert_eq!(shared.lock().acked.get(&tp), None);
+        shared.note_acked([(tp.clone(), (now, 25))].into());
+        assert_eq!(shared.lock().acked.get(&tp), Some(&25));
     }
 }
