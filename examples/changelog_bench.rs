@@ -10,8 +10,13 @@
 //!    message per partition arrives; before B hands it out it replays the changelog from
 //!    (now − window): records read, marks restored, seconds.
 //!
+//! The plain consumer reads the same messages first (no dedup): the ceiling, in the same run.
+//! `--batch N` claims and settles N messages at a time (`next_batch` + `done_many`: one store
+//! write each); `--handlers N` settles them on N tasks at once, in whatever order they finish.
+//!
 //! ```sh
 //! cargo run --release --example changelog_bench -- --messages 1000000
+//! cargo run --release --example changelog_bench -- --messages 1000000 --batch 1000 --handlers 8
 //! ```
 //! Everything runs in this process on an embedded broker (or `--bootstrap host:port`).
 
@@ -24,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::ensure;
 use clap::Parser;
 use semel::consumer::dedup::{
-    ChangelogConfig, DedupConfig, DedupConsumer, DedupStore, MiddlewareConfig,
+    ChangelogConfig, DedupConfig, DedupConsumer, DedupStore, Fresh, MiddlewareConfig,
 };
 use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig};
 use semel::producer::{Producer, ProducerConfig, ProducerRecord};
@@ -41,6 +46,13 @@ struct Args {
     /// Partitions of the input topic.
     #[arg(long, default_value_t = 3)]
     partitions: i32,
+    /// Messages claimed and settled together (`next_batch` + `done_many`); 1: `next` + `done`
+    /// per message.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Handlers at once, each on its own task, settling in whatever order they finish.
+    #[arg(long, default_value_t = 1)]
+    handlers: usize,
 }
 
 fn consumer_config(bootstrap: &str, group: &str) -> ConsumerConfig {
@@ -84,14 +96,38 @@ async fn produce(
     Ok(())
 }
 
+/// Reads every message of `topic` in `group` with the plain consumer (no dedup); returns
+/// messages/s: the ceiling the middleware is measured against.
+async fn read_plain(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    messages: usize,
+) -> anyhow::Result<f64> {
+    let mut consumer = Consumer::connect(consumer_config(bootstrap, group)).await?;
+    consumer.subscribe([topic])?;
+    // The clock starts at the first record: joining the group (the broker's initial
+    // rebalance delay, 3 s by default) is not reading.
+    let mut read = consumer.recv_many(1024).await?.len();
+    let started = Instant::now();
+    let timed = messages - read;
+    while read < messages {
+        read += consumer.recv_many(1024).await?.len();
+    }
+    let rate = timed as f64 / started.elapsed().as_secs_f64();
+    consumer.close().await?;
+    Ok(rate)
+}
+
 /// Handles every message of `topic` in `group`; returns messages/s.
 async fn handle_all(
     bootstrap: &str,
     topic: &str,
     group: &str,
-    messages: usize,
+    args: &Args,
     changelog: Option<ChangelogConfig>,
 ) -> anyhow::Result<f64> {
+    let messages = args.messages;
     let dir = tempfile::tempdir()?;
     let store = Arc::new(DedupStore::open(DedupConfig::new(dir.path().join("a")))?);
     let mut consumer = Consumer::connect(consumer_config(bootstrap, group)).await?;
@@ -104,13 +140,37 @@ async fn handle_all(
             ..MiddlewareConfig::default()
         },
     )?;
-    let started = Instant::now();
-    for _ in 0..messages {
-        let fresh = dedup.next().await?;
-        dedup.done(fresh, |_| {})?;
+    let mut handled = 0;
+    let mut tasks: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
+    // The clock starts at the first record, as for the plain consumer.
+    let mut started = None;
+    while handled < messages {
+        let batch = if args.batch > 1 {
+            dedup.next_batch(args.batch.min(messages - handled)).await?
+        } else {
+            vec![dedup.next().await?]
+        };
+        if started.is_none() {
+            started = Some((Instant::now(), handled));
+        }
+        handled += batch.len();
+        if args.handlers > 1 {
+            while tasks.len() >= args.handlers {
+                if let Some(done) = tasks.join_next().await {
+                    done??;
+                }
+            }
+            tasks.spawn(async move { Ok(Fresh::done_all(batch, |_| {})?) });
+        } else {
+            dedup.done_many(batch, |_| {})?;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
     }
     dedup.flush_changelog().await?;
-    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    let (started, before) = started.unwrap_or((Instant::now(), 0));
+    let rate = (messages - before) as f64 / started.elapsed().as_secs_f64();
     dedup.close().await?;
     Ok(rate)
 }
@@ -131,29 +191,43 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     println!(
-        "changelog_bench: {} messages over {} partitions",
-        args.messages, args.partitions
+        "changelog_bench: {} messages over {} partitions, batch {}, {} handler(s)",
+        args.messages, args.partitions, args.batch, args.handlers
     );
 
+    let plain = read_plain(
+        &bootstrap,
+        &topic,
+        &format!("bench-{run}-plain"),
+        args.messages,
+    )
+    .await?;
+    println!("plain consumer:         {plain:>10.0} messages/s read (no dedup)");
     let local = handle_all(
         &bootstrap,
         &topic,
         &format!("bench-{run}-local"),
-        args.messages,
+        &args,
         None,
     )
     .await?;
-    println!("host A, no changelog:   {local:>10.0} messages/s handled");
+    println!(
+        "host A, no changelog:   {local:>10.0} messages/s handled ({:.1} % of the plain consumer)",
+        100.0 * local / plain
+    );
     let group = format!("bench-{run}-changelog");
     let logged = handle_all(
         &bootstrap,
         &topic,
         &group,
-        args.messages,
+        &args,
         Some(ChangelogConfig::default()),
     )
     .await?;
-    println!("host A, with changelog: {logged:>10.0} messages/s handled (marks acknowledged)");
+    println!(
+        "host A, with changelog: {logged:>10.0} messages/s handled, marks acknowledged ({:.1} % of the plain consumer)",
+        100.0 * logged / plain
+    );
 
     // Host B: an empty store takes the partitions over.
     let store_dir = tempfile::tempdir()?;
@@ -192,7 +266,7 @@ async fn main() -> anyhow::Result<()> {
         args.messages
     );
     println!(
-        "RESULT local_rate={local:.0} changelog_rate={logged:.0} replayed={} restored={} restore_ms={}",
+        "RESULT plain_rate={plain:.0} local_rate={local:.0} changelog_rate={logged:.0} replayed={} restored={} restore_ms={}",
         m.records_read, m.marks_restored, m.restore_ms
     );
     dedup.close().await?;

@@ -268,7 +268,7 @@ fn main() -> anyhow::Result<()> {
             n += keys.len() as u64;
             store.mark_done_many(
                 &claims,
-                Some(("bench", "payments", 0, i64::try_from(n)?)),
+                &[("bench", "payments", 0, i64::try_from(n)?)],
                 |_| {},
             )?;
             if n % 10_000_000 < batch as u64 {

@@ -31,6 +31,10 @@ enum Op {
     Drop(prop::sample::Index),
     /// The process dies: no commit, no LeaveGroup; a new member takes over the store.
     Crash,
+    /// Take up to this many records at once (`next_batch`).
+    NextBatch(usize),
+    /// Settle several handles in flight with one write (`done_all`), from this one on.
+    DoneMany(prop::sample::Index, usize),
 }
 
 fn op() -> impl proptest::strategy::Strategy<Value = Op> {
@@ -40,6 +44,8 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         1 => any::<prop::sample::Index>().prop_map(Op::Failed),
         1 => any::<prop::sample::Index>().prop_map(Op::Drop),
         1 => Just(Op::Crash),
+        3 => (1usize..6).prop_map(Op::NextBatch),
+        3 => (any::<prop::sample::Index>(), 1usize..6).prop_map(|(i, n)| Op::DoneMany(i, n)),
     ]
 }
 
@@ -98,6 +104,22 @@ fn done(store: &DedupStore, fresh: Fresh) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Settles `handles` with one write: each id's count goes up by one, in the same batch.
+fn done_many(store: &DedupStore, handles: Vec<Fresh>) -> anyhow::Result<()> {
+    let mut counts = Vec::new();
+    for fresh in &handles {
+        let id = id_of(fresh);
+        let next = count(store, &id)? + 1;
+        counts.push((id, next));
+    }
+    Fresh::done_all(handles, |state| {
+        for (id, next) in &counts {
+            state.put(id.as_bytes(), &next.to_be_bytes());
+        }
+    })?;
+    Ok(())
+}
+
 async fn run(ops: Vec<Op>) -> anyhow::Result<()> {
     let broker = TestBroker::start_with(|c| {
         c.group.initial_rebalance_delay = Duration::from_millis(0);
@@ -152,7 +174,19 @@ async fn run(ops: Vec<Op>) -> anyhow::Result<()> {
                 store = Arc::new(DedupStore::open(DedupConfig::new(&path))?);
                 dedup = member(&bootstrap, &group, &topic, &store).await?;
             }
-            Op::Done(_) | Op::Failed(_) | Op::Drop(_) => {}
+            Op::NextBatch(max) => {
+                if let Ok(batch) =
+                    tokio::time::timeout(Duration::from_millis(300), dedup.next_batch(max)).await
+                {
+                    handles.extend(batch?);
+                }
+            }
+            Op::DoneMany(i, n) if !handles.is_empty() => {
+                let from = i.index(handles.len());
+                let to = (from + n).min(handles.len());
+                done_many(&store, handles.drain(from..to).collect())?;
+            }
+            Op::Done(_) | Op::Failed(_) | Op::Drop(_) | Op::DoneMany(..) => {}
         }
     }
     // Settle what is in flight, then read to the end.

@@ -471,3 +471,73 @@ async fn marks_the_changelog_never_acknowledged_reach_it_after_a_restart() -> an
     );
     Ok(())
 }
+
+/// The batch API: `next_batch` claims what is fetched with one store write, `done_many`
+/// settles a batch with one more. A batch dropped unsettled (a handler that panicked) is
+/// handed out again, records first; settled at last in one write, the whole partition is
+/// committed, and the next member has nothing to handle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_settles_with_one_write_and_a_dropped_batch_comes_again() -> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let bootstrap = broker.bootstrap();
+    let topic = "batch-settle";
+    let messages = ids(0..10);
+    let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
+    let end = send(&bootstrap, topic, &messages).await?;
+    let group = format!("{topic}-group");
+    let dir = tempfile::tempdir()?;
+    let store_path = dir.path().join("store");
+    {
+        let store = Arc::new(DedupStore::open(DedupConfig::new(&store_path))?);
+        let mut dedup = member(&bootstrap, &group, topic, &store).await?;
+        let first = tokio::time::timeout(PATIENCE, dedup.next_batch(4))
+            .await
+            .context("no batch within PATIENCE")??;
+        ensure!(
+            !first.is_empty() && first.len() <= 4 && id(&first[0]) == "m0",
+            "first batch {:?}",
+            first.iter().map(id).collect::<Vec<_>>()
+        );
+        drop(first); // a handler that panicked: every record comes again
+        let mut all = Vec::new();
+        let started = Instant::now();
+        while all.len() < 10 {
+            ensure!(
+                started.elapsed() < PATIENCE,
+                "only {:?} handed out again",
+                all.iter().map(id).collect::<Vec<_>>()
+            );
+            if let Ok(batch) =
+                tokio::time::timeout(Duration::from_millis(200), dedup.next_batch(100)).await
+            {
+                all.extend(batch?);
+            }
+        }
+        let mut seen: Vec<String> = all.iter().map(id).collect();
+        seen.sort();
+        let mut want = ids(0..10);
+        want.sort();
+        ensure!(seen == want, "handed out {seen:?}, want m0..m9 once each");
+        ensure!(dedup.in_flight() == 10, "in flight: {}", dedup.in_flight());
+        let writes = store.writes();
+        dedup.done_many(all, |state| state.put(b"batches", b"1"))?;
+        ensure!(
+            store.writes() == writes + 1,
+            "done_many took {} writes",
+            store.writes() - writes
+        );
+        ensure!(dedup.in_flight() == 0, "in flight: {}", dedup.in_flight());
+        ensure!(
+            store.offset(&group, topic, 0)? == Some(end),
+            "store offset {:?}, want {end}",
+            store.offset(&group, topic, 0)?
+        );
+        dedup.close().await?;
+    }
+    let handled = handled_by_the_next_member(&bootstrap, &group, topic, &store_path, end).await?;
+    ensure!(
+        handled.is_empty(),
+        "the next member handled {handled:?} again"
+    );
+    Ok(())
+}

@@ -135,6 +135,15 @@ impl Consumer {
     /// Takes the next record, staying on one partition for up to `max.poll.records` records
     /// before moving on, so every partition gets its turn.
     pub(super) fn take_one(&mut self) -> Result<Option<ConsumerRecord>, ConsumerError> {
+        self.take_next(true)
+    }
+
+    /// The next buffered record, never a partition's error (it stays for the next call).
+    pub(crate) fn take_buffered(&mut self) -> Option<ConsumerRecord> {
+        self.take_next(false).ok().flatten()
+    }
+
+    fn take_next(&mut self, errors: bool) -> Result<Option<ConsumerRecord>, ConsumerError> {
         let limit = self.config.max_poll_records;
         let current = self.cursor.clone().filter(|tp| {
             self.taken_from_cursor < limit
@@ -186,10 +195,11 @@ impl Consumer {
                 self.metrics.bytes += (size - 64) as u64;
                 Ok(Some(record))
             }
-            None => match state.error.take() {
+            None if errors => match state.error.take() {
                 Some(error) => Err(error),
                 None => Ok(None),
             },
+            None => Ok(None),
         }
     }
 

@@ -620,6 +620,28 @@ impl Consumer {
         }
     }
 
+    /// The next record, waiting as long as it takes, and up to `max - 1` more that are
+    /// already buffered (no further wait): a batch for handlers that settle many records
+    /// with one write. Cancel-safe as [`Consumer::recv`]: records are taken only once
+    /// nothing more is awaited.
+    ///
+    /// # Errors
+    /// As [`Consumer::poll`]; an error after the first record is kept for the next call
+    /// (the records taken before it are returned).
+    pub async fn recv_many(&mut self, max: usize) -> Result<Vec<ConsumerRecord>, ConsumerError> {
+        let first = self.recv().await?;
+        let mut out = Vec::with_capacity(max.clamp(1, 4096));
+        out.push(first);
+        while out.len() < max {
+            // A partition's error is left for the next call: these records come first.
+            match self.take_buffered() {
+                Some(record) => out.push(record),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// The records as a `futures::Stream` (it ends after `Closed`).
     pub fn stream(
         &mut self,

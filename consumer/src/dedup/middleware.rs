@@ -224,7 +224,9 @@ impl Fresh {
             .committable_after(&tp, self.epoch, record.offset);
         let written = shared.store.mark_done_many(
             self.claim.as_slice(),
-            offset.map(|o| (shared.group.as_str(), &*record.topic, record.partition, o)),
+            offset
+                .map(|o| (shared.group.as_str(), &*record.topic, record.partition, o))
+                .as_slice(),
             state,
         );
         self.settled = true;
@@ -243,6 +245,85 @@ impl Fresh {
                 release: released.map(|offset| (self.epoch, offset)),
                 key: self.key(),
             });
+        }
+        drop(inner);
+        shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Marks several handles done with one atomic write: their marks, each partition's
+    /// committable offset and `state`'s writes (all of them, or nothing). The handles must
+    /// come from the same [`DedupConsumer`]; an empty list writes nothing.
+    ///
+    /// # Errors
+    /// As [`Fresh::done`]: on any error nothing was written and every record is handed out
+    /// again (`LeaseLost` when one of the claims was taken over). `State` when the handles
+    /// come from different consumers (then they are handed out again too).
+    pub fn done_all(
+        handles: Vec<Fresh>,
+        state: impl FnOnce(&mut StateBatch<'_>),
+    ) -> Result<(), MiddlewareError> {
+        let Some(first) = handles.first() else {
+            return Ok(());
+        };
+        let shared = Arc::clone(&first.shared);
+        let mut handles = handles;
+        if handles.iter().any(|h| !Arc::ptr_eq(&h.shared, &shared)) {
+            // Dropped unsettled: each goes back to its own consumer.
+            drop(handles);
+            return Err(ConsumerError::State(
+                "done_all: the handles come from different dedup consumers".into(),
+            )
+            .into());
+        }
+        let mut inner = shared.lock();
+        // Per partition and ownership, the offsets settled here.
+        let mut settling: BTreeMap<(TopicPartition, Epoch), BTreeSet<i64>> = BTreeMap::new();
+        for h in &handles {
+            settling
+                .entry((h.record.topic_partition(), h.epoch))
+                .or_default()
+                .insert(h.record.offset);
+        }
+        let offsets: Vec<(TopicPartition, i64)> = settling
+            .iter()
+            .filter_map(|((tp, epoch), set)| {
+                inner
+                    .settlements
+                    .committable_after_all(tp, *epoch, set)
+                    .map(|o| (tp.clone(), o))
+            })
+            .collect();
+        let offset_refs: Vec<(&str, &str, i32, i64)> = offsets
+            .iter()
+            .map(|((topic, partition), o)| (shared.group.as_str(), topic.as_str(), *partition, *o))
+            .collect();
+        let claims: Vec<(KeyHash, ClaimToken)> = handles.iter().filter_map(|h| h.claim).collect();
+        // Under the lock, as `done`: racing settles never write offsets out of order.
+        let written = shared.store.mark_done_many(&claims, &offset_refs, state);
+        for h in &mut handles {
+            h.settled = true;
+        }
+        if let Err(e) = written {
+            drop(inner);
+            for h in &handles {
+                if let Err(release) = shared.give_back(&h.record, h.claim, h.epoch) {
+                    tracing::warn!(error = %release, "claim not released; the record comes again once its lease ends");
+                }
+            }
+            return Err(e.into());
+        }
+        for h in &handles {
+            let tp = h.record.topic_partition();
+            let released = inner.settlements.settle(&tp, h.epoch, h.record.offset);
+            if shared.changelog {
+                inner.outbox.push_back(Settled {
+                    partition: tp,
+                    record_offset: h.record.offset,
+                    release: released.map(|offset| (h.epoch, offset)),
+                    key: h.key(),
+                });
+            }
         }
         drop(inner);
         shared.wake.notify_one();
@@ -472,8 +553,10 @@ impl RebalanceListener for StoreOffsets {
 struct Candidate {
     record: ConsumerRecord,
     key: KeyHash,
-    /// Set for a record handed out before (already outstanding).
-    epoch: Option<Epoch>,
+    /// The ownership it was read in (it is outstanding there from the moment it is read); a
+    /// candidate of an earlier ownership is dropped unseen: its partition's next owner reads
+    /// it.
+    epoch: Epoch,
 }
 
 /// A group consumer that yields only messages not handled before.
@@ -483,7 +566,9 @@ pub struct DedupConsumer {
     shared: Arc<Shared>,
     config: MiddlewareConfig,
     /// A record whose key another handler holds, waiting for that claim to end.
-    pending: Option<Candidate>,
+    /// Records whose keys another handler holds, waiting for those claims to end (oldest
+    /// first).
+    pending: VecDeque<Candidate>,
     /// A record read while a replay was due, kept until the replay is done.
     held: Option<ConsumerRecord>,
     /// What was last committed, so unchanged offsets are not committed again.
@@ -530,7 +615,7 @@ impl DedupConsumer {
             consumer,
             shared,
             config,
-            pending: None,
+            pending: VecDeque::new(),
             held: None,
             committed: BTreeMap::new(),
             last_commit: Instant::now(),
@@ -564,7 +649,7 @@ impl DedupConsumer {
     /// The consumer's and the store's errors; `NoKey` with `MissingKey::Reject`.
     pub async fn next(&mut self) -> Result<Fresh, MiddlewareError> {
         loop {
-            let candidate = match self.pending.take() {
+            let candidate = match self.take_pending() {
                 Some(candidate) => candidate,
                 None => match self.read().await? {
                     Ok(candidate) => candidate,
@@ -576,33 +661,29 @@ impl DedupConsumer {
                 Err(e) => {
                     // Kept for the next call: a record read and then lost to a store error
                     // would be passed by the next one settled.
-                    self.pending = Some(candidate);
+                    self.pending.push_front(candidate);
                     return Err(e.into());
                 }
             };
             match claimed {
                 outcome @ (Claim::Fresh(token) | Claim::Reclaimed(token)) => {
                     let Candidate { record, key, epoch } = candidate;
-                    let epoch = match epoch {
-                        Some(epoch) => epoch,
-                        None => self.shared.lock().settlements.read(
-                            &record.topic_partition(),
-                            record.offset,
-                            true,
-                        ),
-                    };
                     let reclaimed = matches!(outcome, Claim::Reclaimed(_));
                     return Ok(self.fresh(record, Some((key, token)), epoch, reclaimed));
                 }
                 Claim::Duplicate => {
                     tracing::debug!(topic = %candidate.record.topic, partition = candidate.record.partition, offset = candidate.record.offset, "duplicate dropped");
-                    self.settle_unhandled(&candidate.record, candidate.epoch, Some(candidate.key));
+                    self.settle_unhandled(
+                        &candidate.record,
+                        Some(candidate.epoch),
+                        Some(candidate.key),
+                    );
                 }
                 Claim::InProgress { until_ms } => {
                     let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
                     let wait = u64::try_from(until_ms.saturating_sub(now)).unwrap_or(0);
                     tracing::debug!(topic = %candidate.record.topic, partition = candidate.record.partition, offset = candidate.record.offset, wait_ms = wait, "another handler holds the claim; waiting for it");
-                    self.pending = Some(candidate);
+                    self.pending.push_front(candidate);
                     // A handler of this process settling wakes us; another's lease ends.
                     let _ = tokio::time::timeout(
                         Duration::from_millis(wait.clamp(10, 60_000)),
@@ -611,6 +692,146 @@ impl DedupConsumer {
                     .await;
                 }
             }
+        }
+    }
+
+    /// Up to `max` messages not handled before, claimed together with one store write: the
+    /// next one (waiting as [`DedupConsumer::next`] does) and those already fetched behind it.
+    /// Settle them one by one, or all at once with [`DedupConsumer::done_many`] (one write
+    /// for the lot). Cancel-safe as `next`.
+    ///
+    /// # Errors
+    /// As [`DedupConsumer::next`]. Records read before an error are kept for the next call.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Fresh>, MiddlewareError> {
+        let max = max.max(1);
+        loop {
+            let mut out = Vec::new();
+            let mut candidates: Vec<Candidate> = Vec::new();
+            if self.pending.is_empty() {
+                match self.read().await? {
+                    Ok(candidate) => candidates.push(candidate),
+                    Err(passed) => out.push(passed),
+                }
+                // What is already here, without waiting: records given back, then the
+                // consumer's buffer. A record without a key under `MissingKey::Reject` stops
+                // the batch; `next` reports it.
+                while candidates.len() + out.len() < max {
+                    let Some(record) = self.take_ready() else {
+                        break;
+                    };
+                    match record {
+                        Ok(candidate) => candidates.push(candidate),
+                        Err(passed) => out.push(passed),
+                    }
+                }
+            } else {
+                while candidates.len() < max {
+                    let Some(candidate) = self.take_pending() else {
+                        break;
+                    };
+                    candidates.push(candidate);
+                }
+                if candidates.is_empty() {
+                    continue;
+                }
+            }
+            let keys: Vec<KeyHash> = candidates.iter().map(|c| c.key).collect();
+            let claims = match self.shared.store.claim_many(&keys) {
+                Ok(claims) => claims,
+                Err(e) => {
+                    // Kept for the next call, in order: a record read and then lost to a
+                    // store error would be passed by the next one settled.
+                    for candidate in candidates.into_iter().rev() {
+                        self.pending.push_front(candidate);
+                    }
+                    for fresh in out {
+                        // Handed out again by the next call (nothing was claimed for them).
+                        drop(fresh);
+                    }
+                    return Err(e.into());
+                }
+            };
+            let mut waiting_until: Option<i64> = None;
+            for (candidate, claimed) in candidates.into_iter().zip(claims) {
+                match claimed {
+                    outcome @ (Claim::Fresh(token) | Claim::Reclaimed(token)) => {
+                        let Candidate { record, key, epoch } = candidate;
+                        let reclaimed = matches!(outcome, Claim::Reclaimed(_));
+                        out.push(self.fresh(record, Some((key, token)), epoch, reclaimed));
+                    }
+                    Claim::Duplicate => {
+                        self.settle_unhandled(
+                            &candidate.record,
+                            Some(candidate.epoch),
+                            Some(candidate.key),
+                        );
+                    }
+                    Claim::InProgress { until_ms } => {
+                        // Outstanding since it was read: it holds the partition's committable
+                        // offset until it is handed out and settled.
+                        waiting_until = Some(waiting_until.map_or(until_ms, |w| w.min(until_ms)));
+                        self.pending.push_back(candidate);
+                    }
+                }
+            }
+            if !out.is_empty() {
+                return Ok(out);
+            }
+            if let Some(until_ms) = waiting_until {
+                let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+                let wait = u64::try_from(until_ms.saturating_sub(now)).unwrap_or(0);
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(wait.clamp(10, 60_000)),
+                    self.shared.wake.notified(),
+                )
+                .await;
+            }
+        }
+    }
+
+    /// A record that needs no wait: one given back, else one the consumer has buffered (as
+    /// a candidate, or a handle for a record passed without a key). `None` when nothing is
+    /// ready, a replay is due, or a record without a key is to be rejected (left for `next`).
+    fn take_ready(&mut self) -> Option<Result<Candidate, Fresh>> {
+        if let Some(again) = self.take_again() {
+            return Some(match again.key {
+                Some(key) => Ok(Candidate {
+                    record: again.record,
+                    key,
+                    epoch: again.epoch,
+                }),
+                None => Err(self.fresh(again.record, None, again.epoch, false)),
+            });
+        }
+        if self.held.is_some() || !self.shared.lock().to_restore.is_empty() {
+            return None;
+        }
+        let record = self.consumer.take_buffered()?;
+        match self.config.key_source.key(&record) {
+            Some(message_key) => {
+                let key = KeyHash::new(&self.shared.group, &record.topic, &message_key);
+                let epoch = self.shared.lock().settlements.read(
+                    &record.topic_partition(),
+                    record.offset,
+                    true,
+                );
+                Some(Ok(Candidate { record, key, epoch }))
+            }
+            None => match self.config.missing_key {
+                MissingKey::Pass => {
+                    self.passed += 1;
+                    let epoch = self.shared.lock().settlements.read(
+                        &record.topic_partition(),
+                        record.offset,
+                        true,
+                    );
+                    Some(Err(self.fresh(record, None, epoch, false)))
+                }
+                MissingKey::Reject => {
+                    self.held = Some(record);
+                    None
+                }
+            },
         }
     }
 
@@ -623,6 +844,22 @@ impl DedupConsumer {
         } else {
             commit.min(self.last_marks_sent + MARKS_LINGER)
         }
+    }
+
+    /// The oldest record waiting for another handler's claim, if its partition is still
+    /// owned as when it was read (else it is dropped: the partition's next owner reads it).
+    fn take_pending(&mut self) -> Option<Candidate> {
+        while let Some(candidate) = self.pending.pop_front() {
+            let current = self
+                .shared
+                .lock()
+                .settlements
+                .epoch(&candidate.record.topic_partition());
+            if current == Some(candidate.epoch) {
+                return Some(candidate);
+            }
+        }
+        None
     }
 
     /// A record given back, if its partition is still ours.
@@ -648,7 +885,7 @@ impl DedupConsumer {
                     Some(key) => Ok(Candidate {
                         record: again.record,
                         key,
-                        epoch: Some(again.epoch),
+                        epoch: again.epoch,
                     }),
                     // Passed without a key: no claim to take; handed out again as it is.
                     None => Err(self.fresh(again.record, None, again.epoch, false)),
@@ -700,11 +937,12 @@ impl DedupConsumer {
             };
         };
         let key = KeyHash::new(&self.shared.group, &record.topic, &message_key);
-        Ok(Ok(Candidate {
-            record,
-            key,
-            epoch: None,
-        }))
+        let epoch = self
+            .shared
+            .lock()
+            .settlements
+            .read(&tp, record.offset, true);
+        Ok(Ok(Candidate { record, key, epoch }))
     }
 
     /// A record settled without being handed out (a duplicate, or rejected for having no
@@ -780,6 +1018,18 @@ impl DedupConsumer {
         state: impl FnOnce(&mut StateBatch<'_>),
     ) -> Result<(), MiddlewareError> {
         fresh.done(state)
+    }
+
+    /// Marks several handles done with one write (see [`Fresh::done_all`]).
+    ///
+    /// # Errors
+    /// As [`Fresh::done_all`].
+    pub fn done_many(
+        &mut self,
+        handles: Vec<Fresh>,
+        state: impl FnOnce(&mut StateBatch<'_>),
+    ) -> Result<(), MiddlewareError> {
+        Fresh::done_all(handles, state)
     }
 
     /// The handler failed (see [`Fresh::failed`]).

@@ -113,6 +113,21 @@ impl Settlements {
         }
     }
 
+    /// What [`Settlements::committable`] will be once every offset of `offsets` (read in
+    /// `epoch`) is settled; `None` when `epoch` is not the partition's current one.
+    pub(crate) fn committable_after_all(
+        &self,
+        tp: &TopicPartition,
+        epoch: Epoch,
+        offsets: &BTreeSet<i64>,
+    ) -> Option<i64> {
+        let track = self.partitions.get(tp).filter(|t| t.epoch == epoch)?;
+        match track.outstanding.difference(offsets).next() {
+            Some(&lowest) => Some(lowest),
+            None => track.read_to,
+        }
+    }
+
     /// `offset` (read in `epoch`) is settled; returns the partition's committable offset then,
     /// or `None` when `epoch` is stale (nothing changes).
     pub(crate) fn settle(&mut self, tp: &TopicPartition, epoch: Epoch, offset: i64) -> Option<i64> {
@@ -167,6 +182,21 @@ mod tests {
         );
         assert_eq!(s.committable_after(&tp(), e, 0), Some(3));
         assert_eq!(s.settle(&tp(), e, 0), Some(3));
+    }
+
+    #[test]
+    fn settling_several_at_once_stops_at_the_lowest_left_in_flight() {
+        let mut s = Settlements::default();
+        let e = s.assign(&tp());
+        for o in 0..6 {
+            s.read(&tp(), o, true);
+        }
+        let some: BTreeSet<i64> = [0, 1, 3].into();
+        assert_eq!(s.committable_after_all(&tp(), e, &some), Some(2));
+        let all: BTreeSet<i64> = (0..6).collect();
+        assert_eq!(s.committable_after_all(&tp(), e, &all), Some(6));
+        let other = Epoch(e.0 + 1);
+        assert_eq!(s.committable_after_all(&tp(), other, &all), None);
     }
 
     #[test]

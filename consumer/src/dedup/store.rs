@@ -191,20 +191,6 @@ enum MarkState {
     },
 }
 
-impl MarkState {
-    /// When the claim's lease ends, for a claim.
-    fn claimed_until(&self) -> Option<i64> {
-        match self {
-            Self::Claimed { until_ms } | Self::ClaimedBy { until_ms, .. } => Some(*until_ms),
-            Self::Done { .. } => None,
-        }
-    }
-
-    fn held_by(&self, token: ClaimToken) -> bool {
-        matches!(self, Self::ClaimedBy { token: t, .. } if *t == token.0)
-    }
-}
-
 #[derive(Debug, Serialize, Deserialize)]
 struct Mark {
     version: u8,
@@ -320,6 +306,19 @@ struct Inner {
     counts: DedupCounts,
     /// Live mark buckets, newest first: (bucket start ms, column family name).
     buckets: Vec<(i64, String)>,
+    /// The claims of this open, by key: their tokens are checked here. The store is one
+    /// process's (RocksDB's lock), so no claim of another holder can be live.
+    held: std::collections::HashMap<KeyHash, Held>,
+}
+
+/// A claim of this open.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    token: ClaimToken,
+    until_ms: i64,
+    /// The start of the bucket holding a claim record for the key, if one was written (by
+    /// this claim, or left by an earlier open's).
+    disk: Option<i64>,
 }
 
 impl std::fmt::Debug for DedupStore {
@@ -392,6 +391,7 @@ impl DedupStore {
             lock: Mutex::new(Inner {
                 counts: DedupCounts::default(),
                 buckets,
+                held: std::collections::HashMap::new(),
             }),
             cache,
             next_token: AtomicU64::new(token_seed()),
@@ -422,22 +422,25 @@ impl DedupStore {
         i64::try_from(self.config.window.as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// The bucket marks written now go to, created if needed.
-    fn current_bucket(&self, inner: &mut Inner, now_ms: i64) -> Result<String, DedupError> {
+    /// The bucket marks written now go to (its start and column family), created if needed.
+    fn current_bucket(&self, inner: &mut Inner, now_ms: i64) -> Result<(i64, String), DedupError> {
         let width = self.bucket_width_ms();
         let start = now_ms - now_ms.rem_euclid(width);
-        let name = format!("{MARKS_PREFIX}{start:020}");
+        if let Some((_, name)) = inner.buckets.iter().find(|(s, _)| *s == start) {
+            return Ok((start, name.clone()));
+        }
+        let name = bucket_name(start);
         if self.db.cf_handle(&name).is_none() {
             self.db
                 .create_cf(&name, &family_options(&self.config, &self.cache))
                 .map_err(|e| self.storage(e))?;
-            inner.buckets.push((start, name.clone()));
-            inner.buckets.sort_by_key(|b| std::cmp::Reverse(b.0));
-            // A new bucket is the moment older ones may have outlived the window: a store
-            // open for months keeps only the live buckets, without anyone calling `expire`.
-            self.expire_locked(inner, self.clock.now_ms())?;
         }
-        Ok(name)
+        inner.buckets.push((start, name.clone()));
+        inner.buckets.sort_by_key(|b| std::cmp::Reverse(b.0));
+        // A new bucket is the moment older ones may have outlived the window: a store open
+        // for months keeps only the live buckets, without anyone calling `expire`.
+        self.expire_locked(inner, self.clock.now_ms())?;
+        Ok((start, name))
     }
 
     /// Drops every bucket whose marks have all outlived the window.
@@ -476,32 +479,57 @@ impl DedupStore {
         Ok(mark.state)
     }
 
-    /// The newest mark of `key` still inside the window, with its bucket.
+    /// The newest mark of `key` still inside the window, with its bucket's start.
     fn lookup(
         &self,
         inner: &Inner,
         key: KeyHash,
         now_ms: i64,
-    ) -> Result<Option<(MarkState, String)>, DedupError> {
-        for (_, name) in &inner.buckets {
+    ) -> Result<Option<(MarkState, i64)>, DedupError> {
+        Ok(self.lookup_many(inner, &[key], now_ms)?.pop().flatten())
+    }
+
+    /// [`DedupStore::lookup`] for several keys: one batched read per live bucket, newest
+    /// bucket first, for the keys not found yet.
+    fn lookup_many(
+        &self,
+        inner: &Inner,
+        keys: &[KeyHash],
+        now_ms: i64,
+    ) -> Result<Vec<Option<(MarkState, i64)>>, DedupError> {
+        let mut found: Vec<Option<(MarkState, i64)>> = Vec::with_capacity(keys.len());
+        found.resize_with(keys.len(), || None);
+        let mut open: Vec<usize> = (0..keys.len()).collect();
+        let mut wanted: Vec<[u8; 16]> = Vec::with_capacity(keys.len());
+        for (start, name) in &inner.buckets {
+            if open.is_empty() {
+                break;
+            }
             let Some(family) = self.db.cf_handle(name) else {
                 continue;
             };
-            if let Some(bytes) = self
-                .db
-                .get_pinned_cf(&family, key.bytes())
-                .map_err(|e| self.storage(e))?
-            {
-                let state = self.decode_mark(&bytes, key)?;
-                if let MarkState::Done { at_ms } = state
-                    && now_ms >= at_ms.saturating_add(self.window_ms())
-                {
-                    return Ok(None); // outlived the window; its bucket goes soon
+            wanted.clear();
+            wanted.extend(open.iter().map(|&i| keys[i].bytes()));
+            let values = self.db.batched_multi_get_cf(&family, &wanted, false);
+            let mut still_open = Vec::with_capacity(open.len());
+            for (&i, value) in open.iter().zip(values) {
+                match value.map_err(|e| self.storage(e))? {
+                    Some(bytes) => {
+                        let state = self.decode_mark(&bytes, keys[i])?;
+                        // A mark that outlived the window counts as absent; its bucket goes
+                        // soon.
+                        let outlived = matches!(state, MarkState::Done { at_ms }
+                            if now_ms >= at_ms.saturating_add(self.window_ms()));
+                        if !outlived {
+                            found[i] = Some((state, *start));
+                        }
+                    }
+                    None => still_open.push(i),
                 }
-                return Ok(Some((state, name.clone())));
             }
+            open = still_open;
         }
-        Ok(None)
+        Ok(found)
     }
 
     fn encode(state: MarkState) -> Vec<u8> {
@@ -560,13 +588,20 @@ impl DedupStore {
     pub fn check(&self, key: KeyHash) -> Result<Check, DedupError> {
         let inner = self.inner();
         let now = self.clock.now_ms();
+        if let Some(held) = inner.held.get(&key) {
+            return Ok(if held.until_ms > now {
+                Check::Claimed {
+                    until_ms: held.until_ms,
+                }
+            } else {
+                Check::Unhandled
+            });
+        }
         Ok(match self.lookup(&inner, key, now)? {
-            None => Check::Unhandled,
             Some((MarkState::Done { .. }, _)) => Check::Handled,
-            Some((mark, _)) => match mark.claimed_until() {
-                Some(until_ms) if until_ms > now => Check::Claimed { until_ms },
-                _ => Check::Unhandled,
-            },
+            // No claim of this open, so none with a live holder (the store is one process's;
+            // see `claim_many`).
+            None | Some(_) => Check::Unhandled,
         })
     }
 
@@ -582,46 +617,93 @@ impl DedupStore {
     /// Claims several keys with one write (a poll's worth of messages): the answer for each,
     /// in order. A key that appears twice is `InProgress` the second time.
     ///
+    /// Claims are held in memory, where `mark_done` and `release` check their tokens, and
+    /// written to the store as well, so that after a crash the next claim of a key whose
+    /// handler may have run says `Reclaimed`. A claim left by an earlier open is taken over at
+    /// once: the store is locked to one process, so its holder is gone.
+    ///
     /// # Errors
     /// `Corrupt`, `Storage` (then nothing was claimed).
     pub fn claim_many(&self, keys: &[KeyHash]) -> Result<Vec<Claim>, DedupError> {
+        self.claim_keys(keys, true)
+    }
+
+    /// Claims `keys`; with `persist`, each claim is also written (see `claim_many`).
+    fn claim_keys(&self, keys: &[KeyHash], persist: bool) -> Result<Vec<Claim>, DedupError> {
         let mut inner = self.inner();
         let now = self.clock.now_ms();
         let lease = i64::try_from(self.config.claim_lease.as_millis()).unwrap_or(i64::MAX);
         let until_ms = now.saturating_add(lease);
-        let bucket = self.current_bucket(&mut inner, now)?;
-        let family = self
-            .db
-            .cf_handle(&bucket)
-            .ok_or_else(|| self.missing(&bucket))?;
-        let mut batch = WriteBatch::default();
+        let (bucket_start, bucket) = self.current_bucket(&mut inner, now)?;
+        // Keys held by a live claim of this open are decided without a read.
+        let unheld: Vec<KeyHash> = keys
+            .iter()
+            .filter(|k| !inner.held.contains_key(k))
+            .copied()
+            .collect();
+        let mut stored = self.lookup_many(&inner, &unheld, now)?.into_iter();
+        let mut records: Vec<([u8; 16], ClaimToken)> = Vec::new();
+        let family = if persist {
+            Some(
+                self.db
+                    .cf_handle(&bucket)
+                    .ok_or_else(|| self.missing(&bucket))?,
+            )
+        } else {
+            None
+        };
         let mut outcomes = Vec::with_capacity(keys.len());
         let mut counts = inner.counts;
-        let mut taken = std::collections::HashSet::new();
+        let mut taken: Vec<(KeyHash, Held)> = Vec::new();
+        let mut in_batch = std::collections::HashSet::new();
         for &key in keys {
-            let outcome = if taken.contains(&key) {
-                Claim::InProgress { until_ms }
+            let held = inner.held.get(&key).copied();
+            // Lookups were made, in order, for exactly the keys not held.
+            let found = if held.is_none() {
+                stored.next().flatten()
             } else {
-                match self.lookup(&inner, key, now)? {
+                None
+            };
+            let mut disk_claim = held.and_then(|h| h.disk);
+            let outcome = if !in_batch.insert(key) {
+                Claim::InProgress { until_ms }
+            } else if let Some(held) = held {
+                if held.until_ms > now {
+                    Claim::InProgress {
+                        until_ms: held.until_ms,
+                    }
+                } else {
+                    // A handler slower than its lease: taken over; its token settles nothing.
+                    Claim::Reclaimed(self.new_token())
+                }
+            } else {
+                match found {
                     None => Claim::Fresh(self.new_token()),
                     Some((MarkState::Done { .. }, _)) => Claim::Duplicate,
-                    Some((mark, _)) => match mark.claimed_until() {
-                        Some(live) if live > now => Claim::InProgress { until_ms: live },
-                        _ => Claim::Reclaimed(self.new_token()),
-                    },
+                    // Left by an earlier open whose process is gone (the store's lock): its
+                    // handler may have run.
+                    Some((_, start)) => {
+                        disk_claim = Some(start);
+                        Claim::Reclaimed(self.new_token())
+                    }
                 }
             };
             match outcome {
                 Claim::Fresh(token) | Claim::Reclaimed(token) => {
-                    batch.put_cf(
-                        &family,
-                        key.bytes(),
-                        Self::encode(MarkState::ClaimedBy {
+                    let disk = if persist {
+                        records.push((key.bytes(), token));
+                        Some(bucket_start)
+                    } else {
+                        disk_claim
+                    };
+                    taken.push((
+                        key,
+                        Held {
+                            token,
                             until_ms,
-                            token: token.0,
-                        }),
-                    );
-                    taken.insert(key);
+                            disk,
+                        },
+                    ));
                     if matches!(outcome, Claim::Fresh(_)) {
                         counts.fresh += 1;
                     } else {
@@ -633,9 +715,24 @@ impl DedupStore {
             }
             outcomes.push(outcome);
         }
-        if !batch.is_empty() {
-            self.write(batch)?;
+        if let Some(family) = family {
+            let mut batch = WriteBatch::default();
+            for (key, token) in records {
+                batch.put_cf(
+                    &family,
+                    key,
+                    Self::encode(MarkState::ClaimedBy {
+                        until_ms,
+                        token: token.0,
+                    }),
+                );
+            }
+            drop(family);
+            if !batch.is_empty() {
+                self.write(batch)?;
+            }
         }
+        inner.held.extend(taken);
         inner.counts = counts;
         Ok(outcomes)
     }
@@ -666,40 +763,38 @@ impl DedupStore {
         offset: Option<(&str, &str, i32, i64)>,
         state: impl FnOnce(&mut StateBatch<'_>),
     ) -> Result<(), DedupError> {
-        self.mark_done_many(&[(key, token)], offset, state)
+        self.mark_done_many(&[(key, token)], offset.as_slice(), state)
     }
 
-    /// Marks several claimed keys done in one atomic write (a poll's worth), with the
-    /// partition's next offset and the handler's writes. Everything or nothing is stored: if
-    /// any claim is no longer its token's, nothing is.
+    /// Marks several claimed keys done in one atomic write (a poll's worth), with the next
+    /// offset of each partition they came from and the handler's writes. Everything or
+    /// nothing is stored: if any claim is no longer its token's, nothing is.
     ///
     /// # Errors
     /// `LeaseLost`, `Corrupt`, `Storage` (then nothing was written).
     pub fn mark_done_many(
         &self,
         claims: &[(KeyHash, ClaimToken)],
-        offset: Option<(&str, &str, i32, i64)>,
+        offsets: &[(&str, &str, i32, i64)],
         state: impl FnOnce(&mut StateBatch<'_>),
     ) -> Result<(), DedupError> {
         let mut inner = self.inner();
         let now = self.clock.now_ms();
         // Checked under the same lock as every claim: no claim can change in between.
         for &(key, token) in claims {
-            let held =
-                matches!(self.lookup(&inner, key, now)?, Some((mark, _)) if mark.held_by(token));
-            if !held {
+            if !inner.held.get(&key).is_some_and(|h| h.token == token) {
                 return Err(DedupError::LeaseLost {
                     path: self.config.path.clone(),
                     key: format!("{:032x}", key.0),
                 });
             }
         }
-        let bucket = self.current_bucket(&mut inner, now)?;
+        let (_, bucket) = self.current_bucket(&mut inner, now)?;
         let marks = self
             .db
             .cf_handle(&bucket)
             .ok_or_else(|| self.missing(&bucket))?;
-        let offsets = self
+        let offsets_family = self
             .db
             .cf_handle(OFFSETS)
             .ok_or_else(|| self.missing(OFFSETS))?;
@@ -712,13 +807,13 @@ impl DedupStore {
         for (key, _) in claims {
             batch.put_cf(&marks, key.bytes(), &done);
         }
-        if let Some((group, topic, partition, next_offset)) = offset {
+        for &(group, topic, partition, next_offset) in offsets {
             let value = postcard::to_stdvec(&StoredOffset {
                 version: FORMAT_VERSION,
                 next_offset,
             })
             .unwrap_or_default();
-            batch.put_cf(&offsets, offset_key(group, topic, partition), value);
+            batch.put_cf(&offsets_family, offset_key(group, topic, partition), value);
         }
         {
             let mut handle = StateBatch {
@@ -727,7 +822,12 @@ impl DedupStore {
             };
             state(&mut handle);
         }
-        self.write(batch)
+        drop((marks, offsets_family));
+        self.write(batch)?;
+        for (key, _) in claims {
+            inner.held.remove(key);
+        }
+        Ok(())
     }
 
     /// Records a partition's next offset and the handler's writes, with no mark (a record
@@ -743,7 +843,7 @@ impl DedupStore {
         next_offset: i64,
         state: impl FnOnce(&mut StateBatch<'_>),
     ) -> Result<(), DedupError> {
-        self.mark_done_many(&[], Some((group, topic, partition, next_offset)), state)
+        self.mark_done_many(&[], &[(group, topic, partition, next_offset)], state)
     }
 
     /// Adds done marks handled elsewhere (replayed from a changelog), each with the time it
@@ -769,21 +869,39 @@ impl DedupStore {
         // A key twice in one call (a changelog holds a mark again after a restart) is added
         // and counted once.
         let mut seen = std::collections::HashSet::new();
-        for &(key, at_ms) in marks {
-            if now >= at_ms.saturating_add(window) || !seen.insert(key) {
-                continue;
-            }
-            let bucket = match self.lookup(&inner, key, now)? {
+        let live: Vec<(KeyHash, i64)> = marks
+            .iter()
+            .filter(|&&(key, at_ms)| now < at_ms.saturating_add(window) && seen.insert(key))
+            .copied()
+            .collect();
+        let keys: Vec<KeyHash> = live.iter().map(|&(key, _)| key).collect();
+        let stored = self.lookup_many(&inner, &keys, now)?;
+        let mut fenced = Vec::new();
+        for (&(key, at_ms), found) in live.iter().zip(stored) {
+            let held = inner.held.get(&key).copied();
+            let start = match found {
                 Some((MarkState::Done { .. }, _)) => continue,
-                // A claim shadows older buckets: the mark goes where the claim is.
-                Some((_, bucket)) => bucket,
-                None => self.current_bucket(&mut inner, at_ms)?,
+                // A claim record shadows older buckets: the mark goes where it is.
+                Some((_, start)) => start,
+                None => match held.and_then(|h| h.disk) {
+                    Some(start) => start,
+                    None => self.current_bucket(&mut inner, at_ms)?.0,
+                },
             };
+            if held.is_some() {
+                // Handled elsewhere: this open's holder is fenced (its `mark_done` fails).
+                fenced.push(key);
+            }
+            let bucket = bucket_name(start);
             if !families.contains_key(&bucket) {
-                let family = self
-                    .db
-                    .cf_handle(&bucket)
-                    .ok_or_else(|| self.missing(&bucket))?;
+                let family = match self.db.cf_handle(&bucket) {
+                    Some(family) => family,
+                    // A claim record's bucket that expired since: the mark's own bucket.
+                    None => {
+                        let (_, own) = self.current_bucket(&mut inner, at_ms)?;
+                        self.db.cf_handle(&own).ok_or_else(|| self.missing(&own))?
+                    }
+                };
                 families.insert(bucket.clone(), family);
             }
             batch.put_cf(
@@ -809,6 +927,9 @@ impl DedupStore {
         if !batch.is_empty() {
             self.write(batch)?;
         }
+        for key in fenced {
+            inner.held.remove(&key);
+        }
         Ok(added)
     }
 
@@ -819,20 +940,23 @@ impl DedupStore {
     /// `Corrupt`, `Storage`.
     pub fn release(&self, key: KeyHash, token: ClaimToken) -> Result<(), DedupError> {
         let mut inner = self.inner();
-        let now = self.clock.now_ms();
-        if let Some((mark, bucket)) = self.lookup(&inner, key, now)? {
-            if !mark.held_by(token) {
-                return Ok(());
-            }
-            let family = self
-                .db
-                .cf_handle(&bucket)
-                .ok_or_else(|| self.missing(&bucket))?;
-            let mut batch = WriteBatch::default();
-            batch.delete_cf(&family, key.bytes());
-            self.write(batch)?;
-            inner.counts.handler_failures += 1;
+        let Some(held) = inner.held.get(&key).copied() else {
+            return Ok(());
+        };
+        if held.token != token {
+            return Ok(());
         }
+        if let Some(start) = held.disk {
+            let bucket = bucket_name(start);
+            if let Some(family) = self.db.cf_handle(&bucket) {
+                let mut batch = WriteBatch::default();
+                batch.delete_cf(&family, key.bytes());
+                drop(family);
+                self.write(batch)?;
+            }
+        }
+        inner.held.remove(&key);
+        inner.counts.handler_failures += 1;
         Ok(())
     }
 
@@ -969,6 +1093,10 @@ fn token_seed() -> u64 {
         .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
 }
 
+fn bucket_name(start_ms: i64) -> String {
+    format!("{MARKS_PREFIX}{start_ms:020}")
+}
+
 fn offset_key(group: &str, topic: &str, partition: i32) -> Vec<u8> {
     let mut key = Vec::with_capacity(group.len() + topic.len() + 12);
     for part in [group.as_bytes(), topic.as_bytes()] {
@@ -1075,7 +1203,7 @@ mod tests {
         };
         store.mark_done_many(
             &[(key(1), t1), (key(3), t3)],
-            Some(("billing", "payments", 2, 40)),
+            &[("billing", "payments", 2, 40)],
             |s| {
                 s.put(b"total", b"2");
             },
@@ -1283,9 +1411,10 @@ mod tests {
         let family = store.db.cf_handle(&bucket).expect("bucket");
         store
             .db
-            .put_cf(&family, key(1).bytes(), [0xff, 0xff, 0xff])
+            .put_cf(&family, key(2).bytes(), [0xff, 0xff, 0xff])
             .expect("raw write");
-        match store.claim(key(1)) {
+        // key(1) is held by this open and answered from memory; key(2) is read.
+        match store.claim(key(2)) {
             Err(DedupError::Corrupt { what, .. }) => assert!(what.contains("key")),
             other => panic!("expected Corrupt, got {other:?}"),
         }
