@@ -30,7 +30,7 @@
 //! ```
 //!
 //! Side effects outside the batch (an HTTP call, a file append) are at-least-once: a crash
-//! between the effect and `mark_done` leaves a claim whose lease expires, and the message is
+//! between the effect and `mark_done` leaves a claim that the next open takes over, and the message is
 //! handled again. Writes made through the batch are exactly-once.
 
 pub mod changelog;

@@ -10,6 +10,8 @@
 //! with any state the handler adds: exactly-once for local state.
 //!
 //! A key is `claimed` (a short lease, `claim_lease`) while its handler runs and `done` after.
+//! Claims are held in memory, where their tokens are checked, and written as well: a claim
+//! found on disk at a later open was left by a crashed process and is taken over at once.
 //! A crashed handler's claim expires and the key can be claimed again; a failed handler
 //! releases its claim at once.
 //!
@@ -53,7 +55,8 @@ pub struct DedupConfig {
     pub path: PathBuf,
     /// How long a handled key is remembered (`window_ms`).
     pub window: Duration,
-    /// How long a claim holds before another attempt may take the key (`claim_lease_ms`).
+    /// How long a claim holds, within this open, before another attempt may take the key
+    /// (`claim_lease_ms`). A claim left by an earlier open is taken over at once.
     pub claim_lease: Duration,
     /// Block cache, shared by every column family.
     pub block_cache_bytes: usize,
@@ -1258,6 +1261,31 @@ mod tests {
         clock.0.store(T0 + 30_000, Ordering::SeqCst);
         assert!(matches!(store.claim(key(1))?, Claim::Reclaimed(_)));
         assert_eq!(store.counts().claims_expired, 1);
+        Ok(())
+    }
+
+    /// A claim written by an earlier open (its process crashed) is taken over at once, not
+    /// after its lease: the store's lock proves that holder gone. A released claim leaves
+    /// nothing for the next open; a done mark stays a duplicate.
+    #[test]
+    fn a_claim_left_by_an_earlier_open_is_taken_over_at_once() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let (store, _) = store(dir.path());
+            fresh(&store, key(1))?; // the crash: never settled
+            let t2 = fresh(&store, key(2))?;
+            store.release(key(2), t2)?;
+            let t3 = fresh(&store, key(3))?;
+            store.mark_done(key(3), t3, None, |_| {})?;
+        }
+        let (store, _) = store(dir.path()); // the clock has not moved
+        assert_eq!(store.check(key(1))?, Check::Unhandled);
+        let outcomes = store.claim_many(&[key(1), key(2), key(3)])?;
+        assert!(matches!(outcomes[0], Claim::Reclaimed(_)), "{outcomes:?}");
+        assert!(matches!(outcomes[1], Claim::Fresh(_)), "{outcomes:?}");
+        assert_eq!(outcomes[2], Claim::Duplicate);
+        // Now held by this open: a second attempt waits for it.
+        assert!(matches!(store.claim(key(1))?, Claim::InProgress { .. }));
         Ok(())
     }
 
