@@ -135,6 +135,9 @@ pub(crate) struct Partition {
     flush_lock: tokio::sync::Mutex<()>,
     /// Bumped after every append so long-polling fetches re-check.
     appended: Arc<watch::Sender<u64>>,
+    /// Tests: the next fsync of `wait_durable` fails as an `EIO` would.
+    #[cfg(test)]
+    fail_next_sync: std::sync::atomic::AtomicBool,
 }
 
 impl Partition {
@@ -164,6 +167,8 @@ impl Partition {
                 durable_end,
                 flush_lock: tokio::sync::Mutex::new(()),
                 appended,
+                #[cfg(test)]
+                fail_next_sync: std::sync::atomic::AtomicBool::new(false),
             },
             report,
         ))
@@ -347,14 +352,27 @@ impl Partition {
                 return Ok(());
             }
             let (file, target) = self.log().sync_target()?;
-            let synced = tokio::task::spawn_blocking(move || file.sync_data())
-                .await
-                .map_err(|join| std::io::Error::other(join.to_string()))
-                .and_then(|result| result);
-            synced.map_err(|source| LogError::Sync {
-                topic_partition: format!("{}-{}", self.topic, self.index),
-                source,
-            })?;
+            #[cfg(test)]
+            let injected = self.fail_next_sync.swap(false, Ordering::AcqRel);
+            #[cfg(not(test))]
+            let injected = false;
+            let synced = tokio::task::spawn_blocking(move || {
+                if injected {
+                    return Err(std::io::Error::from_raw_os_error(5)); // EIO
+                }
+                file.sync_data()
+            })
+            .await
+            .map_err(|join| std::io::Error::other(join.to_string()))
+            .and_then(|result| result);
+            if let Err(source) = synced {
+                let error = LogError::Sync {
+                    topic_partition: format!("{}-{}", self.topic, self.index),
+                    source,
+                };
+                self.log().fsync_failed(&error);
+                return Err(error);
+            }
             self.durable_end.fetch_max(target, Ordering::AcqRel);
         }
     }
@@ -459,6 +477,46 @@ mod tests {
             Appended::Duplicate(original) => original.base_offset,
             Appended::New(info) => panic!("appended again at {}", info.base_offset),
         }
+    }
+
+    /// Issue 18, item 4: after a failed fsync the kernel may drop the dirty pages and let the
+    /// next fsync of the same file succeed. So the first failure takes the partition offline:
+    /// nothing is acknowledged after it (not even the offsets that failed, by a later sync
+    /// that "works"), appends get KAFKA_STORAGE_ERROR, and a restart recovers from the disk.
+    #[tokio::test]
+    async fn a_failed_fsync_takes_the_partition_offline_until_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let partition = open(dir.path(), &LogConfig::default(), 0);
+        partition.append(&batch(1, 0, 0, 5), 1).unwrap();
+        partition
+            .wait_durable(2)
+            .await
+            .expect("the first sync works");
+        partition.append(&batch(1, 0, 2, 5), 2).unwrap();
+        partition.fail_next_sync.store(true, Ordering::SeqCst);
+        let failed = partition.wait_durable(4).await.expect_err("EIO");
+        assert_eq!(failed.code(), ResponseError::KafkaStorageError);
+        assert!(
+            partition.wait_durable(4).await.is_err(),
+            "a later fsync that succeeds must not acknowledge the offsets whose sync failed"
+        );
+        assert!(
+            partition.wait_durable(2).await.is_ok(),
+            "offsets synced before the failure stay acknowledged"
+        );
+        let refused = partition
+            .append(&batch(1, 0, 4, 5), 3)
+            .expect_err("an append after a failed fsync");
+        assert_eq!(refused.code(), ResponseError::KafkaStorageError);
+        assert!(refused.to_string().contains("offline"), "{refused}");
+        drop(partition);
+        let reopened = open(dir.path(), &LogConfig::default(), 4);
+        let end = reopened.log().log_end_offset();
+        reopened.append(&batch(1, 0, end as i32, 5), 5).unwrap();
+        reopened
+            .wait_durable(end + 2)
+            .await
+            .expect("online after a restart");
     }
 
     #[test]

@@ -141,6 +141,17 @@ pub enum LogError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// An earlier fsync failed: the partition is offline until a restart.
+    #[error(
+        "partition {} is offline after a failed fsync ({reason}); nothing is written or acknowledged until the broker restarts",
+        dir.display()
+    )]
+    Offline {
+        /// The partition's directory.
+        dir: PathBuf,
+        /// The fsync's error.
+        reason: String,
+    },
     /// A setting cannot work.
     #[error("invalid log config: {reason}")]
     InvalidConfig {
@@ -166,9 +177,10 @@ impl LogError {
             Self::MessageTooLarge { .. } => ResponseError::MessageTooLarge,
             Self::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,
             Self::InvalidConfig { .. } => ResponseError::InvalidConfig,
-            Self::Io { .. } | Self::Sync { .. } | Self::UnexpectedFile { .. } => {
-                ResponseError::KafkaStorageError
-            }
+            Self::Io { .. }
+            | Self::Sync { .. }
+            | Self::Offline { .. }
+            | Self::UnexpectedFile { .. } => ResponseError::KafkaStorageError,
         }
     }
 }
@@ -228,6 +240,11 @@ pub struct PartitionLog {
     config: LogConfig,
     /// Segments by base offset; never empty.
     segments: BTreeMap<i64, Segment>,
+    /// Set by the first failed fsync. After `EIO` the kernel may have dropped the dirty pages
+    /// and a later fsync of the same file can succeed without them, so nothing is written or
+    /// acknowledged any more (as Kafka takes a log directory offline) until a restart recovers
+    /// from what the disk really holds.
+    offline: Option<String>,
 }
 
 impl PartitionLog {
@@ -313,6 +330,7 @@ impl PartitionLog {
                 dir: dir.to_path_buf(),
                 config,
                 segments,
+                offline: None,
             },
             report,
         ))
@@ -358,6 +376,7 @@ impl PartitionLog {
     /// `Io` (code KAFKA_STORAGE_ERROR) when the write fails; the file is then truncated back and
     /// the log is unchanged.
     pub fn append(&mut self, batch: &ValidatedBatch, now_ms: i64) -> Result<AppendInfo, LogError> {
+        self.check_online()?;
         let size = batch.bytes().len() as u64;
         let active = self.active();
         let rolled = active.size > 0
@@ -390,10 +409,39 @@ impl PartitionLog {
         })
     }
 
+    /// `Offline` once an fsync has failed.
+    fn check_online(&self) -> Result<(), LogError> {
+        match &self.offline {
+            None => Ok(()),
+            Some(reason) => Err(LogError::Offline {
+                dir: self.dir.clone(),
+                reason: reason.clone(),
+            }),
+        }
+    }
+
+    /// Takes the log offline after a failed fsync (see `offline`); the first reason stays.
+    pub fn fsync_failed(&mut self, error: &dyn std::fmt::Display) {
+        if self.offline.is_none() {
+            tracing::error!(dir = %self.dir.display(), %error, "fsync failed: partition offline until a restart; nothing more is written or acknowledged");
+            self.offline = Some(error.to_string());
+        }
+    }
+
+    /// Fsyncs the active segment; a failure takes the log offline.
+    fn sync_active(&mut self) -> Result<(), LogError> {
+        self.check_online()?;
+        let synced = self.active().sync();
+        if let Err(e) = &synced {
+            self.fsync_failed(e);
+        }
+        synced
+    }
+
     fn roll(&mut self, now_ms: i64) -> Result<(), LogError> {
         let next = self.log_end_offset();
+        self.sync_active()?;
         let active = self.active();
-        active.sync()?;
         active.write_indexes(&self.dir)?;
         let segment = Segment::create(&self.dir, next, now_ms)?;
         sync_dir(&self.dir)?;
@@ -560,6 +608,7 @@ impl PartitionLog {
     /// # Errors
     /// `Io` if the file handle cannot be duplicated.
     pub fn sync_target(&self) -> Result<(fs::File, i64), LogError> {
+        self.check_online()?;
         let active = self.active();
         let file = active.file().try_clone().map_err(|source| LogError::Io {
             path: self.dir.clone(),
@@ -573,7 +622,7 @@ impl PartitionLog {
     /// # Errors
     /// `Io` if the fsync fails.
     pub fn flush(&mut self) -> Result<(), LogError> {
-        self.active().sync()
+        self.sync_active()
     }
 
     /// Rolls by time and applies retention (whole segments, never the active one).
@@ -582,6 +631,10 @@ impl PartitionLog {
     /// `Io` when a roll or a deletion fails.
     pub fn maintain(&mut self, now_ms: i64) -> Result<MaintenanceReport, LogError> {
         let mut report = MaintenanceReport::default();
+        if self.offline.is_some() {
+            // Said once when it went offline; nothing to roll or delete until a restart.
+            return Ok(report);
+        }
         let active = self.active();
         if active.size > 0 && now_ms - active.created_ms >= self.config.segment_ms {
             self.roll(now_ms)?;
