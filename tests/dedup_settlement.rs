@@ -348,6 +348,79 @@ async fn every_offset_commit_leaves_after_the_marks_it_covers_are_synced() -> an
     Ok(())
 }
 
+/// Issue 24: a commit that failed (its connection broke) was remembered as sent, so the same
+/// offset was never committed again until another record moved it. Here every OffsetCommit
+/// is cut until all ten records are settled, then the proxy lets them through and no record
+/// comes any more: the group's offset must still reach the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_failed_is_sent_again_without_new_records() -> anyhow::Result<()> {
+    const OFFSET_COMMIT: i16 = 8;
+    let proxy = FaultProxy::start(FaultPlan::default()).await?;
+    let advertised = proxy.addr().to_string();
+    let broker = TestBroker::start_with(|c| c.advertised_listener = Some(advertised)).await?;
+    proxy.set_upstream(broker.addr());
+    let bootstrap = proxy.addr().to_string();
+    let topic = "failed-commit";
+    let group = "failed-commit-group";
+    let messages = ids(0..10);
+    let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
+    let end = send(&bootstrap, topic, &refs).await?;
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(DedupStore::open(DedupConfig::new(
+        dir.path().join("store"),
+    ))?);
+    proxy.set_plan(FaultPlan {
+        cut_requests_of_api: Some(OFFSET_COMMIT),
+        ..FaultPlan::default()
+    });
+    let mut dedup = member(&bootstrap, group, topic, &store).await?;
+    let started = Instant::now();
+    while dedup
+        .position(&(topic.to_string(), 0))
+        .is_none_or(|p| p < end)
+    {
+        ensure!(started.elapsed() < PATIENCE, "never read to {end}");
+        if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
+            dedup.done(fresh?, |_| {})?;
+        }
+    }
+    // Commit chances (every 1 ms) while the commits are cut.
+    for _ in 0..5 {
+        let _ = tokio::time::timeout(Duration::from_millis(50), dedup.next()).await;
+    }
+    ensure!(
+        proxy.requests_cut() > 0,
+        "no OffsetCommit was cut: the test proves nothing"
+    );
+    proxy.set_plan(FaultPlan::default());
+    // Never joins: it only reads the group's committed offsets, straight from the broker.
+    let checker = Consumer::connect(ConsumerConfig {
+        group_instance_id: None,
+        ..consumer_config(&broker.bootstrap(), group)
+    })
+    .await?;
+    let tp = (topic.to_string(), 0);
+    let started = Instant::now();
+    loop {
+        // Idle polls: no new record, only the middleware's own upkeep can commit.
+        let _ = tokio::time::timeout(Duration::from_millis(100), dedup.next()).await;
+        let committed = checker
+            .committed(&std::collections::BTreeSet::from([tp.clone()]))
+            .await?
+            .get(&tp)
+            .copied();
+        if committed == Some(end) {
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(15),
+            "the group's offset stayed at {committed:?} after the failed commits, want {end}"
+        );
+    }
+    drop(dedup); // no close(): close would commit anyway
+    Ok(())
+}
+
 /// A handler slower than `claim_lease`: the same message id comes again (a resend), and the
 /// middleware reclaims it once the lease has run out. Both handlers then settle, adding to a
 /// count through the batch. The count must be 1: the first handler's claim was taken over, so

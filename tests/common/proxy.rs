@@ -6,7 +6,8 @@
 //!   never sees a complete request;
 //! - delay Produce replies, so requests pile up in flight;
 //! - delay every reply of one API (say Metadata), so a client's call is still waiting when
-//!   the application cancels it.
+//!   the application cancels it;
+//! - cut the connection on every request of one API (say OffsetCommit), so it never lands.
 //!
 //! The upstream address can be changed while running, so a broker restarted on a new port
 //! (after `kill -9`) stays reachable at the proxy's fixed address. Brokers behind it must
@@ -37,6 +38,9 @@ pub struct FaultPlan {
     pub delay: std::time::Duration,
     /// Hold every reply of this API key back for `delay` (any API, not only Produce).
     pub delay_replies_of_api: Option<i16>,
+    /// Cut the connection instead of forwarding any request of this API key: the broker
+    /// never sees it, the client sees its connection break.
+    pub cut_requests_of_api: Option<i16>,
 }
 
 /// Called with every request frame (size prefix included) before it is forwarded.
@@ -174,6 +178,10 @@ async fn forward_requests(
             let hook = shared.hook.lock().expect("hook").0.clone();
             if let Some(hook) = hook {
                 hook(api_key, &frame);
+            }
+            if Some(api_key) == shared.plan.lock().expect("plan").cut_requests_of_api {
+                shared.cut_requests.fetch_add(1, Ordering::Relaxed);
+                return;
             }
             if api_key == PRODUCE {
                 let seen = shared.produce_requests.fetch_add(1, Ordering::Relaxed) + 1;

@@ -573,6 +573,12 @@ pub struct DedupConsumer {
     held: Option<ConsumerRecord>,
     /// What was last committed, so unchanged offsets are not committed again.
     committed: BTreeMap<TopicPartition, i64>,
+    /// Commits sent in the background and not yet seen to finish, with their offsets: a
+    /// failed one is sent again at the next chance.
+    commits: Vec<(
+        tokio::sync::oneshot::Receiver<Result<(), ConsumerError>>,
+        BTreeMap<TopicPartition, i64>,
+    )>,
     last_commit: Instant,
     /// When settled marks last went to the changelog.
     last_marks_sent: Instant,
@@ -618,6 +624,7 @@ impl DedupConsumer {
             pending: VecDeque::new(),
             held: None,
             committed: BTreeMap::new(),
+            commits: Vec::new(),
             last_commit: Instant::now(),
             last_marks_sent: Instant::now(),
             passed: 0,
@@ -1167,7 +1174,35 @@ impl DedupConsumer {
             .collect()
     }
 
+    /// Offsets a failed commit carried count as not committed, so the next chance sends
+    /// them again even if nothing moved (unless a later commit already moved them).
+    fn forget_committed(&mut self, offsets: &BTreeMap<TopicPartition, i64>) {
+        for (tp, offset) in offsets {
+            if self.committed.get(tp) == Some(offset) {
+                self.committed.remove(tp);
+            }
+        }
+    }
+
+    /// Looks at the commits sent in the background that have finished.
+    fn check_commits(&mut self) {
+        let mut failed = Vec::new();
+        self.commits
+            .retain_mut(|(result, offsets)| match result.try_recv() {
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
+                Ok(Ok(())) => false,
+                Ok(Err(_)) | Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    failed.push(std::mem::take(offsets));
+                    false
+                }
+            });
+        for offsets in failed {
+            self.forget_committed(&offsets);
+        }
+    }
+
     fn maybe_commit(&mut self) {
+        self.check_commits();
         if self.last_commit.elapsed() < self.config.commit_interval {
             return;
         }
@@ -1182,8 +1217,12 @@ impl DedupConsumer {
             return;
         }
         self.committed.extend(offsets.clone());
-        if let Err(e) = self.consumer.commit_async(offsets) {
-            tracing::warn!(error = %e, "commit not sent");
+        match self.consumer.commit_async(offsets.clone()) {
+            Ok(result) => self.commits.push((result, offsets)),
+            Err(e) => {
+                tracing::warn!(error = %e, "commit not sent");
+                self.forget_committed(&offsets);
+            }
         }
     }
 
