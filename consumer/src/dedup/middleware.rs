@@ -559,6 +559,9 @@ struct Candidate {
     epoch: Epoch,
 }
 
+/// How a commit sent in the background ended.
+type CommitResult = tokio::sync::oneshot::Receiver<Result<(), ConsumerError>>;
+
 /// A group consumer that yields only messages not handled before.
 #[derive(Debug)]
 pub struct DedupConsumer {
@@ -575,10 +578,7 @@ pub struct DedupConsumer {
     committed: BTreeMap<TopicPartition, i64>,
     /// Commits sent in the background and not yet seen to finish, with their offsets: a
     /// failed one is sent again at the next chance.
-    commits: Vec<(
-        tokio::sync::oneshot::Receiver<Result<(), ConsumerError>>,
-        BTreeMap<TopicPartition, i64>,
-    )>,
+    commits: Vec<(CommitResult, BTreeMap<TopicPartition, i64>)>,
     last_commit: Instant,
     /// When settled marks last went to the changelog.
     last_marks_sent: Instant,
