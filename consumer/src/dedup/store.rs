@@ -319,9 +319,8 @@ struct Inner {
 struct Held {
     token: ClaimToken,
     until_ms: i64,
-    /// The start of the bucket holding a claim record for the key, if one was written (by
-    /// this claim, or left by an earlier open's).
-    disk: Option<i64>,
+    /// The start of the bucket this claim's record was written to.
+    disk: i64,
 }
 
 impl std::fmt::Debug for DedupStore {
@@ -628,11 +627,6 @@ impl DedupStore {
     /// # Errors
     /// `Corrupt`, `Storage` (then nothing was claimed).
     pub fn claim_many(&self, keys: &[KeyHash]) -> Result<Vec<Claim>, DedupError> {
-        self.claim_keys(keys, true)
-    }
-
-    /// Claims `keys`; with `persist`, each claim is also written (see `claim_many`).
-    fn claim_keys(&self, keys: &[KeyHash], persist: bool) -> Result<Vec<Claim>, DedupError> {
         let mut inner = self.inner();
         let now = self.clock.now_ms();
         let lease = i64::try_from(self.config.claim_lease.as_millis()).unwrap_or(i64::MAX);
@@ -646,15 +640,10 @@ impl DedupStore {
             .collect();
         let mut stored = self.lookup_many(&inner, &unheld, now)?.into_iter();
         let mut records: Vec<([u8; 16], ClaimToken)> = Vec::new();
-        let family = if persist {
-            Some(
-                self.db
-                    .cf_handle(&bucket)
-                    .ok_or_else(|| self.missing(&bucket))?,
-            )
-        } else {
-            None
-        };
+        let family = self
+            .db
+            .cf_handle(&bucket)
+            .ok_or_else(|| self.missing(&bucket))?;
         let mut outcomes = Vec::with_capacity(keys.len());
         let mut counts = inner.counts;
         let mut taken: Vec<(KeyHash, Held)> = Vec::new();
@@ -667,7 +656,6 @@ impl DedupStore {
             } else {
                 None
             };
-            let mut disk_claim = held.and_then(|h| h.disk);
             let outcome = if !in_batch.insert(key) {
                 Claim::InProgress { until_ms }
             } else if let Some(held) = held {
@@ -685,26 +673,18 @@ impl DedupStore {
                     Some((MarkState::Done { .. }, _)) => Claim::Duplicate,
                     // Left by an earlier open whose process is gone (the store's lock): its
                     // handler may have run.
-                    Some((_, start)) => {
-                        disk_claim = Some(start);
-                        Claim::Reclaimed(self.new_token())
-                    }
+                    Some(_) => Claim::Reclaimed(self.new_token()),
                 }
             };
             match outcome {
                 Claim::Fresh(token) | Claim::Reclaimed(token) => {
-                    let disk = if persist {
-                        records.push((key.bytes(), token));
-                        Some(bucket_start)
-                    } else {
-                        disk_claim
-                    };
+                    records.push((key.bytes(), token));
                     taken.push((
                         key,
                         Held {
                             token,
                             until_ms,
-                            disk,
+                            disk: bucket_start,
                         },
                     ));
                     if matches!(outcome, Claim::Fresh(_)) {
@@ -718,22 +698,20 @@ impl DedupStore {
             }
             outcomes.push(outcome);
         }
-        if let Some(family) = family {
-            let mut batch = WriteBatch::default();
-            for (key, token) in records {
-                batch.put_cf(
-                    &family,
-                    key,
-                    Self::encode(MarkState::ClaimedBy {
-                        until_ms,
-                        token: token.0,
-                    }),
-                );
-            }
-            drop(family);
-            if !batch.is_empty() {
-                self.write(batch)?;
-            }
+        let mut batch = WriteBatch::default();
+        for (key, token) in records {
+            batch.put_cf(
+                &family,
+                key,
+                Self::encode(MarkState::ClaimedBy {
+                    until_ms,
+                    token: token.0,
+                }),
+            );
+        }
+        drop(family);
+        if !batch.is_empty() {
+            self.write(batch)?;
         }
         inner.held.extend(taken);
         inner.counts = counts;
@@ -886,8 +864,8 @@ impl DedupStore {
                 Some((MarkState::Done { .. }, _)) => continue,
                 // A claim record shadows older buckets: the mark goes where it is.
                 Some((_, start)) => start,
-                None => match held.and_then(|h| h.disk) {
-                    Some(start) => start,
+                None => match held {
+                    Some(held) => held.disk,
                     None => self.current_bucket(&mut inner, at_ms)?.0,
                 },
             };
@@ -949,14 +927,11 @@ impl DedupStore {
         if held.token != token {
             return Ok(());
         }
-        if let Some(start) = held.disk {
-            let bucket = bucket_name(start);
-            if let Some(family) = self.db.cf_handle(&bucket) {
-                let mut batch = WriteBatch::default();
-                batch.delete_cf(&family, key.bytes());
-                drop(family);
-                self.write(batch)?;
-            }
+        if let Some(family) = self.db.cf_handle(&bucket_name(held.disk)) {
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(&family, key.bytes());
+            drop(family);
+            self.write(batch)?;
         }
         inner.held.remove(&key);
         inner.counts.handler_failures += 1;
