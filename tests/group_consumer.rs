@@ -119,6 +119,11 @@ fn spawn_semel(
     let topic = topic.to_string();
     tokio::spawn(async move {
         let mut consumer = Consumer::connect(config).await?;
+        // What a manual-commit application does (Java's commitSync in onPartitionsRevoked):
+        // the commit after a poll can fail while the group rebalances, and a clean hand-over
+        // reads nothing twice only if the revoked partitions' positions are committed before
+        // they move.
+        consumer.set_rebalance_listener(CommitOnRevoke);
         consumer.subscribe([topic])?;
         loop {
             let records = consumer.poll(Duration::from_millis(200)).await?;
@@ -137,12 +142,34 @@ fn spawn_semel(
             }
             if !records.is_empty() {
                 match consumer.commit().await {
-                    Ok(()) | Err(ConsumerError::CommitFailed(_)) => {}
+                    Ok(()) => {}
+                    Err(ConsumerError::CommitFailed(why)) => {
+                        eprintln!(
+                            "{name}: commit after a poll failed ({why}); the revocation commits"
+                        );
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
         }
     })
+}
+
+/// Commits the positions of revoked partitions.
+struct CommitOnRevoke;
+
+impl RebalanceListener for CommitOnRevoke {
+    fn on_partitions_revoked(
+        &mut self,
+        ctx: &mut RebalanceContext<'_>,
+        partitions: &BTreeSet<(String, i32)>,
+    ) {
+        for tp in partitions {
+            if let Some(position) = ctx.position(tp) {
+                ctx.commit(tp.clone(), position);
+            }
+        }
+    }
 }
 
 /// A `kcat -G` member whose output lines are stamped as they arrive.
