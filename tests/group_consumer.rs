@@ -985,3 +985,44 @@ async fn polls_cancelled_in_the_middle_of_a_rebalance_do_not_lose_the_assignment
     consumer.close().await?;
     Ok(())
 }
+
+/// A subscription changed while the member's first JoinGroup is still waiting (the broker's
+/// initial rebalance delay) must still be honoured: the join carried the old topics, and no
+/// rejoin was asked for because the member had no generation yet, so it kept the old
+/// topics' partitions for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_changed_during_the_first_join_gets_its_own_partitions() -> anyhow::Result<()>
+{
+    let broker = group_broker().await?;
+    let mut client = RawClient::connect(broker.addr()).await?;
+    create_topic(&mut client, "first-choice", 1).await?;
+    create_topic(&mut client, "second-choice", 1).await?;
+    let mut consumer = Consumer::connect(ConsumerConfig {
+        // The default: the periodic metadata check would otherwise notice after 500 ms.
+        metadata_max_age: Duration::from_secs(300),
+        ..config(&broker.bootstrap(), "changed-mind", Strategy::Range)
+    })
+    .await?;
+    consumer.subscribe(["first-choice"])?;
+    // Starts the join; the broker holds it for its initial rebalance delay (300 ms).
+    consumer.poll(Duration::from_millis(50)).await?;
+    ensure!(
+        consumer.generation() < 0,
+        "the first join already completed (generation {}): the test proves nothing",
+        consumer.generation()
+    );
+    consumer.subscribe(["second-choice"])?;
+    let want: BTreeSet<(String, i32)> = [("second-choice".to_string(), 0)].into();
+    let started = Instant::now();
+    while consumer.assignment() != want {
+        ensure!(
+            started.elapsed() < Duration::from_secs(15),
+            "assignment {:?} (generation {}) after subscribing to second-choice, want {want:?}",
+            consumer.assignment(),
+            consumer.generation()
+        );
+        consumer.poll(Duration::from_millis(100)).await?;
+    }
+    consumer.close().await?;
+    Ok(())
+}

@@ -117,6 +117,8 @@ pub(super) struct Round {
     joined: crate::group::Joined,
     counts: BTreeMap<String, i32>,
     committed: BTreeMap<TopicPartition, i64>,
+    /// The subscription this round joined with.
+    topics: BTreeSet<String>,
 }
 
 impl Consumer {
@@ -316,7 +318,15 @@ impl Consumer {
             joined,
             counts,
             committed,
+            topics,
         } = round;
+        if matches!(&self.mode, Mode::Subscribed(now) if *now != topics) {
+            // `subscribe` changed the topics while this round was joining with the old ones
+            // (before the first join completed, no rejoin is asked for): one more round.
+            group.request_rejoin(Rejoin::Needed(
+                "the subscription changed during the rebalance".into(),
+            ));
+        }
         let owned: BTreeSet<TopicPartition> = self.partitions.keys().cloned().collect();
         self.metrics.rebalances += 1;
         self.generation = joined.generation;
@@ -396,6 +406,7 @@ async fn rebalance_round(
         joined,
         counts,
         committed,
+        topics: topics.clone(),
     })
 }
 
