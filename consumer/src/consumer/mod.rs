@@ -37,7 +37,7 @@ mod fetching;
 mod rebalance;
 
 use fetching::FetchFuture;
-use rebalance::{ListenerCall, Round};
+use rebalance::{DeferredCommit, ListenerCall, Round};
 pub use rebalance::{RebalanceContext, RebalanceListener};
 
 /// Counters, as a snapshot.
@@ -145,6 +145,9 @@ pub struct Consumer {
     /// next one waits for it, so commits land in order. Shared, so a wait that is cancelled
     /// leaves it for the next waiter.
     last_async_commit: Option<CommitDone>,
+    /// Offsets a revocation callback asked to commit once they are known
+    /// (`RebalanceContext::commit_when`), taken by the revocation that called it.
+    deferred_commits: Vec<DeferredCommit>,
     /// The JoinGroup + SyncGroup round under way, on its own task. It stays here until its
     /// result has been applied, so a poll cancelled while waiting for it (a `timeout` around
     /// `recv`, a `select!`) never loses a round the coordinator already completed.
@@ -215,6 +218,7 @@ impl Consumer {
             retry_at: None,
             metadata_stale: false,
             last_async_commit: None,
+            deferred_commits: Vec::new(),
             pending_join: None,
             metrics: ConsumerMetrics::default(),
             closed: false,
@@ -522,24 +526,43 @@ impl Consumer {
         offsets: BTreeMap<TopicPartition, i64>,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<(), ConsumerError>>, ConsumerError> {
         let group = Arc::clone(self.group()?);
-        Ok(self.commit_in_background(group, offsets, "async commit failed"))
+        Ok(self.commit_in_background(group, offsets, Vec::new(), "async commit failed"))
     }
 
     /// Starts a commit on its own task, after the previous one.
+    /// Commits `offsets` on a task of its own, after the commits before it, and after the
+    /// `deferred` offsets are known (each waited for at most half of `max.poll.interval.ms`,
+    /// the time the coordinator gives this member to rejoin).
     fn commit_in_background(
         &mut self,
         group: Arc<GroupShared>,
         offsets: BTreeMap<TopicPartition, i64>,
+        deferred: Vec<DeferredCommit>,
         failure: &'static str,
     ) -> tokio::sync::oneshot::Receiver<Result<(), ConsumerError>> {
         let as_member = matches!(self.mode, Mode::Subscribed(_));
         let previous = self.last_async_commit.take();
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let bound = self.config.max_poll_interval / 2;
         let task = tokio::spawn(async move {
             if let Some(previous) = previous {
                 previous.await;
             }
-            let result = group.commit(&offsets, as_member).await;
+            let mut offsets = offsets;
+            for settled in deferred {
+                match tokio::time::timeout(bound, settled.0).await {
+                    Ok(more) => offsets.extend(more),
+                    Err(_) => tracing::warn!(
+                        waited = ?bound,
+                        "a revocation's offsets were not known in time; committing without them"
+                    ),
+                }
+            }
+            let result = if offsets.is_empty() {
+                Ok(())
+            } else {
+                group.commit(&offsets, as_member).await
+            };
             if let Err(e) = &result {
                 tracing::warn!(error = %e, "{failure}");
             }
@@ -680,6 +703,15 @@ impl Consumer {
                 } else {
                     let (_, mut commits) =
                         self.call_listener(ListenerCall::Revoked, &owned, &BTreeMap::new());
+                    let bound = self.config.max_poll_interval / 2;
+                    for settled in std::mem::take(&mut self.deferred_commits) {
+                        match tokio::time::timeout(bound, settled.0).await {
+                            Ok(more) => commits.extend(more),
+                            Err(_) => {
+                                tracing::warn!(waited = ?bound, "a revocation's offsets were not known in time; closing without them")
+                            }
+                        }
+                    }
                     if self.config.enable_auto_commit {
                         for (tp, offset) in self.positions() {
                             commits.entry(tp).or_insert(offset);

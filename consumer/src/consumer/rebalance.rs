@@ -8,6 +8,17 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use crate::assignor::TopicPartition;
+
+/// Offsets a revocation callback will know later: what `RebalanceContext::commit_when` holds.
+pub(super) struct DeferredCommit(
+    pub(super) futures::future::BoxFuture<'static, BTreeMap<TopicPartition, i64>>,
+);
+
+impl std::fmt::Debug for DeferredCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeferredCommit")
+    }
+}
 use crate::group::{GroupShared, Rejoin, partition_counts};
 use crate::record::ConsumerError;
 
@@ -58,6 +69,7 @@ pub struct RebalanceContext<'a> {
     positions: BTreeMap<TopicPartition, i64>,
     seeks: Vec<(TopicPartition, i64)>,
     commits: BTreeMap<TopicPartition, i64>,
+    deferred: Vec<DeferredCommit>,
     generation: i32,
 }
 
@@ -70,6 +82,7 @@ impl<'a> RebalanceContext<'a> {
             positions: BTreeMap::new(),
             seeks: Vec::new(),
             commits: BTreeMap::new(),
+            deferred: Vec::new(),
             generation: 1,
         }
     }
@@ -78,6 +91,17 @@ impl<'a> RebalanceContext<'a> {
     #[cfg(test)]
     pub(crate) fn commits_for_tests(&self) -> &BTreeMap<TopicPartition, i64> {
         &self.commits
+    }
+
+    /// The deferred commits asked for so far (listener tests).
+    #[cfg(test)]
+    pub(crate) fn take_deferred_for_tests(
+        &mut self,
+    ) -> Vec<futures::future::BoxFuture<'static, BTreeMap<TopicPartition, i64>>> {
+        std::mem::take(&mut self.deferred)
+            .into_iter()
+            .map(|d| d.0)
+            .collect()
     }
 }
 
@@ -101,6 +125,20 @@ impl RebalanceContext<'_> {
     /// on (revocation callbacks).
     pub fn commit(&mut self, partition: TopicPartition, offset: i64) {
         self.commits.insert(partition, offset);
+    }
+
+    /// Revocation callbacks: hold the rebalance until `settled` resolves, then commit the
+    /// offsets it yields. For work still in flight when its partitions are revoked (handlers
+    /// on other tasks): the member's next JoinGroup waits for it, so the partitions' next
+    /// owner starts after what it settled, as a Java application that blocks in
+    /// `onPartitionsRevoked` until its handlers finish. Waited for at most half of
+    /// `max.poll.interval.ms` (the coordinator waits that long for the member to rejoin);
+    /// after that the rebalance goes on without those offsets. Ignored outside revocations.
+    pub fn commit_when(
+        &mut self,
+        settled: impl std::future::Future<Output = BTreeMap<TopicPartition, i64>> + Send + 'static,
+    ) {
+        self.deferred.push(DeferredCommit(Box::pin(settled)));
     }
 
     /// The group generation the callback belongs to.
@@ -225,6 +263,7 @@ impl Consumer {
             positions: self.positions(),
             seeks: Vec::new(),
             commits: BTreeMap::new(),
+            deferred: Vec::new(),
             generation: self.generation,
         };
         match kind {
@@ -233,6 +272,9 @@ impl Consumer {
             ListenerCall::Lost => listener.on_partitions_lost(&mut ctx, partitions),
         }
         self.listener = Some(listener);
+        if matches!(kind, ListenerCall::Revoked) {
+            self.deferred_commits.extend(ctx.deferred);
+        }
         (ctx.seeks, ctx.commits)
     }
 
@@ -250,6 +292,7 @@ impl Consumer {
         }
         let (_, mut commits) =
             self.call_listener(ListenerCall::Revoked, partitions, &BTreeMap::new());
+        let deferred = std::mem::take(&mut self.deferred_commits);
         if self.config.enable_auto_commit {
             for (tp, offset) in self.positions() {
                 if partitions.contains(&tp) {
@@ -258,11 +301,12 @@ impl Consumer {
             }
         }
         self.partitions.retain(|tp, _| !partitions.contains(tp));
-        if !commits.is_empty() {
+        if !commits.is_empty() || !deferred.is_empty() {
             // Its outcome is logged by the task; the next JoinGroup waits for it.
             drop(self.commit_in_background(
                 Arc::clone(group),
                 commits,
+                deferred,
                 "commit on revocation failed; those records will be read again",
             ));
         }

@@ -43,7 +43,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::changelog::{Changelog, ChangelogConfig, ChangelogError, RestoreMetrics};
-use super::settlement::{Epoch, Settlements};
+use super::settlement::{Epoch, Revoking, Settlements};
 use super::store::{Claim, ClaimToken, DedupError, DedupStore, KeyHash, StateBatch};
 use crate::assignor::TopicPartition;
 use crate::consumer::{Consumer, RebalanceContext, RebalanceListener};
@@ -107,6 +107,11 @@ pub struct MiddlewareConfig {
     /// partition it takes over (on by default; `None` keeps marks on this host only, which
     /// is enough when one host consumes the group). See [`super::changelog`].
     pub changelog: Option<ChangelogConfig>,
+    /// How long a revocation waits for handles still out on the revoked partitions (and for
+    /// the changelog to acknowledge their marks) before the rebalance goes on without them:
+    /// their records are then handled again by the next owner. The consumer also stops
+    /// waiting at half of `max.poll.interval.ms`.
+    pub revocation_wait: Duration,
 }
 
 impl Default for MiddlewareConfig {
@@ -116,6 +121,7 @@ impl Default for MiddlewareConfig {
             missing_key: MissingKey::Reject,
             commit_interval: Duration::from_secs(1),
             changelog: Some(ChangelogConfig::default()),
+            revocation_wait: Duration::from_secs(30),
         }
     }
 }
@@ -248,6 +254,7 @@ impl Fresh {
         }
         drop(inner);
         shared.wake.notify_one();
+        shared.settled.notify_waiters();
         Ok(())
     }
 
@@ -327,6 +334,7 @@ impl Fresh {
         }
         drop(inner);
         shared.wake.notify_one();
+        shared.settled.notify_waiters();
         Ok(())
     }
 
@@ -389,6 +397,12 @@ struct Shared {
     state: Mutex<SharedState>,
     /// Wakes `next` when a record comes back or a claim is settled.
     wake: Notify,
+    /// Wakes revocations waiting for handles to settle.
+    settled: Notify,
+    /// Set by `close`: a revocation waits for nothing more.
+    closing: std::sync::atomic::AtomicBool,
+    /// `MiddlewareConfig::revocation_wait`.
+    revocation_wait: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -423,6 +437,7 @@ impl Shared {
         let key = claim.map(|(key, _)| key);
         let tp = record.topic_partition();
         let mut state = self.lock();
+        state.settlements.returned(&tp, epoch, record.offset);
         if state.settlements.epoch(&tp) == Some(epoch) {
             state.again.push_back(Again {
                 record: record.clone(),
@@ -432,6 +447,7 @@ impl Shared {
         }
         drop(state);
         self.wake.notify_one();
+        self.settled.notify_waiters();
         released
     }
 
@@ -444,10 +460,77 @@ impl Shared {
         }
         let mut state = self.lock();
         for (tp, (epoch, offset)) in acked {
-            if state.settlements.epoch(&tp) == Some(epoch) {
+            if state.settlements.settles_in(&tp, epoch) {
                 state.acked.insert(tp, offset);
             }
         }
+        drop(state);
+        self.settled.notify_waiters();
+    }
+
+    /// Waits until the handles out in each revoked partition's ownership are settled (or
+    /// given back), and, with a changelog, until it acknowledged their marks; then syncs the
+    /// store and returns the offsets to commit (what the consumer's revocation commits, and
+    /// what it makes the next owner wait for). `close` cuts the wait short; the consumer
+    /// bounds it too.
+    async fn settle_revoked(
+        self: Arc<Self>,
+        revoking: Vec<(TopicPartition, Epoch)>,
+    ) -> BTreeMap<TopicPartition, i64> {
+        let started = Instant::now();
+        loop {
+            let settled = {
+                let state = self.lock();
+                revoking
+                    .iter()
+                    .all(|(tp, epoch)| match state.settlements.revoking(tp, *epoch) {
+                        Revoking::Waiting => false,
+                        Revoking::Gone | Revoking::Settled(None) => true,
+                        Revoking::Settled(Some(committable)) => {
+                            !self.changelog || state.acked.get(tp) == Some(&committable)
+                        }
+                    })
+            };
+            if settled || self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            if started.elapsed() >= self.revocation_wait {
+                tracing::warn!(partitions = ?revoking, waited = ?self.revocation_wait, "handles still out on revoked partitions; the rebalance goes on, and their records are handled again by the next owner");
+                break;
+            }
+            // Notified on every settle and acknowledgement; the timeout only guards a
+            // notification that raced the check above.
+            let _ = tokio::time::timeout(Duration::from_millis(25), self.settled.notified()).await;
+        }
+        let mut offsets = BTreeMap::new();
+        {
+            let mut state = self.lock();
+            for (tp, epoch) in &revoking {
+                let committable = state.settlements.finish_revoke(tp, *epoch);
+                let offset = if self.changelog {
+                    // Only what the changelog acknowledged: the next owner may be elsewhere.
+                    state.acked.get(tp).copied()
+                } else {
+                    committable
+                };
+                if state.settlements.epoch(tp).is_none() {
+                    state.acked.remove(tp);
+                }
+                if let Some(offset) = offset {
+                    offsets.insert(tp.clone(), offset);
+                }
+            }
+        }
+        tracing::debug!(?offsets, waited = ?started.elapsed(), "revoked partitions settled");
+        if offsets.is_empty() {
+            return offsets;
+        }
+        // The marks behind these offsets must survive a power cut before the offsets leave.
+        if let Err(e) = self.store.sync() {
+            tracing::warn!(error = %e, "store not synced; not committing on revocation");
+            return BTreeMap::new();
+        }
+        offsets
     }
 
     /// Everything about `tp` is forgotten (revoked, lost, or assigned anew).
@@ -504,36 +587,26 @@ impl RebalanceListener for StoreOffsets {
         ctx: &mut RebalanceContext<'_>,
         partitions: &BTreeSet<TopicPartition>,
     ) {
-        let shared = &self.0;
-        let mut state = shared.lock();
-        // With a changelog only offsets whose marks it acknowledged: the next owner may be
-        // on another host. Without, the lowest offset not settled.
-        let offsets: Vec<(TopicPartition, i64)> = partitions
-            .iter()
-            .filter_map(|tp| {
-                let offset = if shared.changelog {
-                    state.acked.get(tp).copied()
-                } else {
-                    state.settlements.committable(tp)
-                };
-                offset.map(|o| (tp.clone(), o))
-            })
-            .collect();
-        for tp in partitions {
-            Shared::forget(&mut state, tp);
+        let shared = Arc::clone(&self.0);
+        let mut revoking = Vec::new();
+        {
+            let mut state = shared.lock();
+            for tp in partitions {
+                if let Some(epoch) = state.settlements.start_revoke(tp) {
+                    revoking.push((tp.clone(), epoch));
+                }
+                // Nothing of it is handed out any more; the acknowledged offset stays until
+                // the revocation is over.
+                state.to_restore.remove(tp);
+                state.again.retain(|a| a.record.topic_partition() != *tp);
+            }
         }
-        drop(state);
-        if offsets.is_empty() {
+        if revoking.is_empty() {
             return;
         }
-        // The marks behind these offsets must survive a power cut before the offsets leave.
-        if let Err(e) = shared.store.sync() {
-            tracing::warn!(error = %e, "store not synced; not committing on revocation");
-            return;
-        }
-        for (tp, offset) in offsets {
-            ctx.commit(tp, offset);
-        }
+        // Handlers still running on these partitions settle first, and (with a changelog)
+        // their marks reach it: the next owner, perhaps on another host, starts after them.
+        ctx.commit_when(shared.settle_revoked(revoking));
     }
 
     fn on_partitions_lost(
@@ -615,6 +688,9 @@ impl DedupConsumer {
             changelog: config.changelog.is_some(),
             state: Mutex::new(SharedState::default()),
             wake: Notify::new(),
+            settled: Notify::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            revocation_wait: config.revocation_wait,
         });
         consumer.set_rebalance_listener(StoreOffsets(Arc::clone(&shared)));
         Ok(Self {
@@ -1005,6 +1081,10 @@ impl DedupConsumer {
         epoch: Epoch,
         reclaimed: bool,
     ) -> Fresh {
+        self.shared
+            .lock()
+            .settlements
+            .hand_out(&record.topic_partition(), epoch, record.offset);
         Fresh {
             record,
             claim,
@@ -1254,6 +1334,10 @@ impl DedupConsumer {
     /// # Errors
     /// The commit's error.
     pub async fn close(mut self) -> Result<(), MiddlewareError> {
+        // Handles still out are not waited for: their records come again to the next owner.
+        self.shared
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = self.flush_changelog().await {
             tracing::warn!(error = %e, "changelog not flushed; offsets of unacknowledged marks stay uncommitted");
         }
@@ -1290,14 +1374,32 @@ mod tests {
             changelog: true,
             state: Mutex::new(SharedState::default()),
             wake: Notify::new(),
+            settled: Notify::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            revocation_wait: Duration::from_secs(30),
         })
+    }
+
+    /// What a revocation commits: the listener's offsets once the deferred ones are known.
+    async fn revocation_commits(
+        listener: &mut StoreOffsets,
+        committed: &BTreeMap<TopicPartition, i64>,
+        partitions: &BTreeSet<TopicPartition>,
+    ) -> BTreeMap<TopicPartition, i64> {
+        let mut ctx = RebalanceContext::for_tests(committed);
+        listener.on_partitions_revoked(&mut ctx, partitions);
+        let mut commits = ctx.commits_for_tests().clone();
+        for settled in ctx.take_deferred_for_tests() {
+            commits.extend(settled.await);
+        }
+        commits
     }
 
     /// A partition's acknowledged offset belongs to one ownership of it: after the partition
     /// left and came back (another member advanced it meanwhile), revoking it again must not
     /// commit the old offset, which would rewind the group.
-    #[test]
-    fn a_partition_that_comes_back_does_not_commit_an_offset_from_before() {
+    #[tokio::test]
+    async fn a_partition_that_comes_back_does_not_commit_an_offset_from_before() {
         let dir = tempfile::tempdir().expect("dir");
         let shared = shared(dir.path());
         let mut listener = StoreOffsets(Arc::clone(&shared));
@@ -1307,17 +1409,15 @@ mod tests {
 
         listener.on_partitions_assigned(&mut RebalanceContext::for_tests(&none), &partitions);
         shared.lock().acked.insert(tp.clone(), 10);
-        let mut ctx = RebalanceContext::for_tests(&none);
-        listener.on_partitions_revoked(&mut ctx, &partitions);
-        assert_eq!(ctx.commits_for_tests().get(&tp), Some(&10));
+        let commits = revocation_commits(&mut listener, &none, &partitions).await;
+        assert_eq!(commits.get(&tp), Some(&10));
 
         // Another member read it to 20 and committed; it comes back here.
         let committed: BTreeMap<TopicPartition, i64> = [(tp.clone(), 20)].into();
         listener.on_partitions_assigned(&mut RebalanceContext::for_tests(&committed), &partitions);
-        let mut ctx = RebalanceContext::for_tests(&committed);
-        listener.on_partitions_revoked(&mut ctx, &partitions);
+        let commits = revocation_commits(&mut listener, &committed, &partitions).await;
         assert_eq!(
-            ctx.commits_for_tests().get(&tp),
+            commits.get(&tp),
             None,
             "nothing was acknowledged in this ownership; committing would rewind the group"
         );

@@ -13,7 +13,9 @@
 //! - each ownership of a partition (from one assignment to its revocation) has its own
 //!   [`Epoch`]: a handle from an earlier ownership settles nothing here (its mark still counts,
 //!   its offset does not), so a partition that left and came back never commits from stale
-//!   state.
+//!   state;
+//! - a revoked partition's state is kept until its revocation is over: the handles out at the
+//!   revocation (`handed`) still settle there, and the revocation commits once none is out.
 //!
 //! Plain values and no I/O: the middleware feeds it and writes what it answers.
 //!
@@ -32,8 +34,10 @@ struct Track {
     epoch: Epoch,
     /// The offset after the last record read (`None` before the first).
     read_to: Option<i64>,
-    /// Offsets handed out and not settled yet.
+    /// Offsets read and not settled yet (handed out, given back, or waiting for a claim).
     outstanding: BTreeSet<i64>,
+    /// Of those, the ones a live handle holds: what a revocation waits for.
+    handed: BTreeSet<i64>,
 }
 
 impl Track {
@@ -45,10 +49,25 @@ impl Track {
     }
 }
 
-/// The settlement state of every partition this member owns.
+/// Where a revoked partition's settling stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Revoking {
+    /// Handles of that ownership are still out.
+    Waiting,
+    /// None is out: the committable offset then (`None`: nothing was read).
+    Settled(Option<i64>),
+    /// Not revoking in that ownership any more (assigned again, or lost).
+    Gone,
+}
+
+/// The settlement state of every partition this member owns, and of those it is giving up
+/// while handles of theirs are still out.
 #[derive(Debug, Default)]
 pub(crate) struct Settlements {
     partitions: BTreeMap<TopicPartition, Track>,
+    /// Revoked partitions, kept until the revocation is over: handles out at the revocation
+    /// still settle here, so the offset committed for them covers what they handled.
+    revoking: BTreeMap<TopicPartition, Track>,
     next_epoch: u64,
 }
 
@@ -57,20 +76,84 @@ impl Settlements {
     pub(crate) fn assign(&mut self, tp: &TopicPartition) -> Epoch {
         let epoch = Epoch(self.next_epoch);
         self.next_epoch += 1;
+        self.revoking.remove(tp);
         self.partitions.insert(
             tp.clone(),
             Track {
                 epoch,
                 read_to: None,
                 outstanding: BTreeSet::new(),
+                handed: BTreeSet::new(),
             },
         );
         epoch
     }
 
-    /// The partition is no longer ours.
+    /// The partition is no longer ours, and nothing about it is kept (lost, or forgotten).
     pub(crate) fn revoke(&mut self, tp: &TopicPartition) {
         self.partitions.remove(tp);
+        self.revoking.remove(tp);
+    }
+
+    /// The partition is being given up: it is not ours any more (no record of it is handed
+    /// out), but its handles still out settle until [`Settlements::finish_revoke`]. Returns
+    /// the ownership given up.
+    pub(crate) fn start_revoke(&mut self, tp: &TopicPartition) -> Option<Epoch> {
+        let track = self.partitions.remove(tp)?;
+        let epoch = track.epoch;
+        self.revoking.insert(tp.clone(), track);
+        Some(epoch)
+    }
+
+    /// Where the revocation of `tp` (ownership `epoch`) stands.
+    pub(crate) fn revoking(&self, tp: &TopicPartition, epoch: Epoch) -> Revoking {
+        match self.revoking.get(tp).filter(|t| t.epoch == epoch) {
+            None => Revoking::Gone,
+            Some(track) if !track.handed.is_empty() => Revoking::Waiting,
+            Some(track) => Revoking::Settled(track.committable()),
+        }
+    }
+
+    /// The revocation of `tp` (ownership `epoch`) is over: its state goes; the committable
+    /// offset it ended with is returned.
+    pub(crate) fn finish_revoke(&mut self, tp: &TopicPartition, epoch: Epoch) -> Option<i64> {
+        if self.revoking.get(tp).is_some_and(|t| t.epoch == epoch) {
+            return self.revoking.remove(tp).and_then(|t| t.committable());
+        }
+        None
+    }
+
+    /// Whether `epoch` is `tp`'s current ownership or the one being revoked.
+    pub(crate) fn settles_in(&self, tp: &TopicPartition, epoch: Epoch) -> bool {
+        self.track(tp, epoch).is_some()
+    }
+
+    fn track(&self, tp: &TopicPartition, epoch: Epoch) -> Option<&Track> {
+        self.partitions
+            .get(tp)
+            .filter(|t| t.epoch == epoch)
+            .or_else(|| self.revoking.get(tp).filter(|t| t.epoch == epoch))
+    }
+
+    fn track_mut(&mut self, tp: &TopicPartition, epoch: Epoch) -> Option<&mut Track> {
+        match self.partitions.get_mut(tp) {
+            Some(track) if track.epoch == epoch => Some(track),
+            _ => self.revoking.get_mut(tp).filter(|t| t.epoch == epoch),
+        }
+    }
+
+    /// A record (read in `epoch`) is handed out in a live handle.
+    pub(crate) fn hand_out(&mut self, tp: &TopicPartition, epoch: Epoch, offset: i64) {
+        if let Some(track) = self.track_mut(tp, epoch) {
+            track.handed.insert(offset);
+        }
+    }
+
+    /// A handle came back unsettled (failed, dropped): its record is outstanding still.
+    pub(crate) fn returned(&mut self, tp: &TopicPartition, epoch: Epoch, offset: i64) {
+        if let Some(track) = self.track_mut(tp, epoch) {
+            track.handed.remove(&offset);
+        }
     }
 
     /// The current epoch of `tp`, if it is ours.
@@ -105,7 +188,7 @@ impl Settlements {
         epoch: Epoch,
         offset: i64,
     ) -> Option<i64> {
-        let track = self.partitions.get(tp).filter(|t| t.epoch == epoch)?;
+        let track = self.track(tp, epoch)?;
         let lowest_other = track.outstanding.iter().copied().find(|&o| o != offset);
         match lowest_other {
             Some(lowest) => Some(lowest),
@@ -121,7 +204,7 @@ impl Settlements {
         epoch: Epoch,
         offsets: &BTreeSet<i64>,
     ) -> Option<i64> {
-        let track = self.partitions.get(tp).filter(|t| t.epoch == epoch)?;
+        let track = self.track(tp, epoch)?;
         match track.outstanding.difference(offsets).next() {
             Some(&lowest) => Some(lowest),
             None => track.read_to,
@@ -131,12 +214,14 @@ impl Settlements {
     /// `offset` (read in `epoch`) is settled; returns the partition's committable offset then,
     /// or `None` when `epoch` is stale (nothing changes).
     pub(crate) fn settle(&mut self, tp: &TopicPartition, epoch: Epoch, offset: i64) -> Option<i64> {
-        let track = self.partitions.get_mut(tp).filter(|t| t.epoch == epoch)?;
+        let track = self.track_mut(tp, epoch)?;
         track.outstanding.remove(&offset);
+        track.handed.remove(&offset);
         track.committable()
     }
 
     /// The lowest offset not yet settled of `tp` (`None`: nothing read since it was assigned).
+    #[cfg(test)]
     pub(crate) fn committable(&self, tp: &TopicPartition) -> Option<i64> {
         self.partitions.get(tp).and_then(Track::committable)
     }
