@@ -32,6 +32,9 @@ struct Args {
     /// Block cache size in MiB.
     #[arg(long, default_value_t = 64)]
     cache_mib: usize,
+    /// One memtable's size in MiB (`DedupConfig::write_buffer_bytes`).
+    #[arg(long, default_value_t = 4)]
+    write_buffer_mib: usize,
     /// Keys per claim_many/mark_done_many (1: one call per key).
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -230,6 +233,7 @@ fn main() -> anyhow::Result<()> {
     let store = DedupStore::open(DedupConfig {
         sync_writes: args.sync,
         block_cache_bytes: args.cache_mib << 20,
+        write_buffer_bytes: args.write_buffer_mib << 20,
         ..DedupConfig::new(dir.path())
     })?;
     let key = |n: u64| KeyHash::new("bench", "payments", format!("msg-{n}").as_bytes());
