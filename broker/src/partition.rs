@@ -305,7 +305,10 @@ impl Partition {
         let expired = producers.expire(now_ms, producer_expiration_ms);
         let (report, end) = {
             let mut log = self.log();
-            (log.maintain(now_ms)?, log.log_end_offset())
+            let report = log.maintain(now_ms)?;
+            // Everything below the durable end was fsynced: recovery never cuts below it.
+            log.checkpoint_recovery_point(self.durable_end.load(Ordering::Acquire))?;
+            (report, log.log_end_offset())
         };
         if report.rolled || expired > 0 {
             self.write_snapshot(&producers, end, now_ms);
@@ -319,7 +322,9 @@ impl Partition {
         let end = {
             let mut log = self.log();
             log.flush()?;
-            log.log_end_offset()
+            let end = log.log_end_offset();
+            log.checkpoint_recovery_point(end)?;
+            end
         };
         self.write_snapshot(&producers, end, now_ms);
         Ok(())
@@ -517,6 +522,72 @@ mod tests {
             .wait_durable(end + 2)
             .await
             .expect("online after a restart");
+    }
+
+    /// Issue 18, item 5: a corrupt batch in the middle of a fully fsynced segment must not be
+    /// "recovered" by truncating everything after it (acknowledged records, whose offsets
+    /// would then be handed out again). A clean close checkpoints the recovery point; below
+    /// it, corruption refuses the open and says where; a torn tail above it is still cut.
+    #[tokio::test]
+    async fn corruption_below_the_recovery_point_refuses_to_open_instead_of_truncating() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig::default();
+        let partition = open(dir.path(), &config, 0);
+        for n in 0..3 {
+            partition.append(&batch(1, 0, n * 2, 50), 1).unwrap();
+        }
+        partition.wait_durable(6).await.unwrap();
+        partition.close(2).unwrap();
+        drop(partition);
+        // Flip a byte inside the second batch's records (its CRC no longer matches).
+        let segment = dir.path().join("00000000000000000000.log");
+        let first = std::fs::metadata(&segment).unwrap().len() / 3;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap();
+        file.seek(SeekFrom::Start(first + first / 2)).unwrap();
+        file.write_all(&[0xa5]).unwrap();
+        drop(file);
+        let appended = Arc::new(watch::channel(0).0);
+        let refused = Partition::open("t", 0, dir.path(), config.clone(), MAX, 3, appended)
+            .map(|(p, report)| (p.log().log_end_offset(), report))
+            .expect_err("a corrupt batch below the recovery point was truncated away");
+        let text = refused.to_string();
+        assert!(text.contains("recovery point"), "{text}");
+        assert_eq!(refused.code(), ResponseError::KafkaStorageError);
+        assert_eq!(
+            std::fs::metadata(&segment).unwrap().len(),
+            first * 3,
+            "the segment was cut"
+        );
+    }
+
+    /// Above the recovery point a bad tail is a torn write, not acknowledged data: it is cut
+    /// as before, and the records below stay.
+    #[tokio::test]
+    async fn a_torn_tail_above_the_recovery_point_is_still_cut() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig::default();
+        let partition = open(dir.path(), &config, 0);
+        partition.append(&batch(1, 0, 0, 50), 1).unwrap();
+        partition.close(2).unwrap(); // recovery point 2
+        partition.append(&batch(1, 0, 2, 50), 3).unwrap(); // not fsynced: above it
+        drop(partition);
+        let segment = dir.path().join("00000000000000000000.log");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&segment)
+            .unwrap()
+            .write_all(b"half a batch, torn by a crash")
+            .unwrap();
+        let appended = Arc::new(watch::channel(0).0);
+        let (reopened, report) =
+            Partition::open("t", 0, dir.path(), config, MAX, 4, appended).expect("reopened");
+        assert_eq!(report.truncated_bytes, 29);
+        assert_eq!(reopened.log().log_end_offset(), 4);
     }
 
     #[test]

@@ -22,6 +22,17 @@ pub use batch::{BatchHeader, ValidatedBatch, validate_produce_records};
 pub use segment::Truncation;
 use segment::{Segment, file_name};
 
+/// The partition's recovery point: every offset below it was fsynced when it was written, so
+/// recovery never cuts below it (a corrupt batch there is acknowledged data, not a torn tail).
+const RECOVERY_POINT_FILE: &str = "recovery-point.checkpoint";
+const RECOVERY_POINT_MAGIC: &[u8; 8] = b"SEMELRCP";
+const RECOVERY_POINT_VERSION: u16 = 1;
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct RecoveryPoint {
+    offset: i64,
+}
+
 /// Settings of one partition log; broker defaults with topic overrides applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
@@ -141,6 +152,25 @@ pub enum LogError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Recovery found the log damaged below its recovery point: acknowledged, fsynced
+    /// records. Nothing is cut; the operator decides (restore the segment from a copy, or
+    /// move it aside to accept the loss).
+    #[error(
+        "{}: {reason}, at byte {position} (offset {offset}), below the recovery point {recovery_point}: these records were fsynced and acknowledged, so the broker does not cut them; restore the segment or move it aside",
+        path.display()
+    )]
+    CorruptBelowRecoveryPoint {
+        /// The segment file.
+        path: PathBuf,
+        /// Byte position of the first bad batch (or the end of the file).
+        position: u64,
+        /// The offset expected there.
+        offset: i64,
+        /// The checkpointed recovery point.
+        recovery_point: i64,
+        /// What is wrong.
+        reason: String,
+    },
     /// An earlier fsync failed: the partition is offline until a restart.
     #[error(
         "partition {} is offline after a failed fsync ({reason}); nothing is written or acknowledged until the broker restarts",
@@ -180,6 +210,7 @@ impl LogError {
             Self::Io { .. }
             | Self::Sync { .. }
             | Self::Offline { .. }
+            | Self::CorruptBelowRecoveryPoint { .. }
             | Self::UnexpectedFile { .. } => ResponseError::KafkaStorageError,
         }
     }
@@ -245,6 +276,8 @@ pub struct PartitionLog {
     /// acknowledged any more (as Kafka takes a log directory offline) until a restart recovers
     /// from what the disk really holds.
     offline: Option<String>,
+    /// The recovery point last checkpointed (`-1`: none).
+    recovery_point: i64,
 }
 
 impl PartitionLog {
@@ -304,13 +337,19 @@ impl PartitionLog {
             }
         }
         bases.sort_unstable();
+        let recovery_point = read_recovery_point(dir);
         let mut report = RecoveryReport::default();
         let mut segments = BTreeMap::new();
         let last = bases.last().copied();
         for base in bases {
             let recover = Some(base) == last;
-            let (segment, truncation, batches) =
-                Segment::open(dir, base, recover, config.index_interval_bytes, now_ms)?;
+            let (segment, truncation, batches) = Segment::open(
+                dir,
+                base,
+                recover.then_some(recovery_point),
+                config.index_interval_bytes,
+                now_ms,
+            )?;
             if recover {
                 report.tail_batches_checked = batches;
                 if let Some(t) = truncation {
@@ -331,6 +370,7 @@ impl PartitionLog {
                 config,
                 segments,
                 offline: None,
+                recovery_point,
             },
             report,
         ))
@@ -407,6 +447,30 @@ impl PartitionLog {
             log_start_offset: self.log_start_offset(),
             rolled,
         })
+    }
+
+    /// Records `offset` as the recovery point (atomically, fsynced): every offset below it
+    /// must have been fsynced. Only moves forward; a no-op while offline.
+    ///
+    /// # Errors
+    /// `Io` when the checkpoint cannot be written (the previous one stays).
+    pub fn checkpoint_recovery_point(&mut self, offset: i64) -> Result<(), LogError> {
+        if offset <= self.recovery_point || self.offline.is_some() {
+            return Ok(());
+        }
+        let path = self.dir.join(RECOVERY_POINT_FILE);
+        crate::state_file::write(
+            &path,
+            RECOVERY_POINT_MAGIC,
+            RECOVERY_POINT_VERSION,
+            &RecoveryPoint { offset },
+        )
+        .map_err(|e| LogError::Io {
+            path,
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.recovery_point = offset;
+        Ok(())
     }
 
     /// `Offline` once an fsync has failed.
@@ -671,6 +735,24 @@ impl PartitionLog {
         let active = self.active();
         active.sync()?;
         active.write_indexes(&self.dir)
+    }
+}
+
+/// The checkpointed recovery point of the log in `dir` (`-1`: none). An unreadable checkpoint
+/// is reported and ignored: recovery then checks the whole active segment, as without one.
+fn read_recovery_point(dir: &Path) -> i64 {
+    let path = dir.join(RECOVERY_POINT_FILE);
+    match crate::state_file::read::<RecoveryPoint>(
+        &path,
+        RECOVERY_POINT_MAGIC,
+        RECOVERY_POINT_VERSION,
+    ) {
+        Ok(Some(point)) => point.offset,
+        Ok(None) => -1,
+        Err(e) => {
+            tracing::warn!(error = %e, "recovery point unreadable; checking the whole active segment without it");
+            -1
+        }
     }
 }
 

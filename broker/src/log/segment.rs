@@ -86,10 +86,13 @@ impl Segment {
     pub(crate) fn open(
         dir: &Path,
         base_offset: i64,
-        recover: bool,
+        recovery_point: Option<i64>,
         index_interval_bytes: u32,
         now_ms: i64,
     ) -> Result<(Self, Option<Truncation>, usize), LogError> {
+        // `Some`: the active segment, checked batch by batch; a bad tail is cut, but never
+        // below the recovery point.
+        let recover = recovery_point.is_some();
         let mut segment = Self::create(dir, base_offset, now_ms)?;
         let size = segment
             .file
@@ -124,6 +127,17 @@ impl Segment {
             batches += 1;
         }
         segment.next_offset = expected_offset;
+        if let Some(point) = recovery_point
+            && expected_offset < point
+        {
+            return Err(LogError::CorruptBelowRecoveryPoint {
+                path: segment.path.clone(),
+                position,
+                offset: expected_offset,
+                recovery_point: point,
+                reason: truncation.unwrap_or_else(|| "the segment ends early".into()),
+            });
+        }
         let truncation = match truncation {
             Some(reason) if recover => {
                 segment
