@@ -417,6 +417,19 @@ struct SharedState {
     acked: BTreeMap<TopicPartition, i64>,
     /// Partitions waiting for a changelog replay.
     to_restore: BTreeSet<TopicPartition>,
+    /// How far each partition was handed out, per the store: as found when this process
+    /// first claimed from it, and as recorded since.
+    handed: BTreeMap<TopicPartition, Handed>,
+}
+
+/// A partition's handed-out offset (see `DedupStore::claim_many_handing_out`).
+#[derive(Debug, Clone, Copy)]
+struct Handed {
+    /// Recorded by an earlier run: a record below it that comes back fresh may have been
+    /// handled before a crash (`Fresh::reclaimed`).
+    before: i64,
+    /// Recorded so far.
+    to: i64,
 }
 
 impl Shared {
@@ -739,8 +752,8 @@ impl DedupConsumer {
                     Err(passed) => return Ok(passed),
                 },
             };
-            let claimed = match self.shared.store.claim(candidate.key) {
-                Ok(claimed) => claimed,
+            let claimed = match self.claim(std::slice::from_ref(&candidate)) {
+                Ok(mut claimed) => claimed.remove(0),
                 Err(e) => {
                     // Kept for the next call: a record read and then lost to a store error
                     // would be passed by the next one settled.
@@ -749,12 +762,11 @@ impl DedupConsumer {
                 }
             };
             match claimed {
-                outcome @ (Claim::Fresh(token) | Claim::Reclaimed(token)) => {
+                (Claim::Fresh(token) | Claim::Reclaimed(token), reclaimed) => {
                     let Candidate { record, key, epoch } = candidate;
-                    let reclaimed = matches!(outcome, Claim::Reclaimed(_));
                     return Ok(self.fresh(record, Some((key, token)), epoch, reclaimed));
                 }
-                Claim::Duplicate => {
+                (Claim::Duplicate, _) => {
                     tracing::debug!(topic = %candidate.record.topic, partition = candidate.record.partition, offset = candidate.record.offset, "duplicate dropped");
                     self.settle_unhandled(
                         &candidate.record,
@@ -762,7 +774,7 @@ impl DedupConsumer {
                         Some(candidate.key),
                     );
                 }
-                Claim::InProgress { until_ms } => {
+                (Claim::InProgress { until_ms }, _) => {
                     let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
                     let wait = u64::try_from(until_ms.saturating_sub(now)).unwrap_or(0);
                     tracing::debug!(topic = %candidate.record.topic, partition = candidate.record.partition, offset = candidate.record.offset, wait_ms = wait, "another handler holds the claim; waiting for it");
@@ -818,8 +830,7 @@ impl DedupConsumer {
                     continue;
                 }
             }
-            let keys: Vec<KeyHash> = candidates.iter().map(|c| c.key).collect();
-            let claims = match self.shared.store.claim_many(&keys) {
+            let claims = match self.claim(&candidates) {
                 Ok(claims) => claims,
                 Err(e) => {
                     // Kept for the next call, in order: a record read and then lost to a
@@ -837,19 +848,18 @@ impl DedupConsumer {
             let mut waiting_until: Option<i64> = None;
             for (candidate, claimed) in candidates.into_iter().zip(claims) {
                 match claimed {
-                    outcome @ (Claim::Fresh(token) | Claim::Reclaimed(token)) => {
+                    (Claim::Fresh(token) | Claim::Reclaimed(token), reclaimed) => {
                         let Candidate { record, key, epoch } = candidate;
-                        let reclaimed = matches!(outcome, Claim::Reclaimed(_));
                         out.push(self.fresh(record, Some((key, token)), epoch, reclaimed));
                     }
-                    Claim::Duplicate => {
+                    (Claim::Duplicate, _) => {
                         self.settle_unhandled(
                             &candidate.record,
                             Some(candidate.epoch),
                             Some(candidate.key),
                         );
                     }
-                    Claim::InProgress { until_ms } => {
+                    (Claim::InProgress { until_ms }, _) => {
                         // Outstanding since it was read: it holds the partition's committable
                         // offset until it is handed out and settled.
                         waiting_until = Some(waiting_until.map_or(until_ms, |w| w.min(until_ms)));
@@ -927,6 +937,74 @@ impl DedupConsumer {
         } else {
             commit.min(self.last_marks_sent + MARKS_LINGER)
         }
+    }
+
+    /// Claims the candidates' keys, held in memory, and records in the same store write how
+    /// far each partition is handed out (one small write per call, not a claim record per
+    /// key). Says for each whether it may have been handled before: a claim taken over, or a
+    /// fresh record below how far an earlier run (that crashed) handed its partition out.
+    fn claim(&self, candidates: &[Candidate]) -> Result<Vec<(Claim, bool)>, DedupError> {
+        let store = &self.shared.store;
+        let group = self.shared.group.as_str();
+        // The partitions of this call (a handful): what the store says, and how far this
+        // call hands each out.
+        let mut parts: Vec<((&str, i32), Handed, i64)> = Vec::new();
+        {
+            let mut state = self.shared.lock();
+            for c in candidates {
+                let key = (&*c.record.topic, c.record.partition);
+                let slot = match parts.iter().position(|(k, _, _)| *k == key) {
+                    Some(slot) => slot,
+                    None => {
+                        let tp = c.record.topic_partition();
+                        let handed = match state.handed.get(&tp) {
+                            Some(handed) => *handed,
+                            None => {
+                                let before = store.handed_out(group, key.0, key.1)?.unwrap_or(-1);
+                                let handed = Handed { before, to: before };
+                                state.handed.insert(tp, handed);
+                                handed
+                            }
+                        };
+                        parts.push((key, handed, handed.to));
+                        parts.len() - 1
+                    }
+                };
+                parts[slot].2 = parts[slot].2.max(c.record.offset + 1);
+            }
+        }
+        let handed_out: Vec<(&str, &str, i32, i64)> = parts
+            .iter()
+            .filter(|(_, handed, to)| *to > handed.to)
+            .map(|((topic, partition), _, to)| (group, *topic, *partition, *to))
+            .collect();
+        let keys: Vec<KeyHash> = candidates.iter().map(|c| c.key).collect();
+        let claims = store.claim_many_handing_out(&keys, &handed_out)?;
+        if !handed_out.is_empty() {
+            let mut state = self.shared.lock();
+            for &(_, topic, partition, to) in &handed_out {
+                if let Some(handed) = state.handed.get_mut(&(topic.to_string(), partition)) {
+                    handed.to = handed.to.max(to);
+                }
+            }
+        }
+        Ok(candidates
+            .iter()
+            .zip(claims)
+            .map(|(c, claim)| {
+                let key = (&*c.record.topic, c.record.partition);
+                let before = parts
+                    .iter()
+                    .find(|(k, _, _)| *k == key)
+                    .map_or(-1, |(_, handed, _)| handed.before);
+                let reclaimed = match claim {
+                    Claim::Reclaimed(_) => true,
+                    Claim::Fresh(_) => c.record.offset < before,
+                    Claim::Duplicate | Claim::InProgress { .. } => false,
+                };
+                (claim, reclaimed)
+            })
+            .collect())
     }
 
     /// The oldest record waiting for another handler's claim, if its partition is still

@@ -10,8 +10,11 @@
 //! with any state the handler adds: exactly-once for local state.
 //!
 //! A key is `claimed` (a short lease, `claim_lease`) while its handler runs and `done` after.
-//! Claims are held in memory, where their tokens are checked, and written as well: a claim
-//! found on disk at a later open was left by a crashed process and is taken over at once.
+//! Claims are held in memory, where their tokens are checked. `claim_many` writes them as well
+//! (a claim found on disk at a later open was left by a crashed process and is taken over at
+//! once); the middleware instead records, per partition, how far it handed records out (one
+//! small write per batch), and reports a fresh record below that after a restart as possibly
+//! handled before.
 //! A crashed handler's claim expires and the key can be claimed again; a failed handler
 //! releases its claim at once.
 //!
@@ -319,8 +322,9 @@ struct Inner {
 struct Held {
     token: ClaimToken,
     until_ms: i64,
-    /// The start of the bucket this claim's record was written to.
-    disk: i64,
+    /// The start of the bucket holding a claim record for the key, if one was written (by
+    /// this claim, or left by an earlier open's).
+    disk: Option<i64>,
 }
 
 impl std::fmt::Debug for DedupStore {
@@ -627,6 +631,44 @@ impl DedupStore {
     /// # Errors
     /// `Corrupt`, `Storage` (then nothing was claimed).
     pub fn claim_many(&self, keys: &[KeyHash]) -> Result<Vec<Claim>, DedupError> {
+        self.claim_keys(keys, true, &[])
+    }
+
+    /// [`DedupStore::claim_many`] for a caller that keeps its own trace of what it handed
+    /// out, instead of a claim record per key: the claims are held in memory only (fenced the
+    /// same way), and the same write records `handed_out`, each partition's next offset past
+    /// the records handed out (see [`DedupStore::handed_out`]). A crash leaves no claim, so
+    /// the caller reports a record below that offset as possibly handled before. One small
+    /// write per call instead of one per key.
+    pub(crate) fn claim_many_handing_out(
+        &self,
+        keys: &[KeyHash],
+        handed_out: &[(&str, &str, i32, i64)],
+    ) -> Result<Vec<Claim>, DedupError> {
+        self.claim_keys(keys, false, handed_out)
+    }
+
+    /// How far records of (group, topic, partition) were handed out, as recorded by
+    /// [`DedupStore::claim_many_handing_out`].
+    pub(crate) fn handed_out(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, DedupError> {
+        self.read_offset(&handed_out_key(group, topic, partition), || {
+            format!("handed-out offset of {group}/{topic}-{partition}")
+        })
+    }
+
+    /// Claims `keys`; with `persist` each claim is also written (`claim_many`), else only
+    /// the `handed_out` offsets are.
+    fn claim_keys(
+        &self,
+        keys: &[KeyHash],
+        persist: bool,
+        handed_out: &[(&str, &str, i32, i64)],
+    ) -> Result<Vec<Claim>, DedupError> {
         let mut inner = self.inner();
         let now = self.clock.now_ms();
         let lease = i64::try_from(self.config.claim_lease.as_millis()).unwrap_or(i64::MAX);
@@ -656,6 +698,7 @@ impl DedupStore {
             } else {
                 None
             };
+            let mut disk_claim = held.and_then(|h| h.disk);
             let outcome = if !in_batch.insert(key) {
                 Claim::InProgress { until_ms }
             } else if let Some(held) = held {
@@ -673,18 +716,23 @@ impl DedupStore {
                     Some((MarkState::Done { .. }, _)) => Claim::Duplicate,
                     // Left by an earlier open whose process is gone (the store's lock): its
                     // handler may have run.
-                    Some(_) => Claim::Reclaimed(self.new_token()),
+                    Some((_, start)) => {
+                        disk_claim = Some(start);
+                        Claim::Reclaimed(self.new_token())
+                    }
                 }
             };
             match outcome {
                 Claim::Fresh(token) | Claim::Reclaimed(token) => {
-                    records.push((key.bytes(), token));
+                    if persist {
+                        records.push((key.bytes(), token));
+                    }
                     taken.push((
                         key,
                         Held {
                             token,
                             until_ms,
-                            disk: bucket_start,
+                            disk: persist.then_some(bucket_start).or(disk_claim),
                         },
                     ));
                     if matches!(outcome, Claim::Fresh(_)) {
@@ -708,6 +756,19 @@ impl DedupStore {
                     token: token.0,
                 }),
             );
+        }
+        if !handed_out.is_empty() {
+            let offsets = self
+                .db
+                .cf_handle(OFFSETS)
+                .ok_or_else(|| self.missing(OFFSETS))?;
+            for &(group, topic, partition, next_offset) in handed_out {
+                batch.put_cf(
+                    &offsets,
+                    handed_out_key(group, topic, partition),
+                    encode_offset(next_offset),
+                );
+            }
         }
         drop(family);
         if !batch.is_empty() {
@@ -864,8 +925,8 @@ impl DedupStore {
                 Some((MarkState::Done { .. }, _)) => continue,
                 // A claim record shadows older buckets: the mark goes where it is.
                 Some((_, start)) => start,
-                None => match held {
-                    Some(held) => held.disk,
+                None => match held.and_then(|h| h.disk) {
+                    Some(start) => start,
                     None => self.current_bucket(&mut inner, at_ms)?.0,
                 },
             };
@@ -927,7 +988,10 @@ impl DedupStore {
         if held.token != token {
             return Ok(());
         }
-        if let Some(family) = self.db.cf_handle(&bucket_name(held.disk)) {
+        if let Some(family) = held
+            .disk
+            .and_then(|start| self.db.cf_handle(&bucket_name(start)))
+        {
             let mut batch = WriteBatch::default();
             batch.delete_cf(&family, key.bytes());
             drop(family);
@@ -948,13 +1012,23 @@ impl DedupStore {
         topic: &str,
         partition: i32,
     ) -> Result<Option<i64>, DedupError> {
+        self.read_offset(&offset_key(group, topic, partition), || {
+            format!("offset of {group}/{topic}-{partition}")
+        })
+    }
+
+    fn read_offset(
+        &self,
+        key: &[u8],
+        what: impl FnOnce() -> String,
+    ) -> Result<Option<i64>, DedupError> {
         let offsets = self
             .db
             .cf_handle(OFFSETS)
             .ok_or_else(|| self.missing(OFFSETS))?;
         let Some(bytes) = self
             .db
-            .get_pinned_cf(&offsets, offset_key(group, topic, partition))
+            .get_pinned_cf(&offsets, key)
             .map_err(|e| self.storage(e))?
         else {
             return Ok(None);
@@ -962,7 +1036,7 @@ impl DedupStore {
         let stored: StoredOffset =
             postcard::from_bytes(&bytes).map_err(|e| DedupError::Corrupt {
                 path: self.config.path.clone(),
-                what: format!("offset of {group}/{topic}-{partition}"),
+                what: what(),
                 reason: e.to_string(),
             })?;
         Ok(Some(stored.next_offset))
@@ -1073,6 +1147,22 @@ fn token_seed() -> u64 {
 
 fn bucket_name(start_ms: i64) -> String {
     format!("{MARKS_PREFIX}{start_ms:020}")
+}
+
+/// In the offsets family, beside `offset_key`: 0xff never starts an `offset_key` (a group
+/// name's length would have to be ≥ 4 GiB).
+fn handed_out_key(group: &str, topic: &str, partition: i32) -> Vec<u8> {
+    let mut key = vec![0xff];
+    key.extend(offset_key(group, topic, partition));
+    key
+}
+
+fn encode_offset(next_offset: i64) -> Vec<u8> {
+    postcard::to_stdvec(&StoredOffset {
+        version: FORMAT_VERSION,
+        next_offset,
+    })
+    .unwrap_or_default()
 }
 
 fn offset_key(group: &str, topic: &str, partition: i32) -> Vec<u8> {
@@ -1261,6 +1351,43 @@ mod tests {
         assert_eq!(outcomes[2], Claim::Duplicate);
         // Now held by this open: a second attempt waits for it.
         assert!(matches!(store.claim(key(1))?, Claim::InProgress { .. }));
+        Ok(())
+    }
+
+    /// The middleware's claims: fenced in memory like any other, no claim record written,
+    /// and the partition's handed-out offset recorded in the same write instead.
+    #[test]
+    fn claims_handing_out_write_one_offset_and_no_claim_records() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let (store, _) = store(dir.path());
+            let writes = store.writes();
+            let outcomes = store.claim_many_handing_out(
+                &[key(1), key(2), key(1)],
+                &[("billing", "payments", 0, 3)],
+            )?;
+            assert!(matches!(outcomes[0], Claim::Fresh(_)), "{outcomes:?}");
+            assert!(
+                matches!(outcomes[2], Claim::InProgress { .. }),
+                "{outcomes:?}"
+            );
+            assert_eq!(store.writes(), writes + 1, "one write for the whole call");
+            let Claim::Fresh(token) = outcomes[1] else {
+                panic!("{outcomes:?}");
+            };
+            assert!(matches!(store.claim(key(2))?, Claim::InProgress { .. }));
+            store.mark_done(key(2), token, None, |_| {})?;
+            // key(1) is still claimed when the process "crashes".
+        }
+        let (store, _) = store(dir.path());
+        assert_eq!(store.handed_out("billing", "payments", 0)?, Some(3));
+        assert_eq!(store.handed_out("billing", "payments", 1)?, None);
+        assert_eq!(store.offset("billing", "payments", 0)?, None, "kept apart");
+        assert!(
+            matches!(store.claim(key(1))?, Claim::Fresh(_)),
+            "no claim record"
+        );
+        assert_eq!(store.claim(key(2))?, Claim::Duplicate);
         Ok(())
     }
 
