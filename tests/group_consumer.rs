@@ -1026,3 +1026,52 @@ async fn a_subscription_changed_during_the_first_join_gets_its_own_partitions() 
     consumer.close().await?;
     Ok(())
 }
+
+/// A connection that takes longer to set up than the application waits per poll: each poll
+/// is cancelled in the middle of the TCP connect + ApiVersions exchange. The set-up must go
+/// on between polls (it used to start over at every poll, so the consumer never connected).
+/// Here the proxy holds every ApiVersions reply for 300 ms and each `recv` is cut at 50 ms;
+/// the fetch connection is a new one (the broker is reached as `localhost`, and advertised as
+/// `127.0.0.1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_slower_than_each_poll_still_gets_made() -> anyhow::Result<()> {
+    const API_VERSIONS: i16 = 18;
+    let proxy = FaultProxy::start(FaultPlan::default()).await?;
+    let advertised = proxy.addr().to_string();
+    let broker = TestBroker::start_with(|config| {
+        config.advertised_listener = Some(advertised);
+    })
+    .await?;
+    proxy.set_upstream(broker.addr());
+    let topic = "slow-connect";
+    let mut client = RawClient::connect(broker.addr()).await?;
+    create_topic(&mut client, topic, 1).await?;
+    produce(&mut client, topic, 1, 0, 20).await?;
+    let bootstrap = format!("localhost:{}", proxy.addr().port());
+    let mut consumer = Consumer::connect(ConsumerConfig {
+        bootstrap_servers: vec![bootstrap],
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        ..ConsumerConfig::default()
+    })
+    .await?;
+    consumer.assign([(topic.to_string(), 0)])?;
+    proxy.set_plan(FaultPlan {
+        delay_replies_of_api: Some(API_VERSIONS),
+        delay: Duration::from_millis(300),
+        ..FaultPlan::default()
+    });
+    let started = Instant::now();
+    let mut read = 0;
+    while read < 20 {
+        ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "{read} of 20 records after 20 s of polls cut off at 50 ms"
+        );
+        if let Ok(record) = tokio::time::timeout(Duration::from_millis(50), consumer.recv()).await {
+            record?;
+            read += 1;
+        }
+    }
+    consumer.close().await?;
+    Ok(())
+}

@@ -82,9 +82,21 @@ struct Backoff {
 #[derive(Debug)]
 pub struct Cluster {
     config: ClientConfig,
-    connections: tokio::sync::Mutex<HashMap<String, Arc<Connection>>>,
-    backoff: std::sync::Mutex<HashMap<String, Backoff>>,
+    connections: Shared<HashMap<String, Arc<Connection>>>,
+    /// Connections being made, each on a task of its own: a caller that stops waiting (a
+    /// poll cut by a timeout) leaves it going, and the next caller waits for the same one.
+    connecting: Shared<HashMap<String, Pending>>,
+    backoff: Shared<HashMap<String, Backoff>>,
     metadata: RwLock<Metadata>,
+}
+
+type Shared<T> = Arc<std::sync::Mutex<T>>;
+
+/// A connection attempt's outcome, once it has one.
+type Pending = tokio::sync::watch::Receiver<Option<Result<Arc<Connection>, ClientError>>>;
+
+fn lock<T>(shared: &Shared<T>) -> std::sync::MutexGuard<'_, T> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether a partition-level error means the client's metadata is stale.
@@ -107,8 +119,9 @@ impl Cluster {
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
         let cluster = Self {
             config,
-            connections: tokio::sync::Mutex::new(HashMap::new()),
-            backoff: std::sync::Mutex::new(HashMap::new()),
+            connections: Shared::default(),
+            connecting: Shared::default(),
+            backoff: Shared::default(),
             metadata: RwLock::new(Metadata::default()),
         };
         cluster.refresh_metadata(None, false).await?;
@@ -126,43 +139,80 @@ impl Cluster {
     /// # Errors
     /// `Connect` and any error of the API-version exchange.
     pub async fn connection(&self, broker: &str) -> Result<Arc<Connection>, ClientError> {
-        let mut connections = self.connections.lock().await;
-        if let Some(existing) = connections.get(broker) {
-            if !existing.is_broken() {
-                return Ok(Arc::clone(existing));
+        let mut pending = {
+            // `connecting` before `connections`; the connect task takes them one at a time.
+            let mut connecting = lock(&self.connecting);
+            {
+                let mut connections = lock(&self.connections);
+                if let Some(existing) = connections.get(broker) {
+                    if !existing.is_broken() {
+                        return Ok(Arc::clone(existing));
+                    }
+                    connections.remove(broker);
+                }
             }
-            connections.remove(broker);
+            match connecting.get(broker) {
+                Some(pending) => pending.clone(),
+                None => {
+                    let pending = self.start_connecting(broker);
+                    connecting.insert(broker.to_string(), pending.clone());
+                    pending
+                }
+            }
+        };
+        let outcome = pending.wait_for(Option::is_some).await.map(|o| o.clone());
+        match outcome {
+            Ok(Some(result)) => result,
+            Ok(None) | Err(_) => Err(ClientError::Connect {
+                broker: broker.to_string(),
+                reason: "the connection attempt ended without an outcome".into(),
+            }),
         }
-        let wait = self
-            .backoff
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes a connection to `broker` on a task of its own (after the broker's backoff, if it
+    /// failed recently), pools it, and tells whoever waits.
+    fn start_connecting(&self, broker: &str) -> Pending {
+        let (tell, pending) = tokio::sync::watch::channel(None);
+        let wait = lock(&self.backoff)
             .get(broker)
-            .map(|b| b.next_attempt.saturating_duration_since(Instant::now()));
-        if let Some(wait) = wait.filter(|w| !w.is_zero()) {
-            tokio::time::sleep(wait).await;
-        }
-        match Connection::connect(broker, self.config.connection.clone()).await {
-            Ok(connection) => {
-                self.backoff
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(broker);
-                let connection = Arc::new(connection);
-                connections.insert(broker.to_string(), Arc::clone(&connection));
-                Ok(connection)
+            .map(|b| b.next_attempt.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
+        let broker = broker.to_string();
+        let config = self.config.connection.clone();
+        let (first_wait, max_wait) = (
+            self.config.reconnect_backoff,
+            self.config.reconnect_backoff_max,
+        );
+        let (connections, connecting, backoff) = (
+            Arc::clone(&self.connections),
+            Arc::clone(&self.connecting),
+            Arc::clone(&self.backoff),
+        );
+        tokio::spawn(async move {
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
             }
-            Err(error) => {
-                let mut backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
-                let entry = backoff.entry(broker.to_string()).or_insert(Backoff {
-                    next_attempt: Instant::now(),
-                    wait: self.config.reconnect_backoff,
-                });
-                entry.next_attempt = Instant::now() + entry.wait;
-                entry.wait = (entry.wait * 2).min(self.config.reconnect_backoff_max);
-                Err(error)
+            let result = Connection::connect(&broker, config).await.map(Arc::new);
+            match &result {
+                Ok(connection) => {
+                    lock(&backoff).remove(&broker);
+                    lock(&connections).insert(broker.clone(), Arc::clone(connection));
+                }
+                Err(_) => {
+                    let mut backoff = lock(&backoff);
+                    let entry = backoff.entry(broker.clone()).or_insert(Backoff {
+                        next_attempt: Instant::now(),
+                        wait: first_wait,
+                    });
+                    entry.next_attempt = Instant::now() + entry.wait;
+                    entry.wait = (entry.wait * 2).min(max_wait);
+                }
             }
-        }
+            lock(&connecting).remove(&broker);
+            let _ = tell.send(Some(result));
+        });
+        pending
     }
 
     /// The connection to node `node_id`, from the metadata.
@@ -189,9 +239,7 @@ impl Cluster {
     /// caller that must not wait can skip it until then; [`Cluster::node`] would sleep).
     pub fn node_retry_at(&self, node_id: i32) -> Option<Instant> {
         let address = self.address_of(node_id)?;
-        self.backoff
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.backoff)
             .get(&address)
             .map(|b| b.next_attempt)
             .filter(|at| *at > Instant::now())
