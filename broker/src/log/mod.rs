@@ -293,10 +293,16 @@ impl PartitionLog {
         now_ms: i64,
     ) -> Result<(Self, RecoveryReport), LogError> {
         config.validate()?;
+        let created = !dir.exists();
         fs::create_dir_all(dir).map_err(|source| LogError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
+        if created && let Some(parent) = dir.parent() {
+            // The new directory's entry in its parent must survive a power cut too, or the
+            // fsynced segments inside it go with it.
+            sync_dir(parent)?;
+        }
         let mut bases = Vec::new();
         let entries = fs::read_dir(dir).map_err(|source| LogError::Io {
             path: dir.to_path_buf(),
@@ -723,6 +729,10 @@ impl PartitionLog {
                 segment.delete_files(&self.dir)?;
                 report.deleted_segments.push(base);
             }
+        }
+        if !report.deleted_segments.is_empty() {
+            // Deletions are durable too: a power cut must not bring old segments back.
+            sync_dir(&self.dir)?;
         }
         Ok(report)
     }
