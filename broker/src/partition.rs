@@ -346,6 +346,11 @@ impl Partition {
         views
     }
 
+    /// Every offset below this is fsynced.
+    pub(crate) fn durable_end(&self) -> i64 {
+        self.durable_end.load(Ordering::Acquire)
+    }
+
     /// Returns once every offset below `end_offset` is fsynced (group commit).
     pub(crate) async fn wait_durable(&self, end_offset: i64) -> Result<(), LogError> {
         loop {

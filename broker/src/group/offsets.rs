@@ -72,7 +72,15 @@ pub(crate) type GroupOffsets = BTreeMap<(String, i32), Committed>;
 pub(crate) struct OffsetStore {
     partition: Partition,
     offsets: Mutex<HashMap<String, GroupOffsets>>,
+    /// Commits appended and not yet visible, by the end offset of their batch: taken in log
+    /// order once fsynced, so memory always shows what a replay of the log would (two commits
+    /// of one key whose fsyncs return in the other order must not leave the older one).
+    /// Appends happen under this lock, so its order is the log's.
+    pending: Mutex<BTreeMap<i64, Pending>>,
 }
+
+/// A commit waiting for its fsync: the group and its entries.
+type Pending = (String, Vec<((String, i32), Option<Committed>)>);
 
 impl OffsetStore {
     /// Opens (recovering) the offsets log under `data_dir` and replays it.
@@ -127,6 +135,7 @@ impl OffsetStore {
         Ok(Self {
             partition,
             offsets: Mutex::new(offsets),
+            pending: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -146,6 +155,69 @@ impl OffsetStore {
         if entries.is_empty() {
             return Ok(());
         }
+        let end = {
+            let mut pending = self.lock_pending();
+            self.append(&mut pending, group, entries, now_ms)?
+        };
+        self.settle(end).await
+    }
+
+    /// Deletes the offsets of `group` committed before `cutoff_ms` (offsets expiry). Decided
+    /// under the append lock, with the commits still waiting for their fsync counted as
+    /// current: a commit that lands while expiry runs is never deleted, in memory or in the
+    /// log.
+    pub(crate) async fn expire(
+        &self,
+        group: &str,
+        cutoff_ms: i64,
+        now_ms: i64,
+    ) -> Result<usize, CommitError> {
+        let end = {
+            let mut pending = self.lock_pending();
+            let fresh: std::collections::BTreeSet<&(String, i32)> = pending
+                .values()
+                .filter(|(g, _)| g == group)
+                .flat_map(|(_, entries)| entries.iter().map(|(key, _)| key))
+                .collect();
+            let stale: Vec<((String, i32), Option<Committed>)> = self
+                .offsets()
+                .get(group)
+                .map(|offsets| {
+                    offsets
+                        .iter()
+                        .filter(|(key, c)| {
+                            c.commit_timestamp_ms < cutoff_ms && !fresh.contains(key)
+                        })
+                        .map(|(key, _)| (key.clone(), None))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if stale.is_empty() {
+                return Ok(0);
+            }
+            let count = stale.len();
+            let end = self.append(&mut pending, group, stale, now_ms)?;
+            (end, count)
+        };
+        self.settle(end.0).await?;
+        Ok(end.1)
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, BTreeMap<i64, Pending>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Appends `entries` as one batch and queues them to become visible; returns the batch's
+    /// end offset. Called with the append lock (`pending`) held.
+    fn append(
+        &self,
+        pending: &mut BTreeMap<i64, Pending>,
+        group: &str,
+        entries: Vec<((String, i32), Option<Committed>)>,
+        now_ms: i64,
+    ) -> Result<i64, CommitError> {
         let records = entries
             .iter()
             .enumerate()
@@ -204,21 +276,41 @@ impl OffsetStore {
             crate::partition::AppendError::Log(log) => CommitError::Log(log),
             other => CommitError::Encode(other.to_string()),
         })?;
-        self.partition.wait_durable(appended.end_offset()).await?;
+        let end = appended.end_offset();
+        pending.insert(end, (group.to_string(), entries));
+        Ok(end)
+    }
+
+    /// Waits for the fsync of the batch ending at `end`, then makes every fsynced commit
+    /// visible, in log order.
+    async fn settle(&self, end: i64) -> Result<(), CommitError> {
+        if let Err(e) = self.partition.wait_durable(end).await {
+            // Never acknowledged, so never visible (the log is offline after a failed fsync).
+            self.lock_pending().remove(&end);
+            return Err(e.into());
+        }
+        let mut pending = self.lock_pending();
+        let durable = self.partition.durable_end();
         let mut offsets = self.offsets();
-        let group_offsets = offsets.entry(group.to_string()).or_default();
-        for (key, value) in entries {
-            match value {
-                Some(committed) => {
-                    group_offsets.insert(key, committed);
-                }
-                None => {
-                    group_offsets.remove(&key);
+        while let Some(entry) = pending.first_entry() {
+            if *entry.key() > durable {
+                break;
+            }
+            let (group, entries) = entry.remove();
+            let group_offsets = offsets.entry(group.clone()).or_default();
+            for (key, value) in entries {
+                match value {
+                    Some(committed) => {
+                        group_offsets.insert(key, committed);
+                    }
+                    None => {
+                        group_offsets.remove(&key);
+                    }
                 }
             }
-        }
-        if group_offsets.is_empty() {
-            offsets.remove(group);
+            if group_offsets.is_empty() {
+                offsets.remove(&group);
+            }
         }
         Ok(())
     }
