@@ -52,6 +52,7 @@ fn version_is_flexible(api_key: i16, version: i16) -> bool {
         0 => version >= 9,
         1 => version >= 12,
         3 => version >= 9,
+        15 => version >= 5,
         _ => false,
     }
 }
@@ -280,5 +281,125 @@ async fn a_batch_claiming_more_records_than_it_holds_is_refused() {
         (partition.error_code, partition.base_offset),
         (0, 0),
         "{partition:?}"
+    );
+}
+
+/// DescribeGroups v5 (flexible) naming `groups` empty group ids: one byte each on the wire,
+/// a few hundred bytes each once decoded and answered.
+fn describe_empty_groups(groups: u32) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    let mut count = groups + 1; // compact array: count + 1, unsigned varint
+    while count >= 0x80 {
+        body.put_u8((count as u8 & 0x7f) | 0x80);
+        count >>= 7;
+    }
+    body.put_u8(count as u8);
+    body.put_bytes(1, groups as usize); // compact string of length 0
+    body.put_u8(0); // include_authorized_operations = false
+    body.put_u8(0); // no tagged fields
+    frame_with_body(15, 5, &body)
+}
+
+/// The child broker's peak resident memory (`VmHWM`), in MiB.
+fn peak_resident_mib(broker: &common::ChildBroker) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", broker.child.id()))
+        .expect("read /proc/<pid>/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    kib / 1024
+}
+
+/// A 2 MB request that would take about 500 MB once decoded and answered (the amplification
+/// of issue 18, item 1) is refused before it is decoded: it can never fit in the memory one
+/// request may use (`socket.request.max.bytes`, counted with its decoding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_would_expand_past_the_request_limit_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = common::ChildBroker::spawn(dir.path(), &[]).expect("broker");
+    let before = peak_resident_mib(&broker);
+    let mut client = RawClient::connect(broker.addr).await.expect("connect");
+    client
+        .send_frame(&describe_empty_groups(2_000_000))
+        .await
+        .expect("write");
+    assert_closed(&mut client, "DescribeGroups with 2 million groups").await;
+    let mut fresh = RawClient::connect(broker.addr).await.expect("connect");
+    let metadata = fresh
+        .send(12, &MetadataRequest::default().with_topics(None))
+        .await
+        .expect("another client is still served");
+    assert_eq!(metadata.brokers.len(), 1);
+    let peak = peak_resident_mib(&broker);
+    eprintln!("broker peak resident memory: {before} MiB before, {peak} MiB after");
+    assert!(
+        peak < before + 64,
+        "peak resident memory went from {before} MiB to {peak} MiB"
+    );
+    // The broker says which request it refused (its log is read by a thread: allow it a
+    // moment to arrive).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !broker.output_text().contains("DescribeGroups") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        broker.output_text().contains("DescribeGroups"),
+        "the broker says which request it refused:\n{}",
+        broker.output_text()
+    );
+}
+
+/// Requests that fit one at a time but not all at once wait for the broker's memory budget
+/// (`queued.max.request.bytes`): the connections stop being read instead of the broker
+/// growing, and every request is answered in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_wait_for_the_memory_budget_instead_of_growing_it() {
+    const CLIENTS: usize = 8;
+    // About 98 MiB each as the broker counts it (256 bytes per element), so one at a time.
+    const GROUPS: u32 = 400_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = common::ChildBroker::spawn(
+        dir.path(),
+        &["--queued-max-request-bytes", &(100 << 20).to_string()],
+    )
+    .expect("broker");
+    let before = peak_resident_mib(&broker);
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut client = RawClient::connect(broker.addr).await.expect("connect");
+        client
+            .send_frame(&describe_empty_groups(GROUPS))
+            .await
+            .expect("write");
+        clients.push(client);
+    }
+    // Nobody reads yet: without a budget every answer is built and held at once.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // Then all read at once (the broker answers whichever it admitted first).
+    let readers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            tokio::spawn(async move {
+                let frame = client.read_frame().await.expect("read").unwrap_or_else(|| {
+                    panic!("client {i}: connection closed instead of an answer")
+                });
+                let (_, response) =
+                    RawClient::decode::<kafka_protocol::messages::DescribeGroupsRequest>(5, frame)
+                        .expect("decode");
+                response.groups.len()
+            })
+        })
+        .collect();
+    for (i, reader) in readers.into_iter().enumerate() {
+        assert_eq!(reader.await.expect("reader"), GROUPS as usize, "client {i}");
+    }
+    let peak = peak_resident_mib(&broker);
+    eprintln!("broker peak resident memory: {before} MiB before, {peak} MiB after");
+    assert!(
+        peak < before + 150,
+        "peak resident memory went from {before} MiB to {peak} MiB with a 100 MiB budget"
     );
 }

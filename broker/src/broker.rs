@@ -32,6 +32,9 @@ pub(crate) struct BrokerState {
     /// Bumped by every append; long-polling fetches wait on it.
     pub(crate) appended: Arc<watch::Sender<u64>>,
     pub(crate) clock: Arc<dyn Clock>,
+    /// `queued.max.request.bytes`, one permit per byte: taken by each request before its body
+    /// is read and given back once it is answered.
+    pub(crate) request_memory: Arc<tokio::sync::Semaphore>,
     /// `<data dir>/.lock`, held (an OS file lock) for as long as anything of this broker
     /// runs: a second broker on the same directory is refused instead of corrupting it.
     _lock: std::fs::File,
@@ -202,6 +205,7 @@ impl Broker {
             topics = catalog.topics().len(),
             "broker started"
         );
+        let request_memory = Arc::new(tokio::sync::Semaphore::new(config.queued_max_request_bytes));
         let state = Arc::new(BrokerState {
             config,
             advertised,
@@ -210,6 +214,7 @@ impl Broker {
             groups,
             appended,
             clock,
+            request_memory,
             _lock: lock,
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -25,6 +25,14 @@ pub struct BrokerConfig {
     /// Largest request frame accepted, in bytes (`socket.request.max.bytes`). A larger frame
     /// closes the connection, as Kafka does.
     pub max_frame_bytes: usize,
+    /// Memory, in bytes, that requests being read, handled or answered may take at once, all
+    /// connections together (`queued.max.request.bytes`). A request counts its frame plus
+    /// [`REQUEST_ELEMENT_BYTES`] for every array element and tagged field in it (what it takes
+    /// once decoded, and in its answer). A connection whose next request does not fit stops
+    /// being read until earlier requests are answered. One request may count at most
+    /// `socket.request.max.bytes`; a larger one closes the connection. Must be at least
+    /// `socket.request.max.bytes`.
+    pub queued_max_request_bytes: usize,
     /// Most client connections served at once (`max.connections`). Further connections wait in
     /// the accept backlog.
     pub max_connections: usize,
@@ -61,6 +69,15 @@ pub struct BrokerConfig {
     pub group: crate::group::GroupConfig,
 }
 
+/// What one array element or tagged field of a request is counted as, in bytes, against
+/// `queued.max.request.bytes` and `socket.request.max.bytes`: measured at about 216 bytes for
+/// an empty group id in DescribeGroups (its decoded string plus its described group in the
+/// answer), rounded up.
+pub const REQUEST_ELEMENT_BYTES: u64 = 256;
+
+/// Default `queued.max.request.bytes`: 512 MiB.
+pub const DEFAULT_QUEUED_MAX_REQUEST_BYTES: usize = 512 * 1024 * 1024;
+
 /// Kafka's `fetch.max.bytes` default: 55 MiB.
 pub const DEFAULT_FETCH_MAX_BYTES: usize = 55 * 1024 * 1024;
 
@@ -72,6 +89,7 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from("./semel-data"),
             node_id: 1,
             max_frame_bytes: 100 * 1024 * 1024,
+            queued_max_request_bytes: DEFAULT_QUEUED_MAX_REQUEST_BYTES,
             max_connections: 1024,
             fetch_max_bytes: DEFAULT_FETCH_MAX_BYTES,
             max_in_flight_per_connection: 32,
@@ -118,6 +136,21 @@ impl BrokerConfig {
                     "{} does not fit a Kafka frame length (i32)",
                     self.max_frame_bytes
                 ),
+            );
+        }
+        if self.queued_max_request_bytes < self.max_frame_bytes {
+            return fail(
+                "queued.max.request.bytes",
+                format!(
+                    "{} is below socket.request.max.bytes ({}): the largest request could never be read",
+                    self.queued_max_request_bytes, self.max_frame_bytes
+                ),
+            );
+        }
+        if self.queued_max_request_bytes > tokio::sync::Semaphore::MAX_PERMITS {
+            return fail(
+                "queued.max.request.bytes",
+                format!("{} is too large", self.queued_max_request_bytes),
             );
         }
         if self.max_connections == 0 {

@@ -28,6 +28,10 @@ struct Args {
     /// Largest request frame in bytes (Kafka: socket.request.max.bytes).
     #[arg(long, env = "SEMEL_SOCKET_REQUEST_MAX_BYTES", default_value_t = 100 * 1024 * 1024)]
     socket_request_max_bytes: usize,
+    /// Memory all requests being read, handled or answered may take at once, in bytes; a
+    /// connection whose next request does not fit waits (Kafka: queued.max.request.bytes).
+    #[arg(long, env = "SEMEL_QUEUED_MAX_REQUEST_BYTES", default_value_t = semel_broker::config::DEFAULT_QUEUED_MAX_REQUEST_BYTES)]
+    queued_max_request_bytes: usize,
     /// Most client connections served at once (Kafka: max.connections).
     #[arg(long, env = "SEMEL_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
@@ -145,6 +149,7 @@ fn main() -> anyhow::Result<()> {
         data_dir: args.data_dir,
         node_id: args.node_id,
         max_frame_bytes: args.socket_request_max_bytes,
+        queued_max_request_bytes: args.queued_max_request_bytes,
         fetch_max_bytes: args.fetch_max_bytes,
         max_connections: args.max_connections,
         auto_create_topics: args.auto_create_topics_enable,

@@ -6,6 +6,14 @@
 //! requests are read, and the writer answers strictly in order, as Kafka clients require. At
 //! most `max_in_flight_per_connection` requests wait to be answered; beyond that, reading pauses.
 //!
+//! Memory is budgeted broker-wide (`queued.max.request.bytes`): a request takes its frame's
+//! length from the budget before its body is read, and once the guard has counted the values
+//! it decodes into, what those cost too; it gives all of it back when its answer is written.
+//! A connection whose next request does not fit stops being read (back-pressure) instead of
+//! the broker growing. A request that alone would count more than `socket.request.max.bytes`
+//! closes the connection: a few bytes per element on the wire must not become hundreds per
+//! element in memory.
+//!
 //! Anything that breaks the framing or cannot be decoded closes this connection only, as
 //! Kafka does: a negative or oversized length, an unknown API key, an unsupported version
 //! (except ApiVersions, which answers `UNSUPPORTED_VERSION` in v0 per KIP-511), a body the
@@ -21,7 +29,7 @@ use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tracing::Instrument;
 
 use super::frame::{FrameError, FrameReader};
@@ -35,6 +43,8 @@ struct Pending {
     api_key: ApiKey,
     api_version: i16,
     reply: Reply,
+    /// This request's share of `queued.max.request.bytes`, given back once it is answered.
+    memory: Option<OwnedSemaphorePermit>,
 }
 
 /// Why a connection was closed by the broker.
@@ -64,6 +74,17 @@ enum Refusal {
         api: ApiKey,
         version: i16,
         source: guard::GuardError,
+    },
+    #[error(
+        "{api:?} v{version} request of {frame_bytes} bytes holds {elements} values, counted as {cost} bytes in memory, over socket.request.max.bytes ({max})"
+    )]
+    TooCostly {
+        api: ApiKey,
+        version: i16,
+        frame_bytes: usize,
+        elements: u64,
+        cost: u64,
+        max: usize,
     },
     #[error("malformed {api:?} v{version} request body: {reason}")]
     BadBody {
@@ -106,7 +127,25 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
     pending: mpsc::Sender<Pending>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Refusal> {
+    let budget = &state.request_memory;
     loop {
+        let length = tokio::select! {
+            length = reader.next_frame_len() => length?,
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        };
+        let Some(length) = length else {
+            return Ok(());
+        };
+        // The frame's bytes first: they are read into memory next. `length` is at most
+        // `socket.request.max.bytes`, which fits an i32 and the budget.
+        // (The budget is never closed: an error can only mean the broker is going away.)
+        let mut memory = tokio::select! {
+            permit = Arc::clone(budget).acquire_many_owned(permits(length as u64)) => match permit {
+                Ok(permit) => permit,
+                Err(_) => return Ok(()),
+            },
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        };
         let frame = tokio::select! {
             frame = reader.read_frame() => frame?,
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
@@ -122,8 +161,39 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
                 header,
                 api_key,
                 body,
+                elements,
             } => {
                 let api_version = header.request_api_version;
+                let cost = (length as u64)
+                    .saturating_add(elements.saturating_mul(crate::config::REQUEST_ELEMENT_BYTES));
+                if cost > state.config.max_frame_bytes as u64 {
+                    return Err(Refusal::TooCostly {
+                        api: api_key,
+                        version: api_version,
+                        frame_bytes: length,
+                        elements,
+                        cost,
+                        max: state.config.max_frame_bytes,
+                    });
+                }
+                let extra = permits(cost - length as u64);
+                if extra > 0 {
+                    match Arc::clone(budget).try_acquire_many_owned(extra) {
+                        Ok(more) => memory.merge(more),
+                        Err(_) => {
+                            // Wait for the whole cost holding nothing, so that requests
+                            // waiting here never hold the budget from each other.
+                            drop(memory);
+                            memory = tokio::select! {
+                                permit = Arc::clone(budget).acquire_many_owned(permits(cost)) => match permit {
+                                    Ok(permit) => permit,
+                                    Err(_) => return Ok(()),
+                                },
+                                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                            };
+                        }
+                    }
+                }
                 let reply = api::handle(state, &header, api_key, body, peer)
                     .await
                     .map_err(|reason| Refusal::BadBody {
@@ -136,9 +206,13 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
                     api_key,
                     api_version,
                     reply,
+                    memory: Some(memory),
                 }
             }
-            Parsed::Immediate(pending) => pending,
+            Parsed::Immediate(mut pending) => {
+                pending.memory = Some(memory);
+                pending
+            }
         };
         if matches!(reply.reply, Reply::Nothing) {
             continue;
@@ -150,11 +224,19 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// Permits for `bytes` of `queued.max.request.bytes` (one per byte). Callers pass at most
+/// `socket.request.max.bytes`, an i32.
+fn permits(bytes: u64) -> u32 {
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
 enum Parsed {
     Request {
         header: RequestHeader,
         api_key: ApiKey,
         body: Bytes,
+        /// Values the body decodes into, as the guard counted them.
+        elements: u64,
     },
     /// Answered without decoding the body (ApiVersions with an unsupported version).
     Immediate(Pending),
@@ -182,6 +264,7 @@ fn parse_request(mut frame: Bytes) -> Result<Option<Parsed>, Refusal> {
                 api_key,
                 api_version: 0,
                 reply: Reply::Now(api::api_versions::unsupported_version_response()),
+                memory: None,
             })));
         }
         return Err(Refusal::UnsupportedVersion {
@@ -197,17 +280,22 @@ fn parse_request(mut frame: Bytes) -> Result<Option<Parsed>, Refusal> {
             version,
             reason: e.to_string(),
         })?;
-    guard::check_request_body(raw_key, version, &frame).map_err(|source| Refusal::Guard {
-        api: api_key,
-        version,
-        source,
-    })?;
+    let checked =
+        guard::check_request_body(raw_key, version, &frame).map_err(|source| Refusal::Guard {
+            api: api_key,
+            version,
+            source,
+        })?;
     Ok(Some(Parsed::Request {
         header,
         api_key,
         body: frame,
+        elements: checked.elements,
     }))
 }
+
+/// Largest response buffer a connection keeps between responses.
+const RETAINED_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 
 async fn write_responses<W: AsyncWrite + Unpin>(
     mut writer: W,
@@ -241,6 +329,12 @@ async fn write_responses<W: AsyncWrite + Unpin>(
         if let Err(e) = writer.write_all(&buffer).await {
             tracing::debug!(error = %e, "peer stopped reading responses");
             return;
+        }
+        // Answered: its memory goes back to the budget, and a large answer's buffer is not
+        // kept for the life of the connection.
+        drop(item.memory);
+        if buffer.capacity() > RETAINED_WRITE_BUFFER_BYTES {
+            buffer = BytesMut::new();
         }
     }
 }

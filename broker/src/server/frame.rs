@@ -57,6 +57,39 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The length of the next frame, once its prefix has arrived and passed the checks, before
+    /// its body is read; `None` on a clean end of stream between frames. Cancel-safe.
+    pub(crate) async fn next_frame_len(&mut self) -> Result<Option<usize>, FrameError> {
+        while self.buffer.len() < 4 {
+            self.buffer.reserve(4);
+            let read = self.inner.read_buf(&mut self.buffer).await?;
+            if read == 0 {
+                if self.buffer.is_empty() {
+                    return Ok(None);
+                }
+                return Err(FrameError::Truncated {
+                    received: self.buffer.len(),
+                    expected: 4,
+                });
+            }
+        }
+        let prefix = [
+            self.buffer[0],
+            self.buffer[1],
+            self.buffer[2],
+            self.buffer[3],
+        ];
+        let claimed = i32::from_be_bytes(prefix);
+        let length = usize::try_from(claimed).map_err(|_| FrameError::NegativeLength(claimed))?;
+        if length > self.max_frame_bytes {
+            return Err(FrameError::TooLarge {
+                length,
+                max: self.max_frame_bytes,
+            });
+        }
+        Ok(Some(length))
+    }
+
     /// The next frame's payload (without the length prefix), or `None` on a clean end of stream
     /// between frames.
     pub(crate) async fn read_frame(&mut self) -> Result<Option<Bytes>, FrameError> {

@@ -523,11 +523,26 @@ pub fn is_covered(api_key: i16, api_version: i16) -> bool {
     schema(api_key, api_version).is_some()
 }
 
-/// Checks that every length and count in `body` fits in the bytes that follow it.
+/// What the walk learned about a body it accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    /// Array elements and tagged fields in the body, nested ones included. Each becomes a
+    /// value of its own once decoded (and usually one in the answer too), so this, not the
+    /// byte count, is what the request costs in memory: an empty string is one byte on the
+    /// wire and a few hundred once decoded and answered.
+    pub elements: u64,
+}
+
+/// Checks that every length and count in `body` fits in the bytes that follow it, and counts
+/// the values it will decode into.
 ///
 /// # Errors
 /// [`GuardError`] describing the first field that cannot be valid, or `NotCovered`.
-pub fn check_request_body(api_key: i16, api_version: i16, body: &[u8]) -> Result<(), GuardError> {
+pub fn check_request_body(
+    api_key: i16,
+    api_version: i16,
+    body: &[u8],
+) -> Result<Checked, GuardError> {
     let schema = schema(api_key, api_version).ok_or(GuardError::NotCovered {
         api_key,
         api_version,
@@ -537,8 +552,12 @@ pub fn check_request_body(api_key: i16, api_version: i16, body: &[u8]) -> Result
         at: 0,
         version: api_version,
         flexible: api_version >= schema.flexible_since,
+        elements: 0,
     };
-    walker.fields(schema.fields)
+    walker.fields(schema.fields)?;
+    Ok(Checked {
+        elements: walker.elements,
+    })
 }
 
 struct Walker<'a> {
@@ -546,6 +565,7 @@ struct Walker<'a> {
     at: usize,
     version: i16,
     flexible: bool,
+    elements: u64,
 }
 
 impl Walker<'_> {
@@ -612,6 +632,7 @@ impl Walker<'_> {
                 remaining: self.remaining(),
             });
         }
+        self.elements += count as u64;
         Ok(Some(count))
     }
 
@@ -666,6 +687,7 @@ impl Walker<'_> {
                 remaining: self.remaining(),
             });
         }
+        self.elements += count as u64;
         for _ in 0..count {
             self.unsigned_varint()?;
             let size = usize::try_from(self.unsigned_varint()?).unwrap_or(usize::MAX);

@@ -475,3 +475,31 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn counts_the_values_a_body_decodes_into() {
+    // Metadata v1: three topic names.
+    let mut body = 3i32.to_be_bytes().to_vec();
+    for name in ["a", "bb", ""] {
+        body.extend_from_slice(&(name.len() as i16).to_be_bytes());
+        body.extend_from_slice(name.as_bytes());
+    }
+    assert_eq!(check_request_body(3, 1, &body).unwrap().elements, 3);
+    // A null array decodes into nothing.
+    assert_eq!(
+        check_request_body(3, 1, &(-1i32).to_be_bytes())
+            .unwrap()
+            .elements,
+        0
+    );
+    // Metadata v9 (flexible): two topics, the first with one unknown tagged field, then
+    // the request's own fields and its empty tagged fields: 2 elements + 1 tagged field.
+    let body = [
+        3, // compact array of 2 topics
+        2, b'a', 1, 5, 1, 0x55, // "a"; one tagged field: tag 5, 1 byte
+        2, b'b', 0, // "b"; no tagged fields
+        1, 0, 0, // allow_auto_topic_creation, the two include_*_authorized_operations
+        0, // no tagged fields
+    ];
+    assert_eq!(check_request_body(3, 9, &body).unwrap().elements, 3);
+}
