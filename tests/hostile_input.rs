@@ -253,6 +253,13 @@ async fn a_batch_claiming_more_records_than_it_holds_is_refused() {
         (i32::MAX, Compression::None),
         (2, Compression::None),
         (i32::MAX, Compression::Gzip),
+        // Counts a compressed batch's bytes could hold, but not what it holds: only
+        // decompressing and walking the records tells.
+        (1000, Compression::Gzip),
+        (1000, Compression::Snappy),
+        (1000, Compression::Lz4),
+        (1000, Compression::Zstd),
+        (2, Compression::Zstd),
     ] {
         let response = client
             .send(
@@ -268,7 +275,8 @@ async fn a_batch_claiming_more_records_than_it_holds_is_refused() {
             "{records} records claimed ({compression:?}): {partition:?}"
         );
     }
-    // Nothing was stored: the log end is still 0, and a good batch lands at offset 0.
+    // Nothing was stored: the log end is still 0, and a good batch lands at offset 0; good
+    // compressed batches of every codec follow it.
     let response = client
         .send(
             9,
@@ -282,6 +290,30 @@ async fn a_batch_claiming_more_records_than_it_holds_is_refused() {
         (0, 0),
         "{partition:?}"
     );
+    let records: Vec<_> = (0..3)
+        .map(|i| common::TestRecord::new("k", &format!("value {i}"), 1_700_000_000_000))
+        .collect();
+    for (i, compression) in [
+        Compression::Gzip,
+        Compression::Snappy,
+        Compression::Lz4,
+        Compression::Zstd,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let batch = common::record_batch(&records, compression).expect("batch");
+        let response = client
+            .send(9, &common::produce_request("claims", 0, batch, -1))
+            .await
+            .expect("produce answered");
+        let partition = &response.responses[0].partition_responses[0];
+        assert_eq!(
+            (partition.error_code, partition.base_offset),
+            (0, 1 + 3 * i as i64),
+            "{compression:?}: {partition:?}"
+        );
+    }
 }
 
 /// DescribeGroups v5 (flexible) naming `groups` empty group ids: one byte each on the wire,

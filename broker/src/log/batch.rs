@@ -268,8 +268,9 @@ pub fn max_compressed_records(payload: usize) -> usize {
 /// in it. Uncompressed: walks every record's framing (length, then attributes, timestamp
 /// delta and offset delta as varints); there must be exactly `records_count` of them, the
 /// n-th with offset delta n, filling the batch to its last byte. Compressed: the count must be
-/// one the compressed bytes could hold ([`max_compressed_records`]); the records themselves
-/// are not decompressed here.
+/// one the compressed bytes could hold ([`max_compressed_records`]), then the records are
+/// decompressed a piece at a time and walked the same way (bounded: see
+/// the `compressed` module of the log).
 ///
 /// # Errors
 /// `InvalidRecord`, saying what does not match.
@@ -285,7 +286,7 @@ pub fn check_records(payload: &[u8], header: &BatchHeader) -> Result<(), LogErro
                 payload.len()
             )));
         }
-        return Ok(());
+        return super::compressed::check_compressed_records(payload, header.compression(), count);
     }
     if count.saturating_mul(MIN_RECORD_BYTES) > payload.len() {
         return Err(invalid(format!(

@@ -8,6 +8,7 @@
 //! at least one batch), KIP-79 (offsets by timestamp).
 
 pub mod batch;
+mod compressed;
 mod index;
 mod segment;
 
@@ -278,7 +279,15 @@ pub struct PartitionLog {
     offline: Option<String>,
     /// The recovery point last checkpointed (`-1`: none).
     recovery_point: i64,
+    /// Largest offset, relative to its segment's base, a record may have: a segment rolls
+    /// before an append would pass it ([`MAX_RELATIVE_OFFSET`]; lowered by tests).
+    max_relative_offset: i64,
 }
+
+/// Largest offset relative to a segment's base offset (Kafka's bound, `Int.MaxValue`): the
+/// offset and time indexes store relative offsets in 32 bits. Offsets grow by record count,
+/// and compressed records can take less than a byte each, so a full segment could pass it.
+pub const MAX_RELATIVE_OFFSET: i64 = i32::MAX as i64;
 
 impl PartitionLog {
     /// Opens the log in `dir` (creating it if needed). The last segment is fully validated and
@@ -376,6 +385,7 @@ impl PartitionLog {
                 config,
                 segments,
                 offline: None,
+                max_relative_offset: MAX_RELATIVE_OFFSET,
                 recovery_point,
             },
             report,
@@ -425,9 +435,12 @@ impl PartitionLog {
         self.check_online()?;
         let size = batch.bytes().len() as u64;
         let active = self.active();
+        let last_relative = self.log_end_offset() + i64::from(batch.header().last_offset_delta)
+            - active.base_offset;
         let rolled = active.size > 0
             && (active.size + size > self.config.segment_bytes
-                || now_ms - active.created_ms >= self.config.segment_ms);
+                || now_ms - active.created_ms >= self.config.segment_ms
+                || last_relative > self.max_relative_offset);
         if rolled {
             self.roll(now_ms)?;
         }

@@ -269,6 +269,28 @@ fn roll_by_size_and_time_and_reads_span_segments() {
 }
 
 #[test]
+fn a_segment_rolls_before_a_relative_offset_would_overflow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut log, _) = open(dir.path(), LogConfig::default());
+    // The real bound is i32::MAX offsets past the segment's base; 10 here.
+    log.max_relative_offset = 10;
+    for i in 0..4 {
+        log.append(&validated(4, i), 0).expect("append");
+    }
+    // 0-3, 4-7 fit below relative offset 10; 8-11 would end at 11: a new segment at 8, and
+    // 12-15 fits with it (relative 7).
+    assert_eq!(log.segments.keys().copied().collect::<Vec<_>>(), vec![0, 8]);
+    for (from, batches) in [(0, 4), (5, 3), (9, 2), (14, 1)] {
+        let read = log.read(from, 1 << 20).expect("read");
+        assert_eq!(batch_offsets(&read.records).len(), batches, "from {from}");
+    }
+    drop(log);
+    let (log, report) = open(dir.path(), LogConfig::default());
+    assert_eq!(report.segments, 2);
+    assert_eq!(log.log_end_offset(), 16);
+}
+
+#[test]
 fn retention_deletes_whole_old_segments_by_bytes_and_time() {
     let dir = tempfile::tempdir().expect("tempdir");
     let batch_size = build_batch(1, 0, 10).len() as i64;

@@ -1,0 +1,410 @@
+//! Walks the records of a compressed batch without trusting anything in it: the codec's
+//! stream is decompressed a piece at a time, each record's framing is read and the rest of
+//! the record skipped, so memory stays at a few small buffers whatever the batch claims, and
+//! the whole stream may not decompress to more than [`MAX_DECOMPRESSED_BYTES`].
+//!
+//! Codecs, as Kafka numbers them in the batch attributes: 1 gzip, 2 snappy (the framing of
+//! snappy-java, `\x82SNAPPY\0` then length-prefixed blocks, or one raw block without it, as
+//! the Java client accepts), 3 lz4 (the LZ4 frame format), 4 zstd.
+//!
+//! References: Kafka's `DefaultRecordBatch` and `CompressionType`; snappy-java's
+//! `SnappyInputStream` (the block framing); the LZ4 frame format.
+
+use std::io::{self, Read};
+
+use super::LogError;
+
+/// The most bytes a compressed batch may decompress to. Real batches are bounded by
+/// `max.message.bytes` before compression (1 MiB by default) and compress a few times at
+/// most; this leaves room for very compressible data without letting a small batch expand
+/// into unbounded work.
+pub(crate) const MAX_DECOMPRESSED_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Largest zstd window accepted (2^24 = 16 MiB). zstd would otherwise allocate whatever
+/// window the frame declares, up to 128 MiB.
+const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+
+/// Enough bytes for a record's attributes, timestamp delta and offset delta (1 + 10 + 10).
+const RECORD_PREFIX_BYTES: usize = 21;
+
+/// Checks that the compressed `payload` (the batch after its 61-byte header) holds exactly
+/// `count` records, the n-th with offset delta n, and nothing after them.
+///
+/// # Errors
+/// `InvalidRecord`, saying what is wrong.
+pub(crate) fn check_compressed_records(
+    payload: &[u8],
+    codec: i16,
+    count: usize,
+) -> Result<(), LogError> {
+    check_within(payload, codec, count, MAX_DECOMPRESSED_BYTES)
+}
+
+fn check_within(payload: &[u8], codec: i16, count: usize, limit: u64) -> Result<(), LogError> {
+    let name = codec_name(codec);
+    let invalid = |reason: String| LogError::InvalidRecord { reason };
+    let decoder: Box<dyn Read + '_> = match codec {
+        1 => Box::new(flate2::read::MultiGzDecoder::new(payload)),
+        2 => Box::new(SnappyJavaReader::new(payload)),
+        3 => Box::new(
+            lz4::Decoder::new(payload)
+                .map_err(|e| invalid(format!("cannot read the {name} batch: {e}")))?,
+        ),
+        4 => {
+            let mut decoder = zstd::stream::read::Decoder::new(payload)
+                .map_err(|e| invalid(format!("cannot read the {name} batch: {e}")))?;
+            decoder
+                .window_log_max(ZSTD_WINDOW_LOG_MAX)
+                .map_err(|e| invalid(format!("cannot read the {name} batch: {e}")))?;
+            Box::new(decoder)
+        }
+        other => return Err(invalid(format!("unknown compression codec {other}"))),
+    };
+    let mut reader = Limited {
+        inner: decoder,
+        left: limit,
+    };
+    walk(&mut reader, count).map_err(|e| match e {
+        Walk::Record(reason) => invalid(format!("{name} batch: {reason}")),
+        Walk::Io(e) if e.kind() == io::ErrorKind::FileTooLarge => invalid(format!(
+            "the {name} batch decompresses to more than {limit} bytes"
+        )),
+        Walk::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => invalid(format!(
+            "the {name} batch ends inside its records ({count} claimed)"
+        )),
+        Walk::Io(e) => invalid(format!("cannot decompress the {name} batch: {e}")),
+    })
+}
+
+fn codec_name(codec: i16) -> &'static str {
+    match codec {
+        1 => "gzip",
+        2 => "snappy",
+        3 => "lz4",
+        4 => "zstd",
+        _ => "unknown",
+    }
+}
+
+enum Walk {
+    Record(String),
+    Io(io::Error),
+}
+
+impl From<io::Error> for Walk {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+fn walk(reader: &mut impl Read, count: usize) -> Result<(), Walk> {
+    let mut prefix = [0u8; RECORD_PREFIX_BYTES];
+    for index in 0..count {
+        let length = read_varint(reader)?;
+        let length = u64::try_from(length)
+            .map_err(|_| Walk::Record(format!("record {index} of {count} has length {length}")))?;
+        let head = usize::try_from(length)
+            .unwrap_or(usize::MAX)
+            .min(RECORD_PREFIX_BYTES);
+        reader.read_exact(&mut prefix[..head])?;
+        let malformed = || Walk::Record(format!("record {index} of {count} is malformed"));
+        let mut at = 1; // attributes
+        if head < 1 {
+            return Err(malformed());
+        }
+        varint_at(&prefix[..head], &mut at).ok_or_else(malformed)?; // timestamp delta
+        let offset_delta = varint_at(&prefix[..head], &mut at).ok_or_else(malformed)?;
+        if usize::try_from(offset_delta).ok() != Some(index) {
+            return Err(Walk::Record(format!(
+                "record {index} of {count} has offset delta {offset_delta}"
+            )));
+        }
+        let rest = length - head as u64;
+        let skipped = io::copy(&mut reader.by_ref().take(rest), &mut io::sink())?;
+        if skipped != rest {
+            return Err(Walk::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+    let mut extra = [0u8; 1];
+    if reader.read(&mut extra)? != 0 {
+        return Err(Walk::Record(format!(
+            "bytes follow the {count} records of the batch"
+        )));
+    }
+    Ok(())
+}
+
+/// A zig-zag varint read from a stream.
+fn read_varint(reader: &mut impl Read) -> Result<i64, Walk> {
+    let mut value: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let mut byte = [0u8; 1];
+        reader.read_exact(&mut byte)?;
+        value |= u64::from(byte[0] & 0x7f) << shift;
+        if byte[0] & 0x80 == 0 {
+            return Ok(((value >> 1) as i64) ^ -((value & 1) as i64));
+        }
+    }
+    Err(Walk::Record("a record length is not a valid varint".into()))
+}
+
+/// A zig-zag varint read from a slice.
+fn varint_at(bytes: &[u8], at: &mut usize) -> Option<i64> {
+    let mut value: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let byte = *bytes.get(*at)?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(((value >> 1) as i64) ^ -((value & 1) as i64));
+        }
+    }
+    None
+}
+
+/// A reader that fails with `FileTooLarge` once more than `left` bytes were asked of it.
+struct Limited<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Limited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            // One more byte would be past the limit; an end of stream is still fine.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(io::ErrorKind::FileTooLarge.into()),
+            };
+        }
+        let wanted = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let read = self.inner.read(&mut buf[..wanted])?;
+        self.left -= read as u64;
+        Ok(read)
+    }
+}
+
+/// snappy-java's stream: a 16-byte header (`\x82SNAPPY\0`, version, compatible version),
+/// then blocks of a big-endian u32 length and that many bytes of raw snappy. Without the
+/// header the whole input is one raw snappy block.
+struct SnappyJavaReader<'a> {
+    input: &'a [u8],
+    block: Vec<u8>,
+    position: usize,
+    raw_done: bool,
+    framed: bool,
+}
+
+const SNAPPY_JAVA_MAGIC: &[u8; 8] = b"\x82SNAPPY\x00";
+const SNAPPY_JAVA_HEADER_BYTES: usize = 16;
+const SNAPPY_MAX_EXPANSION: usize = 32;
+
+impl<'a> SnappyJavaReader<'a> {
+    fn new(input: &'a [u8]) -> Self {
+        let framed = input.starts_with(SNAPPY_JAVA_MAGIC);
+        Self {
+            input: if framed {
+                input.get(SNAPPY_JAVA_HEADER_BYTES..).unwrap_or(&[])
+            } else {
+                input
+            },
+            block: Vec::new(),
+            position: 0,
+            raw_done: false,
+            framed,
+        }
+    }
+
+    /// Decompresses the next block into `self.block`; false at the end of the input.
+    fn next_block(&mut self) -> io::Result<bool> {
+        let compressed = if self.framed {
+            let Some(length) = self.input.get(..4) else {
+                if self.input.is_empty() {
+                    return Ok(false);
+                }
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            };
+            let length = u32::from_be_bytes([length[0], length[1], length[2], length[3]]) as usize;
+            let block = self
+                .input
+                .get(4..4 + length)
+                .ok_or(io::ErrorKind::UnexpectedEof)?;
+            self.input = &self.input[4 + length..];
+            block
+        } else {
+            if self.raw_done {
+                return Ok(false);
+            }
+            self.raw_done = true;
+            self.input
+        };
+        let size = snap::raw::decompress_len(compressed).map_err(io::Error::other)?;
+        // Snappy expands at most about 21 times (a 3-byte copy of 64 bytes), so a block that
+        // claims more is refused before its buffer is allocated.
+        let possible = compressed
+            .len()
+            .saturating_mul(SNAPPY_MAX_EXPANSION)
+            .saturating_add(64);
+        if size > possible {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a snappy block of {} bytes claims {size}", compressed.len()),
+            ));
+        }
+        if size as u64 > MAX_DECOMPRESSED_BYTES {
+            return Err(io::ErrorKind::FileTooLarge.into());
+        }
+        self.block.clear();
+        self.block.resize(size, 0);
+        snap::raw::Decoder::new()
+            .decompress(compressed, &mut self.block)
+            .map_err(io::Error::other)?;
+        self.position = 0;
+        Ok(true)
+    }
+}
+
+impl Read for SnappyJavaReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.position == self.block.len() {
+            if !self.next_block()? {
+                return Ok(0);
+            }
+        }
+        let n = buf.len().min(self.block.len() - self.position);
+        buf[..n].copy_from_slice(&self.block[self.position..self.position + n]);
+        self.position += n;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// `count` records with offset deltas 0.., each with a value of `value_bytes` bytes.
+    fn records(count: usize, value_bytes: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in 0..count {
+            let mut record = vec![0u8]; // attributes
+            record.push(0); // timestamp delta 0
+            record.extend(zigzag(i as i64)); // offset delta
+            record.extend(zigzag(-1)); // null key
+            record.extend(zigzag(value_bytes as i64));
+            record.extend(std::iter::repeat_n(b'v', value_bytes));
+            record.push(0); // no headers
+            out.extend(zigzag(record.len() as i64));
+            out.extend(record);
+        }
+        out
+    }
+
+    fn zigzag(value: i64) -> Vec<u8> {
+        let mut v = ((value << 1) ^ (value >> 63)) as u64;
+        let mut out = Vec::new();
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+        out
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    fn compress(codec: i16, bytes: &[u8]) -> Vec<u8> {
+        match codec {
+            1 => gzip(bytes),
+            2 => {
+                // snappy-java framing, two blocks.
+                let mut out = b"\x82SNAPPY\x00\x00\x00\x00\x01\x00\x00\x00\x01".to_vec();
+                let (a, b) = bytes.split_at(bytes.len() / 2);
+                for part in [a, b] {
+                    let block = snap::raw::Encoder::new().compress_vec(part).unwrap();
+                    out.extend((block.len() as u32).to_be_bytes());
+                    out.extend(block);
+                }
+                out
+            }
+            3 => {
+                let mut encoder = lz4::EncoderBuilder::new().build(Vec::new()).unwrap();
+                encoder.write_all(bytes).unwrap();
+                let (out, result) = encoder.finish();
+                result.unwrap();
+                out
+            }
+            4 => zstd::stream::encode_all(bytes, 3).unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn every_codec_walks_a_good_batch_and_refuses_a_wrong_count() {
+        let plain = records(50, 30);
+        for codec in 1..=4 {
+            let payload = compress(codec, &plain);
+            check_compressed_records(&payload, codec, 50)
+                .unwrap_or_else(|e| panic!("codec {codec}: {e}"));
+            for wrong in [49, 51, 1000] {
+                let e = check_compressed_records(&payload, codec, wrong).unwrap_err();
+                assert!(matches!(e, LogError::InvalidRecord { .. }), "{codec}: {e}");
+            }
+        }
+        // Raw snappy without snappy-java's header, as the Java client also reads.
+        let raw = snap::raw::Encoder::new().compress_vec(&plain).unwrap();
+        check_compressed_records(&raw, 2, 50).unwrap();
+    }
+
+    #[test]
+    fn refuses_wrong_deltas_truncation_garbage_and_unknown_codecs() {
+        let mut plain = records(3, 5);
+        // Records 0, 1, 2 then a copy of record 0: four records, the last with delta 0.
+        let first = records(1, 5);
+        plain.extend(&first);
+        let e = check_compressed_records(&gzip(&plain), 1, 4).unwrap_err();
+        assert!(e.to_string().contains("offset delta 0"), "{e}");
+
+        let plain = records(3, 5);
+        let e = check_compressed_records(&gzip(&plain[..plain.len() - 2]), 1, 3).unwrap_err();
+        assert!(e.to_string().contains("ends inside"), "{e}");
+
+        let e = check_compressed_records(b"not gzip at all", 1, 3).unwrap_err();
+        assert!(e.to_string().contains("gzip"), "{e}");
+        let e = check_compressed_records(b"\x82SNAPPY\x00junk-junk", 2, 3).unwrap_err();
+        assert!(e.to_string().contains("snappy"), "{e}");
+        // A raw snappy block whose length header claims 200 MB.
+        let mut lying = vec![0x80, 0xa8, 0xd6, 0xb9, 0x07];
+        lying.extend([0u8; 10]);
+        let e = check_compressed_records(&lying, 2, 3).unwrap_err();
+        assert!(e.to_string().contains("claims"), "{e}");
+        let e = check_compressed_records(&gzip(&plain), 5, 3).unwrap_err();
+        assert!(e.to_string().contains("codec 5"), "{e}");
+    }
+
+    #[test]
+    fn a_batch_that_decompresses_past_the_limit_is_refused_without_reading_it_all() {
+        // One record whose value is 4 MiB of one byte: tiny compressed, large decompressed.
+        let plain = records(1, 4 << 20);
+        for codec in 1..=4 {
+            let payload = compress(codec, &plain);
+            assert!(payload.len() < 300 * 1024, "{codec}: {}", payload.len());
+            let e = check_within(&payload, codec, 1, 1 << 20).unwrap_err();
+            assert!(
+                e.to_string().contains("more than 1048576 bytes"),
+                "{codec}: {e}"
+            );
+            check_within(&payload, codec, 1, 8 << 20).unwrap();
+        }
+    }
+}
