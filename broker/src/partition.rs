@@ -198,6 +198,8 @@ impl Partition {
         batch: &ValidatedBatch,
         now_ms: i64,
     ) -> Result<Appended, AppendError> {
+        #[cfg(test)]
+        slow_disk::stall(&self.topic);
         let header = batch.header();
         let mut producers = self.producers();
         let identity = if header.has_producer_id() {
@@ -385,6 +387,28 @@ impl Partition {
             }
             self.durable_end.fetch_max(target, Ordering::AcqRel);
         }
+    }
+}
+
+/// Tests: appends to one named topic take as long as a stalled disk would.
+#[cfg(test)]
+pub(crate) mod slow_disk {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    static SLOW: Mutex<Option<(String, Duration)>> = Mutex::new(None);
+
+    /// Every append to `topic` from now on sleeps `delay` first (blocking its thread).
+    pub(crate) fn set(topic: &str, delay: Duration) {
+        *SLOW.lock().unwrap_or_else(|p| p.into_inner()) = Some((topic.to_string(), delay));
+    }
+
+    pub(super) fn stall(topic: &str) {
+        let delay = match &*SLOW.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((slow, delay)) if slow == topic => *delay,
+            _ => return,
+        };
+        std::thread::sleep(delay);
     }
 }
 

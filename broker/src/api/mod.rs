@@ -5,6 +5,12 @@
 //! A handler returns a [`Reply`]: a response now, a response after waiting (an fsync for
 //! `acks=all`, data for a long-polling fetch), or nothing (`acks=0`).
 //!
+//! Handlers whose in-order part may wait for the disk (an append that rolls a segment and
+//! fsyncs it, creating or deleting partition directories, reading segments) run on tokio's
+//! blocking pool ([`on_blocking_pool`]), so a slow disk holds up only the connection that
+//! asked, never the runtime threads serving everyone else. The connection still waits for
+//! the handler before it reads its next request, so request order is kept.
+//!
 //! References: Kafka protocol guide (message schemas and versions).
 
 pub(crate) mod api_versions;
@@ -97,35 +103,58 @@ pub(crate) async fn handle(
         ApiKey::ApiVersions => now(ResponseKind::ApiVersions(api_versions::handle(decode(
             body, version,
         )?))),
-        ApiKey::Metadata => now(ResponseKind::Metadata(metadata::handle(
-            state,
-            decode(body, version)?,
-            version,
-        ))),
-        ApiKey::CreateTopics => now(ResponseKind::CreateTopics(create_topics::handle(
-            state,
-            decode(body, version)?,
-            version,
-        ))),
-        ApiKey::DeleteTopics => now(ResponseKind::DeleteTopics(delete_topics::handle(
-            state,
-            decode(body, version)?,
-            version,
-        ))),
-        ApiKey::CreatePartitions => now(ResponseKind::CreatePartitions(create_partitions::handle(
-            state,
-            decode(body, version)?,
-        ))),
+        // May auto-create topics.
+        ApiKey::Metadata => {
+            let request = decode(body, version)?;
+            now(ResponseKind::Metadata(
+                on_blocking_pool(state, move |state| {
+                    metadata::handle(state, request, version)
+                })
+                .await?,
+            ))
+        }
+        ApiKey::CreateTopics => {
+            let request = decode(body, version)?;
+            now(ResponseKind::CreateTopics(
+                on_blocking_pool(state, move |state| {
+                    create_topics::handle(state, request, version)
+                })
+                .await?,
+            ))
+        }
+        ApiKey::DeleteTopics => {
+            let request = decode(body, version)?;
+            now(ResponseKind::DeleteTopics(
+                on_blocking_pool(state, move |state| {
+                    delete_topics::handle(state, request, version)
+                })
+                .await?,
+            ))
+        }
+        ApiKey::CreatePartitions => {
+            let request = decode(body, version)?;
+            now(ResponseKind::CreatePartitions(
+                on_blocking_pool(state, move |state| {
+                    create_partitions::handle(state, request)
+                })
+                .await?,
+            ))
+        }
         ApiKey::DescribeConfigs => now(ResponseKind::DescribeConfigs(describe_configs::handle(
             state,
             decode(body, version)?,
             version,
         ))),
-        ApiKey::ListOffsets => now(ResponseKind::ListOffsets(list_offsets::handle(
-            state,
-            decode(body, version)?,
-            version,
-        ))),
+        // Reads segments to find an offset by timestamp.
+        ApiKey::ListOffsets => {
+            let request = decode(body, version)?;
+            now(ResponseKind::ListOffsets(
+                on_blocking_pool(state, move |state| {
+                    list_offsets::handle(state, request, version)
+                })
+                .await?,
+            ))
+        }
         ApiKey::InitProducerId => now(ResponseKind::InitProducerId(init_producer_id::handle(
             state,
             decode(body, version)?,
@@ -172,10 +201,28 @@ pub(crate) async fn handle(
             version,
         ))),
         ApiKey::OffsetDelete => Ok(offsets::offset_delete(state, decode(body, version)?)),
-        ApiKey::Produce => Ok(produce::handle(state, decode(body, version)?, version)),
-        ApiKey::Fetch => Ok(fetch::handle(state, decode(body, version)?, version)),
+        ApiKey::Produce => {
+            let request = decode(body, version)?;
+            on_blocking_pool(state, move |state| produce::handle(state, request, version)).await
+        }
+        ApiKey::Fetch => {
+            let request = decode(body, version)?;
+            on_blocking_pool(state, move |state| fetch::handle(state, request, version)).await
+        }
         other => Err(format!("{other:?} is not implemented")),
     }
+}
+
+/// Runs `handler` on tokio's blocking pool and waits for it. `Err` only if it panicked (the
+/// connection is then closed, as it would have been had it panicked in place).
+async fn on_blocking_pool<T: Send + 'static>(
+    state: &Arc<BrokerState>,
+    handler: impl FnOnce(&Arc<BrokerState>) -> T + Send + 'static,
+) -> Result<T, String> {
+    let state = Arc::clone(state);
+    tokio::task::spawn_blocking(move || handler(&state))
+        .await
+        .map_err(|e| format!("the handler failed: {e}"))
 }
 
 /// `Some(message)` as the protocol's nullable string.

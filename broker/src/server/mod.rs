@@ -8,6 +8,8 @@
 pub(crate) mod connection;
 pub mod frame;
 pub mod guard;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
