@@ -543,6 +543,13 @@ mod tests {
             .expect_err("an append after a failed fsync");
         assert_eq!(refused.code(), ResponseError::KafkaStorageError);
         assert!(refused.to_string().contains("offline"), "{refused}");
+        // Nor is anything read: the page cache may hold records the disk lost, which a
+        // consumer must not see and then find gone (or different) after the restart.
+        let unread = partition
+            .log()
+            .read(0, 1 << 20)
+            .expect_err("a read after a failed fsync");
+        assert_eq!(unread.code(), ResponseError::KafkaStorageError);
         drop(partition);
         let reopened = open(dir.path(), &LogConfig::default(), 4);
         let end = reopened.log().log_end_offset();

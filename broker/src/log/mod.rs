@@ -536,8 +536,10 @@ impl PartitionLog {
     /// least one batch when any is available (KIP-74).
     ///
     /// # Errors
-    /// `OffsetOutOfRange` below the log start or above the log end; `Io` on read failure.
+    /// `Offline` after a failed fsync; `OffsetOutOfRange` below the log start or above the
+    /// log end; `Io` on read failure.
     pub fn read(&self, fetch_offset: i64, max_bytes: usize) -> Result<ReadResult, LogError> {
+        self.check_online()?;
         let (start, end) = (self.log_start_offset(), self.log_end_offset());
         if fetch_offset < start || fetch_offset > end {
             return Err(LogError::OffsetOutOfRange {
