@@ -385,6 +385,11 @@ impl Partition {
                 self.log().fsync_failed(&error);
                 return Err(error);
             }
+            debug_assert!(
+                target <= self.log().log_end_offset(),
+                "synced up to {target}, beyond the log end"
+            );
+            // Only grows: an fsync that returns late never takes back what a later one gave.
             self.durable_end.fetch_max(target, Ordering::AcqRel);
         }
     }

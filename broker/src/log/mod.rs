@@ -459,6 +459,16 @@ impl PartitionLog {
             active.created_ms = now_ms;
         }
         active.append(&stored, &header, interval)?;
+        // The batch landed at the log end, and the log end moved past its last record.
+        debug_assert_eq!(
+            self.log_end_offset(),
+            header.last_offset() + 1,
+            "append at {base_offset} did not end the log after its last record"
+        );
+        debug_assert!(
+            header.last_offset() - self.active().base_offset <= self.max_relative_offset,
+            "a record's offset relative to its segment overflowed"
+        );
         Ok(AppendInfo {
             base_offset,
             last_offset: header.last_offset(),
@@ -477,6 +487,11 @@ impl PartitionLog {
         if offset <= self.recovery_point || self.offline.is_some() {
             return Ok(());
         }
+        debug_assert!(
+            offset <= self.log_end_offset(),
+            "recovery point {offset} beyond the log end {}",
+            self.log_end_offset()
+        );
         let path = self.dir.join(RECOVERY_POINT_FILE);
         crate::state_file::write(
             &path,
