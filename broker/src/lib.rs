@@ -32,6 +32,7 @@
 #![deny(missing_docs)]
 
 mod api;
+mod blocking;
 mod broker;
 mod catalog;
 pub mod clock;

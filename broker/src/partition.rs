@@ -198,8 +198,6 @@ impl Partition {
         batch: &ValidatedBatch,
         now_ms: i64,
     ) -> Result<Appended, AppendError> {
-        #[cfg(test)]
-        slow_disk::stall(&self.topic);
         let header = batch.header();
         let mut producers = self.producers();
         let identity = if header.has_producer_id() {
@@ -268,7 +266,9 @@ impl Partition {
             }
         }
         if info.rolled {
-            self.write_snapshot(&producers, info.last_offset + 1, now_ms);
+            crate::blocking::may_block(|| {
+                self.write_snapshot(&producers, info.last_offset + 1, now_ms);
+            });
         }
         drop(producers);
         self.appended
@@ -395,22 +395,26 @@ impl Partition {
     }
 }
 
-/// Tests: appends to one named topic take as long as a stalled disk would.
+/// Tests: segment rolls of one named topic take as long as a stalled disk would.
 #[cfg(test)]
 pub(crate) mod slow_disk {
+    use std::path::Path;
     use std::sync::Mutex;
     use std::time::Duration;
 
     static SLOW: Mutex<Option<(String, Duration)>> = Mutex::new(None);
 
-    /// Every append to `topic` from now on sleeps `delay` first (blocking its thread).
+    /// Every segment roll of `topic`'s partitions from now on sleeps `delay` first (blocking
+    /// its thread).
     pub(crate) fn set(topic: &str, delay: Duration) {
         *SLOW.lock().unwrap_or_else(|p| p.into_inner()) = Some((topic.to_string(), delay));
     }
 
-    pub(super) fn stall(topic: &str) {
+    /// Called by a roll of the partition log in `dir` (`<topic>-<partition>`).
+    pub(crate) fn stall(dir: &Path) {
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         let delay = match &*SLOW.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some((slow, delay)) if slow == topic => *delay,
+            Some((topic, delay)) if name.starts_with(&format!("{topic}-")) => *delay,
             _ => return,
         };
         std::thread::sleep(delay);

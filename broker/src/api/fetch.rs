@@ -66,7 +66,6 @@ pub(crate) fn handle(state: &Arc<BrokerState>, request: FetchRequest, version: i
     {
         return Reply::Now(Box::new(ResponseKind::Fetch(first.response)));
     }
-    let plan = Arc::new(plan);
     Reply::Later(Box::pin(async move {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(max_wait_ms);
         loop {
@@ -78,30 +77,13 @@ pub(crate) fn handle(state: &Arc<BrokerState>, request: FetchRequest, version: i
                 }
                 _ = tokio::time::sleep_until(deadline) => break,
             }
-            let pass = run_on_blocking_pool(&plan).await;
+            let pass = run(&plan);
             if pass.has_error || pass.bytes >= min_bytes.max(1) {
                 return ResponseKind::Fetch(pass.response);
             }
         }
-        ResponseKind::Fetch(run_on_blocking_pool(&plan).await.response)
+        ResponseKind::Fetch(run(&plan).response)
     }))
-}
-
-/// [`run`], reading the segments on the blocking pool.
-async fn run_on_blocking_pool(plan: &Arc<Plan>) -> Pass {
-    let shared = Arc::clone(plan);
-    match tokio::task::spawn_blocking(move || run(&shared)).await {
-        Ok(pass) => pass,
-        Err(e) => {
-            tracing::error!(error = %e, "fetch read failed");
-            Pass {
-                response: FetchResponse::default()
-                    .with_error_code(ResponseError::UnknownServerError.code()),
-                bytes: 0,
-                has_error: true,
-            }
-        }
-    }
 }
 
 fn run(plan: &Plan) -> Pass {

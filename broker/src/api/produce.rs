@@ -123,13 +123,16 @@ fn resolve_topic(state: &BrokerState, name: &str) -> Result<Arc<Topic>, (Respons
             format!("This server does not host topic '{name}'."),
         ));
     }
-    match state.catalog.create_topic(
-        name,
-        state.config.num_partitions,
-        Default::default(),
-        false,
-        state.now_ms(),
-    ) {
+    let created = crate::blocking::may_block(|| {
+        state.catalog.create_topic(
+            name,
+            state.config.num_partitions,
+            Default::default(),
+            false,
+            state.now_ms(),
+        )
+    });
+    match created {
         Ok(topic) => Ok(topic),
         Err(e) if e.code == ResponseError::TopicAlreadyExists => state
             .catalog

@@ -272,17 +272,8 @@ impl OffsetStore {
         )
         .map_err(|e| CommitError::Encode(e.to_string()))?;
         let batch = validate_produce_records(&buf, u32::MAX)?;
-        // The append can roll a segment (an fsync): on a multi-threaded runtime, tell tokio
-        // this thread may block, so its other tasks move to another worker meanwhile. (The
-        // append lock is held across it, which keeps the log's order equal to `pending`'s.)
-        let append = || self.partition.append(&batch, now_ms);
-        let appended = if tokio::runtime::Handle::try_current().is_ok_and(|handle| {
-            handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-        }) {
-            tokio::task::block_in_place(append)
-        } else {
-            append()
-        };
+        // (A roll inside the append tells tokio it blocks: see `crate::blocking`.)
+        let appended = self.partition.append(&batch, now_ms);
         let appended = appended.map_err(|e| match e {
             crate::partition::AppendError::Log(log) => CommitError::Log(log),
             other => CommitError::Encode(other.to_string()),

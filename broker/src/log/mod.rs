@@ -536,15 +536,21 @@ impl PartitionLog {
         synced
     }
 
+    /// Seals the active segment (fsynced, with its index files) and starts a new one at the
+    /// log end. Blocks on the disk: see [`crate::blocking`].
     fn roll(&mut self, now_ms: i64) -> Result<(), LogError> {
-        let next = self.log_end_offset();
-        self.sync_active()?;
-        let active = self.active();
-        active.write_indexes(&self.dir)?;
-        let segment = Segment::create(&self.dir, next, now_ms)?;
-        sync_dir(&self.dir)?;
-        self.segments.insert(next, segment);
-        Ok(())
+        crate::blocking::may_block(|| {
+            #[cfg(test)]
+            crate::partition::slow_disk::stall(&self.dir);
+            let next = self.log_end_offset();
+            self.sync_active()?;
+            let active = self.active();
+            active.write_indexes(&self.dir)?;
+            let segment = Segment::create(&self.dir, next, now_ms)?;
+            sync_dir(&self.dir)?;
+            self.segments.insert(next, segment);
+            Ok(())
+        })
     }
 
     /// Whole batches from the one containing `fetch_offset`, up to `max_bytes`, but always at

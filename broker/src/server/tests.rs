@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, CreateTopicsRequest, ProduceRequest, RequestHeader, ResponseHeader,
@@ -45,10 +45,10 @@ async fn receive<R: Request>(stream: &mut TcpStream, version: i16) -> anyhow::Re
     Ok(response)
 }
 
-/// An append that blocks on the disk (here: a hook that sleeps in it) must not stop the
-/// broker from serving other connections, even on a runtime with a single thread.
-#[tokio::test(flavor = "current_thread")]
-async fn an_append_stalled_on_the_disk_does_not_stall_other_connections() {
+/// A segment roll that blocks on the disk (here: a hook that sleeps in it) must not stop the
+/// broker from serving other connections, even with a single runtime worker thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_roll_stalled_on_the_disk_does_not_stall_other_connections() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = crate::Broker::start(BrokerConfig {
         listen: "127.0.0.1:0".parse().expect("address"),
@@ -68,7 +68,12 @@ async fn an_append_stalled_on_the_disk_does_not_stall_other_connections() {
                 CreatableTopic::default()
                     .with_name(topic.clone())
                     .with_num_partitions(1)
-                    .with_replication_factor(1),
+                    .with_replication_factor(1)
+                    .with_configs(vec![
+                        CreatableTopicConfig::default()
+                            .with_name(StrBytes::from_static_str("segment.bytes"))
+                            .with_value(Some(StrBytes::from_static_str("1024"))),
+                    ]),
             ])
             .with_timeout_ms(10_000),
     )
@@ -79,22 +84,34 @@ async fn an_append_stalled_on_the_disk_does_not_stall_other_connections() {
         .expect("created");
     assert_eq!(created.topics[0].error_code, 0);
 
+    // 700-byte values: the first batch fits the 1024-byte segment, the second rolls it.
+    let produce = |topic: &TopicName| {
+        ProduceRequest::default()
+            .with_acks(1)
+            .with_timeout_ms(10_000)
+            .with_topic_data(vec![
+                TopicProduceData::default()
+                    .with_name(topic.clone())
+                    .with_partition_data(vec![
+                        PartitionProduceData::default()
+                            .with_index(0)
+                            .with_records(Some(Bytes::from(build_batch(1, 0, 700)))),
+                    ]),
+            ])
+    };
+    send(&mut producer, 7, &produce(&topic))
+        .await
+        .expect("send");
+    let first = receive::<ProduceRequest>(&mut producer, 7)
+        .await
+        .expect("first produce");
+    assert_eq!(first.responses[0].partition_responses[0].base_offset, 0);
     const STALL: Duration = Duration::from_millis(1500);
     crate::partition::slow_disk::set("stalled-disk", STALL);
-    let produce = ProduceRequest::default()
-        .with_acks(1)
-        .with_timeout_ms(10_000)
-        .with_topic_data(vec![
-            TopicProduceData::default()
-                .with_name(topic)
-                .with_partition_data(vec![
-                    PartitionProduceData::default()
-                        .with_index(0)
-                        .with_records(Some(Bytes::from(build_batch(1, 0, 10)))),
-                ]),
-        ]);
     let started = Instant::now();
-    send(&mut producer, 7, &produce).await.expect("send");
+    send(&mut producer, 7, &produce(&topic))
+        .await
+        .expect("send");
     // Give the broker time to start the append, then ask something of it elsewhere.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut other = TcpStream::connect(addr).await.expect("connect");
@@ -111,6 +128,6 @@ async fn an_append_stalled_on_the_disk_does_not_stall_other_connections() {
         .await
         .expect("the stalled produce is answered");
     let partition = &produced.responses[0].partition_responses[0];
-    assert_eq!((partition.error_code, partition.base_offset), (0, 0));
+    assert_eq!((partition.error_code, partition.base_offset), (0, 1));
     broker.shutdown().await;
 }
