@@ -358,6 +358,31 @@ async fn a_request_that_would_expand_past_the_request_limit_is_refused() {
         .await
         .expect("write");
     assert_closed(&mut client, "DescribeGroups with 2 million groups").await;
+    // Fetch v12 naming two million empty topics: three bytes each.
+    let mut body = BytesMut::new();
+    body.put_i32(-1); // replica id
+    body.put_i32(500); // max wait
+    body.put_i32(1); // min bytes
+    body.put_i32(1 << 20); // max bytes
+    body.put_i8(0); // isolation level
+    body.put_i32(0); // session id
+    body.put_i32(-1); // session epoch
+    let mut count = 2_000_001u32; // compact array: count + 1
+    while count >= 0x80 {
+        body.put_u8((count as u8 & 0x7f) | 0x80);
+        count >>= 7;
+    }
+    body.put_u8(count as u8);
+    for _ in 0..2_000_000 {
+        body.put_slice(&[1, 1, 0]); // empty name, no partitions, no tagged fields
+    }
+    body.put_slice(&[1, 1, 0]); // no forgotten topics, empty rack id, no tagged fields
+    let mut client = RawClient::connect(broker.addr).await.expect("connect");
+    client
+        .send_frame(&frame_with_body(1, 12, &body))
+        .await
+        .expect("write");
+    assert_closed(&mut client, "Fetch with 2 million topics").await;
     let mut fresh = RawClient::connect(broker.addr).await.expect("connect");
     let metadata = fresh
         .send(12, &MetadataRequest::default().with_topics(None))
@@ -434,4 +459,49 @@ async fn requests_wait_for_the_memory_budget_instead_of_growing_it() {
         peak < before + 150,
         "peak resident memory went from {before} MiB to {peak} MiB with a 100 MiB budget"
     );
+}
+
+/// One connection pipelining large requests holds at most one largest request's worth of the
+/// budget (`socket.request.max.bytes`), even when it never reads its answers: its later
+/// requests wait for its earlier ones, and the rest of the budget stays for everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_reads_its_answers_takes_one_share_of_the_budget() {
+    const GROUPS: u32 = 400_000; // about 98 MiB each as the broker counts them
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = common::ChildBroker::spawn(
+        dir.path(),
+        &["--queued-max-request-bytes", &(200 << 20).to_string()],
+    )
+    .expect("broker");
+    let frame = describe_empty_groups(GROUPS);
+    // A small receive buffer, so its answers stop being sent almost at once.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut hog = socket.connect(broker.addr).await.expect("connect");
+    let pipelined = frame.clone();
+    let hog_writer = tokio::spawn(async move {
+        for _ in 0..12 {
+            // Blocks once the broker stops reading this connection; never reads answers
+            // (about 6 MB each: more than the socket buffers hold).
+            let length = (pipelined.len() as i32).to_be_bytes();
+            if hog.write_all(&length).await.is_err() || hog.write_all(&pipelined).await.is_err() {
+                break;
+            }
+        }
+        hog
+    });
+    // Long enough for the broker to take in what it will of the pipeline.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let mut other = RawClient::connect(broker.addr).await.expect("connect");
+    other.send_frame(&frame).await.expect("write");
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), other.read_frame())
+        .await
+        .expect("another connection's request is admitted while the first holds its share")
+        .expect("read")
+        .expect("answered, not closed");
+    let (_, response) =
+        RawClient::decode::<kafka_protocol::messages::DescribeGroupsRequest>(5, answer)
+            .expect("decode");
+    assert_eq!(response.groups.len(), GROUPS as usize);
+    hog_writer.abort();
 }

@@ -10,7 +10,7 @@
 //! length from the budget before its body is read, and once the guard has counted the values
 //! it decodes into, what those cost too; it gives all of it back when its answer is written.
 //! A connection whose next request does not fit stops being read (back-pressure) instead of
-//! the broker growing. A request that alone would count more than `socket.request.max.bytes`
+//! the broker growing. One connection holds at most `socket.request.max.bytes` of it. A request that alone would count more than `socket.request.max.bytes`
 //! closes the connection: a few bytes per element on the wire must not become hundreds per
 //! element in memory.
 //!
@@ -29,7 +29,7 @@ use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::Instrument;
 
 use super::frame::{FrameError, FrameReader};
@@ -43,8 +43,28 @@ struct Pending {
     api_key: ApiKey,
     api_version: i16,
     reply: Reply,
-    /// This request's share of `queued.max.request.bytes`, given back once it is answered.
-    memory: Option<OwnedSemaphorePermit>,
+    /// This request's share of `queued.max.request.bytes` and of its connection's share,
+    /// given back once it is answered.
+    memory: Option<Held>,
+}
+
+/// Memory a request holds: (broker-wide budget, its connection's share).
+struct Held {
+    _broker: OwnedSemaphorePermit,
+    _connection: OwnedSemaphorePermit,
+}
+
+/// Acquires `n` permits, unless shutdown comes first (`None`, as when the semaphore is
+/// closed, which never happens: it would only mean the broker is going away).
+async fn acquire(
+    semaphore: &Arc<Semaphore>,
+    n: u32,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        permit = Arc::clone(semaphore).acquire_many_owned(n) => permit.ok(),
+        _ = shutdown.wait_for(|stop| *stop) => None,
+    }
 }
 
 /// Why a connection was closed by the broker.
@@ -128,6 +148,10 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Refusal> {
     let budget = &state.request_memory;
+    // One connection may hold at most one largest request's worth of the budget, so a
+    // client pipelining large requests (and perhaps not reading the answers) waits for its
+    // own earlier requests instead of taking the budget from everyone else.
+    let share = Arc::new(Semaphore::new(state.config.max_frame_bytes));
     loop {
         let length = tokio::select! {
             length = reader.next_frame_len() => length?,
@@ -137,14 +161,12 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
             return Ok(());
         };
         // The frame's bytes first: they are read into memory next. `length` is at most
-        // `socket.request.max.bytes`, which fits an i32 and the budget.
-        // (The budget is never closed: an error can only mean the broker is going away.)
-        let mut memory = tokio::select! {
-            permit = Arc::clone(budget).acquire_many_owned(permits(length as u64)) => match permit {
-                Ok(permit) => permit,
-                Err(_) => return Ok(()),
-            },
-            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        // `socket.request.max.bytes`, which fits an i32, the share and the budget.
+        let Some(mut own) = acquire(&share, permits(length as u64), &mut shutdown).await else {
+            return Ok(());
+        };
+        let Some(mut memory) = acquire(budget, permits(length as u64), &mut shutdown).await else {
+            return Ok(());
         };
         let frame = tokio::select! {
             frame = reader.read_frame() => frame?,
@@ -178,19 +200,23 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
                 }
                 let extra = permits(cost - length as u64);
                 if extra > 0 {
+                    // The connection's share: only this connection's earlier requests hold
+                    // it, and they are answered without waiting for this one.
+                    let Some(more) = acquire(&share, extra, &mut shutdown).await else {
+                        return Ok(());
+                    };
+                    own.merge(more);
                     match Arc::clone(budget).try_acquire_many_owned(extra) {
                         Ok(more) => memory.merge(more),
                         Err(_) => {
-                            // Wait for the whole cost holding nothing, so that requests
-                            // waiting here never hold the budget from each other.
+                            // Wait for the whole cost holding none of the budget, so that
+                            // requests waiting here never hold it from each other.
                             drop(memory);
-                            memory = tokio::select! {
-                                permit = Arc::clone(budget).acquire_many_owned(permits(cost)) => match permit {
-                                    Ok(permit) => permit,
-                                    Err(_) => return Ok(()),
-                                },
-                                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                            let Some(all) = acquire(budget, permits(cost), &mut shutdown).await
+                            else {
+                                return Ok(());
                             };
+                            memory = all;
                         }
                     }
                 }
@@ -206,11 +232,17 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
                     api_key,
                     api_version,
                     reply,
-                    memory: Some(memory),
+                    memory: Some(Held {
+                        _broker: memory,
+                        _connection: own,
+                    }),
                 }
             }
             Parsed::Immediate(mut pending) => {
-                pending.memory = Some(memory);
+                pending.memory = Some(Held {
+                    _broker: memory,
+                    _connection: own,
+                });
                 pending
             }
         };
