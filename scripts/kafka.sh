@@ -76,6 +76,7 @@ TOOL_HEAP="${KAFKA_TOOL_HEAP:--Xmx256m}"
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
 FETCH_TIMEOUT="${KAFKA_FETCH_TIMEOUT:-900}"
+SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 
 die() { echo "kafka.sh: $*" >&2; exit 1; }
 log() { echo "kafka.sh: $*" >&2; }
@@ -165,7 +166,7 @@ cmd_fetch() {
   rm -rf "$LIBS"
   mv "$LIBS.tmp" "$LIBS"
   date -u +%FT%TZ >"$MARKER"
-  log "fetched $(ls "$LIBS" | wc -l) jars for Kafka $KAFKA_VERSION"
+  log "fetched $(find "$LIBS" -name '*.jar' | wc -l) jars for Kafka $KAFKA_VERSION"
 }
 
 classpath() { echo "$LIBS/*"; }
@@ -174,8 +175,9 @@ classpath() { echo "$LIBS/*"; }
 run_java() {
   local cfg="$1" heap="$2" cls="$3"
   shift 3
-  # shellcheck disable=SC2086
-  exec java $heap -XX:+UseSerialGC -Djava.awt.headless=true -Dsemel.kafka.tool=1 \
+  local -a heap_args
+  read -r -a heap_args <<<"$heap"
+  exec java "${heap_args[@]}" -XX:+UseSerialGC -Djava.awt.headless=true -Dsemel.kafka.tool=1 \
     -Dlog4j2.configurationFile="$CACHE_DIR/$cfg" \
     -Dkafka.tool.log.level="${KAFKA_TOOL_LOG_LEVEL:-warn}" \
     -cp "$(classpath)" "$cls" "$@"
@@ -221,7 +223,7 @@ pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
 
 node_pid() {
   local f="$2/node$1/pid"
-  [[ -f "$f" ]] && cat "$f" || true
+  if [[ -f "$f" ]]; then cat "$f"; fi
 }
 
 bootstrap_for() {
@@ -262,6 +264,9 @@ transaction.state.log.num.partitions=10
 share.coordinator.state.topic.replication.factor=$rf
 share.coordinator.state.topic.min.isr=$isr
 group.initial.rebalance.delay.ms=0
+# Faster failure detection for kill/restart tests (defaults: 2000 / 9000).
+broker.heartbeat.interval.ms=1000
+broker.session.timeout.ms=6000
 auto.create.topics.enable=true
 log.segment.bytes=67108864
 num.network.threads=2
@@ -292,16 +297,26 @@ start_node() {
     return 0
   fi
   [[ -f "$dir/node$n/server.properties" ]] || die "$dir/node$n is not set up; run start1/start3 first"
+  local -a heap
+  read -r -a heap <<<"$HEAP"
   (
     cd "$dir/node$n"
     # setsid: the broker must not die with this shell or get the terminal's Ctrl-C.
-    setsid java $HEAP -XX:+UseG1GC \
+    setsid java "${heap[@]}" -XX:+UseG1GC \
       -Djava.awt.headless=true -Dsemel.kafka.node="$n" -Dsemel.kafka.dir="$dir" \
       -Dlog4j2.configurationFile="$CACHE_DIR/log4j2-server.properties" \
       -cp "$(classpath)" kafka.Kafka "$dir/node$n/server.properties" \
       >>"$dir/node$n/server.log" 2>&1 </dev/null &
-    echo $! >"$dir/node$n/pid"
   )
+  # setsid may fork, so find the JVM by its marker rather than trusting $!.
+  local deadline=$((SECONDS + 10))
+  pid=""
+  while [[ -z "$pid" ]] && ((SECONDS < deadline)); do
+    pid="$(pgrep -f -- "-Dsemel.kafka.node=$n -Dsemel.kafka.dir=$dir " | head -n 1 || true)"
+    [[ -n "$pid" ]] || sleep 0.2
+  done
+  [[ -n "$pid" ]] || { tail -n 20 "$dir/node$n/server.log" >&2; die "node $n did not start"; }
+  echo "$pid" >"$dir/node$n/pid"
   log "node $n started (pid $(node_pid "$n" "$dir"), client port $(client_port "$n"), log $dir/node$n/server.log)"
 }
 
@@ -321,7 +336,7 @@ wait_ready() {
     done
   done
   while :; do
-    out="$(timeout 30 "$0" tool api-versions --bootstrap-server "$(bootstrap_for "$count")" 2>/dev/null || true)"
+    out="$(timeout 30 bash "$SELF" tool api-versions --bootstrap-server "$(bootstrap_for "$count")" 2>/dev/null || true)"
     ok=1
     for ((i = 1; i <= count; i++)); do
       grep -q "(id: $i rack" <<<"$out" || ok=0
@@ -450,7 +465,7 @@ cmd_status() {
   done
 }
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 main() {
   [[ $# -ge 1 ]] || usage
