@@ -750,3 +750,66 @@ async fn empty_groups_offsets_expire_after_retention_and_groups_can_be_deleted()
     broker.shutdown().await;
     Ok(())
 }
+
+/// Deleting a topic deletes every group's committed offsets for it, as Kafka does: a topic
+/// created again under the same name starts with no committed offsets, so a group reads it
+/// from `auto.offset.reset` instead of skipping to where the old topic's offsets were (found
+/// with Kafka's `kafka-consumer-groups` against semel-broker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_topic_deletes_its_committed_offsets() -> anyhow::Result<()> {
+    use kafka_protocol::messages::DeleteTopicsRequest;
+    let broker = TestBroker::start().await?;
+    let mut client = RawClient::connect(broker.addr()).await?;
+    common::create_topic(&mut client, "payments", 3).await?;
+    common::create_topic(&mut client, "kept", 1).await?;
+    standalone_commit(&mut client, "ledger", 4).await?;
+    standalone_commit(&mut client, "audit", 7).await?;
+    let kept = OffsetCommitRequest::default()
+        .with_group_id(GroupId(s("audit")))
+        .with_generation_id_or_member_epoch(-1)
+        .with_topics(vec![
+            OffsetCommitRequestTopic::default()
+                .with_name(topic_name("kept"))
+                .with_partitions(vec![
+                    OffsetCommitRequestPartition::default()
+                        .with_partition_index(0)
+                        .with_committed_offset(9),
+                ]),
+        ]);
+    client.send(7, &kept).await?;
+    ensure!(committed_payments(&mut client, "ledger").await? == vec![4, 5, 6]);
+
+    let deleted = client
+        .send(
+            4,
+            &DeleteTopicsRequest::default()
+                .with_topic_names(vec![topic_name("payments")])
+                .with_timeout_ms(10_000),
+        )
+        .await?;
+    ensure!(deleted.responses[0].error_code == 0, "{deleted:?}");
+    common::create_topic(&mut client, "payments", 3).await?;
+    for group in ["ledger", "audit"] {
+        let offsets = committed_payments(&mut client, group).await?;
+        ensure!(
+            offsets == vec![-1, -1, -1],
+            "{group}: offsets of the deleted topic are still committed: {offsets:?}"
+        );
+    }
+    // Other topics' offsets stay.
+    let response = client
+        .send(
+            5,
+            &OffsetFetchRequest::default()
+                .with_group_id(GroupId(s("audit")))
+                .with_topics(Some(vec![
+                    OffsetFetchRequestTopic::default()
+                        .with_name(topic_name("kept"))
+                        .with_partition_indexes(vec![0]),
+                ])),
+        )
+        .await?;
+    ensure!(response.topics[0].partitions[0].committed_offset == 9);
+    broker.handle.shutdown().await;
+    Ok(())
+}

@@ -11,11 +11,14 @@ use uuid::Uuid;
 use super::message;
 use crate::broker::BrokerState;
 
+/// Deletes the topics; returns the response and the names of the topics deleted (whose
+/// committed offsets the caller then deletes: [`crate::group::GroupCoordinator::forget_topic`]).
 pub(crate) fn handle(
     state: &BrokerState,
     request: DeleteTopicsRequest,
     version: i16,
-) -> DeleteTopicsResponse {
+) -> (DeleteTopicsResponse, Vec<String>) {
+    let mut deleted = Vec::new();
     let wanted: Vec<(Option<TopicName>, Uuid)> = if version >= 6 {
         request
             .topics
@@ -55,12 +58,18 @@ pub(crate) fn handle(
                     .with_topic_id(topic.id);
             }
             match state.catalog.delete_topic(&topic.name) {
-                Ok(_) => result,
+                Ok(_) => {
+                    deleted.push(topic.name.clone());
+                    result
+                }
                 Err(e) => result
                     .with_error_code(e.code.code())
                     .with_error_message(message(e.message)),
             }
         })
         .collect();
-    DeleteTopicsResponse::default().with_responses(responses)
+    (
+        DeleteTopicsResponse::default().with_responses(responses),
+        deleted,
+    )
 }

@@ -126,12 +126,16 @@ pub(crate) async fn handle(
         }
         ApiKey::DeleteTopics => {
             let request = decode(body, version)?;
-            now(ResponseKind::DeleteTopics(
-                on_blocking_pool(state, move |state| {
-                    delete_topics::handle(state, request, version)
-                })
-                .await?,
-            ))
+            let (response, deleted) = on_blocking_pool(state, move |state| {
+                delete_topics::handle(state, request, version)
+            })
+            .await?;
+            // Every group's committed offsets for a deleted topic go too (as in Kafka), before
+            // the answer: a topic created again right after must not start at old offsets.
+            for topic in deleted {
+                state.groups.forget_topic(&topic).await;
+            }
+            now(ResponseKind::DeleteTopics(response))
         }
         ApiKey::CreatePartitions => {
             let request = decode(body, version)?;

@@ -344,6 +344,23 @@ impl GroupCoordinator {
         self.clock.now_ms()
     }
 
+    /// Deletes every group's committed offsets for `topic` (the topic was deleted). A
+    /// failure is logged: the topic is gone either way, and a restart replays the log.
+    pub(crate) async fn forget_topic(&self, topic: &str) {
+        for (group, keys) in self.offsets.committed_for_topic(topic) {
+            let count = keys.len();
+            let entries = keys.into_iter().map(|key| (key, None)).collect();
+            match self.commit(&group, entries).await {
+                Ok(()) => {
+                    tracing::info!(%group, topic, partitions = count, "deleted the committed offsets of a deleted topic")
+                }
+                Err(error) => {
+                    tracing::warn!(%group, topic, %error, "could not delete the committed offsets of a deleted topic")
+                }
+            }
+        }
+    }
+
     pub(crate) fn committed(&self, group_id: &str) -> GroupOffsets {
         self.offsets.group(group_id)
     }

@@ -327,6 +327,21 @@ impl OffsetStore {
         self.offsets().keys().cloned().collect()
     }
 
+    /// Every group with offsets committed for `topic`, with those partitions.
+    pub(crate) fn committed_for_topic(&self, topic: &str) -> Vec<(String, Vec<(String, i32)>)> {
+        self.offsets()
+            .iter()
+            .filter_map(|(group, offsets)| {
+                let keys: Vec<(String, i32)> = offsets
+                    .keys()
+                    .filter(|(t, _)| t == topic)
+                    .cloned()
+                    .collect();
+                (!keys.is_empty()).then(|| (group.clone(), keys))
+            })
+            .collect()
+    }
+
     /// Offsets of `group` committed before `cutoff_ms` (for expiry).
     pub(crate) fn committed_before(&self, group: &str, cutoff_ms: i64) -> Vec<(String, i32)> {
         self.offsets()
