@@ -7,7 +7,9 @@
 //! - Control batches (transaction markers) are never returned; with `read_committed`, records
 //!   of aborted transactions are dropped, Kafka's way: the response's aborted-transaction list
 //!   activates a producer id once its first offset is reached, its ABORT marker ends it.
-//! - CRCs are checked by the decoder; all four codecs are decompressed.
+//! - CRCs are checked; all four codecs are decompressed. Compressed batches are read a piece
+//!   at a time by `semel-records`, at most 256 MiB decompressed each, so a small batch from a
+//!   broken or hostile broker cannot make the consumer allocate gigabytes.
 //!
 //! References: Kafka protocol guide (Record Batch), the Java client's `CompletedFetch`.
 
@@ -65,6 +67,78 @@ fn be_i32(b: &[u8], at: usize) -> i32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);
     i32::from_be_bytes(a)
+}
+
+/// A record of a decoded batch, whichever decoder read it.
+struct Plain {
+    offset: i64,
+    timestamp: i64,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    headers: Vec<(String, Option<Bytes>)>,
+}
+
+impl From<kafka_protocol::records::Record> for Plain {
+    fn from(r: kafka_protocol::records::Record) -> Self {
+        Self {
+            offset: r.offset,
+            timestamp: r.timestamp,
+            key: r.key,
+            value: r.value,
+            headers: r
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        }
+    }
+}
+
+const CRC_AT: usize = 17;
+const FIRST_TIMESTAMP_AT: usize = 27;
+const MAX_TIMESTAMP_AT: usize = 35;
+/// Attributes bit: every record's timestamp is the batch's max timestamp (`LogAppendTime`).
+const LOG_APPEND_TIME: i16 = 1 << 3;
+
+/// A compressed batch's records (the whole batch, length prefix included): CRC checked, then
+/// decompressed and read a piece at a time by semel-records.
+fn decode_compressed(
+    batch: &[u8],
+    attributes: i16,
+    base_offset: i64,
+) -> Result<Vec<Plain>, String> {
+    let stored = u32::from_be_bytes([
+        batch[CRC_AT],
+        batch[CRC_AT + 1],
+        batch[CRC_AT + 2],
+        batch[CRC_AT + 3],
+    ]);
+    let computed = crc32c::crc32c(&batch[ATTRIBUTES_AT..]);
+    if stored != computed {
+        return Err(format!(
+            "CRC mismatch: the batch says {stored:#010x}, its bytes give {computed:#010x}"
+        ));
+    }
+    let count = usize::try_from(be_i32(batch, RECORDS_COUNT_AT)).unwrap_or(0);
+    let first_timestamp = be_i64(batch, FIRST_TIMESTAMP_AT);
+    let max_timestamp = be_i64(batch, MAX_TIMESTAMP_AT);
+    let records =
+        semel_records::decode_compressed_records(&batch[HEADER_LEN..], attributes & 0x7, count)
+            .map_err(|e| e.0)?;
+    Ok(records
+        .into_iter()
+        .map(|r| Plain {
+            offset: base_offset + i64::from(r.offset_delta),
+            timestamp: if attributes & LOG_APPEND_TIME != 0 {
+                max_timestamp
+            } else {
+                first_timestamp.wrapping_add(r.timestamp_delta)
+            },
+            key: r.key,
+            value: r.value,
+            headers: r.headers,
+        })
+        .collect())
 }
 
 /// What a buffered record counts for against the buffer bound.
@@ -182,10 +256,19 @@ pub(crate) fn decode(
             );
             return (out, Some(e));
         }
-        let decoded = match RecordBatchDecoder::decode(&mut batch) {
-            Ok(set) => set.records,
-            Err(e) => {
-                let e = fail(e.to_string(), &out);
+        // Compressed data batches are read by semel-records, a piece at a time and bounded (a
+        // small batch may not decompress into gigabytes); the rest by kafka-protocol.
+        let decoded = if attributes & 0x7 != 0 && !control {
+            decode_compressed(&batch, attributes, base_offset)
+        } else {
+            RecordBatchDecoder::decode(&mut batch)
+                .map(|set| set.records.into_iter().map(Plain::from).collect())
+                .map_err(|e| e.to_string())
+        };
+        let decoded = match decoded {
+            Ok(decoded) => decoded,
+            Err(reason) => {
+                let e = fail(reason, &out);
                 return (out, Some(e));
             }
         };
@@ -213,11 +296,7 @@ pub(crate) fn decode(
             if r.offset < fetch_offset {
                 continue;
             }
-            let headers: Vec<(String, Option<Bytes>)> = r
-                .headers
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect();
+            let headers = r.headers;
             let record = ConsumerRecord {
                 topic: Arc::clone(topic),
                 partition,
@@ -408,5 +487,74 @@ mod tests {
             out.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
             vec![0, 1, 2, 4]
         );
+    }
+
+    /// A zstd batch of one record whose value is `value_mib` MiB of zeros, built by hand from
+    /// RLE blocks: a few kilobytes on the wire, that many MiB decompressed.
+    fn zstd_bomb(value_mib: usize) -> Bytes {
+        fn zigzag(value: i64) -> Vec<u8> {
+            let mut v = ((value << 1) ^ (value >> 63)) as u64;
+            let mut out = Vec::new();
+            while v >= 0x80 {
+                out.push((v as u8) | 0x80);
+                v >>= 7;
+            }
+            out.push(v as u8);
+            out
+        }
+        let value_len = (value_mib << 20) as i64;
+        let mut body = vec![0u8, 0, 0]; // attributes, timestamp delta, offset delta
+        body.extend(zigzag(-1)); // null key
+        body.extend(zigzag(value_len));
+        let mut prefix = zigzag(body.len() as i64 + value_len + 1);
+        prefix.extend(body);
+        let block_header = |size: usize, kind: u32, last: bool| {
+            let word = (size as u32) << 3 | kind << 1 | u32::from(last);
+            word.to_le_bytes()[..3].to_vec()
+        };
+        let mut frame = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 7 << 3]; // magic, no flags, 128 KiB window
+        frame.extend(block_header(prefix.len(), 0, false)); // raw block
+        frame.extend(&prefix);
+        for _ in 0..(value_len as usize) / (128 << 10) {
+            frame.extend(block_header(128 << 10, 1, false)); // RLE block of 128 KiB
+            frame.push(0);
+        }
+        frame.extend(block_header(1, 0, true)); // raw: no headers
+        frame.push(0);
+        // The batch around it: one record, zstd, CRC over everything after the CRC field.
+        let mut batch = vec![0u8; 61];
+        batch[8..12].copy_from_slice(&((49 + frame.len()) as i32).to_be_bytes());
+        batch[16] = 2; // magic
+        batch[21..23].copy_from_slice(&4i16.to_be_bytes()); // zstd
+        batch[43..51].copy_from_slice(&(-1i64).to_be_bytes()); // no producer id
+        batch[51..53].copy_from_slice(&(-1i16).to_be_bytes());
+        batch[53..57].copy_from_slice(&(-1i32).to_be_bytes());
+        batch[57..61].copy_from_slice(&1i32.to_be_bytes());
+        batch.extend(frame);
+        let crc = crc32c::crc32c(&batch[21..]);
+        batch[17..21].copy_from_slice(&crc.to_be_bytes());
+        Bytes::from(batch)
+    }
+
+    /// A broker (hostile or broken) must not make the consumer allocate without bound: a
+    /// compressed batch that decompresses to more than 256 MiB is a decode error, found
+    /// without decompressing it all.
+    #[test]
+    fn a_batch_that_decompresses_past_the_bound_is_an_error_not_an_allocation() {
+        let small = zstd_bomb(1);
+        assert!(small.len() < 4096, "{}", small.len());
+        let (out, error) = decode(&topic(), 0, 0, small, None);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(
+            out.records[0].value.as_ref().map(|v| v.len()),
+            Some(1 << 20)
+        );
+
+        let bomb = zstd_bomb(300);
+        assert!(bomb.len() < 20_000, "{}", bomb.len());
+        let (out, error) = decode(&topic(), 0, 0, bomb, None);
+        assert!(out.records.is_empty());
+        let error = error.expect("a decode error");
+        assert!(error.reason.contains("more than"), "{}", error.reason);
     }
 }

@@ -269,8 +269,7 @@ pub fn max_compressed_records(payload: usize) -> usize {
 /// delta and offset delta as varints); there must be exactly `records_count` of them, the
 /// n-th with offset delta n, filling the batch to its last byte. Compressed: the count must be
 /// one the compressed bytes could hold ([`max_compressed_records`]), then the records are
-/// decompressed a piece at a time and walked the same way (bounded: see
-/// the `compressed` module of the log).
+/// decompressed a piece at a time and walked the same way (bounded: see `semel-records`).
 ///
 /// # Errors
 /// `InvalidRecord`, saying what does not match.
@@ -286,7 +285,8 @@ pub fn check_records(payload: &[u8], header: &BatchHeader) -> Result<(), LogErro
                 payload.len()
             )));
         }
-        return super::compressed::check_compressed_records(payload, header.compression(), count);
+        return semel_records::check_compressed_records(payload, header.compression(), count)
+            .map_err(|e| invalid(e.0));
     }
     if count.saturating_mul(MIN_RECORD_BYTES) > payload.len() {
         return Err(invalid(format!(

@@ -8,7 +8,6 @@
 //! at least one batch), KIP-79 (offsets by timestamp).
 
 pub mod batch;
-mod compressed;
 mod index;
 mod segment;
 

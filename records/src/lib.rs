@@ -1,7 +1,13 @@
-//! Walks the records of a compressed batch without trusting anything in it: the codec's
-//! stream is decompressed a piece at a time, each record's framing is read and the rest of
-//! the record skipped, so memory stays at a few small buffers whatever the batch claims, and
-//! the whole stream may not decompress to more than [`MAX_DECOMPRESSED_BYTES`].
+//! Reads the records of a compressed Kafka record batch without trusting anything in it: the
+//! codec's stream is decompressed a piece at a time and the records are read from it, so
+//! memory follows what the batch really holds, never what it claims, and the whole stream may
+//! not decompress to more than [`MAX_DECOMPRESSED_BYTES`].
+//!
+//! - [`check_compressed_records`] walks the records' framing (the broker validates produced
+//!   batches with it: count, offset deltas, nothing after the last record) and skips their
+//!   contents.
+//! - [`decode_compressed_records`] also returns each record's key, value and headers (the
+//!   consumer decodes fetched batches with it).
 //!
 //! Codecs, as Kafka numbers them in the batch attributes: 1 gzip, 2 snappy (the framing of
 //! snappy-java, `\x82SNAPPY\0` then length-prefixed blocks, or one raw block without it, as
@@ -12,13 +18,40 @@
 
 use std::io::{self, Read};
 
-use super::LogError;
+use bytes::Bytes;
+
+/// Why a batch's records cannot be read: a sentence for the error message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordsError(pub String);
+
+impl std::fmt::Display for RecordsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RecordsError {}
+
+/// One record as stored in a batch, before the batch's base offset and timestamp are added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRecord {
+    /// Added to the batch's base timestamp.
+    pub timestamp_delta: i64,
+    /// Added to the batch's base offset.
+    pub offset_delta: i32,
+    /// The key, `None` for null.
+    pub key: Option<Bytes>,
+    /// The value, `None` for null.
+    pub value: Option<Bytes>,
+    /// Headers in order: name, and value (`None` for null).
+    pub headers: Vec<(String, Option<Bytes>)>,
+}
 
 /// The most bytes a compressed batch may decompress to. Real batches are bounded by
 /// `max.message.bytes` before compression (1 MiB by default) and compress a few times at
 /// most; this leaves room for very compressible data without letting a small batch expand
 /// into unbounded work.
-pub(crate) const MAX_DECOMPRESSED_BYTES: u64 = 256 * 1024 * 1024;
+pub const MAX_DECOMPRESSED_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Largest zstd window accepted (2^24 = 16 MiB). zstd would otherwise allocate whatever
 /// window the frame declares, up to 128 MiB.
@@ -27,22 +60,49 @@ const ZSTD_WINDOW_LOG_MAX: u32 = 24;
 /// Enough bytes for a record's attributes, timestamp delta and offset delta (1 + 10 + 10).
 const RECORD_PREFIX_BYTES: usize = 21;
 
-/// Checks that the compressed `payload` (the batch after its 61-byte header) holds exactly
-/// `count` records, the n-th with offset delta n, and nothing after them.
+/// Checks that the compressed `payload` (the batch after its 61-byte header), compressed with
+/// `codec` (the attributes' low three bits), holds exactly `count` records, the n-th with
+/// offset delta n, and nothing after them. Record contents are skipped, not kept.
 ///
 /// # Errors
-/// `InvalidRecord`, saying what is wrong.
-pub(crate) fn check_compressed_records(
+/// What is wrong, as a sentence.
+pub fn check_compressed_records(
     payload: &[u8],
     codec: i16,
     count: usize,
-) -> Result<(), LogError> {
-    check_within(payload, codec, count, MAX_DECOMPRESSED_BYTES)
+) -> Result<(), RecordsError> {
+    read_within(payload, codec, count, MAX_DECOMPRESSED_BYTES, None)
 }
 
-fn check_within(payload: &[u8], codec: i16, count: usize, limit: u64) -> Result<(), LogError> {
+/// Like [`check_compressed_records`], and returns the records.
+///
+/// # Errors
+/// What is wrong, as a sentence.
+pub fn decode_compressed_records(
+    payload: &[u8],
+    codec: i16,
+    count: usize,
+) -> Result<Vec<RawRecord>, RecordsError> {
+    let mut records = Vec::new();
+    read_within(
+        payload,
+        codec,
+        count,
+        MAX_DECOMPRESSED_BYTES,
+        Some(&mut records),
+    )?;
+    Ok(records)
+}
+
+fn read_within(
+    payload: &[u8],
+    codec: i16,
+    count: usize,
+    limit: u64,
+    keep: Option<&mut Vec<RawRecord>>,
+) -> Result<(), RecordsError> {
     let name = codec_name(codec);
-    let invalid = |reason: String| LogError::InvalidRecord { reason };
+    let invalid = |reason: String| RecordsError(reason);
     let decoder: Box<dyn Read + '_> = match codec {
         1 => Box::new(flate2::read::MultiGzDecoder::new(payload)),
         2 => Box::new(SnappyJavaReader::new(payload)),
@@ -64,7 +124,7 @@ fn check_within(payload: &[u8], codec: i16, count: usize, limit: u64) -> Result<
         inner: decoder,
         left: limit,
     };
-    walk(&mut reader, count).map_err(|e| match e {
+    walk(&mut reader, count, keep).map_err(|e| match e {
         Walk::Record(reason) => invalid(format!("{name} batch: {reason}")),
         Walk::Io(e) if e.kind() == io::ErrorKind::FileTooLarge => invalid(format!(
             "the {name} batch decompresses to more than {limit} bytes"
@@ -97,12 +157,28 @@ impl From<io::Error> for Walk {
     }
 }
 
-fn walk(reader: &mut impl Read, count: usize) -> Result<(), Walk> {
+fn walk(
+    reader: &mut impl Read,
+    count: usize,
+    mut keep: Option<&mut Vec<RawRecord>>,
+) -> Result<(), Walk> {
     let mut prefix = [0u8; RECORD_PREFIX_BYTES];
     for index in 0..count {
         let length = read_varint(reader)?;
         let length = u64::try_from(length)
             .map_err(|_| Walk::Record(format!("record {index} of {count} has length {length}")))?;
+        if let Some(records) = keep.as_deref_mut() {
+            let mut record = reader.by_ref().take(length);
+            let decoded = read_record(&mut record, index, count)?;
+            if record.limit() != 0 {
+                return Err(Walk::Record(format!(
+                    "record {index} of {count} has {} bytes after its headers",
+                    record.limit()
+                )));
+            }
+            records.push(decoded);
+            continue;
+        }
         let head = usize::try_from(length)
             .unwrap_or(usize::MAX)
             .min(RECORD_PREFIX_BYTES);
@@ -132,6 +208,65 @@ fn walk(reader: &mut impl Read, count: usize) -> Result<(), Walk> {
         )));
     }
     Ok(())
+}
+
+/// One record's fields, from a reader limited to the record's length. Buffers grow with the
+/// bytes that arrive, never from a length read off the stream.
+fn read_record(record: &mut impl Read, index: usize, count: usize) -> Result<RawRecord, Walk> {
+    let mut attributes = [0u8; 1];
+    record.read_exact(&mut attributes)?;
+    let timestamp_delta = read_varint(record)?;
+    let offset_delta = read_varint(record)?;
+    if usize::try_from(offset_delta).ok() != Some(index) {
+        return Err(Walk::Record(format!(
+            "record {index} of {count} has offset delta {offset_delta}"
+        )));
+    }
+    let key = read_bytes(record)?;
+    let value = read_bytes(record)?;
+    let header_count = read_varint(record)?;
+    let header_count = usize::try_from(header_count).map_err(|_| {
+        Walk::Record(format!(
+            "record {index} of {count} has {header_count} headers"
+        ))
+    })?;
+    let mut headers = Vec::new();
+    for _ in 0..header_count {
+        let name = read_bytes(record)?.ok_or_else(|| {
+            Walk::Record(format!(
+                "record {index} of {count} has a header without a name"
+            ))
+        })?;
+        let name = String::from_utf8(name.to_vec()).map_err(|_| {
+            Walk::Record(format!(
+                "record {index} of {count} has a header name that is not UTF-8"
+            ))
+        })?;
+        headers.push((name, read_bytes(record)?));
+    }
+    Ok(RawRecord {
+        timestamp_delta,
+        offset_delta: offset_delta as i32,
+        key,
+        value,
+        headers,
+    })
+}
+
+/// A varint length (-1 = null) and that many bytes.
+fn read_bytes(reader: &mut impl Read) -> Result<Option<Bytes>, Walk> {
+    let length = read_varint(reader)?;
+    if length == -1 {
+        return Ok(None);
+    }
+    let length = u64::try_from(length)
+        .map_err(|_| Walk::Record(format!("a key, value or header has length {length}")))?;
+    let mut bytes = Vec::new();
+    let read = reader.by_ref().take(length).read_to_end(&mut bytes)?;
+    if read as u64 != length {
+        return Err(Walk::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(Some(Bytes::from(bytes)))
 }
 
 /// A zig-zag varint read from a stream.
@@ -356,9 +491,15 @@ mod tests {
             let payload = compress(codec, &plain);
             check_compressed_records(&payload, codec, 50)
                 .unwrap_or_else(|e| panic!("codec {codec}: {e}"));
+            let decoded = decode_compressed_records(&payload, codec, 50)
+                .unwrap_or_else(|e| panic!("codec {codec}: {e}"));
+            assert_eq!(decoded.len(), 50);
+            assert_eq!(decoded[7].offset_delta, 7);
+            assert_eq!(decoded[7].key, None);
+            assert_eq!(decoded[7].value.as_deref(), Some(&[b'v'; 30][..]));
             for wrong in [49, 51, 1000] {
-                let e = check_compressed_records(&payload, codec, wrong).unwrap_err();
-                assert!(matches!(e, LogError::InvalidRecord { .. }), "{codec}: {e}");
+                assert!(check_compressed_records(&payload, codec, wrong).is_err());
+                assert!(decode_compressed_records(&payload, codec, wrong).is_err());
             }
         }
         // Raw snappy without snappy-java's header, as the Java client also reads.
@@ -399,12 +540,16 @@ mod tests {
         for codec in 1..=4 {
             let payload = compress(codec, &plain);
             assert!(payload.len() < 300 * 1024, "{codec}: {}", payload.len());
-            let e = check_within(&payload, codec, 1, 1 << 20).unwrap_err();
-            assert!(
-                e.to_string().contains("more than 1048576 bytes"),
-                "{codec}: {e}"
-            );
-            check_within(&payload, codec, 1, 8 << 20).unwrap();
+            for keep in [false, true] {
+                let mut records = Vec::new();
+                let e = read_within(&payload, codec, 1, 1 << 20, keep.then_some(&mut records))
+                    .unwrap_err();
+                assert!(
+                    e.to_string().contains("more than 1048576 bytes"),
+                    "{codec}: {e}"
+                );
+                read_within(&payload, codec, 1, 8 << 20, keep.then_some(&mut records)).unwrap();
+            }
         }
     }
 }
