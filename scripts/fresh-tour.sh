@@ -12,7 +12,7 @@ trap 'rm -rf "$work"' EXIT
 git clone -q . "$work/semel"
 if [ -d "$CARGO_TARGET_DIR" ]; then
   (cd "$work/semel" && cargo clean --quiet -p semel -p semel-broker -p semel-client \
-    -p semel-producer -p semel-consumer)
+    -p semel-producer -p semel-consumer -p semel-records)
 fi
 started=$(date +%s)
 bash "$work/semel/scripts/demo.sh"
