@@ -380,6 +380,18 @@ async fn produce_fetch_offsets_and_corrupt_batches() -> anyhow::Result<()> {
             "timestamp {timestamp}"
         );
     }
+    // The sentinels of later versions, as Kafka's tools send them (`kafka-get-offsets --time
+    // -4` / `-5`): the earliest local offset (v8) is the log start, since nothing is tiered;
+    // the latest tiered offset (v9) is none. v10 adds a timeout.
+    for (version, timestamp, offset) in [(8, -4, 0), (9, -5, -1), (10, -4, 0), (10, -1, 5)] {
+        let response = client.send(version, &list(timestamp)).await?;
+        let p = &response.topics[0].partitions[0];
+        assert_eq!(
+            (p.error_code, p.offset),
+            (0, offset),
+            "v{version} timestamp {timestamp}"
+        );
+    }
     broker.handle.shutdown().await;
     Ok(())
 }

@@ -2,7 +2,13 @@
 //! high watermark on this single node), the offset for a timestamp, or the record with the
 //! largest timestamp.
 //!
-//! References: Kafka protocol guide (ListOffsets), KIP-79 (by timestamp), KIP-734 (max timestamp).
+//! Later versions add sentinels for tiered storage, which this broker does not have: the
+//! earliest local offset (`-4`, v8) is the log start, and the latest tiered offset (`-5`, v9)
+//! is none (`-1`), as Kafka answers for a topic that is not tiered. v10 adds a timeout, which
+//! a single node never needs.
+//!
+//! References: Kafka protocol guide (ListOffsets), KIP-79 (by timestamp), KIP-734 (max
+//! timestamp), KIP-405 and KIP-1005 (the tiered-storage sentinels), KIP-1075 (timeout).
 
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::list_offsets_response::{
@@ -16,6 +22,8 @@ use crate::broker::BrokerState;
 const LATEST: i64 = -1;
 const EARLIEST: i64 = -2;
 const MAX_TIMESTAMP: i64 = -3;
+const EARLIEST_LOCAL: i64 = -4;
+const LATEST_TIERED: i64 = -5;
 
 pub(crate) fn handle(
     state: &BrokerState,
@@ -49,6 +57,8 @@ pub(crate) fn handle(
                         LATEST => Ok(Some((log.log_end_offset(), -1))),
                         EARLIEST => Ok(Some((log.log_start_offset(), -1))),
                         MAX_TIMESTAMP => log.max_timestamp().map_err(|e| e.code()),
+                        EARLIEST_LOCAL if version >= 8 => Ok(Some((log.log_start_offset(), -1))),
+                        LATEST_TIERED if version >= 9 => Ok(Some((-1, -1))),
                         timestamp if timestamp >= 0 => {
                             log.offset_for_timestamp(timestamp).map_err(|e| e.code())
                         }

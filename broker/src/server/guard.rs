@@ -191,7 +191,7 @@ const SCHEMAS: &[Schema] = &[
     Schema {
         api_key: 2,
         min: 1,
-        max: 7,
+        max: 10,
         flexible_since: 6,
         fields: &[
             all(I32),     // replica_id
@@ -204,6 +204,7 @@ const SCHEMAS: &[Schema] = &[
                     all(I64),      // timestamp
                 ])),
             ])),
+            since(10, I32), // timeout_ms
         ],
     },
     // Metadata
@@ -516,6 +517,14 @@ fn schema(api_key: i16, api_version: i16) -> Option<&'static Schema> {
     SCHEMAS
         .iter()
         .find(|s| s.api_key == api_key && (s.min..=s.max).contains(&api_version))
+}
+
+/// Every (api key, version) the guard covers.
+pub(crate) fn covered_versions() -> Vec<(i16, i16)> {
+    SCHEMAS
+        .iter()
+        .flat_map(|s| (s.min..=s.max).map(move |v| (s.api_key, v)))
+        .collect()
 }
 
 /// Whether the guard covers (and so the broker may decode) this API version.
