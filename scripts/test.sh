@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check and test: formatting, clippy, unit tests, and integration tests against
-# real third-party clients (kcat/librdkafka, kafka-python). Installs what is missing first.
+# Runs every check and test: formatting, clippy, unit tests, integration tests against real
+# third-party clients (kcat/librdkafka, kafka-python, Apache Kafka's Java tools), and a short
+# fuzz run. Installs what is missing first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,3 +23,6 @@ else
   cargo clippy --workspace --all-targets --locked -- -D warnings
 fi
 cargo test --workspace --locked
+# A short fuzz run of every decoder that reads network bytes (FUZZ_SECONDS each, 10 by
+# default; nightly and cargo-fuzz are installed on first use).
+bash scripts/fuzz.sh

@@ -37,6 +37,8 @@ mod broker;
 mod catalog;
 pub mod clock;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod group;
 pub mod idempotence;
 pub mod log;

@@ -43,6 +43,8 @@ pub mod consumer;
 #[cfg(feature = "dedup")]
 pub mod dedup;
 mod fetch;
+#[doc(hidden)]
+pub mod fuzzing;
 mod group;
 pub mod record;
 

@@ -16,7 +16,7 @@ use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListO
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::*;
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::protocol::{Encodable, StrBytes};
 use proptest::prelude::*;
 
 use super::*;
@@ -340,40 +340,11 @@ fn empty(api_key: i16, version: i16) -> Bytes {
 /// Decodes with the crate. Only called on bodies the guard accepted: if the guard had a hole,
 /// this could abort the test process, which is a loud failure.
 fn decode(api_key: i16, version: i16, body: &Bytes) -> Result<(), String> {
-    let mut bytes = body.clone();
-    let result = match api_key {
-        0 => ProduceRequest::decode(&mut bytes, version).map(drop),
-        1 => FetchRequest::decode(&mut bytes, version).map(drop),
-        2 => ListOffsetsRequest::decode(&mut bytes, version).map(drop),
-        3 => MetadataRequest::decode(&mut bytes, version).map(drop),
-        18 => ApiVersionsRequest::decode(&mut bytes, version).map(drop),
-        19 => CreateTopicsRequest::decode(&mut bytes, version).map(drop),
-        20 => DeleteTopicsRequest::decode(&mut bytes, version).map(drop),
-        32 => DescribeConfigsRequest::decode(&mut bytes, version).map(drop),
-        37 => CreatePartitionsRequest::decode(&mut bytes, version).map(drop),
-        22 => InitProducerIdRequest::decode(&mut bytes, version).map(drop),
-        61 => DescribeProducersRequest::decode(&mut bytes, version).map(drop),
-        10 => FindCoordinatorRequest::decode(&mut bytes, version).map(drop),
-        11 => JoinGroupRequest::decode(&mut bytes, version).map(drop),
-        14 => SyncGroupRequest::decode(&mut bytes, version).map(drop),
-        12 => HeartbeatRequest::decode(&mut bytes, version).map(drop),
-        13 => LeaveGroupRequest::decode(&mut bytes, version).map(drop),
-        8 => OffsetCommitRequest::decode(&mut bytes, version).map(drop),
-        9 => OffsetFetchRequest::decode(&mut bytes, version).map(drop),
-        16 => ListGroupsRequest::decode(&mut bytes, version).map(drop),
-        15 => DescribeGroupsRequest::decode(&mut bytes, version).map(drop),
-        42 => DeleteGroupsRequest::decode(&mut bytes, version).map(drop),
-        47 => OffsetDeleteRequest::decode(&mut bytes, version).map(drop),
-        other => panic!("no decoder for api key {other}"),
-    };
-    result.map_err(|e| e.to_string())
+    crate::fuzzing::decode_request(api_key, version, body)
 }
 
 fn covered() -> Vec<(i16, i16)> {
-    SCHEMAS
-        .iter()
-        .flat_map(|s| (s.min..=s.max).map(move |v| (s.api_key, v)))
-        .collect()
+    covered_versions()
 }
 
 #[test]
