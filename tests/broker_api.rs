@@ -611,3 +611,132 @@ async fn fetch_responses_are_capped_by_the_broker_whatever_the_request_asks() {
         records.len()
     );
 }
+
+/// Topic configs change after creation, as `kafka-configs --alter` does it: Kafka 4's tool
+/// sends IncrementalAlterConfigs (SET and DELETE of single keys); older tools AlterConfigs
+/// (the whole set replaced). Bad values and unknown topics are refused per resource, broker
+/// configs are refused (they are start-up flags here), and validate_only changes nothing.
+#[tokio::test]
+async fn topic_configs_can_be_altered() -> anyhow::Result<()> {
+    use kafka_protocol::messages::incremental_alter_configs_request::{
+        AlterConfigsResource, AlterableConfig,
+    };
+    use kafka_protocol::messages::{AlterConfigsRequest, IncrementalAlterConfigsRequest};
+    let broker = TestBroker::start().await?;
+    let mut client = RawClient::connect(broker.addr()).await?;
+    common::create_topic(&mut client, "orders", 1).await?;
+    let s = |text: &str| StrBytes::from_string(text.to_string());
+    let describe = |topic: &str| {
+        DescribeConfigsRequest::default().with_resources(vec![
+            DescribeConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(StrBytes::from_string(topic.to_string())),
+        ])
+    };
+    let retention = |response: &kafka_protocol::messages::DescribeConfigsResponse| {
+        response.results[0]
+            .configs
+            .iter()
+            .find(|c| c.name.as_str() == "retention.ms")
+            .map(|c| (c.value.as_ref().map(|v| v.to_string()), c.config_source))
+    };
+    let default_retention = retention(&client.send(4, &describe("orders")).await?);
+    let set = |operation: i8, name: &str, value: Option<&str>| {
+        AlterableConfig::default()
+            .with_name(s(name))
+            .with_config_operation(operation)
+            .with_value(value.map(s))
+    };
+    let incremental = |resource_type: i8, name: &str, configs, validate_only| {
+        IncrementalAlterConfigsRequest::default()
+            .with_validate_only(validate_only)
+            .with_resources(vec![
+                AlterConfigsResource::default()
+                    .with_resource_type(resource_type)
+                    .with_resource_name(s(name))
+                    .with_configs(configs),
+            ])
+    };
+    // validate_only: accepted, nothing changes.
+    let response = client
+        .send(
+            1,
+            &incremental(
+                2,
+                "orders",
+                vec![set(0, "retention.ms", Some("3600000"))],
+                true,
+            ),
+        )
+        .await?;
+    assert_eq!(response.responses[0].error_code, 0, "{response:?}");
+    assert_eq!(
+        retention(&client.send(4, &describe("orders")).await?),
+        default_retention
+    );
+    // SET.
+    let response = client
+        .send(
+            1,
+            &incremental(
+                2,
+                "orders",
+                vec![set(0, "retention.ms", Some("3600000"))],
+                false,
+            ),
+        )
+        .await?;
+    assert_eq!(response.responses[0].error_code, 0, "{response:?}");
+    assert_eq!(
+        retention(&client.send(4, &describe("orders")).await?),
+        Some((Some("3600000".into()), 1))
+    );
+    // A bad value, an unknown key, an unknown topic, a broker resource: refused.
+    for (resource_type, name, config, code) in [
+        (2, "orders", set(0, "retention.ms", Some("soon")), 40),
+        (2, "orders", set(0, "no.such.config", Some("1")), 40),
+        (2, "missing", set(0, "retention.ms", Some("1")), 3),
+        (4, "1", set(0, "log.retention.ms", Some("1")), 42),
+    ] {
+        let response = client
+            .send(1, &incremental(resource_type, name, vec![config], false))
+            .await?;
+        assert_eq!(response.responses[0].error_code, code, "{response:?}");
+        assert!(response.responses[0].error_message.is_some());
+    }
+    assert_eq!(
+        retention(&client.send(4, &describe("orders")).await?),
+        Some((Some("3600000".into()), 1))
+    );
+    // DELETE: back to the default.
+    let response = client
+        .send(
+            1,
+            &incremental(2, "orders", vec![set(1, "retention.ms", None)], false),
+        )
+        .await?;
+    assert_eq!(response.responses[0].error_code, 0, "{response:?}");
+    assert_eq!(
+        retention(&client.send(4, &describe("orders")).await?),
+        default_retention
+    );
+    // AlterConfigs replaces the whole set of overrides.
+    let legacy = AlterConfigsRequest::default().with_resources(vec![
+        kafka_protocol::messages::alter_configs_request::AlterConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(s("orders"))
+            .with_configs(vec![
+                kafka_protocol::messages::alter_configs_request::AlterableConfig::default()
+                    .with_name(s("retention.ms"))
+                    .with_value(Some(s("120000"))),
+            ]),
+    ]);
+    let response = client.send(1, &legacy).await?;
+    assert_eq!(response.responses[0].error_code, 0, "{response:?}");
+    assert_eq!(
+        retention(&client.send(4, &describe("orders")).await?),
+        Some((Some("120000".into()), 1))
+    );
+    broker.handle.shutdown().await;
+    Ok(())
+}

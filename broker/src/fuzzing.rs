@@ -29,6 +29,8 @@ pub fn decode_request(api_key: i16, version: i16, body: &Bytes) -> Result<(), St
         19 => CreateTopicsRequest::decode(&mut bytes, version).map(drop),
         20 => DeleteTopicsRequest::decode(&mut bytes, version).map(drop),
         32 => DescribeConfigsRequest::decode(&mut bytes, version).map(drop),
+        33 => AlterConfigsRequest::decode(&mut bytes, version).map(drop),
+        44 => IncrementalAlterConfigsRequest::decode(&mut bytes, version).map(drop),
         37 => CreatePartitionsRequest::decode(&mut bytes, version).map(drop),
         22 => InitProducerIdRequest::decode(&mut bytes, version).map(drop),
         61 => DescribeProducersRequest::decode(&mut bytes, version).map(drop),

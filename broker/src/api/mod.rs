@@ -6,7 +6,7 @@
 //! `acks=all`, data for a long-polling fetch), or nothing (`acks=0`).
 //!
 //! Rare handlers whose in-order part may wait for the disk (creating or deleting topics and
-//! their directories, Metadata that auto-creates, ListOffsets reading segments) run on
+//! their directories, altering topic configs, Metadata that auto-creates, ListOffsets reading segments) run on
 //! tokio's blocking pool ([`on_blocking_pool`]), so a slow disk holds up only the connection
 //! that asked. Produce and Fetch run in place (a thread hand-off per request cost a third of
 //! the produce throughput); the slow step inside an append, a segment roll, tells tokio it
@@ -15,6 +15,7 @@
 //!
 //! References: Kafka protocol guide (message schemas and versions).
 
+pub(crate) mod alter_configs;
 pub(crate) mod api_versions;
 pub(crate) mod create_partitions;
 pub(crate) mod create_topics;
@@ -62,6 +63,8 @@ pub(crate) const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreateTopics, 2, 7),
     (ApiKey::DeleteTopics, 1, 6),
     (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::AlterConfigs, 0, 2),
+    (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::InitProducerId, 0, 4),
     (ApiKey::DescribeProducers, 0, 0),
@@ -136,6 +139,24 @@ pub(crate) async fn handle(
                 state.groups.forget_topic(&topic).await;
             }
             now(ResponseKind::DeleteTopics(response))
+        }
+        ApiKey::AlterConfigs => {
+            let request = decode(body, version)?;
+            now(ResponseKind::AlterConfigs(
+                on_blocking_pool(state, move |state| {
+                    alter_configs::handle_legacy(state, request)
+                })
+                .await?,
+            ))
+        }
+        ApiKey::IncrementalAlterConfigs => {
+            let request = decode(body, version)?;
+            now(ResponseKind::IncrementalAlterConfigs(
+                on_blocking_pool(state, move |state| {
+                    alter_configs::handle_incremental(state, request)
+                })
+                .await?,
+            ))
         }
         ApiKey::CreatePartitions => {
             let request = decode(body, version)?;

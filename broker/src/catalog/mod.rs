@@ -373,6 +373,46 @@ impl Catalog {
     }
 
     /// Grows a topic to `total` partitions (CreatePartitions).
+    /// Replaces `name`'s config overrides with `configs` (or, with `validate_only`, checks
+    /// that it could): every partition's log takes the new settings, and the catalog is
+    /// persisted before the change is visible.
+    pub(crate) fn alter_topic_configs(
+        &self,
+        name: &str,
+        configs: BTreeMap<String, String>,
+        validate_only: bool,
+    ) -> Result<(), CatalogError> {
+        let _change = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        let topic = self.topic(name).ok_or_else(|| unknown_topic(name))?;
+        let log_config = config::apply_overrides(&self.defaults, &configs)
+            .map_err(|e| CatalogError::new(ResponseError::InvalidConfig, e.to_string()))?;
+        log_config
+            .validate()
+            .map_err(|e| CatalogError::new(ResponseError::InvalidConfig, e.to_string()))?;
+        if validate_only {
+            return Ok(());
+        }
+        let altered = Arc::new(Topic {
+            name: topic.name.clone(),
+            id: topic.id,
+            configs: configs.clone(),
+            log_config: log_config.clone(),
+            partitions: topic.partitions.clone(),
+        });
+        let mut topics = self.read().topics.clone();
+        topics.insert(name.to_string(), altered);
+        self.persist(&topics)?;
+        for partition in &topic.partitions {
+            partition
+                .log()
+                .set_config(log_config.clone())
+                .map_err(|e| CatalogError::new(ResponseError::InvalidConfig, e.to_string()))?;
+        }
+        self.state.write().unwrap_or_else(|p| p.into_inner()).topics = topics;
+        tracing::info!(topic = name, ?configs, "altered topic configs");
+        Ok(())
+    }
+
     pub(crate) fn create_partitions(
         &self,
         name: &str,

@@ -425,6 +425,17 @@ impl PartitionLog {
         &self.config
     }
 
+    /// Replaces the settings (a topic's configs were altered). They apply from the next
+    /// append, roll check and retention pass; nothing already written changes.
+    ///
+    /// # Errors
+    /// `InvalidConfig` when the settings cannot work.
+    pub fn set_config(&mut self, config: LogConfig) -> Result<(), LogError> {
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
     /// Appends a validated batch at the log end offset.
     ///
     /// # Errors

@@ -292,6 +292,43 @@ const SCHEMAS: &[Schema] = &[
             since(3, BOOL), // include_documentation
         ],
     },
+    // AlterConfigs
+    Schema {
+        api_key: 33,
+        min: 0,
+        max: 2,
+        flexible_since: 2,
+        fields: &[
+            all(Kind::Structs(&[
+                all(I8),     // resource_type
+                all(STRING), // resource_name
+                all(Kind::Structs(&[
+                    all(STRING), // name
+                    all(STRING), // value (nullable)
+                ])),
+            ])),
+            all(BOOL), // validate_only
+        ],
+    },
+    // IncrementalAlterConfigs
+    Schema {
+        api_key: 44,
+        min: 0,
+        max: 1,
+        flexible_since: 1,
+        fields: &[
+            all(Kind::Structs(&[
+                all(I8),     // resource_type
+                all(STRING), // resource_name
+                all(Kind::Structs(&[
+                    all(STRING), // name
+                    all(I8),     // config_operation
+                    all(STRING), // value (nullable)
+                ])),
+            ])),
+            all(BOOL), // validate_only
+        ],
+    },
     // InitProducerId
     Schema {
         api_key: 22,

@@ -152,6 +152,39 @@ fn populated(api_key: i16, version: i16) -> Bytes {
             ))
             .with_include_synonyms(true)
             .encode(&mut buf, version),
+        33 => AlterConfigsRequest::default()
+            .with_resources(twice(
+                alter_configs_request::AlterConfigsResource::default()
+                    .with_resource_type(2)
+                    .with_resource_name(s("t"))
+                    .with_configs(vec![
+                        alter_configs_request::AlterableConfig::default()
+                            .with_name(s("retention.ms"))
+                            .with_value(Some(s("1000"))),
+                        alter_configs_request::AlterableConfig::default()
+                            .with_name(s("segment.ms"))
+                            .with_value(None),
+                    ]),
+            ))
+            .with_validate_only(true)
+            .encode(&mut buf, version),
+        44 => IncrementalAlterConfigsRequest::default()
+            .with_resources(twice(
+                incremental_alter_configs_request::AlterConfigsResource::default()
+                    .with_resource_type(2)
+                    .with_resource_name(s("t"))
+                    .with_configs(vec![
+                        incremental_alter_configs_request::AlterableConfig::default()
+                            .with_name(s("retention.ms"))
+                            .with_config_operation(0)
+                            .with_value(Some(s("1000"))),
+                        incremental_alter_configs_request::AlterableConfig::default()
+                            .with_name(s("segment.ms"))
+                            .with_config_operation(1)
+                            .with_value(None),
+                    ]),
+            ))
+            .encode(&mut buf, version),
         37 => CreatePartitionsRequest::default()
             .with_topics(twice(
                 CreatePartitionsTopic::default()
@@ -317,6 +350,8 @@ fn empty(api_key: i16, version: i16) -> Bytes {
         19 => CreateTopicsRequest::default().encode(&mut buf, version),
         20 => DeleteTopicsRequest::default().encode(&mut buf, version),
         32 => DescribeConfigsRequest::default().encode(&mut buf, version),
+        33 => AlterConfigsRequest::default().encode(&mut buf, version),
+        44 => IncrementalAlterConfigsRequest::default().encode(&mut buf, version),
         37 => CreatePartitionsRequest::default().encode(&mut buf, version),
         22 => InitProducerIdRequest::default().encode(&mut buf, version),
         61 => DescribeProducersRequest::default().encode(&mut buf, version),
