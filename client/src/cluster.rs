@@ -24,7 +24,8 @@ use crate::error::{ClientError, check_code};
 /// Client settings (Kafka's names).
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `bootstrap.servers`: `host:port` addresses tried in order until one answers.
+    /// `bootstrap.servers`: `host:port` addresses tried in order until one answers. An entry
+    /// may also be a comma-separated list (`"a:9092,b:9092"`), as in Kafka's clients.
     pub bootstrap_servers: Vec<String>,
     /// Per-connection settings (`client.id`, `request.timeout.ms`, ...).
     pub connection: ConnectionConfig,
@@ -259,9 +260,17 @@ impl Cluster {
             .cloned()
             .collect();
         candidates.sort();
-        for bootstrap in &self.config.bootstrap_servers {
-            if !candidates.contains(bootstrap) {
-                candidates.push(bootstrap.clone());
+        // An entry may itself be a comma-separated list, as Kafka's `bootstrap.servers` is.
+        for bootstrap in self
+            .config
+            .bootstrap_servers
+            .iter()
+            .flat_map(|entry| entry.split(','))
+            .map(str::trim)
+            .filter(|address| !address.is_empty())
+        {
+            if !candidates.iter().any(|known| known == bootstrap) {
+                candidates.push(bootstrap.to_string());
             }
         }
         let mut last = String::from("no address configured");

@@ -39,6 +39,12 @@ async fn negotiates_versions_and_pipelines_concurrent_requests() -> TestResult {
         ..ClientConfig::default()
     })
     .await?;
+    // One entry may be a comma-separated list, as Kafka's bootstrap.servers is.
+    Cluster::connect(ClientConfig {
+        bootstrap_servers: vec![format!("127.0.0.1:1, {address}")],
+        ..ClientConfig::default()
+    })
+    .await?;
     let connection = cluster.connection(&address).await?;
     assert_eq!(connection.version(ApiKey::Produce, (3, 9))?, 9);
     assert_eq!(
