@@ -107,7 +107,7 @@ impl Producer {
             .await?,
         );
         let producer = if config.enable_idempotence {
-            init_producer_id(&cluster, config.fencing_id.as_deref(), (-1, -1)).await?
+            first_producer_id(&cluster, &config).await?
         } else {
             (-1, -1)
         };
@@ -165,6 +165,43 @@ impl Producer {
     /// The producer id from InitProducerId (-1 without idempotence).
     pub fn producer_id(&self) -> i64 {
         self.producer_id
+    }
+}
+
+/// The producer id to start with. A coordinator that is still loading, moving or busy
+/// (`COORDINATOR_LOAD_IN_PROGRESS`, `COORDINATOR_NOT_AVAILABLE`, `NOT_COORDINATOR`,
+/// `CONCURRENT_TRANSACTIONS`: what a Kafka cluster answers for a while after it starts or a
+/// broker fails) is asked again, with waits doubling up to 1 s, for at most
+/// `delivery.timeout.ms`, as the Java client's `initTransactions` retries them.
+async fn first_producer_id(
+    cluster: &Cluster,
+    config: &ProducerConfig,
+) -> Result<(i64, i16), ClientError> {
+    let deadline = tokio::time::Instant::now() + config.delivery_timeout;
+    let mut wait = std::time::Duration::from_millis(50);
+    loop {
+        match init_producer_id(cluster, config.fencing_id.as_deref(), (-1, -1)).await {
+            Ok(producer) => return Ok(producer),
+            Err(ClientError::Broker { api, code, .. })
+                if matches!(
+                    code,
+                    kafka_protocol::ResponseError::CoordinatorLoadInProgress
+                        | kafka_protocol::ResponseError::CoordinatorNotAvailable
+                        | kafka_protocol::ResponseError::NotCoordinator
+                        | kafka_protocol::ResponseError::ConcurrentTransactions
+                ) && tokio::time::Instant::now() + wait < deadline =>
+            {
+                tracing::info!(
+                    ?api,
+                    ?code,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "producer id not available yet; asking again"
+                );
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(1));
+            }
+            Err(error) => return Err(error),
+        }
     }
 }
 

@@ -1,0 +1,307 @@
+//! Semel's libraries against a real Apache Kafka cluster: three brokers (KRaft, combined
+//! roles), replication factor 3 and `min.insync.replicas=2`, started from Maven Central's jars
+//! by `scripts/kafka.sh` (Kafka 4.1.2). This is the path for users who outgrow one node: their
+//! own Kafka, our libraries.
+//!
+//! One test runs every scenario on one cluster (a cluster takes about 20 s to start), and
+//! stops the cluster however the scenarios end.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig, Strategy};
+use semel::producer::{Acks, Producer, ProducerConfig, ProducerRecord};
+
+/// A 3-broker cluster in a temporary directory, stopped on drop.
+struct Cluster {
+    dir: tempfile::TempDir,
+    bootstrap: String,
+}
+
+fn kafka_sh() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka.sh")
+}
+
+/// Runs `scripts/kafka.sh ARGS` to completion (each subcommand bounds its own waits; this
+/// bounds the whole call as well).
+fn kafka(args: &[&str], limit: Duration) -> anyhow::Result<String> {
+    let mut command = Command::new("bash");
+    command.arg(kafka_sh()).args(args);
+    let out = common::output_within(&mut command, limit, &format!("kafka.sh {}", args.join(" ")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(
+        out.status.success(),
+        "kafka.sh {} failed ({}):\n{stdout}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+impl Cluster {
+    fn start() -> anyhow::Result<Self> {
+        // Java and Maven come from scripts/setup.sh; say so rather than fail obscurely.
+        for tool in ["java", "mvn"] {
+            let found = Command::new(tool).arg("-version").output();
+            ensure!(
+                found.is_ok_and(|o| o.status.success()),
+                "{tool} is not installed: run scripts/setup.sh (Debian: openjdk-17-jdk-headless, maven)"
+            );
+        }
+        kafka(&["fetch"], Duration::from_secs(600))?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().display().to_string();
+        let out = kafka(&["start3", &path], Duration::from_secs(180))?;
+        let bootstrap = out
+            .lines()
+            .last()
+            .context("start3 printed no bootstrap")?
+            .trim()
+            .to_string();
+        ensure!(bootstrap.contains(':'), "bootstrap {bootstrap:?}");
+        Ok(Self { dir, bootstrap })
+    }
+
+    fn path(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+
+    fn tool(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["tool"];
+        all.extend_from_slice(args);
+        kafka(&all, Duration::from_secs(120))
+    }
+
+    fn create_topic(&self, topic: &str, partitions: u32) -> anyhow::Result<()> {
+        self.tool(&[
+            "topics",
+            "--bootstrap-server",
+            &self.bootstrap,
+            "--create",
+            "--topic",
+            topic,
+            "--partitions",
+            &partitions.to_string(),
+            "--replication-factor",
+            "3",
+        ])?;
+        Ok(())
+    }
+}
+
+/// The node id leading `topic`'s `partition` now, as kafka-topics --describe says.
+fn leader(bootstrap: &str, topic: &str, partition: i32) -> anyhow::Result<u32> {
+    {
+        let out = kafka(
+            &[
+                "tool",
+                "topics",
+                "--bootstrap-server",
+                bootstrap,
+                "--describe",
+                "--topic",
+                topic,
+            ],
+            Duration::from_secs(120),
+        )?;
+        for line in out.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let value = |name: &str| {
+                fields
+                    .iter()
+                    .position(|f| *f == name)
+                    .and_then(|i| fields.get(i + 1))
+                    .copied()
+            };
+            if value("Partition:") == Some(&partition.to_string()) {
+                return value("Leader:")
+                    .and_then(|l| l.parse().ok())
+                    .with_context(|| format!("no leader in {line:?}"));
+            }
+        }
+        bail!("partition {partition} of {topic} not in:\n{out}")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let path = self.path();
+        if let Err(e) = kafka(&["stop", &path], Duration::from_secs(120)) {
+            eprintln!("stopping the Kafka cluster: {e}");
+        }
+    }
+}
+
+/// Every value of `topic`, per partition in offset order, read by kcat (a client we did not
+/// write).
+fn read_with_kcat(bootstrap: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, Vec<u64>>> {
+    let mut command = Command::new(common::kcat()?);
+    command.args([
+        "-b",
+        bootstrap,
+        "-C",
+        "-t",
+        topic,
+        "-o",
+        "beginning",
+        "-e",
+        "-q",
+        "-f",
+        "%p %s\n",
+    ]);
+    let out = common::output_within(&mut command, Duration::from_secs(120), "kcat -C")?;
+    ensure!(
+        out.status.success(),
+        "kcat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut partitions: BTreeMap<i32, Vec<u64>> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let (partition, value) = line.split_once(' ').context("kcat line")?;
+        partitions
+            .entry(partition.parse()?)
+            .or_default()
+            .push(value.parse()?);
+    }
+    Ok(partitions)
+}
+
+/// semel-producer, idempotent with `acks=all`, while the leaders of two partitions are
+/// `kill -9`ed and restarted, one after the other: every message acknowledged, stored exactly
+/// once, and in send order within its partition, read back by kcat and by a semel consumer
+/// group.
+async fn idempotent_producer_through_leader_kills(cluster: &Cluster) -> anyhow::Result<()> {
+    const TOPIC: &str = "semel-leader-kills";
+    const MESSAGES: u64 = 20_000;
+    cluster.create_topic(TOPIC, 3)?;
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![cluster.bootstrap.clone()],
+        enable_idempotence: true,
+        acks: Acks::All,
+        linger: Duration::from_millis(5),
+        delivery_timeout: Duration::from_secs(120),
+        request_timeout: Duration::from_secs(10),
+        ..ProducerConfig::default()
+    })
+    .await?;
+    // The killer: two rounds of kill -9 of a partition's leader, then a restart that waits
+    // until the node answers again.
+    let path = cluster.path();
+    let bootstrap = cluster.bootstrap.clone();
+    let killer = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u32>> {
+        let mut killed = Vec::new();
+        for partition in [0, 1] {
+            std::thread::sleep(Duration::from_secs(2));
+            let leader = leader(&bootstrap, TOPIC, partition)?;
+            kafka(
+                &["kill", &leader.to_string(), &path],
+                Duration::from_secs(60),
+            )?;
+            killed.push(leader);
+            std::thread::sleep(Duration::from_secs(4));
+            kafka(
+                &["restart", &leader.to_string(), &path],
+                Duration::from_secs(180),
+            )?;
+        }
+        Ok(killed)
+    });
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(MESSAGES as usize);
+    for i in 0..MESSAGES {
+        let record = ProducerRecord::new(TOPIC, i.to_string()).key(format!("k{}", i % 97));
+        deliveries.push(producer.send(record).await?);
+        // Spread the sends over the kills (about 20 s).
+        if i % 100 == 99 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut failed = Vec::new();
+    for (i, delivery) in deliveries.into_iter().enumerate() {
+        if let Err(e) = delivery.await {
+            failed.push((i, e.to_string()));
+        }
+    }
+    producer.flush().await;
+    let killed = killer.await??;
+    ensure!(
+        failed.is_empty(),
+        "{} of {MESSAGES} sends failed, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    eprintln!(
+        "sent {MESSAGES} messages in {:?} while killing leaders {killed:?}",
+        started.elapsed()
+    );
+
+    let stored = read_with_kcat(&cluster.bootstrap, TOPIC)?;
+    let mut seen = BTreeMap::new();
+    for (partition, values) in &stored {
+        ensure!(
+            values.windows(2).all(|w| w[0] < w[1]),
+            "partition {partition} is out of send order"
+        );
+        for value in values {
+            *seen.entry(*value).or_insert(0u32) += 1;
+        }
+    }
+    let duplicates: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    ensure!(
+        duplicates.is_empty(),
+        "stored twice: {:?}",
+        &duplicates[..duplicates.len().min(10)]
+    );
+    ensure!(
+        seen.len() as u64 == MESSAGES,
+        "{} of {MESSAGES} messages stored",
+        seen.len()
+    );
+
+    // Our consumer, in a group, on the same topic: every message once.
+    let mut consumer = Consumer::connect(ConsumerConfig {
+        bootstrap_servers: vec![cluster.bootstrap.clone()],
+        group_id: Some("semel-on-kafka".into()),
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        partition_assignment_strategy: vec![Strategy::CooperativeSticky],
+        ..ConsumerConfig::default()
+    })
+    .await?;
+    consumer.subscribe([TOPIC])?;
+    let mut consumed = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (consumed.len() as u64) < MESSAGES {
+        ensure!(
+            Instant::now() < deadline,
+            "the semel consumer read {} of {MESSAGES} in 120 s",
+            consumed.len()
+        );
+        for record in consumer.poll(Duration::from_millis(500)).await? {
+            let value: u64 =
+                std::str::from_utf8(record.value.as_deref().unwrap_or_default())?.parse()?;
+            *consumed.entry(value).or_insert(0u32) += 1;
+        }
+    }
+    ensure!(
+        consumed.values().all(|n| *n == 1),
+        "the semel consumer read some messages twice"
+    );
+    consumer.commit().await?;
+    consumer.close().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semel_libraries_on_a_three_broker_kafka_cluster() -> anyhow::Result<()> {
+    common::init_tracing();
+    let cluster = Cluster::start()?;
+    idempotent_producer_through_leader_kills(&cluster).await?;
+    drop(cluster);
+    Ok(())
+}
