@@ -10,131 +10,28 @@
 //!   skipped and counted, not fatal.
 //!
 //! The consumer process is this test binary itself, started with `host_child` as the test to
-//! run and `SEMEL_HOST_CHILD` set.
+//! run and `SEMEL_HOST_CHILD` set. The scenario lives in `tests/common/dedup_hosts.rs`, which
+//! `tests/kafka_cluster.rs` runs on Apache Kafka too.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
-use common::child::{ChildProcess, PATIENCE, append_line, env, env_list, lines};
+use common::child::PATIENCE;
+use common::dedup_hosts::{self, A_HANDLES, MESSAGES, Outcome, PARTITIONS, consumer_config};
 use common::{RawClient, TestBroker, child, create_topic};
 use semel::consumer::dedup::{
     ChangelogConfig, DedupConfig, DedupConsumer, DedupStore, MiddlewareConfig,
 };
-use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig, Strategy};
+use semel::consumer::{Consumer, ConsumerConfig};
 use semel::producer::{Producer, ProducerConfig, ProducerRecord};
 
-const PARTITIONS: i32 = 3;
-const MESSAGES: usize = 600;
-/// How many fresh messages host A handles before it flushes the changelog and waits to die.
-const A_HANDLES: usize = 300;
-
-fn consumer_config(bootstrap: &str, group: &str) -> ConsumerConfig {
-    ConsumerConfig {
-        bootstrap_servers: vec![bootstrap.to_string()],
-        group_id: Some(group.to_string()),
-        auto_offset_reset: AutoOffsetReset::Earliest,
-        session_timeout: Duration::from_secs(6),
-        heartbeat_interval: Duration::from_millis(300),
-        max_poll_interval: Duration::from_secs(20),
-        fetch_max_wait: Duration::from_millis(100),
-        partition_assignment_strategy: vec![Strategy::CooperativeSticky],
-        ..ConsumerConfig::default()
-    }
-}
-
-/// One host. `SEMEL_STOP_AFTER=n`: handle n fresh messages, flush the changelog, write
-/// `flushed` to `SEMEL_STATUS`, then idle until killed (no offset is ever committed:
-/// `commit_interval` is an hour). `SEMEL_END`: drain to those end offsets, write the
-/// metrics to `SEMEL_STATUS`, exit. Every handled id is appended to `SEMEL_HANDLED` after
-/// its mark.
 #[test]
 fn host_child() -> anyhow::Result<()> {
-    child::run_if_child("SEMEL_HOST_CHILD", child_main)
-}
-
-async fn child_main() -> anyhow::Result<()> {
-    let topic = env("SEMEL_TOPIC")?;
-    let handled = PathBuf::from(env("SEMEL_HANDLED")?);
-    let status = PathBuf::from(env("SEMEL_STATUS")?);
-    let stop_after: Option<usize> = std::env::var("SEMEL_STOP_AFTER")
-        .ok()
-        .map(|s| s.parse())
-        .transpose()?;
-    let end = env_list("SEMEL_END")?;
-    let mut consumer = Consumer::connect(consumer_config(
-        &env("SEMEL_BOOTSTRAP")?,
-        &env("SEMEL_GROUP")?,
-    ))
-    .await?;
-    consumer.subscribe([topic.clone()])?;
-    let store = Arc::new(DedupStore::open(DedupConfig::new(env("SEMEL_STORE")?))?);
-    let changelog = (env("SEMEL_CHANGELOG")? == "on").then(ChangelogConfig::default);
-    let mut dedup = DedupConsumer::new(
-        consumer,
-        store,
-        MiddlewareConfig {
-            commit_interval: Duration::from_secs(3600),
-            changelog,
-            ..MiddlewareConfig::default()
-        },
-    )?;
-    let reached = |dedup: &DedupConsumer| {
-        end.as_ref().is_some_and(|end| {
-            end.iter().enumerate().all(|(p, e)| {
-                let p = i32::try_from(p).unwrap_or(i32::MAX);
-                dedup
-                    .position(&(topic.clone(), p))
-                    .is_some_and(|pos| pos >= *e)
-            })
-        })
-    };
-    let mut count = 0;
-    loop {
-        if reached(&dedup) {
-            let m = dedup.metrics();
-            append_line(
-                &status,
-                &format!(
-                    "fresh={} duplicates={} restored={} read={} skipped={}",
-                    m.fresh,
-                    m.duplicates,
-                    m.changelog.marks_restored,
-                    m.changelog.records_read,
-                    m.changelog.records_skipped
-                ),
-            )?;
-            dedup.close().await?;
-            return Ok(());
-        }
-        let fresh = match tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
-            Ok(fresh) => fresh?,
-            Err(_) => continue,
-        };
-        let id =
-            String::from_utf8_lossy(fresh.record.value.as_deref().unwrap_or_default()).into_owned();
-        dedup.done(fresh, |_| {})?;
-        append_line(&handled, &id)?;
-        count += 1;
-        if stop_after == Some(count) {
-            dedup.flush_changelog().await?;
-            append_line(&status, "flushed")?;
-            loop {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-            }
-        }
-    }
-}
-
-struct Outcome {
-    /// Per id: how many times it was handled, over both hosts.
-    handled: BTreeMap<String, u32>,
-    a_handled: usize,
-    b_status: String,
+    child::run_if_child("SEMEL_HOST_CHILD", dedup_hosts::child_main)
 }
 
 async fn two_hosts(changelog: &str) -> anyhow::Result<Outcome> {
@@ -142,125 +39,15 @@ async fn two_hosts(changelog: &str) -> anyhow::Result<Outcome> {
         c.group.initial_rebalance_delay = Duration::from_millis(100);
     })
     .await?;
-    let bootstrap = broker.bootstrap();
     let mut admin = RawClient::connect(broker.addr()).await?;
-    let topic = "orders";
-    create_topic(&mut admin, topic, PARTITIONS).await?;
-    let group = format!("billing-{changelog}");
-
-    // Every id once, and every 10th a second time (a producer-side resend).
-    let producer = Producer::connect(ProducerConfig {
-        bootstrap_servers: vec![bootstrap.clone()],
-        ..ProducerConfig::default()
-    })
-    .await?;
-    let mut deliveries = Vec::new();
-    for n in (0..MESSAGES).chain((0..MESSAGES).filter(|n| n % 10 == 0)) {
-        let id = format!("m{n}");
-        let record = ProducerRecord::new(topic, id.clone())
-            .key(id.clone())
-            .header("semel-msg-id", id);
-        deliveries.push(producer.send(record).await?);
-    }
-    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
-    for delivery in deliveries {
-        let report = delivery.await?;
-        let end = ends.entry(report.partition).or_default();
-        *end = (*end).max(report.offset + 1);
-    }
-    producer.close().await;
-
-    let work = tempfile::tempdir()?;
-    let host_vars = |name: &str| {
-        vec![
-            ("SEMEL_BOOTSTRAP", bootstrap.clone()),
-            ("SEMEL_TOPIC", topic.to_string()),
-            ("SEMEL_GROUP", group.clone()),
-            ("SEMEL_CHANGELOG", changelog.to_string()),
-            // Each host its own store directory.
-            (
-                "SEMEL_STORE",
-                work.path()
-                    .join(format!("store-{name}"))
-                    .display()
-                    .to_string(),
-            ),
-            (
-                "SEMEL_HANDLED",
-                work.path()
-                    .join(format!("handled-{name}"))
-                    .display()
-                    .to_string(),
-            ),
-            (
-                "SEMEL_STATUS",
-                work.path()
-                    .join(format!("status-{name}"))
-                    .display()
-                    .to_string(),
-            ),
-        ]
-    };
-
-    let mut a_vars = host_vars("a");
-    a_vars.push(("SEMEL_STOP_AFTER", A_HANDLES.to_string()));
-    let mut a = ChildProcess::spawn("host_child", "SEMEL_HOST_CHILD", &a_vars)?;
-    let status = a.wait_for_lines(&work.path().join("status-a")).await?;
-    ensure!(status == ["flushed"], "host a: {status:?}");
-    a.kill9()?;
-    let a_handled = lines(&work.path().join("handled-a"))?.len();
-    ensure!(a_handled == A_HANDLES, "host a handled {a_handled}");
-
-    // The window this feature exists for: A's marks are in the changelog, no offset was
-    // committed.
-    let probe = Consumer::connect(consumer_config(&bootstrap, &group)).await?;
-    let tps = (0..PARTITIONS).map(|p| (topic.to_string(), p)).collect();
-    let committed = probe.committed(&tps).await?;
-    ensure!(
-        committed.is_empty(),
-        "host a committed offsets: {committed:?}"
-    );
-    probe.close().await?;
-    if changelog == "on" {
-        // Bad input: a record in the changelog that is not a semel mark (someone else wrote
-        // to the topic). The replay skips it, counted, and goes on.
-        let producer = Producer::connect(ProducerConfig {
-            bootstrap_servers: vec![bootstrap.clone()],
-            ..ProducerConfig::default()
-        })
-        .await?;
-        producer
-            .send(
-                ProducerRecord::new(format!("{group}-semel-dedup-changelog"), "not a mark")
-                    .key("junk")
-                    .partition(0),
-            )
-            .await?
-            .await?;
-        producer.close().await;
-    }
-
-    let mut b_vars = host_vars("b");
-    let end_list: Vec<String> = (0..PARTITIONS)
-        .map(|p| ends.get(&p).copied().unwrap_or(0).to_string())
-        .collect();
-    b_vars.push(("SEMEL_END", end_list.join(",")));
-    let mut b = ChildProcess::spawn("host_child", "SEMEL_HOST_CHILD", &b_vars)?;
-    let exit = b.wait_exit().await?;
-    ensure!(exit.success(), "host b failed: {exit}");
-    let b_status = lines(&work.path().join("status-b"))?.join(" ");
-
-    let mut handled: BTreeMap<String, u32> = BTreeMap::new();
-    for name in ["a", "b"] {
-        for id in lines(&work.path().join(format!("handled-{name}")))? {
-            *handled.entry(id).or_default() += 1;
-        }
-    }
-    Ok(Outcome {
-        handled,
-        a_handled,
-        b_status,
-    })
+    create_topic(&mut admin, "orders", PARTITIONS).await?;
+    dedup_hosts::two_hosts(
+        &broker.bootstrap(),
+        "orders",
+        &format!("billing-{changelog}"),
+        changelog,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

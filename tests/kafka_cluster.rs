@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use common::dedup_hosts;
 use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig, Strategy};
 use semel::producer::{Acks, Producer, ProducerConfig, ProducerRecord};
 
@@ -297,11 +298,49 @@ async fn idempotent_producer_through_leader_kills(cluster: &Cluster) -> anyhow::
     Ok(())
 }
 
+/// The dedup changelog's two-host takeover (`tests/dedup_changelog.rs`) on Kafka: host A's
+/// marks reach the changelog topic (replication factor 3, the cluster's default), A is
+/// `kill -9`ed before any offset commit, host B replays A's marks and handles only the rest:
+/// every id once over both hosts.
+async fn dedup_changelog_takeover(cluster: &Cluster) -> anyhow::Result<()> {
+    let topic = "semel-dedup-orders";
+    cluster.create_topic(topic, dedup_hosts::PARTITIONS as u32)?;
+    let outcome =
+        dedup_hosts::two_hosts(&cluster.bootstrap, topic, "billing-on-kafka", "on").await?;
+    let missing = (0..dedup_hosts::MESSAGES)
+        .filter(|n| !outcome.handled.contains_key(&format!("m{n}")))
+        .count();
+    let twice: Vec<_> = outcome.handled.iter().filter(|(_, c)| **c > 1).collect();
+    eprintln!(
+        "dedup on Kafka: a handled {}, b: {}; handled twice {}, missing {missing}",
+        outcome.a_handled,
+        outcome.b_status,
+        twice.len()
+    );
+    ensure!(missing == 0, "{missing} ids never handled");
+    ensure!(twice.is_empty(), "handled twice on Kafka: {twice:?}");
+    ensure!(
+        outcome
+            .b_status
+            .contains(&format!("restored={} ", dedup_hosts::A_HANDLES)),
+        "host b should have restored exactly host a's marks: {}",
+        outcome.b_status
+    );
+    Ok(())
+}
+
+/// The child process of [`dedup_changelog_takeover`] (one "host").
+#[test]
+fn host_child() -> anyhow::Result<()> {
+    common::child::run_if_child("SEMEL_HOST_CHILD", dedup_hosts::child_main)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn semel_libraries_on_a_three_broker_kafka_cluster() -> anyhow::Result<()> {
     common::init_tracing();
     let cluster = Cluster::start()?;
     idempotent_producer_through_leader_kills(&cluster).await?;
+    dedup_changelog_takeover(&cluster).await?;
     drop(cluster);
     Ok(())
 }

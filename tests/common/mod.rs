@@ -532,6 +532,7 @@ pub async fn init_producer_id(client: &mut RawClient) -> anyhow::Result<(i64, i1
 }
 
 pub mod child;
+pub mod dedup_hosts;
 pub mod proxy;
 
 /// Runs `command` to its end, like `Command::output`, but for at most `limit`: a child still
