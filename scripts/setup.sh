@@ -3,6 +3,9 @@
 #   - Debian packages: kcat (librdkafka, for interop tests), clang + libclang-dev (RocksDB's
 #     bindings, for semel-consumer's dedup store), python3-venv.
 #   - A Python virtualenv with kafka-python and its compression codecs, for interop tests.
+#   - A JDK (openjdk-17-jdk-headless) and Maven, then the Apache Kafka jars that
+#     scripts/kafka.sh resolves with them (once, into ~/.cache/semel/kafka), for
+#     tests/java_clients.rs.
 # Idempotent and quiet when nothing is missing.
 set -euo pipefail
 
@@ -15,6 +18,14 @@ command -v kcat >/dev/null 2>&1 || need_apt+=(kcat)
 command -v clang >/dev/null 2>&1 || need_apt+=(clang)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
+java_missing=()
+command -v java >/dev/null 2>&1 || java_missing+=(openjdk-17-jdk-headless)
+command -v mvn >/dev/null 2>&1 || java_missing+=(maven)
+if ((${#java_missing[@]})); then
+  echo "setup: java or mvn is missing; tests/java_clients.rs runs Apache Kafka's Java tools," \
+    "which need ${java_missing[*]}"
+  need_apt+=("${java_missing[@]}")
+fi
 if ((${#need_apt[@]})); then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   SUDO=""
@@ -53,4 +64,12 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${PYTHON_P
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "${PYTHON_PACKAGES[@]}"
   echo "${PYTHON_PACKAGES[*]}" > "$stamp"
+fi
+
+# Apache Kafka's jars for tests/java_clients.rs; a no-op once they are cached.
+kafka_sh="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/kafka.sh"
+if ! kafka_log=$(bash "$kafka_sh" fetch 2>&1); then
+  echo "$kafka_log" >&2
+  echo "setup: scripts/kafka.sh fetch failed (it needs java, mvn and Maven Central)" >&2
+  exit 1
 fi

@@ -1,0 +1,1622 @@
+//! Apache Kafka's own Java clients and command-line tools (Kafka 4.1.2, resolved from Maven
+//! Central by `scripts/kafka.sh`) against the `semel-broker` binary as a child process:
+//! - `VerifiableProducer`, idempotent with `acks=all`, while the broker is `kill -9`ed and
+//!   restarted twice on the same address: every acknowledged message is in the log exactly
+//!   once, at the offset it was acknowledged with, read back by Kafka's console consumer;
+//! - `VerifiableConsumer` groups (classic protocol) for each of Kafka's four assignors, members
+//!   joining and leaving while a producer runs: no partition owned by two members at once,
+//!   the assignor's layout and rebalance protocol (eager or cooperative) as Kafka defines
+//!   them, and every acknowledged record consumed;
+//! - the admin tools: `kafka-topics`, `kafka-consumer-groups` (lag, reset, delete) and
+//!   `kafka-configs --describe`.
+//!
+//! Java (17+) and, the first time, Maven are installed by `scripts/setup.sh`; these tests fail
+//! (they do not skip) when Java is missing or the jars cannot be fetched.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use common::{ChildBroker, output_within, workspace_binary};
+
+/// The Kafka release the tools come from (`scripts/kafka.sh` keeps one cache per version).
+const KAFKA_VERSION: &str = "4.1.2";
+/// JVM options for every tool: C1 only, which starts short-lived tools about a quarter faster.
+const TOOL_JVM: &str = "-Xmx256m -XX:TieredStopAtLevel=1";
+/// Bound for one short admin tool run (JVM start included).
+const TOOL_LIMIT: Duration = Duration::from_secs(60);
+/// Bound for anything the tests wait on (a rebalance, a consumer catching up, a producer).
+const PATIENCE: Duration = Duration::from_secs(90);
+
+// ---------------------------------------------------------------------------------------------
+// Running the tools
+
+fn kafka_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka.sh")
+}
+
+/// `scripts/kafka.sh ARGS`, with its stdin read from `input` if given (inside a shell:
+/// `output_within` gives the child an empty stdin).
+fn kafka_command(args: &[&str], input: Option<&Path>) -> Command {
+    let mut command = Command::new("bash");
+    if let Some(input) = input {
+        command
+            .args(["-c", "exec bash \"$@\" < \"$SEMEL_TOOL_INPUT\"", "bash"])
+            .env("SEMEL_TOOL_INPUT", input);
+    }
+    command
+        .arg(kafka_script())
+        .args(args)
+        .env("KAFKA_VERSION", KAFKA_VERSION)
+        .env("KAFKA_TOOL_HEAP", TOOL_JVM);
+    command
+}
+
+/// Checks for Java and fetches the Kafka jars (once per test process; `fetch` is a no-op
+/// when they are cached). An error names what to install.
+fn kafka_ready() -> anyhow::Result<()> {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    READY
+        .get_or_init(|| prepare_kafka().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn prepare_kafka() -> anyhow::Result<()> {
+    match Command::new("java").arg("-version").output() {
+        Ok(out) if out.status.success() => {}
+        _ => bail!(
+            "java is not installed: these tests run Apache Kafka's Java clients; install a JDK \
+             17+ (Debian/Ubuntu: apt-get install openjdk-17-jdk-headless) or run scripts/setup.sh"
+        ),
+    }
+    let out = output_within(
+        &mut kafka_command(&["fetch"], None),
+        Duration::from_secs(960),
+        "scripts/kafka.sh fetch",
+    )?;
+    ensure!(
+        out.status.success(),
+        "scripts/kafka.sh fetch could not get the Kafka {KAFKA_VERSION} jars (the first fetch \
+         needs Maven: apt-get install maven, or run scripts/setup.sh):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Runs a Kafka tool to its end (bounded) and returns its stdout; fails on a non-zero exit.
+fn run_tool(alias: &str, args: &[&str]) -> anyhow::Result<String> {
+    run_tool_with_input(alias, args, None)
+}
+
+/// Like [`run_tool`], with the tool's stdin read from `input` (a file).
+fn run_tool_with_input(alias: &str, args: &[&str], input: Option<&Path>) -> anyhow::Result<String> {
+    let mut full = vec!["tool", alias];
+    full.extend_from_slice(args);
+    let what = format!("kafka {alias} {}", args.join(" "));
+    let out = output_within(&mut kafka_command(&full, input), TOOL_LIMIT, &what)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+/// Calls `check` every 50 ms until it returns true; fails after `limit`, naming `what`.
+fn poll_until(
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while !check()? {
+        ensure!(
+            started.elapsed() < limit,
+            "gave up after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+type Lines = Arc<Mutex<Vec<String>>>;
+
+/// Collects the lines of a pipe into a shared vector, from a thread that ends at end of file.
+fn collect_lines(pipe: Option<impl Read + Send + 'static>) -> (Lines, JoinHandle<()>) {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&lines);
+    let reader = std::thread::spawn(move || {
+        if let Some(pipe) = pipe {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                sink.lock().expect("lines lock").push(line);
+            }
+        }
+    });
+    (lines, reader)
+}
+
+/// A Kafka tool running in the background; its stdout lines are collected as they come.
+/// Killed on drop.
+struct JavaTool {
+    what: String,
+    child: Child,
+    stdout: Lines,
+    stderr: Lines,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl JavaTool {
+    fn spawn(what: &str, alias: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let mut full = vec!["tool", alias];
+        full.extend_from_slice(args);
+        let mut child = kafka_command(&full, None)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        let (stdout, out_reader) = collect_lines(child.stdout.take());
+        let (stderr, err_reader) = collect_lines(child.stderr.take());
+        Ok(Self {
+            what: what.to_string(),
+            child,
+            stdout,
+            stderr,
+            readers: vec![out_reader, err_reader],
+        })
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.stdout.lock().expect("lines lock").clone()
+    }
+
+    /// Stdout lines with a JSON event of this name.
+    fn count(&self, event: &str) -> usize {
+        let needle = format!("\"name\":\"{event}\"");
+        self.stdout
+            .lock()
+            .expect("lines lock")
+            .iter()
+            .filter(|l| l.contains(&needle))
+            .count()
+    }
+
+    fn stderr_tail(&self) -> String {
+        let lines = self.stderr.lock().expect("lines lock");
+        let skip = lines.len().saturating_sub(40);
+        lines[skip..].join("\n")
+    }
+
+    /// Fails if the tool has already exited.
+    fn ensure_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited early ({status}); stderr:\n{}",
+                self.what,
+                self.stderr_tail()
+            );
+        }
+        Ok(())
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                // The readers end once they have read everything the tool printed.
+                for reader in self.readers.drain(..) {
+                    reader
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
+                }
+                return Ok(status);
+            }
+            ensure!(
+                started.elapsed() < limit,
+                "{} still running after {limit:?}; stderr:\n{}",
+                self.what,
+                self.stderr_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM (the JVM runs its shutdown hooks: a consumer leaves its group), then waits.
+    fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()?;
+        ensure!(status.success(), "kill -TERM {} failed", self.what);
+        self.wait_exit(PATIENCE)
+    }
+}
+
+impl Drop for JavaTool {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The broker on a fixed port
+
+/// A free loopback port below the kernel's ephemeral range. While the broker is down, the
+/// clients keep connecting to its port; a port inside the range could be handed out as the
+/// local end of such a connection, which would then connect to itself.
+fn free_port() -> anyhow::Result<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let low = 10_000u16;
+    let span = u32::from(ephemeral_low.max(low + 1000) - low);
+    let seed = std::process::id().wrapping_add(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos(),
+    );
+    for i in 0..2000u32 {
+        let port = low + u16::try_from(seed.wrapping_add(i.wrapping_mul(7919)) % span)?;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port found between {low} and {ephemeral_low}")
+}
+
+/// The broker binary listening on `127.0.0.1:port` ([`ChildBroker::spawn`] always asks for
+/// port 0, but a restarted broker must come back where the Java clients look for it).
+fn spawn_broker_on(data_dir: &Path, port: u16, extra_args: &[&str]) -> anyhow::Result<ChildBroker> {
+    let binary = workspace_binary("semel-broker")?;
+    let mut child = Command::new(&binary)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(data_dir)
+        .args(["--log-level", "info"])
+        .args(extra_args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let output = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&output);
+    let (listening, addr) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("semel-broker listening on ") {
+                let _ = listening.send(addr.trim().to_string());
+            }
+            sink.lock().expect("output lock").push(line);
+        }
+    });
+    let addr = match addr.recv_timeout(Duration::from_secs(30)) {
+        Ok(addr) => addr.parse()?,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "broker on port {port} never said it was listening; output:\n{}",
+                output.lock().expect("output lock").join("\n")
+            );
+        }
+    };
+    Ok(ChildBroker {
+        child,
+        addr,
+        output,
+    })
+}
+
+/// A broker on a free port (another free port if that one was taken meanwhile).
+fn spawn_broker_on_free_port(
+    data_dir: &Path,
+    extra_args: &[&str],
+) -> anyhow::Result<(ChildBroker, u16)> {
+    let mut last = None;
+    for _ in 0..3 {
+        let port = free_port()?;
+        match spawn_broker_on(data_dir, port, extra_args) {
+            Ok(broker) => return Ok((broker, port)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.context("no attempt")?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tools' JSON lines
+
+/// Just enough JSON for the verifiable tools' event lines.
+#[derive(Debug, Clone, PartialEq)]
+enum Json {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+}
+
+impl Json {
+    fn parse(text: &str) -> anyhow::Result<Self> {
+        let mut parser = JsonParser {
+            bytes: text.as_bytes(),
+            at: 0,
+        };
+        let value = parser.value()?;
+        parser.skip_ws();
+        ensure!(parser.at == parser.bytes.len(), "trailing text in {text}");
+        Ok(value)
+    }
+
+    fn get(&self, key: &str) -> Option<&Json> {
+        match self {
+            Json::Obj(fields) => fields.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    fn str(&self, key: &str) -> Option<&str> {
+        match self.get(key)? {
+            Json::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn int(&self, key: &str) -> Option<i64> {
+        match self.get(key)? {
+            Json::Int(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    fn list(&self, key: &str) -> &[Json] {
+        match self.get(key) {
+            Some(Json::Arr(items)) => items,
+            _ => &[],
+        }
+    }
+
+    fn name(&self) -> &str {
+        self.str("name").unwrap_or_default()
+    }
+
+    /// The partition numbers of a `partitions` list.
+    fn partitions(&self) -> anyhow::Result<BTreeSet<i32>> {
+        self.list("partitions")
+            .iter()
+            .map(|p| {
+                let n = p.int("partition").context("partition without a number")?;
+                Ok(i32::try_from(n)?)
+            })
+            .collect()
+    }
+}
+
+struct JsonParser<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl JsonParser<'_> {
+    fn skip_ws(&mut self) {
+        while self.bytes.get(self.at).is_some_and(u8::is_ascii_whitespace) {
+            self.at += 1;
+        }
+    }
+
+    fn eat(&mut self, byte: u8) -> anyhow::Result<()> {
+        self.skip_ws();
+        ensure!(
+            self.bytes.get(self.at) == Some(&byte),
+            "expected '{}' at byte {}",
+            byte as char,
+            self.at
+        );
+        self.at += 1;
+        Ok(())
+    }
+
+    fn literal(&mut self, word: &str, value: Json) -> anyhow::Result<Json> {
+        ensure!(
+            self.bytes[self.at..].starts_with(word.as_bytes()),
+            "bad literal at byte {}",
+            self.at
+        );
+        self.at += word.len();
+        Ok(value)
+    }
+
+    fn value(&mut self) -> anyhow::Result<Json> {
+        self.skip_ws();
+        match self.bytes.get(self.at).copied() {
+            Some(b'{') => {
+                self.at += 1;
+                let mut fields = Vec::new();
+                self.skip_ws();
+                if self.bytes.get(self.at) == Some(&b'}') {
+                    self.at += 1;
+                    return Ok(Json::Obj(fields));
+                }
+                loop {
+                    self.skip_ws();
+                    let key = self.string()?;
+                    self.eat(b':')?;
+                    fields.push((key, self.value()?));
+                    self.skip_ws();
+                    match self.bytes.get(self.at) {
+                        Some(b',') => self.at += 1,
+                        Some(b'}') => {
+                            self.at += 1;
+                            return Ok(Json::Obj(fields));
+                        }
+                        _ => bail!("expected ',' or '}}' at byte {}", self.at),
+                    }
+                }
+            }
+            Some(b'[') => {
+                self.at += 1;
+                let mut items = Vec::new();
+                self.skip_ws();
+                if self.bytes.get(self.at) == Some(&b']') {
+                    self.at += 1;
+                    return Ok(Json::Arr(items));
+                }
+                loop {
+                    items.push(self.value()?);
+                    self.skip_ws();
+                    match self.bytes.get(self.at) {
+                        Some(b',') => self.at += 1,
+                        Some(b']') => {
+                            self.at += 1;
+                            return Ok(Json::Arr(items));
+                        }
+                        _ => bail!("expected ',' or ']' at byte {}", self.at),
+                    }
+                }
+            }
+            Some(b'"') => Ok(Json::Str(self.string()?)),
+            Some(b't') => self.literal("true", Json::Bool(true)),
+            Some(b'f') => self.literal("false", Json::Bool(false)),
+            Some(b'n') => self.literal("null", Json::Null),
+            Some(b'-' | b'0'..=b'9') => {
+                let start = self.at;
+                while self
+                    .bytes
+                    .get(self.at)
+                    .is_some_and(|b| matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
+                {
+                    self.at += 1;
+                }
+                let text = std::str::from_utf8(&self.bytes[start..self.at])?;
+                Ok(match text.parse::<i64>() {
+                    Ok(n) => Json::Int(n),
+                    Err(_) => Json::Float(text.parse()?),
+                })
+            }
+            _ => bail!("unexpected input at byte {}", self.at),
+        }
+    }
+
+    fn string(&mut self) -> anyhow::Result<String> {
+        self.eat(b'"')?;
+        let mut out = Vec::new();
+        loop {
+            let byte = *self.bytes.get(self.at).context("unterminated string")?;
+            self.at += 1;
+            match byte {
+                b'"' => return Ok(String::from_utf8(out)?),
+                b'\\' => {
+                    let escape = *self.bytes.get(self.at).context("unterminated escape")?;
+                    self.at += 1;
+                    let c = match escape {
+                        b'n' => '\n',
+                        b't' => '\t',
+                        b'r' => '\r',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'u' => {
+                            let hex = self.bytes.get(self.at..self.at + 4).context("short \\u")?;
+                            self.at += 4;
+                            let code = u32::from_str_radix(std::str::from_utf8(hex)?, 16)?;
+                            char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER)
+                        }
+                        other => char::from(other),
+                    };
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                }
+                other => out.push(other),
+            }
+        }
+    }
+}
+
+/// The JSON events among a tool's stdout lines.
+fn events(lines: &[String]) -> anyhow::Result<Vec<Json>> {
+    lines
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| Json::parse(l).with_context(|| format!("bad JSON line {l}")))
+        .collect()
+}
+
+/// Only the events with one of these names (the lines are picked before they are parsed).
+fn events_named(lines: &[String], names: &[&str]) -> anyhow::Result<Vec<Json>> {
+    let needles: Vec<String> = names.iter().map(|n| format!("\"name\":\"{n}\"")).collect();
+    lines
+        .iter()
+        .filter(|l| needles.iter().any(|n| l.contains(n.as_str())))
+        .map(|l| Json::parse(l).with_context(|| format!("bad JSON line {l}")))
+        .collect()
+}
+
+/// What a `VerifiableProducer` run acknowledged: value -> (partition, offset).
+#[derive(Debug, Default)]
+struct Acked {
+    by_value: BTreeMap<String, (i32, i64)>,
+    duplicate_acks: Vec<String>,
+    send_errors: Vec<String>,
+    tool_data: Option<Json>,
+}
+
+fn acked(lines: &[String]) -> anyhow::Result<Acked> {
+    let mut out = Acked::default();
+    for event in events(lines)? {
+        match event.name() {
+            "producer_send_success" => {
+                let value = event.str("value").context("ack without value")?.to_string();
+                let partition = i32::try_from(event.int("partition").context("no partition")?)?;
+                let offset = event.int("offset").context("ack without offset")?;
+                if out
+                    .by_value
+                    .insert(value.clone(), (partition, offset))
+                    .is_some()
+                {
+                    out.duplicate_acks.push(value);
+                }
+            }
+            "producer_send_error" => out.send_errors.push(format!("{event:?}")),
+            "tool_data" => out.tool_data = Some(event),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn idempotent_producer_config(dir: &Path, extra: &str) -> anyhow::Result<PathBuf> {
+    // VerifiableProducer forces retries=0 unless the config file sets it; idempotence needs
+    // retries, and without idempotence a retried batch may be stored twice.
+    let path = dir.join("producer.properties");
+    std::fs::write(
+        &path,
+        format!(
+            "enable.idempotence=true\nretries=2147483647\nreconnect.backoff.max.ms=200\n{extra}"
+        ),
+    )?;
+    Ok(path)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. VerifiableProducer through kill -9
+
+const CRASH_TOPIC: &str = "java-crash";
+const CRASH_MESSAGES: usize = 30_000;
+/// Acknowledged counts at which the broker is killed (the producer sends 3,000 a second).
+const CRASH_POINTS: [usize; 2] = [8_000, 18_000];
+
+/// Kafka's `VerifiableProducer` (idempotent, `acks=-1`, 30,000 messages at 3,000 a second)
+/// keeps sending while the broker is `kill -9`ed twice and restarted on the same port and data
+/// directory. Every message is acknowledged, and Kafka's console consumer, reading the topic
+/// from the start to its end offsets, finds each acknowledged value exactly once, at the
+/// partition and offset of its acknowledgement: nothing acknowledged was lost, and the retries
+/// across the restarts stored no duplicate.
+#[test]
+fn java_verifiable_producer_loses_no_acknowledged_message_through_kill_9() -> anyhow::Result<()> {
+    kafka_ready()?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let (mut broker, port) = spawn_broker_on_free_port(&data, &[])?;
+    let bootstrap = format!("127.0.0.1:{port}");
+    let b = bootstrap.as_str();
+    run_tool(
+        "topics",
+        &[
+            "--bootstrap-server",
+            b,
+            "--create",
+            "--topic",
+            CRASH_TOPIC,
+            "--partitions",
+            "3",
+        ],
+    )?;
+
+    let config = idempotent_producer_config(dir.path(), "")?;
+    let config = config.display().to_string();
+    let messages = CRASH_MESSAGES.to_string();
+    let mut producer = JavaTool::spawn(
+        "VerifiableProducer",
+        "verifiable-producer",
+        &[
+            "--bootstrap-server",
+            b,
+            "--topic",
+            CRASH_TOPIC,
+            "--max-messages",
+            &messages,
+            "--throughput",
+            "3000",
+            "--acks",
+            "-1",
+            "--producer.config",
+            &config,
+        ],
+    )?;
+    for point in CRASH_POINTS {
+        poll_until(PATIENCE, &format!("{point} acknowledgements"), || {
+            producer.ensure_running()?;
+            Ok(producer.count("producer_send_success") >= point)
+        })?;
+        let at_kill = producer.count("producer_send_success");
+        ensure!(
+            at_kill < CRASH_MESSAGES,
+            "the producer was done ({at_kill} acked) before the kill; it is meant to span it"
+        );
+        broker.kill9()?;
+        broker = spawn_broker_on(&data, port, &[])?;
+    }
+    let status = producer.wait_exit(Duration::from_secs(150))?;
+    ensure!(
+        status.success(),
+        "VerifiableProducer failed ({status}):\n{}",
+        producer.stderr_tail()
+    );
+    let acked = acked(&producer.lines())?;
+    ensure!(
+        acked.send_errors.is_empty(),
+        "{} sends failed though retries are unlimited, first: {}",
+        acked.send_errors.len(),
+        acked.send_errors[0]
+    );
+    ensure!(
+        acked.duplicate_acks.is_empty(),
+        "values acknowledged twice: {:?}",
+        acked.duplicate_acks
+    );
+    ensure!(
+        acked.by_value.len() == CRASH_MESSAGES,
+        "{} of {CRASH_MESSAGES} messages acknowledged; tool summary {:?}",
+        acked.by_value.len(),
+        acked.tool_data
+    );
+
+    // The log's end offsets (Kafka's GetOffsetShell), then everything up to them.
+    let ends = end_offsets(b, CRASH_TOPIC)?;
+    let total: i64 = ends.values().sum();
+    ensure!(
+        usize::try_from(total)? == CRASH_MESSAGES,
+        "the log holds {total} records for {CRASH_MESSAGES} acknowledged messages: {ends:?}"
+    );
+    let consumed = run_tool(
+        "console-consumer",
+        &[
+            "--bootstrap-server",
+            b,
+            "--topic",
+            CRASH_TOPIC,
+            "--from-beginning",
+            "--max-messages",
+            &total.to_string(),
+            "--timeout-ms",
+            "30000",
+            "--property",
+            "print.partition=true",
+            "--property",
+            "print.offset=true",
+        ],
+    )?;
+    // Lines look like "Partition:1\tOffset:42\t1234".
+    let mut at: BTreeMap<(i32, i64), String> = BTreeMap::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for line in consumed.lines() {
+        let mut fields = line.splitn(3, '\t');
+        let (Some(p), Some(o), Some(value)) = (fields.next(), fields.next(), fields.next()) else {
+            bail!("unexpected console consumer line {line:?}");
+        };
+        let partition: i32 = p
+            .strip_prefix("Partition:")
+            .context("no partition")?
+            .parse()?;
+        let offset: i64 = o.strip_prefix("Offset:").context("no offset")?.parse()?;
+        ensure!(
+            at.insert((partition, offset), value.to_string()).is_none(),
+            "{partition}/{offset} read twice"
+        );
+        *seen.entry(value.to_string()).or_default() += 1;
+    }
+    ensure!(
+        at.len() == CRASH_MESSAGES,
+        "read {} records of {CRASH_MESSAGES}",
+        at.len()
+    );
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(10).collect();
+    ensure!(twice.is_empty(), "values stored more than once: {twice:?}");
+    let mut misplaced = Vec::new();
+    for (value, (partition, offset)) in &acked.by_value {
+        if at.get(&(*partition, *offset)) != Some(value) {
+            misplaced.push(format!(
+                "{value} acked at {partition}/{offset}, log has {:?}",
+                at.get(&(*partition, *offset))
+            ));
+        }
+    }
+    ensure!(
+        misplaced.is_empty(),
+        "{} acknowledged messages missing or moved, first: {:?}",
+        misplaced.len(),
+        &misplaced[..misplaced.len().min(5)]
+    );
+    broker.terminate()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. VerifiableConsumer groups with each assignor
+
+const GROUP_TOPIC: &str = "java-groups";
+const GROUP_PARTITIONS: i32 = 6;
+const GROUP_MESSAGES: usize = 12_000;
+const ASSIGNORS: [(&str, &str); 4] = [
+    ("range", "org.apache.kafka.clients.consumer.RangeAssignor"),
+    (
+        "roundrobin",
+        "org.apache.kafka.clients.consumer.RoundRobinAssignor",
+    ),
+    ("sticky", "org.apache.kafka.clients.consumer.StickyAssignor"),
+    (
+        "cooperative-sticky",
+        "org.apache.kafka.clients.consumer.CooperativeStickyAssignor",
+    ),
+];
+
+/// Which partitions each member (by index) owns.
+type Layout = BTreeMap<usize, BTreeSet<i32>>;
+
+/// The members of one group and what they printed.
+struct Group {
+    name: &'static str,
+    members: Vec<JavaTool>,
+    /// The balanced layouts with members {0}, {0, 1}, {0, 1, 2} and, after 0 left, {1, 2}.
+    layouts: Vec<Layout>,
+}
+
+/// What [`replay`] found.
+struct Ownership {
+    /// Partition -> the member owning it at the end.
+    owner: BTreeMap<i32, usize>,
+    /// Each time a partition went to a member while another still owned it.
+    overlaps: Vec<String>,
+    /// Every revocation: (member, what it owned just before, what it had revoked).
+    revocations: Vec<(usize, BTreeSet<i32>, BTreeSet<i32>)>,
+}
+
+/// Replays every member's `partitions_assigned` / `partitions_revoked` events in time order
+/// (each member's own order kept; on equal timestamps a revocation goes first, as it happens
+/// before the rebalance that hands the partition on). The members are separate JVMs on one
+/// machine, so their millisecond timestamps come from one clock.
+fn replay(members: &[Vec<Json>]) -> anyhow::Result<Ownership> {
+    let streams: Vec<Vec<&Json>> = members
+        .iter()
+        .map(|events| {
+            events
+                .iter()
+                .filter(|e| matches!(e.name(), "partitions_assigned" | "partitions_revoked"))
+                .collect()
+        })
+        .collect();
+    let mut next = vec![0usize; streams.len()];
+    let mut out = Ownership {
+        owner: BTreeMap::new(),
+        overlaps: Vec::new(),
+        revocations: Vec::new(),
+    };
+    loop {
+        let mut pick: Option<(i64, u8, usize)> = None;
+        for (member, stream) in streams.iter().enumerate() {
+            if let Some(event) = stream.get(next[member]) {
+                let key = (
+                    event.int("timestamp").context("event without timestamp")?,
+                    u8::from(event.name() == "partitions_assigned"),
+                    member,
+                );
+                if pick.is_none_or(|p| key < p) {
+                    pick = Some(key);
+                }
+            }
+        }
+        let Some((ts, _, member)) = pick else {
+            return Ok(out);
+        };
+        let event = streams[member][next[member]];
+        next[member] += 1;
+        let partitions = event.partitions()?;
+        if event.name() == "partitions_assigned" {
+            for p in partitions {
+                if let Some(other) = out.owner.insert(p, member)
+                    && other != member
+                {
+                    out.overlaps.push(format!(
+                        "partition {p} assigned to member {member} at {ts} while member {other} owned it"
+                    ));
+                }
+            }
+        } else {
+            let owned: BTreeSet<i32> = out
+                .owner
+                .iter()
+                .filter(|(_, m)| **m == member)
+                .map(|(p, _)| *p)
+                .collect();
+            for p in &partitions {
+                if out.owner.get(p) == Some(&member) {
+                    out.owner.remove(p);
+                }
+            }
+            out.revocations.push((member, owned, partitions));
+        }
+    }
+}
+
+/// The replay itself: a hand-made history where member 1 is given a partition member 0 has
+/// not yet revoked is reported, a clean handoff (revoke, then assign in the same millisecond)
+/// is not, and each revocation is returned with what the member owned before it.
+#[test]
+fn ownership_replay_reports_a_partition_held_by_two_members() -> anyhow::Result<()> {
+    let event = |ts: i64, name: &str, partitions: &[i32]| {
+        let list: Vec<String> = partitions
+            .iter()
+            .map(|p| format!("{{\"topic\":\"t\",\"partition\":{p}}}"))
+            .collect();
+        Json::parse(&format!(
+            "{{\"timestamp\":{ts},\"name\":\"{name}\",\"partitions\":[{}]}}",
+            list.join(",")
+        ))
+    };
+    let member0 = vec![
+        event(1, "partitions_assigned", &[0, 1])?,
+        event(5, "partitions_revoked", &[0, 1])?,
+        event(6, "partitions_assigned", &[0])?,
+    ];
+    let clean = vec![event(5, "partitions_assigned", &[1])?];
+    let ownership = replay(&[member0.clone(), clean])?;
+    ensure!(ownership.overlaps.is_empty(), "{:?}", ownership.overlaps);
+    ensure!(
+        ownership.owner == BTreeMap::from([(0, 0), (1, 1)]),
+        "{:?}",
+        ownership.owner
+    );
+    ensure!(
+        ownership.revocations == [(0, BTreeSet::from([0, 1]), BTreeSet::from([0, 1]))],
+        "{:?}",
+        ownership.revocations
+    );
+    let early = vec![event(4, "partitions_assigned", &[1])?];
+    let ownership = replay(&[member0, early])?;
+    ensure!(
+        ownership.overlaps.len() == 1 && ownership.overlaps[0].contains("partition 1"),
+        "{:?}",
+        ownership.overlaps
+    );
+    Ok(())
+}
+
+fn ownership_events(members: &[JavaTool]) -> anyhow::Result<Vec<Vec<Json>>> {
+    members
+        .iter()
+        .map(|m| events_named(&m.lines(), &["partitions_assigned", "partitions_revoked"]))
+        .collect()
+}
+
+/// The offsets a group's members consumed, from their per-batch `records_consumed` ranges.
+fn consumed_ranges(members: &[JavaTool]) -> anyhow::Result<BTreeSet<(i32, i64)>> {
+    let mut got = BTreeSet::new();
+    for member in members {
+        for event in events_named(&member.lines(), &["records_consumed"])? {
+            for p in event.list("partitions") {
+                let partition = i32::try_from(p.int("partition").context("no partition")?)?;
+                let (min, max) = (p.int("minOffset"), p.int("maxOffset"));
+                got.extend(
+                    (min.context("no minOffset")?..=max.context("no maxOffset")?)
+                        .map(|o| (partition, o)),
+                );
+            }
+        }
+    }
+    Ok(got)
+}
+
+/// What the members in `running` own once they share every partition evenly (None while a
+/// rebalance is still under way).
+fn balanced_layout(members: &[JavaTool], running: &[usize]) -> anyhow::Result<Option<Layout>> {
+    let ownership = replay(&ownership_events(members)?)?;
+    let share = usize::try_from(GROUP_PARTITIONS)? / running.len();
+    let mut layout = Layout::new();
+    for member in running {
+        let owned: BTreeSet<i32> = ownership
+            .owner
+            .iter()
+            .filter(|(_, m)| *m == member)
+            .map(|(p, _)| *p)
+            .collect();
+        if owned.len() != share {
+            return Ok(None);
+        }
+        layout.insert(*member, owned);
+    }
+    let covered = ownership.owner.len() == usize::try_from(GROUP_PARTITIONS)?
+        && ownership.owner.values().all(|m| running.contains(m));
+    Ok(covered.then_some(layout))
+}
+
+fn spawn_member(
+    bootstrap: &str,
+    group: &str,
+    assignor: &str,
+    config: &str,
+    n: usize,
+) -> anyhow::Result<JavaTool> {
+    JavaTool::spawn(
+        &format!("VerifiableConsumer {group} #{n}"),
+        "verifiable-consumer",
+        &[
+            "--bootstrap-server",
+            bootstrap,
+            "--topic",
+            GROUP_TOPIC,
+            "--group-id",
+            group,
+            "--group-protocol",
+            "classic",
+            // The option, not partition.assignment.strategy in --consumer.config: the tool
+            // overwrites the file's value with the option's default (RangeAssignor).
+            "--assignment-strategy",
+            assignor,
+            "--session-timeout",
+            "10000",
+            "--consumer.config",
+            config,
+            "--verbose",
+        ],
+    )
+}
+
+/// Members join one at a time, each once the group is balanced again, then the first leaves.
+fn run_group(
+    bootstrap: &str,
+    name: &'static str,
+    assignor: &str,
+    config: &str,
+) -> anyhow::Result<Group> {
+    let group = format!("java-{name}");
+    let mut members: Vec<JavaTool> = Vec::new();
+    let mut layouts = Vec::new();
+    for n in 0..3 {
+        members.push(spawn_member(bootstrap, &group, assignor, config, n)?);
+        let running: Vec<usize> = (0..=n).collect();
+        let mut layout = None;
+        poll_until(
+            PATIENCE,
+            &format!("{group}: {} members sharing the partitions", n + 1),
+            || {
+                for member in &mut members {
+                    member.ensure_running()?;
+                }
+                layout = balanced_layout(&members, &running)?;
+                Ok(layout.is_some())
+            },
+        )?;
+        layouts.extend(layout);
+    }
+    members[0].terminate()?;
+    let mut layout = None;
+    poll_until(
+        PATIENCE,
+        &format!("{group}: 2 members sharing the partitions after one left"),
+        || {
+            for member in &mut members[1..] {
+                member.ensure_running()?;
+            }
+            layout = balanced_layout(&members, &[1, 2])?;
+            Ok(layout.is_some())
+        },
+    )?;
+    layouts.extend(layout);
+    Ok(Group {
+        name,
+        members,
+        layouts,
+    })
+}
+
+fn shape(layout: &Layout) -> BTreeSet<BTreeSet<i32>> {
+    layout.values().cloned().collect()
+}
+
+fn shape_of(sets: &[&[i32]]) -> BTreeSet<BTreeSet<i32>> {
+    sets.iter().map(|s| s.iter().copied().collect()).collect()
+}
+
+/// Partitions taken from a member that stayed, between consecutive layouts: when a member
+/// joins, those who stay keep a subset of what they had; when one leaves, a superset.
+fn unsticky_moves(layouts: &[Layout]) -> Vec<String> {
+    let mut moves = Vec::new();
+    for pair in layouts.windows(2) {
+        let (before, after) = (&pair[0], &pair[1]);
+        for (member, now) in after {
+            let Some(was) = before.get(member) else {
+                continue;
+            };
+            let kept = if after.len() > before.len() {
+                now.is_subset(was)
+            } else {
+                was.is_subset(now)
+            };
+            if !kept {
+                moves.push(format!("member {member}: {was:?} -> {now:?}"));
+            }
+        }
+    }
+    moves
+}
+
+/// For each of Kafka's four classic assignors (range, roundrobin, sticky, cooperative-sticky,
+/// each in its own group on one 6-partition topic), `VerifiableConsumer` members join one at a
+/// time and the first one later leaves, while `VerifiableProducer` writes 12,000 messages.
+/// From the members' `partitions_assigned`/`partitions_revoked` events: no partition was ever
+/// assigned to a member while another still owned it; range and roundrobin laid out 2, 3 and
+/// again 2 members exactly as Kafka's assignors do, and the sticky ones never took a partition
+/// from a member that stayed; the eager assignors revoked everything at each rebalance and
+/// cooperative-sticky only what moved. Every acknowledged message was
+/// consumed by each group, with the acknowledged value; no record was consumed twice in a group
+/// whose offset commits all succeeded.
+#[test]
+fn java_consumer_group_with_each_assignor() -> anyhow::Result<()> {
+    kafka_ready()?;
+    let dir = tempfile::tempdir()?;
+    let broker = ChildBroker::spawn(
+        &dir.path().join("data"),
+        &["--group-initial-rebalance-delay-ms", "0"],
+    )?;
+    let bootstrap = broker.addr.to_string();
+    let b = bootstrap.as_str();
+    run_tool(
+        "topics",
+        &[
+            "--bootstrap-server",
+            b,
+            "--create",
+            "--topic",
+            GROUP_TOPIC,
+            "--partitions",
+            &GROUP_PARTITIONS.to_string(),
+        ],
+    )?;
+    // Small batches: the producer's sticky partitioner moves on after each, so every partition
+    // gets records.
+    let producer_config = idempotent_producer_config(dir.path(), "batch.size=1024\n")?;
+    let producer_config = producer_config.display().to_string();
+    let messages = GROUP_MESSAGES.to_string();
+    let mut producer = JavaTool::spawn(
+        "VerifiableProducer",
+        "verifiable-producer",
+        &[
+            "--bootstrap-server",
+            b,
+            "--topic",
+            GROUP_TOPIC,
+            "--max-messages",
+            &messages,
+            "--throughput",
+            "1000",
+            "--acks",
+            "-1",
+            "--producer.config",
+            &producer_config,
+        ],
+    )?;
+    let consumer_config = dir.path().join("consumer.properties");
+    std::fs::write(
+        &consumer_config,
+        "heartbeat.interval.ms=1000\nmax.poll.records=100\n",
+    )?;
+    let consumer_config = consumer_config.display().to_string();
+
+    let groups: Vec<Group> = std::thread::scope(|scope| {
+        let runs: Vec<_> = ASSIGNORS
+            .iter()
+            .map(|(name, class)| {
+                let config = consumer_config.as_str();
+                scope.spawn(move || run_group(b, name, class, config))
+            })
+            .collect();
+        runs.into_iter()
+            .map(|run| {
+                run.join()
+                    .map_err(|_| anyhow::anyhow!("group thread panicked"))?
+            })
+            .collect::<anyhow::Result<Vec<Group>>>()
+    })?;
+
+    let status = producer.wait_exit(PATIENCE)?;
+    ensure!(
+        status.success(),
+        "VerifiableProducer failed ({status}):\n{}",
+        producer.stderr_tail()
+    );
+    let acked = acked(&producer.lines())?;
+    ensure!(
+        acked.by_value.len() == GROUP_MESSAGES && acked.send_errors.is_empty(),
+        "{} of {GROUP_MESSAGES} acknowledged, {} send errors",
+        acked.by_value.len(),
+        acked.send_errors.len()
+    );
+    let partitions_written: BTreeSet<i32> = acked.by_value.values().map(|(p, _)| *p).collect();
+    ensure!(
+        partitions_written.len() == usize::try_from(GROUP_PARTITIONS)?,
+        "the producer wrote to partitions {partitions_written:?} only"
+    );
+    let wanted: BTreeMap<(i32, i64), &String> = acked
+        .by_value
+        .iter()
+        .map(|(value, at)| (*at, value))
+        .collect();
+
+    let mut groups = groups;
+    for group in &mut groups {
+        let name = group.name;
+        poll_until(
+            PATIENCE,
+            &format!("group {name} consuming every acknowledged message"),
+            || {
+                for member in &mut group.members[1..] {
+                    member.ensure_running()?;
+                }
+                let got = consumed_ranges(&group.members)?;
+                Ok(wanted.keys().all(|at| got.contains(at)))
+            },
+        )?;
+    }
+    // The second member leaves, the third takes everything over, then it leaves too.
+    for group in &mut groups {
+        group.members[1].terminate()?;
+    }
+    for group in &mut groups {
+        let name = group.name;
+        poll_until(
+            PATIENCE,
+            &format!("{name}: the last member owning everything"),
+            || {
+                group.members[2].ensure_running()?;
+                Ok(balanced_layout(&group.members, &[2])?.is_some())
+            },
+        )?;
+        group.members[2].terminate()?;
+    }
+
+    for group in &groups {
+        let name = group.name;
+        let all: Vec<Vec<Json>> = group
+            .members
+            .iter()
+            .map(|m| events(&m.lines()))
+            .collect::<anyhow::Result<_>>()?;
+        for (n, member) in all.iter().enumerate() {
+            ensure!(
+                member.iter().any(|e| e.name() == "shutdown_complete"),
+                "{name} member {n} did not shut down cleanly:\n{}",
+                group.members[n].stderr_tail()
+            );
+        }
+        let ownership = replay(&all)?;
+        ensure!(
+            ownership.overlaps.is_empty(),
+            "{name}: partitions owned by two members at once: {:?}",
+            ownership.overlaps
+        );
+        ensure!(
+            ownership.owner.is_empty(),
+            "{name}: partitions never revoked at shutdown: {:?}",
+            ownership.owner
+        );
+
+        let shapes: Vec<_> = group.layouts.iter().map(shape).collect();
+        let expected = match name {
+            "range" => Some((
+                shape_of(&[&[0, 1, 2], &[3, 4, 5]]),
+                shape_of(&[&[0, 1], &[2, 3], &[4, 5]]),
+            )),
+            "roundrobin" => Some((
+                shape_of(&[&[0, 2, 4], &[1, 3, 5]]),
+                shape_of(&[&[0, 3], &[1, 4], &[2, 5]]),
+            )),
+            _ => None,
+        };
+        if let Some((two, three)) = expected {
+            ensure!(
+                shapes == [shape_of(&[&[0, 1, 2, 3, 4, 5]]), two.clone(), three, two],
+                "{name} laid the partitions out as {:?}",
+                group.layouts
+            );
+        } else {
+            let moves = unsticky_moves(&group.layouts);
+            ensure!(
+                moves.is_empty(),
+                "{name} moved partitions away from members that stayed: {moves:?} (layouts {:?})",
+                group.layouts
+            );
+        }
+        let partial: Vec<_> = ownership
+            .revocations
+            .iter()
+            .filter(|(_, owned, revoked)| revoked != owned)
+            .collect();
+        if name == "cooperative-sticky" {
+            // Only what moves is revoked: everything only when a member shuts down (its last
+            // revocation); each join took partitions from members that kept others (1 from
+            // member 0 when member 1 joined, 1 from each when member 2 did).
+            for (member, _, _) in &ownership.revocations {
+                let own: Vec<_> = ownership
+                    .revocations
+                    .iter()
+                    .filter(|(m, _, _)| m == member)
+                    .collect();
+                for (_, owned, revoked) in &own[..own.len() - 1] {
+                    ensure!(
+                        !revoked.is_empty() && revoked.is_subset(owned) && revoked != owned,
+                        "{name}: member {member} had {revoked:?} of {owned:?} revoked while it stayed"
+                    );
+                }
+            }
+            ensure!(
+                partial.len() >= 3,
+                "{name}: {} incremental revocations: {:?}",
+                partial.len(),
+                ownership.revocations
+            );
+        } else {
+            ensure!(
+                partial.is_empty(),
+                "{name} (eager): revocations of less than everything owned: {partial:?}"
+            );
+        }
+
+        // What each member consumed, against what was acknowledged.
+        let mut consumed: BTreeMap<(i32, i64), usize> = BTreeMap::new();
+        let mut failed_commits = 0;
+        for member in &all {
+            for event in member {
+                match event.name() {
+                    "record_data" => {
+                        let at = (
+                            i32::try_from(event.int("partition").context("no partition")?)?,
+                            event.int("offset").context("no offset")?,
+                        );
+                        if let Some(value) = wanted.get(&at) {
+                            ensure!(
+                                event.str("value") == Some(value.as_str()),
+                                "{name}: {at:?} holds {:?}, acknowledged with {value}",
+                                event.str("value")
+                            );
+                        }
+                        *consumed.entry(at).or_default() += 1;
+                    }
+                    "offsets_committed" if event.get("success") != Some(&Json::Bool(true)) => {
+                        failed_commits += 1;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let missing = wanted
+            .keys()
+            .filter(|at| !consumed.contains_key(at))
+            .count();
+        ensure!(
+            missing == 0,
+            "{name}: {missing} acknowledged records not consumed"
+        );
+        let twice = consumed.values().filter(|n| **n > 1).count();
+        ensure!(
+            failed_commits > 0 || twice == 0,
+            "{name}: {twice} records consumed twice though every commit succeeded"
+        );
+        println!(
+            "{name}: layouts {:?}, {} revocations ({} partial), {} records consumed, {twice} twice, \
+             {failed_commits} failed commits",
+            shapes,
+            ownership.revocations.len(),
+            partial.len(),
+            consumed.len()
+        );
+    }
+    broker.terminate()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Admin tools
+
+/// The rows of `kafka-consumer-groups --describe` for `topic`: partition -> (current offset,
+/// log-end offset, lag).
+fn describe_rows(output: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, (i64, i64, i64)>> {
+    let mut rows = BTreeMap::new();
+    for line in output.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() >= 6 && fields[1] == topic {
+            let number = |i: usize| -> anyhow::Result<i64> {
+                fields[i]
+                    .parse()
+                    .with_context(|| format!("column {i} of {line:?}"))
+            };
+            rows.insert(
+                i32::try_from(number(2)?)?,
+                (number(3)?, number(4)?, number(5)?),
+            );
+        }
+    }
+    Ok(rows)
+}
+
+/// Partition -> end offset, from Kafka's `GetOffsetShell --time -1`.
+fn end_offsets(bootstrap: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let out = run_tool(
+        "get-offsets",
+        &[
+            "--bootstrap-server",
+            bootstrap,
+            "--topic",
+            topic,
+            "--time",
+            "-1",
+        ],
+    )?;
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let mut fields = line.rsplitn(3, ':');
+            let end = fields.next().context("no offset")?.trim().parse()?;
+            let partition = fields.next().context("no partition")?.parse()?;
+            Ok((partition, end))
+        })
+        .collect()
+}
+
+/// Kafka's admin tools against the broker: `kafka-topics` creates a 3-partition topic with a
+/// config, lists it and describes its partition count and partitions; after a console consumer
+/// in a group consumed everything and 5 more records arrived, `kafka-consumer-groups` lists the
+/// group and describes it with the committed offsets, the log end offsets and a lag of 5 on the
+/// one partition written; `--reset-offsets --to-earliest --execute` moves the inactive group to
+/// 0 (and describe then shows 0 with the whole log as lag); `--delete` removes the group from
+/// the list; `kafka-configs --describe` shows the topic's config.
+#[test]
+fn kafka_admin_tools_work_against_semel_broker() -> anyhow::Result<()> {
+    kafka_ready()?;
+    let dir = tempfile::tempdir()?;
+    let broker = ChildBroker::spawn(
+        &dir.path().join("data"),
+        &["--group-initial-rebalance-delay-ms", "0"],
+    )?;
+    let bootstrap = broker.addr.to_string();
+    let b = bootstrap.as_str();
+    let (topic, group) = ("java-admin", "java-admin-group");
+
+    let created = run_tool(
+        "topics",
+        &[
+            "--bootstrap-server",
+            b,
+            "--create",
+            "--topic",
+            topic,
+            "--partitions",
+            "3",
+            "--config",
+            "retention.ms=3600000",
+        ],
+    )?;
+    ensure!(
+        created.contains(&format!("Created topic {topic}.")),
+        "create said: {created}"
+    );
+    let listed = run_tool("topics", &["--bootstrap-server", b, "--list"])?;
+    ensure!(
+        listed.lines().any(|l| l.trim() == topic),
+        "--list lacks {topic}: {listed}"
+    );
+    let described = run_tool(
+        "topics",
+        &["--bootstrap-server", b, "--describe", "--topic", topic],
+    )?;
+    ensure!(
+        described.contains("PartitionCount: 3") && described.contains("retention.ms=3600000"),
+        "--describe: {described}"
+    );
+    for p in 0..3 {
+        ensure!(
+            described.contains(&format!("Topic: {topic}\tPartition: {p}\t")),
+            "--describe lacks partition {p}: {described}"
+        );
+    }
+
+    // 60 keyed records, all consumed by a group, whose consumer commits on close.
+    let produce = |input: String| -> anyhow::Result<()> {
+        let input_path = dir.path().join("input.txt");
+        std::fs::write(&input_path, input)?;
+        run_tool_with_input(
+            "console-producer",
+            &[
+                "--bootstrap-server",
+                b,
+                "--topic",
+                topic,
+                "--property",
+                "parse.key=true",
+                "--property",
+                "key.separator=:",
+            ],
+            Some(&input_path),
+        )?;
+        Ok(())
+    };
+    produce((0..60).map(|i| format!("key-{i}:value-{i}\n")).collect())?;
+    let before = end_offsets(b, topic)?;
+    ensure!(
+        before.values().sum::<i64>() == 60 && before.len() == 3,
+        "end offsets {before:?}"
+    );
+    let consumed = output_within(
+        &mut kafka_command(
+            &[
+                "tool",
+                "console-consumer",
+                "--bootstrap-server",
+                b,
+                "--topic",
+                topic,
+                "--group",
+                group,
+                "--from-beginning",
+                "--max-messages",
+                "60",
+                "--timeout-ms",
+                "30000",
+            ],
+            None,
+        ),
+        TOOL_LIMIT,
+        "console-consumer",
+    )?;
+    let consumer_stderr = String::from_utf8_lossy(&consumed.stderr);
+    ensure!(
+        consumed.status.success() && consumer_stderr.contains("Processed a total of 60 messages"),
+        "console-consumer: {consumer_stderr}"
+    );
+    // Five more records with one key: one partition gets all five.
+    produce("same-key:late\n".repeat(5))?;
+    let after = end_offsets(b, topic)?;
+    let grown: Vec<i32> = after
+        .iter()
+        .filter(|(p, end)| before.get(p) != Some(end))
+        .map(|(p, _)| *p)
+        .collect();
+    ensure!(
+        grown.len() == 1 && after.values().sum::<i64>() == 65,
+        "end offsets {before:?} -> {after:?}"
+    );
+
+    let groups = run_tool("consumer-groups", &["--bootstrap-server", b, "--list"])?;
+    ensure!(
+        groups.lines().any(|l| l.trim() == group),
+        "--list lacks {group}: {groups}"
+    );
+    let describe = || {
+        run_tool(
+            "consumer-groups",
+            &["--bootstrap-server", b, "--describe", "--group", group],
+        )
+    };
+    let rows = describe_rows(&describe()?, topic)?;
+    let expected: BTreeMap<i32, (i64, i64, i64)> = after
+        .iter()
+        .map(|(p, end)| {
+            let committed = before[p];
+            (*p, (committed, *end, end - committed))
+        })
+        .collect();
+    ensure!(
+        rows == expected,
+        "--describe rows (current, log end, lag) {rows:?}, expected {expected:?}"
+    );
+    ensure!(
+        rows.values().map(|r| r.2).sum::<i64>() == 5,
+        "lag is not 5: {rows:?}"
+    );
+
+    let reset = run_tool(
+        "consumer-groups",
+        &[
+            "--bootstrap-server",
+            b,
+            "--reset-offsets",
+            "--group",
+            group,
+            "--topic",
+            topic,
+            "--to-earliest",
+            "--execute",
+        ],
+    )?;
+    let new_offsets = reset
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some(topic))
+        .count();
+    ensure!(new_offsets == 3, "--reset-offsets printed: {reset}");
+    let rows = describe_rows(&describe()?, topic)?;
+    let expected: BTreeMap<i32, (i64, i64, i64)> =
+        after.iter().map(|(p, end)| (*p, (0, *end, *end))).collect();
+    ensure!(
+        rows == expected,
+        "after --to-earliest: {rows:?}, expected {expected:?}"
+    );
+
+    let deleted = run_tool(
+        "consumer-groups",
+        &["--bootstrap-server", b, "--delete", "--group", group],
+    )?;
+    ensure!(
+        deleted.contains("was successful"),
+        "--delete said: {deleted}"
+    );
+    let groups = run_tool("consumer-groups", &["--bootstrap-server", b, "--list"])?;
+    ensure!(
+        !groups.lines().any(|l| l.trim() == group),
+        "{group} still listed after --delete: {groups}"
+    );
+
+    let configs = run_tool(
+        "configs",
+        &[
+            "--bootstrap-server",
+            b,
+            "--describe",
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            topic,
+        ],
+    )?;
+    ensure!(
+        configs.contains(&format!("Dynamic configs for topic {topic} are:"))
+            && configs.contains("retention.ms=3600000"),
+        "kafka-configs --describe: {configs}"
+    );
+    broker.terminate()?;
+    Ok(())
+}
