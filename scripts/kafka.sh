@@ -14,6 +14,8 @@
 #   scripts/kafka.sh stop DIR           SIGTERM every broker in DIR, wait (bounded), then SIGKILL
 #   scripts/kafka.sh kill N DIR         kill -9 broker N (1-based)
 #   scripts/kafka.sh restart N DIR      kill -9 broker N, start it again, wait until it answers
+#   scripts/kafka.sh pause N DIR        kill -STOP broker N (it stops fetching: falls out of the ISR)
+#   scripts/kafka.sh resume N DIR       kill -CONT broker N
 #   scripts/kafka.sh status DIR         show which brokers in DIR are running
 #   scripts/kafka.sh tool CLASS ARGS... run a Kafka CLI class (or one of the aliases below)
 #
@@ -264,6 +266,9 @@ transaction.state.log.num.partitions=10
 share.coordinator.state.topic.replication.factor=$rf
 share.coordinator.state.topic.min.isr=$isr
 group.initial.rebalance.delay.ms=0
+# A follower that has not caught up for 5 s leaves the ISR (default 30 s), so the
+# replication example shows it within seconds.
+replica.lag.time.max.ms=5000
 # Faster failure detection for kill/restart tests (defaults: 2000 / 9000).
 broker.heartbeat.interval.ms=1000
 broker.session.timeout.ms=6000
@@ -438,6 +443,24 @@ cmd_kill() {
   kill9_node "$1" "$(cd "$2" && pwd)"
 }
 
+cmd_pause() {
+  [[ $# -eq 2 ]] || die "usage: kafka.sh pause N DIR"
+  check_node "$1" "$2"
+  local pid
+  pid="$(node_pid "$1" "$(cd "$2" && pwd)")"
+  pid_alive "$pid" || die "broker $1 is not running"
+  kill -STOP "$pid"
+}
+
+cmd_resume() {
+  [[ $# -eq 2 ]] || die "usage: kafka.sh resume N DIR"
+  check_node "$1" "$2"
+  local pid
+  pid="$(node_pid "$1" "$(cd "$2" && pwd)")"
+  pid_alive "$pid" || die "broker $1 is not running"
+  kill -CONT "$pid"
+}
+
 cmd_restart() {
   [[ $# -eq 2 ]] || die "usage: kafka.sh restart N DIR"
   check_node "$1" "$2"
@@ -479,6 +502,8 @@ main() {
     stop) cmd_stop "$@" ;;
     kill) cmd_kill "$@" ;;
     restart) cmd_restart "$@" ;;
+    pause) cmd_pause "$@" ;;
+    resume) cmd_resume "$@" ;;
     status) cmd_status "$@" ;;
     tool) cmd_tool "$@" ;;
     -h | --help | help) usage ;;

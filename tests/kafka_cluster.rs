@@ -329,6 +329,40 @@ async fn dedup_changelog_takeover(cluster: &Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `examples/replication.rs` on this cluster: for acks=0, 1 and all, both followers paused
+/// during a burst, the leader `kill -9`ed and the followers resumed; then the ISR shrinking and
+/// growing back, and `acks=all` refused with `NOT_ENOUGH_REPLICAS` when it is too small. The
+/// example fails unless `acks=1` lost acknowledged messages (the fault was injected) and
+/// `acks=all` lost none; here the numbers are checked again from its `RESULT` lines.
+fn replication_example(cluster: &Cluster) -> anyhow::Result<()> {
+    let binary = common::workspace_binary("examples/replication")?;
+    let mut command = Command::new(binary);
+    command.args(["--kafka-dir", &cluster.path()]);
+    let out = common::output_within(&mut command, Duration::from_secs(900), "replication")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    ensure!(
+        out.status.success(),
+        "the replication example failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lost = |level: &str| -> anyhow::Result<u64> {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("RESULT acks={level} ")))
+            .with_context(|| format!("no RESULT line for acks={level}"))?;
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix("acknowledged_lost="))
+            .context("acknowledged_lost")?
+            .parse()
+            .context("acknowledged_lost")
+    };
+    ensure!(lost("1")? > 0, "acks=1 lost nothing");
+    ensure!(lost("all")? == 0, "acks=all lost acknowledged messages");
+    ensure!(stdout.contains("not_enough_replicas=true"), "{stdout}");
+    Ok(())
+}
+
 /// The child process of [`dedup_changelog_takeover`] (one "host").
 #[test]
 fn host_child() -> anyhow::Result<()> {
@@ -341,6 +375,8 @@ async fn semel_libraries_on_a_three_broker_kafka_cluster() -> anyhow::Result<()>
     let cluster = Cluster::start()?;
     idempotent_producer_through_leader_kills(&cluster).await?;
     dedup_changelog_takeover(&cluster).await?;
+    let shared = &cluster;
+    tokio::task::block_in_place(|| replication_example(shared))?;
     drop(cluster);
     Ok(())
 }

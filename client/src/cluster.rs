@@ -309,6 +309,11 @@ impl Cluster {
             }))
             .with_allow_auto_topic_creation(allow_auto_topic_creation);
         let response = connection.send(&request, (4, 12)).await?;
+        tracing::debug!(
+            broker = connection.broker(),
+            topics = response.topics.len(),
+            "metadata"
+        );
         let mut metadata = self.metadata.write().unwrap_or_else(|p| p.into_inner());
         for broker in &response.brokers {
             metadata

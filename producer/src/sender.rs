@@ -208,9 +208,16 @@ impl Sender {
             if let Some(open) = &queue.open {
                 consider(open.created + self.config.linger);
             }
-            // A backoff already over needs no wake-up (waking for it would spin).
+            // A backoff already over needs no wake-up of its own (waking for it would spin)...
             if let Some(until) = queue.backoff_until.filter(|t| *t > now) {
                 consider(until);
+            } else if !self.bump_epoch && !queue.ready.is_empty() && queue.in_flight.is_empty() {
+                // ...unless batches wait for it with nothing in flight, whose answer would
+                // wake the task: then they go now. (Before, such a batch, put back while a
+                // metadata refresh ran, slept until its delivery timeout: a producer whose
+                // leader died never reached the new one.) Dispatch either sends them or sets
+                // a new backoff, so this does not spin; an epoch bump has a wake of its own.
+                consider(now);
             }
             if let Some(first) = queue.ready.front() {
                 consider(first.deadline());
@@ -432,9 +439,13 @@ impl Sender {
                 };
                 if let Some(at) = self.cluster.node_retry_at(leader) {
                     // The leader refused connections lately: wait out its backoff here
-                    // rather than inside `node`, which would hold up this whole task.
+                    // rather than inside `node`, which would hold up this whole task. And
+                    // ask again who leads: a dead leader is replaced by the controller a few
+                    // seconds after it died, and until the metadata says so every retry
+                    // would go to the dead one (as the Java client, refresh on disconnect).
                     queue.ready.push_front(batch);
                     queue.backoff_until = Some(at);
+                    refresh = true;
                     break;
                 }
                 let connection = match self.cluster.node(leader).await {
@@ -449,7 +460,11 @@ impl Sender {
             }
         }
         if refresh {
-            let _ = self.cluster.refresh_metadata(None, false).await;
+            let refreshed = self.cluster.refresh_metadata(None, false).await;
+            tracing::debug!(
+                ?refreshed,
+                "metadata refreshed after a send could not go out"
+            );
         }
     }
 
@@ -554,6 +569,7 @@ impl Sender {
     }
 
     fn retry_later(&mut self, key: &Key, mut batch: Batch, error: String) {
+        tracing::debug!(topic = %key.0, partition = key.1, attempts = batch.attempts, %error, "batch to be retried");
         batch.last_error = error;
         batch.connection = None;
         if Instant::now() >= batch.deadline() {
