@@ -126,6 +126,8 @@ pub(crate) struct Sender {
     flushes: Vec<oneshot::Sender<()>>,
     next_batch_id: u64,
     metrics: Arc<Metrics>,
+    /// Set while a background metadata refresh runs (at most one at a time).
+    refreshing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn next_sequence(sequence: i32, increment: i32) -> i32 {
@@ -161,7 +163,28 @@ impl Sender {
             flushes: Vec::new(),
             next_batch_id: 0,
             metrics,
+            refreshing: Arc::default(),
         }
+    }
+
+    /// Refreshes the metadata on a task of its own, unless a refresh already runs: the sender
+    /// keeps taking records and expiring batches meanwhile (a refresh can wait out a dead
+    /// broker's connection backoff). The batches waiting for it have a backoff that wakes the
+    /// sender again.
+    fn refresh_in_background(&self) {
+        use std::sync::atomic::Ordering;
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (cluster, refreshing) = (Arc::clone(&self.cluster), Arc::clone(&self.refreshing));
+        tokio::spawn(async move {
+            let refreshed = cluster.refresh_metadata(None, false).await;
+            tracing::debug!(
+                ?refreshed,
+                "metadata refreshed after a send could not go out"
+            );
+            refreshing.store(false, Ordering::Release);
+        });
     }
 
     fn idempotent(&self) -> bool {
@@ -460,11 +483,7 @@ impl Sender {
             }
         }
         if refresh {
-            let refreshed = self.cluster.refresh_metadata(None, false).await;
-            tracing::debug!(
-                ?refreshed,
-                "metadata refreshed after a send could not go out"
-            );
+            self.refresh_in_background();
         }
     }
 
@@ -660,10 +679,7 @@ impl Sender {
                     self.fence(reason);
                 } else if error.is_retriable() {
                     if needs_metadata_refresh(error) {
-                        let cluster = Arc::clone(&self.cluster);
-                        tokio::spawn(async move {
-                            let _ = cluster.refresh_metadata(None, false).await;
-                        });
+                        self.refresh_in_background();
                     }
                     self.retry_later(&outcome.key, batch, format!("{error:?}"));
                 } else {
