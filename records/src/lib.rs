@@ -283,8 +283,9 @@ fn read_varint(reader: &mut impl Read) -> Result<i64, Walk> {
     Err(Walk::Record("a record length is not a valid varint".into()))
 }
 
-/// A zig-zag varint read from a slice.
-fn varint_at(bytes: &[u8], at: &mut usize) -> Option<i64> {
+/// The zig-zag varint (a record's lengths and deltas) at `*at` in `bytes`; advances `at`.
+/// `None` when the bytes end first or it is longer than 10 bytes.
+pub fn varint_at(bytes: &[u8], at: &mut usize) -> Option<i64> {
     let mut value: u64 = 0;
     for shift in (0..64).step_by(7) {
         let byte = *bytes.get(*at)?;

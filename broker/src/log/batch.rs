@@ -297,7 +297,7 @@ pub fn check_records(payload: &[u8], header: &BatchHeader) -> Result<(), LogErro
     let mut at = 0usize;
     for index in 0..count {
         let malformed = || invalid(format!("record {index} of {count} is malformed"));
-        let length = read_varint(payload, &mut at)
+        let length = semel_records::varint_at(payload, &mut at)
             .and_then(|l| usize::try_from(l).ok())
             .ok_or_else(malformed)?;
         let end = at
@@ -310,8 +310,8 @@ pub fn check_records(payload: &[u8], header: &BatchHeader) -> Result<(), LogErro
             })?;
         let record = &payload[at..end];
         let mut cursor = 1; // attributes
-        read_varint(record, &mut cursor).ok_or_else(malformed)?; // timestamp delta
-        let offset_delta = read_varint(record, &mut cursor).ok_or_else(malformed)?;
+        semel_records::varint_at(record, &mut cursor).ok_or_else(malformed)?; // timestamp delta
+        let offset_delta = semel_records::varint_at(record, &mut cursor).ok_or_else(malformed)?;
         if usize::try_from(offset_delta).ok() != Some(index) {
             return Err(invalid(format!(
                 "record {index} of {count} has offset delta {offset_delta}"
@@ -348,20 +348,6 @@ pub(crate) fn assign(
     bytes
 }
 
-fn read_varint(bytes: &[u8], at: &mut usize) -> Option<i64> {
-    let mut value: u64 = 0;
-    for shift in (0..64).step_by(7) {
-        let byte = *bytes.get(*at)?;
-        *at += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            // Zig-zag decoding.
-            return Some(((value >> 1) as i64) ^ -((value & 1) as i64));
-        }
-    }
-    None
-}
-
 /// For an uncompressed batch, each record's (offset delta, timestamp), walking the records'
 /// varint framing. `None` if the batch is compressed or its records are malformed.
 pub fn record_timestamps(batch: &[u8]) -> Option<Vec<(i32, i64)>> {
@@ -375,15 +361,15 @@ pub fn record_timestamps(batch: &[u8]) -> Option<Vec<(i32, i64)>> {
     let mut out = Vec::new();
     let mut at = 0usize;
     for _ in 0..header.records_count.max(0) {
-        let length = usize::try_from(read_varint(body, &mut at)?).ok()?;
+        let length = usize::try_from(semel_records::varint_at(body, &mut at)?).ok()?;
         let start = at;
         let end = start.checked_add(length)?;
         if end > body.len() {
             return None;
         }
         let mut cursor = start + 1; // attributes
-        let timestamp_delta = read_varint(body, &mut cursor)?;
-        let offset_delta = i32::try_from(read_varint(body, &mut cursor)?).ok()?;
+        let timestamp_delta = semel_records::varint_at(body, &mut cursor)?;
+        let offset_delta = i32::try_from(semel_records::varint_at(body, &mut cursor)?).ok()?;
         let timestamp = if log_append {
             header.max_timestamp
         } else {
