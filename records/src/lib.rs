@@ -57,6 +57,9 @@ pub const MAX_DECOMPRESSED_BYTES: u64 = 256 * 1024 * 1024;
 /// window the frame declares, up to 128 MiB.
 const ZSTD_WINDOW_LOG_MAX: u32 = 24;
 
+/// Decompressed bytes read ahead at a time.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Enough bytes for a record's attributes, timestamp delta and offset delta (1 + 10 + 10).
 const RECORD_PREFIX_BYTES: usize = 21;
 
@@ -120,10 +123,15 @@ fn read_within(
         }
         other => return Err(invalid(format!("unknown compression codec {other}"))),
     };
-    let mut reader = Limited {
-        inner: decoder,
-        left: limit,
-    };
+    // Buffered, so the byte-at-a-time varint reads are served from memory instead of each
+    // going down to the decompressor.
+    let mut reader = io::BufReader::with_capacity(
+        READ_BUFFER_BYTES,
+        Limited {
+            inner: decoder,
+            left: limit,
+        },
+    );
     walk(&mut reader, count, keep).map_err(|e| match e {
         Walk::Record(reason) => invalid(format!("{name} batch: {reason}")),
         Walk::Io(e) if e.kind() == io::ErrorKind::FileTooLarge => invalid(format!(
