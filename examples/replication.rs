@@ -55,16 +55,45 @@ struct Args {
     /// Skip the ISR part.
     #[arg(long)]
     no_isr: bool,
+    /// The `scripts/kafka.sh` to run; by default the one under the working directory (where
+    /// `cargo run` is run), else the one in the checkout this example was built from.
+    #[arg(long, env = "SEMEL_KAFKA_SH")]
+    kafka_sh: Option<PathBuf>,
 }
 
-fn kafka_sh() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka.sh")
+/// The script that runs Apache Kafka. A path compiled in is only a fallback: a binary built
+/// in one clone may be run from another (a shared target directory keeps it when the sources
+/// did not change), and the clone it was built in may be gone.
+static KAFKA_SH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn find_kafka_sh(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        ensure!(
+            path.is_file(),
+            "--kafka-sh {}: no such file",
+            path.display()
+        );
+        return Ok(path);
+    }
+    let here = std::env::current_dir()?.join("scripts/kafka.sh");
+    if here.is_file() {
+        return Ok(here);
+    }
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka.sh");
+    ensure!(
+        built.is_file(),
+        "scripts/kafka.sh not found under the working directory or at {}; run from the \
+         repository's root or pass --kafka-sh",
+        built.display()
+    );
+    Ok(built)
 }
 
 /// `scripts/kafka.sh ARGS`; its own waits are bounded.
 fn kafka(args: &[&str]) -> anyhow::Result<String> {
+    let script = KAFKA_SH.get().context("kafka.sh not located yet")?;
     let out = Command::new("bash")
-        .arg(kafka_sh())
+        .arg(script)
         .args(args)
         .output()
         .context("running scripts/kafka.sh")?;
@@ -449,6 +478,8 @@ async fn isr(dir: &str, bootstrap: &str) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Set once, here; a second set could only be a no-op.
+    let _ = KAFKA_SH.set(find_kafka_sh(args.kafka_sh.clone())?);
     // RUST_LOG=semel_producer=debug shows the producer's retries and leader changes.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(

@@ -7,12 +7,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/semel/target}"
+# Our crates built by the tour come from the temporary clone (paths compiled in with file!()
+# or env!("CARGO_MANIFEST_DIR") point into it). Cargo's fingerprints do not depend on the
+# clone's path and this checkout's files are older than the tour's build, so a later build
+# here would reuse them: clean them again on the way out, whatever the tour's result.
+ours=(-p semel -p semel-broker -p semel-client -p semel-producer -p semel-consumer -p semel-records)
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+cleanup() {
+  if [ -d "$CARGO_TARGET_DIR" ]; then
+    cargo clean --quiet "${ours[@]}" || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
 git clone -q . "$work/semel"
 if [ -d "$CARGO_TARGET_DIR" ]; then
-  (cd "$work/semel" && cargo clean --quiet -p semel -p semel-broker -p semel-client \
-    -p semel-producer -p semel-consumer -p semel-records)
+  (cd "$work/semel" && cargo clean --quiet "${ours[@]}")
 fi
 started=$(date +%s)
 bash "$work/semel/scripts/demo.sh"

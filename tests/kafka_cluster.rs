@@ -337,7 +337,10 @@ async fn dedup_changelog_takeover(cluster: &Cluster) -> anyhow::Result<()> {
 fn replication_example(cluster: &Cluster) -> anyhow::Result<()> {
     let binary = common::workspace_binary("examples/replication")?;
     let mut command = Command::new(binary);
+    // The example's own path to kafka.sh is compiled in, and its binary may come from another
+    // clone sharing the target directory; name this checkout's script.
     command.args(["--kafka-dir", &cluster.path()]);
+    command.arg("--kafka-sh").arg(kafka_sh());
     let out = common::output_within(&mut command, Duration::from_secs(900), "replication")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}");
