@@ -11,7 +11,7 @@ set -euo pipefail
 
 SEMEL_CACHE="${SEMEL_CACHE:-$HOME/.cache/semel}"
 VENV="$SEMEL_CACHE/venv"
-PYTHON_PACKAGES=(kafka-python==3.0.12 python-snappy==0.7.3 cramjam==2.14.0 lz4==4.4.5 zstandard==0.25.0)
+PYTHON_PACKAGES=(kafka-python==3.0.12 confluent-kafka==2.16.1 python-snappy==0.7.3 cramjam==2.14.0 lz4==4.4.5 zstandard==0.25.0)
 
 need_apt=()
 command -v kcat >/dev/null 2>&1 || need_apt+=(kcat)

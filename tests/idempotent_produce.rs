@@ -233,7 +233,9 @@ async fn epoch_bumps_fence_older_epochs_and_describe_producers_shows_the_state()
 }
 
 #[tokio::test]
-async fn transactional_batches_are_refused_until_transactions_exist() -> anyhow::Result<()> {
+/// An idempotent (not transactional) producer id sending a transactional batch: no transaction
+/// of it has added the partition, so the batch is refused and nothing is stored.
+async fn a_transactional_batch_outside_any_transaction_is_refused() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let broker = start_in(dir.path()).await?;
     let mut client = RawClient::connect(broker.local_addr()).await?;

@@ -19,6 +19,7 @@ use crate::log::LogError;
 use crate::producer_ids::ProducerIds;
 use crate::server;
 use crate::state_file::StateFileError;
+use crate::transactions::TransactionCoordinator;
 
 /// State shared by every connection.
 #[derive(Debug)]
@@ -28,6 +29,7 @@ pub(crate) struct BrokerState {
     pub(crate) advertised: (String, i32),
     pub(crate) catalog: Catalog,
     pub(crate) producer_ids: ProducerIds,
+    pub(crate) transactions: TransactionCoordinator,
     pub(crate) groups: GroupCoordinator,
     /// Bumped by every append; long-polling fetches wait on it.
     pub(crate) appended: Arc<watch::Sender<u64>>,
@@ -60,6 +62,13 @@ pub enum StartError {
     /// out a producer id twice.
     #[error("producer-id allocator: {0}")]
     ProducerIds(#[source] StateFileError),
+    /// The transaction state file is corrupt or unreadable; starting anyway could lose a
+    /// decided commit.
+    #[error("transaction state: {0}")]
+    Transactions(#[source] StateFileError),
+    /// A transaction decided before the restart could not be completed.
+    #[error("completing the transactions decided before the restart: {0}")]
+    TransactionRecovery(String),
     /// The committed-offsets log could not be opened.
     #[error("offsets log: {0}")]
     Offsets(#[source] LogError),
@@ -186,6 +195,8 @@ impl Broker {
             .map_err(|e| StartError::Task(e.to_string()))??
         };
         let producer_ids = ProducerIds::open(&config.data_dir).map_err(StartError::ProducerIds)?;
+        let transactions = TransactionCoordinator::open(&config.data_dir, &producer_ids)
+            .map_err(StartError::Transactions)?;
         let groups = {
             let data_dir = config.data_dir.clone();
             let group_config = config.group;
@@ -211,12 +222,26 @@ impl Broker {
             advertised,
             catalog,
             producer_ids,
+            transactions,
             groups,
             appended,
             clock,
             request_memory,
             _lock: lock,
         });
+        // Before anything is served: a transaction decided before a crash gets its markers (and
+        // its offsets) now, so no reader sees its partitions stuck below it.
+        let recovered = state
+            .transactions
+            .recover(&state)
+            .await
+            .map_err(|e| StartError::TransactionRecovery(e.message))?;
+        if recovered > 0 {
+            tracing::info!(
+                transactions = recovered,
+                "completed transactions decided before the restart"
+            );
+        }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let maintenance = tokio::spawn(server::maintenance_loop(
             Arc::clone(&state),
@@ -224,6 +249,10 @@ impl Broker {
         ));
         let group_timers =
             tokio::spawn(server::group_loop(Arc::clone(&state), shutdown_rx.clone()));
+        let transaction_timers = tokio::spawn(server::transaction_loop(
+            Arc::clone(&state),
+            shutdown_rx.clone(),
+        ));
         let server = tokio::spawn(server::serve(listener, Arc::clone(&state), shutdown_rx));
         Ok(BrokerHandle {
             local_addr,
@@ -231,6 +260,7 @@ impl Broker {
             server: Some(server),
             maintenance: Some(maintenance),
             group_timers: Some(group_timers),
+            transaction_timers: Some(transaction_timers),
             state,
         })
     }
@@ -245,7 +275,8 @@ pub struct BrokerHandle {
     server: Option<JoinHandle<()>>,
     maintenance: Option<JoinHandle<()>>,
     group_timers: Option<JoinHandle<()>>,
-    state: Arc<BrokerState>,
+    transaction_timers: Option<JoinHandle<()>>,
+    pub(crate) state: Arc<BrokerState>,
 }
 
 impl BrokerHandle {
@@ -273,6 +304,9 @@ impl BrokerHandle {
         }
         if let Some(group_timers) = self.group_timers.take() {
             let _ = group_timers.await;
+        }
+        if let Some(transaction_timers) = self.transaction_timers.take() {
+            let _ = transaction_timers.await;
         }
         let state = Arc::clone(&self.state);
         let flushed = tokio::task::spawn_blocking(move || {

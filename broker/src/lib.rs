@@ -46,6 +46,7 @@ mod partition;
 mod producer_ids;
 pub mod server;
 mod state_file;
+mod transactions;
 
 pub use broker::{Broker, BrokerHandle, StartError};
 pub use catalog::CatalogOpenError;

@@ -26,10 +26,12 @@ use tokio::sync::watch;
 
 use crate::idempotence::snapshot::{self, SnapshotFile};
 use crate::idempotence::{BatchIdentity, CachedBatch, Decision, ProducerEntry, ProducerStateTable};
+use crate::log::batch::{ControlType, control_batch, control_type};
 use crate::log::{
-    AppendInfo, BatchHeader, LogConfig, LogError, MaintenanceReport, PartitionLog, RecoveryReport,
-    ValidatedBatch,
+    AppendInfo, BatchHeader, LogConfig, LogError, MaintenanceReport, PartitionLog, ReadResult,
+    RecoveryReport, ValidatedBatch,
 };
+use crate::transactions::partition::{AbortedTxn, PartitionTxns};
 
 /// What an append did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,13 +84,12 @@ pub(crate) enum AppendError {
         /// The batch's first sequence.
         first_sequence: i32,
     },
-    /// Transactions are not supported yet.
-    #[error(
-        "transactional batch from producer {producer_id}: transactions are not supported by this broker"
-    )]
-    Transactional {
-        /// The producer.
-        producer_id: i64,
+    /// A transactional batch outside a transaction of its producer that includes this
+    /// partition, or a non-transactional batch while the producer has one open here.
+    #[error("{reason}")]
+    TxnState {
+        /// What is wrong.
+        reason: String,
     },
     /// The batch carries a producer id but no sequence, or is a control batch.
     #[error("invalid record batch: {reason}")]
@@ -105,7 +106,7 @@ impl AppendError {
             Self::Log(e) => e.code(),
             Self::Fenced { .. } => ResponseError::InvalidProducerEpoch,
             Self::OutOfOrder { .. } => ResponseError::OutOfOrderSequenceNumber,
-            Self::Transactional { .. } => ResponseError::InvalidTxnState,
+            Self::TxnState { .. } => ResponseError::InvalidTxnState,
             Self::Invalid { .. } => ResponseError::InvalidRecord,
         }
     }
@@ -120,13 +121,36 @@ pub(crate) struct ProducerView {
     pub(crate) last_timestamp_ms: i64,
 }
 
+/// Sequences and transactions of the partition's producers, under one lock: a transaction's
+/// batches, its marker and the LSO are decided in one order.
+#[derive(Debug, Default)]
+struct Producers {
+    table: ProducerStateTable,
+    txns: PartitionTxns,
+}
+
+/// Checks a transactional batch against the transaction coordinator: its producer id and epoch
+/// must be the current ones of a transaction that has added this partition. Called with the
+/// partition's producer lock held, so a marker cannot slip in between the check and the append.
+pub(crate) type TxnVerifier<'a> = &'a dyn Fn(&BatchHeader) -> Result<(), AppendError>;
+
+/// The verifier for partitions no transaction may write to (and tests).
+pub(crate) fn no_transactions(header: &BatchHeader) -> Result<(), AppendError> {
+    Err(AppendError::TxnState {
+        reason: format!(
+            "transactional batch from producer {}: no transaction of it includes this partition",
+            header.producer_id
+        ),
+    })
+}
+
 /// A partition: its log and its durability state.
 #[derive(Debug)]
 pub(crate) struct Partition {
     pub(crate) topic: String,
     pub(crate) index: i32,
-    /// Producer state; locked before `log` when both are needed.
-    producers: Mutex<ProducerStateTable>,
+    /// Producer state and open transactions; locked before `log` when both are needed.
+    producers: Mutex<Producers>,
     /// Most producers remembered; the least recently used is evicted beyond it.
     max_producers: usize,
     log: Mutex<PartitionLog>,
@@ -156,6 +180,10 @@ impl Partition {
         let (mut log, report) = PartitionLog::open(dir, config, now_ms)?;
         log.flush()?;
         let producers = rebuild_producer_state(topic, index, &log, max_producers, now_ms)?;
+        let producers = Producers {
+            table: producers.0,
+            txns: producers.1,
+        };
         let durable_end = AtomicI64::new(log.log_end_offset());
         Ok((
             Self {
@@ -183,7 +211,7 @@ impl Partition {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn producers(&self) -> MutexGuard<'_, ProducerStateTable> {
+    fn producers(&self) -> MutexGuard<'_, Producers> {
         // The table is only changed after the append it records succeeded; still usable.
         self.producers
             .lock()
@@ -193,19 +221,31 @@ impl Partition {
     /// Appends one validated batch and wakes long-polling fetches. A batch with a producer id
     /// is checked against the producer state first (docs/idempotence.md): a duplicate of one
     /// of the producer's last five batches is not written again and the original is returned.
+    #[cfg(test)]
     pub(crate) fn append(
         &self,
         batch: &ValidatedBatch,
         now_ms: i64,
     ) -> Result<Appended, AppendError> {
+        self.append_verified(batch, now_ms, &no_transactions)
+    }
+
+    /// [`Partition::append`], with transactional batches checked by `verify` (after the
+    /// duplicate check: a copy of a batch already stored is answered as before, whatever the
+    /// transaction's state now).
+    pub(crate) fn append_verified(
+        &self,
+        batch: &ValidatedBatch,
+        now_ms: i64,
+        verify: TxnVerifier<'_>,
+    ) -> Result<Appended, AppendError> {
         let header = batch.header();
-        let mut producers = self.producers();
+        let mut guard = self.producers();
+        let Producers {
+            table: producers,
+            txns,
+        } = &mut *guard;
         let identity = if header.has_producer_id() {
-            if header.is_transactional() {
-                return Err(AppendError::Transactional {
-                    producer_id: header.producer_id,
-                });
-            }
             if header.base_sequence < 0 || header.producer_epoch < 0 {
                 return Err(AppendError::Invalid {
                     reason: format!(
@@ -248,11 +288,24 @@ impl Partition {
                     });
                 }
             }
+            if header.is_transactional() {
+                verify(header)?;
+            } else if txns.is_ongoing(header.producer_id) {
+                return Err(AppendError::TxnState {
+                    reason: format!(
+                        "producer {} sent a non-transactional batch while its transaction on this partition is open",
+                        header.producer_id
+                    ),
+                });
+            }
             Some(identity)
         } else {
             None
         };
         let info = self.log().append(batch, now_ms)?;
+        if header.is_transactional() {
+            txns.on_data(header.producer_id, info.base_offset);
+        }
         if let Some(identity) = identity {
             let cached = CachedBatch {
                 first_sequence: identity.first_sequence,
@@ -267,22 +320,76 @@ impl Partition {
         }
         if info.rolled {
             crate::blocking::may_block(|| {
-                self.write_snapshot(&producers, info.last_offset + 1, now_ms);
+                self.write_snapshot(&guard, info.last_offset + 1, now_ms);
             });
         }
-        drop(producers);
+        drop(guard);
         self.appended
             .send_modify(|generation| *generation = generation.wrapping_add(1));
         Ok(Appended::New(info))
     }
 
+    /// Appends a transaction marker for `producer_id` (the coordinator's current epoch for it)
+    /// and ends its transaction here. Returns the marker's offset; the caller waits for it to
+    /// be durable before it records the transaction complete.
+    pub(crate) fn write_marker(
+        &self,
+        producer_id: i64,
+        producer_epoch: i16,
+        control: ControlType,
+        now_ms: i64,
+    ) -> Result<i64, AppendError> {
+        let batch = control_batch(producer_id, producer_epoch, control, 0, now_ms);
+        let mut guard = self.producers();
+        let info = self.log().append(&batch, now_ms)?;
+        guard.txns.on_marker(producer_id, control, info.base_offset);
+        guard.table.bump_epoch(producer_id, producer_epoch);
+        if info.rolled {
+            crate::blocking::may_block(|| {
+                self.write_snapshot(&guard, info.last_offset + 1, now_ms);
+            });
+        }
+        drop(guard);
+        self.appended
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
+        Ok(info.base_offset)
+    }
+
+    /// The last stable offset: below it every transaction is decided.
+    pub(crate) fn last_stable_offset(&self) -> i64 {
+        let guard = self.producers();
+        let end = self.log().log_end_offset();
+        guard.txns.last_stable_offset(end)
+    }
+
+    /// A `read_committed` read: whole batches from `fetch_offset` below the LSO, with the LSO
+    /// and the aborted transactions the returned batches overlap.
+    pub(crate) fn read_committed(
+        &self,
+        fetch_offset: i64,
+        max_bytes: usize,
+    ) -> Result<(ReadResult, i64, Vec<AbortedTxn>), LogError> {
+        let guard = self.producers();
+        let log = self.log();
+        let lso = guard.txns.last_stable_offset(log.log_end_offset());
+        let read = log.read_below(fetch_offset, max_bytes, lso)?;
+        let aborted = guard.txns.aborted_between(fetch_offset, read.next_offset);
+        Ok((read, lso, aborted))
+    }
+
     /// Writes a producer-state snapshot covering everything below `end_offset`. A failure is
     /// logged, not returned: recovery then falls back to an older snapshot and replays more log.
-    fn write_snapshot(&self, producers: &ProducerStateTable, end_offset: i64, now_ms: i64) {
+    fn write_snapshot(&self, producers: &Producers, end_offset: i64, now_ms: i64) {
         let file = SnapshotFile {
             end_offset,
             written_ms: now_ms,
-            producers: producers.iter().map(|(id, e)| (*id, e.clone())).collect(),
+            producers: producers
+                .table
+                .iter()
+                .map(|(id, e)| (*id, e.clone()))
+                .collect(),
+            ongoing: producers.txns.ongoing(),
+            aborted: producers.txns.aborted().to_vec(),
         };
         let dir = self.log().dir().to_path_buf();
         match snapshot::write(&dir, &file) {
@@ -304,10 +411,14 @@ impl Partition {
         producer_expiration_ms: i64,
     ) -> Result<(MaintenanceReport, usize), LogError> {
         let mut producers = self.producers();
-        let expired = producers.expire(now_ms, producer_expiration_ms);
+        let Producers { table, txns } = &mut *producers;
+        // A producer with a transaction open here is kept (as Kafka does): its marker is
+        // still to come.
+        let expired = table.expire_except(now_ms, producer_expiration_ms, |id| txns.is_ongoing(id));
         let (report, end) = {
             let mut log = self.log();
             let report = log.maintain(now_ms)?;
+            txns.trim(log.log_start_offset());
             // Everything below the durable end was fsynced: recovery never cuts below it.
             log.checkpoint_recovery_point(self.durable_end.load(Ordering::Acquire))?;
             (report, log.log_end_offset())
@@ -336,6 +447,7 @@ impl Partition {
     pub(crate) fn producer_views(&self) -> Vec<ProducerView> {
         let producers = self.producers();
         let mut views: Vec<ProducerView> = producers
+            .table
             .iter()
             .map(|(id, entry): (&i64, &ProducerEntry)| ProducerView {
                 producer_id: *id,
@@ -431,30 +543,56 @@ fn identity_of(header: &BatchHeader) -> BatchIdentity {
 }
 
 /// The newest intact snapshot, then every batch after it, recorded without validation (they
-/// were validated when appended). Replayed producers count as active at `now_ms`, so expiry
-/// runs from the restart: state may live one expiration period longer, never shorter.
+/// were validated when appended), and every marker after it. Replayed producers count as
+/// active at `now_ms`, so expiry runs from the restart: state may live one expiration period
+/// longer, never shorter.
 fn rebuild_producer_state(
     topic: &str,
     index: i32,
     log: &PartitionLog,
     max_producers: usize,
     now_ms: i64,
-) -> Result<ProducerStateTable, LogError> {
+) -> Result<(ProducerStateTable, PartitionTxns), LogError> {
     let (loaded, report) = snapshot::load(log.dir(), log.log_end_offset());
     for (path, reason) in &report.discarded {
         tracing::warn!(topic, partition = index, snapshot = %path.display(), %reason, "producer snapshot discarded");
     }
-    let (mut table, from) = match loaded {
+    let (mut table, mut txns, from) = match loaded {
         Some(file) => (
             ProducerStateTable::from_entries(file.producers),
+            PartitionTxns::from_parts(file.ongoing, file.aborted),
             file.end_offset,
         ),
-        None => (ProducerStateTable::default(), log.log_start_offset()),
+        None => (
+            ProducerStateTable::default(),
+            PartitionTxns::default(),
+            log.log_start_offset(),
+        ),
     };
     let mut replayed = 0usize;
     for header in log.batch_headers(from)? {
-        if header.base_offset < from || !header.has_producer_id() || header.is_control() {
+        if header.base_offset < from || !header.has_producer_id() {
             continue;
+        }
+        if header.is_control() {
+            // Markers are rare: read the batch for its type.
+            let read = log.read(header.base_offset, 1)?;
+            match control_type(&read.records) {
+                Some(control) => {
+                    txns.on_marker(header.producer_id, control, header.base_offset);
+                    table.bump_epoch(header.producer_id, header.producer_epoch);
+                }
+                None => tracing::warn!(
+                    topic,
+                    partition = index,
+                    offset = header.base_offset,
+                    "control batch of an unknown kind skipped"
+                ),
+            }
+            continue;
+        }
+        if header.is_transactional() {
+            txns.on_data(header.producer_id, header.base_offset);
         }
         let identity = identity_of(&header);
         let cached = CachedBatch {
@@ -471,6 +609,7 @@ fn rebuild_producer_state(
         table.record(&identity, cached, now_ms, max_producers);
         replayed += 1;
     }
+    txns.trim(log.log_start_offset());
     tracing::debug!(
         topic,
         partition = index,
@@ -479,7 +618,7 @@ fn rebuild_producer_state(
         producers = table.len(),
         "producer state rebuilt"
     );
-    Ok(table)
+    Ok((table, txns))
 }
 
 #[cfg(test)]

@@ -5,10 +5,8 @@
 //! restart allocation resumes at that end. A crash therefore skips at most the rest of one
 //! block, and never repeats an id.
 //!
-//! A transactional id maps to one producer id, and every InitProducerId for it bumps the
-//! epoch, which fences the previous instance (its batches now carry an older epoch). The
-//! mapping is persisted before the reply. When the epoch would reach `i16::MAX`, the
-//! transactional id is moved to a fresh producer id at epoch 0, as Kafka does.
+//! Transactional ids and their epochs are kept by the transaction coordinator
+//! (`crate::transactions`); brokers from before it kept them here, and it reads them once.
 //!
 //! References: KIP-98 (InitProducerId), KIP-360 (producer id and epoch in the request, retries
 //! of a bump), KIP-588 (PRODUCER_FENCED), Kafka's `ProducerIdManager` (blocks of 1000).
@@ -122,47 +120,20 @@ impl ProducerIds {
         Ok((self.allocate(&mut inner)?, 0))
     }
 
-    /// The producer id of `transactional_id` with its epoch bumped (or a new id at epoch 0 the
-    /// first time). `expected` is the (producer id, epoch) a KIP-360 client sends (v3+): it
-    /// must be the current pair, or the pair just before a bump that the client is retrying;
-    /// anything else means another instance took over and the caller is fenced.
-    pub(crate) fn init_transactional(
-        &self,
-        transactional_id: &str,
-        expected: Option<(i64, i16)>,
-    ) -> Result<(i64, i16), InitError> {
+    /// A never-used producer id (for a transactional id: the coordinator keeps its epoch).
+    pub(crate) fn allocate_id(&self) -> Result<i64, InitError> {
         let mut inner = self.lock();
-        let current = inner.transactional.get(transactional_id).copied();
-        if let (Some(current), Some((producer_id, epoch))) = (current, expected) {
-            if producer_id == current.producer_id && epoch.checked_add(1) == Some(current.epoch) {
-                // A retry of the bump that already happened.
-                return Ok((current.producer_id, current.epoch));
-            }
-            if producer_id != current.producer_id || epoch != current.epoch {
-                return Err(InitError {
-                    code: ResponseError::ProducerFenced,
-                    message: format!(
-                        "transactional id {transactional_id:?} is now producer {} at epoch {}; producer {producer_id} at epoch {epoch} is fenced",
-                        current.producer_id, current.epoch
-                    ),
-                });
-            }
-        }
-        let next = match current {
-            Some(current) if current.epoch < i16::MAX - 1 => TransactionalProducer {
-                producer_id: current.producer_id,
-                epoch: current.epoch + 1,
-            },
-            _ => TransactionalProducer {
-                producer_id: self.allocate(&mut inner)?,
-                epoch: 0,
-            },
-        };
-        let mut updated = inner.transactional.clone();
-        updated.insert(transactional_id.to_string(), next);
-        self.persist(inner.block_end, &updated)?;
-        inner.transactional = updated;
-        Ok((next.producer_id, next.epoch))
+        self.allocate(&mut inner)
+    }
+
+    /// Transactional ids recorded by a broker from before the transaction coordinator kept
+    /// them (`transactions.bin`), with their producer id and epoch.
+    pub(crate) fn legacy_transactional(&self) -> Vec<(String, (i64, i16))> {
+        self.lock()
+            .transactional
+            .iter()
+            .map(|(id, p)| (id.clone(), (p.producer_id, p.epoch)))
+            .collect()
     }
 }
 
@@ -196,60 +167,6 @@ mod tests {
         drop(ids);
         let ids = ProducerIds::open(dir.path()).unwrap();
         assert_eq!(ids.new_idempotent().unwrap().0, BLOCK_SIZE * 3);
-    }
-
-    #[test]
-    fn transactional_id_keeps_its_producer_and_bumps_the_epoch_across_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let ids = ProducerIds::open(dir.path()).unwrap();
-        let (pid, epoch) = ids.init_transactional("orders", None).unwrap();
-        assert_eq!(epoch, 0);
-        assert_eq!(ids.init_transactional("orders", None).unwrap(), (pid, 1));
-        let (other, _) = ids.init_transactional("payments", None).unwrap();
-        assert_ne!(other, pid);
-        drop(ids);
-        let ids = ProducerIds::open(dir.path()).unwrap();
-        assert_eq!(ids.init_transactional("orders", None).unwrap(), (pid, 2));
-    }
-
-    #[test]
-    fn kip_360_expected_epoch_is_checked_and_retries_are_answered() {
-        let dir = tempfile::tempdir().unwrap();
-        let ids = ProducerIds::open(dir.path()).unwrap();
-        let (pid, _) = ids.init_transactional("t", None).unwrap();
-        assert_eq!(
-            ids.init_transactional("t", Some((pid, 0))).unwrap(),
-            (pid, 1)
-        );
-        // The same request again (its reply was lost): the bump is not repeated.
-        assert_eq!(
-            ids.init_transactional("t", Some((pid, 0))).unwrap(),
-            (pid, 1)
-        );
-        // A zombie with an older epoch, or another producer id, is fenced.
-        let fenced = ids.init_transactional("t", Some((pid, 5))).unwrap_err();
-        assert_eq!(fenced.code, ResponseError::ProducerFenced);
-        let fenced = ids
-            .init_transactional("t", Some((pid + 100, 1)))
-            .unwrap_err();
-        assert_eq!(fenced.code, ResponseError::ProducerFenced);
-    }
-
-    #[test]
-    fn epoch_exhaustion_rotates_to_a_new_producer_id() {
-        let dir = tempfile::tempdir().unwrap();
-        let ids = ProducerIds::open(dir.path()).unwrap();
-        let (pid, _) = ids.init_transactional("t", None).unwrap();
-        ids.lock().transactional.insert(
-            "t".into(),
-            TransactionalProducer {
-                producer_id: pid,
-                epoch: i16::MAX - 1,
-            },
-        );
-        let (rotated, epoch) = ids.init_transactional("t", None).unwrap();
-        assert_ne!(rotated, pid);
-        assert_eq!(epoch, 0);
     }
 
     #[test]

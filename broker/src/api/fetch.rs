@@ -8,7 +8,11 @@
 //! (KIP-227) are not implemented: the response carries session id 0, which tells clients to keep
 //! sending full fetch requests.
 //!
-//! References: Kafka protocol guide (Fetch), KIP-74, KIP-227.
+//! `isolation_level` 1 (`read_committed`) reads only below each partition's last stable offset
+//! and returns the aborted transactions the data overlaps, which clients use to drop aborted
+//! records ([`crate::transactions::partition`]). Every fetch reports the LSO.
+//!
+//! References: Kafka protocol guide (Fetch), KIP-74, KIP-98, KIP-227.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +20,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::fetch_request::FetchTopic;
-use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-use kafka_protocol::messages::{FetchRequest, FetchResponse, ResponseKind};
+use kafka_protocol::messages::fetch_response::{
+    AbortedTransaction, FetchableTopicResponse, PartitionData,
+};
+use kafka_protocol::messages::{FetchRequest, FetchResponse, ProducerId, ResponseKind};
 
 use super::Reply;
 use crate::broker::BrokerState;
@@ -27,6 +33,8 @@ use crate::catalog::Topic;
 struct Plan {
     topics: Vec<(FetchTopic, Option<Arc<Topic>>)>,
     max_bytes: usize,
+    /// `isolation_level` 1: only below the last stable offset, with the aborted transactions.
+    read_committed: bool,
 }
 
 /// What one pass over the plan produced.
@@ -55,6 +63,7 @@ pub(crate) fn handle(state: &Arc<BrokerState>, request: FetchRequest, version: i
         max_bytes: usize::try_from(request.max_bytes)
             .unwrap_or(0)
             .min(state.config.fetch_max_bytes),
+        read_committed: request.isolation_level == 1,
     };
     let min_bytes = usize::try_from(request.min_bytes).unwrap_or(0);
     let first = run(&plan);
@@ -110,13 +119,36 @@ fn run(plan: &Plan) -> Pass {
             let limit = usize::try_from(p.partition_max_bytes)
                 .unwrap_or(0)
                 .min(remaining);
-            let log = partition.log();
-            data = data
-                .with_high_watermark(log.log_end_offset())
-                .with_last_stable_offset(log.log_end_offset())
-                .with_log_start_offset(log.log_start_offset());
-            match log.read(p.fetch_offset, limit) {
-                Ok(read) => {
+            let outcome = if plan.read_committed {
+                partition
+                    .read_committed(p.fetch_offset, limit)
+                    .map(|(read, lso, aborted)| {
+                        let aborted = aborted
+                            .into_iter()
+                            .map(|a| {
+                                AbortedTransaction::default()
+                                    .with_producer_id(ProducerId(a.producer_id))
+                                    .with_first_offset(a.first_offset)
+                            })
+                            .collect::<Vec<_>>();
+                        (read, lso, Some(aborted))
+                    })
+            } else {
+                let lso = partition.last_stable_offset();
+                partition
+                    .log()
+                    .read(p.fetch_offset, limit)
+                    .map(|read| (read, lso, None))
+            };
+            {
+                let log = partition.log();
+                data = data
+                    .with_high_watermark(log.log_end_offset())
+                    .with_last_stable_offset(log.log_end_offset())
+                    .with_log_start_offset(log.log_start_offset());
+            }
+            match outcome {
+                Ok((read, lso, aborted)) => {
                     // Past the first data in the response, a batch that does not fit waits for
                     // the next fetch (KIP-74 only guarantees progress, not overflow everywhere).
                     let fits = bytes == 0 || read.records.len() <= limit;
@@ -126,8 +158,9 @@ fn run(plan: &Plan) -> Pass {
                     }
                     data = data
                         .with_high_watermark(read.high_watermark)
-                        .with_last_stable_offset(read.high_watermark)
-                        .with_log_start_offset(read.log_start_offset);
+                        .with_last_stable_offset(lso)
+                        .with_log_start_offset(read.log_start_offset)
+                        .with_aborted_transactions(aborted);
                 }
                 Err(e) => {
                     has_error = true;

@@ -4,36 +4,51 @@
 //! - No transactional id: a new producer id at epoch 0, whatever id and epoch a v3+ request
 //!   carries (Kafka does the same; the Java client bumps an idempotent producer's epoch
 //!   locally).
-//! - A transactional id: its producer id, with the epoch bumped; `transaction.timeout.ms` must
+//! - A transactional id: its producer id, with the epoch bumped, by the transaction
+//!   coordinator ([`crate::transactions`]), which aborts a transaction the previous instance
+//!   left open first; `transaction.timeout.ms` must
 //!   be positive and at most `transaction.max.timeout.ms` (`INVALID_TRANSACTION_TIMEOUT`). A
 //!   v3+ request naming a producer id and epoch that are no longer current is fenced:
 //!   `PRODUCER_FENCED` from v4, `INVALID_PRODUCER_EPOCH` before (KIP-588).
 //!
 //! References: KIP-98, KIP-360, KIP-588; Kafka's `TransactionCoordinator.handleInitProducerId`.
 
+use std::sync::Arc;
+
 use kafka_protocol::ResponseError;
-use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse, ProducerId};
+use kafka_protocol::messages::{
+    InitProducerIdRequest, InitProducerIdResponse, ProducerId, ResponseKind,
+};
+
+use super::Reply;
 
 use crate::broker::BrokerState;
 use crate::producer_ids::InitError;
 
 pub(crate) fn handle(
+    state: &Arc<BrokerState>,
+    request: InitProducerIdRequest,
+    version: i16,
+) -> Reply {
+    let state = Arc::clone(state);
+    Reply::Later(Box::pin(async move {
+        ResponseKind::InitProducerId(answer(&state, request, version).await)
+    }))
+}
+
+async fn answer(
     state: &BrokerState,
     request: InitProducerIdRequest,
     version: i16,
 ) -> InitProducerIdResponse {
-    let outcome = match request.transactional_id.as_ref().map(|id| id.0.as_str()) {
+    let transactional_id = request.transactional_id.as_ref().map(|id| id.0.to_string());
+    let outcome = match transactional_id.as_deref() {
         None => state.producer_ids.new_idempotent(),
-        Some(transactional_id) => init_transactional(state, &request, transactional_id),
+        Some(transactional_id) => init_transactional(state, &request, transactional_id).await,
     };
     match outcome {
         Ok((producer_id, epoch)) => {
-            tracing::debug!(
-                transactional_id = ?request.transactional_id.as_ref().map(|id| id.0.as_str()),
-                producer_id,
-                epoch,
-                "InitProducerId"
-            );
+            tracing::debug!(?transactional_id, producer_id, epoch, "InitProducerId");
             InitProducerIdResponse::default()
                 .with_producer_id(ProducerId(producer_id))
                 .with_producer_epoch(epoch)
@@ -53,7 +68,7 @@ pub(crate) fn handle(
     }
 }
 
-fn init_transactional(
+async fn init_transactional(
     state: &BrokerState,
     request: &InitProducerIdRequest,
     transactional_id: &str,
@@ -78,6 +93,12 @@ fn init_transactional(
     let expected =
         (request.producer_id.0 >= 0).then_some((request.producer_id.0, request.producer_epoch));
     state
-        .producer_ids
-        .init_transactional(transactional_id, expected)
+        .transactions
+        .init_producer_id(
+            state,
+            transactional_id,
+            request.transaction_timeout_ms,
+            expected,
+        )
+        .await
 }

@@ -7,7 +7,10 @@
 //! is none (`-1`), as Kafka answers for a topic that is not tiered. v10 adds a timeout, which
 //! a single node never needs.
 //!
-//! References: Kafka protocol guide (ListOffsets), KIP-79 (by timestamp), KIP-734 (max
+//! With `isolation_level` 1 (`read_committed`) the latest offset is the last stable offset
+//! (KIP-98), below which every transaction is decided.
+//!
+//! References: Kafka protocol guide (ListOffsets), KIP-98, KIP-79 (by timestamp), KIP-734 (max
 //! timestamp), KIP-405 and KIP-1005 (the tiered-storage sentinels), KIP-1075 (timeout).
 
 use kafka_protocol::ResponseError;
@@ -52,9 +55,12 @@ pub(crate) fn handle(
                     if version >= 4 {
                         response = response.with_leader_epoch(0);
                     }
+                    // read_committed (v2+): the latest offset is the last stable offset.
+                    let lso =
+                        (request.isolation_level == 1).then(|| partition.last_stable_offset());
                     let log = partition.log();
                     let found = match p.timestamp {
-                        LATEST => Ok(Some((log.log_end_offset(), -1))),
+                        LATEST => Ok(Some((lso.unwrap_or(log.log_end_offset()), -1))),
                         EARLIEST => Ok(Some((log.log_start_offset(), -1))),
                         MAX_TIMESTAMP => log.max_timestamp().map_err(|e| e.code()),
                         EARLIEST_LOCAL if version >= 8 => Ok(Some((log.log_start_offset(), -1))),

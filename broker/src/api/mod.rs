@@ -29,6 +29,7 @@ pub(crate) mod list_offsets;
 pub(crate) mod metadata;
 pub(crate) mod offsets;
 pub(crate) mod produce;
+pub(crate) mod transactions;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -67,6 +68,10 @@ pub(crate) const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::AddPartitionsToTxn, 0, 4),
+    (ApiKey::AddOffsetsToTxn, 0, 4),
+    (ApiKey::EndTxn, 0, 4),
+    (ApiKey::TxnOffsetCommit, 0, 4),
     (ApiKey::DescribeProducers, 0, 0),
     (ApiKey::FindCoordinator, 0, 4),
     (ApiKey::JoinGroup, 0, 9),
@@ -182,11 +187,27 @@ pub(crate) async fn handle(
                 .await?,
             ))
         }
-        ApiKey::InitProducerId => now(ResponseKind::InitProducerId(init_producer_id::handle(
+        ApiKey::InitProducerId => Ok(init_producer_id::handle(
+            state,
+            decode(body, version)?,
+            version,
+        )),
+        ApiKey::AddPartitionsToTxn => now(ResponseKind::AddPartitionsToTxn(
+            transactions::add_partitions(state, decode(body, version)?, version),
+        )),
+        ApiKey::AddOffsetsToTxn => now(ResponseKind::AddOffsetsToTxn(transactions::add_offsets(
             state,
             decode(body, version)?,
             version,
         ))),
+        ApiKey::EndTxn => Ok(transactions::end_txn(
+            state,
+            decode(body, version)?,
+            version,
+        )),
+        ApiKey::TxnOffsetCommit => now(ResponseKind::TxnOffsetCommit(
+            transactions::txn_offset_commit(state, decode(body, version)?, version),
+        )),
         ApiKey::DescribeProducers => now(ResponseKind::DescribeProducers(
             describe_producers::handle(state, decode(body, version)?),
         )),

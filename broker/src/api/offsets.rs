@@ -133,6 +133,27 @@ async fn commit(state: &BrokerState, request: OffsetCommitRequest) -> OffsetComm
 }
 
 /// One partition's committed offset, or -1 with no error when nothing is committed.
+/// `UNSTABLE_OFFSET_COMMIT` when the client asked for stable offsets only (v7+, the Java
+/// consumer under `read_committed`) and an open transaction holds an offset for the partition
+/// that is not committed yet (KIP-447); the client retries. 0 otherwise.
+fn unstable(
+    state: &BrokerState,
+    require_stable: bool,
+    group: &str,
+    topic: &str,
+    partition: i32,
+) -> i16 {
+    if require_stable
+        && state
+            .transactions
+            .has_pending_offset(group, topic, partition)
+    {
+        ResponseError::UnstableOffsetCommit.code()
+    } else {
+        0
+    }
+}
+
 fn fetched(committed: &GroupOffsets, topic: &str, partition: i32) -> (i64, i32, String) {
     committed
         .get(&(topic.to_string(), partition))
@@ -195,6 +216,13 @@ pub(crate) fn offset_fetch(
                                     .with_committed_offset(offset)
                                     .with_committed_leader_epoch(epoch)
                                     .with_metadata(Some(StrBytes::from_string(metadata)))
+                                    .with_error_code(unstable(
+                                        state,
+                                        request.require_stable,
+                                        &group.group_id.0,
+                                        &name.0,
+                                        index,
+                                    ))
                             })
                             .collect();
                         OffsetFetchResponseTopics::default()
@@ -232,6 +260,13 @@ pub(crate) fn offset_fetch(
                         .with_committed_offset(offset)
                         .with_committed_leader_epoch(epoch)
                         .with_metadata(Some(StrBytes::from_string(metadata)))
+                        .with_error_code(unstable(
+                            state,
+                            request.require_stable,
+                            &request.group_id.0,
+                            &name.0,
+                            index,
+                        ))
                 })
                 .collect();
             OffsetFetchResponseTopic::default()

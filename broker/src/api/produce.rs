@@ -9,7 +9,8 @@
 //!
 //! Batches with a producer id go through the idempotence check first ([`crate::partition`]):
 //! a duplicate is answered with the original's offset, and under `acks=all` waits for the same
-//! fsync as the original.
+//! fsync as the original. A transactional batch must belong to the current epoch of a
+//! transaction that has added its partition ([`crate::transactions`]).
 //!
 //! Appends happen in request order before the handler returns, so pipelined requests on one
 //! connection land in the log in the order they were sent; only the wait for fsync overlaps.
@@ -51,7 +52,14 @@ pub(crate) fn handle(state: &Arc<BrokerState>, request: ProduceRequest, version:
                 .with_base_offset(-1)
                 .with_log_append_time_ms(-1)
                 .with_log_start_offset(-1);
-            let outcome = append_one(&topic, data.index, data.records.as_deref(), acks, now_ms);
+            let outcome = append_one(
+                state,
+                &topic,
+                data.index,
+                data.records.as_deref(),
+                acks,
+                now_ms,
+            );
             match outcome {
                 Ok((partition, appended)) => {
                     // A duplicate is answered NONE with the original's offset and timestamp,
@@ -143,6 +151,7 @@ fn resolve_topic(state: &BrokerState, name: &str) -> Result<Arc<Topic>, (Respons
 }
 
 fn append_one(
+    state: &BrokerState,
     topic: &Result<Arc<Topic>, (ResponseError, String)>,
     index: i32,
     records: Option<&[u8]>,
@@ -165,7 +174,9 @@ fn append_one(
     let records = records.unwrap_or_default();
     let batch = validate_produce_records(records, topic.log_config.max_message_bytes)
         .map_err(|e| (e.code(), e.to_string()))?;
-    let appended = partition.append(&batch, now_ms).map_err(|e| {
+    let verify =
+        |header: &crate::log::BatchHeader| state.transactions.verify(header, &topic.name, index);
+    let appended = partition.append_verified(&batch, now_ms, &verify).map_err(|e| {
         if matches!(e, AppendError::Log(_)) {
             tracing::error!(topic = %topic.name, partition = index, error = %e, "append failed");
         }

@@ -273,7 +273,9 @@ impl OffsetStore {
         .map_err(|e| CommitError::Encode(e.to_string()))?;
         let batch = validate_produce_records(&buf, u32::MAX)?;
         // (A roll inside the append tells tokio it blocks: see `crate::blocking`.)
-        let appended = self.partition.append(&batch, now_ms);
+        let appended =
+            self.partition
+                .append_verified(&batch, now_ms, &crate::partition::no_transactions);
         let appended = appended.map_err(|e| match e {
             crate::partition::AppendError::Log(log) => CommitError::Log(log),
             other => CommitError::Encode(other.to_string()),

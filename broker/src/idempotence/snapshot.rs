@@ -20,7 +20,9 @@ use super::rules::ProducerEntry;
 use crate::state_file::{self, StateFileError};
 
 const MAGIC: &[u8; 8] = b"SEMELPST";
-const VERSION: u16 = 1;
+/// 2: open transactions and the aborted-transaction index were added. A version-1 snapshot
+/// reads as unusable, so the state is rebuilt from the log.
+const VERSION: u16 = 2;
 const EXTENSION: &str = "snapshot";
 /// Snapshots kept after a new one is written (the newest, and one to fall back on).
 pub(crate) const KEPT_SNAPSHOTS: usize = 2;
@@ -34,6 +36,10 @@ pub(crate) struct SnapshotFile {
     pub(crate) written_ms: i64,
     /// Every producer the partition remembered, by producer id.
     pub(crate) producers: Vec<(i64, ProducerEntry)>,
+    /// Open transactions: producer id and the offset of its first batch.
+    pub(crate) ongoing: Vec<(i64, i64)>,
+    /// The aborted-transaction index.
+    pub(crate) aborted: Vec<crate::transactions::partition::AbortedTxn>,
 }
 
 /// Path of the snapshot covering everything below `end_offset`.
@@ -151,6 +157,12 @@ mod tests {
                     last_timestamp_ms: 900,
                 },
             )],
+            ongoing: vec![(42, 7)],
+            aborted: vec![crate::transactions::partition::AbortedTxn {
+                producer_id: 41,
+                first_offset: 1,
+                last_offset: 3,
+            }],
         }
     }
 

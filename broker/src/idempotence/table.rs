@@ -84,10 +84,32 @@ impl ProducerStateTable {
 
     /// Forgets producers idle for longer than `expiration_ms`; returns how many.
     pub fn expire(&mut self, now_ms: i64, expiration_ms: i64) -> usize {
+        self.expire_except(now_ms, expiration_ms, |_| false)
+    }
+
+    /// [`ProducerStateTable::expire`], keeping the producers `keep` names.
+    pub fn expire_except(
+        &mut self,
+        now_ms: i64,
+        expiration_ms: i64,
+        keep: impl Fn(i64) -> bool,
+    ) -> usize {
         let before = self.entries.len();
-        self.entries
-            .retain(|_, e| now_ms.saturating_sub(e.last_timestamp_ms) <= expiration_ms);
+        self.entries.retain(|id, e| {
+            keep(*id) || now_ms.saturating_sub(e.last_timestamp_ms) <= expiration_ms
+        });
         before - self.entries.len()
+    }
+
+    /// A transaction marker at `epoch` was written for `producer_id`: a newer epoch (the
+    /// coordinator fenced the producer) replaces the old one, whose sequences no longer count.
+    pub fn bump_epoch(&mut self, producer_id: i64, epoch: i16) {
+        if let Some(entry) = self.entries.get_mut(&producer_id)
+            && epoch > entry.epoch
+        {
+            entry.epoch = epoch;
+            entry.batches.clear();
+        }
     }
 
     /// Builds a table from snapshot entries.

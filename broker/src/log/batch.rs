@@ -380,3 +380,94 @@ pub fn record_timestamps(batch: &[u8]) -> Option<Vec<(i32, i64)>> {
     }
     Some(out)
 }
+
+/// What a transaction marker (a control batch's one record) says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlType {
+    /// The producer's transaction on this partition was aborted (key type 0).
+    Abort,
+    /// It was committed (key type 1).
+    Commit,
+}
+
+/// A transaction marker for `producer_id` at `producer_epoch`: a control batch (attributes
+/// transactional and control, no sequence) holding one record whose key is
+/// `[version i16 = 0][type i16]` and whose value is `[version i16 = 0][coordinator epoch i32]`,
+/// as Kafka's `EndTransactionMarker` writes it.
+pub fn control_batch(
+    producer_id: i64,
+    producer_epoch: i16,
+    control: ControlType,
+    coordinator_epoch: i32,
+    timestamp_ms: i64,
+) -> ValidatedBatch {
+    let kind: i16 = match control {
+        ControlType::Abort => 0,
+        ControlType::Commit => 1,
+    };
+    let mut key = Vec::with_capacity(4);
+    key.extend_from_slice(&0i16.to_be_bytes());
+    key.extend_from_slice(&kind.to_be_bytes());
+    let mut value = Vec::with_capacity(6);
+    value.extend_from_slice(&0i16.to_be_bytes());
+    value.extend_from_slice(&coordinator_epoch.to_be_bytes());
+    // attributes, timestamp delta 0, offset delta 0, key, value, no headers; every varint
+    // here is one byte (zig-zag of 4 is 8, of 6 is 12).
+    let mut record = vec![0u8, 0, 0, 8];
+    record.extend_from_slice(&key);
+    record.push(12);
+    record.extend_from_slice(&value);
+    record.push(0);
+    let record_length = u8::try_from(record.len() * 2).unwrap_or(0); // zig-zag, one byte
+    let mut bytes = Vec::with_capacity(HEADER_BYTES + 1 + record.len());
+    bytes.extend_from_slice(&0i64.to_be_bytes()); // base offset, assigned on append
+    let batch_length = i32::try_from(HEADER_BYTES - LOG_OVERHEAD + 1 + record.len()).unwrap_or(0);
+    bytes.extend_from_slice(&batch_length.to_be_bytes());
+    bytes.extend_from_slice(&0i32.to_be_bytes()); // partition leader epoch
+    bytes.push(2); // magic
+    bytes.extend_from_slice(&0u32.to_be_bytes()); // crc, below
+    let attributes = ATTRIBUTE_TRANSACTIONAL | ATTRIBUTE_CONTROL;
+    bytes.extend_from_slice(&attributes.to_be_bytes());
+    bytes.extend_from_slice(&0i32.to_be_bytes()); // last offset delta
+    bytes.extend_from_slice(&timestamp_ms.to_be_bytes());
+    bytes.extend_from_slice(&timestamp_ms.to_be_bytes());
+    bytes.extend_from_slice(&producer_id.to_be_bytes());
+    bytes.extend_from_slice(&producer_epoch.to_be_bytes());
+    bytes.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
+    bytes.extend_from_slice(&1i32.to_be_bytes()); // records count
+    bytes.push(record_length);
+    bytes.extend_from_slice(&record);
+    let crc = compute_crc(&bytes);
+    bytes[17..21].copy_from_slice(&crc.to_be_bytes());
+    let header = BatchHeader::parse(&bytes).unwrap_or_else(|| unreachable!("61+ bytes"));
+    ValidatedBatch {
+        bytes: Bytes::from(bytes),
+        header,
+    }
+}
+
+/// The marker type of a stored control batch, read from its first record's key. `None` when
+/// `batch` is not a control batch or its record is malformed (or of a type other than commit
+/// and abort, which Kafka reserves for other control records).
+pub fn control_type(batch: &[u8]) -> Option<ControlType> {
+    let header = BatchHeader::parse(batch)?;
+    if !header.is_control() || header.compression() != 0 {
+        return None;
+    }
+    let body = batch.get(HEADER_BYTES..header.total_size()?)?;
+    let mut at = 0usize;
+    let _length = semel_records::varint_at(body, &mut at)?;
+    at += 1; // attributes
+    let _timestamp_delta = semel_records::varint_at(body, &mut at)?;
+    let _offset_delta = semel_records::varint_at(body, &mut at)?;
+    let key_length = usize::try_from(semel_records::varint_at(body, &mut at)?).ok()?;
+    if key_length < 4 {
+        return None;
+    }
+    let key = body.get(at..at + 4)?;
+    match i16::from_be_bytes([key[2], key[3]]) {
+        0 => Some(ControlType::Abort),
+        1 => Some(ControlType::Commit),
+        _ => None,
+    }
+}

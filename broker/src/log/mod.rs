@@ -249,6 +249,8 @@ pub struct AppendInfo {
 pub struct ReadResult {
     /// Concatenated stored batches (possibly empty).
     pub records: Bytes,
+    /// The offset after the last batch returned (the fetch offset when none was).
+    pub next_offset: i64,
     /// Next offset to be written (the high watermark on a single node).
     pub high_watermark: i64,
     /// First offset in the log.
@@ -570,6 +572,20 @@ impl PartitionLog {
     /// `Offline` after a failed fsync; `OffsetOutOfRange` below the log start or above the
     /// log end; `Io` on read failure.
     pub fn read(&self, fetch_offset: i64, max_bytes: usize) -> Result<ReadResult, LogError> {
+        self.read_below(fetch_offset, max_bytes, i64::MAX)
+    }
+
+    /// [`PartitionLog::read`], stopping before the first batch whose base offset is at or past
+    /// `max_offset` (the last stable offset, for `read_committed`); a batch below it is whole.
+    ///
+    /// # Errors
+    /// As [`PartitionLog::read`].
+    pub fn read_below(
+        &self,
+        fetch_offset: i64,
+        max_bytes: usize,
+        max_offset: i64,
+    ) -> Result<ReadResult, LogError> {
         self.check_online()?;
         let (start, end) = (self.log_start_offset(), self.log_end_offset());
         if fetch_offset < start || fetch_offset > end {
@@ -597,7 +613,9 @@ impl PartitionLog {
             while position < segment.size {
                 let header = segment.header_at(position)?;
                 let total = header.total_size().unwrap_or(0);
-                if !out.is_empty() && out.len() + total > max_bytes {
+                if header.base_offset >= max_offset
+                    || (!out.is_empty() && out.len() + total > max_bytes)
+                {
                     break 'segments;
                 }
                 out.extend_from_slice(&segment.read_at(position, total)?);
@@ -610,6 +628,7 @@ impl PartitionLog {
         }
         Ok(ReadResult {
             records: out.freeze(),
+            next_offset: offset,
             high_watermark: end,
             log_start_offset: start,
         })

@@ -342,6 +342,89 @@ const SCHEMAS: &[Schema] = &[
             since(3, I16), // producer_epoch
         ],
     },
+    // AddPartitionsToTxn
+    Schema {
+        api_key: 24,
+        min: 0,
+        max: 4,
+        flexible_since: 3,
+        fields: &[
+            since(
+                4,
+                Kind::Structs(&[
+                    all(STRING), // transactional_id
+                    all(I64),    // producer_id
+                    all(I16),    // producer_epoch
+                    all(BOOL),   // verify_only
+                    all(Kind::Structs(&[
+                        all(STRING),             // name
+                        all(Kind::Values(&I32)), // partitions
+                    ])),
+                ]),
+            ),
+            until(3, STRING), // v3_and_below_transactional_id
+            until(3, I64),    // v3_and_below_producer_id
+            until(3, I16),    // v3_and_below_producer_epoch
+            until(
+                3,
+                Kind::Structs(&[
+                    all(STRING),             // name
+                    all(Kind::Values(&I32)), // partitions
+                ]),
+            ),
+        ],
+    },
+    // AddOffsetsToTxn
+    Schema {
+        api_key: 25,
+        min: 0,
+        max: 4,
+        flexible_since: 3,
+        fields: &[
+            all(STRING), // transactional_id
+            all(I64),    // producer_id
+            all(I16),    // producer_epoch
+            all(STRING), // group_id
+        ],
+    },
+    // EndTxn
+    Schema {
+        api_key: 26,
+        min: 0,
+        max: 4,
+        flexible_since: 3,
+        fields: &[
+            all(STRING), // transactional_id
+            all(I64),    // producer_id
+            all(I16),    // producer_epoch
+            all(BOOL),   // committed
+        ],
+    },
+    // TxnOffsetCommit
+    Schema {
+        api_key: 28,
+        min: 0,
+        max: 4,
+        flexible_since: 3,
+        fields: &[
+            all(STRING),      // transactional_id
+            all(STRING),      // group_id
+            all(I64),         // producer_id
+            all(I16),         // producer_epoch
+            since(3, I32),    // generation_id
+            since(3, STRING), // member_id
+            since(3, STRING), // group_instance_id (nullable)
+            all(Kind::Structs(&[
+                all(STRING), // name
+                all(Kind::Structs(&[
+                    all(I32),      // partition_index
+                    all(I64),      // committed_offset
+                    since(2, I32), // committed_leader_epoch
+                    all(STRING),   // committed_metadata (nullable)
+                ])),
+            ])),
+        ],
+    },
     // DescribeProducers
     Schema {
         api_key: 61,

@@ -73,8 +73,6 @@ pub(crate) async fn serve(
     }
 }
 
-/// Rolls segments by time, applies retention and expires idle producers every
-/// `retention_check_interval`.
 /// How often the group coordinator checks session and rebalance timeouts.
 const GROUP_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -91,6 +89,25 @@ pub(crate) async fn group_loop(state: Arc<BrokerState>, mut shutdown: watch::Rec
     }
 }
 
+/// How often the transaction coordinator looks for timed-out transactions (Kafka:
+/// `transaction.abort.timed.out.transaction.cleanup.interval.ms`, 10 s).
+const TRANSACTION_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Drives the transaction coordinator's timers until shutdown.
+pub(crate) async fn transaction_loop(state: Arc<BrokerState>, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(TRANSACTION_TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        state.transactions.tick(&state).await;
+    }
+}
+
+/// Rolls segments by time, applies retention and expires idle producers every
+/// `retention_check_interval`.
 pub(crate) async fn maintenance_loop(state: Arc<BrokerState>, mut shutdown: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(state.config.retention_check_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -206,6 +206,58 @@ fn populated(api_key: i16, version: i16) -> Bytes {
             })
             .with_producer_epoch(if version >= 3 { 2 } else { -1 })
             .encode(&mut buf, version),
+        24 => {
+            let topics = twice(
+                add_partitions_to_txn_request::AddPartitionsToTxnTopic::default()
+                    .with_name(topic("t"))
+                    .with_partitions(vec![0, 1]),
+            );
+            if version >= 4 {
+                AddPartitionsToTxnRequest::default()
+                    .with_transactions(twice(
+                        add_partitions_to_txn_request::AddPartitionsToTxnTransaction::default()
+                            .with_transactional_id(TransactionalId(s("tx")))
+                            .with_producer_id(ProducerId(7))
+                            .with_producer_epoch(2)
+                            .with_topics(topics),
+                    ))
+                    .encode(&mut buf, version)
+            } else {
+                AddPartitionsToTxnRequest::default()
+                    .with_v3_and_below_transactional_id(TransactionalId(s("tx")))
+                    .with_v3_and_below_producer_id(ProducerId(7))
+                    .with_v3_and_below_producer_epoch(2)
+                    .with_v3_and_below_topics(topics)
+                    .encode(&mut buf, version)
+            }
+        }
+        25 => AddOffsetsToTxnRequest::default()
+            .with_transactional_id(TransactionalId(s("tx")))
+            .with_producer_id(ProducerId(7))
+            .with_group_id(GroupId(s("g")))
+            .encode(&mut buf, version),
+        26 => EndTxnRequest::default()
+            .with_transactional_id(TransactionalId(s("tx")))
+            .with_producer_id(ProducerId(7))
+            .with_committed(true)
+            .encode(&mut buf, version),
+        28 => TxnOffsetCommitRequest::default()
+            .with_transactional_id(TransactionalId(s("tx")))
+            .with_group_id(GroupId(s("g")))
+            .with_producer_id(ProducerId(7))
+            .with_member_id(if version >= 3 { s("m") } else { s("") })
+            .with_generation_id(if version >= 3 { 3 } else { -1 })
+            .with_topics(twice(
+                txn_offset_commit_request::TxnOffsetCommitRequestTopic::default()
+                    .with_name(topic("t"))
+                    .with_partitions(twice(
+                        txn_offset_commit_request::TxnOffsetCommitRequestPartition::default()
+                            .with_partition_index(1)
+                            .with_committed_offset(42)
+                            .with_committed_metadata(Some(s("meta"))),
+                    )),
+            ))
+            .encode(&mut buf, version),
         61 => DescribeProducersRequest::default()
             .with_topics(twice(
                 describe_producers_request::TopicRequest::default()
@@ -354,6 +406,10 @@ fn empty(api_key: i16, version: i16) -> Bytes {
         44 => IncrementalAlterConfigsRequest::default().encode(&mut buf, version),
         37 => CreatePartitionsRequest::default().encode(&mut buf, version),
         22 => InitProducerIdRequest::default().encode(&mut buf, version),
+        24 => AddPartitionsToTxnRequest::default().encode(&mut buf, version),
+        25 => AddOffsetsToTxnRequest::default().encode(&mut buf, version),
+        26 => EndTxnRequest::default().encode(&mut buf, version),
+        28 => TxnOffsetCommitRequest::default().encode(&mut buf, version),
         61 => DescribeProducersRequest::default().encode(&mut buf, version),
         10 => FindCoordinatorRequest::default().encode(&mut buf, version),
         11 => JoinGroupRequest::default().encode(&mut buf, version),

@@ -1,0 +1,182 @@
+//! Transactions (KIP-98, KIP-447) on semel-broker, driven by clients we did not write:
+//! - librdkafka 2.16 (confluent-kafka): commit and abort read back `read_committed` and
+//!   `read_uncommitted`, `send_offsets_to_transaction` with a consumer group (offsets visible
+//!   only once the transaction commits, `UNSTABLE_OFFSET_COMMIT` meanwhile), a zombie producer
+//!   fenced by a newer instance, and a transaction aborted by the broker when it outlives
+//!   `transaction.timeout.ms` (`tests/interop/confluent_transactions.py`);
+//! - Apache Kafka's `TransactionalMessageCopier` (the Java client's consume-transform-produce
+//!   loop from Kafka's own system tests), with random aborts: the output topic, read
+//!   `read_committed` by kcat, holds every input record exactly once.
+//!
+//! The crash window between EndTxn's decision and its markers is tested inside the broker
+//! crate (`transactions::tests`).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use common::{TestBroker, kcat, output_within, python};
+
+fn run(command: &mut Command, limit: Duration, what: &str) -> anyhow::Result<String> {
+    let out = tokio::task::block_in_place(|| output_within(command, limit, what))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn librdkafka_transactions_commit_abort_send_offsets_fence_and_time_out() -> anyhow::Result<()>
+{
+    let python = python()?;
+    let found = Command::new(&python)
+        .args(["-c", "import confluent_kafka"])
+        .output()?;
+    ensure!(
+        found.status.success(),
+        "confluent-kafka is missing from {} (run scripts/setup.sh)",
+        python.display()
+    );
+    let broker = TestBroker::start().await?;
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/confluent_transactions.py");
+    let mut command = Command::new(&python);
+    command
+        .arg(&script)
+        .args(["--bootstrap", &broker.bootstrap()]);
+    let out = tokio::task::block_in_place(|| {
+        output_within(
+            &mut command,
+            Duration::from_secs(300),
+            "confluent-kafka transactions",
+        )
+    })?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    // One JSON line per scenario, written by the script with `json.dumps` (so `"ok": true`
+    // appears exactly so when it passed).
+    for scenario in ["commit_abort", "send_offsets", "zombie", "timeout"] {
+        let tag = format!("\"scenario\": \"{scenario}\"");
+        let result = stdout
+            .lines()
+            .find(|l| l.contains(&tag))
+            .with_context(|| format!("no result for {scenario}:\n{stdout}"))?;
+        ensure!(
+            result.starts_with("{\"ok\": true,"),
+            "{scenario} failed: {result}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ensure!(out.status.success(), "the script failed:\n{stdout}");
+    broker.handle.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn java_transactional_copier_with_random_aborts_copies_every_record_once()
+-> anyhow::Result<()> {
+    const COUNT: usize = 2_000;
+    let kcat = kcat()?;
+    let broker = TestBroker::start().await?;
+    let bootstrap = broker.bootstrap();
+    let input: String = (0..COUNT).map(|i| format!("record-{i}\n")).collect();
+    let input_file = broker.dir.path().join("input.txt");
+    std::fs::write(&input_file, &input)?;
+    run(
+        Command::new(&kcat)
+            .args(["-P", "-b", &bootstrap, "-t", "copy-in", "-p", "0", "-l"])
+            .arg(&input_file),
+        Duration::from_secs(60),
+        "kcat produce",
+    )?;
+    let kafka_sh = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka.sh");
+    let copier = run(
+        Command::new("bash").arg(&kafka_sh).args([
+            "tool",
+            "org.apache.kafka.tools.TransactionalMessageCopier",
+            "--broker-list",
+            &bootstrap,
+            "--input-topic",
+            "copy-in",
+            "--input-partition",
+            "0",
+            "--output-topic",
+            "copy-out",
+            "--transactional-id",
+            "copier",
+            "--consumer-group",
+            "copier-group",
+            "--max-messages",
+            &COUNT.to_string(),
+            "--transaction-size",
+            "100",
+            "--enable-random-aborts",
+            "--use-group-metadata",
+        ]),
+        Duration::from_secs(300),
+        "TransactionalMessageCopier",
+    )?;
+    ensure!(
+        copier.contains("ShutdownComplete") && copier.contains("\"remaining\":0"),
+        "the copier did not finish:\n{copier}"
+    );
+    let read = |isolation: &str| -> anyhow::Result<Vec<String>> {
+        let out = run(
+            Command::new(&kcat).args([
+                "-C",
+                "-b",
+                &bootstrap,
+                "-t",
+                "copy-out",
+                "-o",
+                "beginning",
+                "-e",
+                "-q",
+                "-X",
+                &format!("isolation.level={isolation}"),
+            ]),
+            Duration::from_secs(60),
+            "kcat consume",
+        )?;
+        Ok(out.lines().map(str::to_string).collect())
+    };
+    let committed = read("read_committed")?;
+    let mut sorted = committed.clone();
+    sorted.sort();
+    let mut expected: Vec<String> = (0..COUNT).map(|i| format!("record-{i}")).collect();
+    expected.sort();
+    ensure!(
+        sorted == expected,
+        "read_committed holds {} records ({} distinct), expected each of {COUNT} once",
+        committed.len(),
+        committed
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    );
+    let in_order: Vec<String> = (0..COUNT).map(|i| format!("record-{i}")).collect();
+    ensure!(
+        committed == in_order,
+        "read_committed is not in input order"
+    );
+    let uncommitted = read("read_uncommitted")?;
+    eprintln!(
+        "copier: {} committed, {} read_uncommitted (the difference was aborted)",
+        committed.len(),
+        uncommitted.len()
+    );
+    ensure!(
+        uncommitted.len() > COUNT,
+        "random aborts left no aborted records ({} read_uncommitted): the test did not exercise aborts",
+        uncommitted.len()
+    );
+    broker.handle.shutdown().await;
+    Ok(())
+}
