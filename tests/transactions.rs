@@ -8,6 +8,10 @@
 //!   loop from Kafka's own system tests), with random aborts: the output topic, read
 //!   `read_committed` by kcat, holds every input record exactly once.
 //!
+//! - a `kill -9` of the broker with one transaction committed and one open: after the restart
+//!   the open one still holds the last stable offset, the broker aborts it on its timeout, and
+//!   the committed one stays visible.
+//!
 //! The crash window between EndTxn's decision and its markers is tested inside the broker
 //! crate (`transactions::tests`).
 
@@ -18,7 +22,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use common::{TestBroker, kcat, output_within, python};
+use common::{ChildBroker, TestBroker, kcat, output_within, python};
 
 fn run(command: &mut Command, limit: Duration, what: &str) -> anyhow::Result<String> {
     let out = tokio::task::block_in_place(|| output_within(command, limit, what))?;
@@ -178,5 +182,38 @@ async fn java_transactional_copier_with_random_aborts_copies_every_record_once()
         uncommitted.len()
     );
     broker.handle.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_transaction_survives_kill_9_and_is_aborted_on_its_timeout() -> anyhow::Result<()> {
+    let python = python()?;
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/confluent_transactions.py");
+    let dir = tempfile::tempdir()?;
+    let phase = |addr: std::net::SocketAddr, phase: &str| -> anyhow::Result<String> {
+        run(
+            Command::new(&python).arg(&script).args([
+                "--bootstrap",
+                &addr.to_string(),
+                "--phase",
+                phase,
+                "--topic",
+                "crash",
+            ]),
+            Duration::from_secs(180),
+            phase,
+        )
+    };
+    let broker = ChildBroker::spawn(dir.path(), &[])?;
+    let opened = phase(broker.addr, "crash_open")?;
+    ensure!(opened.contains("\"ok\": true"), "{opened}");
+    broker.kill9()?;
+    let broker = ChildBroker::spawn(dir.path(), &[])?;
+    let checked = phase(broker.addr, "crash_check");
+    let checked = checked.with_context(|| broker.output_text())?;
+    eprintln!("{checked}");
+    ensure!(checked.starts_with("{\"ok\": true,"), "{checked}");
+    broker.terminate()?;
     Ok(())
 }

@@ -13,10 +13,15 @@ Scenarios:
   transaction is aborted and whose commit fails.
 - timeout: a transaction left open past transaction.timeout.ms is aborted by the broker; its
   records are never visible and the partition's LSO moves on.
+
+Phases (--phase, --topic), around a kill -9 of the broker by the test: crash_open leaves a
+transaction open after a committed one; crash_check, against the restarted broker, checks
+that the open one still holds the LSO and is then aborted on its timeout.
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 import uuid
@@ -230,6 +235,39 @@ def timeout(bootstrap):
     return {"ok": ok, "commit_failed": failed, "visible": values}
 
 
+def crash_open(bootstrap, topic):
+    """Before a kill -9 of the broker: one committed transaction, then one left open."""
+    create(bootstrap, topic, 1)
+    p = producer(bootstrap, f"tx-{topic}", **{"transaction.timeout.ms": 6000})
+    p.begin_transaction()
+    for i in range(10):
+        p.produce(topic, value=f"c-{i}".encode())
+    p.commit_transaction(TIMEOUT)
+    p.begin_transaction()
+    for i in range(10):
+        p.produce(topic, value=f"open-{i}".encode())
+    p.flush(TIMEOUT)  # acknowledged (acks=all): on disk, in an open transaction
+    return {"ok": True}
+
+
+def crash_check(bootstrap, topic):
+    """After the restart: the open transaction still holds the LSO, so read_committed sees only
+    the committed one; the broker then aborts it on its timeout, and records committed after
+    it become visible. The open transaction's records never are."""
+    early = [v for _, _, v in read_all(bootstrap, topic, "read_committed", 10, limit=10)]
+    raw = [v for _, _, v in read_all(bootstrap, topic, "read_uncommitted", 20, limit=10)]
+    other = producer(bootstrap, f"tx2-{topic}")
+    other.begin_transaction()
+    other.produce(topic, value=b"after")
+    other.commit_transaction(TIMEOUT)
+    late = [v for _, _, v in read_all(bootstrap, topic, "read_committed", 11, limit=40)]
+    committed = [f"c-{i}" for i in range(10)]
+    ok = early == committed and len(raw) == 20 and late == committed + ["after"]
+    return {"ok": ok, "early": early, "read_uncommitted": len(raw), "late": late}
+
+
+PHASES = {"crash_open": crash_open, "crash_check": crash_check}
+
 SCENARIOS = {
     "commit_abort": commit_abort,
     "send_offsets": send_offsets,
@@ -242,7 +280,18 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--phase", choices=list(PHASES))
+    parser.add_argument("--topic")
     args = parser.parse_args()
+    if args.phase:
+        try:
+            result = PHASES[args.phase](args.bootstrap, args.topic)
+        except Exception as e:  # reported, and counted as a failure
+            result = {"ok": False, "exception": repr(e)}
+        result["scenario"] = args.phase
+        print(json.dumps(result), flush=True)
+        # No clean close: the open transaction must stay open, as after a crash.
+        os._exit(0 if result["ok"] else 1)
     failed = False
     for name in args.scenarios.split(","):
         try:
