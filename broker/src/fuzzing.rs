@@ -37,6 +37,8 @@ pub fn decode_request(api_key: i16, version: i16, body: &Bytes) -> Result<(), St
         25 => AddOffsetsToTxnRequest::decode(&mut bytes, version).map(drop),
         26 => EndTxnRequest::decode(&mut bytes, version).map(drop),
         28 => TxnOffsetCommitRequest::decode(&mut bytes, version).map(drop),
+        65 => DescribeTransactionsRequest::decode(&mut bytes, version).map(drop),
+        66 => ListTransactionsRequest::decode(&mut bytes, version).map(drop),
         61 => DescribeProducersRequest::decode(&mut bytes, version).map(drop),
         10 => FindCoordinatorRequest::decode(&mut bytes, version).map(drop),
         11 => JoinGroupRequest::decode(&mut bytes, version).map(drop),

@@ -72,6 +72,8 @@ pub(crate) const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::AddOffsetsToTxn, 0, 4),
     (ApiKey::EndTxn, 0, 4),
     (ApiKey::TxnOffsetCommit, 0, 4),
+    (ApiKey::DescribeTransactions, 0, 0),
+    (ApiKey::ListTransactions, 0, 1),
     (ApiKey::DescribeProducers, 0, 0),
     (ApiKey::FindCoordinator, 0, 4),
     (ApiKey::JoinGroup, 0, 9),
@@ -207,6 +209,12 @@ pub(crate) async fn handle(
         )),
         ApiKey::TxnOffsetCommit => now(ResponseKind::TxnOffsetCommit(
             transactions::txn_offset_commit(state, decode(body, version)?, version),
+        )),
+        ApiKey::DescribeTransactions => now(ResponseKind::DescribeTransactions(
+            transactions::describe_transactions(state, decode(body, version)?),
+        )),
+        ApiKey::ListTransactions => now(ResponseKind::ListTransactions(
+            transactions::list_transactions(state, decode(body, version)?),
         )),
         ApiKey::DescribeProducers => now(ResponseKind::DescribeProducers(
             describe_producers::handle(state, decode(body, version)?),

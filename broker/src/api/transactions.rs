@@ -9,6 +9,8 @@
 //! - TxnOffsetCommit v3+ carries the consumer's group metadata (generation, member id, group
 //!   instance id): a zombie consumer's offsets are refused as an OffsetCommit's would be (KIP-447).
 //! - Clients before KIP-588 do not know `PRODUCER_FENCED`; they get `INVALID_PRODUCER_EPOCH`.
+//! - DescribeTransactions (65) and ListTransactions (66, v0-v1) are for operators
+//!   (`kafka-transactions.sh`).
 //!
 //! References: KIP-98, KIP-447, KIP-588, KIP-890; Kafka's `KafkaApis` handlers of these APIs.
 
@@ -24,9 +26,12 @@ use kafka_protocol::messages::txn_offset_commit_response::{
 };
 use kafka_protocol::messages::{
     AddOffsetsToTxnRequest, AddOffsetsToTxnResponse, AddPartitionsToTxnRequest,
-    AddPartitionsToTxnResponse, EndTxnRequest, EndTxnResponse, ResponseKind,
-    TxnOffsetCommitRequest, TxnOffsetCommitResponse,
+    AddPartitionsToTxnResponse, DescribeTransactionsRequest, DescribeTransactionsResponse,
+    EndTxnRequest, EndTxnResponse, ListTransactionsRequest, ListTransactionsResponse, ProducerId,
+    ResponseKind, TopicName, TransactionalId, TxnOffsetCommitRequest, TxnOffsetCommitResponse,
+    describe_transactions_response, list_transactions_response,
 };
+use kafka_protocol::protocol::StrBytes;
 
 use super::Reply;
 use crate::broker::BrokerState;
@@ -298,4 +303,104 @@ pub(crate) fn txn_offset_commit(
         })
         .collect();
     TxnOffsetCommitResponse::default().with_topics(topics)
+}
+
+/// DescribeTransactions (65): each transactional id's state, producer, timeout, start time and
+/// partitions (`kafka-transactions.sh describe`). An unknown id is
+/// `TRANSACTIONAL_ID_NOT_FOUND`.
+pub(crate) fn describe_transactions(
+    state: &BrokerState,
+    request: DescribeTransactionsRequest,
+) -> DescribeTransactionsResponse {
+    let known: std::collections::BTreeMap<String, crate::transactions::TxnMetadata> =
+        state.transactions.snapshot().into_iter().collect();
+    let states = request
+        .transactional_ids
+        .into_iter()
+        .map(|id| {
+            let Some(meta) = known.get(id.0.as_str()) else {
+                return describe_transactions_response::TransactionState::default()
+                    .with_transactional_id(id)
+                    .with_error_code(ResponseError::TransactionalIdNotFound.code())
+                    .with_transaction_state(StrBytes::from_static_str(""))
+                    .with_producer_id(ProducerId(-1))
+                    .with_producer_epoch(-1);
+            };
+            let mut topics: std::collections::BTreeMap<&str, Vec<i32>> = Default::default();
+            for (topic, partition) in &meta.partitions {
+                topics.entry(topic).or_default().push(*partition);
+            }
+            describe_transactions_response::TransactionState::default()
+                .with_transactional_id(id)
+                .with_transaction_state(StrBytes::from_static_str(meta.state.name()))
+                .with_transaction_timeout_ms(meta.timeout_ms)
+                .with_transaction_start_time_ms(meta.started_ms)
+                .with_producer_id(ProducerId(meta.producer_id))
+                .with_producer_epoch(meta.epoch)
+                .with_topics(
+                    topics
+                        .into_iter()
+                        .map(|(topic, partitions)| {
+                            describe_transactions_response::TopicData::default()
+                                .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+                                .with_partitions(partitions)
+                        })
+                        .collect(),
+                )
+        })
+        .collect();
+    DescribeTransactionsResponse::default().with_transaction_states(states)
+}
+
+/// ListTransactions (66) v0-v1: every transactional id, filtered by state, producer id and
+/// (v1) how long its transaction has been open (`kafka-transactions.sh list`, `find-hanging`).
+/// Unknown state names are echoed back in `unknown_state_filters`, as Kafka does.
+pub(crate) fn list_transactions(
+    state: &BrokerState,
+    request: ListTransactionsRequest,
+) -> ListTransactionsResponse {
+    const STATES: [&str; 6] = [
+        "Empty",
+        "Ongoing",
+        "PrepareCommit",
+        "PrepareAbort",
+        "CompleteCommit",
+        "CompleteAbort",
+    ];
+    let unknown: Vec<StrBytes> = request
+        .state_filters
+        .iter()
+        .filter(|s| !STATES.contains(&s.as_str()))
+        .cloned()
+        .collect();
+    let now = state.now_ms();
+    let states = state
+        .transactions
+        .snapshot()
+        .into_iter()
+        .filter(|(_, meta)| {
+            (request.state_filters.is_empty()
+                || request
+                    .state_filters
+                    .iter()
+                    .any(|s| s.as_str() == meta.state.name()))
+                && (request.producer_id_filters.is_empty()
+                    || request
+                        .producer_id_filters
+                        .iter()
+                        .any(|p| p.0 == meta.producer_id))
+                && (request.duration_filter < 0
+                    || (meta.state == crate::transactions::TxnState::Ongoing
+                        && now.saturating_sub(meta.started_ms) >= request.duration_filter))
+        })
+        .map(|(id, meta)| {
+            list_transactions_response::TransactionState::default()
+                .with_transactional_id(TransactionalId(StrBytes::from_string(id)))
+                .with_producer_id(ProducerId(meta.producer_id))
+                .with_transaction_state(StrBytes::from_static_str(meta.state.name()))
+        })
+        .collect();
+    ListTransactionsResponse::default()
+        .with_unknown_state_filters(unknown)
+        .with_transaction_states(states)
 }

@@ -425,6 +425,28 @@ const SCHEMAS: &[Schema] = &[
             ])),
         ],
     },
+    // DescribeTransactions
+    Schema {
+        api_key: 65,
+        min: 0,
+        max: 0,
+        flexible_since: 0,
+        fields: &[
+            all(Kind::Values(&STRING)), // transactional_ids
+        ],
+    },
+    // ListTransactions
+    Schema {
+        api_key: 66,
+        min: 0,
+        max: 1,
+        flexible_since: 0,
+        fields: &[
+            all(Kind::Values(&STRING)), // state_filters
+            all(Kind::Values(&I64)),    // producer_id_filters
+            since(1, I64),              // duration_filter
+        ],
+    },
     // DescribeProducers
     Schema {
         api_key: 61,

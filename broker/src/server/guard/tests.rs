@@ -258,6 +258,14 @@ fn populated(api_key: i16, version: i16) -> Bytes {
                     )),
             ))
             .encode(&mut buf, version),
+        65 => DescribeTransactionsRequest::default()
+            .with_transactional_ids(twice(TransactionalId(s("tx"))))
+            .encode(&mut buf, version),
+        66 => ListTransactionsRequest::default()
+            .with_state_filters(twice(s("Ongoing")))
+            .with_producer_id_filters(twice(ProducerId(7)))
+            .with_duration_filter(if version >= 1 { 1000 } else { -1 })
+            .encode(&mut buf, version),
         61 => DescribeProducersRequest::default()
             .with_topics(twice(
                 describe_producers_request::TopicRequest::default()
@@ -410,6 +418,8 @@ fn empty(api_key: i16, version: i16) -> Bytes {
         25 => AddOffsetsToTxnRequest::default().encode(&mut buf, version),
         26 => EndTxnRequest::default().encode(&mut buf, version),
         28 => TxnOffsetCommitRequest::default().encode(&mut buf, version),
+        65 => DescribeTransactionsRequest::default().encode(&mut buf, version),
+        66 => ListTransactionsRequest::default().encode(&mut buf, version),
         61 => DescribeProducersRequest::default().encode(&mut buf, version),
         10 => FindCoordinatorRequest::default().encode(&mut buf, version),
         11 => JoinGroupRequest::default().encode(&mut buf, version),
