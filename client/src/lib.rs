@@ -32,3 +32,32 @@ pub mod error;
 pub use cluster::{ClientConfig, Cluster, PartitionInfo, TopicInfo, needs_metadata_refresh};
 pub use connection::{Connection, ConnectionConfig, InFlight};
 pub use error::{ClientError, check_code};
+
+/// A group consumer's identity in its group, as a transactional producer sends it with the
+/// offsets it commits (`send_offsets_to_transaction`, KIP-447): the group coordinator refuses
+/// them if the member was fenced or its generation is over, so a consumer that lost its
+/// partitions cannot commit through a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerGroupMetadata {
+    /// `group.id`.
+    pub group_id: String,
+    /// The generation the member joined (-1 when not in a group generation).
+    pub generation_id: i32,
+    /// The member id the coordinator gave ("" when none).
+    pub member_id: String,
+    /// `group.instance.id` of a static member.
+    pub group_instance_id: Option<String>,
+}
+
+impl ConsumerGroupMetadata {
+    /// Metadata without a generation: the coordinator then checks nothing about the member
+    /// (as the Java client's `new ConsumerGroupMetadata(groupId)`).
+    pub fn new(group_id: impl Into<String>) -> Self {
+        Self {
+            group_id: group_id.into(),
+            generation_id: -1,
+            member_id: String::new(),
+            group_instance_id: None,
+        }
+    }
+}

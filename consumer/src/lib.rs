@@ -52,3 +52,4 @@ pub use assignor::{Strategy, TopicPartition};
 pub use config::{AutoOffsetReset, ConfigError, ConsumerConfig, IsolationLevel};
 pub use consumer::{Consumer, ConsumerMetrics, RebalanceContext, RebalanceListener};
 pub use record::{ConsumerError, ConsumerRecord};
+pub use semel_client::ConsumerGroupMetadata;

@@ -388,6 +388,18 @@ impl Consumer {
             .unwrap_or_default()
     }
 
+    /// This member's identity in its group, for a transactional producer's
+    /// `send_offsets_to_transaction` (KIP-447). `None` without a `group.id`.
+    pub fn group_metadata(&self) -> Option<semel_client::ConsumerGroupMetadata> {
+        let group_id = self.config.group_id.clone()?;
+        Some(semel_client::ConsumerGroupMetadata {
+            group_id,
+            generation_id: self.generation,
+            member_id: self.member_id(),
+            group_instance_id: self.config.group_instance_id.clone(),
+        })
+    }
+
     /// Bytes of records fetched but not yet handed out (keys, values, headers and a fixed
     /// overhead per record), over all partitions. Stays below about 1.5 ×
     /// `max.partition.fetch.bytes` per partition, however slow the application is.
