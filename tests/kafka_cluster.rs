@@ -378,6 +378,10 @@ async fn semel_libraries_on_a_three_broker_kafka_cluster() -> anyhow::Result<()>
     let cluster = Cluster::start()?;
     idempotent_producer_through_leader_kills(&cluster).await?;
     dedup_changelog_takeover(&cluster).await?;
+    // semel-producer's transactions on Kafka (replication factor 3), read back
+    // read_committed by semel-consumer.
+    let summary = common::txn::semel_producer_transactions(&cluster.bootstrap, "kafka-txn").await?;
+    eprintln!("on Kafka: {summary}");
     let shared = &cluster;
     tokio::task::block_in_place(|| replication_example(shared))?;
     drop(cluster);

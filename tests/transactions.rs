@@ -217,3 +217,82 @@ async fn an_open_transaction_survives_kill_9_and_is_aborted_on_its_timeout() -> 
     broker.terminate()?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semel_producer_transactions_on_semel_broker() -> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let summary = common::txn::semel_producer_transactions(&broker.bootstrap(), "sp").await?;
+    eprintln!("{summary}");
+    broker.handle.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_python_transactions_commit_abort_and_send_offsets() -> anyhow::Result<()> {
+    let python = python()?;
+    let broker = TestBroker::start().await?;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interop/kafka_python_transactions.py");
+    let out = run(
+        Command::new(&python)
+            .arg(&script)
+            .args(["--bootstrap", &broker.bootstrap()]),
+        Duration::from_secs(180),
+        "kafka-python transactions",
+    )?;
+    eprintln!("{out}");
+    ensure!(out.starts_with("{\"ok\": true,"), "{out}");
+    broker.handle.shutdown().await;
+    Ok(())
+}
+
+/// Kafka's `kafka-transactions.sh list` and `describe` (DescribeTransactions,
+/// ListTransactions) show an open transaction: its state, producer and partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_transactions_tool_lists_and_describes_an_open_transaction() -> anyhow::Result<()> {
+    let python = python()?;
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/confluent_transactions.py");
+    let broker = TestBroker::start().await?;
+    let bootstrap = broker.bootstrap();
+    let opened = run(
+        Command::new(&python).arg(&script).args([
+            "--bootstrap",
+            &bootstrap,
+            "--phase",
+            "crash_open",
+            "--topic",
+            "tool",
+            "--txn-timeout-ms",
+            "300000",
+        ]),
+        Duration::from_secs(120),
+        "crash_open",
+    )?;
+    ensure!(opened.contains("\"ok\": true"), "{opened}");
+    let kafka_sh = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka.sh");
+    let tool = |args: &[&str]| {
+        run(
+            Command::new("bash")
+                .arg(&kafka_sh)
+                .args(["tool", "transactions", "--bootstrap-server", &bootstrap])
+                .args(args),
+            Duration::from_secs(120),
+            "kafka-transactions",
+        )
+    };
+    let listed = tool(&["list"])?;
+    ensure!(
+        listed
+            .lines()
+            .any(|l| l.contains("tx-tool") && l.contains("Ongoing")),
+        "kafka-transactions list:\n{listed}"
+    );
+    let described = tool(&["describe", "--transactional-id", "tx-tool"])?;
+    ensure!(
+        described.contains("Ongoing") && described.contains("tool-0"),
+        "kafka-transactions describe:\n{described}"
+    );
+    broker.handle.shutdown().await;
+    Ok(())
+}

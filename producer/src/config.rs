@@ -71,6 +71,16 @@ pub struct ProducerConfig {
     /// fence record). No transaction is ever opened; the batches are plain idempotent ones.
     /// Needs `enable.idempotence`. At most one live instance per id: the newest wins.
     pub fencing_id: Option<String>,
+    /// `transactional.id`: makes this a transactional producer (KIP-98). Records are sent
+    /// between [`crate::Producer::begin_transaction`] and
+    /// [`crate::Producer::commit_transaction`] (or `abort_transaction`), and
+    /// `read_committed` consumers see them only once committed. Every instance with the same
+    /// id gets the same producer id at a higher epoch, which aborts the transaction an older
+    /// instance left open and fences it. Needs `enable.idempotence`; not with `fencing_id`.
+    pub transactional_id: Option<String>,
+    /// `transaction.timeout.ms`: the coordinator aborts a transaction open for longer than
+    /// this (and fences the producer). Brokers cap it at `transaction.max.timeout.ms`.
+    pub transaction_timeout: Duration,
 }
 
 impl Default for ProducerConfig {
@@ -90,6 +100,8 @@ impl Default for ProducerConfig {
             retries: None,
             max_queued_records: 100_000,
             fencing_id: None,
+            transactional_id: None,
+            transaction_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -155,6 +167,41 @@ impl ProducerConfig {
         if self.fencing_id.as_deref() == Some("") {
             return fail("fencing_id", "must not be empty");
         }
+        if self.transactional_id.is_some() && !self.enable_idempotence {
+            return fail(
+                "transactional.id",
+                "needs enable.idempotence (transactions are built on producer ids and sequences)",
+            );
+        }
+        if self.transactional_id.as_deref() == Some("") {
+            return fail("transactional.id", "must not be empty");
+        }
+        if self.transactional_id.is_some() && self.fencing_id.is_some() {
+            return fail(
+                "fencing_id",
+                "not with transactional.id, which fences the same way (and opens transactions)",
+            );
+        }
+        if self.transaction_timeout.is_zero()
+            || self.transaction_timeout.as_millis() > i32::MAX as u128
+        {
+            return fail(
+                "transaction.timeout.ms",
+                "must be between 1 ms and i32::MAX ms",
+            );
+        }
         Ok(())
+    }
+
+    /// The transactional id InitProducerId is asked with: `transactional.id`, or the
+    /// `fencing_id` extension.
+    pub(crate) fn coordinator_key(&self) -> Option<&str> {
+        self.transactional_id
+            .as_deref()
+            .or(self.fencing_id.as_deref())
+    }
+
+    pub(crate) fn transaction_timeout_ms(&self) -> i32 {
+        i32::try_from(self.transaction_timeout.as_millis()).unwrap_or(i32::MAX)
     }
 }

@@ -44,23 +44,23 @@ pub mod metrics;
 pub mod partitioner;
 pub mod record;
 mod sender;
+mod transaction;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use kafka_protocol::messages::{
-    ApiKey, FindCoordinatorRequest, InitProducerIdRequest, ProducerId, TransactionalId,
-};
+use kafka_protocol::messages::{ApiKey, InitProducerIdRequest, ProducerId, TransactionalId};
 use kafka_protocol::protocol::StrBytes;
-use semel_client::{ClientConfig, ClientError, Cluster, Connection, ConnectionConfig, check_code};
+use semel_client::{ClientConfig, ClientError, Cluster, ConnectionConfig, check_code};
 use tokio::sync::{mpsc, oneshot};
 
 pub use config::{Acks, ConfigError, ProducerConfig};
 pub use kafka_protocol::records::Compression;
 pub use metrics::Metrics;
 pub use record::{DeliveryReport, ProduceError, ProducerRecord};
+pub use semel_client::ConsumerGroupMetadata;
 use sender::{Command, Sender};
 
 /// A running producer. Cheap to share behind an `Arc`; `send` may be called from many tasks.
@@ -166,6 +166,80 @@ impl Producer {
     pub fn producer_id(&self) -> i64 {
         self.producer_id
     }
+
+    /// Opens a transaction (`transactional.id` producers only; `connect` already did what
+    /// the Java client's `initTransactions` does). Records sent from now on belong to it.
+    ///
+    /// # Errors
+    /// `TransactionState` when one is already open or the producer is not transactional;
+    /// `Fatal` once fenced.
+    pub async fn begin_transaction(&self) -> Result<(), ProduceError> {
+        self.transaction_command(Command::Begin).await
+    }
+
+    /// Adds a group consumer's offsets to the open transaction (KIP-447): they become the
+    /// group's committed offsets if, and only if, the transaction commits. `offsets` are
+    /// (topic, partition, next offset to read); `group` comes from the consumer
+    /// (`Consumer::group_metadata`), so offsets of a member that lost its partitions are
+    /// refused.
+    ///
+    /// # Errors
+    /// `Abortable` when the coordinator refused them (abort, then start again); `Fatal` once
+    /// fenced; `TransactionState` without an open transaction.
+    pub async fn send_offsets_to_transaction(
+        &self,
+        offsets: Vec<(String, i32, i64)>,
+        group: ConsumerGroupMetadata,
+    ) -> Result<(), ProduceError> {
+        self.transaction_command(|reply| Command::SendOffsets {
+            offsets,
+            group,
+            reply,
+        })
+        .await
+    }
+
+    /// Sends everything of the open transaction, waits for all of it to be acknowledged, then
+    /// commits it (EndTxn). If any record of it failed, nothing is committed and the error is
+    /// `Abortable`: call [`Producer::abort_transaction`].
+    ///
+    /// # Errors
+    /// `Abortable`, `Fatal` (fenced: a newer instance took over, or the broker aborted the
+    /// transaction on its timeout), `TransactionState`, or `Client` when the coordinator
+    /// could not be reached before `delivery.timeout.ms` (the outcome is then unknown:
+    /// calling commit again is safe).
+    pub async fn commit_transaction(&self) -> Result<(), ProduceError> {
+        self.transaction_command(|reply| Command::End {
+            commit: true,
+            reply,
+        })
+        .await
+    }
+
+    /// Waits for the open transaction's records to be answered, then aborts it: none of its
+    /// records or offsets is ever visible to `read_committed` consumers.
+    ///
+    /// # Errors
+    /// As [`Producer::commit_transaction`], without `Abortable`.
+    pub async fn abort_transaction(&self) -> Result<(), ProduceError> {
+        self.transaction_command(|reply| Command::End {
+            commit: false,
+            reply,
+        })
+        .await
+    }
+
+    async fn transaction_command(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<(), ProduceError>>) -> Command,
+    ) -> Result<(), ProduceError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| ProduceError::Closed)?;
+        answer.await.unwrap_or(Err(ProduceError::Closed))
+    }
 }
 
 /// The producer id to start with. A coordinator that is still loading, moving or busy
@@ -180,7 +254,14 @@ async fn first_producer_id(
     let deadline = tokio::time::Instant::now() + config.delivery_timeout;
     let mut wait = std::time::Duration::from_millis(50);
     loop {
-        match init_producer_id(cluster, config.fencing_id.as_deref(), (-1, -1)).await {
+        match init_producer_id(
+            cluster,
+            config.coordinator_key(),
+            config.transaction_timeout_ms(),
+            (-1, -1),
+        )
+        .await
+        {
             Ok(producer) => return Ok(producer),
             Err(ClientError::Broker { api, code, .. })
                 if matches!(
@@ -211,10 +292,13 @@ async fn first_producer_id(
 pub(crate) async fn init_producer_id(
     cluster: &Cluster,
     fencing_id: Option<&str>,
+    transaction_timeout_ms: i32,
     current: (i64, i16),
 ) -> Result<(i64, i16), ClientError> {
     let connection = match fencing_id {
-        Some(id) => transaction_coordinator(cluster, id).await?,
+        Some(id) => {
+            transaction::coordinator(cluster, transaction::CoordinatorKind::Transaction, id).await?
+        }
         None => cluster.any().await?,
     };
     let version = connection.version(ApiKey::InitProducerId, (0, 4))?;
@@ -225,7 +309,7 @@ pub(crate) async fn init_producer_id(
                 .with_transactional_id(
                     fencing_id.map(|id| TransactionalId(StrBytes::from_string(id.to_string()))),
                 )
-                .with_transaction_timeout_ms(60_000)
+                .with_transaction_timeout_ms(transaction_timeout_ms)
                 .with_producer_id(ProducerId(current.0))
                 .with_producer_epoch(current.1),
             version,
@@ -237,44 +321,4 @@ pub(crate) async fn init_producer_id(
         message: None,
     })?;
     Ok((response.producer_id.0, response.producer_epoch))
-}
-
-/// FindCoordinator for a transactional id (key type 1), connected.
-async fn transaction_coordinator(
-    cluster: &Cluster,
-    id: &str,
-) -> Result<Arc<Connection>, ClientError> {
-    let any = cluster.any().await?;
-    let version = any.version(ApiKey::FindCoordinator, (1, 4))?;
-    let key = StrBytes::from_string(id.to_string());
-    let request = if version >= 4 {
-        FindCoordinatorRequest::default()
-            .with_key_type(1)
-            .with_coordinator_keys(vec![key])
-    } else {
-        FindCoordinatorRequest::default()
-            .with_key(key)
-            .with_key_type(1)
-    };
-    let response = any.send_version(&request, version).await?;
-    let (code, message, host, port) = match response.coordinators.first() {
-        Some(c) if version >= 4 => (
-            c.error_code,
-            c.error_message.clone(),
-            c.host.to_string(),
-            c.port,
-        ),
-        _ => (
-            response.error_code,
-            response.error_message.clone(),
-            response.host.to_string(),
-            response.port,
-        ),
-    };
-    check_code(code).map_err(|code| ClientError::Broker {
-        api: ApiKey::FindCoordinator,
-        code,
-        message: message.map(|m| m.to_string()),
-    })?;
-    cluster.connection(&format!("{host}:{port}")).await
 }

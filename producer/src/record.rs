@@ -114,4 +114,12 @@ pub enum ProduceError {
     /// The producer is closed.
     #[error("the producer is closed")]
     Closed,
+    /// A transaction method called in the wrong state (no transaction open, one already open,
+    /// or a transactional method on a producer without `transactional.id`).
+    #[error("transaction state: {0}")]
+    TransactionState(String),
+    /// The open transaction cannot commit (a record of it failed, or its offsets could not
+    /// be sent): abort it, then start again.
+    #[error("the transaction must be aborted: {0}")]
+    Abortable(String),
 }

@@ -17,7 +17,7 @@
 //!
 //! References: KIP-98, KIP-360, KIP-480 (sticky partitioning), KIP-91 (delivery.timeout.ms).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,12 +37,42 @@ use crate::record::{DeliveryReport, ProduceError, ProducerRecord};
 
 pub(crate) type Reply = oneshot::Sender<Result<DeliveryReport, ProduceError>>;
 
+pub(crate) type TxnReply = oneshot::Sender<Result<(), ProduceError>>;
+
 pub(crate) enum Command {
     Send {
         record: ProducerRecord,
         reply: Reply,
     },
     Flush(oneshot::Sender<()>),
+    Begin(TxnReply),
+    SendOffsets {
+        offsets: Vec<(String, i32, i64)>,
+        group: semel_client::ConsumerGroupMetadata,
+        reply: TxnReply,
+    },
+    End {
+        commit: bool,
+        reply: TxnReply,
+    },
+}
+
+/// The transaction of a `transactional.id` producer.
+#[derive(Default)]
+struct Txn {
+    open: bool,
+    /// Partitions added to the open transaction (AddPartitionsToTxn).
+    added: HashSet<Key>,
+    /// Whether offsets were added (AddOffsetsToTxn).
+    offsets_added: bool,
+    /// `metrics.failed` when the transaction began: a record failed in it if it grew.
+    failed_at_begin: u64,
+    /// Why the open transaction can only be aborted.
+    doomed: Option<String>,
+    /// A sequence was lost in it: after the abort, bump the epoch (KIP-360).
+    needs_bump: bool,
+    /// A commit or abort waiting for the transaction's records to be answered.
+    ending: Option<(bool, TxnReply)>,
 }
 
 struct Pending {
@@ -128,6 +158,12 @@ pub(crate) struct Sender {
     metrics: Arc<Metrics>,
     /// Set while a background metadata refresh runs (at most one at a time).
     refreshing: Arc<std::sync::atomic::AtomicBool>,
+    /// `Some` for a `transactional.id` producer.
+    txn: Option<Txn>,
+}
+
+fn config_transactional(config: &ProducerConfig) -> Option<Txn> {
+    config.transactional_id.as_ref().map(|_| Txn::default())
 }
 
 fn next_sequence(sequence: i32, increment: i32) -> i32 {
@@ -147,7 +183,9 @@ impl Sender {
         metrics: Arc<Metrics>,
     ) -> Self {
         let (outcomes_tx, outcomes) = mpsc::unbounded_channel();
+        let txn = config_transactional(&config);
         Self {
+            txn,
             config,
             cluster,
             commands,
@@ -201,17 +239,28 @@ impl Sender {
         let mut closing = false;
         loop {
             let wake = self.next_wake();
+            // While a transaction ends, later commands (records of the next transaction) wait.
+            let ending = self.txn.as_ref().is_some_and(|t| t.ending.is_some());
             tokio::select! {
-                command = self.commands.recv(), if !closing => match command {
+                command = self.commands.recv(), if !closing && !ending => match command {
                     Some(Command::Send { record, reply }) => self.enqueue(record, reply).await,
                     Some(Command::Flush(done)) => self.flushes.push(done),
+                    Some(Command::Begin(reply)) => self.begin(reply),
+                    Some(Command::SendOffsets { offsets, group, reply }) => {
+                        self.send_offsets(offsets, group, reply).await;
+                    }
+                    Some(Command::End { commit, reply }) => self.start_ending(commit, reply),
                     None => closing = true,
                 },
                 Some(outcome) = self.outcomes.recv() => self.complete(outcome),
                 () = sleep_until(wake) => {}
             }
-            let flushing = closing || !self.flushes.is_empty();
+            let ending = self.txn.as_ref().is_some_and(|t| t.ending.is_some());
+            let flushing = closing || ending || !self.flushes.is_empty();
             self.dispatch(flushing).await;
+            if ending && self.idle() {
+                self.finish_ending().await;
+            }
             if self.idle() {
                 for done in self.flushes.drain(..) {
                     let _ = done.send(());
@@ -282,6 +331,11 @@ impl Sender {
         if let Some(reason) = &self.fenced {
             self.metrics.failed.inc();
             let _ = reply.send(Err(ProduceError::Fatal(reason.clone())));
+            return;
+        }
+        if let Some(refused) = self.txn_refuses_records() {
+            self.metrics.failed.inc();
+            let _ = reply.send(Err(refused));
             return;
         }
         let partitions = match self.partitions_of(&record.topic).await {
@@ -377,6 +431,7 @@ impl Sender {
     /// Gives every batch in `ready` that has no bytes yet its sequence and bytes.
     fn encode_unsealed(&mut self, key: &Key) {
         let idempotent = self.idempotent();
+        let transactional = self.txn.is_some();
         let producer = self.producer;
         let compression = self.config.compression;
         let Some(queue) = self.queues.get_mut(key) else {
@@ -391,7 +446,7 @@ impl Sender {
                 batch.base_sequence = queue.next_sequence;
                 queue.next_sequence = next_sequence(queue.next_sequence, count);
             }
-            match encode(batch, producer, compression) {
+            match encode(batch, producer, compression, transactional) {
                 Ok(bytes) => batch.encoded = bytes,
                 Err(reason) => batch.last_error = reason,
             }
@@ -430,8 +485,18 @@ impl Sender {
                 return;
             }
         }
+        if self.txn.as_ref().is_some_and(|t| t.open) {
+            self.add_partitions().await;
+        }
         let mut refresh = false;
         for key in keys {
+            if self
+                .txn
+                .as_ref()
+                .is_some_and(|t| t.open && !t.added.contains(&key))
+            {
+                continue; // not added yet (AddPartitionsToTxn failed or is to be retried)
+            }
             while let Some(queue) = self.queues.get_mut(&key) {
                 // A broken connection fails its requests asynchronously; until those failures
                 // are back, a batch sent now on a new connection could overtake them and reach
@@ -583,7 +648,7 @@ impl Sender {
             }
         }
         if gap {
-            self.bump_epoch = true;
+            self.lost_sequence();
         }
     }
 
@@ -593,7 +658,7 @@ impl Sender {
         batch.connection = None;
         if Instant::now() >= batch.deadline() {
             if self.idempotent() {
-                self.bump_epoch = true;
+                self.lost_sequence();
             }
             let error = ProduceError::Timeout {
                 last_error: batch.last_error.clone(),
@@ -669,7 +734,7 @@ impl Sender {
                     && (out_of_order || error == ResponseError::UnknownProducerId)
                 {
                     tracing::warn!(topic = %outcome.key.0, partition = outcome.key.1, ?error, "sequence lost; bumping the epoch (KIP-360)");
-                    self.bump_epoch = true;
+                    self.lost_sequence();
                     self.retry_later(&outcome.key, batch, format!("{error:?}"));
                 } else if error == ResponseError::InvalidProducerEpoch
                     || error == ResponseError::ProducerFenced
@@ -708,14 +773,262 @@ impl Sender {
                 fail(batch, &error, &self.metrics);
             }
         }
+        if let Some((_, reply)) = self.txn.as_mut().and_then(|t| t.ending.take()) {
+            let _ = reply.send(Err(ProduceError::Fatal(reason.clone())));
+        }
         self.fenced = Some(reason);
+    }
+
+    /// A sequence was lost (a batch given up, or the broker lost the producer's state): an
+    /// idempotent producer bumps its epoch now (KIP-360); a transactional one cannot commit
+    /// the open transaction, and bumps after its abort.
+    fn lost_sequence(&mut self) {
+        match &mut self.txn {
+            Some(txn) => {
+                txn.needs_bump = true;
+                txn.doomed
+                    .get_or_insert_with(|| "a record of the transaction was not stored".into());
+            }
+            None => self.bump_epoch = true,
+        }
+    }
+
+    /// Why a record cannot join a transaction now, if it cannot.
+    fn txn_refuses_records(&mut self) -> Option<ProduceError> {
+        let failed = self.metrics.failed.get();
+        let txn = self.txn.as_mut()?;
+        if !txn.open {
+            return Some(ProduceError::TransactionState(
+                "no transaction is open: call begin_transaction first".into(),
+            ));
+        }
+        if txn.doomed.is_none() && failed > txn.failed_at_begin {
+            txn.doomed = Some("a record of the transaction failed".into());
+        }
+        txn.doomed.clone().map(ProduceError::Abortable)
+    }
+
+    fn begin(&mut self, reply: TxnReply) {
+        let failed = self.metrics.failed.get();
+        let answer = if let Some(reason) = &self.fenced {
+            Err(ProduceError::Fatal(reason.clone()))
+        } else {
+            match &mut self.txn {
+                None => Err(ProduceError::TransactionState(
+                    "begin_transaction needs transactional.id".into(),
+                )),
+                Some(txn) if txn.open => Err(ProduceError::TransactionState(
+                    "a transaction is already open".into(),
+                )),
+                Some(txn) => {
+                    *txn = Txn {
+                        open: true,
+                        failed_at_begin: failed,
+                        ..Txn::default()
+                    };
+                    Ok(())
+                }
+            }
+        };
+        let _ = reply.send(answer);
+    }
+
+    fn identity(&self) -> crate::transaction::TxnIdentity {
+        crate::transaction::TxnIdentity {
+            transactional_id: self.config.transactional_id.clone().unwrap_or_default(),
+            producer: self.producer,
+        }
+    }
+
+    fn transaction_deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.config.delivery_timeout
+    }
+
+    async fn send_offsets(
+        &mut self,
+        offsets: Vec<(String, i32, i64)>,
+        group: semel_client::ConsumerGroupMetadata,
+        reply: TxnReply,
+    ) {
+        if let Some(reason) = &self.fenced {
+            let _ = reply.send(Err(ProduceError::Fatal(reason.clone())));
+            return;
+        }
+        if let Some(refused) = self.txn_refuses_records() {
+            let _ = reply.send(Err(refused));
+            return;
+        }
+        let identity = self.identity();
+        let deadline = self.transaction_deadline();
+        let sent =
+            crate::transaction::send_offsets(&self.cluster, &identity, &offsets, &group, deadline)
+                .await;
+        let answer = match sent {
+            Ok(()) => {
+                if let Some(txn) = &mut self.txn {
+                    txn.offsets_added = true;
+                }
+                Ok(())
+            }
+            Err(error) if crate::transaction::fenced(&error) => {
+                let reason = format!("{error}: a newer producer instance fenced this one");
+                self.fence(reason.clone());
+                Err(ProduceError::Fatal(reason))
+            }
+            Err(error) => {
+                let reason = format!("sending the offsets failed: {error}");
+                if let Some(txn) = &mut self.txn {
+                    // The offsets may be half in: this transaction may not commit.
+                    txn.offsets_added = true;
+                    txn.doomed.get_or_insert(reason.clone());
+                }
+                Err(ProduceError::Abortable(reason))
+            }
+        };
+        let _ = reply.send(answer);
+    }
+
+    fn start_ending(&mut self, commit: bool, reply: TxnReply) {
+        if let Some(reason) = &self.fenced {
+            let _ = reply.send(Err(ProduceError::Fatal(reason.clone())));
+            return;
+        }
+        match &mut self.txn {
+            None => {
+                let _ = reply.send(Err(ProduceError::TransactionState(
+                    "commit_transaction and abort_transaction need transactional.id".into(),
+                )));
+            }
+            Some(txn) if !txn.open => {
+                let _ = reply.send(Err(ProduceError::TransactionState(
+                    "no transaction is open".into(),
+                )));
+            }
+            Some(txn) => txn.ending = Some((commit, reply)),
+        }
+    }
+
+    /// Every record of the ending transaction is answered: commit or abort it.
+    async fn finish_ending(&mut self) {
+        let failed = self.metrics.failed.get();
+        let Some(txn) = self.txn.as_mut() else {
+            return;
+        };
+        let Some((commit, reply)) = txn.ending.take() else {
+            return;
+        };
+        if txn.doomed.is_none() && failed > txn.failed_at_begin {
+            txn.doomed = Some("a record of the transaction failed".into());
+        }
+        if commit && let Some(reason) = &txn.doomed {
+            let _ = reply.send(Err(ProduceError::Abortable(reason.clone())));
+            return;
+        }
+        let anything = !txn.added.is_empty() || txn.offsets_added;
+        let needs_bump = txn.needs_bump;
+        if anything {
+            let identity = self.identity();
+            let deadline = self.transaction_deadline();
+            match crate::transaction::end(&self.cluster, &identity, commit, deadline).await {
+                Ok(()) => {}
+                Err(error) if crate::transaction::fenced(&error) => {
+                    let reason = format!(
+                        "{error}: the transaction was aborted by a newer instance or on its timeout"
+                    );
+                    self.fence(reason.clone());
+                    let _ = reply.send(Err(ProduceError::Fatal(reason)));
+                    return;
+                }
+                Err(error) => {
+                    // The outcome is unknown; the transaction stays open here, and the same
+                    // call again is safe (EndTxn with the same result is answered again).
+                    let _ = reply.send(Err(ProduceError::Client(error)));
+                    return;
+                }
+            }
+        }
+        tracing::debug!(
+            commit,
+            partitions = self.txn.as_ref().map_or(0, |t| t.added.len()),
+            "transaction ended"
+        );
+        if let Some(txn) = &mut self.txn {
+            *txn = Txn::default();
+        }
+        if needs_bump {
+            // Sequences restart at 0 under a new epoch for the next transaction.
+            self.bump().await;
+        }
+        let _ = reply.send(Ok(()));
+    }
+
+    /// Before any batch of a partition new to the open transaction goes out, the partition
+    /// joins it (AddPartitionsToTxn). A doomed transaction sends nothing more.
+    async fn add_partitions(&mut self) {
+        let Some(txn) = &self.txn else {
+            return;
+        };
+        if let Some(reason) = txn.doomed.clone() {
+            for queue in self.queues.values_mut() {
+                for batch in queue.ready.drain(..) {
+                    fail(
+                        batch,
+                        &ProduceError::Abortable(reason.clone()),
+                        &self.metrics,
+                    );
+                }
+            }
+            return;
+        }
+        let new: Vec<Key> = self
+            .queues
+            .iter()
+            .filter(|(key, q)| !q.ready.is_empty() && !txn.added.contains(*key))
+            .map(|(key, _)| key.clone())
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        let identity = self.identity();
+        let deadline = self.transaction_deadline();
+        match crate::transaction::add_partitions(&self.cluster, &identity, &new, deadline).await {
+            Ok(()) => {
+                if let Some(txn) = &mut self.txn {
+                    txn.added.extend(new);
+                }
+            }
+            Err(error) if crate::transaction::fenced(&error) => {
+                self.fence(format!(
+                    "{error}: a newer producer instance fenced this one"
+                ));
+            }
+            Err(error) => {
+                let reason = format!("AddPartitionsToTxn failed: {error}");
+                tracing::warn!(%reason, "the transaction must be aborted");
+                if let Some(txn) = &mut self.txn {
+                    txn.doomed = Some(reason.clone());
+                }
+                for key in new {
+                    if let Some(queue) = self.queues.get_mut(&key) {
+                        for batch in queue.ready.drain(..) {
+                            fail(
+                                batch,
+                                &ProduceError::Abortable(reason.clone()),
+                                &self.metrics,
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// KIP-360: a new epoch for the same producer id, and every queued batch renumbered.
     async fn bump(&mut self) {
         let result = crate::init_producer_id(
             &self.cluster,
-            self.config.fencing_id.as_deref(),
+            self.config.coordinator_key(),
+            self.config.transaction_timeout_ms(),
             self.producer,
         )
         .await;
@@ -802,6 +1115,7 @@ fn encode(
     batch: &Batch,
     producer: (i64, i16),
     compression: kafka_protocol::records::Compression,
+    transactional: bool,
 ) -> Result<Bytes, String> {
     let idempotent = batch.base_sequence >= 0;
     let records: Vec<Record> = batch
@@ -811,7 +1125,7 @@ fn encode(
         .map(|(i, pending)| {
             let i32_index = i32::try_from(i).unwrap_or(i32::MAX);
             Record {
-                transactional: false,
+                transactional,
                 control: false,
                 partition_leader_epoch: -1,
                 producer_id: if idempotent { producer.0 } else { -1 },

@@ -534,6 +534,7 @@ pub async fn init_producer_id(client: &mut RawClient) -> anyhow::Result<(i64, i1
 pub mod child;
 pub mod dedup_hosts;
 pub mod proxy;
+pub mod txn;
 
 /// Runs `command` to its end, like `Command::output`, but for at most `limit`: a child still
 /// running then is killed, and the error names `what` it was and shows what it had printed.

@@ -235,10 +235,10 @@ def timeout(bootstrap):
     return {"ok": ok, "commit_failed": failed, "visible": values}
 
 
-def crash_open(bootstrap, topic):
+def crash_open(bootstrap, topic, timeout_ms=6000):
     """Before a kill -9 of the broker: one committed transaction, then one left open."""
     create(bootstrap, topic, 1)
-    p = producer(bootstrap, f"tx-{topic}", **{"transaction.timeout.ms": 6000})
+    p = producer(bootstrap, f"tx-{topic}", **{"transaction.timeout.ms": timeout_ms})
     p.begin_transaction()
     for i in range(10):
         p.produce(topic, value=f"c-{i}".encode())
@@ -282,10 +282,12 @@ def main():
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--phase", choices=list(PHASES))
     parser.add_argument("--topic")
+    parser.add_argument("--txn-timeout-ms", type=int)
     args = parser.parse_args()
     if args.phase:
         try:
-            result = PHASES[args.phase](args.bootstrap, args.topic)
+            extra = {"timeout_ms": args.txn_timeout_ms} if args.txn_timeout_ms else {}
+            result = PHASES[args.phase](args.bootstrap, args.topic, **extra)
         except Exception as e:  # reported, and counted as a failure
             result = {"ok": False, "exception": repr(e)}
         result["scenario"] = args.phase
