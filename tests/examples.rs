@@ -200,5 +200,15 @@ fn exactly_once_pipeline_writes_one_receipt_per_order_across_kill_9() -> anyhow:
         number(semel, "receipts")? == number(semel, "orders")?,
         "semel: {semel:?}"
     );
+    let transactional = results
+        .get("pipeline=transactional")
+        .context("no transactional run")?;
+    ensure!(
+        number(transactional, "kills")? >= 6
+            && number(transactional, "missing")? == 0
+            && number(transactional, "duplicated")? == 0
+            && number(transactional, "receipts")? == number(transactional, "orders")?,
+        "transactional: {transactional:?}"
+    );
     Ok(())
 }
