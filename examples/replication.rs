@@ -116,7 +116,10 @@ struct Replicas {
 }
 
 fn describe(bootstrap: &str, topic: &str) -> anyhow::Result<Replicas> {
-    let out = kafka(&[
+    // Right after a broker was killed and restarted, the admin client's call can time out
+    // while it still tries the old connection ("Timed out waiting to send the call"): ask
+    // again, a bounded number of times.
+    let args = [
         "tool",
         "topics",
         "--bootstrap-server",
@@ -124,7 +127,21 @@ fn describe(bootstrap: &str, topic: &str) -> anyhow::Result<Replicas> {
         "--describe",
         "--topic",
         topic,
-    ])?;
+    ];
+    let mut attempt = 1;
+    let out = loop {
+        match kafka(&args) {
+            Ok(out) => break out,
+            Err(error) if attempt < 3 => {
+                eprintln!(
+                    "kafka-topics --describe failed (attempt {attempt}), asking again: {error}"
+                );
+                attempt += 1;
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(error) => return Err(error),
+        }
+    };
     let ids = |text: &str| -> Vec<u32> { text.split(',').filter_map(|n| n.parse().ok()).collect() };
     for line in out.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
