@@ -155,7 +155,10 @@ async fn crash_and_check(new_id_each_time: bool, kills: usize) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(delays.next_ms(700, 1_500))).await;
         child.kill9()?;
     }
-    let before_last = receipts(&bootstrap, ORDERS, true).await?.values().sum::<usize>();
+    let before_last = receipts(&bootstrap, ORDERS, true)
+        .await?
+        .values()
+        .sum::<usize>();
     ensure!(
         before_last < ORDERS,
         "the killed instances handled every order before the last one started: the kills \
@@ -175,7 +178,10 @@ async fn crash_and_check(new_id_each_time: bool, kills: usize) -> anyhow::Result
     }
     last.kill9()?;
     // Receipts of transactions cut by a kill are in the log, aborted.
-    let written = receipts(&bootstrap, ORDERS, false).await?.values().sum::<usize>();
+    let written = receipts(&bootstrap, ORDERS, false)
+        .await?
+        .values()
+        .sum::<usize>();
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
     let missing: Vec<String> = (0..ORDERS)
         .map(|i| format!("receipt-for-order-{i}"))

@@ -318,6 +318,13 @@ impl Partition {
                 tracing::warn!(topic = %self.topic, partition = self.index, evicted_producer_id = evicted, max_producers = self.max_producers, "producer state full; evicted the least recently used producer");
             }
         }
+        self.appended_under(guard, &info, now_ms);
+        Ok(Appended::New(info))
+    }
+
+    /// After an append, with the producer lock still held: a roll snapshots the producer
+    /// state at the new segment's start; then the lock goes and long-polling fetches wake.
+    fn appended_under(&self, guard: MutexGuard<'_, Producers>, info: &AppendInfo, now_ms: i64) {
         if info.rolled {
             crate::blocking::may_block(|| {
                 self.write_snapshot(&guard, info.last_offset + 1, now_ms);
@@ -326,7 +333,6 @@ impl Partition {
         drop(guard);
         self.appended
             .send_modify(|generation| *generation = generation.wrapping_add(1));
-        Ok(Appended::New(info))
     }
 
     /// Appends a transaction marker for `producer_id` (the coordinator's current epoch for it)
@@ -344,14 +350,7 @@ impl Partition {
         let info = self.log().append(&batch, now_ms)?;
         guard.txns.on_marker(producer_id, control, info.base_offset);
         guard.table.bump_epoch(producer_id, producer_epoch);
-        if info.rolled {
-            crate::blocking::may_block(|| {
-                self.write_snapshot(&guard, info.last_offset + 1, now_ms);
-            });
-        }
-        drop(guard);
-        self.appended
-            .send_modify(|generation| *generation = generation.wrapping_add(1));
+        self.appended_under(guard, &info, now_ms);
         Ok(info.base_offset)
     }
 

@@ -833,6 +833,26 @@ mod tests {
         panic!("the data directory stayed locked for 5 s")
     }
 
+    /// (The coordinator's timer runs on the real clock: every time given to it here is
+    /// `state.now_ms()`, or the timer would find the transaction decades old and abort it.)
+    ///
+    /// A broker on `dir` with topic `t` of `partitions` partitions, and transactional id
+    /// `tx` initialised: (broker, its state, producer id, epoch).
+    async fn with_topic(dir: &Path, partitions: i32) -> (BrokerHandle, Arc<BrokerState>, i64, i16) {
+        let broker = start(dir).await;
+        let state = Arc::clone(&broker.state);
+        state
+            .catalog
+            .create_topic("t", partitions, Default::default(), false, 0)
+            .unwrap();
+        let (pid, epoch) = state
+            .transactions
+            .init_producer_id(&state, "tx", 60_000, None)
+            .await
+            .unwrap();
+        (broker, state, pid, epoch)
+    }
+
     /// A transactional batch of `count` records from `producer` at `epoch`, from `sequence`.
     fn transactional(producer: i64, epoch: i16, sequence: i32, count: i32) -> Vec<u8> {
         let mut bytes = with_producer(build_batch(count, 1_000, 10), producer, epoch, sequence);
@@ -856,24 +876,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_decided_before_a_crash_is_completed_on_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let broker = start(dir.path()).await;
-        let state = Arc::clone(&broker.state);
+        let (broker, state, pid, epoch) = with_topic(dir.path(), 1).await;
         state
-            .catalog
-            .create_topic("t", 1, Default::default(), false, 0)
-            .unwrap();
-        let (pid, epoch) = state
             .transactions
-            .init_producer_id(&state, "tx", 60_000, None)
-            .await
+            .add_partitions("tx", pid, epoch, &[("t".into(), 0)], state.now_ms())
             .unwrap();
         state
             .transactions
-            .add_partitions("tx", pid, epoch, &[("t".into(), 0)], 1)
-            .unwrap();
-        state
-            .transactions
-            .add_offsets("tx", pid, epoch, "g", 1)
+            .add_offsets("tx", pid, epoch, "g", state.now_ms())
             .unwrap();
         let offsets = vec![PendingOffset {
             group: "g".into(),
@@ -885,7 +895,7 @@ mod tests {
         }];
         state
             .transactions
-            .commit_offsets("tx", pid, epoch, "g", offsets, 1)
+            .commit_offsets("tx", pid, epoch, "g", offsets, state.now_ms())
             .unwrap();
         let partition = state
             .catalog
@@ -907,7 +917,7 @@ mod tests {
             let mut inner = state.transactions.lock();
             state
                 .transactions
-                .decide(&mut inner, "tx", true, false, 3)
+                .decide(&mut inner, "tx", true, false, state.now_ms())
                 .unwrap();
         }
         drop(partition);
@@ -954,17 +964,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn batches_outside_their_transaction_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let broker = start(dir.path()).await;
-        let state = Arc::clone(&broker.state);
-        state
-            .catalog
-            .create_topic("t", 2, Default::default(), false, 0)
-            .unwrap();
-        let (pid, epoch) = state
-            .transactions
-            .init_producer_id(&state, "tx", 60_000, None)
-            .await
-            .unwrap();
+        let (broker, state, pid, epoch) = with_topic(dir.path(), 2).await;
         let p0 = state
             .catalog
             .topic("t")
@@ -988,7 +988,7 @@ mod tests {
         assert_eq!(refused.code(), ResponseError::InvalidTxnState, "{refused}");
         state
             .transactions
-            .add_partitions("tx", pid, epoch, &[("t".into(), 0)], 1)
+            .add_partitions("tx", pid, epoch, &[("t".into(), 0)], state.now_ms())
             .unwrap();
         append(&p0, 0, transactional(pid, epoch, 0, 1)).unwrap();
         let other = append(&p1, 1, transactional(pid, epoch, 0, 1)).unwrap_err();
