@@ -91,6 +91,14 @@ pub(crate) enum AppendError {
         /// What is wrong.
         reason: String,
     },
+    /// A transactional batch in a Produce request without a `transactional_id`.
+    #[error(
+        "transactional batch from producer {producer_id} in a produce request without a transactional id"
+    )]
+    TransactionalIdMissing {
+        /// The producer.
+        producer_id: i64,
+    },
     /// The batch carries a producer id but no sequence, or is a control batch.
     #[error("invalid record batch: {reason}")]
     Invalid {
@@ -107,6 +115,9 @@ impl AppendError {
             Self::Fenced { .. } => ResponseError::InvalidProducerEpoch,
             Self::OutOfOrder { .. } => ResponseError::OutOfOrderSequenceNumber,
             Self::TxnState { .. } => ResponseError::InvalidTxnState,
+            Self::TransactionalIdMissing { .. } => {
+                ResponseError::TransactionalIdAuthorizationFailed
+            }
             Self::Invalid { .. } => ResponseError::InvalidRecord,
         }
     }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use kafka_protocol::messages::{ApiKey, ProduceRequest, TopicName};
+use kafka_protocol::messages::{ApiKey, ProduceRequest, TopicName, TransactionalId};
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
 use semel_client::{ClientError, Cluster, check_code, needs_metadata_refresh};
@@ -564,6 +564,14 @@ impl Sender {
             self.metrics.retried.inc();
         }
         let request = ProduceRequest::default()
+            // Brokers refuse transactional batches without it (Kafka answers
+            // TRANSACTIONAL_ID_AUTHORIZATION_FAILED).
+            .with_transactional_id(
+                self.txn
+                    .as_ref()
+                    .and(self.config.transactional_id.as_ref())
+                    .map(|id| TransactionalId(StrBytes::from_string(id.clone()))),
+            )
             .with_acks(self.config.acks.wire())
             .with_timeout_ms(
                 i32::try_from(self.config.request_timeout.as_millis()).unwrap_or(i32::MAX),

@@ -40,6 +40,7 @@ type Awaiting = (usize, usize, Arc<Partition>, i64);
 
 pub(crate) fn handle(state: &Arc<BrokerState>, request: ProduceRequest, version: i16) -> Reply {
     let acks = request.acks;
+    let transactional_id = request.transactional_id.as_ref().map(|id| id.0.to_string());
     let now_ms = state.now_ms();
     let mut awaiting: Vec<Awaiting> = Vec::new();
     let mut responses = Vec::with_capacity(request.topic_data.len());
@@ -54,6 +55,7 @@ pub(crate) fn handle(state: &Arc<BrokerState>, request: ProduceRequest, version:
                 .with_log_start_offset(-1);
             let outcome = append_one(
                 state,
+                transactional_id.as_deref(),
                 &topic,
                 data.index,
                 data.records.as_deref(),
@@ -152,6 +154,7 @@ fn resolve_topic(state: &BrokerState, name: &str) -> Result<Arc<Topic>, (Respons
 
 fn append_one(
     state: &BrokerState,
+    transactional_id: Option<&str>,
     topic: &Result<Arc<Topic>, (ResponseError, String)>,
     index: i32,
     records: Option<&[u8]>,
@@ -174,8 +177,14 @@ fn append_one(
     let records = records.unwrap_or_default();
     let batch = validate_produce_records(records, topic.log_config.max_message_bytes)
         .map_err(|e| (e.code(), e.to_string()))?;
-    let verify =
-        |header: &crate::log::BatchHeader| state.transactions.verify(header, &topic.name, index);
+    // As Kafka: a transactional batch comes with the request's transactional id, which must
+    // be the one its producer id belongs to.
+    let verify = |header: &crate::log::BatchHeader| match transactional_id {
+        None => Err(AppendError::TransactionalIdMissing {
+            producer_id: header.producer_id,
+        }),
+        Some(id) => state.transactions.verify(header, id, &topic.name, index),
+    };
     let appended = partition.append_verified(&batch, now_ms, &verify).map_err(|e| {
         if matches!(e, AppendError::Log(_)) {
             tracing::error!(topic = %topic.name, partition = index, error = %e, "append failed");
