@@ -23,8 +23,8 @@ use crate::clock::Clock;
 use crate::log::LogError;
 use offsets::{CommitError, Committed, GroupOffsets, OffsetStore};
 use state::{
-    Completion, Group, GroupLimits, GroupState, JoinParams, JoinResult, MemberView, SyncParams,
-    SyncResult,
+    Completion, Group, GroupLimits, GroupRecord, GroupState, JoinParams, JoinResult, MemberView,
+    SyncParams, SyncResult,
 };
 
 /// Group coordinator settings (Kafka's names).
@@ -70,6 +70,8 @@ struct Slot {
     group: Group,
     joins: HashMap<String, oneshot::Sender<JoinResult>>,
     syncs: HashMap<String, oneshot::Sender<SyncResult>>,
+    /// The membership record last written to the offsets log.
+    recorded: Option<GroupRecord>,
 }
 
 impl Slot {
@@ -123,17 +125,37 @@ impl GroupCoordinator {
         config: GroupConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, LogError> {
-        let offsets = OffsetStore::open(data_dir, clock.now_ms())?;
+        let now = clock.now_ms();
+        let offsets = OffsetStore::open(data_dir, now)?;
         let limits = GroupLimits {
             min_session_timeout_ms: millis_i32(config.min_session_timeout),
             max_session_timeout_ms: millis_i32(config.max_session_timeout),
             initial_rebalance_delay_ms: millis_i32(config.initial_rebalance_delay),
             max_size: config.max_size,
         };
+        // Groups with members come back as they were (Kafka reloads its group metadata the
+        // same way): their members go on heartbeating and committing with the generation they
+        // have, instead of all being told UNKNOWN_MEMBER_ID and rejoining.
+        let mut groups = HashMap::new();
+        for (id, record) in offsets.take_group_records() {
+            if record.members.is_empty() {
+                continue;
+            }
+            tracing::info!(group = %id, generation = record.generation_id, members = record.members.len(), "group restored");
+            groups.insert(
+                id.clone(),
+                Slot {
+                    group: Group::restore(&id, record.clone(), limits, now),
+                    joins: HashMap::new(),
+                    syncs: HashMap::new(),
+                    recorded: Some(record),
+                },
+            );
+        }
         Ok(Self {
             config,
             limits,
-            groups: Mutex::new(HashMap::new()),
+            groups: Mutex::new(groups),
             offsets,
             clock,
         })
@@ -156,6 +178,7 @@ impl GroupCoordinator {
             group: Group::new(group_id, self.limits, now_ms),
             joins: HashMap::new(),
             syncs: HashMap::new(),
+            recorded: None,
         });
         if slot.group.state() == GroupState::Dead {
             // A deleted group's id is free again.
@@ -182,6 +205,7 @@ impl GroupCoordinator {
             Some(params.member_id.clone())
         };
         let answer = slot.group.join(params, &fresh, now, &mut out);
+        self.record(group_id, slot, now);
         match answer {
             Some(result) => {
                 slot.deliver(out);
@@ -211,7 +235,9 @@ impl GroupCoordinator {
         };
         let member = params.member_id.clone();
         let mut out = Vec::new();
-        match slot.group.sync(params, now, &mut out) {
+        let answer = slot.group.sync(params, now, &mut out);
+        self.record(group_id, slot, now);
+        match answer {
             Some(result) => {
                 slot.deliver(out);
                 Pending::Now(result)
@@ -257,6 +283,7 @@ impl GroupCoordinator {
             .iter()
             .map(|(member, instance)| slot.group.leave(member, instance.as_deref(), now, &mut out))
             .collect();
+        self.record(group_id, slot, now);
         slot.deliver(out);
         codes
     }
@@ -269,9 +296,13 @@ impl GroupCoordinator {
         let mut expired: Vec<(String, Vec<(String, i32)>)> = Vec::new();
         {
             let mut groups = self.groups();
-            for slot in groups.values_mut() {
+            for (id, slot) in groups.iter_mut() {
                 let mut out = Vec::new();
+                let before = (slot.group.state(), slot.group.member_count());
                 slot.group.tick(now, &mut out);
+                if (slot.group.state(), slot.group.member_count()) != before {
+                    self.record(id, slot, now);
+                }
                 slot.deliver(out);
             }
             groups.retain(|_, slot| slot.group.state() != GroupState::Dead);
@@ -446,6 +477,19 @@ impl GroupCoordinator {
         }
     }
 
+    /// Writes the group's membership record if it reached a state worth keeping that differs
+    /// from the last one written.
+    fn record(&self, group_id: &str, slot: &mut Slot, now_ms: i64) {
+        let Some(record) = slot.group.record() else {
+            return;
+        };
+        if slot.recorded.as_ref() == Some(&record) {
+            return;
+        }
+        self.offsets.record_group(group_id, &record, now_ms);
+        slot.recorded = Some(record);
+    }
+
     pub(crate) fn close(&self) -> Result<(), LogError> {
         self.offsets.close(self.clock.now_ms())
     }
@@ -547,6 +591,107 @@ mod expiry_tests {
             reopened.committed("b").get(&key).map(|c| c.offset),
             Some(9),
             "after a restart"
+        );
+    }
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::clock::SystemClock;
+
+    fn coordinator(dir: &Path) -> GroupCoordinator {
+        let config = GroupConfig {
+            initial_rebalance_delay: Duration::ZERO,
+            ..GroupConfig::default()
+        };
+        GroupCoordinator::open(dir, config, Arc::new(SystemClock)).expect("open")
+    }
+
+    async fn answer<T>(coordinator: &GroupCoordinator, pending: Pending<T>) -> T {
+        match pending {
+            Pending::Now(result) => result,
+            Pending::Later(mut receiver) => {
+                for _ in 0..100 {
+                    coordinator.tick().await;
+                    if let Ok(result) = receiver.try_recv() {
+                        return result;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                panic!("no answer within 5 s");
+            }
+        }
+    }
+
+    /// Issue 20: after a restart (here without a clean close, as after kill -9) every member
+    /// was unknown: heartbeats and commits got UNKNOWN_MEMBER_ID, in-flight commits failed and
+    /// the group rebalanced, so Java consumers read records again (528 of 60,000 in the probe).
+    /// Now the group comes back at its generation, with its members and their assignments.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_keep_their_generation_and_assignment_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = coordinator(dir.path());
+        let joined = first.join(
+            "g",
+            JoinParams {
+                client_id: "c".into(),
+                client_host: "/127.0.0.1".into(),
+                session_timeout_ms: 10_000,
+                rebalance_timeout_ms: 10_000,
+                protocol_type: "consumer".into(),
+                protocols: vec![("range".into(), Bytes::from_static(b"subscription"))],
+                ..JoinParams::default()
+            },
+        );
+        let joined = answer(&first, joined).await;
+        assert_eq!(joined.error, None);
+        let (member, generation) = (joined.member_id.clone(), joined.generation_id);
+        let synced = first.sync(
+            "g",
+            SyncParams {
+                member_id: member.clone(),
+                generation_id: generation,
+                assignments: vec![(member.clone(), Bytes::from_static(b"assignment"))],
+                ..SyncParams::default()
+            },
+        );
+        let synced = answer(&first, synced).await;
+        assert_eq!(synced.error, None);
+        first.heartbeat("g", &member, None, generation).unwrap();
+        drop(first); // no close: the record was written, not fsynced, as before kill -9
+
+        let second = coordinator(dir.path());
+        assert_eq!(
+            second.heartbeat("g", &member, None, generation),
+            Ok(()),
+            "the member is known after the restart"
+        );
+        assert_eq!(
+            second.validate_commit("g", &member, None, generation),
+            Ok(())
+        );
+        let view = second.describe("g").expect("the group is there");
+        assert_eq!(view.state, GroupState::Stable);
+        assert_eq!(view.members.len(), 1);
+        assert_eq!(
+            view.members[0].assignment,
+            Bytes::from_static(b"assignment")
+        );
+        assert_eq!(
+            view.members[0].metadata,
+            Bytes::from_static(b"subscription")
+        );
+
+        // A member that left is not brought back by the next restart.
+        assert_eq!(second.leave("g", &[(member.clone(), None)]), vec![Ok(())]);
+        drop(second);
+        let third = coordinator(dir.path());
+        assert_eq!(
+            third.heartbeat("g", &member, None, generation),
+            Err(ResponseError::UnknownMemberId)
         );
     }
 }

@@ -25,6 +25,8 @@ use tokio::sync::watch;
 use crate::log::{LogConfig, LogError, validate_produce_records};
 use crate::partition::Partition;
 
+use super::state::GroupRecord;
+
 /// Directory of the offsets log inside the data directory.
 pub(crate) const OFFSETS_DIR: &str = "__consumer_offsets";
 const FORMAT_VERSION: u8 = 1;
@@ -45,6 +47,22 @@ struct OffsetKey {
     topic: String,
     partition: i32,
 }
+
+/// The key of a group's membership record: `version` 2 tells it from an offset's key
+/// (version 1), whose first byte is its version too.
+#[derive(Debug, Serialize, Deserialize)]
+struct GroupKey {
+    version: u8,
+    group: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct GroupValue {
+    version: u8,
+    record: GroupRecord,
+}
+
+const GROUP_RECORD_VERSION: u8 = 2;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct OffsetValue {
@@ -77,6 +95,8 @@ pub(crate) struct OffsetStore {
     /// of one key whose fsyncs return in the other order must not leave the older one).
     /// Appends happen under this lock, so its order is the log's.
     pending: Mutex<BTreeMap<i64, Pending>>,
+    /// Group membership records replayed at start, until the coordinator takes them.
+    group_records: Mutex<HashMap<String, GroupRecord>>,
 }
 
 /// A commit waiting for its fsync: the group and its entries.
@@ -108,6 +128,7 @@ impl OffsetStore {
             );
         }
         let mut offsets: HashMap<String, GroupOffsets> = HashMap::new();
+        let mut groups: HashMap<String, GroupRecord> = HashMap::new();
         let mut next = partition.log().log_start_offset();
         loop {
             let read = partition.log().read(next, 1 << 20)?;
@@ -122,7 +143,11 @@ impl OffsetStore {
                     })?;
                 for record in set.records {
                     next = next.max(record.offset + 1);
-                    apply(&mut offsets, &record);
+                    if record.key.as_ref().and_then(|k| k.first()) == Some(&GROUP_RECORD_VERSION) {
+                        apply_group(&mut groups, &record);
+                    } else {
+                        apply(&mut offsets, &record);
+                    }
                 }
             }
         }
@@ -136,6 +161,7 @@ impl OffsetStore {
             partition,
             offsets: Mutex::new(offsets),
             pending: Mutex::new(BTreeMap::new()),
+            group_records: Mutex::new(groups),
         })
     }
 
@@ -218,10 +244,9 @@ impl OffsetStore {
         entries: Vec<((String, i32), Option<Committed>)>,
         now_ms: i64,
     ) -> Result<i64, CommitError> {
-        let records = entries
+        let encoded = entries
             .iter()
-            .enumerate()
-            .map(|(i, ((topic, partition), value))| {
+            .map(|((topic, partition), value)| {
                 let key = postcard::to_stdvec(&OffsetKey {
                     version: FORMAT_VERSION,
                     group: group.to_string(),
@@ -242,25 +267,42 @@ impl OffsetStore {
                     })
                     .transpose()
                     .map_err(|e| CommitError::Encode(e.to_string()))?;
-                Ok(Record {
-                    transactional: false,
-                    control: false,
-                    partition_leader_epoch: 0,
-                    producer_id: -1,
-                    producer_epoch: -1,
-                    timestamp_type: TimestampType::Creation,
-                    offset: i64::try_from(i).unwrap_or(0),
-                    // `kafka-protocol` starts a new batch wherever offset - sequence changes;
-                    // numbering from -1 keeps one batch with base sequence -1 (none).
-                    sequence: i32::try_from(i).unwrap_or(0) - 1,
-                    delete_horizon: false,
-                    timestamp: now_ms,
-                    key: Some(Bytes::from(key)),
-                    value: value.map(Bytes::from),
-                    headers: Default::default(),
-                })
+                Ok((key, value))
             })
-            .collect::<Result<Vec<Record>, CommitError>>()?;
+            .collect::<Result<Vec<_>, CommitError>>()?;
+        let end = self.append_records(encoded, now_ms)?;
+        pending.insert(end, (group.to_string(), entries));
+        Ok(end)
+    }
+
+    /// Appends one batch of (key, value) records; returns its end offset. Called with the
+    /// append lock (`pending`) held, so the log's order is the lock's.
+    fn append_records(
+        &self,
+        encoded: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        now_ms: i64,
+    ) -> Result<i64, CommitError> {
+        let records = encoded
+            .into_iter()
+            .enumerate()
+            .map(|(i, (key, value))| Record {
+                transactional: false,
+                control: false,
+                partition_leader_epoch: 0,
+                producer_id: -1,
+                producer_epoch: -1,
+                timestamp_type: TimestampType::Creation,
+                offset: i64::try_from(i).unwrap_or(0),
+                // `kafka-protocol` starts a new batch wherever offset - sequence changes;
+                // numbering from -1 keeps one batch with base sequence -1 (none).
+                sequence: i32::try_from(i).unwrap_or(0) - 1,
+                delete_horizon: false,
+                timestamp: now_ms,
+                key: Some(Bytes::from(key)),
+                value: value.map(Bytes::from),
+                headers: Default::default(),
+            })
+            .collect::<Vec<Record>>();
         let mut buf = BytesMut::new();
         RecordBatchEncoder::encode(
             &mut buf,
@@ -280,9 +322,45 @@ impl OffsetStore {
             crate::partition::AppendError::Log(log) => CommitError::Log(log),
             other => CommitError::Encode(other.to_string()),
         })?;
-        let end = appended.end_offset();
-        pending.insert(end, (group.to_string(), entries));
-        Ok(end)
+        Ok(appended.end_offset())
+    }
+
+    /// Appends `group`'s membership record. Not waited for: the next commit's fsync, or the
+    /// shutdown's, makes it durable, and a record lost to a power cut only means the members
+    /// rejoin after the restart, as they did before records were kept. A group that emptied is
+    /// recorded with no members, which a restart skips.
+    pub(crate) fn record_group(&self, group: &str, record: &GroupRecord, now_ms: i64) {
+        let encoded = postcard::to_stdvec(&GroupKey {
+            version: GROUP_RECORD_VERSION,
+            group: group.to_string(),
+        })
+        .and_then(|key| {
+            let value = postcard::to_stdvec(&GroupValue {
+                version: GROUP_RECORD_VERSION,
+                record: record.clone(),
+            })?;
+            Ok((key, Some(value)))
+        });
+        let appended = match encoded {
+            Ok(kv) => {
+                let _order = self.lock_pending();
+                self.append_records(vec![kv], now_ms)
+            }
+            Err(e) => Err(CommitError::Encode(e.to_string())),
+        };
+        if let Err(error) = appended {
+            tracing::warn!(group, %error, "could not record the group's members; after a restart they rejoin");
+        }
+    }
+
+    /// The membership records read at start (taken once).
+    pub(crate) fn take_group_records(&self) -> HashMap<String, GroupRecord> {
+        std::mem::take(
+            &mut *self
+                .group_records
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 
     /// Waits for the fsync of the batch ending at `end`, then makes every fsynced commit
@@ -361,6 +439,38 @@ impl OffsetStore {
     /// Fsyncs and closes the log (clean shutdown).
     pub(crate) fn close(&self, now_ms: i64) -> Result<(), LogError> {
         self.partition.close(now_ms)
+    }
+}
+
+/// Replays one membership record: the newest per group wins; one without a value forgets it.
+fn apply_group(groups: &mut HashMap<String, GroupRecord>, record: &Record) {
+    let Some(Ok(key)) = record
+        .key
+        .as_ref()
+        .map(|k| postcard::from_bytes::<GroupKey>(k))
+    else {
+        tracing::warn!(
+            offset = record.offset,
+            "offsets log: unreadable group key skipped"
+        );
+        return;
+    };
+    match record
+        .value
+        .as_ref()
+        .map(|v| postcard::from_bytes::<GroupValue>(v))
+    {
+        None => {
+            groups.remove(&key.group);
+        }
+        Some(Ok(value)) if value.version == GROUP_RECORD_VERSION => {
+            groups.insert(key.group, value.record);
+        }
+        Some(_) => tracing::warn!(
+            offset = record.offset,
+            group = %key.group,
+            "offsets log: unreadable group record skipped"
+        ),
     }
 }
 

@@ -227,7 +227,104 @@ pub(crate) struct Group {
     limits: GroupLimits,
 }
 
+/// What is kept of a group across a broker restart, as Kafka keeps its group metadata record:
+/// the generation and the members with their subscription and assignment, written when a
+/// rebalance completes and when the group empties.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct GroupRecord {
+    pub(crate) generation_id: i32,
+    pub(crate) protocol_type: Option<String>,
+    pub(crate) protocol_name: Option<String>,
+    pub(crate) leader: Option<String>,
+    pub(crate) members: Vec<MemberRecord>,
+}
+
+/// One member in a [`GroupRecord`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct MemberRecord {
+    pub(crate) member_id: String,
+    pub(crate) instance_id: Option<String>,
+    pub(crate) client_id: String,
+    pub(crate) client_host: String,
+    pub(crate) session_timeout_ms: i32,
+    pub(crate) rebalance_timeout_ms: i32,
+    /// Its metadata for the selected protocol.
+    pub(crate) metadata: Vec<u8>,
+    pub(crate) assignment: Vec<u8>,
+}
+
 impl Group {
+    /// The record to keep now: `Some` only in a state worth restoring (Stable, or Empty with
+    /// its generation), `None` in the middle of a rebalance.
+    pub(crate) fn record(&self) -> Option<GroupRecord> {
+        if !matches!(self.state, GroupState::Stable | GroupState::Empty) {
+            return None;
+        }
+        let protocol = self.protocol_name.clone().unwrap_or_default();
+        Some(GroupRecord {
+            generation_id: self.generation_id,
+            protocol_type: self.protocol_type.clone(),
+            protocol_name: self.protocol_name.clone(),
+            leader: self.leader.clone(),
+            members: self
+                .members
+                .iter()
+                .map(|(id, m)| MemberRecord {
+                    member_id: id.clone(),
+                    instance_id: m.instance_id.clone(),
+                    client_id: m.client_id.clone(),
+                    client_host: m.client_host.clone(),
+                    session_timeout_ms: m.session_timeout_ms,
+                    rebalance_timeout_ms: m.rebalance_timeout_ms,
+                    metadata: m.metadata_for(&protocol).to_vec(),
+                    assignment: m.assignment.to_vec(),
+                })
+                .collect(),
+        })
+    }
+
+    /// The group as it was recorded, after a restart: Stable with its members (each given a
+    /// full session from `now_ms`, so a member that is gone is dropped one session timeout
+    /// later and the group rebalances), or Empty at its generation.
+    pub(crate) fn restore(id: &str, record: GroupRecord, limits: GroupLimits, now_ms: i64) -> Self {
+        let mut group = Self::new(id, limits, now_ms);
+        group.generation_id = record.generation_id;
+        group.protocol_type = record.protocol_type;
+        group.protocol_name = record.protocol_name;
+        let protocol = group.protocol_name.clone().unwrap_or_default();
+        for m in record.members {
+            if let Some(instance) = &m.instance_id {
+                group
+                    .static_members
+                    .insert(instance.clone(), m.member_id.clone());
+            }
+            group.members.insert(
+                m.member_id,
+                Member {
+                    instance_id: m.instance_id,
+                    client_id: m.client_id,
+                    client_host: m.client_host,
+                    session_timeout_ms: m.session_timeout_ms,
+                    rebalance_timeout_ms: m.rebalance_timeout_ms,
+                    protocol_type: group.protocol_type.clone().unwrap_or_default(),
+                    protocols: vec![(protocol.clone(), Bytes::from(m.metadata))],
+                    assignment: Bytes::from(m.assignment),
+                    last_seen_ms: now_ms,
+                    awaiting_join: false,
+                    awaiting_sync: false,
+                    synced: true,
+                },
+            );
+        }
+        if !group.members.is_empty() {
+            group.state = GroupState::Stable;
+            group.leader = record
+                .leader
+                .filter(|leader| group.members.contains_key(leader));
+        }
+        group
+    }
+
     pub(crate) fn new(id: &str, limits: GroupLimits, now_ms: i64) -> Self {
         Self {
             id: id.to_string(),
@@ -272,6 +369,10 @@ impl Group {
 
     pub(crate) fn empty_since_ms(&self) -> i64 {
         self.empty_since_ms
+    }
+
+    pub(crate) fn member_count(&self) -> usize {
+        self.members.len()
     }
 
     pub(crate) fn is_empty(&self) -> bool {
