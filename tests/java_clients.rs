@@ -7,6 +7,8 @@
 //!   joining and leaving while a producer runs: no partition owned by two members at once,
 //!   the assignor's layout and rebalance protocol (eager or cooperative) as Kafka defines
 //!   them, and every acknowledged record consumed;
+//! - two `VerifiableConsumer`s of one group through a `kill -9` of the broker: the group comes
+//!   back at its generation, with no rebalance;
 //! - the admin tools: `kafka-topics`, `kafka-consumer-groups` (lag, reset, delete) and
 //!   `kafka-configs --describe`.
 //!
@@ -1618,5 +1620,154 @@ fn kafka_admin_tools_work_against_semel_broker() -> anyhow::Result<()> {
         "kafka-configs --describe: {configs}"
     );
     broker.terminate()?;
+    Ok(())
+}
+
+const RESTART_TOPIC: &str = "java-restart";
+const RESTART_MESSAGES: usize = 24_000;
+
+/// Issue 20: two Java `VerifiableConsumer`s of one group (classic protocol) read while a
+/// `VerifiableProducer` writes, and the broker is `kill -9`ed and restarted on the same port.
+/// The group comes back with its members at their generation (it is recorded in the offsets
+/// log), so neither member is told `UNKNOWN_MEMBER_ID` and no rebalance follows: no partition
+/// is revoked, lost or assigned again after the restart, and every message is consumed.
+/// Before, every member rejoined after a restart, and its in-flight commits failed (528 of
+/// 60,000 records read twice in the first probe).
+#[test]
+fn java_consumers_keep_their_group_through_a_broker_kill_9() -> anyhow::Result<()> {
+    kafka_ready()?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let (mut broker, port) =
+        spawn_broker_on_free_port(&data, &["--group-initial-rebalance-delay-ms", "0"])?;
+    let bootstrap = format!("127.0.0.1:{port}");
+    let b = bootstrap.as_str();
+    run_tool(
+        "topics",
+        &[
+            "--bootstrap-server",
+            b,
+            "--create",
+            "--topic",
+            RESTART_TOPIC,
+            "--partitions",
+            "4",
+        ],
+    )?;
+    let producer_config = idempotent_producer_config(dir.path(), "batch.size=1024\n")?;
+    let producer_config = producer_config.display().to_string();
+    let messages = RESTART_MESSAGES.to_string();
+    let mut producer = JavaTool::spawn(
+        "VerifiableProducer",
+        "verifiable-producer",
+        &[
+            "--bootstrap-server",
+            b,
+            "--topic",
+            RESTART_TOPIC,
+            "--max-messages",
+            &messages,
+            "--throughput",
+            "2000",
+            "--acks",
+            "-1",
+            "--producer.config",
+            &producer_config,
+        ],
+    )?;
+    let consumer_config = dir.path().join("restart-consumer.properties");
+    std::fs::write(
+        &consumer_config,
+        "heartbeat.interval.ms=1000\nmax.poll.records=200\n",
+    )?;
+    let consumer_config = consumer_config.display().to_string();
+    let member = |n: usize| {
+        JavaTool::spawn(
+            &format!("VerifiableConsumer java-restart #{n}"),
+            "verifiable-consumer",
+            &[
+                "--bootstrap-server",
+                b,
+                "--topic",
+                RESTART_TOPIC,
+                "--group-id",
+                "java-restart",
+                "--group-protocol",
+                "classic",
+                "--session-timeout",
+                "20000",
+                "--consumer.config",
+                &consumer_config,
+            ],
+        )
+    };
+    let mut members = vec![member(0)?, member(1)?];
+    // Balanced: each member has two partitions, and both read something.
+    let assigned_now = |m: &JavaTool| -> anyhow::Result<usize> {
+        let mut owned = BTreeSet::new();
+        for event in events_named(&m.lines(), &["partitions_assigned", "partitions_revoked"])? {
+            for p in event.list("partitions") {
+                let partition = p.int("partition").unwrap_or(-1);
+                if event.name() == "partitions_assigned" {
+                    owned.insert(partition);
+                } else {
+                    owned.remove(&partition);
+                }
+            }
+        }
+        Ok(owned.len())
+    };
+    poll_until(
+        PATIENCE,
+        "two members with two partitions each, consuming",
+        || {
+            for m in &mut members {
+                m.ensure_running()?;
+            }
+            Ok(members
+                .iter()
+                .map(|m| Ok(assigned_now(m)? == 2 && m.count("records_consumed") > 0))
+                .collect::<anyhow::Result<Vec<bool>>>()?
+                .into_iter()
+                .all(|ok| ok))
+        },
+    )?;
+    let rebalance_events = |m: &JavaTool| {
+        m.count("partitions_assigned") + m.count("partitions_revoked") + m.count("partitions_lost")
+    };
+    let before: Vec<usize> = members.iter().map(rebalance_events).collect();
+    broker.kill9()?;
+    broker = spawn_broker_on(&data, port, &["--group-initial-rebalance-delay-ms", "0"])?;
+    let status = producer.wait_exit(Duration::from_secs(150))?;
+    ensure!(status.success(), "VerifiableProducer failed ({status})");
+    let consumed = |m: &JavaTool| -> anyhow::Result<i64> {
+        Ok(events_named(&m.lines(), &["records_consumed"])?
+            .iter()
+            .filter_map(|e| e.int("count"))
+            .sum())
+    };
+    poll_until(PATIENCE, "every message consumed", || {
+        let mut total = 0;
+        for m in &mut members {
+            m.ensure_running()?;
+            total += consumed(m)?;
+        }
+        Ok(usize::try_from(total)? >= RESTART_MESSAGES)
+    })?;
+    let after: Vec<usize> = members.iter().map(rebalance_events).collect();
+    let total: i64 = members.iter().map(consumed).sum::<anyhow::Result<i64>>()?;
+    eprintln!(
+        "Java group through a broker kill -9: {total} records consumed for {RESTART_MESSAGES} \
+         sent; rebalance events per member before {before:?}, after {after:?}"
+    );
+    ensure!(
+        before == after,
+        "the members rebalanced after the restart (assigned/revoked/lost events before \
+         {before:?}, after {after:?}): the group did not survive it\n{}",
+        broker.output_text()
+    );
+    for m in &mut members {
+        m.terminate()?;
+    }
     Ok(())
 }
