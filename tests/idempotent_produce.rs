@@ -232,9 +232,11 @@ async fn epoch_bumps_fence_older_epochs_and_describe_producers_shows_the_state()
     Ok(())
 }
 
+/// An idempotent (not transactional) producer id sending a transactional batch: refused, and
+/// nothing stored. Without a transactional id in the request Kafka's answer,
+/// TRANSACTIONAL_ID_AUTHORIZATION_FAILED; naming a transactional id the producer id does not
+/// belong to, INVALID_TXN_STATE (no transaction of it has added the partition).
 #[tokio::test]
-/// An idempotent (not transactional) producer id sending a transactional batch: no transaction
-/// of it has added the partition, so the batch is refused and nothing is stored.
 async fn a_transactional_batch_outside_any_transaction_is_refused() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let broker = start_in(dir.path()).await?;
@@ -245,14 +247,21 @@ async fn a_transactional_batch_outside_any_transaction_is_refused() -> anyhow::R
     bytes[22] |= 0x10; // attributes: transactional
     let crc = crc32c::crc32c(&bytes[21..]);
     bytes[17..21].copy_from_slice(&crc.to_be_bytes());
-    let response = client
-        .send(9, &produce_request("txn", 0, bytes.freeze(), -1))
-        .await?;
-    let partition = &response.responses[0].partition_responses[0];
-    ensure!(
-        partition.error_code == ResponseError::InvalidTxnState.code(),
-        "{partition:?}"
-    );
+    let bytes = bytes.freeze();
+    for (transactional_id, expected) in [
+        (None, ResponseError::TransactionalIdAuthorizationFailed),
+        (Some("not-its-own"), ResponseError::InvalidTxnState),
+    ] {
+        let request = produce_request("txn", 0, bytes.clone(), -1).with_transactional_id(
+            transactional_id.map(|t| TransactionalId(StrBytes::from_static_str(t))),
+        );
+        let response = client.send(9, &request).await?;
+        let partition = &response.responses[0].partition_responses[0];
+        ensure!(
+            partition.error_code == expected.code(),
+            "{transactional_id:?}: {partition:?}"
+        );
+    }
     ensure!(fetch_all(&mut client, "txn", 0).await?.is_empty());
     broker.shutdown().await;
     Ok(())

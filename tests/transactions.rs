@@ -296,3 +296,80 @@ async fn kafka_transactions_tool_lists_and_describes_an_open_transaction() -> an
     broker.handle.shutdown().await;
     Ok(())
 }
+
+/// The crash window of EndTxn with a client we did not write: the broker (a debug build, with
+/// its test crash point set) exits right after the commit decision is on disk, before any
+/// marker. It is restarted on the same port; before serving it writes the markers, and
+/// librdkafka's retried EndTxn is answered as committed: the records are visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_cut_by_a_broker_crash_before_its_markers_completes_after_the_restart()
+-> anyhow::Result<()> {
+    use common::fixed_port::{free_port, spawn_broker_on, spawn_broker_with_env};
+    let python = python()?;
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/confluent_transactions.py");
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let port = free_port()?;
+    let mut broker = spawn_broker_with_env(
+        &data,
+        port,
+        &[],
+        &[("SEMEL_TEST_CRASH_AFTER_TXN_DECISION", "1")],
+    )?;
+    let mut client = Command::new(&python)
+        .arg(&script)
+        .args([
+            "--bootstrap",
+            &format!("127.0.0.1:{port}"),
+            "--phase",
+            "crash_commit",
+            "--topic",
+            "decided",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let exit = loop {
+        if let Some(status) = broker.child.try_wait()? {
+            break status;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the broker never reached its crash point"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ensure!(exit.code() == Some(137), "the broker exited with {exit}");
+    let restarted = spawn_broker_on(&data, port, &[])?;
+    let out = tokio::task::block_in_place(|| -> anyhow::Result<std::process::Output> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        while client.try_wait()?.is_none() {
+            if std::time::Instant::now() >= deadline {
+                let _ = client.kill();
+                anyhow::bail!("the client never finished");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(client.wait_with_output()?)
+    })?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    ensure!(
+        stdout.starts_with("{\"ok\": true,"),
+        "{stdout}\n{}\nbroker after the restart:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        restarted.output_text()
+    );
+    ensure!(
+        restarted
+            .output_text()
+            .contains("completing a transaction decided before the restart"),
+        "the restarted broker did not complete the decided transaction:\n{}",
+        restarted.output_text()
+    );
+    restarted.terminate()?;
+    Ok(())
+}

@@ -266,7 +266,30 @@ def crash_check(bootstrap, topic):
     return {"ok": ok, "early": early, "read_uncommitted": len(raw), "late": late}
 
 
-PHASES = {"crash_open": crash_open, "crash_check": crash_check}
+def crash_commit(bootstrap, topic):
+    """Commits a transaction while the broker dies between EndTxn's decision and its markers
+    (the test restarts it on the same port): the commit still succeeds (librdkafka retries
+    EndTxn, which the restarted broker answers from the completed transaction), and the
+    records are visible read_committed."""
+    create(bootstrap, topic, 1)
+    p = producer(bootstrap, f"tx-{topic}")
+    p.begin_transaction()
+    for i in range(10):
+        p.produce(topic, value=f"d-{i}".encode())
+    p.flush(TIMEOUT)
+    committed = False
+    error = ""
+    try:
+        p.commit_transaction(90)
+        committed = True
+    except KafkaException as e:
+        error = str(e.args[0])
+    values = [v for _, _, v in read_all(bootstrap, topic, "read_committed", 10)]
+    ok = committed and values == [f"d-{i}" for i in range(10)]
+    return {"ok": ok, "committed": committed, "error": error, "visible": values}
+
+
+PHASES = {"crash_open": crash_open, "crash_check": crash_check, "crash_commit": crash_commit}
 
 SCENARIOS = {
     "commit_abort": commit_abort,

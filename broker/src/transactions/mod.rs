@@ -55,6 +55,24 @@ const FILE: &str = "transactions.bin";
 const MAGIC: &[u8; 8] = b"SEMELTXN";
 const VERSION: u16 = 1;
 
+/// Tests (debug builds only): with this environment variable set, the process exits at once,
+/// as `kill -9` would end it, after an EndTxn's decision is on disk and before any of its
+/// markers: the window that start-up recovery must close (`tests/transactions.rs`).
+const CRASH_AFTER_DECISION: &str = "SEMEL_TEST_CRASH_AFTER_TXN_DECISION";
+
+fn crash_point(variable: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var_os(variable).is_some() {
+        tracing::error!(
+            variable,
+            "test crash point reached: exiting without a shutdown"
+        );
+        std::process::exit(137);
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = variable;
+}
+
 /// Kafka's `transactional.id.expiration.ms` default (7 days): a transactional id with no
 /// transaction open and no request for this long is forgotten.
 pub(crate) const TRANSACTIONAL_ID_EXPIRATION_MS: i64 = 7 * 24 * 60 * 60 * 1000;
@@ -495,7 +513,7 @@ impl TransactionCoordinator {
         let ending = {
             let mut inner = self.lock();
             let meta = Self::current(&inner, transactional_id, producer_id, epoch)?;
-            match (meta.state, commit) {
+            let ending = match (meta.state, commit) {
                 (TxnState::Ongoing, _) => {
                     self.decide(&mut inner, transactional_id, commit, false, now)?
                 }
@@ -518,7 +536,9 @@ impl TransactionCoordinator {
                         ),
                     ));
                 }
-            }
+            };
+            crash_point(CRASH_AFTER_DECISION);
+            ending
         };
         self.complete(state, ending).await
     }
