@@ -252,6 +252,58 @@ impl Drop for JavaTool {
     }
 }
 
+/// `kafka-topics --create` of `topic` with `partitions` partitions.
+fn create_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: impl std::fmt::Display,
+) -> anyhow::Result<()> {
+    run_tool(
+        "topics",
+        &[
+            "--bootstrap-server",
+            bootstrap,
+            "--create",
+            "--topic",
+            topic,
+            "--partitions",
+            &partitions.to_string(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Kafka's `VerifiableProducer`, idempotent with `acks=-1`, sending `messages` to `topic` at
+/// `throughput` a second; `extra_config` is added to its producer config.
+fn spawn_verifiable_producer(
+    dir: &Path,
+    bootstrap: &str,
+    topic: &str,
+    messages: usize,
+    throughput: u32,
+    extra_config: &str,
+) -> anyhow::Result<JavaTool> {
+    let config = idempotent_producer_config(dir, extra_config)?;
+    JavaTool::spawn(
+        "VerifiableProducer",
+        "verifiable-producer",
+        &[
+            "--bootstrap-server",
+            bootstrap,
+            "--topic",
+            topic,
+            "--max-messages",
+            &messages.to_string(),
+            "--throughput",
+            &throughput.to_string(),
+            "--acks",
+            "-1",
+            "--producer.config",
+            &config.display().to_string(),
+        ],
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // The tools' JSON lines
 
@@ -549,40 +601,10 @@ fn java_verifiable_producer_loses_no_acknowledged_message_through_kill_9() -> an
     let (mut broker, port) = spawn_broker_on_free_port(&data, &[])?;
     let bootstrap = format!("127.0.0.1:{port}");
     let b = bootstrap.as_str();
-    run_tool(
-        "topics",
-        &[
-            "--bootstrap-server",
-            b,
-            "--create",
-            "--topic",
-            CRASH_TOPIC,
-            "--partitions",
-            "3",
-        ],
-    )?;
+    create_topic(b, CRASH_TOPIC, 3)?;
 
-    let config = idempotent_producer_config(dir.path(), "")?;
-    let config = config.display().to_string();
-    let messages = CRASH_MESSAGES.to_string();
-    let mut producer = JavaTool::spawn(
-        "VerifiableProducer",
-        "verifiable-producer",
-        &[
-            "--bootstrap-server",
-            b,
-            "--topic",
-            CRASH_TOPIC,
-            "--max-messages",
-            &messages,
-            "--throughput",
-            "3000",
-            "--acks",
-            "-1",
-            "--producer.config",
-            &config,
-        ],
-    )?;
+    let mut producer =
+        spawn_verifiable_producer(dir.path(), b, CRASH_TOPIC, CRASH_MESSAGES, 3000, "")?;
     for point in CRASH_POINTS {
         poll_until(PATIENCE, &format!("{point} acknowledgements"), || {
             producer.ensure_running()?;
@@ -1020,40 +1042,16 @@ fn java_consumer_group_with_each_assignor() -> anyhow::Result<()> {
     )?;
     let bootstrap = broker.addr.to_string();
     let b = bootstrap.as_str();
-    run_tool(
-        "topics",
-        &[
-            "--bootstrap-server",
-            b,
-            "--create",
-            "--topic",
-            GROUP_TOPIC,
-            "--partitions",
-            &GROUP_PARTITIONS.to_string(),
-        ],
-    )?;
+    create_topic(b, GROUP_TOPIC, GROUP_PARTITIONS)?;
     // Small batches: the producer's sticky partitioner moves on after each, so every partition
     // gets records.
-    let producer_config = idempotent_producer_config(dir.path(), "batch.size=1024\n")?;
-    let producer_config = producer_config.display().to_string();
-    let messages = GROUP_MESSAGES.to_string();
-    let mut producer = JavaTool::spawn(
-        "VerifiableProducer",
-        "verifiable-producer",
-        &[
-            "--bootstrap-server",
-            b,
-            "--topic",
-            GROUP_TOPIC,
-            "--max-messages",
-            &messages,
-            "--throughput",
-            "1000",
-            "--acks",
-            "-1",
-            "--producer.config",
-            &producer_config,
-        ],
+    let mut producer = spawn_verifiable_producer(
+        dir.path(),
+        b,
+        GROUP_TOPIC,
+        GROUP_MESSAGES,
+        1000,
+        "batch.size=1024\n",
     )?;
     let consumer_config = dir.path().join("consumer.properties");
     std::fs::write(
@@ -1554,38 +1552,14 @@ fn java_consumers_keep_their_group_through_a_broker_kill_9() -> anyhow::Result<(
         spawn_broker_on_free_port(&data, &["--group-initial-rebalance-delay-ms", "0"])?;
     let bootstrap = format!("127.0.0.1:{port}");
     let b = bootstrap.as_str();
-    run_tool(
-        "topics",
-        &[
-            "--bootstrap-server",
-            b,
-            "--create",
-            "--topic",
-            RESTART_TOPIC,
-            "--partitions",
-            "4",
-        ],
-    )?;
-    let producer_config = idempotent_producer_config(dir.path(), "batch.size=1024\n")?;
-    let producer_config = producer_config.display().to_string();
-    let messages = RESTART_MESSAGES.to_string();
-    let mut producer = JavaTool::spawn(
-        "VerifiableProducer",
-        "verifiable-producer",
-        &[
-            "--bootstrap-server",
-            b,
-            "--topic",
-            RESTART_TOPIC,
-            "--max-messages",
-            &messages,
-            "--throughput",
-            "2000",
-            "--acks",
-            "-1",
-            "--producer.config",
-            &producer_config,
-        ],
+    create_topic(b, RESTART_TOPIC, 4)?;
+    let mut producer = spawn_verifiable_producer(
+        dir.path(),
+        b,
+        RESTART_TOPIC,
+        RESTART_MESSAGES,
+        2000,
+        "batch.size=1024\n",
     )?;
     let consumer_config = dir.path().join("restart-consumer.properties");
     std::fs::write(
