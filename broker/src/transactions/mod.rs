@@ -73,6 +73,10 @@ fn crash_point(variable: &str) {
     let _ = variable;
 }
 
+/// How long completing a decided transaction (markers, offsets, their fsyncs) may take before
+/// the request that waits for it is answered `CONCURRENT_TRANSACTIONS`.
+const COMPLETION_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Kafka's `transactional.id.expiration.ms` default (7 days): a transactional id with no
 /// transaction open and no request for this long is forgotten.
 pub(crate) const TRANSACTIONAL_ID_EXPIRATION_MS: i64 = 7 * 24 * 60 * 60 * 1000;
@@ -363,7 +367,7 @@ impl TransactionCoordinator {
             }
         };
         if let Some(ending) = ending {
-            self.complete(state, ending).await?;
+            self.complete_within(state, ending).await?;
         }
         let mut inner = self.lock();
         let current = inner.transactions.get(transactional_id).cloned();
@@ -540,7 +544,7 @@ impl TransactionCoordinator {
             crash_point(CRASH_AFTER_DECISION);
             ending
         };
-        self.complete(state, ending).await
+        self.complete_within(state, ending).await
     }
 
     /// Writes the decision (`Prepare*`), bumping the epoch first when `fence` (the producer
@@ -593,6 +597,26 @@ impl TransactionCoordinator {
                 Vec::new()
             },
         }
+    }
+
+    /// [`Self::complete`], for at most [`COMPLETION_LIMIT`]: a disk that does not answer
+    /// leaves the transaction decided (Prepare*), the caller is told to retry
+    /// (`CONCURRENT_TRANSACTIONS`, which clients retry), and the timer completes it later.
+    /// Stopping part-way is safe: a marker written twice ends nothing the second time.
+    async fn complete_within(&self, state: &BrokerState, ending: Ending) -> Result<(), TxnError> {
+        let transactional_id = ending.transactional_id.clone();
+        tokio::time::timeout(COMPLETION_LIMIT, self.complete(state, ending))
+            .await
+            .unwrap_or_else(|_| {
+                tracing::warn!(%transactional_id, limit_s = COMPLETION_LIMIT.as_secs(), "transaction markers not durable in time; it stays decided and is completed later");
+                Err(TxnError::new(
+                    ResponseError::ConcurrentTransactions,
+                    format!(
+                        "the transaction of {transactional_id:?} is decided but its markers were not durable within {} s; retry",
+                        COMPLETION_LIMIT.as_secs()
+                    ),
+                ))
+            })
     }
 
     /// Writes the markers of a decided transaction, commits its offsets (commit only), waits for
@@ -740,7 +764,7 @@ impl TransactionCoordinator {
         let count = endings.len();
         for ending in endings {
             tracing::info!(transactional_id = %ending.transactional_id, commit = ending.commit, "completing a transaction decided before the restart");
-            self.complete(state, ending).await?;
+            self.complete_within(state, ending).await?;
         }
         Ok(count)
     }
@@ -808,7 +832,7 @@ impl TransactionCoordinator {
             }
         }
         for ending in endings {
-            if let Err(e) = self.complete(state, ending).await {
+            if let Err(e) = self.complete_within(state, ending).await {
                 tracing::error!(error = %e.message, "cannot complete a transaction; retrying later");
             }
         }
