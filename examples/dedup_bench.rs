@@ -230,12 +230,13 @@ fn dir_bytes(path: &std::path::Path) -> u64 {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
-    let store = DedupStore::open(DedupConfig {
+    let config = DedupConfig {
         sync_writes: args.sync,
         block_cache_bytes: args.cache_mib << 20,
         write_buffer_bytes: args.write_buffer_mib << 20,
         ..DedupConfig::new(dir.path())
-    })?;
+    };
+    let store = DedupStore::open(config.clone())?;
     let key = |n: u64| KeyHash::new("bench", "payments", format!("msg-{n}").as_bytes());
 
     let batch = args.batch.max(1);
@@ -306,13 +307,19 @@ fn main() -> anyhow::Result<()> {
     }
     let duplicates = started.elapsed();
     let (estimated_keys, sst_bytes) = store.size();
+    let filter_bytes = store.filter_bytes();
     let rss = rss_mib();
     drop(store);
     let disk = dir_bytes(dir.path());
+    // An open reads every key of the live buckets into the in-memory filters.
+    let started = Instant::now();
+    let reopened = DedupStore::open(config)?;
+    let reopen = started.elapsed();
+    drop(reopened);
     println!(
         "semel store keys={} batch={batch} sync={} cache={} MiB: claim+mark_done {:.0} pairs/s ({:.2} µs/pair); duplicate claim {:.0}/s; \
          estimated keys {estimated_keys}; SST bytes {sst_bytes}; on disk after close {disk} bytes \
-         ({:.1} bytes/key); RSS {rss:.0} MiB",
+         ({:.1} bytes/key); RSS {rss:.0} MiB; key filters {filter_bytes} bytes; reopen {:.2} s",
         args.keys,
         args.sync,
         args.cache_mib,
@@ -320,6 +327,7 @@ fn main() -> anyhow::Result<()> {
         fresh.as_secs_f64() * 1e6 / args.keys as f64,
         args.keys as f64 / duplicates.as_secs_f64(),
         disk as f64 / args.keys as f64,
+        reopen.as_secs_f64(),
     );
     if args.redis > 0 {
         redis_bench(args.redis, batch)?;

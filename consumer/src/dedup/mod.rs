@@ -34,6 +34,7 @@
 //! handled again. Writes made through the batch are exactly-once.
 
 pub mod changelog;
+mod filter;
 pub mod middleware;
 mod settlement;
 pub mod store;

@@ -42,6 +42,7 @@ use rocksdb::{
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
+use super::filter::KeyFilter;
 use crate::clock::{Clock, SystemClock};
 
 const FORMAT_VERSION: u8 = 1;
@@ -233,8 +234,33 @@ pub struct DedupCounts {
 type Db = DBWithThreadMode<MultiThreaded>;
 
 /// A 128-bit key identity: XXH3-128 of (group, topic, key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct KeyHash(u128);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyHash(pub(crate) u128);
+
+/// Hashes a [`KeyHash`] for a `HashMap` by taking 64 of its bits: it is a hash already, so
+/// SipHash over it again (the default) only costs time.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not a `KeyHash` (never used so, but correct all the same): FNV-1a.
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.0 ^= value as u64;
+    }
+}
+
+/// A `HashMap` or `HashSet` hasher for [`KeyHash`] keys.
+pub(crate) type KeyHashState = std::hash::BuildHasherDefault<KeyHasher>;
 
 impl KeyHash {
     /// Hashes `key` within (`group`, `topic`), each part length-prefixed so the parts cannot
@@ -312,9 +338,12 @@ struct Inner {
     counts: DedupCounts,
     /// Live mark buckets, newest first: (bucket start ms, column family name).
     buckets: Vec<(i64, String)>,
+    /// Per live bucket (by start): a filter of every key written to it, so a key it
+    /// refuses is not read from RocksDB (see `filter`).
+    filters: std::collections::HashMap<i64, KeyFilter>,
     /// The claims of this open, by key: their tokens are checked here. The store is one
     /// process's (RocksDB's lock), so no claim of another holder can be live.
-    held: std::collections::HashMap<KeyHash, Held>,
+    held: std::collections::HashMap<KeyHash, Held, KeyHashState>,
 }
 
 /// A claim of this open.
@@ -390,6 +419,10 @@ impl DedupStore {
             .collect();
         buckets.sort_by_key(|b| std::cmp::Reverse(b.0));
         let bucket_width_ms = stored_width(&db, &config)?;
+        let mut filters = std::collections::HashMap::new();
+        for (start, name) in &buckets {
+            filters.insert(*start, bucket_filter(&db, name).map_err(storage)?);
+        }
         let store = Self {
             db,
             config,
@@ -397,7 +430,8 @@ impl DedupStore {
             lock: Mutex::new(Inner {
                 counts: DedupCounts::default(),
                 buckets,
-                held: std::collections::HashMap::new(),
+                filters,
+                held: std::collections::HashMap::default(),
             }),
             cache,
             next_token: AtomicU64::new(token_seed()),
@@ -441,6 +475,16 @@ impl DedupStore {
                 .create_cf(&name, &family_options(&self.config, &self.cache))
                 .map_err(|e| self.storage(e))?;
         }
+        // Sized as the newest bucket ended up: a steady stream fills this one alike.
+        let expected = inner
+            .buckets
+            .first()
+            .and_then(|(newest, _)| inner.filters.get(newest))
+            .map_or(0, KeyFilter::len);
+        inner
+            .filters
+            .entry(start)
+            .or_insert_with(|| KeyFilter::with_capacity(expected));
         inner.buckets.push((start, name.clone()));
         inner.buckets.sort_by_key(|b| std::cmp::Reverse(b.0));
         // A new bucket is the moment older ones may have outlived the window: a store open
@@ -466,6 +510,7 @@ impl DedupStore {
             if now >= start.saturating_add(width).saturating_add(window) {
                 self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
                 inner.buckets.retain(|(_, n)| *n != name);
+                inner.filters.remove(&start);
                 dropped += 1;
             }
         }
@@ -514,11 +559,25 @@ impl DedupStore {
             let Some(family) = self.db.cf_handle(name) else {
                 continue;
             };
-            wanted.clear();
-            wanted.extend(open.iter().map(|&i| keys[i].bytes()));
-            let values = self.db.batched_multi_get_cf(&family, &wanted, false);
+            // Keys the bucket's filter refuses are not in it: no read for them.
+            let filter = inner.filters.get(start);
             let mut still_open = Vec::with_capacity(open.len());
-            for (&i, value) in open.iter().zip(values) {
+            let mut asked = Vec::with_capacity(open.len());
+            for &i in &open {
+                if filter.is_none_or(|f| f.may_contain(keys[i])) {
+                    asked.push(i);
+                } else {
+                    still_open.push(i);
+                }
+            }
+            if asked.is_empty() {
+                open = still_open;
+                continue;
+            }
+            wanted.clear();
+            wanted.extend(asked.iter().map(|&i| keys[i].bytes()));
+            let values = self.db.batched_multi_get_cf(&family, &wanted, false);
+            for (&i, value) in asked.iter().zip(values) {
                 match value.map_err(|e| self.storage(e))? {
                     Some(bytes) => {
                         let state = self.decode_mark(&bytes, keys[i])?;
@@ -585,6 +644,11 @@ impl DedupStore {
     /// many survive a power cut.
     pub fn durable_writes(&self) -> u64 {
         self.durable.load(Ordering::SeqCst)
+    }
+
+    /// Bytes held by the in-memory key filters (about 1.5 per mark in the window).
+    pub fn filter_bytes(&self) -> usize {
+        self.inner().filters.values().map(KeyFilter::bytes).sum()
     }
 
     /// Whether `key` was handled, without claiming it.
@@ -689,7 +753,8 @@ impl DedupStore {
         let mut outcomes = Vec::with_capacity(keys.len());
         let mut counts = inner.counts;
         let mut taken: Vec<(KeyHash, Held)> = Vec::new();
-        let mut in_batch = std::collections::HashSet::new();
+        let mut in_batch: std::collections::HashSet<KeyHash, KeyHashState> =
+            std::collections::HashSet::default();
         for &key in keys {
             let held = inner.held.get(&key).copied();
             // Lookups were made, in order, for exactly the keys not held.
@@ -747,6 +812,12 @@ impl DedupStore {
             outcomes.push(outcome);
         }
         let mut batch = WriteBatch::default();
+        if let Some(filter) = inner.filters.get_mut(&bucket_start) {
+            for (key, _) in &records {
+                filter.insert(KeyHash::from_bytes(*key));
+            }
+        }
+        records.sort_unstable_by_key(|(key, _)| *key);
         for (key, token) in records {
             batch.put_cf(
                 &family,
@@ -831,7 +902,12 @@ impl DedupStore {
                 });
             }
         }
-        let (_, bucket) = self.current_bucket(&mut inner, now)?;
+        let (bucket_start, bucket) = self.current_bucket(&mut inner, now)?;
+        if let Some(filter) = inner.filters.get_mut(&bucket_start) {
+            for &(key, _) in claims {
+                filter.insert(key);
+            }
+        }
         let marks = self
             .db
             .cf_handle(&bucket)
@@ -846,7 +922,11 @@ impl DedupStore {
             .ok_or_else(|| self.missing(STATE))?;
         let mut batch = WriteBatch::default();
         let done = Self::encode(MarkState::Done { at_ms: now });
-        for (key, _) in claims {
+        // In key order: each insert into the memtable's skip list starts where the one
+        // before it ended, instead of from the top.
+        let mut keys: Vec<KeyHash> = claims.iter().map(|&(key, _)| key).collect();
+        keys.sort_unstable_by_key(|key| key.bytes());
+        for key in keys {
             batch.put_cf(&marks, key.bytes(), &done);
         }
         for &(group, topic, partition, next_offset) in offsets {
@@ -906,11 +986,15 @@ impl DedupStore {
         let window = self.window_ms();
         let mut batch = WriteBatch::default();
         let mut added = 0;
-        let mut families: std::collections::HashMap<String, Arc<rocksdb::BoundColumnFamily<'_>>> =
-            std::collections::HashMap::new();
+        // By bucket name: the bucket start written to, and its column family.
+        let mut families: std::collections::HashMap<
+            String,
+            (i64, Arc<rocksdb::BoundColumnFamily<'_>>),
+        > = std::collections::HashMap::new();
         // A key twice in one call (a changelog holds a mark again after a restart) is added
         // and counted once.
-        let mut seen = std::collections::HashSet::new();
+        let mut seen: std::collections::HashSet<KeyHash, KeyHashState> =
+            std::collections::HashSet::default();
         let live: Vec<(KeyHash, i64)> = marks
             .iter()
             .filter(|&&(key, at_ms)| now < at_ms.saturating_add(window) && seen.insert(key))
@@ -937,20 +1021,21 @@ impl DedupStore {
             let bucket = bucket_name(start);
             if !families.contains_key(&bucket) {
                 let family = match self.db.cf_handle(&bucket) {
-                    Some(family) => family,
+                    Some(family) => (start, family),
                     // A claim record's bucket that expired since: the mark's own bucket.
                     None => {
-                        let (_, own) = self.current_bucket(&mut inner, at_ms)?;
-                        self.db.cf_handle(&own).ok_or_else(|| self.missing(&own))?
+                        let (own_start, own) = self.current_bucket(&mut inner, at_ms)?;
+                        let family = self.db.cf_handle(&own).ok_or_else(|| self.missing(&own))?;
+                        (own_start, family)
                     }
                 };
                 families.insert(bucket.clone(), family);
             }
-            batch.put_cf(
-                &families[&bucket],
-                key.bytes(),
-                Self::encode(MarkState::Done { at_ms }),
-            );
+            let (written_to, family) = &families[&bucket];
+            if let Some(filter) = inner.filters.get_mut(written_to) {
+                filter.insert(key);
+            }
+            batch.put_cf(family, key.bytes(), Self::encode(MarkState::Done { at_ms }));
             added += 1;
         }
         if let Some((group, topic, partition, next_offset)) = position {
@@ -1136,6 +1221,30 @@ fn stored_width(db: &Db, config: &DedupConfig) -> Result<i64, DedupError> {
     db.put_opt(BUCKET_WIDTH_KEY, value, &options)
         .map_err(storage)?;
     Ok(width_ms)
+}
+
+/// A filter of every key in the bucket `name`, read at open.
+fn bucket_filter(db: &Db, name: &str) -> Result<KeyFilter, rocksdb::Error> {
+    let Some(family) = db.cf_handle(name) else {
+        return Ok(KeyFilter::with_capacity(0));
+    };
+    let expected = db
+        .property_int_value_cf(&family, "rocksdb.estimate-num-keys")?
+        .unwrap_or(0);
+    let mut filter = KeyFilter::with_capacity(usize::try_from(expected).unwrap_or(0));
+    let mut keys = db.raw_iterator_cf(&family);
+    keys.seek_to_first();
+    while let Some(key) = keys.key() {
+        // Every key a bucket holds is 16 bytes. Should one not be, the filter cannot vouch
+        // for the bucket: every lookup reads it, as without a filter.
+        let Ok(bytes) = <[u8; 16]>::try_from(key) else {
+            return Ok(KeyFilter::everything());
+        };
+        filter.insert(KeyHash::from_bytes(bytes));
+        keys.next();
+    }
+    keys.status()?;
+    Ok(filter)
 }
 
 /// A start for claim tokens that a restart does not repeat: nanoseconds since the epoch.
@@ -1543,7 +1652,11 @@ mod tests {
             .db
             .put_cf(&family, key(2).bytes(), [0xff, 0xff, 0xff])
             .expect("raw write");
-        // key(1) is held by this open and answered from memory; key(2) is read.
+        drop(family);
+        drop(store);
+        // The raw write went around the key filter; the next open reads every key of a
+        // bucket into it, so key(2) is read from RocksDB and found corrupt.
+        let (store, _) = self::store(dir.path());
         match store.claim(key(2)) {
             Err(DedupError::Corrupt { what, .. }) => assert!(what.contains("key")),
             other => panic!("expected Corrupt, got {other:?}"),
