@@ -8,14 +8,19 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use common::dedup_hosts;
-use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig, Strategy};
+use common::java::{JavaTool, Json, consumed_ranges, ownership_events, replay};
+use semel::consumer::{
+    AutoOffsetReset, Consumer, ConsumerConfig, ConsumerError, RebalanceContext, RebalanceListener,
+    Strategy,
+};
 use semel::producer::{Acks, Producer, ProducerConfig, ProducerRecord};
 
 /// A 3-broker cluster in a temporary directory, stopped on drop.
@@ -298,6 +303,351 @@ async fn idempotent_producer_through_leader_kills(cluster: &Cluster) -> anyhow::
     Ok(())
 }
 
+/// The group coordinator's node id for `group` (`kafka-consumer-groups --describe --state`).
+fn coordinator(cluster: &Cluster, group: &str) -> anyhow::Result<u32> {
+    let out = cluster.tool(&[
+        "consumer-groups",
+        "--bootstrap-server",
+        &cluster.bootstrap,
+        "--describe",
+        "--group",
+        group,
+        "--state",
+    ])?;
+    let row = out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(group))
+        .with_context(|| format!("no row for {group} in:\n{out}"))?;
+    let id = row
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix('(').and_then(|f| f.strip_suffix(')')))
+        .with_context(|| format!("no coordinator id in {row:?}"))?;
+    Ok(id.parse()?)
+}
+
+/// Per partition of `topic`, the group's lag (`kafka-consumer-groups --describe`), for the
+/// partitions that have a committed offset.
+fn group_lag(cluster: &Cluster, group: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let out = cluster.tool(&[
+        "consumer-groups",
+        "--bootstrap-server",
+        &cluster.bootstrap,
+        "--describe",
+        "--group",
+        group,
+    ])?;
+    let mut lag = BTreeMap::new();
+    for line in out.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() >= 6 && fields[0] == group && fields[1] == topic {
+            if let (Ok(partition), Ok(behind)) = (fields[2].parse(), fields[5].parse()) {
+                lag.insert(partition, behind);
+            }
+        }
+    }
+    Ok(lag)
+}
+
+/// Milliseconds since the epoch, the clock the Java tools stamp their events with.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A semel member's rebalance events, in the form `VerifiableConsumer` prints them, so one
+/// replay covers both kinds of member. It commits the positions of revoked partitions, as a
+/// Java application does in `onPartitionsRevoked`.
+struct Recorder(Arc<Mutex<Vec<Json>>>);
+
+impl Recorder {
+    fn push(&self, name: &str, partitions: &BTreeSet<(String, i32)>) {
+        let list = partitions
+            .iter()
+            .map(|(topic, partition)| {
+                Json::Obj(vec![
+                    ("topic".into(), Json::Str(topic.clone())),
+                    ("partition".into(), Json::Int(i64::from(*partition))),
+                ])
+            })
+            .collect();
+        self.0.lock().expect("events").push(Json::Obj(vec![
+            ("name".into(), Json::Str(name.into())),
+            ("timestamp".into(), Json::Int(now_ms())),
+            ("partitions".into(), Json::Arr(list)),
+        ]));
+    }
+}
+
+impl RebalanceListener for Recorder {
+    fn on_partitions_revoked(
+        &mut self,
+        ctx: &mut RebalanceContext<'_>,
+        partitions: &BTreeSet<(String, i32)>,
+    ) {
+        for tp in partitions {
+            if let Some(position) = ctx.position(tp) {
+                ctx.commit(tp.clone(), position);
+            }
+        }
+        self.push("partitions_revoked", partitions);
+    }
+
+    fn on_partitions_assigned(
+        &mut self,
+        _ctx: &mut RebalanceContext<'_>,
+        partitions: &BTreeSet<(String, i32)>,
+    ) {
+        self.push("partitions_assigned", partitions);
+    }
+
+    fn on_partitions_lost(
+        &mut self,
+        _ctx: &mut RebalanceContext<'_>,
+        partitions: &BTreeSet<(String, i32)>,
+    ) {
+        self.push("partitions_revoked", partitions);
+    }
+}
+
+/// One semel member of a mixed group: polls, records what it read, commits after each poll.
+struct SemelMember {
+    events: Arc<Mutex<Vec<Json>>>,
+    consumed: Arc<Mutex<BTreeSet<(i32, i64)>>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn spawn_semel_member(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    strategy: Strategy,
+) -> SemelMember {
+    let events: Arc<Mutex<Vec<Json>>> = Arc::default();
+    let consumed: Arc<Mutex<BTreeSet<(i32, i64)>>> = Arc::default();
+    let config = ConsumerConfig {
+        bootstrap_servers: vec![bootstrap.to_string()],
+        group_id: Some(group.to_string()),
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        partition_assignment_strategy: vec![strategy],
+        session_timeout: Duration::from_secs(10),
+        heartbeat_interval: Duration::from_secs(1),
+        ..ConsumerConfig::default()
+    };
+    let topic = topic.to_string();
+    let (sink, read) = (Arc::clone(&events), Arc::clone(&consumed));
+    let task = tokio::spawn(async move {
+        let mut consumer = Consumer::connect(config).await?;
+        consumer.set_rebalance_listener(Recorder(sink));
+        consumer.subscribe([topic])?;
+        loop {
+            let records = consumer.poll(Duration::from_millis(200)).await?;
+            read.lock()
+                .expect("consumed")
+                .extend(records.iter().map(|r| (r.partition, r.offset)));
+            if !records.is_empty() {
+                match consumer.commit().await {
+                    // A rebalance under way: the revocation commits what moves.
+                    Ok(()) | Err(ConsumerError::CommitFailed(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    });
+    SemelMember {
+        events,
+        consumed,
+        task,
+    }
+}
+
+/// Issue 20: semel-consumer members and Java `VerifiableConsumer`s (classic protocol) in one
+/// group on the 3-broker cluster, while a producer writes, through a `kill -9` of the broker
+/// that coordinates the group (the coordinator moves to another broker) and its restart.
+/// Replayed together, the members' assignment events never give a partition to two members at
+/// once; every partition is owned at the end; every record acknowledged was consumed; and the
+/// group's committed offsets reach the end of every partition afterwards (commits resume on
+/// the new coordinator).
+async fn mixed_group_through_a_coordinator_kill(
+    cluster: &Cluster,
+    strategy: Strategy,
+    java_assignor: &str,
+) -> anyhow::Result<()> {
+    const PARTITIONS: i32 = 6;
+    let topic = format!("mixed-{}", strategy.name());
+    let group = format!("mixed-group-{}", strategy.name());
+    cluster.create_topic(&topic, PARTITIONS as u32)?;
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![cluster.bootstrap.clone()],
+        enable_idempotence: true,
+        acks: Acks::All,
+        linger: Duration::from_millis(5),
+        delivery_timeout: Duration::from_secs(120),
+        request_timeout: Duration::from_secs(10),
+        ..ProducerConfig::default()
+    })
+    .await?;
+    // 60 records every 100 ms, round robin over the partitions, until told to stop.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, topic) = (Arc::clone(&stop), topic.clone());
+        tokio::spawn(async move {
+            let mut acked = BTreeSet::new();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut deliveries = Vec::new();
+                for _ in 0..60 {
+                    let partition = i32::try_from(n % PARTITIONS as u64)?;
+                    let record =
+                        ProducerRecord::new(topic.as_str(), n.to_string()).partition(partition);
+                    deliveries.push(producer.send(record).await?);
+                    n += 1;
+                }
+                for delivery in deliveries {
+                    let report = delivery.await?;
+                    acked.insert((report.partition, report.offset));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            producer.close().await;
+            anyhow::Ok(acked)
+        })
+    };
+
+    let java = |n: usize| {
+        JavaTool::spawn(
+            &format!("VerifiableConsumer {group} #{n}"),
+            "verifiable-consumer",
+            &[
+                "--bootstrap-server",
+                &cluster.bootstrap,
+                "--topic",
+                &topic,
+                "--group-id",
+                &group,
+                "--group-protocol",
+                "classic",
+                "--assignment-strategy",
+                java_assignor,
+                "--session-timeout",
+                "10000",
+                "--reset-policy",
+                "earliest",
+                "--verbose",
+            ],
+        )
+    };
+    let semel1 = spawn_semel_member(&cluster.bootstrap, &group, &topic, strategy);
+    let mut java1 = java(1)?;
+    let semel2 = spawn_semel_member(&cluster.bootstrap, &group, &topic, strategy);
+    let mut java2 = java(2)?;
+
+    // Every member's events, Java's first: member 0 and 1 are Java, 2 and 3 semel.
+    let all_events = |java: [&JavaTool; 2]| -> anyhow::Result<Vec<Vec<Json>>> {
+        let mut all = ownership_events(&[])?;
+        for tool in java {
+            all.extend(ownership_events(std::slice::from_ref(tool))?);
+        }
+        for member in [&semel1, &semel2] {
+            all.push(member.events.lock().expect("events").clone());
+        }
+        Ok(all)
+    };
+    // All four members own something and every partition has one owner.
+    let balanced = |java1: &mut JavaTool, java2: &mut JavaTool, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            java1.ensure_running()?;
+            java2.ensure_running()?;
+            let ownership = replay(&all_events([java1, java2])?)?;
+            ensure!(
+                ownership.overlaps.is_empty(),
+                "{what}: a partition owned twice: {:?}",
+                ownership.overlaps
+            );
+            let owners: BTreeSet<usize> = ownership.owner.values().copied().collect();
+            if ownership.owner.len() == PARTITIONS as usize && owners.len() == 4 {
+                return Ok(ownership.owner);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{what}: the group never shared every partition among its 4 members: {:?}",
+                ownership.owner
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let before = tokio::task::block_in_place(|| balanced(&mut java1, &mut java2, "joined"))?;
+
+    let node = tokio::task::block_in_place(|| coordinator(cluster, &group))?;
+    let path = cluster.path();
+    tokio::task::block_in_place(|| {
+        kafka(&["kill", &node.to_string(), &path], Duration::from_secs(60))
+    })?;
+    // The controller fences the killed broker after its session timeout; then another
+    // broker leads the group's `__consumer_offsets` partition and coordinates it.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let moved_to = loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        match tokio::task::block_in_place(|| coordinator(cluster, &group)) {
+            Ok(id) if id != node => break id,
+            seen => ensure!(
+                Instant::now() < deadline,
+                "the coordinator never moved off the killed node {node}: {seen:?}"
+            ),
+        }
+    };
+    let during =
+        tokio::task::block_in_place(|| balanced(&mut java1, &mut java2, "coordinator killed"))?;
+    tokio::task::block_in_place(|| {
+        kafka(
+            &["restart", &node.to_string(), &path],
+            Duration::from_secs(180),
+        )
+    })?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let acked = writer.await??;
+
+    // Every acknowledged record consumed by some member, and the group's commits at the end
+    // of every partition.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut consumed = consumed_ranges(&[])?;
+        for tool in [&java1, &java2] {
+            consumed.extend(consumed_ranges(std::slice::from_ref(tool))?);
+        }
+        for member in [&semel1, &semel2] {
+            consumed.extend(member.consumed.lock().expect("consumed").iter().copied());
+        }
+        let missing = acked.difference(&consumed).count();
+        let lag = tokio::task::block_in_place(|| group_lag(cluster, &group, &topic))?;
+        let caught_up = lag.len() == PARTITIONS as usize && lag.values().all(|behind| *behind == 0);
+        if missing == 0 && caught_up {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{}: {missing} of {} acknowledged records never consumed; lag {lag:?}",
+            strategy.name(),
+            acked.len()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let after = tokio::task::block_in_place(|| balanced(&mut java1, &mut java2, "at the end"))?;
+    ensure!(!semel1.task.is_finished(), "semel member 1 stopped");
+    ensure!(!semel2.task.is_finished(), "semel member 2 stopped");
+    semel1.task.abort();
+    semel2.task.abort();
+    eprintln!(
+        "mixed {} group on Kafka: coordinator {node} killed, moved to {moved_to}; {} records; \
+         owners before {before:?}, during {during:?}, after {after:?}",
+        strategy.name(),
+        acked.len()
+    );
+    Ok(())
+}
+
 /// The dedup changelog's two-host takeover (`tests/dedup_changelog.rs`) on Kafka: host A's
 /// marks reach the changelog topic (replication factor 3, the cluster's default), A is
 /// `kill -9`ed before any offset commit, host B replays A's marks and handles only the rest:
@@ -377,6 +727,18 @@ async fn semel_libraries_on_a_three_broker_kafka_cluster() -> anyhow::Result<()>
     common::init_tracing();
     let cluster = Cluster::start()?;
     idempotent_producer_through_leader_kills(&cluster).await?;
+    for (strategy, assignor) in [
+        (
+            Strategy::CooperativeSticky,
+            "org.apache.kafka.clients.consumer.CooperativeStickyAssignor",
+        ),
+        (
+            Strategy::Range,
+            "org.apache.kafka.clients.consumer.RangeAssignor",
+        ),
+    ] {
+        mixed_group_through_a_coordinator_kill(&cluster, strategy, assignor).await?;
+    }
     dedup_changelog_takeover(&cluster).await?;
     // semel-producer's transactions on Kafka (replication factor 3), read back
     // read_committed by semel-consumer.

@@ -534,6 +534,7 @@ pub async fn init_producer_id(client: &mut RawClient) -> anyhow::Result<(i64, i1
 pub mod child;
 pub mod dedup_hosts;
 pub mod fixed_port;
+pub mod java;
 pub mod proxy;
 pub mod txn;
 
