@@ -32,6 +32,9 @@ struct Args {
     /// Skip kcat.
     #[arg(long)]
     no_kcat: bool,
+    /// Hand records to semel-producer `N` at a time (`send_many`) instead of one `send` each.
+    #[arg(long, default_value_t = 1)]
+    many: usize,
 }
 
 async fn semel(
@@ -41,6 +44,7 @@ async fn semel(
     size: usize,
     acks: Acks,
     idempotent: bool,
+    many: usize,
 ) -> anyhow::Result<Duration> {
     let producer = Producer::connect(ProducerConfig {
         bootstrap_servers: vec![bootstrap.to_string()],
@@ -53,13 +57,28 @@ async fn semel(
     .await?;
     let value = bytes::Bytes::from(vec![b'x'; size]);
     let started = Instant::now();
-    let mut deliveries = Vec::with_capacity(messages);
-    for i in 0..messages {
-        let record = ProducerRecord::new(topic, value.clone()).key(format!("k{}", i % 1000));
-        deliveries.push(producer.send(record).await?);
-    }
-    for delivery in deliveries {
-        delivery.await?;
+    let record = |i: usize| ProducerRecord::new(topic, value.clone()).key(format!("k{}", i % 1000));
+    if many > 1 {
+        let mut groups = Vec::with_capacity(messages / many + 1);
+        let mut i = 0;
+        while i < messages {
+            let end = (i + many).min(messages);
+            groups.push(producer.send_many((i..end).map(record).collect()).await?);
+            i = end;
+        }
+        for group in groups {
+            for report in group.await? {
+                report?;
+            }
+        }
+    } else {
+        let mut deliveries = Vec::with_capacity(messages);
+        for i in 0..messages {
+            deliveries.push(producer.send(record(i)).await?);
+        }
+        for delivery in deliveries {
+            delivery.await?;
+        }
     }
     let elapsed = started.elapsed();
     producer.close().await;
@@ -128,7 +147,16 @@ async fn main() -> anyhow::Result<()> {
                 let topic = format!("bench-{n}-{}", std::process::id());
                 support::create_topics(&bootstrap, &[(&topic, 3)]).await?;
                 let elapsed = if client == "semel" {
-                    semel(&bootstrap, &topic, args.messages, size, acks, idempotent).await?
+                    semel(
+                        &bootstrap,
+                        &topic,
+                        args.messages,
+                        size,
+                        acks,
+                        idempotent,
+                        args.many,
+                    )
+                    .await?
                 } else {
                     let (b, t, m) = (bootstrap.clone(), topic.clone(), args.messages);
                     tokio::task::spawn_blocking(move || kcat(&b, &t, m, size, acks, idempotent))

@@ -453,8 +453,9 @@ async fn a_newer_instance_with_the_same_fencing_id_fences_the_older() -> anyhow:
 }
 
 /// The broker goes away for good: every queued record fails with a timeout once its
-/// `delivery.timeout.ms` has passed (none hangs, none is reported stored), and `send` keeps
-/// taking records and failing them instead of blocking.
+/// `delivery.timeout.ms` has passed (none hangs, none is reported stored), and `send`, once
+/// `max_queued_records` (500) wait, gets room back as those records fail: it never blocks
+/// for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_fail_at_delivery_timeout_when_the_broker_is_gone() -> anyhow::Result<()> {
     for idempotent in [true, false] {
@@ -504,5 +505,84 @@ async fn records_fail_at_delivery_timeout_when_the_broker_is_gone() -> anyhow::R
             .await
             .map_err(|_| anyhow::anyhow!("close hangs"))?;
     }
+    Ok(())
+}
+
+/// `max_queued_records` bounds the records waiting for delivery (as `buffer.memory` does in
+/// the Java client): with the broker's Produce replies held back 1.5 s, the send after the bound
+/// waits for room, and goes through once earlier records are acknowledged. `send_many` counts
+/// each of its records against the same bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_waits_while_max_queued_records_are_undelivered() -> anyhow::Result<()> {
+    const PRODUCE_API: i16 = 0;
+    let proxy = FaultProxy::start(FaultPlan::default()).await?;
+    let advertised = proxy.addr().to_string();
+    let broker = TestBroker::start_with(|c| c.advertised_listener = Some(advertised)).await?;
+    proxy.set_upstream(broker.addr());
+    let mut client = RawClient::connect(broker.addr()).await?;
+    create_topic(&mut client, "bounded", PARTITIONS).await?;
+    let producer = Producer::connect(ProducerConfig {
+        max_queued_records: 10,
+        linger: Duration::from_millis(0),
+        ..config(proxy.addr().to_string(), true)
+    })
+    .await?;
+    proxy.set_plan(FaultPlan {
+        delay_replies_of_api: Some(PRODUCE_API),
+        delay: Duration::from_millis(1500),
+        ..FaultPlan::default()
+    });
+    let mut deliveries = Vec::new();
+    for n in 0..10 {
+        deliveries.push(
+            producer
+                .send(ProducerRecord::new("bounded", n.to_string()))
+                .await?,
+        );
+    }
+    let eleventh = tokio::time::timeout(
+        Duration::from_millis(500),
+        producer.send(ProducerRecord::new("bounded", "10")),
+    )
+    .await;
+    ensure!(
+        eleventh.is_err(),
+        "the 11th send was taken with 10 records undelivered (max_queued_records = 10)"
+    );
+    // Room comes back as the held replies arrive.
+    let eleventh = tokio::time::timeout(
+        Duration::from_secs(30),
+        producer.send(ProducerRecord::new("bounded", "10")),
+    )
+    .await
+    .context("the 11th send never got room")??;
+    deliveries.push(eleventh);
+    // More records than the bound at once: taken as room comes, all delivered.
+    let many = tokio::time::timeout(
+        Duration::from_secs(60),
+        producer.send_many(
+            (11..26)
+                .map(|n| ProducerRecord::new("bounded", n.to_string()))
+                .collect(),
+        ),
+    )
+    .await
+    .context("send_many never got room")??;
+    for delivery in deliveries {
+        delivery.await?;
+    }
+    let reports = tokio::time::timeout(Duration::from_secs(60), many)
+        .await
+        .context("send_many's records never completed")??;
+    ensure!(reports.len() == 15, "{} reports", reports.len());
+    for report in reports {
+        report?;
+    }
+    producer.close().await;
+    let stored = stored(&mut client, "bounded").await?;
+    ensure!(
+        stored.iter().map(Vec::len).sum::<usize>() == 26,
+        "stored {stored:?}"
+    );
     Ok(())
 }

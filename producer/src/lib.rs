@@ -43,6 +43,7 @@ pub mod config;
 pub mod metrics;
 pub mod partitioner;
 pub mod record;
+mod reply;
 mod sender;
 mod transaction;
 
@@ -54,12 +55,14 @@ use std::task::{Context, Poll};
 use kafka_protocol::messages::{ApiKey, InitProducerIdRequest, ProducerId, TransactionalId};
 use kafka_protocol::protocol::StrBytes;
 use semel_client::{ClientConfig, ClientError, Cluster, ConnectionConfig, check_code};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 pub use config::{Acks, ConfigError, ProducerConfig};
 pub use kafka_protocol::records::Compression;
 pub use metrics::Metrics;
 pub use record::{DeliveryReport, ProduceError, ProducerRecord};
+pub use reply::Deliveries;
+use reply::{Many, Reply};
 pub use semel_client::ConsumerGroupMetadata;
 use sender::{Command, Sender};
 
@@ -67,6 +70,10 @@ use sender::{Command, Sender};
 #[derive(Debug)]
 pub struct Producer {
     commands: mpsc::Sender<Command>,
+    /// `max_queued_records` permits: one per record from `send` until its outcome is known.
+    room: Arc<Semaphore>,
+    /// `max_queued_records` (at least 1).
+    capacity: usize,
     task: tokio::task::JoinHandle<()>,
     metrics: Arc<Metrics>,
     producer_id: i64,
@@ -112,7 +119,11 @@ impl Producer {
             (-1, -1)
         };
         let metrics = Arc::new(Metrics::default());
-        let (commands, receiver) = mpsc::channel(config.max_queued_records.max(1));
+        let capacity = config
+            .max_queued_records
+            .clamp(1, Semaphore::MAX_PERMITS)
+            .min(u32::MAX as usize);
+        let (commands, receiver) = mpsc::channel(capacity);
         let span = tracing::info_span!(
             "producer",
             client_id = %config.client_id,
@@ -123,24 +134,76 @@ impl Producer {
         let task = tokio::spawn(tracing::Instrument::instrument(sender.run(), span));
         Ok(Self {
             commands,
+            room: Arc::new(Semaphore::new(capacity)),
+            capacity,
             task,
             metrics,
             producer_id: producer.0,
         })
     }
 
-    /// Queues `record`; waits only while `max_queued_records` are queued. The returned
-    /// [`Delivery`] resolves when the record is acknowledged (or fails for good).
+    /// Queues `record`; waits while `max_queued_records` records are queued and not yet
+    /// acknowledged or failed (room comes back as they complete, at the latest at their
+    /// `delivery.timeout.ms`). The returned [`Delivery`] resolves when the record is
+    /// acknowledged (or fails for good).
     ///
     /// # Errors
     /// `Closed` once the producer is closed.
     pub async fn send(&self, record: ProducerRecord) -> Result<Delivery, ProduceError> {
+        let room = Arc::clone(&self.room)
+            .acquire_owned()
+            .await
+            .map_err(|_| ProduceError::Closed)?;
         let (reply, delivery) = oneshot::channel();
         self.commands
-            .send(Command::Send { record, reply })
+            .send(Command::Send {
+                record,
+                reply: Reply::one(reply, room),
+            })
             .await
             .map_err(|_| ProduceError::Closed)?;
         Ok(Delivery(delivery))
+    }
+
+    /// Queues many records at once: what [`Producer::send`] does for each, in order, for one
+    /// hand-over to the producer's task per `max_queued_records` records instead of one per
+    /// record, and one completion for them all. Each record counts against
+    /// `max_queued_records`; more than that many are queued as room comes back. The returned
+    /// [`Deliveries`] resolves once every record completed, to their outcomes in order.
+    ///
+    /// # Errors
+    /// `Closed` once the producer is closed (records handed over before that still complete).
+    pub async fn send_many(
+        &self,
+        records: Vec<ProducerRecord>,
+    ) -> Result<Deliveries, ProduceError> {
+        let (done, deliveries) = oneshot::channel();
+        if records.is_empty() {
+            let _ = done.send(Vec::new());
+            return Ok(Deliveries(deliveries));
+        }
+        let many = Many::new(records.len(), done);
+        let mut records = records.into_iter().enumerate().peekable();
+        while records.peek().is_some() {
+            let chunk: Vec<(usize, ProducerRecord)> =
+                records.by_ref().take(self.capacity).collect();
+            let permits = u32::try_from(chunk.len()).map_err(|_| ProduceError::Closed)?;
+            let mut room = Arc::clone(&self.room)
+                .acquire_many_owned(permits)
+                .await
+                .map_err(|_| ProduceError::Closed)?;
+            let mut items = Vec::with_capacity(chunk.len());
+            for (index, record) in chunk {
+                // `room` holds one permit per record of the chunk.
+                let one = room.split(1).ok_or(ProduceError::Closed)?;
+                items.push((record, Reply::many(Arc::clone(&many), index, one)));
+            }
+            self.commands
+                .send(Command::SendMany(items))
+                .await
+                .map_err(|_| ProduceError::Closed)?;
+        }
+        Ok(Deliveries(deliveries))
     }
 
     /// Sends everything queued now, and waits until all of it is acknowledged or failed.

@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::partitioner::partition_for_key;
 use crate::record::{DeliveryReport, ProduceError, ProducerRecord};
 
-pub(crate) type Reply = oneshot::Sender<Result<DeliveryReport, ProduceError>>;
+pub(crate) use crate::reply::Reply;
 
 pub(crate) type TxnReply = oneshot::Sender<Result<(), ProduceError>>;
 
@@ -44,6 +44,8 @@ pub(crate) enum Command {
         record: ProducerRecord,
         reply: Reply,
     },
+    /// Records of one `send_many` call (at most `max_queued_records` of them).
+    SendMany(Vec<(ProducerRecord, Reply)>),
     Flush(oneshot::Sender<()>),
     Begin(TxnReply),
     SendOffsets {
@@ -244,6 +246,11 @@ impl Sender {
             tokio::select! {
                 command = self.commands.recv(), if !closing && !ending => match command {
                     Some(Command::Send { record, reply }) => self.enqueue(record, reply).await,
+                    Some(Command::SendMany(records)) => {
+                        for (record, reply) in records {
+                            self.enqueue(record, reply).await;
+                        }
+                    }
                     Some(Command::Flush(done)) => self.flushes.push(done),
                     Some(Command::Begin(reply)) => self.begin(reply),
                     Some(Command::SendOffsets { offsets, group, reply }) => {
