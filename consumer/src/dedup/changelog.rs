@@ -49,7 +49,9 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 use semel_client::{ClientConfig, Cluster, ConnectionConfig};
-use semel_producer::{Delivery, ProduceError, Producer, ProducerConfig, ProducerRecord};
+use semel_producer::{
+    Deliveries, DeliveryReport, ProduceError, Producer, ProducerConfig, ProducerRecord,
+};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -162,7 +164,35 @@ struct Entry {
     /// left (it still goes out).
     release: Option<Release>,
     mark: Option<(KeyHash, i64)>,
-    delivery: Option<Delivery>,
+    /// Its mark's place in the group of marks sent with it (one `send_many`).
+    delivery: Option<(Arc<Mutex<MarkGroup>>, usize)>,
+}
+
+/// Marks handed to the producer together, and their outcomes once all are known.
+struct MarkGroup {
+    deliveries: Option<Deliveries>,
+    outcomes: Vec<Option<Result<DeliveryReport, ProduceError>>>,
+}
+
+impl MarkGroup {
+    /// The outcome of the group's `index`-th mark: `None` while the group is under way.
+    fn outcome(&mut self, index: usize) -> Option<Result<DeliveryReport, ProduceError>> {
+        if let Some(deliveries) = self.deliveries.as_mut() {
+            let all = deliveries.now_or_never()?;
+            let count = self.outcomes.len();
+            self.outcomes = match all {
+                Ok(outcomes) => outcomes.into_iter().map(Some).collect(),
+                Err(e) => (0..count).map(|_| Some(Err(e.clone()))).collect(),
+            };
+            self.deliveries = None;
+        }
+        Some(
+            self.outcomes
+                .get_mut(index)
+                .and_then(Option::take)
+                .unwrap_or(Err(ProduceError::Closed)),
+        )
+    }
 }
 
 /// The changelog side of the middleware.
@@ -450,22 +480,36 @@ impl Changelog {
         if needed > self.partitions {
             self.ensure_partitions(needed).await?;
         }
-        while self.sent < self.entries.len() {
-            let entry = &mut self.entries[self.sent];
+        // Every mark not sent yet goes to the producer in one hand-over.
+        let mut unsent = Vec::new();
+        let mut records = Vec::new();
+        for (index, entry) in self.entries.iter().enumerate().skip(self.sent) {
             if entry.delivery.is_none()
                 && let Some((key, at_ms)) = entry.mark
             {
-                entry.delivery = Some(
-                    self.producer
-                        .send(mark_record(&self.topic, entry, key, at_ms))
-                        .await?,
-                );
+                unsent.push(index);
+                records.push(mark_record(&self.topic, entry, key, at_ms));
             }
-            self.sent += 1;
         }
+        if !records.is_empty() {
+            let count = records.len();
+            let deliveries = self.producer.send_many(records).await?;
+            let group = Arc::new(Mutex::new(MarkGroup {
+                deliveries: Some(deliveries),
+                outcomes: (0..count).map(|_| None).collect(),
+            }));
+            for (slot, index) in unsent.into_iter().enumerate() {
+                self.entries[index].delivery = Some((Arc::clone(&group), slot));
+            }
+        }
+        self.sent = self.entries.len();
         while let Some(front) = self.entries.front_mut() {
-            if let Some(delivery) = front.delivery.as_mut() {
-                match delivery.now_or_never() {
+            if let Some((group, index)) = front.delivery.as_ref() {
+                let outcome = group
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .outcome(*index);
+                match outcome {
                     None => break,
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
