@@ -28,10 +28,12 @@
 pub mod cluster;
 pub mod connection;
 pub mod error;
+pub mod properties;
 
 pub use cluster::{ClientConfig, Cluster, PartitionInfo, TopicInfo, needs_metadata_refresh};
 pub use connection::{Connection, ConnectionConfig, InFlight};
 pub use error::{ClientError, check_code};
+pub use properties::PropertiesError;
 
 /// A group consumer's identity in its group, as a transactional producer sends it with the
 /// offsets it commits (`send_offsets_to_transaction`, KIP-447): the group coordinator refuses

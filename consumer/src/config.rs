@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use semel_client::PropertiesError;
+
 use crate::assignor::Strategy;
 
 /// `auto.offset.reset`: where to start a partition that has no committed offset, or whose
@@ -146,6 +148,84 @@ pub struct ConfigError {
 }
 
 impl ConsumerConfig {
+    /// Settings from Java-style properties (`key=value` lines, see
+    /// [`semel_client::properties`]) under the Java client's names; what is not given keeps
+    /// its default. `partition.assignment.strategy` takes the assignors' short names (`range`,
+    /// `roundrobin`, `sticky`, `cooperative-sticky`) or the Java classes'. The result is
+    /// validated.
+    ///
+    /// ```
+    /// # use semel_consumer::ConsumerConfig;
+    /// let config = ConsumerConfig::from_properties(
+    ///     "bootstrap.servers=kafka-1:9092\ngroup.id=billing\nauto.offset.reset=earliest\n",
+    /// )?;
+    /// assert_eq!(config.group_id.as_deref(), Some("billing"));
+    /// # Ok::<(), semel_client::PropertiesError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// An unknown key, a value that does not parse, or settings that cannot work together:
+    /// each names the key (and its line).
+    pub fn from_properties(text: &str) -> Result<Self, PropertiesError> {
+        let mut config = Self::default();
+        for p in semel_client::properties::parse(text)? {
+            match p.key.as_str() {
+                "bootstrap.servers" => config.bootstrap_servers = p.list(),
+                "client.id" => config.client_id.clone_from(&p.value),
+                "group.id" => config.group_id = Some(p.value.clone()),
+                "group.instance.id" => config.group_instance_id = Some(p.value.clone()),
+                "auto.offset.reset" => {
+                    config.auto_offset_reset = AutoOffsetReset::from_name(&p.value)
+                        .ok_or_else(|| p.error("not earliest, latest or none"))?;
+                }
+                "enable.auto.commit" => config.enable_auto_commit = p.bool()?,
+                "auto.commit.interval.ms" => config.auto_commit_interval = p.millis()?,
+                "session.timeout.ms" => config.session_timeout = p.millis()?,
+                "heartbeat.interval.ms" => config.heartbeat_interval = p.millis()?,
+                "max.poll.interval.ms" => config.max_poll_interval = p.millis()?,
+                "max.poll.records" => config.max_poll_records = p.number()?,
+                "partition.assignment.strategy" => {
+                    config.partition_assignment_strategy = p
+                        .list()
+                        .iter()
+                        .map(|name| {
+                            strategy_named(name)
+                                .ok_or_else(|| p.error(format!("unknown assignor {name:?}")))
+                        })
+                        .collect::<Result<_, _>>()?;
+                }
+                "fetch.min.bytes" => config.fetch_min_bytes = p.number()?,
+                "fetch.max.wait.ms" => config.fetch_max_wait = p.millis()?,
+                "fetch.max.bytes" => config.fetch_max_bytes = p.number()?,
+                "max.partition.fetch.bytes" => config.max_partition_fetch_bytes = p.number()?,
+                "isolation.level" => {
+                    config.isolation_level = match p.value.as_str() {
+                        "read_uncommitted" => IsolationLevel::ReadUncommitted,
+                        "read_committed" => IsolationLevel::ReadCommitted,
+                        _ => return Err(p.error("not read_uncommitted or read_committed")),
+                    }
+                }
+                "request.timeout.ms" => config.request_timeout = p.millis()?,
+                "retry.backoff.ms" => config.retry_backoff = p.millis()?,
+                "reconnect.backoff.ms" => config.reconnect_backoff = p.millis()?,
+                "reconnect.backoff.max.ms" => config.reconnect_backoff_max = p.millis()?,
+                "metadata.max.age.ms" => config.metadata_max_age = p.millis()?,
+                "key.deserializer" | "value.deserializer" => {
+                    return Err(p.error(
+                        "not a semel-consumer setting: records are bytes (ConsumerRecord)",
+                    ));
+                }
+                _ => return Err(p.error("unknown consumer setting")),
+            }
+        }
+        config.validate().map_err(|e| PropertiesError {
+            line: 0,
+            key: e.name.to_string(),
+            reason: e.reason,
+        })?;
+        Ok(config)
+    }
+
     /// Checks the settings against each other, as the Java client does.
     ///
     /// # Errors
@@ -204,6 +284,18 @@ impl ConsumerConfig {
     }
 }
 
+/// An assignor by its protocol name or its Java class (`...RangeAssignor`).
+fn strategy_named(name: &str) -> Option<Strategy> {
+    let short = match name.rsplit('.').next() {
+        Some("RangeAssignor") => "range",
+        Some("RoundRobinAssignor") => "roundrobin",
+        Some("StickyAssignor") => "sticky",
+        Some("CooperativeStickyAssignor") => "cooperative-sticky",
+        _ => name,
+    };
+    Strategy::from_name(short)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +332,37 @@ mod tests {
             ..ConsumerConfig::default()
         };
         assert!(config.cooperative());
+    }
+
+    #[test]
+    fn java_consumer_properties_map_to_the_config() -> Result<(), PropertiesError> {
+        let config = ConsumerConfig::from_properties(
+            "bootstrap.servers=a:9092\ngroup.id=billing\ngroup.instance.id=host-1\n\
+             auto.offset.reset=earliest\nenable.auto.commit=false\nsession.timeout.ms=10000\n\
+             heartbeat.interval.ms=1000\nmax.poll.records=100\n\
+             partition.assignment.strategy=org.apache.kafka.clients.consumer.CooperativeStickyAssignor, range\n\
+             isolation.level=read_committed\nfetch.max.wait.ms=100\n",
+        )?;
+        assert_eq!(config.group_id.as_deref(), Some("billing"));
+        assert_eq!(config.group_instance_id.as_deref(), Some("host-1"));
+        assert_eq!(config.auto_offset_reset, AutoOffsetReset::Earliest);
+        assert_eq!(config.session_timeout, Duration::from_secs(10));
+        assert_eq!(config.max_poll_records, 100);
+        assert_eq!(
+            config.partition_assignment_strategy,
+            vec![Strategy::CooperativeSticky, Strategy::Range]
+        );
+        assert_eq!(config.isolation_level, IsolationLevel::ReadCommitted);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_consumer_keys_are_errors_naming_the_key() {
+        let error = ConsumerConfig::from_properties("group.id=g\nauto.offset.rest=earliest")
+            .expect_err("misspelled");
+        assert_eq!((error.line, error.key.as_str()), (2, "auto.offset.rest"));
+        let error = ConsumerConfig::from_properties("partition.assignment.strategy=fair")
+            .expect_err("unknown assignor");
+        assert_eq!(error.key, "partition.assignment.strategy");
     }
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use kafka_protocol::records::Compression;
+use semel_client::PropertiesError;
 
 /// `acks`: how durable a write must be before the broker answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +59,9 @@ pub struct ProducerConfig {
     /// reply stores the batch twice. That default differs from the Java client's on purpose;
     /// set `Some(u32::MAX)` for Java's behaviour.
     pub retries: Option<u32>,
-    /// `buffer.memory`-like bound: records queued but not yet delivered before `send` waits.
+    /// **Semel extension** `semel.max.queued.records`, in the role of `buffer.memory`
+    /// (counted in records, not bytes): records sent and not yet acknowledged or failed;
+    /// `send` waits for room while this many are.
     pub max_queued_records: usize,
     /// **Semel extension** (no Java counterpart): a stable identity for zombie fencing
     /// without transactions. The producer id comes from InitProducerId with this as the
@@ -117,6 +120,93 @@ pub struct ConfigError {
 }
 
 impl ProducerConfig {
+    /// Settings from Java-style properties (`key=value` lines, see
+    /// [`semel_client::properties`]) under the Java client's names; what is not given keeps
+    /// its default. As in the Java client, `acks` other than `all` (or more than 5 requests in
+    /// flight) turns idempotence off unless `enable.idempotence` is given too. Semel's own
+    /// settings: `semel.fencing.id`, `semel.max.queued.records`. The result is validated.
+    ///
+    /// ```
+    /// # use semel_producer::ProducerConfig;
+    /// let config = ProducerConfig::from_properties(
+    ///     "bootstrap.servers=kafka-1:9092,kafka-2:9092\nacks=all\nlinger.ms=10\n",
+    /// )?;
+    /// assert_eq!(config.bootstrap_servers.len(), 2);
+    /// # Ok::<(), semel_client::PropertiesError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// An unknown key, a value that does not parse, or settings that cannot work together:
+    /// each names the key (and its line).
+    pub fn from_properties(text: &str) -> Result<Self, PropertiesError> {
+        let mut config = Self::default();
+        let mut idempotence_given = false;
+        for p in semel_client::properties::parse(text)? {
+            match p.key.as_str() {
+                "bootstrap.servers" => config.bootstrap_servers = p.list(),
+                "client.id" => config.client_id.clone_from(&p.value),
+                "acks" => {
+                    config.acks = match p.value.as_str() {
+                        "0" => Acks::None,
+                        "1" => Acks::Leader,
+                        "all" | "-1" => Acks::All,
+                        other => return Err(p.error(format!("{other:?} is not 0, 1, all or -1"))),
+                    }
+                }
+                "enable.idempotence" => {
+                    config.enable_idempotence = p.bool()?;
+                    idempotence_given = true;
+                }
+                "linger.ms" => config.linger = p.millis()?,
+                "batch.size" => config.batch_size = p.number()?,
+                "compression.type" => {
+                    config.compression = match p.value.as_str() {
+                        "none" => Compression::None,
+                        "gzip" => Compression::Gzip,
+                        "snappy" => Compression::Snappy,
+                        "lz4" => Compression::Lz4,
+                        "zstd" => Compression::Zstd,
+                        other => {
+                            return Err(p.error(format!(
+                                "{other:?} is not none, gzip, snappy, lz4 or zstd"
+                            )));
+                        }
+                    }
+                }
+                "delivery.timeout.ms" => config.delivery_timeout = p.millis()?,
+                "request.timeout.ms" => config.request_timeout = p.millis()?,
+                "retry.backoff.ms" => config.retry_backoff = p.millis()?,
+                "max.in.flight.requests.per.connection" => config.max_in_flight = p.number()?,
+                "retries" => config.retries = Some(p.number()?),
+                "transactional.id" => config.transactional_id = Some(p.value.clone()),
+                "transaction.timeout.ms" => config.transaction_timeout = p.millis()?,
+                "semel.fencing.id" => config.fencing_id = Some(p.value.clone()),
+                "semel.max.queued.records" => config.max_queued_records = p.number()?,
+                "buffer.memory" => {
+                    return Err(p.error(
+                        "not a semel-producer setting: it bounds records, not bytes \
+                         (semel.max.queued.records)",
+                    ));
+                }
+                "key.serializer" | "value.serializer" => {
+                    return Err(p.error(
+                        "not a semel-producer setting: records are bytes (ProducerRecord)",
+                    ));
+                }
+                _ => return Err(p.error("unknown producer setting")),
+            }
+        }
+        if !idempotence_given && (config.acks != Acks::All || config.max_in_flight > 5) {
+            config.enable_idempotence = false;
+        }
+        config.validate().map_err(|e| PropertiesError {
+            line: 0,
+            key: e.name.to_string(),
+            reason: e.reason,
+        })?;
+        Ok(config)
+    }
+
     /// Checks the settings against each other, as the Java client does.
     ///
     /// # Errors
@@ -203,5 +293,52 @@ impl ProducerConfig {
 
     pub(crate) fn transaction_timeout_ms(&self) -> i32 {
         i32::try_from(self.transaction_timeout.as_millis()).unwrap_or(i32::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn java_producer_properties_map_to_the_config() -> Result<(), PropertiesError> {
+        let config = ProducerConfig::from_properties(
+            "bootstrap.servers=a:9092,b:9092\nclient.id=billing\nacks=all\n\
+             enable.idempotence=true\nlinger.ms=20\nbatch.size=65536\ncompression.type=zstd\n\
+             delivery.timeout.ms=60000\nrequest.timeout.ms=5000\nretry.backoff.ms=50\n\
+             max.in.flight.requests.per.connection=3\nretries=10\n\
+             transactional.id=billing-tx\ntransaction.timeout.ms=30000\n\
+             semel.max.queued.records=1000\n",
+        )?;
+        assert_eq!(config.bootstrap_servers, vec!["a:9092", "b:9092"]);
+        assert_eq!(config.client_id, "billing");
+        assert_eq!(config.linger, Duration::from_millis(20));
+        assert_eq!(config.batch_size, 65536);
+        assert_eq!(config.compression, Compression::Zstd);
+        assert_eq!(config.max_in_flight, 3);
+        assert_eq!(config.retries, Some(10));
+        assert_eq!(config.transactional_id.as_deref(), Some("billing-tx"));
+        assert_eq!(config.max_queued_records, 1000);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors_naming_the_key() {
+        let error = ProducerConfig::from_properties("bootstrap.servers=a:9092\nlinger.sm=5\n")
+            .expect_err("misspelled");
+        assert_eq!((error.line, error.key.as_str()), (2, "linger.sm"));
+        let error = ProducerConfig::from_properties("acks=most").expect_err("bad acks");
+        assert_eq!(error.key, "acks");
+        let error = ProducerConfig::from_properties("acks=1\nenable.idempotence=true")
+            .expect_err("idempotence needs acks=all");
+        assert_eq!(error.key, "enable.idempotence");
+    }
+
+    #[test]
+    fn acks_1_without_idempotence_given_turns_it_off_as_in_java() -> Result<(), PropertiesError> {
+        let config = ProducerConfig::from_properties("acks=1")?;
+        assert!(!config.enable_idempotence);
+        assert_eq!(config.acks, Acks::Leader);
+        Ok(())
     }
 }
