@@ -4,8 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::ffi::OsString;
+
 use anyhow::Context;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use semel_broker::log::{LogConfig, TimestampType};
 use semel_broker::{Broker, BrokerConfig, GroupConfig};
 
@@ -13,6 +16,11 @@ use semel_broker::{Broker, BrokerConfig, GroupConfig};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    /// A TOML file of settings, under the flags' names (`data-dir = "/var/lib/semel"`,
+    /// `num-partitions = 3`); flags and SEMEL_* environment variables override it. An
+    /// unknown key is refused.
+    #[arg(long, env = "SEMEL_CONFIG")]
+    config: Option<PathBuf>,
     /// Address to listen on (Kafka: listeners).
     #[arg(long, env = "SEMEL_LISTEN", default_value = "127.0.0.1:9092")]
     listen: SocketAddr,
@@ -128,8 +136,65 @@ struct Args {
     log_level: String,
 }
 
+/// The arguments from `argv`, the environment and `--config`'s file, in that order of
+/// precedence over the defaults.
+fn parse_args(argv: Vec<OsString>) -> anyhow::Result<Args> {
+    let matches = Args::command().try_get_matches_from(&argv)?;
+    let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
+        return Ok(Args::from_arg_matches(&matches)?);
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read --config {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("--config {}: not valid TOML", path.display()))?;
+    let command = Args::command();
+    let mut from_file = Vec::new();
+    for (key, value) in table {
+        let id = key.replace('-', "_");
+        let known = id != "config" && command.get_arguments().any(|a| a.get_id() == id.as_str());
+        anyhow::ensure!(
+            known,
+            "--config {}: unknown key {key:?} (the keys are the flags' names, such as data-dir)",
+            path.display()
+        );
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => anyhow::bail!(
+                "--config {}: {key} must be a string, a number or a boolean, not {}",
+                path.display(),
+                other.type_str()
+            ),
+        };
+        // Only where neither a flag nor the environment gave a value.
+        if matches!(
+            matches.value_source(&id),
+            None | Some(ValueSource::DefaultValue)
+        ) {
+            from_file.push(OsString::from(format!(
+                "--{}={value}",
+                id.replace('_', "-")
+            )));
+        }
+    }
+    let mut argv = argv;
+    argv.extend(from_file);
+    let matches = Args::command().try_get_matches_from(argv)?;
+    Ok(Args::from_arg_matches(&matches)?)
+}
+
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = match parse_args(std::env::args_os().collect()) {
+        Ok(args) => args,
+        // --help, --version and usage errors print as clap prints them.
+        Err(e) => match e.downcast::<clap::Error>() {
+            Ok(clap_error) => clap_error.exit(),
+            Err(e) => return Err(e),
+        },
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&args.log_level)
@@ -207,4 +272,47 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = terminate.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(config: &str, flags: &[&str]) -> anyhow::Result<Args> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("semel.toml");
+        std::fs::write(&path, config)?;
+        let mut argv: Vec<OsString> = vec!["semel-broker".into(), "--config".into(), path.into()];
+        argv.extend(flags.iter().map(OsString::from));
+        parse_args(argv)
+    }
+
+    #[test]
+    fn the_config_file_sets_what_no_flag_gives() -> anyhow::Result<()> {
+        let args = parse(
+            "data-dir = \"/tmp/semel-from-file\"\nnum-partitions = 3\n\
+             auto-create-topics-enable = false\nlog-retention-ms = -1\n",
+            &[],
+        )?;
+        assert_eq!(args.data_dir, PathBuf::from("/tmp/semel-from-file"));
+        assert_eq!(args.num_partitions, 3);
+        assert!(!args.auto_create_topics_enable);
+        assert_eq!(args.log_retention_ms, -1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_flag_beats_the_config_file() -> anyhow::Result<()> {
+        let args = parse("num-partitions = 3\n", &["--num-partitions", "2"])?;
+        assert_eq!(args.num_partitions, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_by_name() {
+        let error = parse("num-partition = 3\n", &[]).expect_err("misspelled key");
+        assert!(error.to_string().contains("\"num-partition\""), "{error}");
+        let error = parse("listen = [1, 2]\n", &[]).expect_err("an array");
+        assert!(error.to_string().contains("listen"), "{error}");
+    }
 }
