@@ -740,3 +740,114 @@ async fn topic_configs_can_be_altered() -> anyhow::Result<()> {
     broker.handle.shutdown().await;
     Ok(())
 }
+
+/// One HTTP GET to the metrics endpoint: (status line, body).
+async fn http_get(address: std::net::SocketAddr, path: &str) -> anyhow::Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: semel\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await??;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no header end in {response:?}"))?;
+    Ok((
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    ))
+}
+
+/// `--metrics-listen`: Prometheus text with the requests served per API, their latency, and
+/// each partition's offsets and size; `/health`; 404 elsewhere; a scraper sending junk gets its
+/// connection closed and the endpoint keeps answering.
+#[tokio::test]
+async fn the_metrics_endpoint_reports_requests_partitions_and_health() -> anyhow::Result<()> {
+    let broker = TestBroker::start_with(|c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
+    })
+    .await?;
+    let metrics = broker
+        .handle
+        .metrics_addr()
+        .ok_or_else(|| anyhow::anyhow!("no metrics address"))?;
+    let mut client = RawClient::connect(broker.addr()).await?;
+    client
+        .send(
+            7,
+            &CreateTopicsRequest::default().with_topics(vec![creatable("watched", 2)]),
+        )
+        .await?;
+    for _ in 0..3 {
+        let produced = client
+            .send(
+                9,
+                &produce_request("watched", 1, records(&["a", "b"], 1000), -1),
+            )
+            .await?;
+        assert_eq!(produced.responses[0].partition_responses[0].error_code, 0);
+    }
+    let (status, body) = http_get(metrics, "/metrics").await?;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let value = |line_start: &str| -> Option<f64> {
+        body.lines()
+            .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+    };
+    assert_eq!(
+        value("semel_requests_total{api=\"Produce\"}"),
+        Some(3.0),
+        "{body}"
+    );
+    assert_eq!(
+        value("semel_request_duration_seconds_count{api=\"Produce\"}"),
+        Some(3.0),
+        "{body}"
+    );
+    assert_eq!(
+        value("semel_partition_log_end_offset{topic=\"watched\",partition=\"1\"}"),
+        Some(6.0),
+        "{body}"
+    );
+    assert_eq!(
+        value("semel_partition_durable_end_offset{topic=\"watched\",partition=\"1\"}"),
+        Some(6.0),
+        "{body}"
+    );
+    assert_eq!(
+        value("semel_partition_log_end_offset{topic=\"watched\",partition=\"0\"}"),
+        Some(0.0),
+        "{body}"
+    );
+    assert!(
+        value("semel_fsync_duration_seconds_count").is_some_and(|n| n >= 1.0),
+        "{body}"
+    );
+    assert_eq!(value("semel_connections_open"), Some(1.0), "{body}");
+
+    // Junk without a header end, larger than the head limit: closed, nothing served.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut junk = tokio::net::TcpStream::connect(metrics).await?;
+        let _ = junk.write_all(&vec![b'x'; 20_000]).await;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            junk.read_to_end(&mut rest),
+        )
+        .await?;
+        assert!(rest.is_empty(), "junk got an answer");
+    }
+    let (status, body) = http_get(metrics, "/health").await?;
+    assert_eq!(
+        (status.as_str(), body.as_str()),
+        ("HTTP/1.1 200 OK", "ok\n")
+    );
+    let (status, _) = http_get(metrics, "/elsewhere").await?;
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    Ok(())
+}

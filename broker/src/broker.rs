@@ -37,6 +37,8 @@ pub(crate) struct BrokerState {
     /// `queued.max.request.bytes`, one permit per byte: taken by each request before its body
     /// is read and given back once it is answered.
     pub(crate) request_memory: Arc<tokio::sync::Semaphore>,
+    /// What `--metrics-listen` serves.
+    pub(crate) metrics: crate::metrics::BrokerMetrics,
     /// `<data dir>/.lock`, held (an OS file lock) for as long as anything of this broker
     /// runs: a second broker on the same directory is refused instead of corrupting it.
     _lock: std::fs::File,
@@ -180,6 +182,14 @@ impl Broker {
             }
             None => (local_addr.ip().to_string(), i32::from(local_addr.port())),
         };
+        let metrics_listener =
+            crate::metrics::bind(config.metrics_listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    address: config.metrics_listen.unwrap_or(config.listen),
+                    source,
+                })?;
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let lock = lock_data_dir(&config.data_dir)?;
         let appended = Arc::new(watch::channel(0u64).0);
         let catalog = {
@@ -227,6 +237,7 @@ impl Broker {
             appended,
             clock,
             request_memory,
+            metrics: crate::metrics::BrokerMetrics::default(),
             _lock: lock,
         });
         // Before anything is served: a transaction decided before a crash gets its markers (and
@@ -253,9 +264,21 @@ impl Broker {
             Arc::clone(&state),
             shutdown_rx.clone(),
         ));
+        let metrics = metrics_listener.map(|listener| {
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::clone(&state),
+                shutdown_rx.clone(),
+            ))
+        });
+        if let Some(address) = metrics_addr {
+            tracing::info!(%address, "metrics at http://{address}/metrics");
+        }
         let server = tokio::spawn(server::serve(listener, Arc::clone(&state), shutdown_rx));
         Ok(BrokerHandle {
             local_addr,
+            metrics_addr,
+            metrics,
             shutdown_tx,
             server: Some(server),
             maintenance: Some(maintenance),
@@ -271,6 +294,8 @@ impl Broker {
 #[derive(Debug)]
 pub struct BrokerHandle {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    metrics: Option<JoinHandle<()>>,
     shutdown_tx: watch::Sender<bool>,
     server: Option<JoinHandle<()>>,
     maintenance: Option<JoinHandle<()>>,
@@ -283,6 +308,11 @@ impl BrokerHandle {
     /// The address the listener is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address `/metrics` is served on, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The cluster id stored in the data directory.
@@ -307,6 +337,9 @@ impl BrokerHandle {
         }
         if let Some(transaction_timers) = self.transaction_timers.take() {
             let _ = transaction_timers.await;
+        }
+        if let Some(metrics) = self.metrics.take() {
+            let _ = metrics.await;
         }
         let state = Arc::clone(&self.state);
         let flushed = tokio::task::spawn_blocking(move || {

@@ -36,6 +36,9 @@ pub struct BrokerConfig {
     /// Most client connections served at once (`max.connections`). Further connections wait in
     /// the accept backlog.
     pub max_connections: usize,
+    /// Address of the Prometheus endpoint (`/metrics`, `/health`); `None`: none. Port 0
+    /// picks a free port (read it back from the handle).
+    pub metrics_listen: Option<SocketAddr>,
     /// Most record bytes in one Fetch response, whatever the request's `max_bytes` says
     /// (`fetch.max.bytes`, 55 MiB as in Kafka). The first batch of a response may still exceed
     /// it (KIP-74), so a consumer always makes progress.
@@ -91,6 +94,7 @@ impl Default for BrokerConfig {
             max_frame_bytes: 100 * 1024 * 1024,
             queued_max_request_bytes: DEFAULT_QUEUED_MAX_REQUEST_BYTES,
             max_connections: 1024,
+            metrics_listen: None,
             fetch_max_bytes: DEFAULT_FETCH_MAX_BYTES,
             max_in_flight_per_connection: 32,
             auto_create_topics: true,

@@ -42,6 +42,7 @@ pub mod fuzzing;
 pub mod group;
 pub mod idempotence;
 pub mod log;
+mod metrics;
 mod partition;
 mod producer_ids;
 pub mod server;

@@ -40,6 +40,10 @@ struct Args {
     /// connection whose next request does not fit waits (Kafka: queued.max.request.bytes).
     #[arg(long, env = "SEMEL_QUEUED_MAX_REQUEST_BYTES", default_value_t = semel_broker::config::DEFAULT_QUEUED_MAX_REQUEST_BYTES)]
     queued_max_request_bytes: usize,
+    /// Serve Prometheus metrics (GET /metrics) and a health check (GET /health) on this
+    /// address, e.g. 127.0.0.1:9404; off when not given.
+    #[arg(long, env = "SEMEL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Most client connections served at once (Kafka: max.connections).
     #[arg(long, env = "SEMEL_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
@@ -217,6 +221,7 @@ fn main() -> anyhow::Result<()> {
         queued_max_request_bytes: args.queued_max_request_bytes,
         fetch_max_bytes: args.fetch_max_bytes,
         max_connections: args.max_connections,
+        metrics_listen: args.metrics_listen,
         auto_create_topics: args.auto_create_topics_enable,
         num_partitions: args.num_partitions,
         log: LogConfig {

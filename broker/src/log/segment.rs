@@ -328,7 +328,10 @@ impl Segment {
     }
 
     pub(crate) fn sync(&self) -> Result<(), LogError> {
-        self.file.sync_data().map_err(|e| io_error(&self.path, e))
+        let started = std::time::Instant::now();
+        let synced = self.file.sync_data().map_err(|e| io_error(&self.path, e));
+        crate::metrics::FSYNC.observe(started.elapsed());
+        synced
     }
 
     /// Writes the index files (at roll and close).

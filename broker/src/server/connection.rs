@@ -23,6 +23,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
@@ -43,6 +44,8 @@ struct Pending {
     api_key: ApiKey,
     api_version: i16,
     reply: Reply,
+    /// When its frame was read (for the latency metric).
+    started: std::time::Instant,
     /// This request's share of `queued.max.request.bytes` and of its connection's share,
     /// given back once it is answered.
     memory: Option<Held>,
@@ -126,15 +129,35 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         let (read_half, write_half) = stream.into_split();
         let (pending_tx, pending_rx) = mpsc::channel(state.config.max_in_flight_per_connection);
-        let writer = tokio::spawn(write_responses(write_half, pending_rx).in_current_span());
+        let writer = tokio::spawn(
+            write_responses(write_half, pending_rx, Arc::clone(&state)).in_current_span(),
+        );
+        state
+            .metrics
+            .connections_open
+            .fetch_add(1, Ordering::Relaxed);
+        state
+            .metrics
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
         let reader = FrameReader::new(read_half, state.config.max_frame_bytes);
         match read_requests(reader, &state, peer, pending_tx, shutdown).await {
             Ok(()) => tracing::debug!("connection closed"),
-            Err(refusal) => tracing::warn!(error = %refusal, "closing connection"),
+            Err(refusal) => {
+                state
+                    .metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %refusal, "closing connection");
+            }
         }
         if let Err(e) = writer.await {
             tracing::error!(error = %e, "response writer failed");
         }
+        state
+            .metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
     }
     .instrument(span)
     .await;
@@ -175,6 +198,7 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
         let Some(frame) = frame else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         let Some(request) = parse_request(frame)? else {
             continue;
         };
@@ -186,6 +210,7 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
                 elements,
             } => {
                 let api_version = header.request_api_version;
+                state.metrics.request(api_key, length);
                 let cost = (length as u64)
                     .saturating_add(elements.saturating_mul(crate::config::REQUEST_ELEMENT_BYTES));
                 if cost > state.config.max_frame_bytes as u64 {
@@ -232,6 +257,7 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
                     api_key,
                     api_version,
                     reply,
+                    started,
                     memory: Some(Held {
                         _broker: memory,
                         _connection: own,
@@ -296,6 +322,7 @@ fn parse_request(mut frame: Bytes) -> Result<Option<Parsed>, Refusal> {
                 api_key,
                 api_version: 0,
                 reply: Reply::Now(api::api_versions::unsupported_version_response()),
+                started: std::time::Instant::now(),
                 memory: None,
             })));
         }
@@ -332,6 +359,7 @@ const RETAINED_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 async fn write_responses<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut pending: mpsc::Receiver<Pending>,
+    state: Arc<BrokerState>,
 ) {
     let mut buffer = BytesMut::new();
     while let Some(item) = pending.recv().await {
@@ -362,6 +390,9 @@ async fn write_responses<W: AsyncWrite + Unpin>(
             tracing::debug!(error = %e, "peer stopped reading responses");
             return;
         }
+        state
+            .metrics
+            .answered(item.api_key, item.started.elapsed(), buffer.len());
         // Answered: its memory goes back to the budget, and a large answer's buffer is not
         // kept for the life of the connection.
         drop(item.memory);
