@@ -339,10 +339,12 @@ fn group_lag(cluster: &Cluster, group: &str, topic: &str) -> anyhow::Result<BTre
     let mut lag = BTreeMap::new();
     for line in out.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() >= 6 && fields[0] == group && fields[1] == topic {
-            if let (Ok(partition), Ok(behind)) = (fields[2].parse(), fields[5].parse()) {
-                lag.insert(partition, behind);
-            }
+        if fields.len() >= 6
+            && fields[0] == group
+            && fields[1] == topic
+            && let (Ok(partition), Ok(behind)) = (fields[2].parse(), fields[5].parse())
+        {
+            lag.insert(partition, behind);
         }
     }
     Ok(lag)

@@ -337,19 +337,19 @@ impl Sender {
     async fn enqueue(&mut self, mut record: ProducerRecord, reply: Reply) {
         if let Some(reason) = &self.fenced {
             self.metrics.failed.inc();
-            let _ = reply.send(Err(ProduceError::Fatal(reason.clone())));
+            reply.send(Err(ProduceError::Fatal(reason.clone())));
             return;
         }
         if let Some(refused) = self.txn_refuses_records() {
             self.metrics.failed.inc();
-            let _ = reply.send(Err(refused));
+            reply.send(Err(refused));
             return;
         }
         let partitions = match self.partitions_of(&record.topic).await {
             Ok(n) => n,
             Err(error) => {
                 self.metrics.failed.inc();
-                let _ = reply.send(Err(error));
+                reply.send(Err(error));
                 return;
             }
         };
@@ -357,7 +357,7 @@ impl Sender {
             (Some(p), _) if (0..partitions).contains(&p) => p,
             (Some(p), _) => {
                 self.metrics.failed.inc();
-                let _ = reply.send(Err(ProduceError::UnknownTopic(format!(
+                reply.send(Err(ProduceError::UnknownTopic(format!(
                     "{}-{p} (the topic has {partitions} partitions)",
                     record.topic
                 ))));
@@ -1110,7 +1110,7 @@ fn succeed(batch: Batch, partition: i32, base_offset: i64, append_time: i64, met
         } else {
             base_offset + i64::try_from(i).unwrap_or(0)
         };
-        let _ = pending.reply.send(Ok(DeliveryReport {
+        pending.reply.send(Ok(DeliveryReport {
             partition,
             offset,
             timestamp_ms: append_time,
@@ -1122,7 +1122,7 @@ fn fail(batch: Batch, error: &ProduceError, metrics: &Metrics) {
     for pending in batch.records {
         metrics.failed.inc();
         metrics.queued.add(-1);
-        let _ = pending.reply.send(Err(error.clone()));
+        pending.reply.send(Err(error.clone()));
     }
 }
 
