@@ -410,19 +410,26 @@ async fn isr(dir: &str, bootstrap: &str) -> anyhow::Result<()> {
         .filter(|r| *r != before.leader)
         .collect();
     println!("ISR before: {:?} (leader {})", before.isr, before.leader);
-    kafka(&["pause", &followers[0].to_string(), dir])?;
     // Writes keep the leader ahead of the paused followers: a follower whose log ends where
-    // the leader's does counts as caught up however long it is paused.
+    // the leader's does counts as caught up however long it is paused. The writer connects
+    // and writes once before the pause: a client bootstrapping while a node is paused may
+    // first wait out its request timeout on that node (it accepts connections, never answers).
+    let writes = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![bootstrap.to_string()],
+        acks: Acks::Leader,
+        enable_idempotence: false,
+        ..ProducerConfig::default()
+    })
+    .await?;
+    writes
+        .send(ProducerRecord::new("replication-isr", "before the pause"))
+        .await?
+        .await?;
+    kafka(&["pause", &followers[0].to_string(), dir])?;
     let (b, t, f) = (bootstrap.to_string(), topic.to_string(), followers[0]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
-        let producer = Producer::connect(ProducerConfig {
-            bootstrap_servers: vec![bootstrap.to_string()],
-            acks: Acks::Leader,
-            enable_idempotence: false,
-            ..ProducerConfig::default()
-        })
-        .await?;
+        let producer = writes;
         let stop = std::sync::Arc::clone(&stop);
         tokio::spawn(async move {
             let mut n = 0u64;
@@ -444,7 +451,10 @@ async fn isr(dir: &str, bootstrap: &str) -> anyhow::Result<()> {
             &b,
             &t,
             "the paused follower out of the ISR",
-            Duration::from_secs(60),
+            // 5 s of lag, then the leader's AlterPartition; when the paused node is also the
+            // active KRaft controller, that request first waits out its timeout (30 s) before
+            // the new controller takes it.
+            Duration::from_secs(90),
             |r| !r.isr.contains(&f),
         )
     })
