@@ -101,6 +101,20 @@ impl Cluster {
     }
 }
 
+/// An idempotent `acks=all` producer that rides out broker kills: each request may take 10 s,
+/// each record 120 s.
+fn through_broker_kills(cluster: &Cluster) -> ProducerConfig {
+    ProducerConfig {
+        bootstrap_servers: vec![cluster.bootstrap.clone()],
+        enable_idempotence: true,
+        acks: Acks::All,
+        linger: Duration::from_millis(5),
+        delivery_timeout: Duration::from_secs(120),
+        request_timeout: Duration::from_secs(10),
+        ..ProducerConfig::default()
+    }
+}
+
 /// The node id leading `topic`'s `partition` now, as kafka-topics --describe says.
 fn leader(bootstrap: &str, topic: &str, partition: i32) -> anyhow::Result<u32> {
     {
@@ -186,16 +200,7 @@ async fn idempotent_producer_through_leader_kills(cluster: &Cluster) -> anyhow::
     const TOPIC: &str = "semel-leader-kills";
     const MESSAGES: u64 = 20_000;
     cluster.create_topic(TOPIC, 3)?;
-    let producer = Producer::connect(ProducerConfig {
-        bootstrap_servers: vec![cluster.bootstrap.clone()],
-        enable_idempotence: true,
-        acks: Acks::All,
-        linger: Duration::from_millis(5),
-        delivery_timeout: Duration::from_secs(120),
-        request_timeout: Duration::from_secs(10),
-        ..ProducerConfig::default()
-    })
-    .await?;
+    let producer = Producer::connect(through_broker_kills(cluster)).await?;
     // The killer: two rounds of kill -9 of a partition's leader, then a restart that waits
     // until the node answers again.
     let path = cluster.path();
@@ -303,17 +308,23 @@ async fn idempotent_producer_through_leader_kills(cluster: &Cluster) -> anyhow::
     Ok(())
 }
 
-/// The group coordinator's node id for `group` (`kafka-consumer-groups --describe --state`).
-fn coordinator(cluster: &Cluster, group: &str) -> anyhow::Result<u32> {
-    let out = cluster.tool(&[
+/// `kafka-consumer-groups --describe --group GROUP EXTRA...`.
+fn describe_group(cluster: &Cluster, group: &str, extra: &[&str]) -> anyhow::Result<String> {
+    let mut args = vec![
         "consumer-groups",
         "--bootstrap-server",
         &cluster.bootstrap,
         "--describe",
         "--group",
         group,
-        "--state",
-    ])?;
+    ];
+    args.extend_from_slice(extra);
+    cluster.tool(&args)
+}
+
+/// The group coordinator's node id for `group` (`kafka-consumer-groups --describe --state`).
+fn coordinator(cluster: &Cluster, group: &str) -> anyhow::Result<u32> {
+    let out = describe_group(cluster, group, &["--state"])?;
     let row = out
         .lines()
         .find(|l| l.split_whitespace().next() == Some(group))
@@ -328,14 +339,7 @@ fn coordinator(cluster: &Cluster, group: &str) -> anyhow::Result<u32> {
 /// Per partition of `topic`, the group's lag (`kafka-consumer-groups --describe`), for the
 /// partitions that have a committed offset.
 fn group_lag(cluster: &Cluster, group: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let out = cluster.tool(&[
-        "consumer-groups",
-        "--bootstrap-server",
-        &cluster.bootstrap,
-        "--describe",
-        "--group",
-        group,
-    ])?;
+    let out = describe_group(cluster, group, &[])?;
     let mut lag = BTreeMap::new();
     for line in out.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -479,16 +483,7 @@ async fn mixed_group_through_a_coordinator_kill(
     let topic = format!("mixed-{}", strategy.name());
     let group = format!("mixed-group-{}", strategy.name());
     cluster.create_topic(&topic, PARTITIONS as u32)?;
-    let producer = Producer::connect(ProducerConfig {
-        bootstrap_servers: vec![cluster.bootstrap.clone()],
-        enable_idempotence: true,
-        acks: Acks::All,
-        linger: Duration::from_millis(5),
-        delivery_timeout: Duration::from_secs(120),
-        request_timeout: Duration::from_secs(10),
-        ..ProducerConfig::default()
-    })
-    .await?;
+    let producer = Producer::connect(through_broker_kills(cluster)).await?;
     // 60 records every 100 ms, round robin over the partitions, until told to stop.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {

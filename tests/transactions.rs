@@ -26,14 +26,7 @@ use common::{ChildBroker, TestBroker, kcat, output_within, python};
 
 fn run(command: &mut Command, limit: Duration, what: &str) -> anyhow::Result<String> {
     let out = tokio::task::block_in_place(|| output_within(command, limit, what))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "{what} failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
+    common::stdout_of(&out, what)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,17 @@ pub struct PropertiesError {
     pub reason: String,
 }
 
+impl PropertiesError {
+    /// The settings read cannot work together: `name`'s check failed (line 0).
+    pub fn settings(name: &str, reason: String) -> Self {
+        Self {
+            line: 0,
+            key: name.to_string(),
+            reason,
+        }
+    }
+}
+
 /// One `key=value` line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Property {

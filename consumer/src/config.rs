@@ -218,11 +218,9 @@ impl ConsumerConfig {
                 _ => return Err(p.error("unknown consumer setting")),
             }
         }
-        config.validate().map_err(|e| PropertiesError {
-            line: 0,
-            key: e.name.to_string(),
-            reason: e.reason,
-        })?;
+        config
+            .validate()
+            .map_err(|e| PropertiesError::settings(e.name, e.reason))?;
         Ok(config)
     }
 

@@ -199,11 +199,9 @@ impl ProducerConfig {
         if !idempotence_given && (config.acks != Acks::All || config.max_in_flight > 5) {
             config.enable_idempotence = false;
         }
-        config.validate().map_err(|e| PropertiesError {
-            line: 0,
-            key: e.name.to_string(),
-            reason: e.reason,
-        })?;
+        config
+            .validate()
+            .map_err(|e| PropertiesError::settings(e.name, e.reason))?;
         Ok(config)
     }
 

@@ -92,14 +92,7 @@ pub fn run_tool_with_input(
     full.extend_from_slice(args);
     let what = format!("kafka {alias} {}", args.join(" "));
     let out = output_within(&mut kafka_command(&full, input), TOOL_LIMIT, &what)?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "{what} failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
+    super::stdout_of(&out, &what)
 }
 
 /// Calls `check` every 50 ms until it returns true; fails after `limit`, naming `what`.

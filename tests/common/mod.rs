@@ -538,6 +538,19 @@ pub mod java;
 pub mod proxy;
 pub mod txn;
 
+/// The stdout of a finished command, or an error naming `what` with its exit status, stdout
+/// and stderr.
+pub fn stdout_of(out: &std::process::Output, what: &str) -> anyhow::Result<String> {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
 /// Runs `command` to its end, like `Command::output`, but for at most `limit`: a child still
 /// running then is killed, and the error names `what` it was and shows what it had printed.
 pub fn output_within(
