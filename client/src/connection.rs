@@ -32,6 +32,11 @@ pub struct ConnectionConfig {
     pub client_id: String,
     /// `request.timeout.ms`.
     pub request_timeout: Duration,
+    /// `socket.connection.setup.timeout.ms`: how long the TCP connect and the ApiVersions
+    /// exchange of a new connection may take together (`request.timeout.ms` when that is
+    /// shorter). A broker that accepts connections but never answers (a paused process) is
+    /// given up after this rather than after a whole request timeout.
+    pub connection_setup_timeout: Duration,
     /// Largest response frame accepted (`receive.message.max.bytes` in librdkafka).
     pub max_response_bytes: usize,
     /// Requests queued for the writer before `send` waits.
@@ -43,6 +48,8 @@ impl Default for ConnectionConfig {
         Self {
             client_id: "semel".into(),
             request_timeout: Duration::from_secs(30),
+            // The Java client's default.
+            connection_setup_timeout: Duration::from_secs(10),
             max_response_bytes: 100 * 1024 * 1024,
             max_queued_requests: 64,
         }
@@ -105,19 +112,26 @@ impl Connection {
     /// # Errors
     /// `Connect` if the TCP connection fails; any error of the ApiVersions exchange.
     pub async fn connect(broker: &str, config: ConnectionConfig) -> Result<Self, ClientError> {
-        let stream = tokio::time::timeout(config.request_timeout, TcpStream::connect(broker))
+        let limit = config.connection_setup_timeout.min(config.request_timeout);
+        let setup = async {
+            let stream = TcpStream::connect(broker)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    broker: broker.to_string(),
+                    reason: e.to_string(),
+                })?;
+            let _ = stream.set_nodelay(true);
+            let (read, write) = stream.into_split();
+            Self::over(broker, read, write, config).await
+        };
+        tokio::time::timeout(limit, setup)
             .await
             .map_err(|_| ClientError::Connect {
                 broker: broker.to_string(),
-                reason: format!("timed out after {:?}", config.request_timeout),
+                reason: format!(
+                    "no answer to ApiVersions within socket.connection.setup.timeout.ms ({limit:?})"
+                ),
             })?
-            .map_err(|e| ClientError::Connect {
-                broker: broker.to_string(),
-                reason: e.to_string(),
-            })?;
-        let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
-        Self::over(broker, read, write, config).await
     }
 
     /// A connection over any byte stream (tests use `tokio::io::duplex`).

@@ -345,3 +345,35 @@ async fn frames_queued_before_a_drop_are_still_written() -> TestResult {
     assert_eq!(frames, 10, "every queued frame reached the broker");
     Ok(())
 }
+
+/// A bootstrap address that accepts connections but never answers (a paused broker process):
+/// the cluster gives it up after `socket.connection.setup.timeout.ms` and bootstraps from the
+/// next address, instead of waiting a whole `request.timeout.ms` (here 60 s) on it.
+#[tokio::test]
+async fn a_broker_that_accepts_but_never_answers_is_given_up_after_the_setup_timeout() -> TestResult
+{
+    let (handle, _dir) = broker().await?;
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mute_addr = mute.local_addr()?;
+    let held = tokio::spawn(async move {
+        let mut streams = Vec::new();
+        while let Ok((stream, _)) = mute.accept().await {
+            streams.push(stream);
+        }
+    });
+    let config = ClientConfig {
+        bootstrap_servers: vec![mute_addr.to_string(), handle.local_addr().to_string()],
+        connection: ConnectionConfig {
+            request_timeout: Duration::from_secs(60),
+            connection_setup_timeout: Duration::from_secs(2),
+            ..ConnectionConfig::default()
+        },
+        ..ClientConfig::default()
+    };
+    let connected = tokio::time::timeout(Duration::from_secs(30), Cluster::connect(config)).await;
+    held.abort();
+    let cluster = connected.map_err(|_| "still bootstrapping after 30 s")??;
+    assert!(cluster.any().await.is_ok());
+    handle.shutdown().await;
+    Ok(())
+}
