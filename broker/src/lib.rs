@@ -37,6 +37,7 @@ mod broker;
 mod catalog;
 pub mod clock;
 pub mod config;
+mod dedup_window;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod group;

@@ -5,7 +5,7 @@
 //! requests and their latency per API (from the frame read to the answer written), bytes in
 //! and out, connections closed for a bad request; fsync latency (process-wide: every log's
 //! segment syncs). Read at each scrape: every partition's log start, end and durable offsets
-//! and size, and the groups per state.
+//! and size, each dedup window's ids, bytes, drops and evictions, and the groups per state.
 //!
 //! The endpoint is plain HTTP/1.0-style (one request per connection, `Connection: close`),
 //! with a bounded request head (8 KiB), a 5 s read limit and at most 16 scrapes at once.
@@ -270,6 +270,58 @@ pub(crate) fn render(state: &BrokerState) -> String {
                 1 => end.to_string(),
                 2 => durable.to_string(),
                 _ => size.to_string(),
+            };
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+    let mut windows: Vec<(String, (usize, usize, u64, u64))> = partitions
+        .iter()
+        .filter_map(|p| {
+            p.dedup_window_stats().map(|stats| {
+                (
+                    format!("topic=\"{}\",partition=\"{}\"", p.topic, p.index),
+                    stats,
+                )
+            })
+        })
+        .collect();
+    windows.sort();
+    for (name, kind, help, pick) in [
+        (
+            "semel_dedup_window_ids",
+            "gauge",
+            "Message ids in the partition's dedup window (semel.dedup.window.ms).",
+            0usize,
+        ),
+        (
+            "semel_dedup_window_bytes",
+            "gauge",
+            "Bytes the partition's dedup window holds.",
+            1,
+        ),
+        (
+            "semel_dedup_window_duplicates_dropped_total",
+            "counter",
+            "Produced records not stored because their message id was in the window.",
+            2,
+        ),
+        (
+            "semel_dedup_window_ids_evicted_total",
+            "counter",
+            "Message ids forgotten before the window ran out because of semel.dedup.max.ids.",
+            3,
+        ),
+    ] {
+        if windows.is_empty() {
+            break;
+        }
+        header(&mut out, name, kind, help);
+        for (labels, (ids, bytes, dropped, evicted)) in &windows {
+            let value = match pick {
+                0 => ids.to_string(),
+                1 => bytes.to_string(),
+                2 => dropped.to_string(),
+                _ => evicted.to_string(),
             };
             let _ = writeln!(out, "{name}{{{labels}}} {value}");
         }

@@ -24,9 +24,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use kafka_protocol::ResponseError;
 use tokio::sync::watch;
 
+use crate::dedup_window::{DedupWindow, Verdict};
 use crate::idempotence::snapshot::{self, SnapshotFile};
 use crate::idempotence::{BatchIdentity, CachedBatch, Decision, ProducerEntry, ProducerStateTable};
 use crate::log::batch::{ControlType, control_batch, control_type};
+use crate::log::records::{self, BatchRecords, RecordId};
 use crate::log::{
     AppendInfo, BatchHeader, LogConfig, LogError, MaintenanceReport, PartitionLog, ReadResult,
     RecoveryReport, ValidatedBatch,
@@ -138,6 +140,8 @@ pub(crate) struct ProducerView {
 struct Producers {
     table: ProducerStateTable,
     txns: PartitionTxns,
+    /// The message-id dedup window, when the topic has one (built on first use).
+    window: Option<DedupWindow>,
 }
 
 /// Checks a transactional batch against the transaction coordinator: its producer id and epoch
@@ -191,9 +195,30 @@ impl Partition {
         let (mut log, report) = PartitionLog::open(dir, config, now_ms)?;
         log.flush()?;
         let producers = rebuild_producer_state(topic, index, &log, max_producers, now_ms)?;
+        let window = if log.config().dedup_window_ms > 0 {
+            match DedupWindow::rebuild(log.config(), &log, now_ms) {
+                Ok(window) => {
+                    tracing::info!(
+                        topic,
+                        partition = index,
+                        ids = window.len(),
+                        "dedup window rebuilt from the log"
+                    );
+                    Some(window)
+                }
+                Err(e) => {
+                    // Retried at the first append, which fails while the log cannot be read.
+                    tracing::warn!(topic, partition = index, error = %e, "dedup window not rebuilt yet");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let producers = Producers {
             table: producers.0,
             txns: producers.1,
+            window,
         };
         let durable_end = AtomicI64::new(log.log_end_offset());
         Ok((
@@ -255,6 +280,7 @@ impl Partition {
         let Producers {
             table: producers,
             txns,
+            window,
         } = &mut *guard;
         let identity = if header.has_producer_id() {
             if header.base_sequence < 0 || header.producer_epoch < 0 {
@@ -313,7 +339,79 @@ impl Partition {
         } else {
             None
         };
-        let info = self.log().append(batch, now_ms)?;
+        let mut log = self.log();
+        // The message-id dedup window (docs/dedup-window.md), for batches outside transactions.
+        let plan = if header.is_transactional() {
+            None
+        } else {
+            self.window_plan(window, &log, batch, now_ms)?
+        };
+        let (info, stored_ids) = match plan {
+            None => (log.append(batch, now_ms)?, None),
+            Some((records, Verdict::Store)) => (log.append(batch, now_ms)?, Some(records.records)),
+            Some((records, Verdict::Without(keep))) => {
+                let rebuilt = records::without(batch, &records, &keep);
+                let info = log.append(&rebuilt, now_ms)?;
+                let dropped = keep.iter().filter(|k| !**k).count();
+                tracing::debug!(topic = %self.topic, partition = self.index, base_offset = info.base_offset, dropped, "dedup window: duplicate records not stored");
+                let kept: Vec<RecordId> = records
+                    .records
+                    .into_iter()
+                    .zip(keep)
+                    .filter_map(|(r, k)| k.then_some(r))
+                    .collect();
+                if let Some(window) = window.as_mut() {
+                    window.dropped += dropped as u64;
+                }
+                (info, Some(kept))
+            }
+            Some((records, Verdict::AllDuplicates { first, last_offset })) => {
+                drop(log);
+                let log_append_time_ms = if self.log().config().timestamp_type
+                    == crate::log::TimestampType::LogAppendTime
+                {
+                    first.timestamp
+                } else {
+                    -1
+                };
+                let original = CachedBatch {
+                    first_sequence: identity.map_or(-1, |i| i.first_sequence),
+                    last_sequence: identity.map_or(-1, |i| i.last_sequence),
+                    base_offset: first.offset,
+                    last_offset,
+                    log_append_time_ms,
+                };
+                if let Some(window) = window.as_mut() {
+                    window.dropped += records.records.len() as u64;
+                }
+                tracing::debug!(topic = %self.topic, partition = self.index, original_offset = first.offset, records = records.records.len(), "dedup window: every record of the batch is a duplicate; nothing stored");
+                if let Some(identity) = identity {
+                    // Nothing in the log says this producer sent these sequences: the state
+                    // is snapshotted now, so its next batch is in order after a restart.
+                    producers.record(&identity, original, now_ms, self.max_producers);
+                    let end = self.log().log_end_offset();
+                    crate::blocking::may_block(|| self.write_snapshot(&guard, end, now_ms));
+                }
+                return Ok(Appended::Duplicate(original));
+            }
+        };
+        drop(log);
+        if let (Some(ids), Some(window)) = (stored_ids, window.as_mut()) {
+            for record in ids {
+                if let Some(id) = record.id {
+                    window.insert(
+                        id,
+                        info.base_offset + i64::from(record.offset_delta),
+                        if info.log_append_time_ms >= 0 {
+                            info.log_append_time_ms
+                        } else {
+                            record.timestamp
+                        },
+                        now_ms,
+                    );
+                }
+            }
+        }
         if header.is_transactional() {
             txns.on_data(header.producer_id, info.base_offset);
         }
@@ -331,6 +429,40 @@ impl Partition {
         }
         self.appended_under(guard, &info, now_ms);
         Ok(Appended::New(info))
+    }
+
+    /// The dedup window's decision for `batch`, or `None` when the topic has no window or
+    /// no record of the batch carries an id. Builds (or rebuilds, after the topic's setting
+    /// changed) the window from the log first.
+    fn window_plan(
+        &self,
+        window: &mut Option<DedupWindow>,
+        log: &PartitionLog,
+        batch: &ValidatedBatch,
+        now_ms: i64,
+    ) -> Result<Option<(BatchRecords, Verdict)>, AppendError> {
+        let config = log.config();
+        if config.dedup_window_ms <= 0 {
+            *window = None;
+            return Ok(None);
+        }
+        if !window.as_ref().is_some_and(|w| w.built_for(config)) {
+            let rebuilt = crate::blocking::may_block(|| DedupWindow::rebuild(config, log, now_ms))?;
+            tracing::info!(topic = %self.topic, partition = self.index, ids = rebuilt.len(), window_ms = config.dedup_window_ms, header = %config.dedup_header, "dedup window built from the log");
+            *window = Some(rebuilt);
+        }
+        let Some(window) = window.as_mut() else {
+            return Ok(None);
+        };
+        window.set_max_ids(config.dedup_max_ids);
+        let append_time =
+            (config.timestamp_type == crate::log::TimestampType::LogAppendTime).then_some(now_ms);
+        let records = records::read_ids(batch.bytes(), window.header(), append_time)?;
+        if records.records.iter().all(|r| r.id.is_none()) {
+            return Ok(None);
+        }
+        let verdict = window.decide(&records.records, now_ms);
+        Ok(Some((records, verdict)))
     }
 
     /// After an append, with the producer lock still held: a roll snapshots the producer
@@ -421,7 +553,14 @@ impl Partition {
         producer_expiration_ms: i64,
     ) -> Result<(MaintenanceReport, usize), LogError> {
         let mut producers = self.producers();
-        let Producers { table, txns } = &mut *producers;
+        let Producers {
+            table,
+            txns,
+            window,
+        } = &mut *producers;
+        if let Some(window) = window.as_mut() {
+            window.expire(now_ms);
+        }
         // A producer with a transaction open here is kept (as Kafka does): its marker is
         // still to come.
         let expired = table.expire_except(now_ms, producer_expiration_ms, |id| txns.is_ongoing(id));
@@ -468,6 +607,16 @@ impl Partition {
             .collect();
         views.sort_unstable_by_key(|v| v.producer_id);
         views
+    }
+
+    /// The dedup window's (ids, bytes, duplicates dropped, ids evicted by the cap), if the
+    /// topic has one.
+    pub(crate) fn dedup_window_stats(&self) -> Option<(usize, usize, u64, u64)> {
+        let producers = self.producers();
+        producers
+            .window
+            .as_ref()
+            .map(|w| (w.len(), w.bytes(), w.dropped, w.evicted))
     }
 
     /// Every offset below this is fsynced.
@@ -669,6 +818,185 @@ mod tests {
             Appended::Duplicate(original) => original.base_offset,
             Appended::New(info) => panic!("appended again at {}", info.base_offset),
         }
+    }
+
+    fn window_config(window_ms: i64) -> LogConfig {
+        LogConfig {
+            dedup_window_ms: window_ms,
+            ..LogConfig::default()
+        }
+    }
+
+    /// A batch with one record per id (see `batch_with_ids`), from `producer` at `sequence`
+    /// when given.
+    fn with_ids(
+        ids: &[Option<&str>],
+        timestamp: i64,
+        producer: Option<(i64, i32)>,
+    ) -> ValidatedBatch {
+        let mut bytes = crate::log::records::tests::batch_with_ids(ids, timestamp, false);
+        if let Some((producer, sequence)) = producer {
+            bytes = with_producer(bytes, producer, 0, sequence);
+        }
+        validate_produce_records(&bytes, 1 << 20).expect("valid batch")
+    }
+
+    /// Offsets and ids of every record in the partition, read back from the log.
+    fn stored_ids(partition: &Partition) -> Vec<(i64, Option<u128>)> {
+        let log = partition.log();
+        let read = log.read(log.log_start_offset(), 1 << 20).expect("read");
+        let mut out = Vec::new();
+        let mut at = 0;
+        while let Some(header) = BatchHeader::parse(&read.records[at..]) {
+            let size = header.total_size().expect("size");
+            let records =
+                records::read_ids(&read.records[at..at + size], "semel-msg-id", None).expect("ids");
+            for r in records.records {
+                out.push((header.base_offset + i64::from(r.offset_delta), r.id));
+            }
+            at += size;
+        }
+        out
+    }
+
+    fn hash(id: &str) -> Option<u128> {
+        Some(xxhash_rust::xxh3::xxh3_128(id.as_bytes()))
+    }
+
+    #[test]
+    fn the_dedup_window_stores_each_id_once_and_keeps_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let partition = open(dir.path(), &window_config(60_000), 1_000);
+        let first = partition
+            .append(
+                &with_ids(&[Some("a"), Some("b"), Some("c")], 1_000, None),
+                1_000,
+            )
+            .unwrap();
+        assert_eq!(new_offset(first), 0);
+        // Two old ids, one new, one without an id: a batch at 3..=6 holding offsets 4 and 5.
+        let mixed = partition
+            .append(
+                &with_ids(&[Some("b"), Some("d"), None, Some("a")], 1_100, None),
+                1_100,
+            )
+            .unwrap();
+        assert_eq!(new_offset(mixed), 3);
+        assert_eq!(
+            partition.log().log_end_offset(),
+            7,
+            "the batch keeps its offset span"
+        );
+        // Every record a duplicate: nothing stored, answered with the original offsets.
+        let again = partition
+            .append(&with_ids(&[Some("c"), Some("d")], 1_200, None), 1_200)
+            .unwrap();
+        match again {
+            Appended::Duplicate(original) => {
+                assert_eq!((original.base_offset, original.last_offset), (2, 4));
+            }
+            Appended::New(info) => panic!("stored again at {}", info.base_offset),
+        }
+        assert_eq!(partition.log().log_end_offset(), 7);
+        let expected = vec![
+            (0, hash("a")),
+            (1, hash("b")),
+            (2, hash("c")),
+            (4, hash("d")),
+            (5, None),
+        ];
+        assert_eq!(stored_ids(&partition), expected);
+        assert_eq!(
+            partition.dedup_window_stats().map(|s| (s.0, s.2)),
+            Some((4, 4))
+        );
+
+        // After a crash (no clean close), the window is rebuilt from the log.
+        drop(partition);
+        let reopened = open(dir.path(), &window_config(60_000), 1_300);
+        let after = reopened
+            .append(&with_ids(&[Some("a"), Some("e")], 1_300, None), 1_300)
+            .unwrap();
+        assert_eq!(new_offset(after), 7);
+        let mut expected = expected;
+        expected.push((8, hash("e")));
+        assert_eq!(stored_ids(&reopened), expected);
+    }
+
+    #[test]
+    fn ids_older_than_the_window_are_stored_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let partition = open(dir.path(), &window_config(1_000), 5_000);
+        partition
+            .append(&with_ids(&[Some("a")], 5_000, None), 5_000)
+            .unwrap();
+        duplicate_of(
+            partition
+                .append(&with_ids(&[Some("a")], 5_900, None), 5_900)
+                .unwrap(),
+        );
+        assert_eq!(
+            new_offset(
+                partition
+                    .append(&with_ids(&[Some("a")], 6_000, None), 6_000)
+                    .unwrap()
+            ),
+            1
+        );
+        // A restart 10 s later reads no segment for the window: nothing is in it.
+        drop(partition);
+        let reopened = open(dir.path(), &window_config(1_000), 16_000);
+        assert_eq!(reopened.dedup_window_stats().map(|s| s.0), Some(0));
+    }
+
+    #[test]
+    fn an_idempotent_producer_continues_after_a_batch_of_only_duplicates_and_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let partition = open(dir.path(), &window_config(60_000), 1_000);
+        new_offset(
+            partition
+                .append(
+                    &with_ids(&[Some("a"), Some("b")], 1_000, Some((9, 0))),
+                    1_000,
+                )
+                .unwrap(),
+        );
+        // Sequences 2..=3, ids already stored: nothing is written.
+        let whole = partition
+            .append(
+                &with_ids(&[Some("a"), Some("b")], 1_001, Some((9, 2))),
+                1_001,
+            )
+            .unwrap();
+        assert_eq!(duplicate_of(whole), 0);
+        // Its retry is answered the same way by the sequence check.
+        let retry = partition
+            .append(
+                &with_ids(&[Some("a"), Some("b")], 1_001, Some((9, 2))),
+                1_002,
+            )
+            .unwrap();
+        assert_eq!(duplicate_of(retry), 0);
+        // Killed here: no clean close. The next batch (sequence 4) must still be in order.
+        drop(partition);
+        let reopened = open(dir.path(), &window_config(60_000), 1_100);
+        let next = reopened
+            .append(&with_ids(&[Some("c")], 1_100, Some((9, 4))), 1_100)
+            .expect("sequence 4 follows the duplicates' sequences 2..=3");
+        assert_eq!(new_offset(next), 2);
+    }
+
+    #[test]
+    fn a_topic_without_the_window_stores_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let partition = open(dir.path(), &LogConfig::default(), 1_000);
+        for expected in [0, 1] {
+            let appended = partition
+                .append(&with_ids(&[Some("a")], 1_000, None), 1_000)
+                .unwrap();
+            assert_eq!(new_offset(appended), expected);
+        }
+        assert!(partition.dedup_window_stats().is_none());
     }
 
     /// Issue 18, item 4: after a failed fsync the kernel may drop the dirty pages and let the

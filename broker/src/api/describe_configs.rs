@@ -150,8 +150,12 @@ fn topic_entries(state: &BrokerState, name: &str) -> Result<Vec<Entry>, (Respons
                     SOURCE_DEFAULT_CONFIG
                 },
                 config_type: match key.name {
-                    "cleanup.policy" | "message.timestamp.type" => TYPE_STRING,
-                    "retention.ms" | "retention.bytes" | "segment.ms" => TYPE_LONG,
+                    "cleanup.policy" | "message.timestamp.type" | "semel.dedup.header" => {
+                        TYPE_STRING
+                    }
+                    "retention.ms" | "retention.bytes" | "segment.ms" | "semel.dedup.window.ms" => {
+                        TYPE_LONG
+                    }
                     _ => TYPE_INT,
                 },
                 documentation: key.documentation,

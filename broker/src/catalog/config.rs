@@ -64,6 +64,21 @@ pub(crate) const TOPIC_CONFIG_KEYS: &[TopicConfigKey] = &[
         broker_name: "min.insync.replicas",
         documentation: "Single node: every write is in sync; only 1 is accepted.",
     },
+    TopicConfigKey {
+        name: "semel.dedup.window.ms",
+        broker_name: "semel.dedup.window.ms",
+        documentation: "Semel extension: a record whose message id (semel.dedup.header) was stored in this partition less than this long ago, by its record timestamp, is not stored again; 0 is off.",
+    },
+    TopicConfigKey {
+        name: "semel.dedup.header",
+        broker_name: "semel.dedup.header",
+        documentation: "Semel extension: the record header whose value is the message id for semel.dedup.window.ms.",
+    },
+    TopicConfigKey {
+        name: "semel.dedup.max.ids",
+        broker_name: "semel.dedup.max.ids",
+        documentation: "Semel extension: most message ids one partition's dedup window remembers (about 70 bytes each); the oldest are forgotten first beyond it.",
+    },
 ];
 
 /// A topic config key or value the broker cannot honour.
@@ -90,6 +105,9 @@ pub(crate) fn effective_value(name: &str, log: &LogConfig) -> Option<String> {
         },
         "index.interval.bytes" => log.index_interval_bytes.to_string(),
         "min.insync.replicas" => "1".to_string(),
+        "semel.dedup.window.ms" => log.dedup_window_ms.to_string(),
+        "semel.dedup.header" => log.dedup_header.clone(),
+        "semel.dedup.max.ids" => log.dedup_max_ids.to_string(),
         _ => return None,
     })
 }
@@ -154,6 +172,19 @@ pub(crate) fn apply_overrides(
                     ));
                 }
             }
+            "semel.dedup.window.ms" => {
+                config.dedup_window_ms = at_least(int()?, 0).map_err(|r| invalid(&r))?;
+            }
+            "semel.dedup.header" => {
+                if value.is_empty() {
+                    return Err(invalid("the header name must not be empty"));
+                }
+                config.dedup_header = value.clone();
+            }
+            "semel.dedup.max.ids" => {
+                config.dedup_max_ids = u32::try_from(at_least(int()?, 1).map_err(|r| invalid(&r))?)
+                    .map_err(|_| invalid("out of range"))?;
+            }
             _ => return Err(invalid("unknown topic config")),
         }
     }
@@ -197,6 +228,9 @@ mod tests {
             ("cleanup.policy", "compact"),
             ("retention.ms", "soon"),
             ("segment.bytes", "1"),
+            ("semel.dedup.window.ms", "-1"),
+            ("semel.dedup.max.ids", "0"),
+            ("semel.dedup.header", ""),
             ("no.such.config", "1"),
         ] {
             let overrides = BTreeMap::from([(name.to_string(), value.to_string())]);

@@ -125,7 +125,7 @@ impl BatchHeader {
 }
 
 /// CRC-32C over the CRC-covered part of a whole batch.
-fn compute_crc(batch: &[u8]) -> u32 {
+pub(super) fn compute_crc(batch: &[u8]) -> u32 {
     crc32c::crc32c(&batch[CRC_START..])
 }
 
@@ -184,6 +184,12 @@ pub struct ValidatedBatch {
 }
 
 impl ValidatedBatch {
+    /// A batch built here from a validated one (the dedup window's rewrite); `header` must
+    /// describe `bytes`.
+    pub(super) fn rebuilt(bytes: Bytes, header: BatchHeader) -> Self {
+        Self { bytes, header }
+    }
+
     /// The batch's header as sent.
     pub fn header(&self) -> &BatchHeader {
         &self.header

@@ -9,6 +9,7 @@
 
 pub mod batch;
 mod index;
+pub(crate) mod records;
 mod segment;
 
 use std::collections::BTreeMap;
@@ -50,6 +51,15 @@ pub struct LogConfig {
     pub max_message_bytes: u32,
     /// Whose timestamps the log keeps (`message.timestamp.type`).
     pub timestamp_type: TimestampType,
+    /// The message-id dedup window (a Semel extension, docs/dedup-window.md): a record whose
+    /// id was stored in this partition less than this many milliseconds ago is not stored
+    /// again; 0 turns it off (`semel.dedup.window.ms`).
+    pub dedup_window_ms: i64,
+    /// The header that carries a record's message id (`semel.dedup.header`).
+    pub dedup_header: String,
+    /// Most message ids one partition's window remembers; the oldest go first beyond it
+    /// (`semel.dedup.max.ids`).
+    pub dedup_max_ids: u32,
 }
 
 impl Default for LogConfig {
@@ -62,9 +72,16 @@ impl Default for LogConfig {
             index_interval_bytes: 4096,
             max_message_bytes: 1_048_588,
             timestamp_type: TimestampType::CreateTime,
+            dedup_window_ms: 0,
+            dedup_header: DEFAULT_DEDUP_HEADER.to_string(),
+            dedup_max_ids: 1_000_000,
         }
     }
 }
+
+/// The header the dedup window reads by default: the one semel-consumer's dedup middleware
+/// reads too.
+pub const DEFAULT_DEDUP_HEADER: &str = "semel-msg-id";
 
 impl LogConfig {
     /// Checks that the settings can work.
@@ -87,6 +104,18 @@ impl LogConfig {
         }
         if self.retention_ms < -1 || self.retention_bytes < -1 {
             return invalid("retention.ms and retention.bytes must be -1 or more".into());
+        }
+        if self.dedup_window_ms < 0 {
+            return invalid(format!(
+                "semel.dedup.window.ms {} must be 0 (off) or more",
+                self.dedup_window_ms
+            ));
+        }
+        if self.dedup_header.is_empty() {
+            return invalid("semel.dedup.header must not be empty".into());
+        }
+        if self.dedup_max_ids == 0 {
+            return invalid("semel.dedup.max.ids must be at least 1".into());
         }
         Ok(())
     }
@@ -662,6 +691,16 @@ impl PartitionLog {
             }
         }
         Ok(headers)
+    }
+
+    /// The base offset of the first segment holding a batch whose max timestamp is after
+    /// `cutoff` (every record at or before `cutoff` is in an earlier segment or in an older
+    /// batch), or `None` when no segment does.
+    pub fn first_offset_of_segment_newer_than(&self, cutoff: i64) -> Option<i64> {
+        self.segments
+            .values()
+            .find(|segment| segment.max_timestamp.is_some_and(|(ts, _)| ts > cutoff))
+            .map(|segment| segment.base_offset.max(self.log_start_offset()))
     }
 
     /// The partition directory.
