@@ -9,6 +9,10 @@
 //! With `--idempotent` each connection gets a producer id (InitProducerId) and numbers its
 //! batches, so the broker runs its sequence checks on every request, as for a real idempotent
 //! producer.
+//! With `--ids` every record carries a unique `semel-msg-id` header; `--dedup-window-ms N` also
+//! turns semel-broker's message-id dedup window on for the topic (docs/dedup-window.md), so
+//! the two together measure what the window costs:
+//! `produce_load -- --acks 1 --ids` next to `produce_load -- --acks 1 --dedup-window-ms 3600000`.
 //! Without `--bootstrap` it starts an embedded broker on a temporary directory.
 
 use std::net::SocketAddr;
@@ -17,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use bytes::{Bytes, BytesMut};
 use clap::Parser;
-use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
     ApiKey, CreateTopicsRequest, InitProducerIdRequest, InitProducerIdResponse, ProduceRequest,
@@ -57,12 +61,28 @@ struct Args {
     /// How long to run, in seconds.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Give every record a unique `semel-msg-id` header (16 bytes), as a sender using
+    /// semel-broker's dedup window does.
+    #[arg(long)]
+    ids: bool,
+    /// Create the topic with `semel.dedup.window.ms` set to this (semel-broker only; implies
+    /// `--ids`).
+    #[arg(long)]
+    dedup_window_ms: Option<u64>,
 }
+
+/// Bytes of a message id in `--ids` batches.
+const ID_BYTES: usize = 16;
 
 /// A producer's identity in a batch header: (producer id, epoch); (-1, -1) when not idempotent.
 type Producer = (i64, i16);
 
-fn batch(records: usize, value_bytes: usize, producer: Producer) -> anyhow::Result<Bytes> {
+fn batch(
+    records: usize,
+    value_bytes: usize,
+    producer: Producer,
+    ids: bool,
+) -> anyhow::Result<Bytes> {
     let value = Bytes::from(vec![b'x'; value_bytes]);
     let records: Vec<Record> = (0..records)
         .map(|i| Record {
@@ -84,7 +104,16 @@ fn batch(records: usize, value_bytes: usize, producer: Producer) -> anyhow::Resu
             timestamp: 1_700_000_000_000,
             key: Some(Bytes::from(format!("key-{i}"))),
             value: Some(value.clone()),
-            headers: Default::default(),
+            headers: if ids {
+                [(
+                    StrBytes::from_static_str("semel-msg-id"),
+                    Some(Bytes::from(placeholder(i))),
+                )]
+                .into_iter()
+                .collect()
+            } else {
+                Default::default()
+            },
         })
         .collect();
     let mut buf = BytesMut::new();
@@ -99,20 +128,44 @@ fn batch(records: usize, value_bytes: usize, producer: Producer) -> anyhow::Resu
     Ok(buf.freeze())
 }
 
-/// Byte positions in a RecordBatch v2 header.
-const BASE_SEQUENCE: usize = 53;
-const CRC: usize = 17;
-const CRC_COVERS_FROM: usize = 21;
+/// The id record `i` of a batch is encoded with, to be found and overwritten per request.
+fn placeholder(i: usize) -> String {
+    format!("@id{i:0width$}", width = ID_BYTES - 3)
+}
 
-/// `batch` with its base sequence set and its CRC-32C recomputed: cheaper than re-encoding, so
-/// the load tool spends its CPU on sending, not on building batches.
-fn with_base_sequence(batch: &Bytes, base_sequence: i32) -> Bytes {
+/// Where each record's id is in `batch`.
+fn id_positions(batch: &[u8], records: usize) -> anyhow::Result<Vec<usize>> {
+    (0..records)
+        .map(|i| {
+            let needle = placeholder(i);
+            batch
+                .windows(ID_BYTES)
+                .position(|w| w == needle.as_bytes())
+                .with_context(|| format!("id {i} not found in the batch"))
+        })
+        .collect()
+}
+
+/// `batch` with its base sequence set, the ids at `positions` numbered from `first_id` (when
+/// given), and its CRC-32C recomputed.
+fn stamped(batch: &Bytes, base_sequence: i32, ids: Option<(&[usize], u64)>) -> Bytes {
     let mut out = BytesMut::from(&batch[..]);
     out[BASE_SEQUENCE..BASE_SEQUENCE + 4].copy_from_slice(&base_sequence.to_be_bytes());
+    if let Some((positions, first_id)) = ids {
+        for (n, at) in positions.iter().enumerate() {
+            let id = format!("{:016x}", first_id + n as u64);
+            out[*at..*at + ID_BYTES].copy_from_slice(id.as_bytes());
+        }
+    }
     let crc = crc32c::crc32c(&out[CRC_COVERS_FROM..]);
     out[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
     out.freeze()
 }
+
+/// Byte positions in a RecordBatch v2 header.
+const BASE_SEQUENCE: usize = 53;
+const CRC: usize = 17;
+const CRC_COVERS_FROM: usize = 21;
 
 fn frame(
     api_key: ApiKey,
@@ -141,15 +194,30 @@ async fn read_frame(stream: &mut TcpStream) -> anyhow::Result<Bytes> {
     Ok(Bytes::from(payload))
 }
 
-async fn create_topic(addr: SocketAddr, topic: &str, partitions: usize) -> anyhow::Result<()> {
+async fn create_topic(
+    addr: SocketAddr,
+    topic: &str,
+    partitions: usize,
+    dedup_window_ms: Option<u64>,
+) -> anyhow::Result<()> {
     let mut stream = TcpStream::connect(addr).await?;
+    let configs = dedup_window_ms
+        .map(|ms| {
+            vec![
+                CreatableTopicConfig::default()
+                    .with_name(StrBytes::from_static_str("semel.dedup.window.ms"))
+                    .with_value(Some(StrBytes::from_string(ms.to_string()))),
+            ]
+        })
+        .unwrap_or_default();
     let request = CreateTopicsRequest::default()
         .with_timeout_ms(5000)
         .with_topics(vec![
             CreatableTopic::default()
                 .with_name(TopicName(StrBytes::from_string(topic.to_string())))
                 .with_num_partitions(i32::try_from(partitions)?)
-                .with_replication_factor(1),
+                .with_replication_factor(1)
+                .with_configs(configs),
         ]);
     stream
         .write_all(&frame(ApiKey::CreateTopics, 7, 1, &request)?)
@@ -197,7 +265,15 @@ async fn run_connection(
     } else {
         (-1, -1)
     };
-    let records = batch(args.batch_records, args.record_bytes, producer)?;
+    let ids = args.ids || args.dedup_window_ms.is_some();
+    let records = batch(args.batch_records, args.record_bytes, producer, ids)?;
+    let positions = if ids {
+        id_positions(&records, args.batch_records)?
+    } else {
+        Vec::new()
+    };
+    // Ids unique across connections: the partition in the top bits.
+    let mut next_id = (partition as u64) << 48;
     let batch_records = i32::try_from(args.batch_records)?;
     let mut next_sequence = 0i32;
     let topic = TopicName(StrBytes::from_string(topic));
@@ -224,8 +300,11 @@ async fn run_connection(
         let sending = Instant::now() < deadline;
         while sending && sent_at.len() < args.in_flight {
             correlation_id += 1;
-            let bytes = if args.idempotent {
-                let sequenced = with_base_sequence(&records, next_sequence);
+            let bytes = if args.idempotent || ids {
+                let sequence = if args.idempotent { next_sequence } else { -1 };
+                let sequenced =
+                    stamped(&records, sequence, ids.then_some((&positions[..], next_id)));
+                next_id += args.batch_records as u64;
                 // Sequences wrap from i32::MAX to 0, as in Kafka.
                 next_sequence = if next_sequence > i32::MAX - batch_records {
                     batch_records - (i32::MAX - next_sequence) - 1
@@ -282,7 +361,7 @@ async fn main() -> anyhow::Result<()> {
         .or(embedded.as_ref().map(|b| b.local_addr()))
         .context("no broker")?;
     let topic = format!("load-{}", std::process::id());
-    create_topic(addr, &topic, args.connections).await?;
+    create_topic(addr, &topic, args.connections, args.dedup_window_ms).await?;
 
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.seconds);
@@ -319,9 +398,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let bytes = records as f64 * args.record_bytes as f64;
     println!(
-        "acks={} idempotent={} connections={} in_flight={} batch_records={} record_bytes={}: {:.0} records/s, {:.1} MB/s of values, request latency p50 {:.2} ms p99 {:.2} ms ({} records in {:.1} s)",
+        "acks={} idempotent={} ids={} dedup_window_ms={} connections={} in_flight={} batch_records={} record_bytes={}: {:.0} records/s, {:.1} MB/s of values, request latency p50 {:.2} ms p99 {:.2} ms ({} records in {:.1} s)",
         args.acks,
         args.idempotent,
+        args.ids || args.dedup_window_ms.is_some(),
+        args.dedup_window_ms.unwrap_or(0),
         args.connections,
         args.in_flight,
         args.batch_records,

@@ -16,7 +16,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/semel/target}"
 cargo build --workspace --bins --examples --locked
 examples=("$@")
 if ((${#examples[@]} == 0)); then
-  examples=(duplicate_send duplicate_consume acks rebalance exactly_once_pipeline)
+  examples=(duplicate_send dedup_window duplicate_consume acks rebalance exactly_once_pipeline)
 fi
 limit="${SEMEL_EXAMPLE_TIMEOUT:-600}"
 failed=()

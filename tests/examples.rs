@@ -212,3 +212,33 @@ fn exactly_once_pipeline_writes_one_receipt_per_order_across_kill_9() -> anyhow:
     );
     Ok(())
 }
+
+#[test]
+fn dedup_window_stores_duplicates_without_the_window_and_each_order_once_with_it()
+-> anyhow::Result<()> {
+    let stdout = run_example("dedup_window")?;
+    let results = results(&stdout);
+    let off = results
+        .get("window=false")
+        .context("no run without the window")?;
+    let on = results
+        .get("window=true")
+        .context("no run with the window")?;
+    ensure!(
+        number(off, "duplicated")? > 0,
+        "without: no duplicates: {off:?}"
+    );
+    ensure!(
+        number(off, "missing")? == 0,
+        "without: lost orders: {off:?}"
+    );
+    ensure!(
+        number(on, "duplicated")? == 0 && number(on, "missing")? == 0,
+        "with: {on:?}"
+    );
+    ensure!(
+        number(on, "stored")? == number(on, "distinct")?,
+        "with: {on:?}"
+    );
+    Ok(())
+}

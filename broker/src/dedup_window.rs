@@ -10,6 +10,7 @@
 //! The rules here do no I/O and read no clock; [`crate::partition`] calls them with the
 //! partition's producer lock held, so the check and the append that follows are one step.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -108,11 +109,15 @@ impl DedupWindow {
         self.order.len()
     }
 
-    /// Bytes the window's tables hold: 33 per map slot (id, offset, timestamp and a control
-    /// byte) and 32 per queue slot, by capacity.
+    /// Bytes the window's tables hold, about: 33 per map bucket (id, offset, timestamp and a
+    /// control byte; the map keeps up to 1/8 of its buckets free) and 32 per queue slot.
     pub(crate) fn bytes(&self) -> usize {
         let entry = std::mem::size_of::<(MessageId, Stored)>();
-        self.live.capacity() * (entry + 1) + self.order.capacity() * entry
+        let buckets = match self.live.capacity() {
+            0 => 0,
+            capacity => (capacity * 8 / 7).next_power_of_two(),
+        };
+        buckets * (entry + 1) + self.order.capacity() * entry
     }
 
     fn cutoff(&self, now_ms: i64) -> i64 {
@@ -148,6 +153,7 @@ impl DedupWindow {
     }
 
     /// Where `id` was stored, if that is within the window.
+    #[cfg(test)]
     pub(crate) fn original(&self, id: MessageId, now_ms: i64) -> Option<Stored> {
         let cutoff = self.cutoff(now_ms);
         self.live
@@ -168,23 +174,50 @@ impl DedupWindow {
         self.enforce_cap();
     }
 
-    /// Decides a produced batch: a record is a duplicate when its id is in the window or an
-    /// earlier record of the same batch has it. Records without an id are always stored.
-    /// Changes nothing: the caller [`DedupWindow::insert`]s what it stored.
-    pub(crate) fn decide(&mut self, records: &[RecordId], now_ms: i64) -> Verdict {
+    /// Decides a produced batch that, if stored, starts at `base_offset`: a record is a
+    /// duplicate when its id is in the window or an earlier record of the same batch has it.
+    /// Records without an id are always stored. The ids of the records to store enter the
+    /// window at once, at their offsets: the caller appends the batch (or the batch without
+    /// the duplicates) next, under the same lock, and if that append fails it drops the window
+    /// (rebuilt from the log on next use) rather than undo this.
+    pub(crate) fn decide(
+        &mut self,
+        records: &[RecordId],
+        base_offset: i64,
+        now_ms: i64,
+    ) -> Verdict {
         self.expire(now_ms);
+        let cutoff = self.cutoff(now_ms);
         let mut keep = Vec::new();
         let mut first_original: Option<Stored> = None;
         let mut last_original = i64::MIN;
-        let mut in_batch: HashMap<MessageId, (), BuildHasherDefault<IdHasher>> = HashMap::default();
         for (index, record) in records.iter().enumerate() {
-            let duplicate = record.id.and_then(|id| {
-                if in_batch.insert(id, ()).is_some() {
-                    // An earlier record of this batch: it is being stored now.
-                    return Some(None);
+            let duplicate = match record.id {
+                None => None,
+                Some(id) => {
+                    let stored = Stored {
+                        offset: base_offset + i64::from(record.offset_delta),
+                        timestamp: record.timestamp,
+                    };
+                    match self.live.entry(id) {
+                        Entry::Occupied(original) if original.get().timestamp > cutoff => {
+                            Some(*original.get())
+                        }
+                        // A record already outside the window is stored and not remembered.
+                        _ if stored.timestamp <= cutoff => None,
+                        Entry::Occupied(mut expired) => {
+                            expired.insert(stored);
+                            self.order.push_back((id, stored));
+                            None
+                        }
+                        Entry::Vacant(vacant) => {
+                            vacant.insert(stored);
+                            self.order.push_back((id, stored));
+                            None
+                        }
+                    }
                 }
-                self.original(id, now_ms).map(Some)
-            });
+            };
             match duplicate {
                 None => {
                     if !keep.is_empty() {
@@ -196,21 +229,22 @@ impl DedupWindow {
                         keep = vec![true; index];
                     }
                     keep.push(false);
-                    if let Some(original) = original {
-                        first_original.get_or_insert(original);
-                        last_original = last_original.max(original.offset);
-                    }
+                    // An id repeated within the batch points into this batch: it only
+                    // matters when something is stored, and then the answer is the batch's.
+                    first_original.get_or_insert(original);
+                    last_original = last_original.max(original.offset);
                 }
             }
         }
+        self.enforce_cap();
         if keep.is_empty() {
             return Verdict::Store;
         }
         if keep.iter().any(|k| *k) {
             return Verdict::Without(keep);
         }
-        // Every record is a duplicate; the first has no earlier record in the batch, so its
-        // original is in the window.
+        // Every record is a duplicate of one stored before this batch (a repeat within the
+        // batch needs a first copy that is stored).
         match first_original {
             Some(first) => Verdict::AllDuplicates {
                 first,
@@ -313,9 +347,14 @@ mod tests {
             record(1, now, Some(2)),
             record(2, now, None),
         ];
-        assert_eq!(window.decide(&batch, now), Verdict::Store);
-        window.insert(1, 100, now, now);
-        window.insert(2, 101, now, now);
+        assert_eq!(window.decide(&batch, 100, now), Verdict::Store);
+        assert_eq!(
+            window.original(2, now),
+            Some(Stored {
+                offset: 101,
+                timestamp: now
+            })
+        );
 
         // Old ids 1 and 2 with a new 3 and one without an id: only the old ones go.
         let batch = [
@@ -325,13 +364,14 @@ mod tests {
             record(3, now, None),
         ];
         assert_eq!(
-            window.decide(&batch, now),
+            window.decide(&batch, 103, now),
             Verdict::Without(vec![false, true, false, true])
         );
+        assert_eq!(window.original(3, now).map(|s| s.offset), Some(104));
 
         let batch = [record(0, now, Some(2)), record(1, now, Some(1))];
         assert_eq!(
-            window.decide(&batch, now),
+            window.decide(&batch, 107, now),
             Verdict::AllDuplicates {
                 first: Stored {
                     offset: 101,
@@ -351,9 +391,10 @@ mod tests {
             record(2, 5, Some(8)),
         ];
         assert_eq!(
-            window.decide(&batch, 5),
+            window.decide(&batch, 0, 5),
             Verdict::Without(vec![true, false, true])
         );
+        assert_eq!(window.len(), 2);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::dedup_window::{DedupWindow, Verdict};
 use crate::idempotence::snapshot::{self, SnapshotFile};
 use crate::idempotence::{BatchIdentity, CachedBatch, Decision, ProducerEntry, ProducerStateTable};
 use crate::log::batch::{ControlType, control_batch, control_type};
-use crate::log::records::{self, BatchRecords, RecordId};
+use crate::log::records::{self, BatchRecords};
 use crate::log::{
     AppendInfo, BatchHeader, LogConfig, LogError, MaintenanceReport, PartitionLog, ReadResult,
     RecoveryReport, ValidatedBatch,
@@ -346,24 +346,16 @@ impl Partition {
         } else {
             self.window_plan(window, &log, batch, now_ms)?
         };
-        let (info, stored_ids) = match plan {
-            None => (log.append(batch, now_ms)?, None),
-            Some((records, Verdict::Store)) => (log.append(batch, now_ms)?, Some(records.records)),
+        let appended = match plan {
+            None | Some((_, Verdict::Store)) => log.append(batch, now_ms),
             Some((records, Verdict::Without(keep))) => {
                 let rebuilt = records::without(batch, &records, &keep);
-                let info = log.append(&rebuilt, now_ms)?;
                 let dropped = keep.iter().filter(|k| !**k).count();
-                tracing::debug!(topic = %self.topic, partition = self.index, base_offset = info.base_offset, dropped, "dedup window: duplicate records not stored");
-                let kept: Vec<RecordId> = records
-                    .records
-                    .into_iter()
-                    .zip(keep)
-                    .filter_map(|(r, k)| k.then_some(r))
-                    .collect();
                 if let Some(window) = window.as_mut() {
                     window.dropped += dropped as u64;
                 }
-                (info, Some(kept))
+                tracing::debug!(topic = %self.topic, partition = self.index, dropped, "dedup window: duplicate records not stored");
+                log.append(&rebuilt, now_ms)
             }
             Some((records, Verdict::AllDuplicates { first, last_offset })) => {
                 drop(log);
@@ -396,22 +388,15 @@ impl Partition {
             }
         };
         drop(log);
-        if let (Some(ids), Some(window)) = (stored_ids, window.as_mut()) {
-            for record in ids {
-                if let Some(id) = record.id {
-                    window.insert(
-                        id,
-                        info.base_offset + i64::from(record.offset_delta),
-                        if info.log_append_time_ms >= 0 {
-                            info.log_append_time_ms
-                        } else {
-                            record.timestamp
-                        },
-                        now_ms,
-                    );
-                }
+        let info = match appended {
+            Ok(info) => info,
+            Err(e) => {
+                // The window already holds the batch's ids; the log does not. Rebuilt from
+                // the log on the next append.
+                *window = None;
+                return Err(e.into());
             }
-        }
+        };
         if header.is_transactional() {
             txns.on_data(header.producer_id, info.base_offset);
         }
@@ -461,7 +446,7 @@ impl Partition {
         if records.records.iter().all(|r| r.id.is_none()) {
             return Ok(None);
         }
-        let verdict = window.decide(&records.records, now_ms);
+        let verdict = window.decide(&records.records, log.log_end_offset(), now_ms);
         Ok(Some((records, verdict)))
     }
 

@@ -107,6 +107,50 @@ pub(crate) async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> an
     Ok(())
 }
 
+/// Creates `topic` with `partitions` and the topic configs `configs` (name, value).
+pub(crate) async fn create_topic_with_configs(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    configs: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    use kafka_protocol::messages::create_topics_request::CreatableTopicConfig;
+    let request = CreateTopicsRequest::default()
+        .with_timeout_ms(5_000)
+        .with_topics(vec![
+            CreatableTopic::default()
+                .with_name(name(topic))
+                .with_num_partitions(partitions)
+                .with_replication_factor(1)
+                .with_configs(
+                    configs
+                        .iter()
+                        .map(|(key, value)| {
+                            CreatableTopicConfig::default()
+                                .with_name(StrBytes::from_string(key.to_string()))
+                                .with_value(Some(StrBytes::from_string(value.to_string())))
+                        })
+                        .collect(),
+                ),
+        ]);
+    let response = admin(bootstrap)
+        .await?
+        .any()
+        .await?
+        .send(&request, (5, 7))
+        .await?;
+    for topic in &response.topics {
+        ensure!(
+            topic.error_code == 0,
+            "create topic {}: error {} {:?}",
+            topic.name.as_str(),
+            topic.error_code,
+            topic.error_message
+        );
+    }
+    Ok(())
+}
+
 /// Grows `topic` to `count` partitions.
 pub(crate) async fn add_partitions(bootstrap: &str, topic: &str, count: i32) -> anyhow::Result<()> {
     let request = CreatePartitionsRequest::default()
