@@ -88,9 +88,40 @@ pub fn frames(data: &[u8]) {
 }
 
 /// Validates `data` as the records of one partition in a Produce request (uncompressed and
-/// compressed batches walked record by record).
+/// compressed batches walked record by record). A batch that passes is then read as the
+/// dedup window reads it and rebuilt without every other record, which must give a valid
+/// batch holding the others at their offsets. The raw bytes are also read as the window's
+/// rebuild reads a stored batch.
 pub fn produce_records(data: &[u8]) {
-    let _ = crate::log::validate_produce_records(data, 1 << 20);
+    use crate::log::records::{read_ids, without};
+    let _ = read_ids(data, "semel-msg-id", None);
+    let Ok(batch) = crate::log::validate_produce_records(data, 1 << 20) else {
+        return;
+    };
+    let records = read_ids(batch.bytes(), "semel-msg-id", None)
+        .expect("a validated batch's records can be read");
+    if records.records.len() < 2 {
+        return;
+    }
+    let keep: Vec<bool> = (0..records.records.len()).map(|i| i % 2 == 0).collect();
+    let rebuilt = without(&batch, &records, &keep);
+    let header =
+        crate::log::batch::check_batch(rebuilt.bytes()).expect("the rebuilt batch is whole");
+    assert_eq!(header.last_offset_delta, batch.header().last_offset_delta);
+    let again = read_ids(rebuilt.bytes(), "semel-msg-id", None).expect("the rebuilt batch reads");
+    let expected: Vec<_> = records
+        .records
+        .iter()
+        .zip(&keep)
+        .filter(|(_, k)| **k)
+        .map(|(r, _)| (r.offset_delta, r.id))
+        .collect();
+    let got: Vec<_> = again
+        .records
+        .iter()
+        .map(|r| (r.offset_delta, r.id))
+        .collect();
+    assert_eq!(got, expected);
 }
 
 #[cfg(test)]
@@ -106,5 +137,17 @@ mod tests {
         }
         // A whole frame, then a partial one.
         frames(b"\x00\x00\x00\x02ab\x00\x00\x00\x05a");
+    }
+
+    #[test]
+    fn valid_batches_with_ids_rebuild() {
+        use crate::log::records::tests::batch_with_ids;
+        for gzip in [false, true] {
+            produce_records(&batch_with_ids(
+                &[Some("a"), None, Some("b"), Some("a")],
+                5,
+                gzip,
+            ));
+        }
     }
 }

@@ -8,11 +8,17 @@ and exits non-zero when a send failed. Every wait is bounded.
 
     dedup_window.py BOOTSTRAP TOPIC FROM TO --client kafka-python|confluent [--idempotent]
                     [--no-header] [--tag T]
+    dedup_window.py BOOTSTRAP TOPIC 0 0 --read
+
+With --read, kafka-python's consumer reads the whole topic instead (offsets with gaps where
+the broker dropped duplicates from a batch) and prints "records=N distinct=D max_copies=M"
+(records with the header counted by id).
 """
 
 import argparse
 import json
 import sys
+import time
 
 
 def send_kafka_python(args, ids):
@@ -77,17 +83,51 @@ def send_confluent(args, ids):
     return failed[0] + left
 
 
+def read(args):
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=args.bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=1000,
+    )
+    partitions = [TopicPartition(args.topic, p) for p in consumer.partitions_for_topic(args.topic)]
+    consumer.assign(partitions)
+    ends = consumer.end_offsets(partitions)
+    ids = {}
+    records = 0
+    deadline = time.monotonic() + 60
+    while any(consumer.position(tp) < ends[tp] for tp in partitions):
+        if time.monotonic() > deadline:
+            print("read: gave up after 60 s", file=sys.stderr)
+            sys.exit(1)
+        for batch in consumer.poll(timeout_ms=500).values():
+            for record in batch:
+                records += 1
+                header = dict(record.headers).get("semel-msg-id")
+                if header is not None:
+                    key = header.decode()
+                    ids[key] = ids.get(key, 0) + 1
+    consumer.close()
+    print(f"records={records} distinct={len(ids)} max_copies={max(ids.values(), default=0)}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("bootstrap")
     parser.add_argument("topic")
     parser.add_argument("first", type=int)
     parser.add_argument("end", type=int)
-    parser.add_argument("--client", choices=["kafka-python", "confluent"], required=True)
+    parser.add_argument("--client", choices=["kafka-python", "confluent"])
+    parser.add_argument("--read", action="store_true")
     parser.add_argument("--idempotent", action="store_true")
     parser.add_argument("--no-header", action="store_true")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
+    if args.read:
+        read(args)
+        return
     ids = range(args.first, args.end)
     send = send_kafka_python if args.client == "kafka-python" else send_confluent
     failed = send(args, ids)
