@@ -84,6 +84,12 @@ fn batch(
     ids: bool,
 ) -> anyhow::Result<Bytes> {
     let value = Bytes::from(vec![b'x'; value_bytes]);
+    // Now: a run lasts seconds, so every record is inside any dedup window it is sent to.
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?;
     let records: Vec<Record> = (0..records)
         .map(|i| Record {
             transactional: false,
@@ -101,7 +107,7 @@ fn batch(
                 i as i32
             },
             delete_horizon: false,
-            timestamp: 1_700_000_000_000,
+            timestamp: now_ms,
             key: Some(Bytes::from(format!("key-{i}"))),
             value: Some(value.clone()),
             headers: if ids {

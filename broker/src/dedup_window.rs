@@ -58,15 +58,24 @@ pub(crate) enum Verdict {
 }
 
 /// One partition's window.
+///
+/// Every store goes to the back of `order` and gets the next sequence number; `live` maps each
+/// id to the sequence number of its latest store. Expiry and the cap pop `order` from the
+/// front without touching `live` (that would be a random memory access per id, the largest
+/// cost of the window): an entry of `live` whose sequence number was popped is stale, read as
+/// absent, and swept out in one pass over `live` once stale entries could make it more than
+/// twice the size of `order`.
 #[derive(Debug)]
 pub(crate) struct DedupWindow {
     header: String,
     window_ms: i64,
     max_ids: usize,
-    /// Each id's latest store.
-    live: HashMap<MessageId, Stored, BuildHasherDefault<IdHasher>>,
-    /// Every store in append order, for expiry and the cap.
+    /// Each id's latest store, by sequence number.
+    live: HashMap<MessageId, u64, BuildHasherDefault<IdHasher>>,
+    /// Every store in append order, for expiry and the cap; `order[i]` has sequence number
+    /// `first_seq + i`.
     order: VecDeque<(MessageId, Stored)>,
+    first_seq: u64,
     /// Records not stored because they were duplicates (since the partition opened).
     pub(crate) dropped: u64,
     /// Ids forgotten before their time because of `max_ids`.
@@ -82,6 +91,7 @@ impl DedupWindow {
             max_ids: config.dedup_max_ids as usize,
             live: HashMap::default(),
             order: VecDeque::new(),
+            first_seq: 0,
             dropped: 0,
             evicted: 0,
         }
@@ -109,15 +119,15 @@ impl DedupWindow {
         self.order.len()
     }
 
-    /// Bytes the window's tables hold, about: 33 per map bucket (id, offset, timestamp and a
+    /// Bytes the window's tables hold, about: 25 per map bucket (id, sequence number and a
     /// control byte; the map keeps up to 1/8 of its buckets free) and 32 per queue slot.
     pub(crate) fn bytes(&self) -> usize {
-        let entry = std::mem::size_of::<(MessageId, Stored)>();
+        let bucket = std::mem::size_of::<(MessageId, u64)>() + 1;
         let buckets = match self.live.capacity() {
             0 => 0,
             capacity => (capacity * 8 / 7).next_power_of_two(),
         };
-        buckets * (entry + 1) + self.order.capacity() * entry
+        buckets * bucket + self.order.capacity() * std::mem::size_of::<(MessageId, Stored)>()
     }
 
     fn cutoff(&self, now_ms: i64) -> i64 {
@@ -135,13 +145,12 @@ impl DedupWindow {
             }
             self.pop_front();
         }
+        self.sweep();
     }
 
     fn pop_front(&mut self) {
-        if let Some((id, stored)) = self.order.pop_front()
-            && self.live.get(&id) == Some(&stored)
-        {
-            self.live.remove(&id);
+        if self.order.pop_front().is_some() {
+            self.first_seq += 1;
         }
     }
 
@@ -150,16 +159,42 @@ impl DedupWindow {
             self.pop_front();
             self.evicted += 1;
         }
+        self.sweep();
+    }
+
+    /// Drops the stale entries of `live` once they could be half of it.
+    fn sweep(&mut self) {
+        if self.live.len() > 2 * self.order.len() + 1024 {
+            let first = self.first_seq;
+            self.live.retain(|_, seq| *seq >= first);
+            if self.live.capacity() > 4 * self.live.len().max(1024) {
+                self.live.shrink_to_fit();
+            }
+        }
+    }
+
+    /// The store `seq` names, if it is still queued.
+    #[cfg(test)]
+    fn at(&self, seq: u64) -> Option<&(MessageId, Stored)> {
+        seq.checked_sub(self.first_seq)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.order.get(i))
     }
 
     /// Where `id` was stored, if that is within the window.
     #[cfg(test)]
     pub(crate) fn original(&self, id: MessageId, now_ms: i64) -> Option<Stored> {
         let cutoff = self.cutoff(now_ms);
-        self.live
-            .get(&id)
-            .copied()
-            .filter(|stored| stored.timestamp > cutoff)
+        let seq = *self.live.get(&id)?;
+        self.at(seq)
+            .filter(|(queued, stored)| *queued == id && stored.timestamp > cutoff)
+            .map(|(_, stored)| *stored)
+    }
+
+    fn push(&mut self, id: MessageId, stored: Stored) -> u64 {
+        let seq = self.first_seq + self.order.len() as u64;
+        self.order.push_back((id, stored));
+        seq
     }
 
     /// Remembers that `id` was stored at `offset` with `timestamp` (ignored if that is already
@@ -168,9 +203,8 @@ impl DedupWindow {
         if timestamp <= self.cutoff(now_ms) {
             return;
         }
-        let stored = Stored { offset, timestamp };
-        self.live.insert(id, stored);
-        self.order.push_back((id, stored));
+        let seq = self.push(id, Stored { offset, timestamp });
+        self.live.insert(id, seq);
         self.enforce_cap();
     }
 
@@ -199,23 +233,34 @@ impl DedupWindow {
                         offset: base_offset + i64::from(record.offset_delta),
                         timestamp: record.timestamp,
                     };
-                    match self.live.entry(id) {
-                        Entry::Occupied(original) if original.get().timestamp > cutoff => {
-                            Some(*original.get())
+                    let next_seq = self.first_seq + self.order.len() as u64;
+                    let fresh = stored.timestamp > cutoff;
+                    let original = match self.live.entry(id) {
+                        Entry::Occupied(mut entry) => {
+                            let seq = *entry.get();
+                            let queued = seq
+                                .checked_sub(self.first_seq)
+                                .and_then(|i| usize::try_from(i).ok())
+                                .and_then(|i| self.order.get(i))
+                                .filter(|(queued, s)| *queued == id && s.timestamp > cutoff)
+                                .map(|(_, s)| *s);
+                            if queued.is_none() && fresh {
+                                entry.insert(next_seq);
+                            }
+                            queued
                         }
-                        // A record already outside the window is stored and not remembered.
-                        _ if stored.timestamp <= cutoff => None,
-                        Entry::Occupied(mut expired) => {
-                            expired.insert(stored);
-                            self.order.push_back((id, stored));
+                        Entry::Vacant(entry) => {
+                            if fresh {
+                                entry.insert(next_seq);
+                            }
                             None
                         }
-                        Entry::Vacant(vacant) => {
-                            vacant.insert(stored);
-                            self.order.push_back((id, stored));
-                            None
-                        }
+                    };
+                    // A record already outside the window is stored and not remembered.
+                    if original.is_none() && fresh {
+                        self.order.push_back((id, stored));
                     }
+                    original
                 }
             };
             match duplicate {
@@ -429,6 +474,30 @@ mod tests {
         window.set_max_ids(1);
         assert!(window.original(3, 1_000).is_none());
         assert!(window.original(4, 1_000).is_some());
+    }
+
+    #[test]
+    fn forgotten_ids_do_not_pile_up_in_the_map() {
+        let mut window = DedupWindow::new(&config(60_000, 100));
+        for id in 0..50_000u128 {
+            let batch = [record(0, 1_000, Some(id))];
+            assert_eq!(window.decide(&batch, id as i64, 1_000), Verdict::Store);
+            assert!(
+                window.live.len() <= 2 * 100 + 1024 + 1,
+                "{}",
+                window.live.len()
+            );
+        }
+        assert_eq!(window.len(), 100);
+        assert_eq!(window.evicted, 49_900);
+        assert!(window.original(49_899, 1_000).is_none());
+        assert!(window.original(49_900, 1_000).is_some());
+        // An evicted id sent again is stored again, and then remembered.
+        assert_eq!(
+            window.decide(&[record(0, 1_000, Some(7))], 60_000, 1_000),
+            Verdict::Store
+        );
+        assert_eq!(window.original(7, 1_000).map(|s| s.offset), Some(60_000));
     }
 
     #[test]
