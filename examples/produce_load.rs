@@ -69,6 +69,10 @@ struct Args {
     /// `--ids`).
     #[arg(long)]
     dedup_window_ms: Option<u64>,
+    /// With `--dedup-window-ms`: `semel.dedup.max.ids` for the topic (the broker's default
+    /// otherwise).
+    #[arg(long)]
+    dedup_max_ids: Option<u64>,
 }
 
 /// Bytes of a message id in `--ids` batches.
@@ -204,18 +208,21 @@ async fn create_topic(
     addr: SocketAddr,
     topic: &str,
     partitions: usize,
-    dedup_window_ms: Option<u64>,
+    dedup: (Option<u64>, Option<u64>),
 ) -> anyhow::Result<()> {
     let mut stream = TcpStream::connect(addr).await?;
-    let configs = dedup_window_ms
-        .map(|ms| {
-            vec![
-                CreatableTopicConfig::default()
-                    .with_name(StrBytes::from_static_str("semel.dedup.window.ms"))
-                    .with_value(Some(StrBytes::from_string(ms.to_string()))),
-            ]
-        })
-        .unwrap_or_default();
+    let config = |name: &'static str, value: u64| {
+        CreatableTopicConfig::default()
+            .with_name(StrBytes::from_static_str(name))
+            .with_value(Some(StrBytes::from_string(value.to_string())))
+    };
+    let mut configs = Vec::new();
+    if let Some(ms) = dedup.0 {
+        configs.push(config("semel.dedup.window.ms", ms));
+    }
+    if let Some(ids) = dedup.1 {
+        configs.push(config("semel.dedup.max.ids", ids));
+    }
     let request = CreateTopicsRequest::default()
         .with_timeout_ms(5000)
         .with_topics(vec![
@@ -367,7 +374,13 @@ async fn main() -> anyhow::Result<()> {
         .or(embedded.as_ref().map(|b| b.local_addr()))
         .context("no broker")?;
     let topic = format!("load-{}", std::process::id());
-    create_topic(addr, &topic, args.connections, args.dedup_window_ms).await?;
+    create_topic(
+        addr,
+        &topic,
+        args.connections,
+        (args.dedup_window_ms, args.dedup_max_ids),
+    )
+    .await?;
 
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.seconds);
