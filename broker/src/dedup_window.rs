@@ -11,10 +11,15 @@
 //! partition's producer lock held, so the check and the append that follows are one step.
 
 use std::collections::VecDeque;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use crate::log::batch::BatchHeader;
 use crate::log::records::{MessageId, RecordId, read_ids};
 use crate::log::{LogConfig, LogError, PartitionLog};
+use crate::state_file::{self, StateFileError};
 
 /// Where an id was stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -348,23 +353,42 @@ impl DedupWindow {
         }
     }
 
-    /// Rebuilds the window for `config` from `log`: every record with an id in a batch that
-    /// is not transactional, whose timestamp is still within the window at `now_ms`. Only the
-    /// segments whose largest timestamp is inside the window are read.
+    /// Rebuilds the window for `config` from `log`: the newest snapshot written for the same
+    /// header and width (at a segment roll or a clean shutdown), then every batch after it;
+    /// without one, every batch whose max timestamp is inside the window. Only records with an
+    /// id in batches that are not transactional count, and only those whose timestamp is
+    /// still within the window at `now_ms`.
     ///
     /// # Errors
-    /// `Io` when the log cannot be read. A batch whose records cannot be read is skipped with
-    /// a warning (it was validated when it was appended; recovery checked its CRC).
+    /// `Io` when the log cannot be read. A snapshot that cannot be read is skipped (an older
+    /// one, or the log, is used), and so is a batch whose records cannot be read, with a
+    /// warning (it was validated when it was appended; recovery checked its CRC).
     pub(crate) fn rebuild(
         config: &LogConfig,
         log: &PartitionLog,
         now_ms: i64,
     ) -> Result<Self, LogError> {
         let mut window = Self::new(config);
-        let cutoff = window.cutoff(now_ms);
-        let Some(mut offset) = log.first_offset_of_segment_newer_than(cutoff) else {
-            return Ok(window);
+        let from = match load_snapshot(log.dir(), log.log_end_offset(), config) {
+            Some(snapshot) => {
+                for (id, offset, timestamp) in snapshot.entries {
+                    window.insert(id, offset, timestamp, now_ms);
+                }
+                snapshot.end_offset
+            }
+            None => log.log_start_offset(),
         };
+        window.replay(log, from, now_ms)?;
+        Ok(window)
+    }
+
+    /// Adds the ids of every batch at or after `from` (see [`Self::rebuild`]).
+    fn replay(&mut self, log: &PartitionLog, from: i64, now_ms: i64) -> Result<(), LogError> {
+        let cutoff = self.cutoff(now_ms);
+        let Some(start) = log.first_offset_of_segment_newer_than(cutoff) else {
+            return Ok(());
+        };
+        let mut offset = start.max(from);
         let end = log.log_end_offset();
         while offset < end {
             let read = log.read(offset, 4 << 20)?;
@@ -380,17 +404,18 @@ impl DedupWindow {
                     break;
                 };
                 at += size;
-                if header.is_control()
+                if header.base_offset < from
+                    || header.is_control()
                     || header.is_transactional()
                     || header.max_timestamp <= cutoff
                 {
                     continue;
                 }
-                match read_ids(bytes, &window.header, None) {
+                match read_ids(bytes, &self.header, None) {
                     Ok(batch) => {
                         for record in batch.records {
                             if let Some(id) = record.id {
-                                window.insert(
+                                self.insert(
                                     id,
                                     header.base_offset + i64::from(record.offset_delta),
                                     record.timestamp,
@@ -408,8 +433,108 @@ impl DedupWindow {
             }
             offset = read.next_offset;
         }
-        Ok(window)
+        Ok(())
     }
+
+    /// Writes the window as it is for everything below `end_offset` to `dir`, atomically, and
+    /// deletes all but the newest two such snapshots. A failure is logged: the next start then
+    /// reads more of the log.
+    pub(crate) fn write_snapshot(&self, dir: &Path, end_offset: i64) {
+        let file = SnapshotFile {
+            end_offset,
+            window_ms: self.window_ms,
+            header: self.header.clone(),
+            entries: self
+                .order
+                .iter()
+                .map(|(id, stored)| (*id, stored.offset, stored.timestamp))
+                .collect(),
+        };
+        if let Err(e) = state_file::write(&snapshot_path(dir, end_offset), MAGIC, VERSION, &file) {
+            tracing::warn!(dir = %dir.display(), end_offset, error = %e, "could not write a dedup window snapshot");
+            return;
+        }
+        let mut offsets = list_snapshots(dir);
+        offsets.sort_unstable_by(|a, b| b.cmp(a));
+        for old in offsets.into_iter().skip(KEPT_SNAPSHOTS) {
+            let _ = fs::remove_file(snapshot_path(dir, old));
+        }
+    }
+}
+
+/// A window written to disk: its stores, oldest first, covering every offset below
+/// `end_offset`.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotFile {
+    end_offset: i64,
+    window_ms: i64,
+    header: String,
+    entries: Vec<(MessageId, i64, i64)>,
+}
+
+const MAGIC: &[u8; 8] = b"SEMELDDW";
+const VERSION: u16 = 1;
+const EXTENSION: &str = "dedup";
+const KEPT_SNAPSHOTS: usize = 2;
+
+fn snapshot_path(dir: &Path, end_offset: i64) -> PathBuf {
+    dir.join(format!("{end_offset:020}.{EXTENSION}"))
+}
+
+fn list_snapshots(dir: &Path) -> Vec<i64> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let stem = name.to_str()?.strip_suffix(".dedup")?.to_string();
+            (stem.len() == 20)
+                .then(|| stem.parse::<i64>().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// The newest readable snapshot at or below `log_end_offset` written for `config`'s header
+/// and width. Snapshots beyond the log end (the log lost its tail) or unreadable ones are
+/// deleted; one for another header or width is left (the topic may be set back).
+fn load_snapshot(dir: &Path, log_end_offset: i64, config: &LogConfig) -> Option<SnapshotFile> {
+    let mut offsets = list_snapshots(dir);
+    offsets.sort_unstable_by(|a, b| b.cmp(a));
+    for offset in offsets {
+        let path = snapshot_path(dir, offset);
+        let discard = |reason: &dyn std::fmt::Display| {
+            tracing::warn!(snapshot = %path.display(), %reason, "dedup window snapshot discarded");
+            let _ = fs::remove_file(&path);
+        };
+        if offset > log_end_offset {
+            discard(&format_args!(
+                "covers offsets up to {offset}, beyond the log end {log_end_offset}"
+            ));
+            continue;
+        }
+        match state_file::read::<SnapshotFile>(&path, MAGIC, VERSION) {
+            Ok(Some(file)) if file.end_offset != offset => {
+                discard(&format_args!(
+                    "holds end offset {} but is named {offset}",
+                    file.end_offset
+                ));
+            }
+            Ok(Some(file)) => {
+                if file.header == config.dedup_header && file.window_ms == config.dedup_window_ms {
+                    return Some(file);
+                }
+            }
+            Ok(None) => {}
+            Err(e @ StateFileError::Corrupt { .. }) => discard(&e),
+            Err(e) => {
+                tracing::warn!(snapshot = %path.display(), error = %e, "dedup window snapshot unreadable")
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -559,6 +684,48 @@ mod tests {
                 timestamp: 2_500
             })
         );
+    }
+
+    #[test]
+    fn a_snapshot_is_loaded_and_a_bad_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(60_000, 100);
+        let (log, _) = PartitionLog::open(dir.path(), config.clone(), 0).unwrap();
+        let mut window = DedupWindow::new(&config);
+        window.insert(1, 7, 50_000, 50_000);
+        window.insert(2, 8, 50_001, 50_000);
+        // Covers offsets below 0: the (empty) log has nothing after it to replay.
+        window.write_snapshot(dir.path(), 0);
+        let loaded = DedupWindow::rebuild(&config, &log, 60_000).unwrap();
+        assert_eq!(loaded.original(1, 60_000).map(|s| s.offset), Some(7));
+        assert_eq!(loaded.original(2, 60_000).map(|s| s.offset), Some(8));
+        // Loading applies the clock: 1 has expired by 110_000, 2 not yet.
+        let later = DedupWindow::rebuild(&config, &log, 110_000).unwrap();
+        assert_eq!(later.original(1, 110_000), None);
+        assert_eq!(later.len(), 1);
+
+        // Another header: not this window's snapshot (kept for that setting).
+        let other = LogConfig {
+            dedup_header: "other-id".into(),
+            ..config.clone()
+        };
+        assert_eq!(DedupWindow::rebuild(&other, &log, 60_000).unwrap().len(), 0);
+        assert!(snapshot_path(dir.path(), 0).exists());
+
+        // Beyond the log end (the log lost its tail): deleted, not used.
+        window.write_snapshot(dir.path(), 5);
+        let path = snapshot_path(dir.path(), 5);
+        assert!(path.exists());
+        let _ = DedupWindow::rebuild(&config, &log, 60_000).unwrap();
+        assert!(!path.exists());
+
+        // A corrupt one is deleted; nothing is loaded from it.
+        fs::write(snapshot_path(dir.path(), 0), b"not a snapshot").unwrap();
+        assert_eq!(
+            DedupWindow::rebuild(&config, &log, 60_000).unwrap().len(),
+            0
+        );
+        assert!(!snapshot_path(dir.path(), 0).exists());
     }
 
     /// The window against a plain list: same verdicts and same answers for every id, through

@@ -456,6 +456,7 @@ impl Partition {
         if info.rolled {
             crate::blocking::may_block(|| {
                 self.write_snapshot(&guard, info.last_offset + 1, now_ms);
+                self.write_window_snapshot(&guard, info.last_offset + 1);
             });
         }
         drop(guard);
@@ -560,6 +561,9 @@ impl Partition {
         if report.rolled || expired > 0 {
             self.write_snapshot(&producers, end, now_ms);
         }
+        if report.rolled {
+            self.write_window_snapshot(&producers, end);
+        }
         Ok((report, expired))
     }
 
@@ -574,7 +578,17 @@ impl Partition {
             end
         };
         self.write_snapshot(&producers, end, now_ms);
+        self.write_window_snapshot(&producers, end);
         Ok(())
+    }
+
+    /// Writes the dedup window (if the topic has one) as of `end_offset`, the log end: at a
+    /// roll and at a clean shutdown, so a start reads at most the log after it.
+    fn write_window_snapshot(&self, producers: &Producers, end_offset: i64) {
+        if let Some(window) = producers.window.as_ref() {
+            let dir = self.log().dir().to_path_buf();
+            window.write_snapshot(&dir, end_offset);
+        }
     }
 
     /// Every remembered producer, ordered by producer id.
@@ -906,6 +920,32 @@ mod tests {
         let mut expected = expected;
         expected.push((8, hash("e")));
         assert_eq!(stored_ids(&reopened), expected);
+    }
+
+    #[test]
+    fn the_window_comes_back_from_its_snapshot_and_the_log_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let partition = open(dir.path(), &window_config(60_000), 1_000);
+        partition
+            .append(&with_ids(&[Some("a"), Some("b")], 1_000, None), 1_000)
+            .unwrap();
+        partition.close(1_000).unwrap();
+        drop(partition);
+        let reopened = open(dir.path(), &window_config(60_000), 1_100);
+        // After the snapshot (offset 2): appended, then a crash with no snapshot.
+        reopened
+            .append(&with_ids(&[Some("c")], 1_100, None), 1_100)
+            .unwrap();
+        drop(reopened);
+        let again = open(dir.path(), &window_config(60_000), 1_200);
+        for id in ["a", "b", "c"] {
+            duplicate_of(
+                again
+                    .append(&with_ids(&[Some(id)], 1_200, None), 1_200)
+                    .unwrap(),
+            );
+        }
+        assert_eq!(again.log().log_end_offset(), 3);
     }
 
     #[test]
