@@ -4,7 +4,8 @@
 //!
 //! - a restarted producer (a new producer id) sending the same ids again, in batches that mix
 //!   old and new ids; two producers at once with overlapping ids, one of them idempotent; a
-//!   `kill -9` of the broker, after which the window is rebuilt from the log; records without
+//!   `kill -9` of the broker, after which the window is rebuilt from the log, then a clean
+//!   restart, after which it comes from its snapshot; records without
 //!   the header, stored every time: each id is stored once, and nothing else is lost;
 //! - an id older than the window is stored again;
 //! - Kafka's `kafka-configs` turns the window on for an existing topic, which then knows the
@@ -282,10 +283,10 @@ async fn each_message_id_is_stored_once_across_producers_restarts_and_a_broker_k
         Ok(())
     })?;
 
-    // kill -9: the window is rebuilt from the log on start.
+    // kill -9: the window is rebuilt from the log on start (no segment rolled: no snapshot).
     broker.kill9()?;
     let broker = spawn_broker_on(dir.path(), port, &[])?;
-    let records = tokio::task::block_in_place(|| -> anyhow::Result<Vec<Stored>> {
+    tokio::task::block_in_place(|| -> anyhow::Result<()> {
         run(
             send(
                 &bootstrap,
@@ -297,6 +298,22 @@ async fn each_message_id_is_stored_once_across_producers_restarts_and_a_broker_k
             "producer after the kill",
         )?;
         kcat_send(&bootstrap, topic, "kcat-1")?;
+        Ok(())
+    })?;
+    // A clean shutdown writes the window's snapshot; the next start loads it.
+    broker.terminate()?;
+    let broker = spawn_broker_on(dir.path(), port, &[])?;
+    let records = tokio::task::block_in_place(|| -> anyhow::Result<Vec<Stored>> {
+        run(
+            send(
+                &bootstrap,
+                topic,
+                2000..2500,
+                "kafka-python",
+                &["--tag", "after-restart"],
+            )?,
+            "producer after the clean restart",
+        )?;
         read_all(&bootstrap, topic)
     })?;
 
