@@ -49,6 +49,7 @@
 #   api-versions         org.apache.kafka.tools.BrokerApiVersionsCommand
 #   get-offsets          org.apache.kafka.tools.GetOffsetShell
 #   delete-records       org.apache.kafka.tools.DeleteRecordsCommand
+#   log-dirs             org.apache.kafka.tools.LogDirsCommand
 #   transactions         org.apache.kafka.tools.TransactionsCommand
 #   metadata-quorum      org.apache.kafka.tools.MetadataQuorumCommand
 #   storage              kafka.tools.StorageTool
@@ -199,6 +200,7 @@ tool_class() {
     api-versions) echo org.apache.kafka.tools.BrokerApiVersionsCommand ;;
     get-offsets) echo org.apache.kafka.tools.GetOffsetShell ;;
     delete-records) echo org.apache.kafka.tools.DeleteRecordsCommand ;;
+    log-dirs) echo org.apache.kafka.tools.LogDirsCommand ;;
     transactions) echo org.apache.kafka.tools.TransactionsCommand ;;
     metadata-quorum) echo org.apache.kafka.tools.MetadataQuorumCommand ;;
     storage) echo kafka.tools.StorageTool ;;

@@ -978,6 +978,18 @@ fn kafka_admin_tools_work_against_semel_broker() -> anyhow::Result<()> {
             && configs.contains("retention.ms=3600000"),
         "kafka-configs --describe: {configs}"
     );
+
+    // kafka-log-dirs: DescribeLogDirs, each partition with its size.
+    let dirs = run_tool(
+        "log-dirs",
+        &["--bootstrap-server", b, "--describe", "--topic-list", topic],
+    )?;
+    ensure!(
+        dirs.contains(&format!("\"partition\":\"{topic}-0\""))
+            && dirs.contains("\"error\":null")
+            && dirs.contains("\"logDir\":"),
+        "kafka-log-dirs --describe: {dirs}"
+    );
     broker.terminate()?;
     Ok(())
 }

@@ -21,6 +21,7 @@ pub(crate) mod create_partitions;
 pub(crate) mod create_topics;
 pub(crate) mod delete_topics;
 pub(crate) mod describe_configs;
+pub(crate) mod describe_log_dirs;
 pub(crate) mod describe_producers;
 pub(crate) mod fetch;
 pub(crate) mod group;
@@ -75,6 +76,7 @@ pub(crate) const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeTransactions, 0, 0),
     (ApiKey::ListTransactions, 0, 1),
     (ApiKey::DescribeProducers, 0, 0),
+    (ApiKey::DescribeLogDirs, 1, 4),
     (ApiKey::FindCoordinator, 0, 4),
     (ApiKey::JoinGroup, 0, 9),
     (ApiKey::SyncGroup, 0, 5),
@@ -219,6 +221,10 @@ pub(crate) async fn handle(
         ApiKey::DescribeProducers => now(ResponseKind::DescribeProducers(
             describe_producers::handle(state, decode(body, version)?),
         )),
+        ApiKey::DescribeLogDirs => now(ResponseKind::DescribeLogDirs(describe_log_dirs::handle(
+            state,
+            decode(body, version)?,
+        ))),
         ApiKey::FindCoordinator => now(ResponseKind::FindCoordinator(group::find_coordinator(
             state,
             decode(body, version)?,

@@ -458,6 +458,17 @@ const SCHEMAS: &[Schema] = &[
             all(Kind::Values(&I32)), // partition_indexes
         ]))],
     },
+    // DescribeLogDirs
+    Schema {
+        api_key: 35,
+        min: 1,
+        max: 4,
+        flexible_since: 2,
+        fields: &[all(Kind::Structs(&[
+            all(STRING),             // topic
+            all(Kind::Values(&I32)), // partitions
+        ]))],
+    },
     // CreatePartitions
     Schema {
         api_key: 37,

@@ -273,6 +273,13 @@ fn populated(api_key: i16, version: i16) -> Bytes {
                     .with_partition_indexes(vec![0, 1]),
             ))
             .encode(&mut buf, version),
+        35 => DescribeLogDirsRequest::default()
+            .with_topics(Some(twice(
+                describe_log_dirs_request::DescribableLogDirTopic::default()
+                    .with_topic(topic("t"))
+                    .with_partitions(vec![0, 1]),
+            )))
+            .encode(&mut buf, version),
         10 => FindCoordinatorRequest::default()
             .with_key(if version <= 3 { s("g") } else { s("") })
             .with_key_type(0)
@@ -421,6 +428,7 @@ fn empty(api_key: i16, version: i16) -> Bytes {
         65 => DescribeTransactionsRequest::default().encode(&mut buf, version),
         66 => ListTransactionsRequest::default().encode(&mut buf, version),
         61 => DescribeProducersRequest::default().encode(&mut buf, version),
+        35 => DescribeLogDirsRequest::default().encode(&mut buf, version),
         10 => FindCoordinatorRequest::default().encode(&mut buf, version),
         11 => JoinGroupRequest::default().encode(&mut buf, version),
         14 => SyncGroupRequest::default().encode(&mut buf, version),
