@@ -990,6 +990,44 @@ fn kafka_admin_tools_work_against_semel_broker() -> anyhow::Result<()> {
             && dirs.contains("\"logDir\":"),
         "kafka-log-dirs --describe: {dirs}"
     );
+
+    // kafka-delete-records: DeleteRecords moves partition 0's log start to the middle of
+    // its records; kafka-get-offsets then gives it as the earliest offset.
+    let offsets = |time: &str| -> anyhow::Result<i64> {
+        let out = run_tool(
+            "get-offsets",
+            &["--bootstrap-server", b, "--topic", topic, "--time", time],
+        )?;
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{topic}:0:")))
+            .with_context(|| format!("no partition 0 in get-offsets: {out}"))?
+            .parse()
+            .context("offset")
+    };
+    let end = offsets("-1")?;
+    ensure!(end >= 2, "partition 0 holds {end} records");
+    let cut = end / 2;
+    let spec = dir.path().join("delete-records.json");
+    std::fs::write(
+        &spec,
+        format!(
+            "{{\"partitions\":[{{\"topic\":\"{topic}\",\"partition\":0,\"offset\":{cut}}}],\"version\":1}}"
+        ),
+    )?;
+    let deleted = run_tool(
+        "delete-records",
+        &[
+            "--bootstrap-server",
+            b,
+            "--offset-json-file",
+            &spec.to_string_lossy(),
+        ],
+    )?;
+    ensure!(
+        deleted.contains(&format!("low_watermark: {cut}")),
+        "kafka-delete-records: {deleted}"
+    );
+    ensure!(offsets("-2")? == cut, "earliest after delete-records");
     broker.terminate()?;
     Ok(())
 }

@@ -567,6 +567,22 @@ impl Partition {
         Ok((report, expired))
     }
 
+    /// DeleteRecords: every offset below `offset` (the high watermark for -1) is gone; returns
+    /// the log start offset after it. Producer state stays (as in Kafka); the aborted
+    /// transactions below the new start are forgotten.
+    pub(crate) fn delete_records(&self, offset: i64) -> Result<i64, LogError> {
+        let mut producers = self.producers();
+        let mut log = self.log();
+        let offset = if offset == -1 {
+            log.log_end_offset()
+        } else {
+            offset
+        };
+        let start = log.delete_records_before(offset)?;
+        producers.txns.trim(start);
+        Ok(start)
+    }
+
     /// Fsyncs the log and snapshots the producer state at the log end (clean shutdown).
     pub(crate) fn close(&self, now_ms: i64) -> Result<(), LogError> {
         let producers = self.producers();

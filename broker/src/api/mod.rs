@@ -19,6 +19,7 @@ pub(crate) mod alter_configs;
 pub(crate) mod api_versions;
 pub(crate) mod create_partitions;
 pub(crate) mod create_topics;
+pub(crate) mod delete_records;
 pub(crate) mod delete_topics;
 pub(crate) mod describe_configs;
 pub(crate) mod describe_log_dirs;
@@ -77,6 +78,7 @@ pub(crate) const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ListTransactions, 0, 1),
     (ApiKey::DescribeProducers, 0, 0),
     (ApiKey::DescribeLogDirs, 1, 4),
+    (ApiKey::DeleteRecords, 0, 2),
     (ApiKey::FindCoordinator, 0, 4),
     (ApiKey::JoinGroup, 0, 9),
     (ApiKey::SyncGroup, 0, 5),
@@ -165,6 +167,14 @@ pub(crate) async fn handle(
                     alter_configs::handle_incremental(state, request)
                 })
                 .await?,
+            ))
+        }
+        // Fsyncs the new log start and deletes segments.
+        ApiKey::DeleteRecords => {
+            let request = decode(body, version)?;
+            now(ResponseKind::DeleteRecords(
+                on_blocking_pool(state, move |state| delete_records::handle(state, request))
+                    .await?,
             ))
         }
         ApiKey::CreatePartitions => {

@@ -28,6 +28,10 @@ use segment::{Segment, file_name};
 const RECOVERY_POINT_FILE: &str = "recovery-point.checkpoint";
 const RECOVERY_POINT_MAGIC: &[u8; 8] = b"SEMELRCP";
 const RECOVERY_POINT_VERSION: u16 = 1;
+/// The log start offset DeleteRecords moved (KIP-107), when it is inside the first segment.
+const LOG_START_FILE: &str = "log-start-offset.checkpoint";
+const LOG_START_MAGIC: &[u8; 8] = b"SEMELLSO";
+const LOG_START_VERSION: u16 = 1;
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct RecoveryPoint {
@@ -309,6 +313,9 @@ pub struct PartitionLog {
     offline: Option<String>,
     /// The recovery point last checkpointed (`-1`: none).
     recovery_point: i64,
+    /// The log start offset set by DeleteRecords (`-1`: none): offsets below it are gone even
+    /// where their segment is still on disk.
+    start_offset: i64,
     /// Largest offset, relative to its segment's base, a record may have: a segment rolls
     /// before an append would pass it ([`MAX_RELATIVE_OFFSET`]; lowered by tests).
     max_relative_offset: i64,
@@ -409,17 +416,18 @@ impl PartitionLog {
             sync_dir(dir)?;
         }
         report.segments = segments.len();
-        Ok((
-            Self {
-                dir: dir.to_path_buf(),
-                config,
-                segments,
-                offline: None,
-                max_relative_offset: MAX_RELATIVE_OFFSET,
-                recovery_point,
-            },
-            report,
-        ))
+        let mut log = Self {
+            dir: dir.to_path_buf(),
+            config,
+            segments,
+            offline: None,
+            max_relative_offset: MAX_RELATIVE_OFFSET,
+            recovery_point,
+            start_offset: -1,
+        };
+        // A checkpoint beyond the log end (the log lost its tail): the log starts at its end.
+        log.start_offset = read_log_start(dir).min(log.log_end_offset());
+        Ok((log, report))
     }
 
     fn active(&self) -> &Segment {
@@ -438,7 +446,64 @@ impl PartitionLog {
 
     /// First offset in the log.
     pub fn log_start_offset(&self) -> i64 {
-        self.segments.keys().next().copied().unwrap_or(0)
+        self.segments
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(0)
+            .max(self.start_offset)
+    }
+
+    /// DeleteRecords: makes `offset` the log start (if it is past it), durably, then deletes
+    /// the segments wholly below it. Returns the log start offset after it (the "low
+    /// watermark").
+    ///
+    /// # Errors
+    /// `OffsetOutOfRange` past the log end; `Offline` after a failed fsync; `Io` when the
+    /// checkpoint or a deletion fails (the log start is then unchanged, or moved with some
+    /// segments left to the next call or retention).
+    pub fn delete_records_before(&mut self, offset: i64) -> Result<i64, LogError> {
+        self.check_online()?;
+        let end = self.log_end_offset();
+        if offset > end || offset < 0 {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                log_start_offset: self.log_start_offset(),
+                log_end_offset: end,
+            });
+        }
+        if offset <= self.log_start_offset() {
+            return Ok(self.log_start_offset());
+        }
+        let path = self.dir.join(LOG_START_FILE);
+        crate::state_file::write(
+            &path,
+            LOG_START_MAGIC,
+            LOG_START_VERSION,
+            &RecoveryPoint { offset },
+        )
+        .map_err(|e| LogError::Io {
+            path,
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.start_offset = offset;
+        let mut deleted = false;
+        while self.segments.len() > 1 {
+            let Some((&base, first)) = self.segments.iter().next() else {
+                break;
+            };
+            if first.next_offset > offset {
+                break;
+            }
+            if let Some(segment) = self.segments.remove(&base) {
+                segment.delete_files(&self.dir)?;
+                deleted = true;
+            }
+        }
+        if deleted {
+            sync_dir(&self.dir)?;
+        }
+        Ok(self.log_start_offset())
     }
 
     /// Next offset to be assigned (the high watermark on this single node).
@@ -715,6 +780,8 @@ impl PartitionLog {
     /// # Errors
     /// `Io` on read failure.
     pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<(i64, i64)>, LogError> {
+        // Records below a start offset moved by DeleteRecords are gone, even on disk.
+        let start = self.log_start_offset();
         for segment in self.segments.values() {
             if segment.max_timestamp.is_none_or(|(t, _)| t < timestamp_ms) {
                 continue;
@@ -726,16 +793,16 @@ impl PartitionLog {
             while position < segment.size {
                 let header = segment.header_at(position)?;
                 let total = header.total_size().unwrap_or(0);
-                if header.max_timestamp >= timestamp_ms {
+                if header.max_timestamp >= timestamp_ms && header.last_offset() >= start {
                     let bytes = segment.read_at(position, total)?;
                     if let Some(records) = batch::record_timestamps(&bytes) {
-                        if let Some((delta, ts)) =
-                            records.into_iter().find(|(_, ts)| *ts >= timestamp_ms)
-                        {
+                        if let Some((delta, ts)) = records.into_iter().find(|(delta, ts)| {
+                            *ts >= timestamp_ms && header.base_offset + i64::from(*delta) >= start
+                        }) {
                             return Ok(Some((header.base_offset + i64::from(delta), ts)));
                         }
                     } else {
-                        return Ok(Some((header.base_offset, header.max_timestamp)));
+                        return Ok(Some((header.base_offset.max(start), header.max_timestamp)));
                     }
                 }
                 position += total as u64;
@@ -865,6 +932,19 @@ fn read_recovery_point(dir: &Path) -> i64 {
         Ok(None) => -1,
         Err(e) => {
             tracing::warn!(error = %e, "recovery point unreadable; checking the whole active segment without it");
+            -1
+        }
+    }
+}
+
+fn read_log_start(dir: &Path) -> i64 {
+    let path = dir.join(LOG_START_FILE);
+    match crate::state_file::read::<RecoveryPoint>(&path, LOG_START_MAGIC, LOG_START_VERSION) {
+        Ok(Some(point)) => point.offset,
+        Ok(None) => -1,
+        Err(e) => {
+            // Records below a lost start offset come back; nothing acknowledged is lost.
+            tracing::warn!(error = %e, "log start offset unreadable; the log starts at its first segment");
             -1
         }
     }

@@ -395,3 +395,54 @@ fn a_segment_file_with_a_foreign_name_is_an_error() {
         Err(LogError::UnexpectedFile { .. })
     ));
 }
+
+/// Issue 20 (DeleteRecords, KIP-107): the log start moves inside a segment and across whole
+/// ones, durably; reads below it are refused; a restart keeps it; nothing past the end.
+#[test]
+fn delete_records_moves_the_log_start_durably() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Small segments: one 4-record batch (about 130 bytes) each.
+    let config = LogConfig {
+        segment_bytes: 150,
+        ..LogConfig::default()
+    };
+    let (mut log, _) = open(dir.path(), config.clone());
+    for i in 0..4 {
+        log.append(&validated(4, i * 10), 0).expect("append");
+    }
+    assert_eq!((log.log_start_offset(), log.log_end_offset()), (0, 16));
+    let segments_before = log.segments.len();
+    assert!(segments_before >= 3, "{segments_before} segments");
+
+    assert_eq!(log.delete_records_before(6).expect("delete"), 6);
+    assert!(
+        log.segments.len() < segments_before,
+        "the first segment went"
+    );
+    let refused = log.read(5, 1 << 20).expect_err("below the start");
+    assert_eq!(refused.code(), ResponseError::OffsetOutOfRange);
+    let read = log.read(6, 1 << 20).expect("at the start");
+    assert!(!read.records.is_empty());
+    assert!(
+        log.offset_for_timestamp(0)
+            .expect("by time")
+            .is_some_and(|(offset, _)| offset >= 6),
+        "no offset below the start by timestamp"
+    );
+    // Not backwards, not past the end.
+    assert_eq!(log.delete_records_before(2).expect("no-op"), 6);
+    assert_eq!(
+        log.delete_records_before(17)
+            .expect_err("past the end")
+            .code(),
+        ResponseError::OffsetOutOfRange
+    );
+    drop(log);
+
+    let (mut log, _) = open(dir.path(), config.clone());
+    assert_eq!(log.log_start_offset(), 6, "kept across a restart");
+    assert_eq!(log.delete_records_before(16).expect("to the end"), 16);
+    assert_eq!(log.segments.len(), 1, "only the active segment stays");
+    log.append(&validated(2, 100), 0).expect("append after");
+    assert_eq!((log.log_start_offset(), log.log_end_offset()), (16, 18));
+}

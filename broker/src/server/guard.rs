@@ -458,6 +458,23 @@ const SCHEMAS: &[Schema] = &[
             all(Kind::Values(&I32)), // partition_indexes
         ]))],
     },
+    // DeleteRecords
+    Schema {
+        api_key: 21,
+        min: 0,
+        max: 2,
+        flexible_since: 2,
+        fields: &[
+            all(Kind::Structs(&[
+                all(STRING), // name
+                all(Kind::Structs(&[
+                    all(I32), // partition_index
+                    all(I64), // offset
+                ])),
+            ])),
+            all(I32), // timeout_ms
+        ],
+    },
     // DescribeLogDirs
     Schema {
         api_key: 35,

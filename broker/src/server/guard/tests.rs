@@ -273,6 +273,18 @@ fn populated(api_key: i16, version: i16) -> Bytes {
                     .with_partition_indexes(vec![0, 1]),
             ))
             .encode(&mut buf, version),
+        21 => DeleteRecordsRequest::default()
+            .with_topics(twice(
+                delete_records_request::DeleteRecordsTopic::default()
+                    .with_name(topic("t"))
+                    .with_partitions(twice(
+                        delete_records_request::DeleteRecordsPartition::default()
+                            .with_partition_index(1)
+                            .with_offset(5),
+                    )),
+            ))
+            .with_timeout_ms(1000)
+            .encode(&mut buf, version),
         35 => DescribeLogDirsRequest::default()
             .with_topics(Some(twice(
                 describe_log_dirs_request::DescribableLogDirTopic::default()
@@ -429,6 +441,7 @@ fn empty(api_key: i16, version: i16) -> Bytes {
         66 => ListTransactionsRequest::default().encode(&mut buf, version),
         61 => DescribeProducersRequest::default().encode(&mut buf, version),
         35 => DescribeLogDirsRequest::default().encode(&mut buf, version),
+        21 => DeleteRecordsRequest::default().encode(&mut buf, version),
         10 => FindCoordinatorRequest::default().encode(&mut buf, version),
         11 => JoinGroupRequest::default().encode(&mut buf, version),
         14 => SyncGroupRequest::default().encode(&mut buf, version),
