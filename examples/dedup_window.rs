@@ -22,13 +22,12 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use clap::Parser;
 use semel::producer::{Acks, Producer, ProducerConfig, ProducerRecord};
-use support::common::{kcat, output_within, stdout_of};
+use support::common::{kcat, kcat_read_all, kcat_send_with_id};
 
 /// Message-id dedup window demo.
 #[derive(Debug, Parser)]
@@ -100,49 +99,18 @@ async fn send_orders(
 /// semel-producer do (murmur2 of the key), so an order goes to the same partition.
 fn kcat_send(bootstrap: &str, topic: &str, n: usize) -> anyhow::Result<()> {
     let id = format!("order-{n}");
-    let value = tempfile::NamedTempFile::new()?;
-    std::fs::write(value.path(), format!("{id} from kcat"))?;
-    let mut command = Command::new(kcat()?);
-    command.args([
-        "-P",
-        "-b",
+    kcat_send_with_id(
         bootstrap,
-        "-t",
         topic,
-        "-k",
         &id,
-        "-H",
-        &format!("semel-msg-id={id}"),
-        "-X",
-        "partitioner=murmur2_random",
-        "-X",
-        "acks=all",
-        "-l",
-        &value.path().to_string_lossy(),
-    ]);
-    let out = output_within(&mut command, KCAT_LIMIT, "kcat sending an order")?;
-    stdout_of(&out, "kcat sending an order")?;
-    Ok(())
+        &format!("{id} from kcat"),
+        KCAT_LIMIT,
+    )
 }
 
 /// Every order id in `topic`, read by kcat from the beginning to the end.
 fn read_orders(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<String>> {
-    let mut command = Command::new(kcat()?);
-    command.args([
-        "-C",
-        "-b",
-        bootstrap,
-        "-t",
-        topic,
-        "-o",
-        "beginning",
-        "-e",
-        "-q",
-        "-f",
-        "%k\n",
-    ]);
-    let out = output_within(&mut command, KCAT_LIMIT, "kcat reading the topic")?;
-    Ok(stdout_of(&out, "kcat reading the topic")?
+    Ok(kcat_read_all(bootstrap, topic, "%k\n", KCAT_LIMIT)?
         .lines()
         .map(str::to_string)
         .collect())

@@ -23,7 +23,9 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use common::fixed_port::{spawn_broker_on, spawn_broker_on_free_port};
 use common::java::{kafka_ready, run_tool};
-use common::{RawClient, kcat, output_within, python, stdout_of, topic_name};
+use common::{
+    RawClient, kcat_read_all, kcat_send_with_id, output_within, python, stdout_of, topic_name,
+};
 use kafka_protocol::messages::CreateTopicsRequest;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::protocol::StrBytes;
@@ -63,31 +65,9 @@ fn run(mut command: Command, what: &str) -> anyhow::Result<String> {
     stdout_of(&out, what)
 }
 
-/// kcat sends one record with key and `semel-msg-id` both `id`, partitioned as the Java
-/// client does.
+/// kcat sends one record with key and `semel-msg-id` both `id`.
 fn kcat_send(bootstrap: &str, topic: &str, id: &str) -> anyhow::Result<()> {
-    let mut command = Command::new(kcat()?);
-    command.args([
-        "-P",
-        "-b",
-        bootstrap,
-        "-t",
-        topic,
-        "-k",
-        id,
-        "-H",
-        &format!("semel-msg-id={id}"),
-        "-X",
-        "partitioner=murmur2_random",
-        "-X",
-        "acks=all",
-    ]);
-    // kcat reads the value from stdin; `output_within` gives it none, so the value is a file.
-    let value = tempfile::NamedTempFile::new()?;
-    std::fs::write(value.path(), format!("{id}|kcat"))?;
-    command.args(["-l", &value.path().to_string_lossy()]);
-    run(command, &format!("kcat sending {id}"))?;
-    Ok(())
+    kcat_send_with_id(bootstrap, topic, id, &format!("{id}|kcat"), CLIENT_LIMIT)
 }
 
 /// One stored record as kcat reads it.
@@ -101,21 +81,7 @@ struct Stored {
 
 /// Every record of `topic`, read by kcat from the beginning to the end.
 fn read_all(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Stored>> {
-    let mut command = Command::new(kcat()?);
-    command.args([
-        "-C",
-        "-b",
-        bootstrap,
-        "-t",
-        topic,
-        "-o",
-        "beginning",
-        "-e",
-        "-q",
-        "-f",
-        "%p|%o|%s|%h\n",
-    ]);
-    let text = run(command, "kcat reading")?;
+    let text = kcat_read_all(bootstrap, topic, "%p|%o|%s|%h\n", CLIENT_LIMIT)?;
     text.lines()
         .map(|line| {
             let fields: Vec<&str> = line.splitn(5, '|').collect();

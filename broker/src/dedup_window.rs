@@ -482,19 +482,7 @@ fn snapshot_path(dir: &Path, end_offset: i64) -> PathBuf {
 }
 
 fn list_snapshots(dir: &Path) -> Vec<i64> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name();
-            let stem = name.to_str()?.strip_suffix(".dedup")?.to_string();
-            (stem.len() == 20)
-                .then(|| stem.parse::<i64>().ok())
-                .flatten()
-        })
-        .collect()
+    state_file::offsets_named(dir, EXTENSION)
 }
 
 /// The newest readable snapshot at or below `log_end_offset` written for `config`'s header

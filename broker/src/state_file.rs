@@ -154,6 +154,25 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StateFileError> {
         })
 }
 
+/// The offsets named by the files `<20-digit offset>.<extension>` in `dir`, unordered (the
+/// snapshot files); an unreadable directory has none.
+pub(crate) fn offsets_named(dir: &Path, extension: &str) -> Vec<i64> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let suffix = format!(".{extension}");
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let stem = name.to_str()?.strip_suffix(suffix.as_str())?.to_string();
+            (stem.len() == 20)
+                .then(|| stem.parse::<i64>().ok())
+                .flatten()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

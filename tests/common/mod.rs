@@ -494,6 +494,70 @@ pub fn kcat() -> anyhow::Result<PathBuf> {
     }
 }
 
+/// kcat (librdkafka) sends one record with value `value`, key `id` and a `semel-msg-id: id`
+/// header, partitioned as the Java client does (murmur2 of the key), `acks=all`; bounded by
+/// `limit`.
+pub fn kcat_send_with_id(
+    bootstrap: &str,
+    topic: &str,
+    id: &str,
+    value: &str,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    // kcat reads values from stdin or files; `output_within` gives it no stdin.
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), value)?;
+    let mut command = Command::new(kcat()?);
+    command.args([
+        "-P",
+        "-b",
+        bootstrap,
+        "-t",
+        topic,
+        "-k",
+        id,
+        "-H",
+        &format!("semel-msg-id={id}"),
+        "-X",
+        "partitioner=murmur2_random",
+        "-X",
+        "acks=all",
+        "-l",
+        &file.path().to_string_lossy(),
+    ]);
+    let what = format!("kcat sending {id}");
+    let out = output_within(&mut command, limit, &what)?;
+    stdout_of(&out, &what)?;
+    Ok(())
+}
+
+/// Every record of `topic`, read by kcat from the beginning to the end, each printed with
+/// kcat's `-f` `format`; bounded by `limit`.
+pub fn kcat_read_all(
+    bootstrap: &str,
+    topic: &str,
+    format: &str,
+    limit: Duration,
+) -> anyhow::Result<String> {
+    let mut command = Command::new(kcat()?);
+    command.args([
+        "-C",
+        "-b",
+        bootstrap,
+        "-t",
+        topic,
+        "-o",
+        "beginning",
+        "-e",
+        "-q",
+        "-f",
+        format,
+    ]);
+    let what = format!("kcat reading {topic}");
+    let out = output_within(&mut command, limit, &what)?;
+    stdout_of(&out, &what)
+}
+
 /// The venv Python with kafka-python and its codecs, or `$SEMEL_PYTHON`.
 pub fn python() -> anyhow::Result<PathBuf> {
     let path = std::env::var_os("SEMEL_PYTHON")

@@ -65,20 +65,7 @@ pub(crate) fn write(dir: &Path, snapshot: &SnapshotFile) -> Result<(), StateFile
 
 /// Offsets of the snapshot files in `dir`, unordered.
 fn list(dir: &Path) -> Vec<i64> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name();
-            let name = name.to_str()?;
-            let stem = name.strip_suffix(".snapshot")?;
-            (stem.len() == 20)
-                .then(|| stem.parse::<i64>().ok())
-                .flatten()
-        })
-        .collect()
+    state_file::offsets_named(dir, EXTENSION)
 }
 
 /// What [`load`] found.

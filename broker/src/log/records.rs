@@ -172,7 +172,8 @@ fn skip_bytes(bytes: &[u8], at: &mut usize) -> Option<()> {
     bytes_at(bytes, at).map(|_| ())
 }
 
-fn put_varint(out: &mut Vec<u8>, value: i64) {
+/// Appends `value` as a zig-zag varint.
+pub(crate) fn put_varint(out: &mut Vec<u8>, value: i64) {
     let mut v = ((value << 1) ^ (value >> 63)) as u64;
     loop {
         let byte = (v & 0x7f) as u8;

@@ -8,18 +8,7 @@ use super::*;
 /// An uncompressed RecordBatch v2 with `count` records whose timestamps are
 /// `base_timestamp + i`, CRC included, base offset 0.
 pub(crate) fn build_batch(count: i32, base_timestamp: i64, value_bytes: usize) -> Vec<u8> {
-    fn varint(out: &mut Vec<u8>, value: i64) {
-        let mut v = ((value << 1) ^ (value >> 63)) as u64;
-        loop {
-            let byte = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
+    use super::records::put_varint as varint;
     let mut records = Vec::new();
     for i in 0..count {
         let mut body = vec![0u8]; // attributes
