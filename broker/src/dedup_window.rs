@@ -275,11 +275,13 @@ impl DedupWindow {
     /// window at once, at their offsets: the caller appends the batch (or the batch without
     /// the duplicates) next, under the same lock, and if that append fails it drops the window
     /// (rebuilt from the log on next use) rather than undo this.
+    /// Under `LogAppendTime` every record is stored with `append_time`, which replaces its own.
     pub(crate) fn decide(
         &mut self,
         records: &[RecordId],
         base_offset: i64,
         now_ms: i64,
+        append_time: Option<i64>,
     ) -> Verdict {
         self.expire(now_ms);
         let cutoff = self.cutoff(now_ms);
@@ -304,13 +306,14 @@ impl DedupWindow {
                     Probe::Found(at, _) | Probe::Absent(at) => at,
                 };
                 // A record already outside the window is stored and not remembered.
-                if record.timestamp > cutoff {
+                let timestamp = append_time.unwrap_or(record.timestamp);
+                if timestamp > cutoff {
                     let seq = self.next_seq();
                     self.order.push_back((
                         id,
                         Stored {
                             offset: base_offset + i64::from(record.offset_delta),
-                            timestamp: record.timestamp,
+                            timestamp,
                         },
                     ));
                     self.set(at, id, seq);
@@ -411,7 +414,7 @@ impl DedupWindow {
                 {
                     continue;
                 }
-                match read_ids(bytes, &self.header, None) {
+                match read_ids(bytes, &self.header) {
                     Ok(batch) => {
                         for record in batch.records {
                             if let Some(id) = record.id {
@@ -554,7 +557,7 @@ mod tests {
             record(1, now, Some(2)),
             record(2, now, None),
         ];
-        assert_eq!(window.decide(&batch, 100, now), Verdict::Store);
+        assert_eq!(window.decide(&batch, 100, now, None), Verdict::Store);
         assert_eq!(
             window.original(2, now),
             Some(Stored {
@@ -571,14 +574,14 @@ mod tests {
             record(3, now, None),
         ];
         assert_eq!(
-            window.decide(&batch, 103, now),
+            window.decide(&batch, 103, now, None),
             Verdict::Without(vec![false, true, false, true])
         );
         assert_eq!(window.original(3, now).map(|s| s.offset), Some(104));
 
         let batch = [record(0, now, Some(2)), record(1, now, Some(1))];
         assert_eq!(
-            window.decide(&batch, 107, now),
+            window.decide(&batch, 107, now, None),
             Verdict::AllDuplicates {
                 first: Stored {
                     offset: 101,
@@ -598,7 +601,7 @@ mod tests {
             record(2, 5, Some(8)),
         ];
         assert_eq!(
-            window.decide(&batch, 0, 5),
+            window.decide(&batch, 0, 5, None),
             Verdict::Without(vec![true, false, true])
         );
         assert_eq!(window.len(), 2);
@@ -643,7 +646,10 @@ mod tests {
         let mut window = DedupWindow::new(&config(60_000, 100));
         for id in 0..50_000u128 {
             let batch = [record(0, 1_000, Some(id))];
-            assert_eq!(window.decide(&batch, id as i64, 1_000), Verdict::Store);
+            assert_eq!(
+                window.decide(&batch, id as i64, 1_000, None),
+                Verdict::Store
+            );
             assert!(window.slots.len() <= 4 * 1024, "{}", window.slots.len());
         }
         assert_eq!(window.len(), 100);
@@ -652,7 +658,7 @@ mod tests {
         assert!(window.original(49_900, 1_000).is_some());
         // An evicted id sent again is stored again, and then remembered.
         assert_eq!(
-            window.decide(&[record(0, 1_000, Some(7))], 60_000, 1_000),
+            window.decide(&[record(0, 1_000, Some(7))], 60_000, 1_000, None),
             Verdict::Store
         );
         assert_eq!(window.original(7, 1_000).map(|s| s.offset), Some(60_000));
@@ -826,7 +832,7 @@ mod tests {
                         .collect();
                     let cutoff = now - 1_000;
                     let expected = model.decide(&records, offset, cutoff, cap as usize);
-                    let got = window.decide(&records, offset, now);
+                    let got = window.decide(&records, offset, now, None);
                     prop_assert_eq!(&got, &expected);
                     if !matches!(got, Verdict::AllDuplicates { .. }) {
                         offset += records.len() as i64;

@@ -96,12 +96,27 @@ pub fn frames(data: &[u8]) {
 /// rebuild reads a stored batch.
 pub fn produce_records(data: &[u8]) {
     use crate::log::records::{read_ids, without};
-    let _ = read_ids(data, "semel-msg-id", None);
-    let Ok(batch) = crate::log::validate_produce_records(data, 1 << 20) else {
+    let _ = read_ids(data, "semel-msg-id");
+    let plain = crate::log::validate_produce_records(data, 1 << 20);
+    // With a dedup window the records are read once, ids included: that walk never accepts
+    // what the plain one refuses, and reads what the stored-batch reader reads.
+    let with_ids =
+        crate::log::batch::validate_produce_records_with(data, 1 << 20, Some("semel-msg-id"));
+    if let Ok(with_ids) = &with_ids {
+        assert!(
+            plain.is_ok(),
+            "accepted only with the window: {:?}",
+            plain.err()
+        );
+        if let (Some(ids), Ok(stored)) = (with_ids.ids(), read_ids(data, "semel-msg-id")) {
+            assert_eq!(ids.records, stored.records);
+        }
+    }
+    let Ok(batch) = plain else {
         return;
     };
-    let records = read_ids(batch.bytes(), "semel-msg-id", None)
-        .expect("a validated batch's records can be read");
+    let records =
+        read_ids(batch.bytes(), "semel-msg-id").expect("a validated batch's records can be read");
     if records.records.len() < 2 {
         return;
     }
@@ -110,7 +125,7 @@ pub fn produce_records(data: &[u8]) {
     let header =
         crate::log::batch::check_batch(rebuilt.bytes()).expect("the rebuilt batch is whole");
     assert_eq!(header.last_offset_delta, batch.header().last_offset_delta);
-    let again = read_ids(rebuilt.bytes(), "semel-msg-id", None).expect("the rebuilt batch reads");
+    let again = read_ids(rebuilt.bytes(), "semel-msg-id").expect("the rebuilt batch reads");
     let expected: Vec<_> = records
         .records
         .iter()

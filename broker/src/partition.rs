@@ -17,6 +17,7 @@
 //!
 //! References: Kafka design notes on `acks` and `flush.messages`; KIP-98 (acks=all semantics).
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -419,13 +420,13 @@ impl Partition {
     /// The dedup window's decision for `batch`, or `None` when the topic has no window or
     /// no record of the batch carries an id. Builds (or rebuilds, after the topic's setting
     /// changed) the window from the log first.
-    fn window_plan(
+    fn window_plan<'b>(
         &self,
         window: &mut Option<DedupWindow>,
         log: &PartitionLog,
-        batch: &ValidatedBatch,
+        batch: &'b ValidatedBatch,
         now_ms: i64,
-    ) -> Result<Option<(BatchRecords, Verdict)>, AppendError> {
+    ) -> Result<Option<(Cow<'b, BatchRecords>, Verdict)>, AppendError> {
         let config = log.config();
         if config.dedup_window_ms <= 0 {
             *window = None;
@@ -442,11 +443,15 @@ impl Partition {
         window.set_max_ids(config.dedup_max_ids);
         let append_time =
             (config.timestamp_type == crate::log::TimestampType::LogAppendTime).then_some(now_ms);
-        let records = records::read_ids(batch.bytes(), window.header(), append_time)?;
+        // Read during validation, unless the topic's header changed since.
+        let records = match batch.ids() {
+            Some(ids) if ids.header == window.header() => Cow::Borrowed(ids),
+            _ => Cow::Owned(records::read_ids(batch.bytes(), window.header())?),
+        };
         if records.records.iter().all(|r| r.id.is_none()) {
             return Ok(None);
         }
-        let verdict = window.decide(&records.records, log.log_end_offset(), now_ms);
+        let verdict = window.decide(&records.records, log.log_end_offset(), now_ms, append_time);
         Ok(Some((records, verdict)))
     }
 
@@ -865,7 +870,7 @@ mod tests {
         while let Some(header) = BatchHeader::parse(&read.records[at..]) {
             let size = header.total_size().expect("size");
             let records =
-                records::read_ids(&read.records[at..at + size], "semel-msg-id", None).expect("ids");
+                records::read_ids(&read.records[at..at + size], "semel-msg-id").expect("ids");
             for r in records.records {
                 out.push((header.base_offset + i64::from(r.offset_delta), r.id));
             }

@@ -28,7 +28,7 @@ use kafka_protocol::messages::{ProduceRequest, ProduceResponse, ResponseKind};
 use super::{Reply, message};
 use crate::broker::BrokerState;
 use crate::catalog::Topic;
-use crate::log::validate_produce_records;
+use crate::log::batch::validate_produce_records_with;
 use crate::partition::{AppendError, Appended, Partition};
 
 /// Used when a Produce request carries no usable timeout (Kafka's `request.timeout.ms` default).
@@ -175,7 +175,10 @@ fn append_one(
         )
     })?;
     let records = records.unwrap_or_default();
-    let batch = validate_produce_records(records, topic.log_config.max_message_bytes)
+    // A topic with a dedup window has the ids read while the records are checked.
+    let config = &topic.log_config;
+    let dedup_header = (config.dedup_window_ms > 0).then_some(config.dedup_header.as_str());
+    let batch = validate_produce_records_with(records, config.max_message_bytes, dedup_header)
         .map_err(|e| (e.code(), e.to_string()))?;
     // As Kafka: a transactional batch comes with the request's transactional id, which must
     // be the one its producer id belongs to.

@@ -181,13 +181,24 @@ pub fn check_batch(bytes: &[u8]) -> Result<BatchHeader, LogError> {
 pub struct ValidatedBatch {
     bytes: Bytes,
     header: BatchHeader,
+    /// Its records' message ids, when they were read during validation.
+    ids: Option<super::records::BatchRecords>,
 }
 
 impl ValidatedBatch {
-    /// A batch built here from a validated one (the dedup window's rewrite); `header` must
-    /// describe `bytes`.
+    /// A batch built by the broker (the dedup window's rewrite, a transaction marker);
+    /// `header` must describe `bytes`.
     pub(super) fn rebuilt(bytes: Bytes, header: BatchHeader) -> Self {
-        Self { bytes, header }
+        Self {
+            bytes,
+            header,
+            ids: None,
+        }
+    }
+
+    /// The records' message ids, if validation read them (for a topic with a dedup window).
+    pub(crate) fn ids(&self) -> Option<&super::records::BatchRecords> {
+        self.ids.as_ref()
     }
 
     /// The batch's header as sent.
@@ -215,6 +226,20 @@ impl ValidatedBatch {
 pub fn validate_produce_records(
     records: &[u8],
     max_message_bytes: u32,
+) -> Result<ValidatedBatch, LogError> {
+    validate_produce_records_with(records, max_message_bytes, None)
+}
+
+/// [`validate_produce_records`]; with `dedup_header` (the topic has a message-id dedup
+/// window) a batch outside a transaction also has its records' ids read, in the same walk
+/// that checks them.
+///
+/// # Errors
+/// As [`validate_produce_records`].
+pub(crate) fn validate_produce_records_with(
+    records: &[u8],
+    max_message_bytes: u32,
+    dedup_header: Option<&str>,
 ) -> Result<ValidatedBatch, LogError> {
     if records.is_empty() {
         return Err(LogError::InvalidRecord {
@@ -252,10 +277,20 @@ pub fn validate_produce_records(
             reason: "producers may not send control batches".into(),
         });
     }
-    check_records(&records[HEADER_BYTES..total], &header)?;
+    let payload = &records[HEADER_BYTES..total];
+    let ids = match dedup_header {
+        Some(name) if !header.is_transactional() => {
+            Some(super::records::read_produced_ids(&header, payload, name)?)
+        }
+        _ => {
+            check_records(payload, &header)?;
+            None
+        }
+    };
     Ok(ValidatedBatch {
         bytes: Bytes::copy_from_slice(records),
         header,
+        ids,
     })
 }
 
@@ -446,10 +481,7 @@ pub fn control_batch(
     let crc = compute_crc(&bytes);
     bytes[17..21].copy_from_slice(&crc.to_be_bytes());
     let header = BatchHeader::parse(&bytes).unwrap_or_else(|| unreachable!("61+ bytes"));
-    ValidatedBatch {
-        bytes: Bytes::from(bytes),
-        header,
-    }
+    ValidatedBatch::rebuilt(Bytes::from(bytes), header)
 }
 
 /// The marker type of a stored control batch, read from its first record's key. `None` when

@@ -13,8 +13,6 @@
 //! within the last offset delta; a produced batch was checked to have none before it gets
 //! here ([`super::batch::check_records`]).
 
-use std::ops::Range;
-
 use bytes::Bytes;
 use semel_records::{RawRecord, varint_at};
 
@@ -37,17 +35,19 @@ pub(crate) struct RecordId {
 }
 
 /// Where each record's bytes are, to rebuild the batch without some of them.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Body {
-    /// Uncompressed: each record's span (length prefix included) in the batch.
-    Spans(Vec<Range<usize>>),
+    /// Uncompressed: the records are copied from the batch (found again by their lengths).
+    Plain,
     /// Compressed: the decoded records, re-encoded when rebuilt.
     Decoded(Vec<RawRecord>),
 }
 
 /// The records of one batch.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct BatchRecords {
+    /// The header the ids were read from.
+    pub(crate) header: String,
     pub(crate) records: Vec<RecordId>,
     body: Body,
 }
@@ -56,34 +56,62 @@ fn invalid(reason: String) -> LogError {
     LogError::InvalidRecord { reason }
 }
 
-/// Reads every record of the whole batch `batch` (header included): offset delta, timestamp
-/// (`append_time` when the log will stamp it, else the batch's own), and the value of the first
-/// header named `header`, hashed.
+/// Reads every record of the whole stored batch `batch` (header included): offset delta,
+/// timestamp, and the value of the first header named `header_name`, hashed. Offset deltas
+/// may leave gaps (a batch stored without some records).
 ///
 /// # Errors
 /// `InvalidRecord` when the records are malformed.
-pub(crate) fn read_ids(
-    batch: &[u8],
-    header_name: &str,
-    append_time: Option<i64>,
-) -> Result<BatchRecords, LogError> {
+pub(crate) fn read_ids(batch: &[u8], header_name: &str) -> Result<BatchRecords, LogError> {
     let header = BatchHeader::parse(batch)
         .ok_or_else(|| invalid("a record batch shorter than its header".into()))?;
     let total = header
         .total_size()
         .filter(|t| *t >= HEADER_BYTES && *t <= batch.len())
         .ok_or_else(|| invalid(format!("batch length {} is invalid", header.batch_length)))?;
+    walk(&header, &batch[HEADER_BYTES..total], header_name, false)
+}
+
+/// [`read_ids`] for a produced batch's records (`payload`, after the header), checked as
+/// [`super::batch::check_records`] checks them: exactly `records_count` records, the n-th
+/// with offset delta n, filling the payload; a compressed one bounded the same way. Produce
+/// validation calls this instead of `check_records` when the topic has a dedup window, so the
+/// records are walked once.
+///
+/// # Errors
+/// `InvalidRecord`, saying what does not match.
+pub(crate) fn read_produced_ids(
+    header: &BatchHeader,
+    payload: &[u8],
+    header_name: &str,
+) -> Result<BatchRecords, LogError> {
+    walk(header, payload, header_name, true)
+}
+
+fn walk(
+    header: &BatchHeader,
+    payload: &[u8],
+    header_name: &str,
+    strict: bool,
+) -> Result<BatchRecords, LogError> {
     let count = usize::try_from(header.records_count)
         .map_err(|_| invalid(format!("negative records count {}", header.records_count)))?;
     let timestamp_of = |delta: i64| {
-        append_time.unwrap_or(if header.is_log_append_time() {
+        if header.is_log_append_time() {
             header.max_timestamp
         } else {
             header.base_timestamp.saturating_add(delta)
-        })
+        }
     };
-    let payload = &batch[HEADER_BYTES..total];
+    let hash = xxhash_rust::xxh3::xxh3_128;
     if header.compression() != 0 {
+        let most = super::batch::max_compressed_records(payload.len());
+        if count > most {
+            return Err(invalid(format!(
+                "a compressed batch of {} bytes cannot hold {count} records (at most {most})",
+                payload.len()
+            )));
+        }
         let decoded =
             semel_records::decode_compressed_records(payload, header.compression(), count)
                 .map_err(|e| invalid(e.0))?;
@@ -97,34 +125,47 @@ pub(crate) fn read_ids(
                     .iter()
                     .find(|(name, _)| name == header_name)
                     .and_then(|(_, value)| value.as_deref())
-                    .map(xxhash_rust::xxh3::xxh3_128),
+                    .map(hash),
             })
             .collect();
         return Ok(BatchRecords {
+            header: header_name.to_string(),
             records,
             body: Body::Decoded(decoded),
         });
     }
-    // Each record takes at least 7 bytes, so the count cannot make this allocation large.
-    let mut records = Vec::with_capacity(count.min(payload.len() / 7 + 1));
-    let mut spans = Vec::with_capacity(records.capacity());
+    if count.saturating_mul(super::batch::MIN_RECORD_BYTES) > payload.len() {
+        return Err(invalid(format!(
+            "{count} records cannot fit in {} bytes",
+            payload.len()
+        )));
+    }
+    let mut records = Vec::with_capacity(count);
     let mut at = 0usize;
     let mut previous_delta = -1i64;
     for index in 0..count {
         let malformed = || invalid(format!("record {index} of {count} is malformed"));
-        let start = at;
         let length = varint_at(payload, &mut at)
             .and_then(|l| usize::try_from(l).ok())
             .ok_or_else(malformed)?;
         let end = at
             .checked_add(length)
             .filter(|end| *end <= payload.len())
-            .ok_or_else(malformed)?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "record {index} of {count} claims {length} bytes past the end of the batch"
+                ))
+            })?;
         let record = &payload[at..end];
         let mut cursor = 1; // attributes
         let timestamp_delta = varint_at(record, &mut cursor).ok_or_else(malformed)?;
         let offset_delta = varint_at(record, &mut cursor).ok_or_else(malformed)?;
-        if offset_delta <= previous_delta || offset_delta > i64::from(header.last_offset_delta) {
+        let in_order = if strict {
+            usize::try_from(offset_delta).ok() == Some(index)
+        } else {
+            offset_delta > previous_delta && offset_delta <= i64::from(header.last_offset_delta)
+        };
+        if !in_order {
             return Err(invalid(format!(
                 "record {index} of {count} has offset delta {offset_delta}"
             )));
@@ -138,7 +179,7 @@ pub(crate) fn read_ids(
             let name = bytes_at(record, &mut cursor).ok_or_else(malformed)?;
             let value = bytes_at(record, &mut cursor).ok_or_else(malformed)?;
             if id.is_none() && name == Some(header_name.as_bytes()) {
-                id = value.map(xxhash_rust::xxh3::xxh3_128);
+                id = value.map(hash);
             }
         }
         records.push(RecordId {
@@ -146,12 +187,18 @@ pub(crate) fn read_ids(
             timestamp: timestamp_of(timestamp_delta),
             id,
         });
-        spans.push(HEADER_BYTES + start..HEADER_BYTES + end);
         at = end;
     }
+    if strict && at != payload.len() {
+        return Err(invalid(format!(
+            "{} bytes follow the {count} records of the batch",
+            payload.len() - at
+        )));
+    }
     Ok(BatchRecords {
+        header: header_name.to_string(),
         records,
-        body: Body::Spans(spans),
+        body: Body::Plain,
     })
 }
 
@@ -224,9 +271,20 @@ pub(crate) fn without(
     let mut out = Vec::with_capacity(bytes.len());
     out.extend_from_slice(&bytes[..HEADER_BYTES]);
     match &records.body {
-        Body::Spans(spans) => {
-            for (span, _) in spans.iter().zip(keep).filter(|(_, k)| **k) {
-                out.extend_from_slice(&bytes[span.clone()]);
+        Body::Plain => {
+            // The records as sent, each with its length prefix; the walk that read them
+            // checked the lengths.
+            let payload = &bytes[HEADER_BYTES..];
+            let mut at = 0usize;
+            for keep in keep {
+                let start = at;
+                let length = varint_at(payload, &mut at)
+                    .and_then(|l| usize::try_from(l).ok())
+                    .unwrap_or(0);
+                at = at.saturating_add(length).min(payload.len());
+                if *keep {
+                    out.extend_from_slice(&payload[start..at]);
+                }
             }
         }
         Body::Decoded(decoded) => {
@@ -332,7 +390,7 @@ pub(crate) mod tests {
                 40,
             );
             let batch = validate_produce_records(&bytes, 1 << 20).expect("valid");
-            let records = read_ids(batch.bytes(), "semel-msg-id", None).expect("read");
+            let records = read_ids(batch.bytes(), "semel-msg-id").expect("read");
             let seen: Vec<_> = records
                 .records
                 .iter()
@@ -347,8 +405,17 @@ pub(crate) mod tests {
                     (3, 1_003, id("c")),
                 ]
             );
-            let appended_at = read_ids(batch.bytes(), "semel-msg-id", Some(9)).expect("read");
-            assert!(appended_at.records.iter().all(|r| r.timestamp == 9));
+            // Read while validating (the topic has a window): the same, in one walk.
+            let produced = crate::log::batch::validate_produce_records_with(
+                &bytes,
+                1 << 20,
+                Some("semel-msg-id"),
+            )
+            .expect("valid");
+            assert_eq!(
+                produced.ids().map(|r| r.records.clone()),
+                Some(records.records.clone())
+            );
 
             let rebuilt = without(&batch, &records, &[false, true, true, false]);
             let header = check_batch(rebuilt.bytes()).expect("CRC and length are right");
@@ -369,7 +436,7 @@ pub(crate) mod tests {
             );
             assert_eq!(header.base_timestamp, 1_000);
             assert_eq!(header.max_timestamp, 1_002);
-            let again = read_ids(rebuilt.bytes(), "semel-msg-id", None).expect("re-read");
+            let again = read_ids(rebuilt.bytes(), "semel-msg-id").expect("re-read");
             let kept: Vec<_> = again
                 .records
                 .iter()
@@ -387,7 +454,7 @@ pub(crate) mod tests {
         bytes[len - 2] = 0x20;
         let crc = compute_crc(&bytes);
         bytes[17..21].copy_from_slice(&crc.to_be_bytes());
-        assert!(read_ids(&bytes, "semel-msg-id", None).is_err());
-        assert!(read_ids(&bytes[..30], "semel-msg-id", None).is_err());
+        assert!(read_ids(&bytes, "semel-msg-id").is_err());
+        assert!(read_ids(&bytes[..30], "semel-msg-id").is_err());
     }
 }
