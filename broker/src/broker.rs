@@ -39,6 +39,8 @@ pub(crate) struct BrokerState {
     pub(crate) request_memory: Arc<tokio::sync::Semaphore>,
     /// What `--metrics-listen` serves.
     pub(crate) metrics: crate::metrics::BrokerMetrics,
+    /// The listener's TLS and SASL.
+    pub(crate) security: Arc<crate::security::Security>,
     /// `<data dir>/.lock`, held (an OS file lock) for as long as anything of this broker
     /// runs: a second broker on the same directory is refused instead of corrupting it.
     _lock: std::fs::File,
@@ -154,6 +156,12 @@ impl Broker {
         clock: Arc<dyn Clock>,
     ) -> Result<BrokerHandle, StartError> {
         config.validate()?;
+        let security = {
+            let settings = config.security.clone();
+            tokio::task::spawn_blocking(move || crate::security::Security::load(&settings))
+                .await
+                .map_err(|e| StartError::Task(e.to_string()))??
+        };
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -238,6 +246,7 @@ impl Broker {
             clock,
             request_memory,
             metrics: crate::metrics::BrokerMetrics::default(),
+            security: Arc::new(security),
             _lock: lock,
         });
         // Before anything is served: a transaction decided before a crash gets its markers (and

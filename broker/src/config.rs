@@ -70,6 +70,8 @@ pub struct BrokerConfig {
     pub transaction_max_timeout: Duration,
     /// Consumer-group coordinator settings (`group.*`, `offsets.*`).
     pub group: crate::group::GroupConfig,
+    /// TLS and SASL of the listener (`listener.security.protocol.map`, `ssl.*`, `sasl.*`).
+    pub security: crate::security::ListenerSecurity,
 }
 
 /// What one array element or tagged field of a request is counted as, in bytes, against
@@ -106,6 +108,7 @@ impl Default for BrokerConfig {
             max_producers_per_partition: crate::idempotence::DEFAULT_MAX_PRODUCERS_PER_PARTITION,
             transaction_max_timeout: Duration::from_secs(15 * 60),
             group: crate::group::GroupConfig::default(),
+            security: crate::security::ListenerSecurity::default(),
         }
     }
 }
@@ -127,6 +130,7 @@ impl BrokerConfig {
     /// [`ConfigError`] naming the first setting that cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |name, reason: String| Err(ConfigError { name, reason });
+        self.security.validate()?;
         if self.max_frame_bytes < 1024 {
             return fail(
                 "socket.request.max.bytes",

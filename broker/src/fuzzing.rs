@@ -41,6 +41,8 @@ pub fn decode_request(api_key: i16, version: i16, body: &Bytes) -> Result<(), St
         66 => ListTransactionsRequest::decode(&mut bytes, version).map(drop),
         61 => DescribeProducersRequest::decode(&mut bytes, version).map(drop),
         35 => DescribeLogDirsRequest::decode(&mut bytes, version).map(drop),
+        17 => SaslHandshakeRequest::decode(&mut bytes, version).map(drop),
+        36 => SaslAuthenticateRequest::decode(&mut bytes, version).map(drop),
         21 => DeleteRecordsRequest::decode(&mut bytes, version).map(drop),
         10 => FindCoordinatorRequest::decode(&mut bytes, version).map(drop),
         11 => JoinGroupRequest::decode(&mut bytes, version).map(drop),

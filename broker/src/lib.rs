@@ -46,6 +46,7 @@ pub mod log;
 mod metrics;
 mod partition;
 mod producer_ids;
+pub mod security;
 pub mod server;
 mod state_file;
 mod transactions;

@@ -277,6 +277,9 @@ impl Cluster {
         for candidate in &candidates {
             match self.connection(candidate).await {
                 Ok(connection) => return Ok(connection),
+                // Wrong credentials stay wrong: fail now, as the Java client does
+                // (SaslAuthenticationException), instead of retrying until a timeout.
+                Err(error @ ClientError::Authentication { .. }) => return Err(error),
                 Err(error) => last = error.to_string(),
             }
         }

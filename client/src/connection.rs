@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ClientError;
+use crate::security::{SaslMechanism, SecurityConfig};
 
 /// Settings of one connection (Kafka client names).
 #[derive(Debug, Clone)]
@@ -41,6 +42,8 @@ pub struct ConnectionConfig {
     pub max_response_bytes: usize,
     /// Requests queued for the writer before `send` waits.
     pub max_queued_requests: usize,
+    /// TLS and SASL (`security.protocol`, `sasl.*`, `ssl.*`).
+    pub security: SecurityConfig,
 }
 
 impl Default for ConnectionConfig {
@@ -52,6 +55,7 @@ impl Default for ConnectionConfig {
             connection_setup_timeout: Duration::from_secs(10),
             max_response_bytes: 100 * 1024 * 1024,
             max_queued_requests: 64,
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -107,22 +111,45 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects over TCP and negotiates API versions.
+    /// Connects over TCP (and TLS), negotiates API versions and authenticates (SASL), as
+    /// `config.security` says.
     ///
     /// # Errors
-    /// `Connect` if the TCP connection fails; any error of the ApiVersions exchange.
+    /// `Connect` if the TCP connection or the TLS handshake fails; `Authentication` if SASL
+    /// does; any error of the ApiVersions exchange.
     pub async fn connect(broker: &str, config: ConnectionConfig) -> Result<Self, ClientError> {
         let limit = config.connection_setup_timeout.min(config.request_timeout);
+        let connect_error = |reason: String| ClientError::Connect {
+            broker: broker.to_string(),
+            reason,
+        };
         let setup = async {
+            let tls = config.security.tls_client_config().map_err(connect_error)?;
             let stream = TcpStream::connect(broker)
                 .await
-                .map_err(|e| ClientError::Connect {
-                    broker: broker.to_string(),
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| connect_error(e.to_string()))?;
             let _ = stream.set_nodelay(true);
-            let (read, write) = stream.into_split();
-            Self::over(broker, read, write, config).await
+            let mechanism = config.security.mechanism();
+            let security = config.security.clone();
+            let connection = match tls {
+                None => {
+                    let (read, write) = stream.into_split();
+                    Self::over(broker, read, write, config).await?
+                }
+                Some(tls) => {
+                    let name = crate::security::server_name(broker).map_err(connect_error)?;
+                    let stream = tokio_rustls::TlsConnector::from(tls)
+                        .connect(name, stream)
+                        .await
+                        .map_err(|e| connect_error(format!("TLS handshake failed: {e}")))?;
+                    let (read, write) = tokio::io::split(stream);
+                    Self::over(broker, read, write, config).await?
+                }
+            };
+            if let Some(mechanism) = mechanism {
+                connection.authenticate(mechanism, &security).await?;
+            }
+            Ok(connection)
         };
         tokio::time::timeout(limit, setup)
             .await
@@ -173,6 +200,73 @@ impl Connection {
         };
         connection.versions = connection.negotiate().await?;
         Ok(connection)
+    }
+
+    /// SaslHandshake v1, then SaslAuthenticate rounds for `mechanism` (KIP-152).
+    async fn authenticate(
+        &self,
+        mechanism: SaslMechanism,
+        security: &SecurityConfig,
+    ) -> Result<(), ClientError> {
+        use kafka_protocol::messages::SaslHandshakeRequest;
+        let refused = |reason: String| ClientError::Authentication {
+            broker: self.broker.clone(),
+            reason,
+        };
+        let handshake = SaslHandshakeRequest::default()
+            .with_mechanism(StrBytes::from_static_str(mechanism.name()));
+        let answer = self.send(&handshake, (1, 1)).await?;
+        if answer.error_code != 0 {
+            let offered: Vec<&str> = answer.mechanisms.iter().map(|m| m.as_str()).collect();
+            return Err(refused(format!(
+                "the broker does not enable {} (it offers {offered:?})",
+                mechanism.name()
+            )));
+        }
+        let (user, password) = (&security.sasl_username, &security.sasl_password);
+        match mechanism {
+            SaslMechanism::Plain => {
+                let mut token = Vec::with_capacity(user.len() + password.len() + 2);
+                token.push(0);
+                token.extend_from_slice(user.as_bytes());
+                token.push(0);
+                token.extend_from_slice(password.as_bytes());
+                self.sasl_round(token).await?;
+            }
+            SaslMechanism::Scram(m) => {
+                let mut scram = crate::security::scram::ScramClient::new(m, user, password)
+                    .map_err(|e| refused(e.to_string()))?;
+                let server_first = self.sasl_round(scram.client_first()).await?;
+                let client_final = scram
+                    .client_final(&server_first)
+                    .map_err(|e| refused(e.to_string()))?;
+                let server_final = self.sasl_round(client_final).await?;
+                scram
+                    .verify_server_final(&server_final)
+                    .map_err(|e| refused(e.to_string()))?;
+            }
+        }
+        tracing::debug!(broker = %self.broker, mechanism = mechanism.name(), "authenticated");
+        Ok(())
+    }
+
+    /// One SaslAuthenticate round: our token out, the broker's back.
+    async fn sasl_round(&self, token: Vec<u8>) -> Result<Bytes, ClientError> {
+        use kafka_protocol::messages::SaslAuthenticateRequest;
+        let request = SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from(token));
+        let answer = self.send(&request, (0, 2)).await?;
+        if answer.error_code != 0 {
+            let code = kafka_protocol::ResponseError::try_from_code(answer.error_code)
+                .map_or_else(|| answer.error_code.to_string(), |c| format!("{c:?}"));
+            return Err(ClientError::Authentication {
+                broker: self.broker.clone(),
+                reason: format!(
+                    "{code}: {}",
+                    answer.error_message.as_deref().unwrap_or("no message")
+                ),
+            });
+        }
+        Ok(answer.auth_bytes)
     }
 
     /// `host:port` of the broker.

@@ -9,6 +9,15 @@ use kafka_protocol::messages::ApiKey;
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
+    /// The broker refused our credentials, or SASL could not be agreed on, or the broker
+    /// did not prove it knows them (SCRAM). Retrying with the same settings will not help.
+    #[error("authentication with {broker} failed: {reason}")]
+    Authentication {
+        /// `host:port`.
+        broker: String,
+        /// What the broker said, or what we found wrong.
+        reason: String,
+    },
     /// No TCP connection could be made.
     #[error("cannot connect to {broker}: {reason}")]
     Connect {
@@ -101,7 +110,10 @@ impl ClientError {
             | Self::NoBrokerReachable { .. }
             | Self::Metadata(_) => true,
             Self::Broker { code, .. } => code.is_retriable(),
-            Self::UnsupportedVersion { .. } | Self::Encode { .. } | Self::Decode { .. } => false,
+            Self::Authentication { .. }
+            | Self::UnsupportedVersion { .. }
+            | Self::Encode { .. }
+            | Self::Decode { .. } => false,
         }
     }
 }

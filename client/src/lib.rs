@@ -6,6 +6,8 @@
 //!   negotiation (with the v0 fallback), request timeouts, poisoning on any framing error.
 //! - [`cluster`]: bootstrap over several addresses, a pooled connection per broker with
 //!   reconnect backoff, and the metadata cache (partition → leader).
+//! - [`security`]: TLS and SASL (PLAIN, SCRAM) for a connection, with the Java client's
+//!   setting names; its SCRAM code also serves semel-broker.
 //! - [`error`]: [`ClientError`], with Kafka error codes as data.
 //!
 //! Responses are decoded with `kafka-protocol`, whose array decoders pre-allocate from counts on
@@ -29,11 +31,13 @@ pub mod cluster;
 pub mod connection;
 pub mod error;
 pub mod properties;
+pub mod security;
 
 pub use cluster::{ClientConfig, Cluster, PartitionInfo, TopicInfo, needs_metadata_refresh};
 pub use connection::{Connection, ConnectionConfig, InFlight};
 pub use error::{ClientError, check_code};
 pub use properties::PropertiesError;
+pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
 
 /// A group consumer's identity in its group, as a transactional producer sends it with the
 /// offsets it commits (`send_offsets_to_transaction`, KIP-447): the group coordinator refuses

@@ -55,6 +55,8 @@ impl IsolationLevel {
 pub struct ConsumerConfig {
     /// `bootstrap.servers`.
     pub bootstrap_servers: Vec<String>,
+    /// TLS and SASL (`security.protocol`, `sasl.*`, `ssl.*`).
+    pub security: semel_client::SecurityConfig,
     /// `client.id`.
     pub client_id: String,
     /// `group.id`: needed by `subscribe` and by `commit`; `None` for manual assignment
@@ -112,6 +114,7 @@ impl Default for ConsumerConfig {
     fn default() -> Self {
         Self {
             bootstrap_servers: vec!["127.0.0.1:9092".into()],
+            security: semel_client::SecurityConfig::default(),
             client_id: "semel-consumer".into(),
             group_id: None,
             group_instance_id: None,
@@ -169,6 +172,9 @@ impl ConsumerConfig {
     pub fn from_properties(text: &str) -> Result<Self, PropertiesError> {
         let mut config = Self::default();
         for p in semel_client::properties::parse(text)? {
+            if config.security.apply_property(&p)? {
+                continue;
+            }
             match p.key.as_str() {
                 "bootstrap.servers" => config.bootstrap_servers = p.list(),
                 "client.id" => config.client_id.clone_from(&p.value),
@@ -237,6 +243,9 @@ impl ConsumerConfig {
         };
         if self.bootstrap_servers.is_empty() {
             return fail("bootstrap.servers", "at least one address is needed");
+        }
+        if let Err((name, reason)) = self.security.validate() {
+            return fail(name, &reason);
         }
         if self.group_id.as_deref() == Some("") {
             return fail("group.id", "must not be empty (leave it unset instead)");

@@ -31,6 +31,8 @@ impl Acks {
 pub struct ProducerConfig {
     /// `bootstrap.servers`.
     pub bootstrap_servers: Vec<String>,
+    /// TLS and SASL (`security.protocol`, `sasl.*`, `ssl.*`).
+    pub security: semel_client::SecurityConfig,
     /// `client.id`.
     pub client_id: String,
     /// `acks`.
@@ -90,6 +92,7 @@ impl Default for ProducerConfig {
     fn default() -> Self {
         Self {
             bootstrap_servers: vec!["127.0.0.1:9092".into()],
+            security: semel_client::SecurityConfig::default(),
             client_id: "semel-producer".into(),
             acks: Acks::All,
             enable_idempotence: true,
@@ -142,6 +145,9 @@ impl ProducerConfig {
         let mut config = Self::default();
         let mut idempotence_given = false;
         for p in semel_client::properties::parse(text)? {
+            if config.security.apply_property(&p)? {
+                continue;
+            }
             match p.key.as_str() {
                 "bootstrap.servers" => config.bootstrap_servers = p.list(),
                 "client.id" => config.client_id.clone_from(&p.value),
@@ -218,6 +224,9 @@ impl ProducerConfig {
         };
         if self.bootstrap_servers.is_empty() {
             return fail("bootstrap.servers", "at least one address is needed");
+        }
+        if let Err((name, reason)) = self.security.validate() {
+            return fail(name, &reason);
         }
         if self.enable_idempotence && self.acks != Acks::All {
             return fail(

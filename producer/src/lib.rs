@@ -107,6 +107,7 @@ impl Producer {
                 connection: ConnectionConfig {
                     client_id: config.client_id.clone(),
                     request_timeout: config.request_timeout,
+                    security: config.security.clone(),
                     ..ConnectionConfig::default()
                 },
                 ..ClientConfig::default()

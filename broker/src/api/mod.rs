@@ -53,6 +53,8 @@ pub(crate) enum Reply {
     Later(Pin<Box<dyn Future<Output = ResponseKind> + Send>>),
     /// No response at all (`acks=0`).
     Nothing,
+    /// A raw SASL token, framed by its length only (after SaslHandshake v0).
+    Raw(Bytes),
 }
 
 /// Every API this broker implements, with the exact version range it supports. Each range
@@ -79,6 +81,8 @@ pub(crate) const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeProducers, 0, 0),
     (ApiKey::DescribeLogDirs, 1, 4),
     (ApiKey::DeleteRecords, 0, 2),
+    (ApiKey::SaslHandshake, 0, 1),
+    (ApiKey::SaslAuthenticate, 0, 2),
     (ApiKey::FindCoordinator, 0, 4),
     (ApiKey::JoinGroup, 0, 9),
     (ApiKey::SyncGroup, 0, 5),

@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use semel_broker::log::{LogConfig, TimestampType};
+use semel_broker::security::{ClientAuth, ListenerSecurity};
 use semel_broker::{Broker, BrokerConfig, GroupConfig};
+use semel_client::{SaslMechanism, SecurityProtocol};
 
 /// A single-node broker that speaks the Apache Kafka wire protocol.
 #[derive(Debug, Parser)]
@@ -135,6 +137,31 @@ struct Args {
     /// How long shutdown waits for in-flight requests, in milliseconds.
     #[arg(long, env = "SEMEL_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     shutdown_grace_ms: u64,
+    /// The listener's protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (Kafka: listener.security.protocol.map).
+    #[arg(long, env = "SEMEL_SECURITY_PROTOCOL", default_value = "PLAINTEXT")]
+    security_protocol: String,
+    /// PEM certificate chain of the broker, for SSL and SASL_SSL (Kafka: ssl.keystore.certificate.chain; librdkafka: ssl.certificate.location).
+    #[arg(long, env = "SEMEL_SSL_CERTIFICATE_LOCATION")]
+    ssl_certificate_location: Option<PathBuf>,
+    /// PEM private key of that certificate (Kafka: ssl.keystore.key; librdkafka: ssl.key.location).
+    #[arg(long, env = "SEMEL_SSL_KEY_LOCATION")]
+    ssl_key_location: Option<PathBuf>,
+    /// PEM authorities that sign client certificates, with --ssl-client-auth (Kafka: ssl.truststore.certificates).
+    #[arg(long, env = "SEMEL_SSL_CA_LOCATION")]
+    ssl_ca_location: Option<PathBuf>,
+    /// Ask TLS clients for a certificate: none, requested or required (Kafka: ssl.client.auth).
+    #[arg(long, env = "SEMEL_SSL_CLIENT_AUTH", default_value = "none")]
+    ssl_client_auth: String,
+    /// SASL mechanisms offered, comma-separated: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (Kafka: sasl.enabled.mechanisms).
+    #[arg(
+        long,
+        env = "SEMEL_SASL_ENABLED_MECHANISMS",
+        default_value = "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
+    )]
+    sasl_enabled_mechanisms: String,
+    /// TOML file of the users SASL accepts ([[users]] name = .., password = ..), for SASL_PLAINTEXT and SASL_SSL.
+    #[arg(long, env = "SEMEL_SASL_USERS_FILE")]
+    sasl_users_file: Option<PathBuf>,
     /// Log filter, e.g. info or semel_broker=debug (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "SEMEL_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -212,7 +239,39 @@ fn main() -> anyhow::Result<()> {
             "--log-message-timestamp-type must be CreateTime or LogAppendTime, not {other:?}"
         ),
     };
+    let security = ListenerSecurity {
+        protocol: SecurityProtocol::from_name(&args.security_protocol).with_context(|| {
+            format!(
+                "--security-protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, not {:?}",
+                args.security_protocol
+            )
+        })?,
+        ssl_certificate_location: args.ssl_certificate_location,
+        ssl_key_location: args.ssl_key_location,
+        ssl_ca_location: args.ssl_ca_location,
+        ssl_client_auth: ClientAuth::from_name(&args.ssl_client_auth).with_context(|| {
+            format!(
+                "--ssl-client-auth must be none, requested or required, not {:?}",
+                args.ssl_client_auth
+            )
+        })?,
+        sasl_enabled_mechanisms: args
+            .sasl_enabled_mechanisms
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(|name| {
+                SaslMechanism::from_name(name).with_context(|| {
+                    format!(
+                        "--sasl-enabled-mechanisms: {name:?} is not PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+                    )
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
+        sasl_users_file: args.sasl_users_file,
+    };
     let config = BrokerConfig {
+        security,
         listen: args.listen,
         advertised_listener: args.advertised_listener,
         data_dir: args.data_dir,

@@ -26,7 +26,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
+use kafka_protocol::messages::{
+    ApiKey, RequestHeader, ResponseHeader, ResponseKind, SaslAuthenticateRequest,
+    SaslHandshakeRequest,
+};
 use kafka_protocol::protocol::{Decodable, Encodable};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -37,6 +40,7 @@ use super::frame::{FrameError, FrameReader};
 use super::guard;
 use crate::api::{self, Reply};
 use crate::broker::BrokerState;
+use crate::security::{Authenticator, Step, authenticate_response};
 
 /// A request whose response is owed, in arrival order.
 struct Pending {
@@ -115,19 +119,68 @@ enum Refusal {
         version: i16,
         reason: String,
     },
+    #[error("{0:?} request before SASL authentication")]
+    Unauthenticated(ApiKey),
+    #[error("SASL authentication failed: {0}")]
+    Authentication(String),
 }
+
+/// Longest a TLS handshake may take before the connection is dropped (a peer that connects
+/// and sends nothing must not hold a connection slot).
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a connection stays open after a failed authentication was answered.
+const FAILED_AUTHENTICATION_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Serves one connection until the peer closes it, it breaks the protocol, or shutdown.
 pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     state: Arc<BrokerState>,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     let span = tracing::info_span!("connection", %peer);
     async move {
         let _ = stream.set_nodelay(true);
-        let (read_half, write_half) = stream.into_split();
+        let Some(acceptor) = state.security.tls.clone() else {
+            let (read_half, write_half) = stream.into_split();
+            return serve_stream(read_half, write_half, peer, state, shutdown).await;
+        };
+        let accepted = tokio::select! {
+            accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        match accepted {
+            Ok(Ok(tls)) => {
+                let (read_half, write_half) = tokio::io::split(tls);
+                serve_stream(read_half, write_half, peer, state, shutdown).await;
+            }
+            Ok(Err(e)) => {
+                state.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "TLS handshake failed; closing connection");
+            }
+            Err(_) => {
+                state.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(timeout = ?TLS_HANDSHAKE_TIMEOUT, "no TLS handshake in time; closing connection");
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Serves a connection's byte stream (plain TCP or TLS).
+async fn serve_stream<R, W>(
+    read_half: R,
+    write_half: W,
+    peer: SocketAddr,
+    state: Arc<BrokerState>,
+    shutdown: watch::Receiver<bool>,
+) where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    {
         let (pending_tx, pending_rx) = mpsc::channel(state.config.max_in_flight_per_connection);
         let writer = tokio::spawn(
             write_responses(write_half, pending_rx, Arc::clone(&state)).in_current_span(),
@@ -159,8 +212,6 @@ pub(crate) async fn serve(
             .connections_open
             .fetch_sub(1, Ordering::Relaxed);
     }
-    .instrument(span)
-    .await;
 }
 
 async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
@@ -175,6 +226,7 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
     // client pipelining large requests (and perhaps not reading the answers) waits for its
     // own earlier requests instead of taking the budget from everyone else.
     let share = Arc::new(Semaphore::new(state.config.max_frame_bytes));
+    let mut auth = Authenticator::new(Arc::clone(&state.security));
     loop {
         let length = tokio::select! {
             length = reader.next_frame_len() => length?,
@@ -199,6 +251,31 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
             return Ok(());
         };
         let started = std::time::Instant::now();
+        if auth.expects_raw_token() {
+            // After SaslHandshake v0 the frame is a bare SASL token, not a request.
+            let step = auth.step(&frame, true);
+            let reply = match step {
+                Step::Continue(token) | Step::Done(_, token) => Reply::Raw(Bytes::from(token)),
+                Step::Failed(reason) | Step::Illegal(reason) => {
+                    return Err(Refusal::Authentication(reason));
+                }
+            };
+            let raw = Pending {
+                correlation_id: 0,
+                api_key: ApiKey::SaslAuthenticate,
+                api_version: 0,
+                reply,
+                started,
+                memory: Some(Held {
+                    _broker: memory,
+                    _connection: own,
+                }),
+            };
+            if pending.send(raw).await.is_err() {
+                return Ok(());
+            }
+            continue;
+        }
         let Some(request) = parse_request(frame)? else {
             continue;
         };
@@ -211,6 +288,36 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
             } => {
                 let api_version = header.request_api_version;
                 state.metrics.request(api_key, length);
+                if matches!(api_key, ApiKey::SaslHandshake | ApiKey::SaslAuthenticate) {
+                    let (response, keep, failure) =
+                        sasl_request(&mut auth, api_key, api_version, body)?;
+                    let answer = Pending {
+                        correlation_id: header.correlation_id,
+                        api_key,
+                        api_version,
+                        reply: Reply::Now(Box::new(response)),
+                        started,
+                        memory: Some(Held {
+                            _broker: memory,
+                            _connection: own,
+                        }),
+                    };
+                    if pending.send(answer).await.is_err() {
+                        return Ok(());
+                    }
+                    if !keep {
+                        // As Kafka (`connection.failed.authentication.delay.ms`, 100 ms):
+                        // the refusal is written, then the connection closes a little later,
+                        // so a client reads the reason rather than only a closed socket, and
+                        // one guessing passwords is slowed down.
+                        tokio::time::sleep(FAILED_AUTHENTICATION_DELAY).await;
+                        return Err(Refusal::Authentication(failure));
+                    }
+                    continue;
+                }
+                if !auth.permits(api_key) {
+                    return Err(Refusal::Unauthenticated(api_key));
+                }
                 let cost = (length as u64)
                     .saturating_add(elements.saturating_mul(crate::config::REQUEST_ELEMENT_BYTES));
                 if cost > state.config.max_frame_bytes as u64 {
@@ -280,6 +387,36 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
             return Ok(());
         }
     }
+}
+
+/// Answers SaslHandshake or SaslAuthenticate: the response, whether the connection stays
+/// open after it, and if not, why.
+fn sasl_request(
+    auth: &mut Authenticator,
+    api_key: ApiKey,
+    version: i16,
+    mut body: Bytes,
+) -> Result<(ResponseKind, bool, String), Refusal> {
+    let bad_body = |e: anyhow::Error| Refusal::BadBody {
+        api: api_key,
+        version,
+        reason: e.to_string(),
+    };
+    if api_key == ApiKey::SaslHandshake {
+        let request = SaslHandshakeRequest::decode(&mut body, version).map_err(bad_body)?;
+        let (response, keep) = auth.handshake(request.mechanism.as_str(), version);
+        let why = format!("SaslHandshake refused ({})", response.error_code);
+        return Ok((ResponseKind::SaslHandshake(response), keep, why));
+    }
+    let request = SaslAuthenticateRequest::decode(&mut body, version).map_err(bad_body)?;
+    let step = auth.step(&request.auth_bytes, false);
+    let (response, keep) = authenticate_response(&step);
+    let why = response
+        .error_message
+        .as_ref()
+        .map(|m| m.to_string())
+        .unwrap_or_default();
+    Ok((ResponseKind::SaslAuthenticate(response), keep, why))
 }
 
 /// Permits for `bytes` of `queued.max.request.bytes` (one per byte). Callers pass at most
@@ -353,6 +490,14 @@ fn parse_request(mut frame: Bytes) -> Result<Option<Parsed>, Refusal> {
     }))
 }
 
+/// Writes a whole response frame and flushes it: over TLS, written bytes can wait in the
+/// session's buffer until flushed (a refusal followed by closing the connection would
+/// otherwise never reach the client). For plain TCP the flush does nothing.
+async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &[u8]) -> std::io::Result<()> {
+    writer.write_all(frame).await?;
+    writer.flush().await
+}
+
 /// Largest response buffer a connection keeps between responses.
 const RETAINED_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 
@@ -367,6 +512,16 @@ async fn write_responses<W: AsyncWrite + Unpin>(
             Reply::Now(response) => *response,
             Reply::Later(future) => future.await,
             Reply::Nothing => continue,
+            Reply::Raw(token) => {
+                buffer.clear();
+                buffer.put_u32(u32::try_from(token.len()).unwrap_or(u32::MAX));
+                buffer.extend_from_slice(&token);
+                if let Err(e) = write_frame(&mut writer, &buffer).await {
+                    tracing::debug!(error = %e, "peer stopped reading responses");
+                    return;
+                }
+                continue;
+            }
         };
         buffer.clear();
         buffer.put_i32(0);
@@ -386,7 +541,7 @@ async fn write_responses<W: AsyncWrite + Unpin>(
             return;
         };
         buffer[..4].copy_from_slice(&length.to_be_bytes());
-        if let Err(e) = writer.write_all(&buffer).await {
+        if let Err(e) = write_frame(&mut writer, &buffer).await {
             tracing::debug!(error = %e, "peer stopped reading responses");
             return;
         }
@@ -400,4 +555,6 @@ async fn write_responses<W: AsyncWrite + Unpin>(
             buffer = BytesMut::new();
         }
     }
+    // Every answer is written: close our side (over TLS, with its close_notify).
+    let _ = writer.shutdown().await;
 }

@@ -475,6 +475,22 @@ const SCHEMAS: &[Schema] = &[
             all(I32), // timeout_ms
         ],
     },
+    // SaslHandshake
+    Schema {
+        api_key: 17,
+        min: 0,
+        max: 1,
+        flexible_since: i16::MAX,
+        fields: &[all(STRING)], // mechanism
+    },
+    // SaslAuthenticate
+    Schema {
+        api_key: 36,
+        min: 0,
+        max: 2,
+        flexible_since: 2,
+        fields: &[all(BYTES)], // auth_bytes
+    },
     // DescribeLogDirs
     Schema {
         api_key: 35,

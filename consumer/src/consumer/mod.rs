@@ -180,6 +180,7 @@ impl Consumer {
                 connection: ConnectionConfig {
                     client_id: config.client_id.clone(),
                     request_timeout: config.request_timeout,
+                    security: config.security.clone(),
                     ..ConnectionConfig::default()
                 },
                 reconnect_backoff: config.reconnect_backoff,

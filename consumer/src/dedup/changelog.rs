@@ -258,6 +258,7 @@ impl Changelog {
             connection: ConnectionConfig {
                 client_id: format!("{}-changelog-admin", consumer.client_id),
                 request_timeout: consumer.request_timeout,
+                security: consumer.security.clone(),
                 ..ConnectionConfig::default()
             },
             reconnect_backoff: consumer.reconnect_backoff,
@@ -281,6 +282,7 @@ impl Changelog {
         }
         let producer = Producer::connect(ProducerConfig {
             bootstrap_servers: consumer.bootstrap_servers.clone(),
+            security: consumer.security.clone(),
             client_id: format!("{}-changelog", consumer.client_id),
             linger: config.linger,
             request_timeout: consumer

@@ -285,6 +285,12 @@ fn populated(api_key: i16, version: i16) -> Bytes {
             ))
             .with_timeout_ms(1000)
             .encode(&mut buf, version),
+        17 => SaslHandshakeRequest::default()
+            .with_mechanism(s("SCRAM-SHA-256"))
+            .encode(&mut buf, version),
+        36 => SaslAuthenticateRequest::default()
+            .with_auth_bytes(Bytes::from_static(b"n,,n=user,r=nonce"))
+            .encode(&mut buf, version),
         35 => DescribeLogDirsRequest::default()
             .with_topics(Some(twice(
                 describe_log_dirs_request::DescribableLogDirTopic::default()
@@ -441,6 +447,8 @@ fn empty(api_key: i16, version: i16) -> Bytes {
         66 => ListTransactionsRequest::default().encode(&mut buf, version),
         61 => DescribeProducersRequest::default().encode(&mut buf, version),
         35 => DescribeLogDirsRequest::default().encode(&mut buf, version),
+        17 => SaslHandshakeRequest::default().encode(&mut buf, version),
+        36 => SaslAuthenticateRequest::default().encode(&mut buf, version),
         21 => DeleteRecordsRequest::default().encode(&mut buf, version),
         10 => FindCoordinatorRequest::default().encode(&mut buf, version),
         11 => JoinGroupRequest::default().encode(&mut buf, version),
@@ -491,7 +499,7 @@ fn covers_exactly_what_the_broker_advertises() {
     }
     assert!(!is_covered(9999, 0));
     assert!(matches!(
-        check_request_body(17, 1, &[]),
+        check_request_body(38, 1, &[]),
         Err(GuardError::NotCovered { .. })
     ));
 }
