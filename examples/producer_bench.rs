@@ -4,7 +4,10 @@
 //! ```sh
 //! cargo run --release --example producer_bench -- --messages 200000
 //! cargo run --release --example producer_bench -- --bootstrap 127.0.0.1:9092
+//! cargo run --release --example producer_bench -- --tls
 //! ```
+//! `--tls` runs the embedded broker with an `SSL` listener (a test certificate authority made
+//! for the run) and both clients over TLS, to set against a plaintext run of the same load.
 //! Without `--bootstrap` it starts an embedded semel-broker on a temporary directory. Each
 //! configuration writes to a fresh 3-partition topic; the figure is messages acknowledged per
 //! second, from the first send to the last delivery report (kcat: process start to exit).
@@ -18,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use clap::Parser;
+use semel::client::{SecurityConfig, SecurityProtocol};
 use semel::producer::{Acks, Producer, ProducerConfig, ProducerRecord};
 
 /// Producer benchmark.
@@ -35,19 +39,46 @@ struct Args {
     /// Hand records to semel-producer `N` at a time (`send_many`) instead of one `send` each.
     #[arg(long, default_value_t = 1)]
     many: usize,
+    /// Serve and send over TLS (embedded broker only).
+    #[arg(long)]
+    tls: bool,
 }
 
-async fn semel(
-    bootstrap: &str,
-    topic: &str,
+/// One configuration's load, for either client.
+#[derive(Debug, Clone)]
+struct Load {
+    bootstrap: String,
+    topic: String,
     messages: usize,
     size: usize,
     acks: Acks,
     idempotent: bool,
-    many: usize,
-) -> anyhow::Result<Duration> {
+    /// The test authority to trust, when the broker serves TLS.
+    ca: Option<std::path::PathBuf>,
+}
+
+async fn semel(load: &Load, many: usize) -> anyhow::Result<Duration> {
+    let Load {
+        bootstrap,
+        topic,
+        messages,
+        size,
+        acks,
+        idempotent,
+        ca,
+    } = load.clone();
+    let topic = topic.as_str();
+    let security = match ca {
+        Some(ca) => SecurityConfig {
+            protocol: SecurityProtocol::Ssl,
+            ssl_ca_location: Some(ca),
+            ..SecurityConfig::default()
+        },
+        None => SecurityConfig::default(),
+    };
     let producer = Producer::connect(ProducerConfig {
-        bootstrap_servers: vec![bootstrap.to_string()],
+        bootstrap_servers: vec![bootstrap],
+        security,
         acks,
         enable_idempotence: idempotent,
         linger: Duration::from_millis(5),
@@ -85,14 +116,17 @@ async fn semel(
     Ok(elapsed)
 }
 
-fn kcat(
-    bootstrap: &str,
-    topic: &str,
-    messages: usize,
-    size: usize,
-    acks: Acks,
-    idempotent: bool,
-) -> anyhow::Result<Duration> {
+fn kcat(load: &Load) -> anyhow::Result<Duration> {
+    let Load {
+        bootstrap,
+        topic,
+        messages,
+        size,
+        acks,
+        idempotent,
+        ca,
+    } = load.clone();
+    let (bootstrap, topic) = (bootstrap.as_str(), topic.as_str());
     let value = "x".repeat(size);
     let mut input = String::with_capacity(messages * (size + 8));
     for i in 0..messages {
@@ -104,7 +138,12 @@ fn kcat(
         Acks::All => "all",
     };
     let started = Instant::now();
-    let mut child = Command::new("kcat")
+    let mut command = Command::new("kcat");
+    if let Some(ca) = ca {
+        command.args(["-X", "security.protocol=ssl", "-X"]);
+        command.arg(format!("ssl.ca.location={}", ca.display()));
+    }
+    let mut child = command
         .args(["-P", "-b", bootstrap, "-t", topic, "-K", ":"])
         .args(["-X", &format!("acks={acks}")])
         .args(["-X", &format!("enable.idempotence={idempotent}")])
@@ -131,7 +170,26 @@ fn kcat(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let broker = support::ExampleBroker::start(args.bootstrap.as_deref(), |_| {}).await?;
+    ensure!(
+        !(args.tls && args.bootstrap.is_some()),
+        "--tls runs the embedded broker; it cannot be used with --bootstrap"
+    );
+    let pki = if args.tls {
+        Some(support::common::pki::Pki::new()?)
+    } else {
+        None
+    };
+    let ca = pki.as_ref().map(|pki| pki.path("ca.pem"));
+    let listener = pki.as_ref().map(|pki| pki.listener(SecurityProtocol::Ssl));
+    let broker = support::ExampleBroker::start(args.bootstrap.as_deref(), |config| {
+        if let Some(listener) = listener {
+            // Topics are made by the clients' first Metadata request (the admin helper
+            // speaks plaintext), with the 3 partitions every configuration uses.
+            config.security = listener;
+            config.num_partitions = 3;
+        }
+    })
+    .await?;
     let bootstrap = broker.bootstrap.clone();
     println!("| client | record | acks | idempotent | messages/s | MB/s |");
     println!("|---|---|---|---|---|---|");
@@ -145,22 +203,22 @@ async fn main() -> anyhow::Result<()> {
                 }
                 n += 1;
                 let topic = format!("bench-{n}-{}", std::process::id());
-                support::create_topics(&bootstrap, &[(&topic, 3)]).await?;
+                if ca.is_none() {
+                    support::create_topics(&bootstrap, &[(&topic, 3)]).await?;
+                }
+                let load = Load {
+                    bootstrap: bootstrap.clone(),
+                    topic,
+                    messages: args.messages,
+                    size,
+                    acks,
+                    idempotent,
+                    ca: ca.clone(),
+                };
                 let elapsed = if client == "semel" {
-                    semel(
-                        &bootstrap,
-                        &topic,
-                        args.messages,
-                        size,
-                        acks,
-                        idempotent,
-                        args.many,
-                    )
-                    .await?
+                    semel(&load, args.many).await?
                 } else {
-                    let (b, t, m) = (bootstrap.clone(), topic.clone(), args.messages);
-                    tokio::task::spawn_blocking(move || kcat(&b, &t, m, size, acks, idempotent))
-                        .await??
+                    tokio::task::spawn_blocking(move || kcat(&load)).await??
                 };
                 let rate = args.messages as f64 / elapsed.as_secs_f64();
                 println!(

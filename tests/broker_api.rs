@@ -741,28 +741,6 @@ async fn topic_configs_can_be_altered() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One HTTP GET to the metrics endpoint: (status line, body).
-async fn http_get(address: std::net::SocketAddr, path: &str) -> anyhow::Result<(String, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: semel\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        stream.read_to_string(&mut response),
-    )
-    .await??;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("no header end in {response:?}"))?;
-    Ok((
-        head.lines().next().unwrap_or_default().to_string(),
-        body.to_string(),
-    ))
-}
-
 /// `--metrics-listen`: Prometheus text with the requests served per API, their latency, and
 /// each partition's offsets and size; `/health`; 404 elsewhere; a scraper sending junk gets its
 /// connection closed and the endpoint keeps answering.
@@ -792,7 +770,7 @@ async fn the_metrics_endpoint_reports_requests_partitions_and_health() -> anyhow
             .await?;
         assert_eq!(produced.responses[0].partition_responses[0].error_code, 0);
     }
-    let (status, body) = http_get(metrics, "/metrics").await?;
+    let (status, body) = common::http_get(metrics, "/metrics").await?;
     assert_eq!(status, "HTTP/1.1 200 OK");
     let value = |line_start: &str| -> Option<f64> {
         body.lines()
@@ -842,12 +820,12 @@ async fn the_metrics_endpoint_reports_requests_partitions_and_health() -> anyhow
         .await?;
         assert!(rest.is_empty(), "junk got an answer");
     }
-    let (status, body) = http_get(metrics, "/health").await?;
+    let (status, body) = common::http_get(metrics, "/health").await?;
     assert_eq!(
         (status.as_str(), body.as_str()),
         ("HTTP/1.1 200 OK", "ok\n")
     );
-    let (status, _) = http_get(metrics, "/elsewhere").await?;
+    let (status, _) = common::http_get(metrics, "/elsewhere").await?;
     assert_eq!(status, "HTTP/1.1 404 Not Found");
     Ok(())
 }

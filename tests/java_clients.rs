@@ -1156,3 +1156,95 @@ fn java_consumers_keep_their_group_through_a_broker_kill_9() -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// The Java reference client over TLS and SCRAM (issue 22): semel-broker started with its
+/// security flags (SASL_SSL, a PEM certificate, a users file); `kafka-topics`, the console
+/// producer and consumer with SCRAM-SHA-512 and a PEM trust store; a wrong password refused
+/// with the Java client's authentication error.
+#[test]
+fn java_clients_work_against_semel_broker_over_sasl_ssl() -> anyhow::Result<()> {
+    use semel::client::SecurityProtocol;
+    kafka_ready()?;
+    let pki = common::pki::Pki::new()?;
+    let dir = tempfile::tempdir()?;
+    let flags = pki.broker_flags(SecurityProtocol::SaslSsl);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let broker = ChildBroker::spawn(&dir.path().join("data"), &flags)?;
+    let bootstrap = format!("localhost:{}", broker.addr.port());
+    let b = bootstrap.as_str();
+    let good = pki.java_properties("SCRAM-SHA-512", "alice-secret")?;
+    let good = good.to_string_lossy();
+    let topic = "java-secured";
+
+    let created = run_tool(
+        "topics",
+        &[
+            "--bootstrap-server",
+            b,
+            "--command-config",
+            &good,
+            "--create",
+            "--topic",
+            topic,
+            "--partitions",
+            "1",
+        ],
+    )?;
+    ensure!(created.contains("Created topic"), "create said: {created}");
+    let input = dir.path().join("input.txt");
+    std::fs::write(&input, "one\ntwo\nthree\n")?;
+    run_tool_with_input(
+        "console-producer",
+        &[
+            "--bootstrap-server",
+            b,
+            "--topic",
+            topic,
+            "--producer.config",
+            &good,
+        ],
+        Some(&input),
+    )?;
+    let read = run_tool(
+        "console-consumer",
+        &[
+            "--bootstrap-server",
+            b,
+            "--topic",
+            topic,
+            "--consumer.config",
+            &good,
+            "--from-beginning",
+            "--max-messages",
+            "3",
+            "--timeout-ms",
+            "30000",
+        ],
+    )?;
+    let lines: Vec<&str> = read.lines().collect();
+    ensure!(
+        lines == ["one", "two", "three"],
+        "console-consumer read {read:?}"
+    );
+
+    let wrong = pki.java_properties("SCRAM-SHA-512", "guess")?;
+    let refused = run_tool(
+        "topics",
+        &[
+            "--bootstrap-server",
+            b,
+            "--command-config",
+            &wrong.to_string_lossy(),
+            "--list",
+        ],
+    );
+    let error = format!(
+        "{:#}",
+        refused.err().context("a wrong password listed topics")?
+    );
+    ensure!(
+        error.contains("SaslAuthenticationException") && error.contains("invalid credentials"),
+        "{error}"
+    );
+    Ok(())
+}

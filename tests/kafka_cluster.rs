@@ -23,10 +23,14 @@ use semel::consumer::{
 };
 use semel::producer::{Acks, Producer, ProducerConfig, ProducerRecord};
 
-/// A 3-broker cluster in a temporary directory, stopped on drop.
+/// A 3-broker cluster in a temporary directory, stopped on drop. Besides its plaintext
+/// listeners, each broker has a SASL_SSL one (certificate and SCRAM users from `pki`).
 struct Cluster {
     dir: tempfile::TempDir,
     bootstrap: String,
+    /// The SASL_SSL listeners' bootstrap string.
+    sasl_ssl_bootstrap: String,
+    pki: common::pki::Pki,
 }
 
 fn kafka_sh() -> PathBuf {
@@ -63,7 +67,23 @@ impl Cluster {
         kafka(&["fetch"], Duration::from_secs(600))?;
         let dir = tempfile::tempdir()?;
         let path = dir.path().display().to_string();
-        let out = kafka(&["start3", &path], Duration::from_secs(180))?;
+        // Kafka reads a PEM key store as the PKCS#8 key followed by the certificate chain.
+        let pki = common::pki::Pki::new()?;
+        let keystore = [
+            std::fs::read_to_string(pki.path("broker.key"))?,
+            std::fs::read_to_string(pki.path("broker.pem"))?,
+        ]
+        .concat();
+        std::fs::write(pki.path("keystore.pem"), keystore)?;
+        std::fs::write(pki.path("scram-users"), "alice alice-secret\n")?;
+        let mut command = Command::new("bash");
+        command
+            .arg(kafka_sh())
+            .args(["start3", &path])
+            .env("KAFKA_SASL_SSL_DIR", pki.dir.path());
+        let started =
+            common::output_within(&mut command, Duration::from_secs(180), "kafka.sh start3")?;
+        let out = common::stdout_of(&started, "kafka.sh start3")?;
         let bootstrap = out
             .lines()
             .last()
@@ -71,7 +91,15 @@ impl Cluster {
             .trim()
             .to_string();
         ensure!(bootstrap.contains(':'), "bootstrap {bootstrap:?}");
-        Ok(Self { dir, bootstrap })
+        let sasl_ssl_bootstrap = std::fs::read_to_string(dir.path().join("bootstrap-sasl-ssl"))?
+            .trim()
+            .to_string();
+        Ok(Self {
+            dir,
+            bootstrap,
+            sasl_ssl_bootstrap,
+            pki,
+        })
     }
 
     fn path(&self) -> String {
@@ -713,6 +741,75 @@ fn replication_example(cluster: &Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// semel-producer and semel-consumer on Kafka's SASL_SSL listeners (issue 22): SCRAM-SHA-512
+/// to produce (idempotent, acks=all, replication factor 3), SCRAM-SHA-256 to read back, and a
+/// wrong password refused with the broker's authentication error.
+async fn semel_clients_over_sasl_ssl(cluster: &Cluster) -> anyhow::Result<()> {
+    use semel::client::security::scram::ScramMechanism;
+    use semel::client::{ClientError, SaslMechanism, SecurityProtocol};
+    use semel::producer::ProduceError;
+    let topic = "kafka-sasl-ssl";
+    cluster.create_topic(topic, 1)?;
+    let security = |mechanism, password: &str| {
+        cluster.pki.client(
+            SecurityProtocol::SaslSsl,
+            SaslMechanism::Scram(mechanism),
+            "alice",
+            password,
+        )
+    };
+    let config = |security| ProducerConfig {
+        bootstrap_servers: vec![cluster.sasl_ssl_bootstrap.clone()],
+        security,
+        request_timeout: Duration::from_secs(10),
+        delivery_timeout: Duration::from_secs(60),
+        ..ProducerConfig::default()
+    };
+    let producer =
+        Producer::connect(config(security(ScramMechanism::Sha512, "alice-secret"))).await?;
+    let mut deliveries = Vec::new();
+    for n in 0..20 {
+        deliveries.push(
+            producer
+                .send(ProducerRecord::new(topic, n.to_string()).partition(0))
+                .await?,
+        );
+    }
+    for delivery in deliveries {
+        delivery.await?;
+    }
+    producer.close().await;
+    let mut consumer = Consumer::connect(ConsumerConfig {
+        bootstrap_servers: vec![cluster.sasl_ssl_bootstrap.clone()],
+        security: security(ScramMechanism::Sha256, "alice-secret"),
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        ..ConsumerConfig::default()
+    })
+    .await?;
+    consumer.assign([(topic.to_string(), 0)])?;
+    let mut values = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while values.len() < 20 && Instant::now() < deadline {
+        for record in consumer.poll(Duration::from_millis(200)).await? {
+            values.push(
+                String::from_utf8_lossy(record.value.as_deref().unwrap_or_default()).into_owned(),
+            );
+        }
+    }
+    let expected: Vec<String> = (0..20).map(|n: i32| n.to_string()).collect();
+    ensure!(values == expected, "read over SASL_SSL: {values:?}");
+    match Producer::connect(config(security(ScramMechanism::Sha256, "guess"))).await {
+        Err(ProduceError::Client(ClientError::Authentication { reason, .. })) => {
+            ensure!(reason.contains("invalid credentials"), "{reason}");
+        }
+        other => bail!("a wrong password on Kafka: {other:?}"),
+    }
+    eprintln!(
+        "on Kafka over SASL_SSL: 20 records produced with SCRAM-SHA-512 and read with SCRAM-SHA-256; a wrong password refused"
+    );
+    Ok(())
+}
+
 /// The child process of [`dedup_changelog_takeover`] (one "host").
 #[test]
 fn host_child() -> anyhow::Result<()> {
@@ -737,6 +834,7 @@ async fn semel_libraries_on_a_three_broker_kafka_cluster() -> anyhow::Result<()>
         mixed_group_through_a_coordinator_kill(&cluster, strategy, assignor).await?;
     }
     dedup_changelog_takeover(&cluster).await?;
+    semel_clients_over_sasl_ssl(&cluster).await?;
     // semel-producer's transactions on Kafka (replication factor 3), read back
     // read_committed by semel-consumer.
     let summary = common::txn::semel_producer_transactions(&cluster.bootstrap, "kafka-txn").await?;

@@ -6,11 +6,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
+use common::pki::Pki;
 use common::{RawClient, TestBroker, kcat, output_within, python, stdout_of};
 use kafka_protocol::messages::{
     ApiVersionsRequest, MetadataRequest, SaslAuthenticateRequest, SaslHandshakeRequest,
@@ -23,79 +24,6 @@ use semel::consumer::{AutoOffsetReset, Consumer, ConsumerConfig};
 use semel::producer::{ProduceError, Producer, ProducerConfig, ProducerRecord};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// A certificate authority, a broker certificate for `localhost` and `127.0.0.1` signed by
-/// it, a client certificate, and a second authority nobody trusts; PEM files in a folder.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> anyhow::Result<Self> {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        let dir = tempfile::tempdir()?;
-        let authority = |name: &str| -> anyhow::Result<(String, Issuer<'static, KeyPair>)> {
-            let key = KeyPair::generate()?;
-            let mut params = CertificateParams::new(Vec::<String>::new())?;
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.distinguished_name.push(DnType::CommonName, name);
-            let cert = params.self_signed(&key)?;
-            Ok((cert.pem(), Issuer::new(params, key)))
-        };
-        let (ca_pem, ca) = authority("semel test CA")?;
-        let (other_pem, _) = authority("an authority nobody trusts")?;
-        let leaf = |names: Vec<String>, file: &str| -> anyhow::Result<()> {
-            let key = KeyPair::generate()?;
-            let mut params = CertificateParams::new(names)?;
-            params.distinguished_name.push(DnType::CommonName, file);
-            let cert = params.signed_by(&key, &ca)?;
-            std::fs::write(dir.path().join(format!("{file}.pem")), cert.pem())?;
-            std::fs::write(dir.path().join(format!("{file}.key")), key.serialize_pem())?;
-            Ok(())
-        };
-        leaf(vec!["localhost".into(), "127.0.0.1".into()], "broker")?;
-        leaf(vec!["client".into()], "client")?;
-        std::fs::write(dir.path().join("ca.pem"), ca_pem)?;
-        std::fs::write(dir.path().join("other-ca.pem"), other_pem)?;
-        std::fs::write(
-            dir.path().join("users.toml"),
-            "[[users]]\nname = \"alice\"\npassword = \"alice-secret\"\n\n\
-             [[users]]\nname = \"bob\"\npassword = \"bob-secret\"\n",
-        )?;
-        Ok(Self { dir })
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    fn listener(&self, protocol: SecurityProtocol) -> ListenerSecurity {
-        ListenerSecurity {
-            protocol,
-            ssl_certificate_location: protocol.tls().then(|| self.path("broker.pem")),
-            ssl_key_location: protocol.tls().then(|| self.path("broker.key")),
-            sasl_users_file: protocol.sasl().then(|| self.path("users.toml")),
-            ..ListenerSecurity::default()
-        }
-    }
-
-    fn client(
-        &self,
-        protocol: SecurityProtocol,
-        mechanism: SaslMechanism,
-        user: &str,
-        password: &str,
-    ) -> SecurityConfig {
-        SecurityConfig {
-            protocol,
-            sasl_mechanism: Some(mechanism),
-            sasl_username: user.into(),
-            sasl_password: password.into(),
-            ssl_ca_location: Some(self.path("ca.pem")),
-            ..SecurityConfig::default()
-        }
-    }
-}
 
 async fn secured_broker(pki: &Pki, protocol: SecurityProtocol) -> anyhow::Result<TestBroker> {
     let listener = pki.listener(protocol);
@@ -295,7 +223,12 @@ async fn tls_refusals_untrusted_authority_plaintext_client_and_missing_client_ce
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_but_sasl_is_served_before_authentication() -> anyhow::Result<()> {
     let pki = Pki::new()?;
-    let broker = secured_broker(&pki, SecurityProtocol::SaslPlaintext).await?;
+    let listener = pki.listener(SecurityProtocol::SaslPlaintext);
+    let broker = TestBroker::start_with(move |config| {
+        config.security = listener;
+        config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
+    })
+    .await?;
     // ApiVersions is allowed (clients ask it first); Metadata closes the connection unanswered.
     let mut raw = RawClient::connect(broker.addr()).await?;
     let versions = raw.send(3, &ApiVersionsRequest::default()).await?;
@@ -355,6 +288,21 @@ async fn no_request_but_sasl_is_served_before_authentication() -> anyhow::Result
         .send(12, &MetadataRequest::default().with_topics(None))
         .await?;
     ensure!(metadata.brokers.len() == 1, "{metadata:?}");
+    // One success (bob over v0) and one failure (alice's wrong password), as counted.
+    let metrics = broker.handle.metrics_addr().context("no metrics address")?;
+    let (_, body) = common::http_get(metrics, "/metrics").await?;
+    let value = |name: &str| -> Option<f64> {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    ensure!(
+        value("semel_sasl_authentications_succeeded_total ") == Some(1.0),
+        "{body}"
+    );
+    ensure!(
+        value("semel_sasl_authentications_failed_total ") == Some(1.0),
+        "{body}"
+    );
     Ok(())
 }
 
@@ -452,5 +400,6 @@ async fn librdkafka_and_kafka_python_work_over_tls_and_scram_and_are_refused_a_w
     eprintln!("{printed}");
     ensure!(printed.contains("round trip ok"), "{printed}");
     ensure!(printed.contains("wrong password refused"), "{printed}");
+    ensure!(printed.contains("confluent-kafka ok"), "{printed}");
     Ok(())
 }

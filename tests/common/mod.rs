@@ -595,10 +595,36 @@ pub async fn init_producer_id(client: &mut RawClient) -> anyhow::Result<(i64, i1
     Ok((response.producer_id.0, response.producer_epoch))
 }
 
+/// One HTTP GET to the metrics endpoint: (status line, body).
+pub async fn http_get(
+    address: std::net::SocketAddr,
+    path: &str,
+) -> anyhow::Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: semel\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await??;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no header end in {response:?}"))?;
+    Ok((
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    ))
+}
+
 pub mod child;
 pub mod dedup_hosts;
 pub mod fixed_port;
 pub mod java;
+pub mod pki;
 pub mod proxy;
 pub mod txn;
 

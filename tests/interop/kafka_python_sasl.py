@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""kafka-python, a pure-Python Kafka client we did not write, against a SASL_SSL semel-broker.
+"""kafka-python and confluent-kafka, clients we did not write, against a SASL_SSL semel-broker.
 
 Usage: kafka_python_sasl.py BOOTSTRAP CA_PEM
 
-Produces three records as alice over TLS with SCRAM-SHA-256 (acks=all), reads them back with
-SCRAM-SHA-512, then checks that a wrong password is refused with an authentication error
-rather than served. Prints "round trip ok" and "wrong password refused"; exits non-zero with
-the reason otherwise.
+kafka-python (pure Python) produces three records as alice over TLS with SCRAM-SHA-256
+(acks=all), reads them back with SCRAM-SHA-512, then checks that a wrong password is refused
+with the broker's authentication error rather than served. confluent-kafka (librdkafka 2.6.1
+or newer, whose SCRAM nonce is the exact one RFC 5802 asks for) produces one record with
+SCRAM-SHA-512. Prints "round trip ok", "wrong password refused" and "confluent-kafka ok";
+exits non-zero with the reason otherwise.
 """
 import logging
 import sys
@@ -66,8 +68,30 @@ def main():
         if not refusals:
             sys.exit(f"a wrong password failed without the broker's refusal: {error}; log: {seen}")
         print(f"wrong password refused: {refusals[0]}")
-        return
-    sys.exit("a wrong password was served")
+    else:
+        sys.exit("a wrong password was served")
+
+    import confluent_kafka
+
+    errors = []
+    producer = confluent_kafka.Producer({
+        "bootstrap.servers": sys.argv[1],
+        "security.protocol": "SASL_SSL",
+        "ssl.ca.location": sys.argv[2],
+        "sasl.mechanisms": "SCRAM-SHA-512",
+        "sasl.username": "alice",
+        "sasl.password": "alice-secret",
+        "enable.idempotence": True,
+        "error_cb": lambda error: errors.append(str(error)),
+    })
+    delivered = []
+    producer.produce("kafka-python-sasl", b"from confluent-kafka", partition=0,
+                     on_delivery=lambda error, message: delivered.append(error))
+    left = producer.flush(20)
+    if left or delivered != [None] or errors:
+        sys.exit(f"confluent-kafka {confluent_kafka.libversion()[0]}: left {left}, "
+                 f"delivered {delivered}, errors {errors}")
+    print(f"confluent-kafka ok (librdkafka {confluent_kafka.libversion()[0]})")
 
 
 if __name__ == "__main__":

@@ -156,11 +156,11 @@ pub(crate) async fn serve(
                 serve_stream(read_half, write_half, peer, state, shutdown).await;
             }
             Ok(Err(e)) => {
-                state.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                state.metrics.tls_handshakes_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "TLS handshake failed; closing connection");
             }
             Err(_) => {
-                state.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                state.metrics.tls_handshakes_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(timeout = ?TLS_HANDSHAKE_TIMEOUT, "no TLS handshake in time; closing connection");
             }
         }
@@ -254,6 +254,7 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
         if auth.expects_raw_token() {
             // After SaslHandshake v0 the frame is a bare SASL token, not a request.
             let step = auth.step(&frame, true);
+            count_authentication(state, &step);
             let reply = match step {
                 Step::Continue(token) | Step::Done(_, token) => Reply::Raw(Bytes::from(token)),
                 Step::Failed(reason) | Step::Illegal(reason) => {
@@ -290,7 +291,7 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
                 state.metrics.request(api_key, length);
                 if matches!(api_key, ApiKey::SaslHandshake | ApiKey::SaslAuthenticate) {
                     let (response, keep, failure) =
-                        sasl_request(&mut auth, api_key, api_version, body)?;
+                        sasl_request(state, &mut auth, api_key, api_version, body)?;
                     let answer = Pending {
                         correlation_id: header.correlation_id,
                         api_key,
@@ -392,6 +393,7 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
 /// Answers SaslHandshake or SaslAuthenticate: the response, whether the connection stays
 /// open after it, and if not, why.
 fn sasl_request(
+    state: &BrokerState,
     auth: &mut Authenticator,
     api_key: ApiKey,
     version: i16,
@@ -410,6 +412,7 @@ fn sasl_request(
     }
     let request = SaslAuthenticateRequest::decode(&mut body, version).map_err(bad_body)?;
     let step = auth.step(&request.auth_bytes, false);
+    count_authentication(state, &step);
     let (response, keep) = authenticate_response(&step);
     let why = response
         .error_message
@@ -417,6 +420,15 @@ fn sasl_request(
         .map(|m| m.to_string())
         .unwrap_or_default();
     Ok((ResponseKind::SaslAuthenticate(response), keep, why))
+}
+
+fn count_authentication(state: &BrokerState, step: &Step) {
+    let counter = match step {
+        Step::Continue(_) => return,
+        Step::Done(..) => &state.metrics.authentications_succeeded,
+        Step::Failed(_) | Step::Illegal(_) => &state.metrics.authentications_failed,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Permits for `bytes` of `queued.max.request.bytes` (one per byte). Callers pass at most

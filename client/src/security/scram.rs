@@ -436,8 +436,11 @@ impl ScramServer {
             return fail("client-final message has no proof");
         };
         let attrs = attributes(without_proof)?;
-        // Kafka's rule: the nonce must end with the server's (client nonce + server part).
-        // librdkafka sends its client nonce once more in front of it, and Kafka accepts that.
+        // The nonce must end with the whole server nonce (client part + server part), so a
+        // replayed exchange fails. RFC 5802 asks for it exactly; librdkafka before 2.6.1
+        // (Debian 12 ships 2.0.2, behind kcat) sends its client nonce once more in front.
+        // Kafka 3.8.1-3.9 accepted that (`endsWith`), Kafka 4 refuses it; semel-broker accepts
+        // it, because those clients are common and the fresh server nonce is still required.
         if !attribute(&attrs, 'r')?.ends_with(&self.nonce) {
             return fail("nonce changed");
         }
@@ -527,8 +530,9 @@ mod tests {
         Ok(())
     }
 
-    /// librdkafka 2.0 puts its client nonce once more in front of the combined nonce in its
-    /// client-final message; Kafka accepts any nonce that ends with the server's.
+    /// librdkafka before 2.6.1 puts its client nonce once more in front of the combined nonce
+    /// in its client-final message; a nonce that ends with the server's is accepted (as Kafka
+    /// 3.8.1-3.9 did), any other is refused.
     #[test]
     fn a_client_final_nonce_must_end_with_the_servers_as_kafka_checks() -> Result<(), ScramError> {
         let m = ScramMechanism::Sha256;
