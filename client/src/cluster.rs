@@ -346,6 +346,22 @@ impl Cluster {
         Ok(())
     }
 
+    /// The names of every topic in the cached metadata.
+    pub fn topic_names(&self) -> Vec<String> {
+        let metadata = self.metadata.read().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<String> = metadata.topics.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The node ids of every broker in the cached metadata.
+    pub fn node_ids(&self) -> Vec<i32> {
+        let metadata = self.metadata.read().unwrap_or_else(|p| p.into_inner());
+        let mut ids: Vec<i32> = metadata.brokers.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// The cached metadata of `topic`.
     pub fn topic(&self, topic: &str) -> Option<TopicInfo> {
         self.metadata

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`connection`]: one broker connection: framing, correlation ids, pipelining, ApiVersions
 //!   negotiation (with the v0 fallback), request timeouts, poisoning on any framing error.
+//! - [`admin`]: topics, groups, committed offsets and lag, producers (the `semel` tool's API).
 //! - [`cluster`]: bootstrap over several addresses, a pooled connection per broker with
 //!   reconnect backoff, and the metadata cache (partition → leader).
 //! - [`security`]: TLS and SASL (PLAIN, SCRAM) for a connection, with the Java client's
@@ -27,12 +28,14 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod cluster;
 pub mod connection;
 pub mod error;
 pub mod properties;
 pub mod security;
 
+pub use admin::Admin;
 pub use cluster::{ClientConfig, Cluster, PartitionInfo, TopicInfo, needs_metadata_refresh};
 pub use connection::{Connection, ConnectionConfig, InFlight};
 pub use error::{ClientError, check_code};
