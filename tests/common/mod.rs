@@ -621,6 +621,7 @@ pub async fn http_get(
 }
 
 pub mod child;
+#[cfg(feature = "dedup")]
 pub mod dedup_hosts;
 pub mod fixed_port;
 pub mod java;
