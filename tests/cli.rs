@@ -233,3 +233,45 @@ async fn semel_tool_shows_lag_resets_offsets_and_lists_producers() -> anyhow::Re
     ensure!(error.contains("UnknownTopicOrPartition"), "{error}");
     Ok(())
 }
+
+/// `semel dedup` opens a store read-only while its owner still holds it: the marks, the bucket
+/// width and the offsets recorded per partition, without touching it.
+#[test]
+fn semel_dedup_reads_a_store_in_use() -> anyhow::Result<()> {
+    use semel::consumer::dedup::{Claim, DedupConfig, DedupStore, KeyHash};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    let store = DedupStore::open(DedupConfig::new(&path))?;
+    for n in 0..25 {
+        let key = KeyHash::new("billing", "orders", format!("order-{n}").as_bytes());
+        let Claim::Fresh(token) = store.claim(key)? else {
+            anyhow::bail!("order-{n} was not fresh");
+        };
+        let offset = ("billing", "orders", n % 2, i64::from(n) + 1);
+        store.mark_done(key, token, Some(offset), |_| {})?;
+    }
+    store.sync()?;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_semel"));
+    command.args(["--json", "dedup", "--path"]).arg(&path);
+    let out = output_within(&mut command, LIMIT, "semel dedup")?;
+    let printed = stdout_of(&out, "semel dedup")?;
+    ensure!(printed.contains("\"keys\":25,"), "{printed}");
+    ensure!(
+        printed.contains(r#"{"group":"billing","topic":"orders","partition":0,"next_offset":25}"#)
+            && printed
+                .contains(r#"{"group":"billing","topic":"orders","partition":1,"next_offset":24}"#),
+        "{printed}"
+    );
+    // The owner goes on using it.
+    let key = KeyHash::new("billing", "orders", b"order-0");
+    ensure!(
+        matches!(store.claim(key)?, Claim::Duplicate),
+        "a handled key was fresh again"
+    );
+    let missing = Command::new(env!("CARGO_BIN_EXE_semel"))
+        .args(["dedup", "--path"])
+        .arg(dir.path().join("nothing-here"))
+        .output()?;
+    ensure!(!missing.status.success(), "a missing store was summarised");
+    Ok(())
+}

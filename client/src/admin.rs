@@ -170,6 +170,37 @@ impl Admin {
         Self { cluster }
     }
 
+    /// The cluster connection (metadata cache, pooled connections).
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    /// Grows `topic` to `count` partitions (CreatePartitions).
+    ///
+    /// # Errors
+    /// The broker's refusal (`INVALID_PARTITIONS` when it already has that many or more), or
+    /// a request that failed.
+    pub async fn create_partitions(&self, topic: &str, count: i32) -> Result<(), ClientError> {
+        use kafka_protocol::messages::CreatePartitionsRequest;
+        use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+        let request = CreatePartitionsRequest::default()
+            .with_timeout_ms(30_000)
+            .with_topics(vec![
+                CreatePartitionsTopic::default()
+                    .with_name(TopicName(name(topic)))
+                    .with_count(count),
+            ]);
+        let response = self.cluster.any().await?.send(&request, (0, 3)).await?;
+        for result in &response.results {
+            broker_error(
+                ApiKey::CreatePartitions,
+                result.error_code,
+                result.error_message.as_ref(),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Creates `topics`; each result in order (`TOPIC_ALREADY_EXISTS` included, as Kafka
     /// answers it).
     ///

@@ -9,13 +9,10 @@ pub(crate) mod common;
 #[allow(unused_imports)]
 pub(crate) use common::child::Lcg;
 
-use anyhow::ensure;
-use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
-use kafka_protocol::messages::create_topics_request::CreatableTopic;
-use kafka_protocol::messages::{CreatePartitionsRequest, CreateTopicsRequest, TopicName};
-use kafka_protocol::protocol::StrBytes;
+use anyhow::{Context, ensure};
 use semel::broker::{BrokerConfig, BrokerHandle};
-use semel::client::{ClientConfig, Cluster};
+use semel::client::admin::NewTopic;
+use semel::client::{Admin, ClientConfig, Cluster};
 
 /// The broker an example runs against.
 pub(crate) struct ExampleBroker {
@@ -76,100 +73,52 @@ pub(crate) async fn admin(bootstrap: &str) -> anyhow::Result<Cluster> {
     .await?)
 }
 
-fn name(topic: &str) -> TopicName {
-    TopicName(StrBytes::from_string(topic.to_string()))
-}
-
-/// Creates each (topic, partitions), replication factor 1; fails on any refusal.
-pub(crate) async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> anyhow::Result<()> {
-    let request = CreateTopicsRequest::default()
-        .with_timeout_ms(5_000)
-        .with_topics(
-            topics
-                .iter()
-                .map(|(topic, partitions)| {
-                    CreatableTopic::default()
-                        .with_name(name(topic))
-                        .with_num_partitions(*partitions)
-                        .with_replication_factor(1)
-                })
-                .collect(),
-        );
-    let response = admin(bootstrap)
-        .await?
-        .any()
-        .await?
-        .send(&request, (2, 7))
-        .await?;
-    for topic in &response.topics {
-        ensure!(topic.error_code == 0, "create topic: {topic:?}");
-    }
-    Ok(())
-}
-
-/// Creates `topic` with `partitions` and the topic configs `configs` (name, value).
+/// Creates `topic` with `partitions` (replication factor 1) and the topic configs `configs`
+/// (name, value) through the admin API; fails on any refusal.
 pub(crate) async fn create_topic_with_configs(
     bootstrap: &str,
     topic: &str,
     partitions: i32,
     configs: &[(&str, &str)],
 ) -> anyhow::Result<()> {
-    use kafka_protocol::messages::create_topics_request::CreatableTopicConfig;
-    let request = CreateTopicsRequest::default()
-        .with_timeout_ms(5_000)
-        .with_topics(vec![
-            CreatableTopic::default()
-                .with_name(name(topic))
-                .with_num_partitions(partitions)
-                .with_replication_factor(1)
-                .with_configs(
-                    configs
-                        .iter()
-                        .map(|(key, value)| {
-                            CreatableTopicConfig::default()
-                                .with_name(StrBytes::from_string(key.to_string()))
-                                .with_value(Some(StrBytes::from_string(value.to_string())))
-                        })
-                        .collect(),
-                ),
-        ]);
-    let response = admin(bootstrap)
-        .await?
-        .any()
-        .await?
-        .send(&request, (5, 7))
+    let admin = Admin::connect(ClientConfig {
+        bootstrap_servers: vec![bootstrap.to_string()],
+        ..ClientConfig::default()
+    })
+    .await?;
+    let results = admin
+        .create_topics(&[NewTopic {
+            name: topic.to_string(),
+            partitions,
+            replication_factor: 1,
+            configs: configs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }])
         .await?;
-    for topic in &response.topics {
-        ensure!(
-            topic.error_code == 0,
-            "create topic {}: error {} {:?}",
-            topic.name.as_str(),
-            topic.error_code,
-            topic.error_message
-        );
+    for (name, result) in results {
+        result.with_context(|| format!("create topic {name}"))?;
+    }
+    Ok(())
+}
+
+/// Creates each (topic, partitions), replication factor 1; fails on any refusal.
+pub(crate) async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> anyhow::Result<()> {
+    for (topic, partitions) in topics {
+        create_topic_with_configs(bootstrap, topic, *partitions, &[]).await?;
     }
     Ok(())
 }
 
 /// Grows `topic` to `count` partitions.
 pub(crate) async fn add_partitions(bootstrap: &str, topic: &str, count: i32) -> anyhow::Result<()> {
-    let request = CreatePartitionsRequest::default()
-        .with_timeout_ms(5_000)
-        .with_topics(vec![
-            CreatePartitionsTopic::default()
-                .with_name(name(topic))
-                .with_count(count),
-        ]);
-    let response = admin(bootstrap)
-        .await?
-        .any()
-        .await?
-        .send(&request, (0, 3))
-        .await?;
-    for result in &response.results {
-        ensure!(result.error_code == 0, "add partitions: {result:?}");
-    }
-    Ok(())
+    let admin = Admin::connect(ClientConfig {
+        bootstrap_servers: vec![bootstrap.to_string()],
+        ..ClientConfig::default()
+    })
+    .await?;
+    Ok(admin.create_partitions(topic, count).await?)
 }
 
 /// A bound on one of an example's waits: every loop that waits for something checks it, and

@@ -8,6 +8,7 @@
 //! semel offsets reset --group billing --topic orders --to-earliest            # dry run
 //! semel offsets reset --group billing --topic orders --to-earliest --execute
 //! semel producers --topic orders
+//! semel dedup --path /var/lib/billing/dedup  # a dedup store, read-only: buckets, offsets, size
 //! semel --command-config client.properties --json groups list   # TLS/SASL settings, JSON
 //! ```
 //!
@@ -58,6 +59,13 @@ enum Command {
         /// The topic.
         #[arg(long)]
         topic: String,
+    },
+    /// A dedup store, opened read-only (no broker needed; works while a consumer uses it):
+    /// bucket width, marks per bucket, the next offset recorded per partition, size on disk.
+    Dedup {
+        /// The store's directory (`DedupConfig::path`).
+        #[arg(long)]
+        path: PathBuf,
     },
 }
 
@@ -284,7 +292,66 @@ fn print_rows(json: bool, headers: &[&str], rows: &[Vec<Cell>]) {
     }
 }
 
+/// `semel dedup`: the store's summary, as two tables (or one JSON document).
+fn dedup(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let summary = semel::consumer::dedup::inspect::inspect(path)?;
+    let keys: u64 = summary.buckets.iter().map(|b| b.keys).sum();
+    let buckets: Vec<Vec<Cell>> = summary
+        .buckets
+        .iter()
+        .map(|b| vec![number(b.start_ms), Cell::Number(i64::try_from(b.keys).ok())])
+        .collect();
+    let offsets: Vec<Vec<Cell>> = summary
+        .offsets
+        .iter()
+        .map(|o| {
+            vec![
+                text(o.group.clone()),
+                text(o.topic.clone()),
+                number(o.partition),
+                number(o.next_offset),
+            ]
+        })
+        .collect();
+    if json {
+        println!(
+            "{{\"path\":{},\"size_bytes\":{},\"bucket_width_ms\":{},\"keys\":{keys},\"buckets\":",
+            json_string(&summary.path.display().to_string()),
+            summary.size_bytes,
+            Cell::Number(summary.bucket_width_ms).json()
+        );
+        print_rows(true, &["START_MS", "KEYS"], &buckets);
+        println!(",\"offsets\":");
+        print_rows(
+            true,
+            &["GROUP", "TOPIC", "PARTITION", "NEXT_OFFSET"],
+            &offsets,
+        );
+        println!("}}");
+        return Ok(());
+    }
+    println!(
+        "{}: {keys} keys in {} buckets of {} ms, {} bytes on disk",
+        summary.path.display(),
+        summary.buckets.len(),
+        Cell::Number(summary.bucket_width_ms).text(),
+        summary.size_bytes
+    );
+    println!();
+    print_rows(false, &["BUCKET-START-MS", "KEYS"], &buckets);
+    println!();
+    print_rows(
+        false,
+        &["GROUP", "TOPIC", "PARTITION", "NEXT-OFFSET"],
+        &offsets,
+    );
+    Ok(())
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Command::Dedup { path } = &args.command {
+        return dedup(path, args.json);
+    }
     let admin = Admin::connect(client_config(&args)?).await?;
     let json = args.json;
     match args.command {
@@ -451,6 +518,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 eprintln!("(dry run: nothing committed; add --execute to commit these offsets)");
             }
         }
+        Command::Dedup { path } => dedup(&path, json)?,
         Command::Producers { topic } => {
             let all: Vec<TopicPartition> = admin
                 .describe_topic(&topic)

@@ -41,14 +41,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
-use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
-use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
+use kafka_protocol::ResponseError;
+use kafka_protocol::messages::DescribeConfigsRequest;
 use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
-use kafka_protocol::messages::{
-    CreatePartitionsRequest, CreateTopicsRequest, DescribeConfigsRequest, TopicName,
-};
 use kafka_protocol::protocol::StrBytes;
-use semel_client::{ClientConfig, Cluster, ConnectionConfig};
+use semel_client::admin::NewTopic;
+use semel_client::{Admin, ClientConfig, ClientError, ConnectionConfig};
 use semel_producer::{
     Deliveries, DeliveryReport, ProduceError, Producer, ProducerConfig, ProducerRecord,
 };
@@ -201,7 +199,7 @@ pub(crate) struct Changelog {
     group: String,
     window_ms: i64,
     producer: Producer,
-    admin: Cluster,
+    admin: Admin,
     reader: Consumer,
     partitions: i32,
     replication_factor: i16,
@@ -235,10 +233,6 @@ impl std::fmt::Debug for Changelog {
     }
 }
 
-fn topic_name(name: &str) -> TopicName {
-    TopicName(StrBytes::from_string(name.to_string()))
-}
-
 impl Changelog {
     /// Connects the producer, the reader and the admin client; creates the topic if needed.
     pub(crate) async fn start(
@@ -253,7 +247,7 @@ impl Changelog {
             .topic
             .clone()
             .unwrap_or_else(|| format!("{group}-semel-dedup-changelog"));
-        let admin = Cluster::connect(ClientConfig {
+        let admin = Admin::connect(ClientConfig {
             bootstrap_servers: consumer.bootstrap_servers.clone(),
             connection: ConnectionConfig {
                 client_id: format!("{}-changelog-admin", consumer.client_id),
@@ -270,11 +264,12 @@ impl Changelog {
         let mut input_partitions = 1;
         if !input_topics.is_empty() {
             admin
+                .cluster()
                 .refresh_metadata(Some(input_topics), false)
                 .await
                 .map_err(ConsumerError::from)?;
             for name in input_topics {
-                if let Some(info) = admin.topic(name) {
+                if let Some(info) = admin.cluster().topic(name) {
                     input_partitions = input_partitions
                         .max(i32::try_from(info.partitions.len()).unwrap_or(i32::MAX));
                 }
@@ -342,53 +337,49 @@ impl Changelog {
             topic: self.topic.clone(),
             reason,
         };
-        let connection = self
+        let created = self
             .admin
-            .any()
-            .await
-            .map_err(|e| fail(format!("no broker: {e}")))?;
-        let create = CreateTopicsRequest::default()
-            .with_timeout_ms(30_000)
-            .with_topics(vec![
-                CreatableTopic::default()
-                    .with_name(topic_name(&self.topic))
-                    .with_num_partitions(needed)
-                    .with_replication_factor(self.replication_factor)
-                    .with_configs(vec![
-                        CreatableTopicConfig::default()
-                            .with_name(StrBytes::from_static_str("retention.ms"))
-                            .with_value(Some(StrBytes::from_string(self.window_ms.to_string()))),
-                        CreatableTopicConfig::default()
-                            .with_name(StrBytes::from_static_str("cleanup.policy"))
-                            .with_value(Some(StrBytes::from_static_str("delete"))),
-                    ]),
-            ]);
-        let response = connection
-            .send(&create, (2, 7))
+            .create_topics(&[NewTopic {
+                name: self.topic.clone(),
+                partitions: needed,
+                replication_factor: self.replication_factor,
+                configs: [
+                    ("retention.ms".to_string(), self.window_ms.to_string()),
+                    ("cleanup.policy".to_string(), "delete".to_string()),
+                ]
+                .into(),
+            }])
             .await
             .map_err(|e| fail(format!("CreateTopics: {e}")))?;
-        for created in &response.topics {
-            // 36 TOPIC_ALREADY_EXISTS: someone (another member) was first.
-            if created.error_code != 0 && created.error_code != 36 {
-                return Err(fail(format!(
-                    "CreateTopics refused: error {} {}",
-                    created.error_code,
-                    created.error_message.as_deref().unwrap_or("")
-                )));
-            }
-            if created.error_code == 0 {
-                tracing::info!(topic = %self.topic, partitions = needed, retention_ms = self.window_ms, "changelog topic created");
-            } else if self.partitions == 0 {
-                check_retention(&self.topic, self.window_ms, &connection).await;
+        for (_, result) in created {
+            match result {
+                Ok(()) => {
+                    tracing::info!(topic = %self.topic, partitions = needed, retention_ms = self.window_ms, "changelog topic created");
+                }
+                // Someone (another member) was first.
+                Err(ClientError::Broker {
+                    code: ResponseError::TopicAlreadyExists,
+                    ..
+                }) if self.partitions == 0 => {
+                    if let Ok(connection) = self.admin.cluster().any().await {
+                        check_retention(&self.topic, self.window_ms, &connection).await;
+                    }
+                }
+                Err(ClientError::Broker {
+                    code: ResponseError::TopicAlreadyExists,
+                    ..
+                }) => {}
+                Err(e) => return Err(fail(format!("CreateTopics refused: {e}"))),
             }
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             self.admin
+                .cluster()
                 .refresh_metadata(Some(std::slice::from_ref(&self.topic)), false)
                 .await
                 .map_err(|e| fail(format!("Metadata: {e}")))?;
-            let count = self.admin.topic(&self.topic).map_or(0, |t| {
+            let count = self.admin.cluster().topic(&self.topic).map_or(0, |t| {
                 if t.error.is_some() {
                     0
                 } else {
@@ -400,26 +391,14 @@ impl Changelog {
                 return Ok(());
             }
             if count > 0 {
-                let grow = CreatePartitionsRequest::default()
-                    .with_timeout_ms(30_000)
-                    .with_topics(vec![
-                        CreatePartitionsTopic::default()
-                            .with_name(topic_name(&self.topic))
-                            .with_count(needed),
-                    ]);
-                let response = connection
-                    .send(&grow, (0, 3))
-                    .await
-                    .map_err(|e| fail(format!("CreatePartitions: {e}")))?;
-                for result in &response.results {
-                    // 37 INVALID_PARTITIONS: another member grew it first.
-                    if result.error_code != 0 && result.error_code != 37 {
-                        return Err(fail(format!(
-                            "CreatePartitions refused: error {} {}",
-                            result.error_code,
-                            result.error_message.as_deref().unwrap_or("")
-                        )));
-                    }
+                match self.admin.create_partitions(&self.topic, needed).await {
+                    // INVALID_PARTITIONS: another member grew it first.
+                    Ok(())
+                    | Err(ClientError::Broker {
+                        code: ResponseError::InvalidPartitions,
+                        ..
+                    }) => {}
+                    Err(e) => return Err(fail(format!("CreatePartitions refused: {e}"))),
                 }
                 tracing::info!(topic = %self.topic, from = count, to = needed, "changelog partitions added");
             }

@@ -35,6 +35,7 @@
 
 pub mod changelog;
 mod filter;
+pub mod inspect;
 pub mod middleware;
 mod settlement;
 pub mod store;

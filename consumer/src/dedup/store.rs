@@ -51,11 +51,11 @@ use super::filter::KeyFilter;
 use crate::clock::{Clock, SystemClock};
 
 const FORMAT_VERSION: u8 = 1;
-const OFFSETS: &str = "offsets";
+pub(super) const OFFSETS: &str = "offsets";
 const STATE: &str = "state";
-const MARKS_PREFIX: &str = "marks-";
+pub(super) const MARKS_PREFIX: &str = "marks-";
 /// In the default column family: the bucket width the store was created with.
-const BUCKET_WIDTH_KEY: &[u8] = b"semel/bucket-width-ms";
+pub(super) const BUCKET_WIDTH_KEY: &[u8] = b"semel/bucket-width-ms";
 
 /// Store settings.
 #[derive(Debug, Clone)]
@@ -212,15 +212,15 @@ struct Mark {
 /// The bucket width, kept with the store: buckets are named by their start only, so a
 /// different width at a later open (a changed window) must not change how they expire.
 #[derive(Debug, Serialize, Deserialize)]
-struct StoredWidth {
-    version: u8,
-    width_ms: i64,
+pub(super) struct StoredWidth {
+    pub(super) version: u8,
+    pub(super) width_ms: i64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct StoredOffset {
-    version: u8,
-    next_offset: i64,
+pub(super) struct StoredOffset {
+    pub(super) version: u8,
+    pub(super) next_offset: i64,
 }
 
 /// Counts of what the store decided.
