@@ -403,3 +403,134 @@ async fn librdkafka_and_kafka_python_work_over_tls_and_scram_and_are_refused_a_w
     ensure!(printed.contains("confluent-kafka ok"), "{printed}");
     Ok(())
 }
+
+/// Simple ACLs (issue 22): carol may use `orders*` topics and the `billing` group only. Other
+/// topics are answered TOPIC_AUTHORIZATION_FAILED (to semel's clients and to librdkafka),
+/// are never auto-created, and are left out of her topic list; another group is answered
+/// GROUP_AUTHORIZATION_FAILED; alice, without limits, sees everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_user_gets_authorization_errors_for_other_topics_and_groups() -> anyhow::Result<()>
+{
+    use semel::client::admin::NewTopic;
+    use semel::client::{Admin, ClientConfig, ConnectionConfig};
+    let pki = Pki::new()?;
+    let broker = secured_broker(&pki, SecurityProtocol::SaslPlaintext).await?;
+    let bootstrap = broker.bootstrap();
+    let plain = |user: &str, password: &str| SecurityConfig {
+        ssl_ca_location: None,
+        ..pki.client(
+            SecurityProtocol::SaslPlaintext,
+            SaslMechanism::Scram(ScramMechanism::Sha256),
+            user,
+            password,
+        )
+    };
+    let admin_as = |user: &str, password: &str| {
+        Admin::connect(ClientConfig {
+            bootstrap_servers: vec![bootstrap.clone()],
+            connection: ConnectionConfig {
+                security: plain(user, password),
+                ..ConnectionConfig::default()
+            },
+            ..ClientConfig::default()
+        })
+    };
+    let alice = admin_as("alice", "alice-secret").await?;
+    for name in ["orders-eu", "payments"] {
+        let created = alice
+            .create_topics(&[NewTopic {
+                name: name.into(),
+                partitions: 1,
+                replication_factor: 1,
+                configs: Default::default(),
+            }])
+            .await?;
+        ensure!(created.iter().all(|(_, r)| r.is_ok()), "{created:?}");
+    }
+    let carol = admin_as("carol", "carol-secret").await?;
+    let topics: Vec<String> = carol.list_topics().await?.into_keys().collect();
+    ensure!(topics == ["orders-eu"], "carol lists {topics:?}");
+    let everything: Vec<String> = alice.list_topics().await?.into_keys().collect();
+    ensure!(
+        everything == ["orders-eu", "payments"],
+        "alice lists {everything:?}"
+    );
+    let created = carol
+        .create_topics(&[NewTopic {
+            name: "secrets".into(),
+            partitions: 1,
+            replication_factor: 1,
+            configs: Default::default(),
+        }])
+        .await?;
+    ensure!(
+        format!("{created:?}").contains("TopicAuthorizationFailed"),
+        "{created:?}"
+    );
+    match carol.describe_group("other").await {
+        Err(ClientError::Broker { code, .. }) => ensure!(
+            code == kafka_protocol::ResponseError::GroupAuthorizationFailed,
+            "{code:?}"
+        ),
+        other => anyhow::bail!("carol described another group: {other:?}"),
+    }
+    carol.describe_group("billing").await?;
+
+    // Her producer writes orders-eu, and is refused payments.
+    let producer = Producer::connect(ProducerConfig {
+        delivery_timeout: Duration::from_secs(8),
+        request_timeout: Duration::from_secs(5),
+        ..producer_config(&bootstrap, plain("carol", "carol-secret"))
+    })
+    .await?;
+    producer
+        .send(ProducerRecord::new("orders-eu", "allowed").partition(0))
+        .await?
+        .await?;
+    let refused = async {
+        producer
+            .send(ProducerRecord::new("payments", "denied").partition(0))
+            .await?
+            .await
+    };
+    let error = refused.await.err().context("carol wrote to payments")?;
+    ensure!(error.to_string().contains("TopicAuthorization"), "{error}");
+    producer.close().await;
+
+    // librdkafka sees the same refusal, and payments still holds nothing.
+    let value = with_file("from kcat")?;
+    let mut kcat_produce = Command::new(kcat()?);
+    kcat_produce
+        .args(["-P", "-b", &bootstrap, "-t", "payments", "-p", "0"])
+        .args([
+            "-X",
+            "security.protocol=SASL_PLAINTEXT",
+            "-X",
+            "sasl.mechanisms=PLAIN",
+        ])
+        .args([
+            "-X",
+            "sasl.username=carol",
+            "-X",
+            "sasl.password=carol-secret",
+        ])
+        .args(["-X", "message.timeout.ms=5000", "-l"])
+        .arg(value.path());
+    let out = tokio::task::block_in_place(|| output_within(&mut kcat_produce, LIMIT, "kcat"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        stderr.contains("authorization failed") || stderr.contains("Authorization failed"),
+        "kcat as carol to payments: {stderr}"
+    );
+    let ends = alice
+        .list_offsets(
+            &[("payments".to_string(), 0)],
+            semel::client::admin::OffsetSpec::Latest,
+        )
+        .await?;
+    ensure!(
+        ends.values().all(|end| *end == 0),
+        "payments got records: {ends:?}"
+    );
+    Ok(())
+}

@@ -31,6 +31,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod acl;
 mod api;
 mod blocking;
 mod broker;

@@ -14,7 +14,15 @@
 //! [[users]]
 //! name = "alice"
 //! password = "alice-secret"
+//!
+//! [[users]]
+//! name = "carol"
+//! password = "carol-secret"
+//! topics = ["orders*"]    # optional: the topics she may use (name, prefix*, or *)
+//! groups = ["billing"]    # optional: the groups she may use
 //! ```
+//!
+//! A user's `topics` and `groups` limit what it may use ([`crate::acl`]).
 //!
 //! The broker keeps per user only SCRAM credentials (salted, 4096 PBKDF2 iterations) and a
 //! salted digest for PLAIN, never the password; the file itself should be readable by the
@@ -35,6 +43,7 @@ use semel_client::security::scram::{
 };
 use semel_client::{SaslMechanism, SecurityProtocol};
 
+use crate::acl::Permissions;
 use crate::config::ConfigError;
 
 /// `ssl.client.auth`: whether the listener asks TLS clients for a certificate.
@@ -162,8 +171,9 @@ impl ListenerSecurity {
     }
 }
 
-/// What one user may authenticate with.
+/// What one user may authenticate with, and use.
 struct User {
+    permissions: Arc<Permissions>,
     scram: Vec<ScramCredential>,
     /// Salt and `SHA-256(salt || password)` for PLAIN.
     plain: ([u8; 16], Vec<u8>),
@@ -200,6 +210,10 @@ struct UsersFile {
 struct UserEntry {
     name: String,
     password: String,
+    /// Topics it may use (names, prefixes ending in `*`, or `*`); absent: all.
+    topics: Option<Vec<String>>,
+    /// Groups it may use; absent: all.
+    groups: Option<Vec<String>>,
 }
 
 fn random<const N: usize>() -> Result<[u8; N], String> {
@@ -316,8 +330,20 @@ fn load_users(path: &Path) -> Result<HashMap<String, User>, ConfigError> {
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let salt = random::<16>().map_err(|r| config_error(name, r))?;
         let plain = (salt, plain_digest(&salt, entry.password.as_bytes()));
+        let permissions = Arc::new(Permissions {
+            user: entry.name.clone(),
+            topics: entry.topics,
+            groups: entry.groups,
+        });
         if users
-            .insert(entry.name.clone(), User { scram, plain })
+            .insert(
+                entry.name.clone(),
+                User {
+                    permissions,
+                    scram,
+                    plain,
+                },
+            )
             .is_some()
         {
             return Err(config_error(
@@ -332,8 +358,8 @@ fn load_users(path: &Path) -> Result<HashMap<String, User>, ConfigError> {
 /// Where a connection is in authentication.
 #[derive(Debug)]
 enum State {
-    /// Requests are served: no SASL on this listener, or authenticated (as the principal).
-    Open(Option<String>),
+    /// Requests are served: no SASL on this listener, or authenticated (as this user).
+    Open(Option<Arc<Permissions>>),
     /// SASL is required; SaslHandshake comes next.
     Handshake,
     /// The mechanism is agreed; tokens come next, raw (after handshake v0) or in
@@ -393,9 +419,24 @@ impl Authenticator {
     #[cfg(test)]
     pub(crate) fn principal(&self) -> Option<&str> {
         match &self.state {
-            State::Open(user) => user.as_deref(),
+            State::Open(user) => user.as_deref().map(|p| p.user.as_str()),
             _ => None,
         }
+    }
+
+    /// What the authenticated user may use (`None`: no SASL, or not yet authenticated).
+    pub(crate) fn permissions(&self) -> Option<&Arc<Permissions>> {
+        match &self.state {
+            State::Open(user) => user.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn user(&self, name: &str) -> Option<Arc<Permissions>> {
+        self.security
+            .users
+            .get(name)
+            .map(|u| Arc::clone(&u.permissions))
     }
 
     /// Answers SaslHandshake `version` for `mechanism`; `false` with it when the connection
@@ -478,7 +519,7 @@ impl Authenticator {
         match (mechanism, scram) {
             (SaslMechanism::Plain, _) => match self.plain(token) {
                 Ok(user) => {
-                    self.state = State::Open(Some(user.clone()));
+                    self.state = State::Open(self.user(&user));
                     Step::Done(user, Vec::new())
                 }
                 Err(detail) => failed(&detail),
@@ -508,7 +549,7 @@ impl Authenticator {
             (SaslMechanism::Scram(_), Some(server)) => match server.finish(token) {
                 Ok(reply) => {
                     let user = server.username().to_string();
-                    self.state = State::Open(Some(user.clone()));
+                    self.state = State::Open(self.user(&user));
                     Step::Done(user, reply)
                 }
                 Err(e) => failed(&format!("user {:?}: {e}", server.username())),
@@ -571,6 +612,11 @@ mod tests {
     fn security(mechanisms: Vec<SaslMechanism>) -> Arc<Security> {
         let salt = [7u8; 16];
         let user = User {
+            permissions: Arc::new(Permissions {
+                user: "alice".into(),
+                topics: None,
+                groups: None,
+            }),
             scram: vec![
                 ScramCredential::new(ScramMechanism::Sha256, "pw", b"s1".to_vec(), 4096),
                 ScramCredential::new(ScramMechanism::Sha512, "pw", b"s2".to_vec(), 4096),

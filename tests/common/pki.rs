@@ -43,7 +43,10 @@ impl Pki {
         std::fs::write(
             dir.path().join("users.toml"),
             "[[users]]\nname = \"alice\"\npassword = \"alice-secret\"\n\n\
-             [[users]]\nname = \"bob\"\npassword = \"bob-secret\"\n",
+             [[users]]\nname = \"bob\"\npassword = \"bob-secret\"\n\n\
+             # carol may use the orders topics and the billing group only\n\
+             [[users]]\nname = \"carol\"\npassword = \"carol-secret\"\n\
+             topics = [\"orders*\"]\ngroups = [\"billing\"]\n",
         )?;
         Ok(Self { dir })
     }

@@ -17,6 +17,7 @@
 
 pub(crate) mod alter_configs;
 pub(crate) mod api_versions;
+pub(crate) mod authorized;
 pub(crate) mod create_partitions;
 pub(crate) mod create_topics;
 pub(crate) mod delete_records;
@@ -116,7 +117,11 @@ pub(crate) async fn handle(
     api_key: ApiKey,
     body: Bytes,
     peer: SocketAddr,
+    access: Option<&Arc<crate::acl::Permissions>>,
 ) -> Result<Reply, String> {
+    if let Some(access) = access.filter(|a| a.limited()) {
+        return authorized::handle(state, header, api_key, body, peer, access).await;
+    }
     let version = header.request_api_version;
     let now = |response| Ok(Reply::Now(Box::new(response)));
     match api_key {

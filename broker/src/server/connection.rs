@@ -353,7 +353,7 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
                         }
                     }
                 }
-                let reply = api::handle(state, &header, api_key, body, peer)
+                let reply = api::handle(state, &header, api_key, body, peer, auth.permissions())
                     .await
                     .map_err(|reason| Refusal::BadBody {
                         api: api_key,
