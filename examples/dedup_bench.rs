@@ -189,7 +189,10 @@ fn redis_bench(keys: u64, batch: usize) -> anyhow::Result<()> {
         let duplicates = started.elapsed();
         anyhow::ensure!(again == 0, "redis set {again} duplicates");
         let memory = client.used_memory()?.saturating_sub(base);
-        let aof = dir_bytes(redis.dir.path()) + dir_bytes(&redis.dir.path().join("appendonlydir"));
+        let aof = semel::consumer::dedup::inspect::directory_bytes(redis.dir.path())
+            + semel::consumer::dedup::inspect::directory_bytes(
+                &redis.dir.path().join("appendonlydir"),
+            );
         println!(
             "redis {label} ({per_trip}/round trip) keys={keys}: SET NX EX fresh {:.0}/s; \
              duplicate {:.0}/s; used_memory {:.1} bytes/key; AOF {:.1} bytes/key",
@@ -212,19 +215,6 @@ fn rss_mib() -> f64 {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn dir_bytes(path: &std::path::Path) -> u64 {
-    std::fs::read_dir(path)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter_map(|e| e.metadata().ok())
-                .filter(std::fs::Metadata::is_file)
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -310,7 +300,7 @@ fn main() -> anyhow::Result<()> {
     let filter_bytes = store.filter_bytes();
     let rss = rss_mib();
     drop(store);
-    let disk = dir_bytes(dir.path());
+    let disk = semel::consumer::dedup::inspect::directory_bytes(dir.path());
     // An open reads every key of the live buckets into the in-memory filters.
     let started = Instant::now();
     let reopened = DedupStore::open(config)?;

@@ -357,21 +357,7 @@ impl Admin {
         partitions: &[TopicPartition],
         timestamp: i64,
     ) -> Result<BTreeMap<TopicPartition, i64>, ClientError> {
-        let topics: BTreeSet<String> = partitions.iter().map(|(t, _)| t.clone()).collect();
-        let topics: Vec<String> = topics.into_iter().collect();
-        self.cluster.refresh_metadata(Some(&topics), false).await?;
-        let mut by_leader: BTreeMap<i32, BTreeMap<String, Vec<i32>>> = BTreeMap::new();
-        for (topic, partition) in partitions {
-            let leader = self.cluster.leader(topic, *partition).ok_or_else(|| {
-                ClientError::Metadata(format!("no leader for {topic}-{partition}"))
-            })?;
-            by_leader
-                .entry(leader)
-                .or_default()
-                .entry(topic.clone())
-                .or_default()
-                .push(*partition);
-        }
+        let by_leader = self.by_leader(partitions).await?;
         let mut out = BTreeMap::new();
         for (leader, topics) in by_leader {
             let request = ListOffsetsRequest::default()
@@ -409,6 +395,29 @@ impl Admin {
             }
         }
         Ok(out)
+    }
+
+    /// `partitions` grouped by their leader's node id, then by topic (metadata refreshed).
+    async fn by_leader(
+        &self,
+        partitions: &[TopicPartition],
+    ) -> Result<BTreeMap<i32, BTreeMap<String, Vec<i32>>>, ClientError> {
+        let topics: BTreeSet<String> = partitions.iter().map(|(t, _)| t.clone()).collect();
+        let topics: Vec<String> = topics.into_iter().collect();
+        self.cluster.refresh_metadata(Some(&topics), false).await?;
+        let mut by_leader: BTreeMap<i32, BTreeMap<String, Vec<i32>>> = BTreeMap::new();
+        for (topic, partition) in partitions {
+            let leader = self.cluster.leader(topic, *partition).ok_or_else(|| {
+                ClientError::Metadata(format!("no leader for {topic}-{partition}"))
+            })?;
+            by_leader
+                .entry(leader)
+                .or_default()
+                .entry(topic.clone())
+                .or_default()
+                .push(*partition);
+        }
+        Ok(by_leader)
     }
 
     /// Every group, asked of every broker (each lists the groups it coordinates).
@@ -630,21 +639,7 @@ impl Admin {
         &self,
         partitions: &[TopicPartition],
     ) -> Result<Vec<ProducerDescription>, ClientError> {
-        let topics: BTreeSet<String> = partitions.iter().map(|(t, _)| t.clone()).collect();
-        let topics: Vec<String> = topics.into_iter().collect();
-        self.cluster.refresh_metadata(Some(&topics), false).await?;
-        let mut by_leader: BTreeMap<i32, BTreeMap<String, Vec<i32>>> = BTreeMap::new();
-        for (topic, partition) in partitions {
-            let leader = self.cluster.leader(topic, *partition).ok_or_else(|| {
-                ClientError::Metadata(format!("no leader for {topic}-{partition}"))
-            })?;
-            by_leader
-                .entry(leader)
-                .or_default()
-                .entry(topic.clone())
-                .or_default()
-                .push(*partition);
-        }
+        let by_leader = self.by_leader(partitions).await?;
         let mut out = Vec::new();
         for (leader, topics) in by_leader {
             let request = DescribeProducersRequest::default().with_topics(

@@ -147,7 +147,8 @@ fn parse_offset_key(mut key: &[u8]) -> Option<(String, String, i32)> {
     Some((group, topic, partition))
 }
 
-fn directory_bytes(path: &Path) -> u64 {
+/// Bytes of the files directly in `path` (a RocksDB directory has no subfolders).
+pub fn directory_bytes(path: &Path) -> u64 {
     std::fs::read_dir(path)
         .map(|entries| {
             entries
