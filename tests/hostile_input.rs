@@ -118,17 +118,30 @@ async fn unknown_api_and_unsupported_versions() {
         .expect("write");
     assert_closed(&mut client, "unknown api key").await;
 
-    // A known API the broker does not implement (SaslHandshake).
+    // A known API the broker does not implement (CreateDelegationToken).
     let mut client = RawClient::connect(broker.addr()).await.expect("connect");
     client
-        .send_frame(&frame_with_body(
-            17,
-            1,
-            &[0, 5, b'P', b'L', b'A', b'I', b'N'],
-        ))
+        .send_frame(&frame_with_body(38, 1, &[0, 0, 0, 0]))
         .await
         .expect("write");
     assert_closed(&mut client, "unimplemented api").await;
+
+    // SaslHandshake on a listener without SASL: ILLEGAL_SASL_STATE, as Kafka answers it, and
+    // the connection stays usable.
+    let mut client = RawClient::connect(broker.addr()).await.expect("connect");
+    let answer = client
+        .send(
+            1,
+            &kafka_protocol::messages::SaslHandshakeRequest::default()
+                .with_mechanism(kafka_protocol::protocol::StrBytes::from_static_str("PLAIN")),
+        )
+        .await
+        .expect("SaslHandshake answered");
+    assert_eq!(answer.error_code, 34, "{answer:?}");
+    client
+        .send(3, &kafka_protocol::messages::ApiVersionsRequest::default())
+        .await
+        .expect("still served after the refused handshake");
 
     let mut client = RawClient::connect(broker.addr()).await.expect("connect");
     client
