@@ -1075,3 +1075,42 @@ async fn a_connection_slower_than_each_poll_still_gets_made() -> anyhow::Result<
     consumer.close().await?;
     Ok(())
 }
+
+/// `max.partition.fetch.bytes` smaller than a batch (here 1 byte) still reads everything, one
+/// batch per fetch, as KIP-74 promises. Before the fix the consumer never fetched at all: it
+/// prefetched only while a partition held less than half the limit buffered, and half of 1
+/// byte is 0, so `poll` returned nothing forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_max_partition_fetch_bytes_still_makes_progress() -> anyhow::Result<()> {
+    use semel::producer::{Producer, ProducerConfig, ProducerRecord};
+    let broker = TestBroker::start().await?;
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![broker.bootstrap()],
+        ..ProducerConfig::default()
+    })
+    .await?;
+    for n in 0..5 {
+        producer
+            .send(ProducerRecord::new("tiny-fetch", n.to_string()).partition(0))
+            .await?
+            .await?;
+    }
+    producer.close().await;
+    let mut consumer = Consumer::connect(ConsumerConfig {
+        bootstrap_servers: vec![broker.bootstrap()],
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        max_partition_fetch_bytes: 1,
+        ..ConsumerConfig::default()
+    })
+    .await?;
+    consumer.assign([("tiny-fetch".to_string(), 0)])?;
+    let mut values = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while values.len() < 5 && Instant::now() < deadline {
+        for record in consumer.poll(Duration::from_millis(100)).await? {
+            values.push(text(record.value.as_ref()));
+        }
+    }
+    ensure!(values == ["0", "1", "2", "3", "4"], "read {values:?}");
+    Ok(())
+}

@@ -49,8 +49,13 @@ impl Consumer {
         })
     }
 
+    /// A partition is fetched again while it holds less than this many buffered bytes: half
+    /// of `max.partition.fetch.bytes`, and at least 1, so an empty partition is always
+    /// fetched (with a limit of 1 byte, half was 0 and nothing was ever fetched).
     pub(super) fn prefetch_below(&self) -> usize {
-        usize::try_from(self.config.max_partition_fetch_bytes / 2).unwrap_or(usize::MAX)
+        usize::try_from(self.config.max_partition_fetch_bytes / 2)
+            .unwrap_or(usize::MAX)
+            .max(1)
     }
 
     /// Cheap per-record check: a rebalance or a timer needs the slow path.
