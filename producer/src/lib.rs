@@ -119,7 +119,7 @@ impl Producer {
         } else {
             (-1, -1)
         };
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(&config.client_id));
         let capacity = config
             .max_queued_records
             .clamp(1, Semaphore::MAX_PERMITS)

@@ -29,6 +29,8 @@ use super::*;
 
 pub(super) struct FetchDone {
     node: i32,
+    /// When the request was sent (for the fetch latency).
+    sent: Instant,
     parts: Vec<(TopicPartition, i64, u64)>,
     result: Result<FetchResponse, ClientError>,
 }
@@ -198,6 +200,8 @@ impl Consumer {
                 self.taken_from_cursor += 1;
                 self.metrics.records += 1;
                 self.metrics.bytes += (size - 64) as u64;
+                self.export.records.increment(1);
+                self.export.bytes.increment((size - 64) as u64);
                 Ok(Some(record))
             }
             None if errors => match state.error.take() {
@@ -449,9 +453,11 @@ impl Consumer {
                 }
             }
             self.fetching_nodes.insert(node);
+            let sent = Instant::now();
             self.in_flight.push(Box::pin(async move {
                 FetchDone {
                     node,
+                    sent,
                     parts,
                     result: in_flight.response().await,
                 }
@@ -462,6 +468,7 @@ impl Consumer {
     pub(super) fn handle_fetch(&mut self, done: FetchDone) {
         self.fetching_nodes.remove(&done.node);
         self.metrics.fetches += 1;
+        self.export.fetched(done.sent.elapsed());
         for (tp, _, _) in &done.parts {
             if let Some(s) = self.partitions.get_mut(tp) {
                 s.in_flight = false;
@@ -530,6 +537,7 @@ impl Consumer {
                     }
                 }
                 let Some(data) = p.records.filter(|r| !r.is_empty()) else {
+                    self.export.lag(&tp.0, tp.1, p.high_watermark - offset);
                     continue;
                 };
                 let aborted: Vec<AbortedTransaction> = p
@@ -549,6 +557,8 @@ impl Consumer {
                     read_committed.then_some(aborted.as_slice()),
                 );
                 state.fetch_offset = decoded.next_offset;
+                self.export
+                    .lag(&tp.0, tp.1, p.high_watermark - decoded.next_offset);
                 state.buffered_bytes += decoded.bytes;
                 state.buffer.extend(decoded.records);
                 if state.buffer.is_empty() {

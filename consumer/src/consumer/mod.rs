@@ -33,6 +33,7 @@ use crate::config::ConsumerConfig;
 use crate::group::{GroupShared, Rejoin};
 use crate::record::{ConsumerError, ConsumerRecord};
 
+mod export;
 mod fetching;
 mod rebalance;
 
@@ -153,6 +154,8 @@ pub struct Consumer {
     /// `recv`, a `select!`) never loses a round the coordinator already completed.
     pending_join: Option<tokio::task::JoinHandle<Result<Round, ConsumerError>>>,
     metrics: ConsumerMetrics,
+    /// The same counters, published through the `metrics` facade.
+    export: export::Export,
     closed: bool,
 }
 
@@ -196,6 +199,7 @@ impl Consumer {
             .as_ref()
             .map(|g| tokio::spawn(Arc::clone(g).heartbeat_loop()));
         let now = Instant::now();
+        let export = export::Export::new(&config.client_id);
         Ok(Self {
             config,
             cluster,
@@ -222,6 +226,7 @@ impl Consumer {
             deferred_commits: Vec::new(),
             pending_join: None,
             metrics: ConsumerMetrics::default(),
+            export,
             closed: false,
         })
     }

@@ -373,6 +373,7 @@ impl Consumer {
         }
         let owned: BTreeSet<TopicPartition> = self.partitions.keys().cloned().collect();
         self.metrics.rebalances += 1;
+        self.export.rebalances.increment(1);
         self.generation = joined.generation;
         self.protocol = Some(joined.strategy);
         self.previous.clone_from(&joined.assigned);

@@ -562,6 +562,7 @@ impl Changelog {
             let mut metrics = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
             metrics.records_read += read;
             metrics.marks_restored += added;
+            metrics::counter!("semel_dedup_changelog_marks_restored_total").increment(added);
             metrics.records_skipped += skipped;
             metrics.restore_ms += u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         }
@@ -808,6 +809,7 @@ async fn standby(
             Ok(added) => {
                 let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
                 m.standby_marks += added;
+                metrics::counter!("semel_dedup_changelog_standby_marks_total").increment(added);
             }
             Err(e) => tracing::warn!(error = %e, "changelog standby cannot write the store"),
         }

@@ -52,6 +52,11 @@ use crate::clock::{Clock, SystemClock};
 
 const FORMAT_VERSION: u8 = 1;
 pub(super) const OFFSETS: &str = "offsets";
+/// Published through the `metrics` facade: every claim by outcome (`result` = `fresh`,
+/// `reclaimed` after an expired lease, or `duplicate`); beside it
+/// `semel_dedup_leases_lost_total` (a settle refused: the claim had passed to another
+/// handler) and `semel_dedup_handler_failures_total` (claims released by `failed`).
+const CLAIMS_METRIC: &str = "semel_dedup_claims_total";
 const STATE: &str = "state";
 pub(super) const MARKS_PREFIX: &str = "marks-";
 /// In the default column family: the bucket width the store was created with.
@@ -807,11 +812,16 @@ impl DedupStore {
                     ));
                     if matches!(outcome, Claim::Fresh(_)) {
                         counts.fresh += 1;
+                        metrics::counter!(CLAIMS_METRIC, "result" => "fresh").increment(1);
                     } else {
                         counts.claims_expired += 1;
+                        metrics::counter!(CLAIMS_METRIC, "result" => "reclaimed").increment(1);
                     }
                 }
-                Claim::Duplicate => counts.duplicates += 1,
+                Claim::Duplicate => {
+                    counts.duplicates += 1;
+                    metrics::counter!(CLAIMS_METRIC, "result" => "duplicate").increment(1);
+                }
                 Claim::InProgress { .. } => {}
             }
             outcomes.push(outcome);
@@ -901,6 +911,7 @@ impl DedupStore {
         // Checked under the same lock as every claim: no claim can change in between.
         for &(key, token) in claims {
             if !inner.held.get(&key).is_some_and(|h| h.token == token) {
+                metrics::counter!("semel_dedup_leases_lost_total").increment(1);
                 return Err(DedupError::LeaseLost {
                     path: self.config.path.clone(),
                     key: format!("{:032x}", key.0),
@@ -1089,6 +1100,7 @@ impl DedupStore {
         }
         inner.held.remove(&key);
         inner.counts.handler_failures += 1;
+        metrics::counter!("semel_dedup_handler_failures_total").increment(1);
         Ok(())
     }
 
