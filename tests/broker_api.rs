@@ -761,51 +761,76 @@ async fn the_metrics_endpoint_reports_requests_partitions_and_health() -> anyhow
             &CreateTopicsRequest::default().with_topics(vec![creatable("watched", 2)]),
         )
         .await?;
-    for _ in 0..3 {
-        let produced = client
-            .send(
-                9,
-                &produce_request("watched", 1, records(&["a", "b"], 1000), -1),
-            )
-            .await?;
-        assert_eq!(produced.responses[0].partition_responses[0].error_code, 0);
+    // Scraped twice, parsed as Prometheus text: the values move with the load between.
+    let mut scrapes = Vec::new();
+    for round in [1, 2] {
+        let produces = if round == 1 { 1 } else { 2 };
+        for _ in 0..produces {
+            let produced = client
+                .send(
+                    9,
+                    &produce_request("watched", 1, records(&["a", "b"], 1000), -1),
+                )
+                .await?;
+            assert_eq!(produced.responses[0].partition_responses[0].error_code, 0);
+        }
+        let (status, body) = common::http_get(metrics, "/metrics").await?;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))?;
+        scrapes.push((scrape, body));
     }
-    let (status, body) = common::http_get(metrics, "/metrics").await?;
-    assert_eq!(status, "HTTP/1.1 200 OK");
-    let value = |line_start: &str| -> Option<f64> {
-        body.lines()
-            .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
-    };
-    assert_eq!(
-        value("semel_requests_total{api=\"Produce\"}"),
-        Some(3.0),
-        "{body}"
-    );
-    assert_eq!(
-        value("semel_request_duration_seconds_count{api=\"Produce\"}"),
-        Some(3.0),
-        "{body}"
-    );
-    assert_eq!(
-        value("semel_partition_log_end_offset{topic=\"watched\",partition=\"1\"}"),
-        Some(6.0),
-        "{body}"
-    );
-    assert_eq!(
-        value("semel_partition_durable_end_offset{topic=\"watched\",partition=\"1\"}"),
-        Some(6.0),
-        "{body}"
-    );
-    assert_eq!(
-        value("semel_partition_log_end_offset{topic=\"watched\",partition=\"0\"}"),
-        Some(0.0),
-        "{body}"
-    );
-    assert!(
-        value("semel_fsync_duration_seconds_count").is_some_and(|n| n >= 1.0),
-        "{body}"
-    );
-    assert_eq!(value("semel_connections_open"), Some(1.0), "{body}");
+    for ((scrape, body), (produces, end)) in scrapes.iter().zip([(1.0, 2.0), (3.0, 6.0)]) {
+        let value = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+            scrape.samples.iter().find_map(|sample| {
+                let matches = sample.metric == name
+                    && labels.iter().all(|(k, v)| sample.labels.get(k) == Some(*v));
+                match (&sample.value, matches) {
+                    (
+                        prometheus_parse::Value::Counter(n)
+                        | prometheus_parse::Value::Gauge(n)
+                        | prometheus_parse::Value::Untyped(n),
+                        true,
+                    ) => Some(*n),
+                    (prometheus_parse::Value::Histogram(buckets), true) => {
+                        buckets.last().map(|b| b.count)
+                    }
+                    _ => None,
+                }
+            })
+        };
+        let produce = [("api", "Produce")];
+        assert_eq!(
+            value("semel_requests_total", &produce),
+            Some(produces),
+            "{body}"
+        );
+        assert_eq!(
+            value("semel_request_duration_seconds", &produce),
+            Some(produces),
+            "{body}"
+        );
+        let partition = |p: &'static str| [("topic", "watched"), ("partition", p)];
+        assert_eq!(
+            value("semel_partition_log_end_offset", &partition("1")),
+            Some(end),
+            "{body}"
+        );
+        assert_eq!(
+            value("semel_partition_durable_end_offset", &partition("1")),
+            Some(end),
+            "{body}"
+        );
+        assert_eq!(
+            value("semel_partition_log_end_offset", &partition("0")),
+            Some(0.0),
+            "{body}"
+        );
+        assert!(
+            value("semel_fsync_duration_seconds", &[]).is_some_and(|n| n >= 1.0),
+            "{body}"
+        );
+        assert_eq!(value("semel_connections_open", &[]), Some(1.0), "{body}");
+    }
 
     // Junk without a header end, larger than the head limit: closed, nothing served.
     {
