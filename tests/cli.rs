@@ -225,6 +225,57 @@ async fn semel_tool_shows_lag_resets_offsets_and_lists_producers() -> anyhow::Re
             == ["10", "6"],
         "{described:?}"
     );
+    // Configs: set one, read it back with its source, return it to the default.
+    run(vec![
+        "topics",
+        "alter-configs",
+        "orders",
+        "--set",
+        "retention.ms=60000",
+    ])
+    .await??;
+    let configs = table(&run(vec!["topics", "configs", "orders"]).await??);
+    let retention = configs
+        .iter()
+        .find(|r| r["CONFIG"] == "retention.ms")
+        .context("no retention.ms")?;
+    ensure!(
+        retention["VALUE"] == "60000" && retention["SOURCE"] == "topic",
+        "{retention:?}"
+    );
+    run(vec![
+        "topics",
+        "alter-configs",
+        "orders",
+        "--delete",
+        "retention.ms",
+    ])
+    .await??;
+    let configs = table(&run(vec!["topics", "configs", "orders"]).await??);
+    ensure!(
+        configs
+            .iter()
+            .any(|r| r["CONFIG"] == "retention.ms" && r["SOURCE"] == "default"),
+        "{configs:?}"
+    );
+    let bad = run(vec![
+        "topics",
+        "alter-configs",
+        "orders",
+        "--set",
+        "retention.mss=1",
+    ])
+    .await?;
+    let error = format!(
+        "{:#}",
+        bad.err().context("a misspelled config was accepted")?
+    );
+    ensure!(error.contains("retention.mss"), "{error}");
+    // The group, empty now, is deleted with its offsets.
+    run(vec!["groups", "delete", "billing"]).await??;
+    let groups = run(vec!["groups", "list"]).await??;
+    ensure!(!groups.contains("billing"), "{groups}");
+
     let missing = run(vec!["topics", "describe", "nowhere"]).await?;
     let error = format!(
         "{:#}",

@@ -475,6 +475,117 @@ impl Admin {
         self.cluster.connection(&format!("{host}:{port}")).await
     }
 
+    /// The configs of `topic` (DescribeConfigs): name → (value, source), where source is
+    /// Kafka's `config_source` (1 = set on the topic, 5 = the broker's default, ...). Sensitive
+    /// values come back as `None`.
+    ///
+    /// # Errors
+    /// The topic's error (`UNKNOWN_TOPIC_OR_PARTITION`), or a request that failed.
+    pub async fn describe_topic_configs(
+        &self,
+        topic: &str,
+    ) -> Result<BTreeMap<String, (Option<String>, i8)>, ClientError> {
+        use kafka_protocol::messages::DescribeConfigsRequest;
+        use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+        let request = DescribeConfigsRequest::default().with_resources(vec![
+            DescribeConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(name(topic))
+                .with_configuration_keys(None),
+        ]);
+        let response = self.cluster.any().await?.send(&request, (1, 4)).await?;
+        let mut out = BTreeMap::new();
+        for result in response.results {
+            broker_error(
+                ApiKey::DescribeConfigs,
+                result.error_code,
+                result.error_message.as_ref(),
+            )?;
+            for config in result.configs {
+                out.insert(
+                    config.name.to_string(),
+                    (config.value.map(|v| v.to_string()), config.config_source),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets and removes configs of `topic` (IncrementalAlterConfigs, as `kafka-configs
+    /// --alter --add-config/--delete-config`); what is not named keeps its value.
+    ///
+    /// # Errors
+    /// The broker's refusal (`INVALID_CONFIG` naming the key), or a request that failed.
+    pub async fn alter_topic_configs(
+        &self,
+        topic: &str,
+        set: &BTreeMap<String, String>,
+        delete: &[String],
+    ) -> Result<(), ClientError> {
+        use kafka_protocol::messages::IncrementalAlterConfigsRequest;
+        use kafka_protocol::messages::incremental_alter_configs_request::{
+            AlterConfigsResource, AlterableConfig,
+        };
+        let configs = set
+            .iter()
+            .map(|(k, v)| {
+                AlterableConfig::default()
+                    .with_name(name(k))
+                    .with_config_operation(0)
+                    .with_value(Some(name(v)))
+            })
+            .chain(delete.iter().map(|k| {
+                AlterableConfig::default()
+                    .with_name(name(k))
+                    .with_config_operation(1)
+            }))
+            .collect();
+        let request = IncrementalAlterConfigsRequest::default().with_resources(vec![
+            AlterConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(name(topic))
+                .with_configs(configs),
+        ]);
+        let response = self.cluster.any().await?.send(&request, (0, 1)).await?;
+        for result in response.responses {
+            broker_error(
+                ApiKey::IncrementalAlterConfigs,
+                result.error_code,
+                result.error_message.as_ref(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `groups` with their committed offsets (only groups without active members,
+    /// `NON_EMPTY_GROUP` otherwise); each result in order.
+    ///
+    /// # Errors
+    /// A request that failed.
+    pub async fn delete_groups(
+        &self,
+        groups: &[&str],
+    ) -> Result<Vec<(String, Result<(), ClientError>)>, ClientError> {
+        use kafka_protocol::messages::DeleteGroupsRequest;
+        let mut out = Vec::new();
+        for group in groups {
+            let coordinator = self.coordinator(group).await?;
+            let response = coordinator
+                .send(
+                    &DeleteGroupsRequest::default().with_groups_names(vec![GroupId(name(group))]),
+                    (0, 2),
+                )
+                .await?;
+            for result in response.results {
+                out.push((
+                    result.group_id.to_string(),
+                    broker_error(ApiKey::DeleteGroups, result.error_code, None),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     /// `group`'s state, assignor and members with their partitions.
     ///
     /// # Errors

@@ -97,6 +97,22 @@ enum Topics {
         /// Its name.
         name: String,
     },
+    /// A topic's configs and where each value comes from.
+    Configs {
+        /// Its name.
+        name: String,
+    },
+    /// Set (`--set k=v`) or remove (`--delete k`) topic configs; the others keep their values.
+    AlterConfigs {
+        /// Its name.
+        name: String,
+        /// A config to set, key=value (repeatable).
+        #[arg(long = "set", value_parser = key_value)]
+        set: Vec<(String, String)>,
+        /// A config to return to the broker's default (repeatable).
+        #[arg(long = "delete")]
+        delete: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +121,11 @@ enum Groups {
     List,
     /// Per partition: committed offset, log end offset, lag, owning member.
     Describe {
+        /// The group.
+        group: String,
+    },
+    /// Delete a group without active members, with its committed offsets.
+    Delete {
         /// The group.
         group: String,
     },
@@ -415,6 +436,43 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 &["TOPIC", "PARTITION", "LEADER", "START-OFFSET", "END-OFFSET"],
                 &rows,
             );
+        }
+        Command::Topics(Topics::Configs { name }) => {
+            let sources = |source: i8| match source {
+                1 => "topic",
+                4 => "broker (static)",
+                5 => "default",
+                _ => "other",
+            };
+            let rows: Vec<Vec<Cell>> = admin
+                .describe_topic_configs(&name)
+                .await?
+                .into_iter()
+                .map(|(key, (value, source))| {
+                    vec![
+                        text(key),
+                        text(value.unwrap_or_else(|| "(sensitive)".into())),
+                        text(sources(source)),
+                    ]
+                })
+                .collect();
+            print_rows(json, &["CONFIG", "VALUE", "SOURCE"], &rows);
+        }
+        Command::Topics(Topics::AlterConfigs { name, set, delete }) => {
+            anyhow::ensure!(
+                !set.is_empty() || !delete.is_empty(),
+                "say what to change: --set key=value or --delete key"
+            );
+            admin
+                .alter_topic_configs(&name, &set.into_iter().collect(), &delete)
+                .await?;
+            println!("Altered the configs of {name}.");
+        }
+        Command::Groups(Groups::Delete { group }) => {
+            for (group, result) in admin.delete_groups(&[&group]).await? {
+                result.with_context(|| format!("deleting group {group}"))?;
+            }
+            println!("Deleted group {group}.");
         }
         Command::Groups(Groups::List) => {
             let rows: Vec<Vec<Cell>> = admin
