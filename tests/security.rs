@@ -189,6 +189,26 @@ async fn tls_refusals_untrusted_authority_plaintext_client_and_missing_client_ce
     producer.close().await;
     drop(broker);
 
+    // A broker whose certificate expired: refused by the client, naming the reason.
+    let listener = ListenerSecurity {
+        ssl_certificate_location: Some(pki.path("expired.pem")),
+        ssl_key_location: Some(pki.path("expired.key")),
+        ..pki.listener(SecurityProtocol::Ssl)
+    };
+    let expired = TestBroker::start_with(move |config| config.security = listener).await?;
+    let error = Producer::connect(ProducerConfig {
+        request_timeout: Duration::from_secs(3),
+        ..producer_config(&expired.bootstrap(), trusting.clone())
+    })
+    .await
+    .err()
+    .context("a client accepted an expired certificate")?;
+    ensure!(
+        error.to_string().to_lowercase().contains("expired"),
+        "{error}"
+    );
+    drop(expired);
+
     // ssl.client.auth=required: without a certificate the handshake fails; with one signed
     // by the configured authority, records flow.
     let listener = ListenerSecurity {

@@ -1,5 +1,5 @@
 //! Test certificates and users for TLS and SASL: a certificate authority, a broker
-//! certificate for `localhost` and `127.0.0.1`, a client certificate, a second authority
+//! certificate for `localhost` and `127.0.0.1` (and an expired one), a client certificate, a second authority
 //! nobody trusts, and a users file (alice, bob), as PEM and TOML files in a temporary folder.
 
 use std::path::PathBuf;
@@ -27,17 +27,24 @@ impl Pki {
         };
         let (ca_pem, ca) = authority("semel test CA")?;
         let (other_pem, _) = authority("an authority nobody trusts")?;
-        let leaf = |names: Vec<String>, file: &str| -> anyhow::Result<()> {
+        let leaf = |names: Vec<String>, file: &str, expired: bool| -> anyhow::Result<()> {
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::new(names)?;
             params.distinguished_name.push(DnType::CommonName, file);
+            if expired {
+                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
             let cert = params.signed_by(&key, &ca)?;
             std::fs::write(dir.path().join(format!("{file}.pem")), cert.pem())?;
             std::fs::write(dir.path().join(format!("{file}.key")), key.serialize_pem())?;
             Ok(())
         };
-        leaf(vec!["localhost".into(), "127.0.0.1".into()], "broker")?;
-        leaf(vec!["client".into()], "client")?;
+        let broker_names = || vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        leaf(broker_names(), "broker", false)?;
+        // The same names, valid only in 2020: a broker serving it must be refused.
+        leaf(broker_names(), "expired", true)?;
+        leaf(vec!["client".into()], "client", false)?;
         std::fs::write(dir.path().join("ca.pem"), ca_pem)?;
         std::fs::write(dir.path().join("other-ca.pem"), other_pem)?;
         std::fs::write(
