@@ -807,6 +807,56 @@ async fn semel_clients_over_sasl_ssl(cluster: &Cluster) -> anyhow::Result<()> {
     eprintln!(
         "on Kafka over SASL_SSL: 20 records produced with SCRAM-SHA-512 and read with SCRAM-SHA-256; a wrong password refused"
     );
+
+    // The semel admin tool on Kafka, through the same SASL_SSL listener (--command-config).
+    let properties = cluster.pki.path("semel-cli.properties");
+    std::fs::write(
+        &properties,
+        format!(
+            "security.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\nsasl.username=alice\n\
+             sasl.password=alice-secret\nssl.ca.location={}\n",
+            cluster.pki.path("ca.pem").display()
+        ),
+    )?;
+    let semel = |args: &[&str]| -> anyhow::Result<String> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_semel"));
+        command
+            .arg("--bootstrap-server")
+            .arg(&cluster.sasl_ssl_bootstrap)
+            .arg("--command-config")
+            .arg(&properties)
+            .args(args);
+        let what = format!("semel {}", args.join(" "));
+        let out = common::output_within(&mut command, Duration::from_secs(60), &what)?;
+        common::stdout_of(&out, &what)
+    };
+    let described =
+        tokio::task::block_in_place(|| semel(&["--json", "topics", "describe", topic]))?;
+    ensure!(described.contains(r#""end-offset":20"#), "{described}");
+    tokio::task::block_in_place(|| {
+        semel(&[
+            "offsets",
+            "reset",
+            "--group",
+            "kafka-cli",
+            "--topic",
+            topic,
+            "--to-earliest",
+            "--execute",
+        ])
+    })?;
+    let lag =
+        tokio::task::block_in_place(|| semel(&["--json", "groups", "describe", "kafka-cli"]))?;
+    ensure!(
+        lag.contains(r#""current-offset":0"#) && lag.contains(r#""lag":20"#),
+        "{lag}"
+    );
+    let producers =
+        tokio::task::block_in_place(|| semel(&["--json", "producers", "--topic", topic]))?;
+    ensure!(producers.contains(r#""last-sequence":19"#), "{producers}");
+    eprintln!(
+        "semel tool on Kafka over SASL_SSL: topic end 20, group lag 20 after a reset to earliest, producer last sequence 19"
+    );
     Ok(())
 }
 
