@@ -832,6 +832,38 @@ async fn the_metrics_endpoint_reports_requests_partitions_and_health() -> anyhow
         assert_eq!(value("semel_connections_open", &[]), Some(1.0), "{body}");
     }
 
+    // An answered error is counted per API and Kafka error name.
+    let refused = client
+        .send(
+            9,
+            &produce_request("watched", 9, records(&["lost?"], 1000), -1),
+        )
+        .await?;
+    assert_eq!(
+        refused.responses[0].partition_responses[0].error_code,
+        ResponseError::UnknownTopicOrPartition.code()
+    );
+    let (_, body) = common::http_get(metrics, "/metrics").await?;
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))?;
+    let errors: Vec<(&str, &str, f64)> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "semel_response_errors_total")
+        .filter_map(|s| match s.value {
+            prometheus_parse::Value::Counter(n) => Some((
+                s.labels.get("api").unwrap_or_default(),
+                s.labels.get("error").unwrap_or_default(),
+                n,
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        [("Produce", "UNKNOWN_TOPIC_OR_PARTITION", 1.0)],
+        "{body}"
+    );
+
     // Junk without a header end, larger than the head limit: closed, nothing served.
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

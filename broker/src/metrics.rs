@@ -100,6 +100,9 @@ pub(crate) struct BrokerMetrics {
     pub(crate) bytes_out: AtomicU64,
     requests: [AtomicU64; API_SLOTS],
     latency: [Histogram; API_SLOTS],
+    /// (API key, error code) → responses (or their topics, partitions, groups) that carried
+    /// it. Touched only for a response with an error.
+    errors: std::sync::Mutex<std::collections::BTreeMap<(i16, i16), u64>>,
 }
 
 impl Default for BrokerMetrics {
@@ -115,6 +118,7 @@ impl Default for BrokerMetrics {
             bytes_out: AtomicU64::new(0),
             requests: [const { AtomicU64::new(0) }; API_SLOTS],
             latency: [const { Histogram::new() }; API_SLOTS],
+            errors: std::sync::Mutex::default(),
         }
     }
 }
@@ -131,6 +135,22 @@ impl BrokerMetrics {
         }
         self.bytes_in
             .fetch_add(frame_bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts the error codes `response` (to `api`) carries.
+    pub(crate) fn response_errors(
+        &self,
+        api: ApiKey,
+        response: &kafka_protocol::messages::ResponseKind,
+    ) {
+        let codes = crate::api::errors::error_codes(response);
+        if codes.is_empty() {
+            return;
+        }
+        let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        for code in codes {
+            *errors.entry((api as i16, code)).or_default() += 1;
+        }
     }
 
     /// A request of `api` was answered with `bytes` after `took`.
@@ -222,6 +242,21 @@ pub(crate) fn render(state: &BrokerState) -> String {
         if n > 0 {
             let _ = writeln!(out, "semel_requests_total{{api=\"{api:?}\"}} {n}");
         }
+    }
+    header(
+        &mut out,
+        "semel_response_errors_total",
+        "counter",
+        "Error codes answered, per API and Kafka error name (counted once per response, topic, partition or group that carries one).",
+    );
+    let errors = m.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for ((api, code), n) in errors {
+        let api = ApiKey::try_from(api).map_or_else(|()| api.to_string(), |a| format!("{a:?}"));
+        let name = crate::api::errors::error_name(code);
+        let _ = writeln!(
+            out,
+            "semel_response_errors_total{{api=\"{api}\",error=\"{name}\"}} {n}"
+        );
     }
     header(
         &mut out,

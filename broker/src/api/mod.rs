@@ -25,6 +25,7 @@ pub(crate) mod delete_topics;
 pub(crate) mod describe_configs;
 pub(crate) mod describe_log_dirs;
 pub(crate) mod describe_producers;
+pub(crate) mod errors;
 pub(crate) mod fetch;
 pub(crate) mod group;
 pub(crate) mod init_producer_id;

@@ -535,6 +535,7 @@ async fn write_responses<W: AsyncWrite + Unpin>(
                 continue;
             }
         };
+        state.metrics.response_errors(item.api_key, &response);
         buffer.clear();
         buffer.put_i32(0);
         let header = ResponseHeader::default().with_correlation_id(item.correlation_id);
