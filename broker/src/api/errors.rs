@@ -8,45 +8,51 @@ use kafka_protocol::messages::ResponseKind;
 pub(crate) fn error_codes(response: &ResponseKind) -> Vec<i16> {
     let mut codes = Vec::new();
     match response {
-        ResponseKind::Produce(r) => codes.extend(
+        ResponseKind::Produce(r) => extend(
+            &mut codes,
             r.responses
                 .iter()
                 .flat_map(|t| t.partition_responses.iter().map(|p| p.error_code)),
         ),
         ResponseKind::Fetch(r) => {
-            codes.push(r.error_code);
-            codes.extend(
+            push(&mut codes, r.error_code);
+            extend(
+                &mut codes,
                 r.responses
                     .iter()
                     .flat_map(|t| t.partitions.iter().map(|p| p.error_code)),
             );
         }
-        ResponseKind::ListOffsets(r) => codes.extend(
+        ResponseKind::ListOffsets(r) => extend(
+            &mut codes,
             r.topics
                 .iter()
                 .flat_map(|t| t.partitions.iter().map(|p| p.error_code)),
         ),
         ResponseKind::Metadata(r) => {
             for topic in &r.topics {
-                codes.push(topic.error_code);
-                codes.extend(topic.partitions.iter().map(|p| p.error_code));
+                push(&mut codes, topic.error_code);
+                extend(&mut codes, topic.partitions.iter().map(|p| p.error_code));
             }
         }
-        ResponseKind::OffsetCommit(r) => codes.extend(
+        ResponseKind::OffsetCommit(r) => extend(
+            &mut codes,
             r.topics
                 .iter()
                 .flat_map(|t| t.partitions.iter().map(|p| p.error_code)),
         ),
         ResponseKind::OffsetFetch(r) => {
-            codes.push(r.error_code);
-            codes.extend(
+            push(&mut codes, r.error_code);
+            extend(
+                &mut codes,
                 r.topics
                     .iter()
                     .flat_map(|t| t.partitions.iter().map(|p| p.error_code)),
             );
             for group in &r.groups {
-                codes.push(group.error_code);
-                codes.extend(
+                push(&mut codes, group.error_code);
+                extend(
+                    &mut codes,
                     group
                         .topics
                         .iter()
@@ -55,29 +61,43 @@ pub(crate) fn error_codes(response: &ResponseKind) -> Vec<i16> {
             }
         }
         ResponseKind::FindCoordinator(r) => {
-            codes.push(r.error_code);
-            codes.extend(r.coordinators.iter().map(|c| c.error_code));
+            push(&mut codes, r.error_code);
+            extend(&mut codes, r.coordinators.iter().map(|c| c.error_code));
         }
-        ResponseKind::JoinGroup(r) => codes.push(r.error_code),
-        ResponseKind::SyncGroup(r) => codes.push(r.error_code),
-        ResponseKind::Heartbeat(r) => codes.push(r.error_code),
+        ResponseKind::JoinGroup(r) => push(&mut codes, r.error_code),
+        ResponseKind::SyncGroup(r) => push(&mut codes, r.error_code),
+        ResponseKind::Heartbeat(r) => push(&mut codes, r.error_code),
         ResponseKind::LeaveGroup(r) => {
-            codes.push(r.error_code);
-            codes.extend(r.members.iter().map(|m| m.error_code));
+            push(&mut codes, r.error_code);
+            extend(&mut codes, r.members.iter().map(|m| m.error_code));
         }
-        ResponseKind::ListGroups(r) => codes.push(r.error_code),
-        ResponseKind::DescribeGroups(r) => codes.extend(r.groups.iter().map(|g| g.error_code)),
-        ResponseKind::CreateTopics(r) => codes.extend(r.topics.iter().map(|t| t.error_code)),
-        ResponseKind::DeleteTopics(r) => codes.extend(r.responses.iter().map(|t| t.error_code)),
-        ResponseKind::InitProducerId(r) => codes.push(r.error_code),
-        ResponseKind::EndTxn(r) => codes.push(r.error_code),
-        ResponseKind::AddOffsetsToTxn(r) => codes.push(r.error_code),
-        ResponseKind::SaslHandshake(r) => codes.push(r.error_code),
-        ResponseKind::SaslAuthenticate(r) => codes.push(r.error_code),
+        ResponseKind::ListGroups(r) => push(&mut codes, r.error_code),
+        ResponseKind::DescribeGroups(r) => {
+            extend(&mut codes, r.groups.iter().map(|g| g.error_code))
+        }
+        ResponseKind::CreateTopics(r) => extend(&mut codes, r.topics.iter().map(|t| t.error_code)),
+        ResponseKind::DeleteTopics(r) => {
+            extend(&mut codes, r.responses.iter().map(|t| t.error_code))
+        }
+        ResponseKind::InitProducerId(r) => push(&mut codes, r.error_code),
+        ResponseKind::EndTxn(r) => push(&mut codes, r.error_code),
+        ResponseKind::AddOffsetsToTxn(r) => push(&mut codes, r.error_code),
+        ResponseKind::SaslHandshake(r) => push(&mut codes, r.error_code),
+        ResponseKind::SaslAuthenticate(r) => push(&mut codes, r.error_code),
         _ => {}
     }
-    codes.retain(|code| *code != 0);
     codes
+}
+
+/// Only nonzero codes are kept, so a response without errors allocates nothing.
+fn push(codes: &mut Vec<i16>, code: i16) {
+    if code != 0 {
+        codes.push(code);
+    }
+}
+
+fn extend(codes: &mut Vec<i16>, found: impl IntoIterator<Item = i16>) {
+    codes.extend(found.into_iter().filter(|code| *code != 0));
 }
 
 /// Kafka's name of an error code (`NOT_LEADER_OR_FOLLOWER`), or the number.
