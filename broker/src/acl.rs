@@ -82,6 +82,15 @@ impl Permissions {
 /// Topics taken out of a request, with the partitions they named.
 pub(crate) type Denied = Vec<(TopicName, Vec<i32>)>;
 
+/// Keeps in `items` those `allowed` accepts and returns the others, in order.
+pub(crate) fn split<T>(items: &mut Vec<T>, allowed: impl Fn(&T) -> bool) -> Vec<T> {
+    let (kept, taken) = std::mem::take(items)
+        .into_iter()
+        .partition(|item| allowed(item));
+    *items = kept;
+    taken
+}
+
 /// Applies `add` to the response a reply will carry (now or later).
 pub(crate) fn amend(reply: Reply, add: impl FnOnce(&mut ResponseKind) + Send + 'static) -> Reply {
     match reply {
@@ -100,11 +109,7 @@ pub(crate) fn amend(reply: Reply, add: impl FnOnce(&mut ResponseKind) + Send + '
 
 /// Takes the topics `access` may not produce to out of `request`.
 pub(crate) fn take_produce(access: &Permissions, request: &mut ProduceRequest) -> Denied {
-    let (allowed, denied) = std::mem::take(&mut request.topic_data)
-        .into_iter()
-        .partition(|t| access.topic(&t.name));
-    request.topic_data = allowed;
-    denied
+    split(&mut request.topic_data, |t| access.topic(&t.name))
         .into_iter()
         .map(|t| (t.name, t.partition_data.iter().map(|p| p.index).collect()))
         .collect()
@@ -138,11 +143,7 @@ pub(crate) fn deny_produce(response: &mut ResponseKind, denied: Denied) {
 
 /// Takes the topics `access` may not read out of a Fetch request.
 pub(crate) fn take_fetch(access: &Permissions, request: &mut FetchRequest) -> Denied {
-    let (allowed, denied) = std::mem::take(&mut request.topics)
-        .into_iter()
-        .partition(|t| access.topic(&t.topic));
-    request.topics = allowed;
-    denied
+    split(&mut request.topics, |t| access.topic(&t.topic))
         .into_iter()
         .map(|t| (t.topic, t.partitions.iter().map(|p| p.partition).collect()))
         .collect()
@@ -177,11 +178,7 @@ pub(crate) fn deny_fetch(response: &mut ResponseKind, denied: Denied) {
 
 /// Takes the topics `access` may not use out of a ListOffsets request.
 pub(crate) fn take_list_offsets(access: &Permissions, request: &mut ListOffsetsRequest) -> Denied {
-    let (allowed, denied) = std::mem::take(&mut request.topics)
-        .into_iter()
-        .partition(|t| access.topic(&t.name));
-    request.topics = allowed;
-    denied
+    split(&mut request.topics, |t| access.topic(&t.name))
         .into_iter()
         .map(|t| {
             (
@@ -256,11 +253,10 @@ pub(crate) fn take_create_topics(
     access: &Permissions,
     request: &mut CreateTopicsRequest,
 ) -> Denied {
-    let (allowed, denied) = std::mem::take(&mut request.topics)
+    split(&mut request.topics, |t| access.topic(&t.name))
         .into_iter()
-        .partition(|t| access.topic(&t.name));
-    request.topics = allowed;
-    denied.into_iter().map(|t| (t.name, Vec::new())).collect()
+        .map(|t| (t.name, Vec::new()))
+        .collect()
 }
 
 /// Adds the denied topics to a CreateTopics response.
@@ -325,11 +321,7 @@ pub(crate) fn take_offset_commit(
     access: &Permissions,
     request: &mut OffsetCommitRequest,
 ) -> Denied {
-    let (allowed, denied) = std::mem::take(&mut request.topics)
-        .into_iter()
-        .partition(|t| access.topic(&t.name));
-    request.topics = allowed;
-    denied
+    split(&mut request.topics, |t| access.topic(&t.name))
         .into_iter()
         .map(|t| {
             (

@@ -23,7 +23,6 @@ use kafka_protocol::messages::{
     OffsetFetchRequest, ProduceRequest, RequestHeader, ResponseKind, SyncGroupRequest,
     SyncGroupResponse,
 };
-use kafka_protocol::protocol::StrBytes;
 
 use super::{Reply, decode, on_blocking_pool};
 use crate::acl::{self, GROUP_DENIED, Permissions, TOPIC_DENIED};
@@ -143,11 +142,7 @@ pub(crate) async fn handle(
                     super::group::find_coordinator(state, request, version),
                 ));
             }
-            let (allowed, denied): (Vec<StrBytes>, Vec<StrBytes>) =
-                std::mem::take(&mut request.coordinator_keys)
-                    .into_iter()
-                    .partition(|key| access.group(key));
-            request.coordinator_keys = allowed;
+            let denied = acl::split(&mut request.coordinator_keys, |key| access.group(key));
             let mut response = super::group::find_coordinator(state, request, version);
             for key in denied {
                 response.coordinators.push(
@@ -217,10 +212,7 @@ pub(crate) async fn handle(
         }
         ApiKey::DescribeGroups => {
             let mut request: DescribeGroupsRequest = decode(body, version)?;
-            let (allowed, denied): (Vec<_>, Vec<_>) = std::mem::take(&mut request.groups)
-                .into_iter()
-                .partition(|g| access.group(g));
-            request.groups = allowed;
+            let denied = acl::split(&mut request.groups, |g| access.group(g));
             let mut response = super::group::describe_groups(state, request);
             for group in denied {
                 response.groups.push(
@@ -233,10 +225,7 @@ pub(crate) async fn handle(
         }
         ApiKey::DeleteGroups => {
             let mut request: DeleteGroupsRequest = decode(body, version)?;
-            let (allowed, denied): (Vec<_>, Vec<_>) = std::mem::take(&mut request.groups_names)
-                .into_iter()
-                .partition(|g| access.group(g));
-            request.groups_names = allowed;
+            let denied = acl::split(&mut request.groups_names, |g| access.group(g));
             let reply = super::group::delete_groups(state, request);
             Ok(acl::amend(reply, move |response| {
                 if let ResponseKind::DeleteGroups(response) = response {
@@ -285,10 +274,7 @@ pub(crate) async fn handle(
             let mut request: OffsetFetchRequest = decode(body, version)?;
             let mut denied_groups = Vec::new();
             if version >= 8 {
-                let (allowed, denied): (Vec<_>, Vec<_>) = std::mem::take(&mut request.groups)
-                    .into_iter()
-                    .partition(|g| access.group(&g.group_id));
-                request.groups = allowed;
+                let denied = acl::split(&mut request.groups, |g| access.group(&g.group_id));
                 denied_groups = denied.into_iter().map(|g| g.group_id).collect();
             } else if !access.group(&request.group_id) {
                 let mut response = kafka_protocol::messages::OffsetFetchResponse::default();
