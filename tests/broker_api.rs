@@ -190,6 +190,9 @@ async fn topic_admin_round_trip() -> anyhow::Result<()> {
             DescribeConfigsResource::default()
                 .with_resource_type(2)
                 .with_resource_name(StrBytes::from_static_str("missing")),
+            DescribeConfigsResource::default()
+                .with_resource_type(32)
+                .with_resource_name(StrBytes::from_static_str("a-group")),
         ]);
     let response = client.send(4, &describe).await?;
     let find = |i: usize, key: &str| {
@@ -211,6 +214,19 @@ async fn topic_admin_round_trip() -> anyhow::Result<()> {
     assert_eq!(
         response.results[2].error_code,
         ResponseError::UnknownTopicOrPartition.code()
+    );
+    // Group configs belong to KIP-848's protocol: refused, saying why.
+    assert_eq!(
+        response.results[3].error_code,
+        ResponseError::InvalidRequest.code()
+    );
+    let why = response.results[3]
+        .error_message
+        .as_ref()
+        .map(|m| m.to_string());
+    assert!(
+        why.as_deref().is_some_and(|m| m.contains("classic groups")),
+        "{why:?}"
     );
 
     // DeleteTopics by name; a second delete is unknown.

@@ -18,6 +18,8 @@ use crate::catalog::config::{TOPIC_CONFIG_KEYS, effective_value};
 
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
+const RESOURCE_BROKER_LOGGER: i8 = 8;
+const RESOURCE_GROUP: i8 = 32;
 /// `config_source` for a broker's static (start-up) setting.
 const SOURCE_STATIC_BROKER_CONFIG: i8 = 4;
 /// `config_type` values (v3+).
@@ -52,10 +54,7 @@ pub(crate) fn handle(
             let entries = match resource.resource_type {
                 RESOURCE_TOPIC => topic_entries(state, resource.resource_name.as_str()),
                 RESOURCE_BROKER => broker_entries(state, resource.resource_name.as_str()),
-                other => Err((
-                    ResponseError::InvalidRequest,
-                    format!("Resource type {other} is not supported; use TOPIC (2) or BROKER (4)."),
-                )),
+                other => Err((ResponseError::InvalidRequest, unsupported(other))),
             };
             let entries = match entries {
                 Ok(entries) => entries,
@@ -86,6 +85,22 @@ pub(crate) fn handle(
         })
         .collect();
     DescribeConfigsResponse::default().with_results(results)
+}
+
+/// Why a resource type has no configs here, in words a `kafka-configs` user can act on.
+fn unsupported(resource_type: i8) -> String {
+    match resource_type {
+        RESOURCE_BROKER_LOGGER => {
+            "Broker loggers (8) are not served: semel-broker's log filter is \
+             its --log-level start-up setting."
+                .to_string()
+        }
+        RESOURCE_GROUP => "Group configs (32) are not served: semel-broker runs classic groups \
+             (KIP-848's consumer protocol is not served), whose timeouts each member sends in \
+             JoinGroup."
+            .to_string(),
+        other => format!("Resource type {other} is not supported; use TOPIC (2) or BROKER (4)."),
+    }
 }
 
 fn encode(
