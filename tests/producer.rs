@@ -586,3 +586,82 @@ async fn send_waits_while_max_queued_records_are_undelivered() -> anyhow::Result
     );
     Ok(())
 }
+
+/// Batches of several partitions led by one broker leave in one Produce (as the Java sender
+/// drains a node's ready partitions into one request), and each batch's answer reaches its
+/// own records.
+#[tokio::test]
+async fn one_produce_request_carries_every_ready_partition_of_a_broker() -> anyhow::Result<()> {
+    const PRODUCE_API: i16 = 0;
+    let proxy = FaultProxy::start(FaultPlan::default()).await?;
+    let advertised = proxy.addr().to_string();
+    let broker = TestBroker::start_with(|c| c.advertised_listener = Some(advertised)).await?;
+    proxy.set_upstream(broker.addr());
+    let mut client = RawClient::connect(broker.addr()).await?;
+    create_topic(&mut client, "per-broker", PARTITIONS).await?;
+    // Partitions named in each Produce request, in the order the requests left.
+    let requests: std::sync::Arc<std::sync::Mutex<Vec<Vec<i32>>>> = std::sync::Arc::default();
+    proxy.on_request({
+        let requests = std::sync::Arc::clone(&requests);
+        std::sync::Arc::new(move |api_key, frame| {
+            use kafka_protocol::messages::{ApiKey, ProduceRequest, RequestHeader};
+            use kafka_protocol::protocol::Decodable;
+            if api_key != PRODUCE_API {
+                return;
+            }
+            let version = i16::from_be_bytes([frame[6], frame[7]]);
+            let mut body = bytes::Bytes::copy_from_slice(&frame[4..]);
+            let header_version = ApiKey::Produce.request_header_version(version);
+            let partitions = RequestHeader::decode(&mut body, header_version)
+                .and_then(|_| ProduceRequest::decode(&mut body, version))
+                .map(|request| {
+                    request
+                        .topic_data
+                        .iter()
+                        .flat_map(|t| t.partition_data.iter().map(|p| p.index))
+                        .collect()
+                })
+                .unwrap_or_else(|_| vec![-1]);
+            requests.lock().expect("requests").push(partitions);
+        })
+    });
+    let producer = Producer::connect(ProducerConfig {
+        // Long enough that nothing leaves before the flush seals all three batches at once.
+        linger: Duration::from_secs(30),
+        ..config(proxy.addr().to_string(), true)
+    })
+    .await?;
+    let mut deliveries = Vec::new();
+    for n in 0..30 {
+        let record = ProducerRecord::new("per-broker", n.to_string()).partition(n % PARTITIONS);
+        deliveries.push((n, producer.send(record).await?));
+    }
+    tokio::time::timeout(Duration::from_secs(30), producer.flush())
+        .await
+        .context("flush did not finish")?;
+    for (n, delivery) in deliveries {
+        let report = delivery.await?;
+        ensure!(
+            report.partition == n % PARTITIONS && report.offset == i64::from(n / PARTITIONS),
+            "record {n}: {report:?}"
+        );
+    }
+    let mut seen = requests.lock().expect("requests").clone();
+    ensure!(
+        seen.len() == 1,
+        "Produce requests (partitions each): {seen:?}"
+    );
+    seen[0].sort_unstable();
+    ensure!(
+        seen[0] == [0, 1, 2],
+        "partitions in the request: {:?}",
+        seen[0]
+    );
+    producer.close().await;
+    let stored = stored(&mut client, "per-broker").await?;
+    ensure!(
+        stored.iter().map(Vec::len).collect::<Vec<_>>() == [10, 10, 10],
+        "stored {stored:?}"
+    );
+    Ok(())
+}

@@ -364,21 +364,28 @@ impl Cluster {
 
     /// The cached metadata of `topic`.
     pub fn topic(&self, topic: &str) -> Option<TopicInfo> {
+        self.with_topic(topic, TopicInfo::clone)
+    }
+
+    /// `f` of the cached metadata of `topic`, without copying it (the producer asks this for
+    /// every record).
+    pub fn with_topic<R>(&self, topic: &str, f: impl FnOnce(&TopicInfo) -> R) -> Option<R> {
         self.metadata
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .topics
             .get(topic)
-            .cloned()
+            .map(f)
     }
 
     /// The cached leader of a partition (`None` when unknown or leaderless).
     pub fn leader(&self, topic: &str, partition: i32) -> Option<i32> {
-        self.topic(topic)?
-            .partitions
-            .iter()
-            .find(|p| p.partition == partition)
-            .map(|p| p.leader)
-            .filter(|leader| *leader >= 0)
+        self.with_topic(topic, |info| {
+            info.partitions
+                .iter()
+                .find(|p| p.partition == partition)
+                .map(|p| p.leader)
+        })?
+        .filter(|leader| *leader >= 0)
     }
 }

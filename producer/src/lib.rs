@@ -40,6 +40,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+mod inbox;
 pub mod metrics;
 pub mod partitioner;
 pub mod record;
@@ -58,6 +59,7 @@ use semel_client::{ClientConfig, ClientError, Cluster, ConnectionConfig, check_c
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 pub use config::{Acks, ConfigError, ProducerConfig};
+use inbox::Inbox;
 pub use kafka_protocol::records::Compression;
 pub use metrics::Metrics;
 pub use record::{DeliveryReport, ProduceError, ProducerRecord};
@@ -70,6 +72,9 @@ use sender::{Command, Sender};
 #[derive(Debug)]
 pub struct Producer {
     commands: mpsc::Sender<Command>,
+    /// Where records go without a transactional id (see `inbox`); transactional producers
+    /// send records on `commands`, in one order with `begin`/`commit`.
+    inbox: Option<Arc<Inbox>>,
     /// `max_queued_records` permits: one per record from `send` until its outcome is known.
     room: Arc<Semaphore>,
     /// `max_queued_records` (at least 1).
@@ -131,10 +136,22 @@ impl Producer {
             producer_id = producer.0,
             idempotent = config.enable_idempotence,
         );
-        let sender = Sender::new(config, cluster, receiver, producer, Arc::clone(&metrics));
+        let inbox = config
+            .transactional_id
+            .is_none()
+            .then(|| Arc::new(Inbox::default()));
+        let sender = Sender::new(
+            config,
+            cluster,
+            receiver,
+            inbox.clone(),
+            producer,
+            Arc::clone(&metrics),
+        );
         let task = tokio::spawn(tracing::Instrument::instrument(sender.run(), span));
         Ok(Self {
             commands,
+            inbox,
             room: Arc::new(Semaphore::new(capacity)),
             capacity,
             task,
@@ -156,13 +173,17 @@ impl Producer {
             .await
             .map_err(|_| ProduceError::Closed)?;
         let (reply, delivery) = oneshot::channel();
-        self.commands
-            .send(Command::Send {
-                record,
-                reply: Reply::one(reply, room),
-            })
-            .await
-            .map_err(|_| ProduceError::Closed)?;
+        let reply = Reply::one(reply, room);
+        match &self.inbox {
+            Some(inbox) => inbox
+                .push([(record, reply)])
+                .map_err(|_| ProduceError::Closed)?,
+            None => self
+                .commands
+                .send(Command::Send { record, reply })
+                .await
+                .map_err(|_| ProduceError::Closed)?,
+        }
         Ok(Delivery(delivery))
     }
 
@@ -199,10 +220,14 @@ impl Producer {
                 let one = room.split(1).ok_or(ProduceError::Closed)?;
                 items.push((record, Reply::many(Arc::clone(&many), index, one)));
             }
-            self.commands
-                .send(Command::SendMany(items))
-                .await
-                .map_err(|_| ProduceError::Closed)?;
+            match &self.inbox {
+                Some(inbox) => inbox.push(items).map_err(|_| ProduceError::Closed)?,
+                None => self
+                    .commands
+                    .send(Command::SendMany(items))
+                    .await
+                    .map_err(|_| ProduceError::Closed)?,
+            }
         }
         Ok(Deliveries(deliveries))
     }

@@ -1,6 +1,10 @@
 //! The producer's background task: it batches records per partition, sends batches to the
 //! partition leaders, and retries what failed, in sequence order.
 //!
+//! Records arrive through the inbox (`crate::inbox`), taken many at a time; every ready
+//! partition a broker leads goes in one Produce to it (one batch per partition per request,
+//! as Kafka requires), and the answer is split back per batch.
+//!
 //! Idempotence: a batch gets its base sequence when it is sealed and keeps it (and its bytes)
 //! across retries, so a broker that already stored it answers with the original offset. At
 //! most `max.in.flight` batches per partition are outstanding; a batch that fails with a
@@ -31,6 +35,7 @@ use semel_client::{ClientError, Cluster, check_code, needs_metadata_refresh};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Acks, ProducerConfig};
+use crate::inbox::{Inbox, Item};
 use crate::metrics::Metrics;
 use crate::partitioner::partition_for_key;
 use crate::record::{DeliveryReport, ProduceError, ProducerRecord};
@@ -133,6 +138,17 @@ impl Default for PartitionQueue {
 
 type Key = (String, i32);
 
+/// One Produce being put together: batches of partitions one broker leads.
+struct Request {
+    connection: Arc<semel_client::Connection>,
+    batches: Vec<(Key, Batch)>,
+    bytes: usize,
+}
+
+/// The most bytes of batches one Produce request carries (the Java client's default
+/// `max.request.size`); a single larger batch still goes, alone.
+const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
 struct Outcome {
     key: Key,
     batch_id: u64,
@@ -143,8 +159,13 @@ pub(crate) struct Sender {
     config: ProducerConfig,
     cluster: Arc<Cluster>,
     commands: mpsc::Receiver<Command>,
-    outcomes_tx: mpsc::UnboundedSender<Outcome>,
-    outcomes: mpsc::UnboundedReceiver<Outcome>,
+    /// Records of `send`/`send_many` (producers without a transactional id).
+    inbox: Option<Arc<Inbox>>,
+    /// The inbox's records being queued (kept to reuse its allocation).
+    taken: Vec<Item>,
+    /// The answers of one Produce request, one per batch it carried.
+    outcomes_tx: mpsc::UnboundedSender<Vec<Outcome>>,
+    outcomes: mpsc::UnboundedReceiver<Vec<Outcome>>,
     queues: HashMap<Key, PartitionQueue>,
     sticky: HashMap<String, i32>,
     /// (producer id, epoch); (-1, -1) without idempotence.
@@ -181,6 +202,7 @@ impl Sender {
         config: ProducerConfig,
         cluster: Arc<Cluster>,
         commands: mpsc::Receiver<Command>,
+        inbox: Option<Arc<Inbox>>,
         producer: (i64, i16),
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -191,6 +213,8 @@ impl Sender {
             config,
             cluster,
             commands,
+            inbox,
+            taken: Vec::new(),
             outcomes_tx,
             outcomes,
             queues: HashMap::new(),
@@ -239,12 +263,19 @@ impl Sender {
 
     pub(crate) async fn run(mut self) {
         let mut closing = false;
+        let inbox = self.inbox.clone();
         loop {
             let wake = self.next_wake();
             // While a transaction ends, later commands (records of the next transaction) wait.
             let ending = self.txn.as_ref().is_some_and(|t| t.ending.is_some());
             tokio::select! {
-                command = self.commands.recv(), if !closing && !ending => match command {
+                () = records_arrived(inbox.as_deref()), if !closing && !ending => {
+                    self.take_inbox().await;
+                }
+                command = self.commands.recv(), if !closing && !ending => {
+                    // Records sent before this command go first.
+                    self.take_inbox().await;
+                    match command {
                     Some(Command::Send { record, reply }) => self.enqueue(record, reply).await,
                     Some(Command::SendMany(records)) => {
                         for (record, reply) in records {
@@ -258,8 +289,13 @@ impl Sender {
                     }
                     Some(Command::End { commit, reply }) => self.start_ending(commit, reply),
                     None => closing = true,
-                },
-                Some(outcome) = self.outcomes.recv() => self.complete(outcome),
+                    }
+                }
+                Some(outcomes) = self.outcomes.recv() => {
+                    for outcome in outcomes {
+                        self.complete(outcome);
+                    }
+                }
                 () = sleep_until(wake) => {}
             }
             let ending = self.txn.as_ref().is_some_and(|t| t.ending.is_some());
@@ -273,10 +309,27 @@ impl Sender {
                     let _ = done.send(());
                 }
                 if closing {
+                    if let Some(inbox) = &inbox {
+                        // Nothing can send any more (the producer is gone); refuse anyway.
+                        drop(inbox.close());
+                    }
                     return;
                 }
             }
         }
+    }
+
+    /// Queues every record waiting in the inbox, in the order they were sent.
+    async fn take_inbox(&mut self) {
+        let Some(inbox) = self.inbox.clone() else {
+            return;
+        };
+        let mut items = std::mem::take(&mut self.taken);
+        inbox.take(&mut items);
+        for (record, reply) in items.drain(..) {
+            self.enqueue(record, reply).await;
+        }
+        self.taken = items;
     }
 
     fn next_wake(&self) -> Option<Instant> {
@@ -313,12 +366,17 @@ impl Sender {
     async fn partitions_of(&self, topic: &str) -> Result<i32, ProduceError> {
         let mut last = String::new();
         for attempt in 0..20 {
-            if let Some(info) = self.cluster.topic(topic) {
-                if info.error.is_none() && !info.partitions.is_empty() {
-                    return i32::try_from(info.partitions.len())
+            let known = self.cluster.with_topic(topic, |info| match info.error {
+                None if !info.partitions.is_empty() => Ok(info.partitions.len()),
+                error => Err(format!("{error:?}")),
+            });
+            match known {
+                Some(Ok(count)) => {
+                    return i32::try_from(count)
                         .map_err(|_| ProduceError::UnknownTopic(topic.to_string()));
                 }
-                last = format!("{:?}", info.error);
+                Some(Err(error)) => last = error,
+                None => {}
             }
             if attempt > 0 {
                 tokio::time::sleep(self.config.retry_backoff).await;
@@ -496,15 +554,26 @@ impl Sender {
             self.add_partitions().await;
         }
         let mut refresh = false;
-        for key in keys {
-            if self
-                .txn
-                .as_ref()
-                .is_some_and(|t| t.open && !t.added.contains(&key))
-            {
-                continue; // not added yet (AddPartitionsToTxn failed or is to be retried)
-            }
-            while let Some(queue) = self.queues.get_mut(&key) {
+        // Rounds of one batch per ready partition, grouped into one Produce per leader (as the
+        // Java sender drains a node's partitions into one request): with many partitions on a
+        // broker, one request and one answer instead of one per partition. A partition with
+        // more ready batches (up to `max.in.flight`) gets one per round, each in a later
+        // request on the same connection, so they reach the broker in sequence order.
+        let mut connections: HashMap<i32, Arc<semel_client::Connection>> = HashMap::new();
+        loop {
+            let mut requests: Vec<Request> = Vec::new();
+            let mut request_of_node: HashMap<i32, usize> = HashMap::new();
+            for key in &keys {
+                if self
+                    .txn
+                    .as_ref()
+                    .is_some_and(|t| t.open && !t.added.contains(key))
+                {
+                    continue; // not added yet (AddPartitionsToTxn failed or is to be retried)
+                }
+                let Some(queue) = self.queues.get_mut(key) else {
+                    continue;
+                };
                 // A broken connection fails its requests asynchronously; until those failures
                 // are back, a batch sent now on a new connection could overtake them and reach
                 // the broker out of sequence.
@@ -516,10 +585,10 @@ impl Sender {
                     || queue.backoff_until.is_some_and(|t| t > now)
                     || queue.in_flight.len() >= self.config.max_in_flight
                 {
-                    break;
+                    continue;
                 }
                 let Some(batch) = queue.ready.pop_front() else {
-                    break;
+                    continue;
                 };
                 if batch.encoded.is_empty() {
                     let error =
@@ -529,8 +598,8 @@ impl Sender {
                 }
                 let Some(leader) = self.cluster.leader(&key.0, key.1) else {
                     refresh = true;
-                    self.retry_later(&key, batch, "no leader known".into());
-                    break;
+                    self.retry_later(key, batch, "no leader known".into());
+                    continue;
                 };
                 if let Some(at) = self.cluster.node_retry_at(leader) {
                     // The leader refused connections lately: wait out its backoff here
@@ -541,17 +610,45 @@ impl Sender {
                     queue.ready.push_front(batch);
                     queue.backoff_until = Some(at);
                     refresh = true;
-                    break;
+                    continue;
                 }
-                let connection = match self.cluster.node(leader).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        refresh = true;
-                        self.retry_later(&key, batch, e.to_string());
-                        break;
-                    }
+                let connection = match connections.get(&leader) {
+                    Some(c) => Arc::clone(c),
+                    None => match self.cluster.node(leader).await {
+                        Ok(c) => {
+                            connections.insert(leader, Arc::clone(&c));
+                            c
+                        }
+                        Err(e) => {
+                            refresh = true;
+                            self.retry_later(key, batch, e.to_string());
+                            continue;
+                        }
+                    },
                 };
-                self.send(key.clone(), batch, connection).await;
+                let size = batch.encoded.len();
+                match request_of_node.get(&leader) {
+                    // The Java client's max.request.size bounds a request: a batch that would
+                    // take it past that starts the node's next request.
+                    Some(&index) if requests[index].bytes + size <= MAX_REQUEST_BYTES => {
+                        requests[index].batches.push((key.clone(), batch));
+                        requests[index].bytes += size;
+                    }
+                    _ => {
+                        request_of_node.insert(leader, requests.len());
+                        requests.push(Request {
+                            connection,
+                            batches: vec![(key.clone(), batch)],
+                            bytes: size,
+                        });
+                    }
+                }
+            }
+            if requests.is_empty() {
+                break;
+            }
+            for request in requests {
+                self.send(request.batches, request.connection).await;
             }
         }
         if refresh {
@@ -559,16 +656,30 @@ impl Sender {
         }
     }
 
-    /// Puts `batch` on the wire (in the caller's order) and awaits its answer in a task.
+    /// Puts one Produce carrying `batches` (one per partition, all led by the connection's
+    /// broker) on the wire, in the caller's order, and awaits its answer in a task.
     async fn send(
         &mut self,
-        key: Key,
-        mut batch: Batch,
+        mut batches: Vec<(Key, Batch)>,
         connection: Arc<semel_client::Connection>,
     ) {
-        batch.attempts += 1;
-        if batch.attempts > 1 {
-            self.metrics.retried.inc();
+        let mut topics: Vec<TopicProduceData> = Vec::new();
+        for (key, batch) in &mut batches {
+            batch.attempts += 1;
+            if batch.attempts > 1 {
+                self.metrics.retried.inc();
+            }
+            let partition = PartitionProduceData::default()
+                .with_index(key.1)
+                .with_records(Some(batch.encoded.clone()));
+            match topics.iter_mut().find(|t| t.name.0.as_str() == key.0) {
+                Some(topic) => topic.partition_data.push(partition),
+                None => topics.push(
+                    TopicProduceData::default()
+                        .with_name(TopicName(StrBytes::from_string(key.0.clone())))
+                        .with_partition_data(vec![partition]),
+                ),
+            }
         }
         let request = ProduceRequest::default()
             // Brokers refuse transactional batches without it (Kafka answers
@@ -583,56 +694,85 @@ impl Sender {
             .with_timeout_ms(
                 i32::try_from(self.config.request_timeout.as_millis()).unwrap_or(i32::MAX),
             )
-            .with_topic_data(vec![
-                TopicProduceData::default()
-                    .with_name(TopicName(StrBytes::from_string(key.0.clone())))
-                    .with_partition_data(vec![
-                        PartitionProduceData::default()
-                            .with_index(key.1)
-                            .with_records(Some(batch.encoded.clone())),
-                    ]),
-            ]);
+            .with_topic_data(topics);
         let version = match connection.version(ApiKey::Produce, (3, 9)) {
             Ok(v) => v,
             Err(error) => {
-                fail(batch, &ProduceError::Client(error), &self.metrics);
+                let error = ProduceError::Client(error);
+                for (_, batch) in batches {
+                    fail(batch, &error, &self.metrics);
+                }
                 return;
             }
         };
         if self.config.acks == Acks::None {
             match connection.send_without_response(&request, version).await {
-                Ok(()) => succeed(batch, key.1, -1, -1, &self.metrics),
-                Err(error) => self.retry_later(&key, batch, error.to_string()),
+                Ok(()) => {
+                    for (key, batch) in batches {
+                        succeed(batch, key.1, -1, -1, &self.metrics);
+                    }
+                }
+                Err(error) => {
+                    for (key, batch) in batches {
+                        self.retry_later(&key, batch, error.to_string());
+                    }
+                }
             }
             return;
         }
         let in_flight = match connection.submit(&request, version).await {
             Ok(in_flight) => in_flight,
             Err(error) => {
-                self.retry_later(&key, batch, error.to_string());
+                for (key, batch) in batches {
+                    self.retry_later(&key, batch, error.to_string());
+                }
                 return;
             }
         };
         let tx = self.outcomes_tx.clone();
-        let batch_id = batch.id;
-        batch.connection = Some(connection);
-        if let Some(queue) = self.queues.get_mut(&key) {
-            queue.in_flight.push(batch);
+        let mut sent: Vec<(Key, u64)> = Vec::with_capacity(batches.len());
+        for (key, mut batch) in batches {
+            sent.push((key.clone(), batch.id));
+            batch.connection = Some(Arc::clone(&connection));
+            if let Some(queue) = self.queues.get_mut(&key) {
+                queue.in_flight.push(batch);
+            }
         }
         tokio::spawn(async move {
-            let result = in_flight.response().await.and_then(|response| {
-                response
-                    .responses
-                    .first()
-                    .and_then(|t| t.partition_responses.first())
-                    .map(|p| (p.error_code, p.base_offset, p.log_append_time_ms))
-                    .ok_or_else(|| ClientError::Metadata("empty produce response".into()))
-            });
-            let _ = tx.send(Outcome {
-                key,
-                batch_id,
-                result,
-            });
+            let outcomes = match in_flight.response().await {
+                Ok(response) => sent
+                    .into_iter()
+                    .map(|(key, batch_id)| {
+                        let result = response
+                            .responses
+                            .iter()
+                            .filter(|t| t.name.0.as_str() == key.0)
+                            .flat_map(|t| &t.partition_responses)
+                            .find(|p| p.index == key.1)
+                            .map(|p| (p.error_code, p.base_offset, p.log_append_time_ms))
+                            .ok_or_else(|| {
+                                ClientError::Metadata(format!(
+                                    "the produce response has no answer for {}-{}",
+                                    key.0, key.1
+                                ))
+                            });
+                        Outcome {
+                            key,
+                            batch_id,
+                            result,
+                        }
+                    })
+                    .collect(),
+                Err(error) => sent
+                    .into_iter()
+                    .map(|(key, batch_id)| Outcome {
+                        key,
+                        batch_id,
+                        result: Err(error.clone()),
+                    })
+                    .collect(),
+            };
+            let _ = tx.send(outcomes);
         });
     }
 
@@ -1185,6 +1325,14 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// Resolves when records may be waiting in `inbox`; never without one.
+async fn records_arrived(inbox: Option<&Inbox>) {
+    match inbox {
+        Some(inbox) => inbox.arrived().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(wake: Option<Instant>) {
