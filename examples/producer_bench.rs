@@ -1,11 +1,17 @@
 //! Producer benchmark: semel-producer and kcat (librdkafka) sending the same load to the same
-//! broker, for 100 B and 1 KiB records, `acks=1` and `acks=all`, idempotence on and off.
+//! broker, for 100 B and 1 KiB records, `acks=1` and `acks=all`, idempotence on and off, back
+//! to back, with the ratio semel / librdkafka.
 //!
 //! ```sh
-//! cargo run --release --example producer_bench -- --messages 200000
+//! cargo run --release --example producer_bench -- --messages 200000 --runs 3
 //! cargo run --release --example producer_bench -- --bootstrap 127.0.0.1:9092
 //! cargo run --release --example producer_bench -- --tls
 //! ```
+//! kcat runs on the librdkafka of the confluent-kafka wheel in `~/.cache/semel/venv`
+//! (`scripts/setup.sh` installs it; 2.x, newer than Debian's) when it is there, else on the
+//! system's; `--librdkafka FILE` names another `librdkafka.so`. The version used is printed.
+//! With `--runs N` each configuration runs N times, the clients alternating, and the table
+//! gives the median of each.
 //! `--tls` runs the embedded broker with an `SSL` listener (a test certificate authority made
 //! for the run) and both clients over TLS, to set against a plaintext run of the same load.
 //! Without `--bootstrap` it starts an embedded semel-broker on a temporary directory. Each
@@ -42,6 +48,13 @@ struct Args {
     /// Serve and send over TLS (embedded broker only).
     #[arg(long)]
     tls: bool,
+    /// Runs per configuration and client (the table gives medians).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// The librdkafka shared library kcat runs on (default: the confluent-kafka wheel's, if
+    /// installed, else the system's).
+    #[arg(long)]
+    librdkafka: Option<std::path::PathBuf>,
 }
 
 /// One configuration's load, for either client.
@@ -116,7 +129,67 @@ async fn semel(load: &Load, many: usize) -> anyhow::Result<Duration> {
     Ok(elapsed)
 }
 
-fn kcat(load: &Load) -> anyhow::Result<Duration> {
+/// Where kcat finds the librdkafka to run on: a directory holding `librdkafka.so.1` (a link
+/// to `library`), for `LD_LIBRARY_PATH`. `None`: the system's.
+fn librdkafka_dir(
+    library: Option<std::path::PathBuf>,
+) -> anyhow::Result<Option<tempfile::TempDir>> {
+    let library = match library {
+        Some(library) => Some(library),
+        None => {
+            // The wheel bundles it as confluent_kafka.libs/librdkafka-<hash>.so.1.
+            let venv = std::env::var_os("HOME")
+                .map(|home| std::path::Path::new(&home).join(".cache/semel/venv/lib"))
+                .filter(|dir| dir.is_dir());
+            let mut found = None;
+            if let Some(lib) = venv {
+                for python in std::fs::read_dir(lib)?.flatten() {
+                    let libs = python.path().join("site-packages/confluent_kafka.libs");
+                    for file in std::fs::read_dir(libs).into_iter().flatten().flatten() {
+                        let name = file.file_name().to_string_lossy().into_owned();
+                        if name.starts_with("librdkafka") && name.contains(".so") {
+                            found = Some(file.path());
+                        }
+                    }
+                }
+            }
+            found
+        }
+    };
+    let Some(library) = library else {
+        return Ok(None);
+    };
+    ensure!(library.is_file(), "{}: no such file", library.display());
+    let dir = tempfile::tempdir()?;
+    std::os::unix::fs::symlink(&library, dir.path().join("librdkafka.so.1"))?;
+    Ok(Some(dir))
+}
+
+/// kcat's librdkafka version, as `kcat -V` reports it.
+fn librdkafka_version(dir: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let mut command = Command::new("kcat");
+    if let Some(dir) = dir {
+        command.env("LD_LIBRARY_PATH", dir);
+    }
+    let output = command.arg("-V").output().context("cannot run kcat")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split_whitespace()
+        .skip_while(|word| *word != "librdkafka")
+        .nth(1)
+        .map(str::to_string)
+        .context("kcat -V names no librdkafka version")
+}
+
+fn median(mut rates: Vec<f64>) -> f64 {
+    rates.sort_by(f64::total_cmp);
+    match rates.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => rates[n / 2],
+        n => (rates[n / 2 - 1] + rates[n / 2]) / 2.0,
+    }
+}
+
+fn kcat(load: &Load, librdkafka: Option<&std::path::Path>) -> anyhow::Result<Duration> {
     let Load {
         bootstrap,
         topic,
@@ -139,6 +212,9 @@ fn kcat(load: &Load) -> anyhow::Result<Duration> {
     };
     let started = Instant::now();
     let mut command = Command::new("kcat");
+    if let Some(dir) = librdkafka {
+        command.env("LD_LIBRARY_PATH", dir);
+    }
     if let Some(ca) = ca {
         command.args(["-X", "security.protocol=ssl", "-X"]);
         command.arg(format!("ssl.ca.location={}", ca.display()));
@@ -191,41 +267,73 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let bootstrap = broker.bootstrap.clone();
-    println!("| client | record | acks | idempotent | messages/s | MB/s |");
+    let librdkafka = if args.no_kcat {
+        None
+    } else {
+        librdkafka_dir(args.librdkafka.clone())?
+    };
+    let librdkafka_path = librdkafka.as_ref().map(|d| d.path().to_path_buf());
+    if !args.no_kcat {
+        println!(
+            "kcat on librdkafka {}; semel-producer with {}; median of {} run(s) each",
+            librdkafka_version(librdkafka_path.as_deref())?,
+            if args.many > 1 {
+                format!("send_many of {}", args.many)
+            } else {
+                "one send per record".into()
+            },
+            args.runs.max(1)
+        );
+    }
+    println!(
+        "| record | acks | idempotent | semel msg/s | librdkafka msg/s | semel / librdkafka |"
+    );
     println!("|---|---|---|---|---|---|");
     let mut n = 0;
     for size in [100, 1024] {
         for (acks, idempotent) in [(Acks::Leader, false), (Acks::All, false), (Acks::All, true)] {
             let label = if acks == Acks::All { "all" } else { "1" };
-            for client in ["semel", "kcat"] {
-                if client == "kcat" && args.no_kcat {
-                    continue;
+            let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+            for _ in 0..args.runs.max(1) {
+                for (c, client) in ["semel", "kcat"].into_iter().enumerate() {
+                    if client == "kcat" && args.no_kcat {
+                        continue;
+                    }
+                    n += 1;
+                    let topic = format!("bench-{n}-{}", std::process::id());
+                    if ca.is_none() {
+                        support::create_topics(&bootstrap, &[(&topic, 3)]).await?;
+                    }
+                    let load = Load {
+                        bootstrap: bootstrap.clone(),
+                        topic,
+                        messages: args.messages,
+                        size,
+                        acks,
+                        idempotent,
+                        ca: ca.clone(),
+                    };
+                    let elapsed = if client == "semel" {
+                        semel(&load, args.many).await?
+                    } else {
+                        let dir = librdkafka_path.clone();
+                        tokio::task::spawn_blocking(move || kcat(&load, dir.as_deref())).await??
+                    };
+                    rates[c].push(args.messages as f64 / elapsed.as_secs_f64());
                 }
-                n += 1;
-                let topic = format!("bench-{n}-{}", std::process::id());
-                if ca.is_none() {
-                    support::create_topics(&bootstrap, &[(&topic, 3)]).await?;
-                }
-                let load = Load {
-                    bootstrap: bootstrap.clone(),
-                    topic,
-                    messages: args.messages,
-                    size,
-                    acks,
-                    idempotent,
-                    ca: ca.clone(),
-                };
-                let elapsed = if client == "semel" {
-                    semel(&load, args.many).await?
-                } else {
-                    tokio::task::spawn_blocking(move || kcat(&load)).await??
-                };
-                let rate = args.messages as f64 / elapsed.as_secs_f64();
-                println!(
-                    "| {client} | {size} B | {label} | {idempotent} | {rate:.0} | {:.1} |",
-                    rate * size as f64 / 1e6
-                );
             }
+            let [semel, kcat] = rates.map(median);
+            let ratio = if args.no_kcat {
+                "-".to_string()
+            } else {
+                format!("{:.2}", semel / kcat)
+            };
+            let kcat = if args.no_kcat {
+                "-".to_string()
+            } else {
+                format!("{kcat:.0}")
+            };
+            println!("| {size} B | {label} | {idempotent} | {semel:.0} | {kcat} | {ratio} |");
         }
     }
     broker.shutdown().await;
