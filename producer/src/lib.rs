@@ -39,6 +39,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod batch;
 pub mod config;
 mod inbox;
 pub mod metrics;

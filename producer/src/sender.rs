@@ -86,7 +86,6 @@ struct Pending {
     record: ProducerRecord,
     timestamp_ms: i64,
     reply: Reply,
-    deadline: Instant,
 }
 
 struct Batch {
@@ -94,6 +93,10 @@ struct Batch {
     records: Vec<Pending>,
     size: usize,
     created: Instant,
+    /// `delivery.timeout.ms` after `created`, when its first record joined: records join in
+    /// the order they were sent, so the first one's deadline is the batch's (as in the Java
+    /// client, where a batch's records time out together).
+    deadline: Instant,
     /// Set when sealed (idempotent producers); -1 otherwise.
     base_sequence: i32,
     /// Encoded once when sealed; retries send the same bytes.
@@ -105,10 +108,8 @@ struct Batch {
 }
 
 impl Batch {
-    /// The first record's deadline: records join a batch in the order they were sent, each
-    /// with `delivery.timeout.ms` from then, so the first is the earliest.
     fn deadline(&self) -> Instant {
-        self.records.first().map_or(self.created, |p| p.deadline)
+        self.deadline
     }
 }
 
@@ -276,10 +277,13 @@ impl Sender {
                     // Records sent before this command go first.
                     self.take_inbox().await;
                     match command {
-                    Some(Command::Send { record, reply }) => self.enqueue(record, reply).await,
+                    Some(Command::Send { record, reply }) => {
+                        self.enqueue(record, reply, now_ms()).await;
+                    }
                     Some(Command::SendMany(records)) => {
+                        let now = now_ms();
                         for (record, reply) in records {
-                            self.enqueue(record, reply).await;
+                            self.enqueue(record, reply, now).await;
                         }
                     }
                     Some(Command::Flush(done)) => self.flushes.push(done),
@@ -326,8 +330,9 @@ impl Sender {
         };
         let mut items = std::mem::take(&mut self.taken);
         inbox.take(&mut items);
+        let now = now_ms();
         for (record, reply) in items.drain(..) {
-            self.enqueue(record, reply).await;
+            self.enqueue(record, reply, now).await;
         }
         self.taken = items;
     }
@@ -392,7 +397,9 @@ impl Sender {
         Err(ProduceError::UnknownTopic(format!("{topic}: {last}")))
     }
 
-    async fn enqueue(&mut self, mut record: ProducerRecord, reply: Reply) {
+    /// Queues one record; `now_ms` is its create time unless it has one (read once per
+    /// group of records taken together).
+    async fn enqueue(&mut self, mut record: ProducerRecord, reply: Reply, now_ms: i64) {
         if let Some(reason) = &self.fenced {
             self.metrics.failed.inc();
             reply.send(Err(ProduceError::Fatal(reason.clone())));
@@ -431,13 +438,17 @@ impl Sender {
         let key = (record.topic.clone(), partition);
         let size = record.size_estimate();
         let pending = Pending {
-            timestamp_ms: record.timestamp_ms.unwrap_or_else(now_ms),
+            timestamp_ms: record.timestamp_ms.unwrap_or(now_ms),
             record,
             reply,
-            deadline: Instant::now() + self.config.delivery_timeout,
         };
         let full = {
-            let queue = self.queues.entry(key.clone()).or_default();
+            if !self.queues.contains_key(&key) {
+                self.queues.insert(key.clone(), PartitionQueue::default());
+            }
+            let Some(queue) = self.queues.get_mut(&key) else {
+                return; // inserted just above
+            };
             let needs_new = queue
                 .open
                 .as_ref()
@@ -446,13 +457,19 @@ impl Sender {
                 queue.ready.push_back(batch);
             }
             let id = &mut self.next_batch_id;
+            let (batch_size, delivery_timeout) =
+                (self.config.batch_size, self.config.delivery_timeout);
             let batch = queue.open.get_or_insert_with(|| {
                 *id += 1;
+                let created = Instant::now();
                 Batch {
                     id: *id,
-                    records: Vec::new(),
+                    // Room for as many records of this size as fill the batch (growing a
+                    // vector of queued records copies them all each time it doubles).
+                    records: Vec::with_capacity((batch_size / size.max(1)).clamp(1, 4096)),
                     size: 0,
-                    created: Instant::now(),
+                    created,
+                    deadline: created + delivery_timeout,
                     base_sequence: -1,
                     encoded: Bytes::new(),
                     attempts: 0,
@@ -1273,6 +1290,17 @@ fn encode(
     transactional: bool,
 ) -> Result<Bytes, String> {
     let idempotent = batch.base_sequence >= 0;
+    if compression == kafka_protocol::records::Compression::None {
+        let fields = crate::batch::BatchFields {
+            producer_id: if idempotent { producer.0 } else { -1 },
+            producer_epoch: if idempotent { producer.1 } else { -1 },
+            base_sequence: if idempotent { batch.base_sequence } else { -1 },
+            transactional,
+        };
+        let records = batch.records.iter().map(|p| (&p.record, p.timestamp_ms));
+        return crate::batch::encode_uncompressed(records, fields)
+            .ok_or_else(|| format!("a batch of {} records", batch.records.len()));
+    }
     let records: Vec<Record> = batch
         .records
         .iter()
@@ -1307,7 +1335,7 @@ fn encode(
             }
         })
         .collect();
-    let mut buf = BytesMut::new();
+    let mut buf = BytesMut::with_capacity(batch.size + 64);
     RecordBatchEncoder::encode(
         &mut buf,
         &records,
