@@ -22,6 +22,7 @@
 //! References: KIP-98, KIP-360, KIP-480 (sticky partitioning), KIP-91 (delivery.timeout.ms).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -139,6 +140,40 @@ impl Default for PartitionQueue {
 
 type Key = (String, i32);
 
+/// rustc's FxHash, for the map of partition queues, which the producer looks up for every
+/// record: its keys are the application's own topic names, not input chosen by someone else,
+/// and SipHash cost more per record than the rest of the lookup.
+#[derive(Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.add(u64::from(byte));
+    }
+
+    fn write_i32(&mut self, value: i32) {
+        self.add(u64::from(value.cast_unsigned()));
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// One Produce being put together: batches of partitions one broker leads.
 struct Request {
     connection: Arc<semel_client::Connection>,
@@ -167,7 +202,10 @@ pub(crate) struct Sender {
     /// The answers of one Produce request, one per batch it carried.
     outcomes_tx: mpsc::UnboundedSender<Vec<Outcome>>,
     outcomes: mpsc::UnboundedReceiver<Vec<Outcome>>,
-    queues: HashMap<Key, PartitionQueue>,
+    queues: HashMap<Key, PartitionQueue, BuildHasherDefault<FxHasher>>,
+    /// The key of the record being placed, rebuilt in place for each record so looking up
+    /// its queue allocates nothing.
+    scratch: Key,
     sticky: HashMap<String, i32>,
     /// (producer id, epoch); (-1, -1) without idempotence.
     producer: (i64, i16),
@@ -218,7 +256,8 @@ impl Sender {
             taken: Vec::new(),
             outcomes_tx,
             outcomes,
-            queues: HashMap::new(),
+            queues: HashMap::default(),
+            scratch: (String::new(), 0),
             sticky: HashMap::new(),
             producer,
             bump_epoch: false,
@@ -332,7 +371,9 @@ impl Sender {
         inbox.take(&mut items);
         let now = now_ms();
         for (record, reply) in items.drain(..) {
-            self.enqueue(record, reply, now).await;
+            if let Some((record, reply)) = self.enqueue_now(record, reply, now) {
+                self.enqueue(record, reply, now).await;
+            }
         }
         self.taken = items;
     }
@@ -399,25 +440,55 @@ impl Sender {
 
     /// Queues one record; `now_ms` is its create time unless it has one (read once per
     /// group of records taken together).
-    async fn enqueue(&mut self, mut record: ProducerRecord, reply: Reply, now_ms: i64) {
+    async fn enqueue(&mut self, record: ProducerRecord, reply: Reply, now_ms: i64) {
+        if let Some((record, reply)) = self.enqueue_now(record, reply, now_ms) {
+            // The topic's partitions are not known yet: ask, then queue.
+            let partitions = match self.partitions_of(&record.topic).await {
+                Ok(n) => n,
+                Err(error) => {
+                    self.metrics.failed.inc();
+                    reply.send(Err(error));
+                    return;
+                }
+            };
+            self.place(record, reply, now_ms, partitions);
+        }
+    }
+
+    /// Queues one record whose topic's partition count is in the metadata, without awaiting
+    /// anything (the common case, kept out of `enqueue`'s future: moving that large future
+    /// for every record cost more than queueing the record). Gives the record back when the
+    /// metadata does not know the topic yet.
+    fn enqueue_now(
+        &mut self,
+        record: ProducerRecord,
+        reply: Reply,
+        now_ms: i64,
+    ) -> Option<(ProducerRecord, Reply)> {
         if let Some(reason) = &self.fenced {
             self.metrics.failed.inc();
             reply.send(Err(ProduceError::Fatal(reason.clone())));
-            return;
+            return None;
         }
         if let Some(refused) = self.txn_refuses_records() {
             self.metrics.failed.inc();
             reply.send(Err(refused));
-            return;
+            return None;
         }
-        let partitions = match self.partitions_of(&record.topic).await {
-            Ok(n) => n,
-            Err(error) => {
-                self.metrics.failed.inc();
-                reply.send(Err(error));
-                return;
+        let known = self.cluster.with_topic(&record.topic, |info| {
+            (info.error.is_none() && !info.partitions.is_empty()).then_some(info.partitions.len())
+        });
+        match known.flatten().and_then(|n| i32::try_from(n).ok()) {
+            Some(partitions) => {
+                self.place(record, reply, now_ms, partitions);
+                None
             }
-        };
+            None => Some((record, reply)),
+        }
+    }
+
+    /// Puts a record into its partition's open batch.
+    fn place(&mut self, mut record: ProducerRecord, reply: Reply, now_ms: i64, partitions: i32) {
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if (0..partitions).contains(&p) => p,
             (Some(p), _) => {
@@ -435,7 +506,9 @@ impl Sender {
             }
         };
         record.partition = Some(partition);
-        let key = (record.topic.clone(), partition);
+        self.scratch.0.clear();
+        self.scratch.0.push_str(&record.topic);
+        self.scratch.1 = partition;
         let size = record.size_estimate();
         let pending = Pending {
             timestamp_ms: record.timestamp_ms.unwrap_or(now_ms),
@@ -443,10 +516,11 @@ impl Sender {
             reply,
         };
         let full = {
-            if !self.queues.contains_key(&key) {
-                self.queues.insert(key.clone(), PartitionQueue::default());
+            if !self.queues.contains_key(&self.scratch) {
+                self.queues
+                    .insert(self.scratch.clone(), PartitionQueue::default());
             }
-            let Some(queue) = self.queues.get_mut(&key) else {
+            let Some(queue) = self.queues.get_mut(&self.scratch) else {
                 return; // inserted just above
             };
             let needs_new = queue
@@ -483,6 +557,7 @@ impl Sender {
         };
         self.metrics.queued.add(1);
         if full {
+            let key = self.scratch.clone();
             self.seal_full(&key);
         }
     }
