@@ -332,7 +332,10 @@ impl Connection {
             reason: format!("unknown api key {}", R::KEY),
         })?;
         let correlation_id = self.next_correlation_id.fetch_add(1, Ordering::Relaxed);
-        let mut buf = BytesMut::with_capacity(64);
+        // The whole frame at once: a Produce of many batches would otherwise be copied each
+        // time the buffer doubles.
+        let body = request.compute_size(version).unwrap_or(0);
+        let mut buf = BytesMut::with_capacity(64 + self.config.client_id.len() + body);
         buf.extend_from_slice(&[0, 0, 0, 0]);
         let encode_error = |reason: String| ClientError::Encode {
             api,

@@ -26,8 +26,12 @@ impl Counter {
     }
 
     pub(crate) fn inc(&self) {
-        self.value.fetch_add(1, Ordering::Relaxed);
-        self.exported.increment(1);
+        self.add(1);
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+        self.exported.increment(n);
     }
 
     /// The current value.

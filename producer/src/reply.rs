@@ -19,7 +19,8 @@ pub(crate) type Outcome = Result<DeliveryReport, ProduceError>;
 /// it reports `Closed`.
 pub(crate) struct Reply {
     to: Option<To>,
-    _room: OwnedSemaphorePermit,
+    /// `None` once handed on by `send_into`.
+    room: Option<OwnedSemaphorePermit>,
 }
 
 enum To {
@@ -31,20 +32,32 @@ impl Reply {
     pub(crate) fn one(to: oneshot::Sender<Outcome>, room: OwnedSemaphorePermit) -> Self {
         Self {
             to: Some(To::One(to)),
-            _room: room,
+            room: Some(room),
         }
     }
 
     pub(crate) fn many(many: Arc<Many>, index: usize, room: OwnedSemaphorePermit) -> Self {
         Self {
             to: Some(To::Many(many, index)),
-            _room: room,
+            room: Some(room),
         }
     }
 
     /// Delivers the outcome; the record's room is given back as the reply is dropped.
     pub(crate) fn send(mut self, outcome: Outcome) {
         self.deliver(outcome);
+    }
+
+    /// Delivers the outcome and adds the record's room to `room`, so that a batch gives the
+    /// room of all its records back at once (each give-back locks the semaphore's waiters).
+    pub(crate) fn send_into(mut self, outcome: Outcome, room: &mut Option<OwnedSemaphorePermit>) {
+        self.deliver(outcome);
+        if let Some(mine) = self.room.take() {
+            match room {
+                Some(room) => room.merge(mine),
+                None => *room = Some(mine),
+            }
+        }
     }
 
     fn deliver(&mut self, outcome: Outcome) {

@@ -1334,27 +1334,35 @@ fn sequence_before(seq_a: i32, seq_b: i32, id_a: u64, id_b: u64) -> bool {
 }
 
 fn succeed(batch: Batch, partition: i32, base_offset: i64, append_time: i64, metrics: &Metrics) {
+    // Counted before any reply goes out, so a caller woken by one sees it counted.
+    let n = batch.records.len();
+    metrics.sent.add(n as u64);
+    metrics.queued.add(-i64::try_from(n).unwrap_or(i64::MAX));
+    let mut room = None;
     for (i, pending) in batch.records.into_iter().enumerate() {
-        metrics.sent.inc();
-        metrics.queued.add(-1);
         let offset = if base_offset < 0 {
             -1
         } else {
             base_offset + i64::try_from(i).unwrap_or(0)
         };
-        pending.reply.send(Ok(DeliveryReport {
-            partition,
-            offset,
-            timestamp_ms: append_time,
-        }));
+        pending.reply.send_into(
+            Ok(DeliveryReport {
+                partition,
+                offset,
+                timestamp_ms: append_time,
+            }),
+            &mut room,
+        );
     }
 }
 
 fn fail(batch: Batch, error: &ProduceError, metrics: &Metrics) {
+    let n = batch.records.len();
+    metrics.failed.add(n as u64);
+    metrics.queued.add(-i64::try_from(n).unwrap_or(i64::MAX));
+    let mut room = None;
     for pending in batch.records {
-        metrics.failed.inc();
-        metrics.queued.add(-1);
-        pending.reply.send(Err(error.clone()));
+        pending.reply.send_into(Err(error.clone()), &mut room);
     }
 }
 
