@@ -182,6 +182,28 @@ fn librdkafka_version(dir: Option<&std::path::Path>) -> anyhow::Result<String> {
         .context("kcat -V names no librdkafka version")
 }
 
+/// CPU seconds used so far by this process and by its waited-for children (kcat), from
+/// `/proc/self/stat` (utime + stime, cutime + cstime).
+fn cpu_seconds(ticks_per_second: f64) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses: state is field 3.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3)?.parse::<f64>().ok();
+    Some((
+        (field(14)? + field(15)?) / ticks_per_second,
+        (field(16)? + field(17)?) / ticks_per_second,
+    ))
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
 fn median(mut rates: Vec<f64>) -> f64 {
     rates.sort_by(f64::total_cmp);
     match rates.len() {
@@ -291,11 +313,17 @@ async fn main() -> anyhow::Result<()> {
         "| record | acks | idempotent | semel msg/s | librdkafka msg/s | semel / librdkafka |"
     );
     println!("|---|---|---|---|---|---|");
+    // With an external broker this process's CPU time is the producer's alone: give it per
+    // message, next to kcat's (its process's user + system time).
+    let ticks = clock_ticks_per_second();
+    let measure_cpu = args.bootstrap.is_some();
+    let mut cpu_rows = Vec::new();
     let mut n = 0;
     for size in [100, 1024] {
         for (acks, idempotent) in [(Acks::Leader, false), (Acks::All, false), (Acks::All, true)] {
             let label = if acks == Acks::All { "all" } else { "1" };
             let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+            let mut cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
             for _ in 0..args.runs.max(1) {
                 for (c, client) in ["semel", "kcat"].into_iter().enumerate() {
                     if client == "kcat" && args.no_kcat {
@@ -315,6 +343,7 @@ async fn main() -> anyhow::Result<()> {
                         idempotent,
                         ca: ca.clone(),
                     };
+                    let before = cpu_seconds(ticks);
                     let elapsed = if client == "semel" {
                         semel(&load, args.many).await?
                     } else {
@@ -322,6 +351,14 @@ async fn main() -> anyhow::Result<()> {
                         tokio::task::spawn_blocking(move || kcat(&load, dir.as_deref())).await??
                     };
                     rates[c].push(args.messages as f64 / elapsed.as_secs_f64());
+                    if let (Some(before), Some(after)) = (before, cpu_seconds(ticks)) {
+                        let used = if c == 0 {
+                            after.0 - before.0
+                        } else {
+                            after.1 - before.1
+                        };
+                        cpu[c].push(used * 1e6 / args.messages as f64);
+                    }
                 }
             }
             let [semel, kcat] = rates.map(median);
@@ -336,6 +373,21 @@ async fn main() -> anyhow::Result<()> {
                 format!("{kcat:.0}")
             };
             println!("| {size} B | {label} | {idempotent} | {semel:.0} | {kcat} | {ratio} |");
+            if measure_cpu && !args.no_kcat {
+                let [semel, kcat] = cpu.map(median);
+                cpu_rows.push(format!(
+                    "| {size} B | {label} | {idempotent} | {semel:.2} | {kcat:.2} |"
+                ));
+            }
+        }
+    }
+    if !cpu_rows.is_empty() {
+        println!();
+        println!("Client CPU time (user + system) per message, µs, medians:");
+        println!("| record | acks | idempotent | semel | librdkafka (kcat) |");
+        println!("|---|---|---|---|---|");
+        for row in cpu_rows {
+            println!("{row}");
         }
     }
     broker.shutdown().await;
