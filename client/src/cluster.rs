@@ -89,6 +89,8 @@ pub struct Cluster {
     connecting: Shared<HashMap<String, Pending>>,
     backoff: Shared<HashMap<String, Backoff>>,
     metadata: RwLock<Metadata>,
+    /// Bumped each time the cached metadata changes (see [`Cluster::metadata_version`]).
+    metadata_version: std::sync::atomic::AtomicU64,
 }
 
 type Shared<T> = Arc<std::sync::Mutex<T>>;
@@ -124,6 +126,7 @@ impl Cluster {
             connecting: Shared::default(),
             backoff: Shared::default(),
             metadata: RwLock::new(Metadata::default()),
+            metadata_version: std::sync::atomic::AtomicU64::new(0),
         };
         cluster.refresh_metadata(None, false).await?;
         Ok(cluster)
@@ -343,7 +346,16 @@ impl Cluster {
                 },
             );
         }
+        self.metadata_version
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// A number that changes whenever the cached metadata does: something derived from the
+    /// metadata (a topic's partition count, say) stays valid while this returns the same.
+    pub fn metadata_version(&self) -> u64 {
+        self.metadata_version
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The names of every topic in the cached metadata.

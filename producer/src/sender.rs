@@ -203,6 +203,9 @@ pub(crate) struct Sender {
     outcomes_tx: mpsc::UnboundedSender<Vec<Outcome>>,
     outcomes: mpsc::UnboundedReceiver<Vec<Outcome>>,
     queues: HashMap<Key, PartitionQueue, BuildHasherDefault<FxHasher>>,
+    /// The last topic a record went to, its partition count and the metadata version that
+    /// count was read at: consecutive records to one topic skip the metadata lookup.
+    last_topic: Option<(String, i32, u64)>,
     /// The key of the record being placed, rebuilt in place for each record so looking up
     /// its queue allocates nothing.
     scratch: Key,
@@ -258,6 +261,7 @@ impl Sender {
             outcomes,
             queues: HashMap::default(),
             scratch: (String::new(), 0),
+            last_topic: None,
             sticky: HashMap::new(),
             producer,
             bump_epoch: false,
@@ -475,11 +479,21 @@ impl Sender {
             reply.send(Err(refused));
             return None;
         }
+        let version = self.cluster.metadata_version();
+        if let Some((topic, partitions, at)) = &self.last_topic
+            && *at == version
+            && *topic == record.topic
+        {
+            let partitions = *partitions;
+            self.place(record, reply, now_ms, partitions);
+            return None;
+        }
         let known = self.cluster.with_topic(&record.topic, |info| {
             (info.error.is_none() && !info.partitions.is_empty()).then_some(info.partitions.len())
         });
         match known.flatten().and_then(|n| i32::try_from(n).ok()) {
             Some(partitions) => {
+                self.last_topic = Some((record.topic.clone(), partitions, version));
                 self.place(record, reply, now_ms, partitions);
                 None
             }
