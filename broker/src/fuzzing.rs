@@ -102,8 +102,11 @@ pub fn produce_records(data: &[u8]) {
     let plain = crate::log::validate_produce_records(data, 1 << 20);
     // With a dedup window the records are read once, ids included: that walk never accepts
     // what the plain one refuses, and reads what the stored-batch reader reads.
-    let with_ids =
-        crate::log::batch::validate_produce_records_with(data, 1 << 20, Some("semel-msg-id"));
+    let with_ids = crate::log::batch::validate_produce_records_with(
+        &bytes::Bytes::copy_from_slice(data),
+        1 << 20,
+        Some("semel-msg-id"),
+    );
     if let Ok(with_ids) = &with_ids {
         assert!(
             plain.is_ok(),

@@ -21,6 +21,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse, ResponseKind};
@@ -58,7 +60,7 @@ pub(crate) fn handle(state: &Arc<BrokerState>, request: ProduceRequest, version:
                 transactional_id.as_deref(),
                 &topic,
                 data.index,
-                data.records.as_deref(),
+                data.records.as_ref(),
                 acks,
                 now_ms,
             );
@@ -157,7 +159,7 @@ fn append_one(
     transactional_id: Option<&str>,
     topic: &Result<Arc<Topic>, (ResponseError, String)>,
     index: i32,
-    records: Option<&[u8]>,
+    records: Option<&Bytes>,
     acks: i16,
     now_ms: i64,
 ) -> Result<(Arc<Partition>, Appended), (ResponseError, String)> {
@@ -174,7 +176,8 @@ fn append_one(
             format!("Topic '{}' has no partition {index}.", topic.name),
         )
     })?;
-    let records = records.unwrap_or_default();
+    let empty = Bytes::new();
+    let records = records.unwrap_or(&empty);
     // A topic with a dedup window has the ids read while the records are checked.
     let config = &topic.log_config;
     let dedup_header = (config.dedup_window_ms > 0).then_some(config.dedup_header.as_str());

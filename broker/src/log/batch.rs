@@ -227,7 +227,7 @@ pub fn validate_produce_records(
     records: &[u8],
     max_message_bytes: u32,
 ) -> Result<ValidatedBatch, LogError> {
-    validate_produce_records_with(records, max_message_bytes, None)
+    validate_produce_records_with(&Bytes::copy_from_slice(records), max_message_bytes, None)
 }
 
 /// [`validate_produce_records`]; with `dedup_header` (the topic has a message-id dedup
@@ -236,8 +236,10 @@ pub fn validate_produce_records(
 ///
 /// # Errors
 /// As [`validate_produce_records`].
+///
+/// The batch keeps `records` (a slice of the request's frame, not a copy).
 pub(crate) fn validate_produce_records_with(
-    records: &[u8],
+    records: &Bytes,
     max_message_bytes: u32,
     dedup_header: Option<&str>,
 ) -> Result<ValidatedBatch, LogError> {
@@ -288,7 +290,7 @@ pub(crate) fn validate_produce_records_with(
         }
     };
     Ok(ValidatedBatch {
-        bytes: Bytes::copy_from_slice(records),
+        bytes: records.clone(),
         header,
         ids,
     })
@@ -369,24 +371,31 @@ pub fn check_records(payload: &[u8], header: &BatchHeader) -> Result<(), LogErro
     Ok(())
 }
 
-/// The bytes to store for `batch`: base offset and leader epoch assigned, and under
-/// LogAppendTime the timestamp type bit and max timestamp set, with the CRC recomputed.
+/// The header to store for `batch` (its records follow unchanged): base offset and leader
+/// epoch assigned, and under LogAppendTime the timestamp type bit and max timestamp set, with
+/// the CRC recomputed. Only the header is copied, never the records.
 pub(crate) fn assign(
     batch: &ValidatedBatch,
     base_offset: i64,
     log_append_time_ms: Option<i64>,
-) -> Vec<u8> {
-    let mut bytes = batch.bytes.to_vec();
-    bytes[0..8].copy_from_slice(&base_offset.to_be_bytes());
-    bytes[12..16].copy_from_slice(&0i32.to_be_bytes());
+) -> [u8; HEADER_BYTES] {
+    // Validation checked the batch is at least a header long.
+    let mut head = [0u8; HEADER_BYTES];
+    head.copy_from_slice(&batch.bytes[..HEADER_BYTES]);
+    head[0..8].copy_from_slice(&base_offset.to_be_bytes());
+    head[12..16].copy_from_slice(&0i32.to_be_bytes());
     if let Some(now_ms) = log_append_time_ms {
         let attributes = batch.header.attributes | ATTRIBUTE_TIMESTAMP_TYPE;
-        bytes[21..23].copy_from_slice(&attributes.to_be_bytes());
-        bytes[35..43].copy_from_slice(&now_ms.to_be_bytes());
-        let crc = compute_crc(&bytes);
-        bytes[17..21].copy_from_slice(&crc.to_be_bytes());
+        head[21..23].copy_from_slice(&attributes.to_be_bytes());
+        head[35..43].copy_from_slice(&now_ms.to_be_bytes());
+        // The CRC covers the header from the attributes on, then the records as sent.
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c(&head[CRC_START..]),
+            &batch.bytes[HEADER_BYTES..],
+        );
+        head[17..21].copy_from_slice(&crc.to_be_bytes());
     }
-    bytes
+    head
 }
 
 /// For an uncompressed batch, each record's (offset delta, timestamp), walking the records'

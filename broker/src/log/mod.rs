@@ -564,7 +564,12 @@ impl PartitionLog {
         if active.size == 0 {
             active.created_ms = now_ms;
         }
-        active.append(&stored, &header, interval)?;
+        active.append(
+            &stored,
+            &batch.bytes()[batch::HEADER_BYTES..],
+            &header,
+            interval,
+        )?;
         // The batch landed at the log end, and the log end moved past its last record.
         debug_assert_eq!(
             self.log_end_offset(),

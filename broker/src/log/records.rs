@@ -407,7 +407,7 @@ pub(crate) mod tests {
             );
             // Read while validating (the topic has a window): the same, in one walk.
             let produced = crate::log::batch::validate_produce_records_with(
-                &bytes,
+                &bytes::Bytes::from(bytes.clone()),
                 1 << 20,
                 Some("semel-msg-id"),
             )

@@ -251,12 +251,14 @@ impl Segment {
     /// Appends stored batch bytes. On failure the file is truncated back and nothing changes.
     pub(crate) fn append(
         &mut self,
-        bytes: &[u8],
+        head: &[u8],
+        records: &[u8],
         header: &BatchHeader,
         index_interval_bytes: u32,
     ) -> Result<(), LogError> {
         let position = self.size;
-        if let Err(source) = self.file.write_all(bytes) {
+        let written = write_all_vectored(&mut self.file, head, records);
+        if let Err(source) = written {
             if let Err(undo) = self.file.set_len(position) {
                 return Err(LogError::Io {
                     path: self.path.clone(),
@@ -270,7 +272,8 @@ impl Segment {
             }
             return Err(io_error(&self.path, source));
         }
-        self.index_batch(header, position, bytes.len() as u64, index_interval_bytes);
+        let length = (head.len() + records.len()) as u64;
+        self.index_batch(header, position, length, index_interval_bytes);
         Ok(())
     }
 
@@ -365,4 +368,28 @@ impl Segment {
         }
         Ok(())
     }
+}
+
+/// Writes `head` then `body`, in one `writev` when the kernel takes them whole (a batch's
+/// patched header and its records as they came, without copying them together first).
+fn write_all_vectored(file: &mut File, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+    let mut skip = 0usize;
+    let total = head.len() + body.len();
+    while skip < total {
+        let written = if skip < head.len() {
+            file.write_vectored(&[
+                std::io::IoSlice::new(&head[skip..]),
+                std::io::IoSlice::new(body),
+            ])
+        } else {
+            file.write(&body[skip - head.len()..])
+        };
+        match written {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => skip += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
