@@ -106,6 +106,10 @@ async fn run(messages: usize, idempotent: bool) -> anyhow::Result<Outcome> {
         // duplicates come from.
         retries: if idempotent { None } else { Some(u32::MAX) },
         linger: Duration::from_millis(2),
+        // Small batches, so that even the quick run's 2,000 short messages take many Produce
+        // requests and every 7th reply is lost several times over (the producer carries all
+        // ready partitions of a broker in one request, and takes records in bulk).
+        batch_size: 256,
         ..ProducerConfig::default()
     })
     .await?;
