@@ -6,8 +6,8 @@
 #     in-process mock broker, which stores nothing on disk: the ceiling of what this client
 #     reaches on this machine. Runs alternate; medians and the ratio.
 #  2. what idempotence costs the broker: examples/produce_load (4 connections, 5 requests in
-#     flight each, 100 records of 100 B per batch, acks=all, 4 s) with and without producer
-#     ids and sequences, alternating. (librdkafka itself is slower idempotent, against the
+#     flight each, 100 records of 100 B per batch, acks=all, 3 s, a fresh broker each run)
+#     with and without producer ids and sequences, alternating. (librdkafka itself is slower idempotent, against the
 #     mock too, so kcat cannot show the broker's share.)
 #  3. 1 to 4 producers at once (each the load of 1, its own topic): aggregate records/s, and
 #     the machine's CPU use (from /proc/stat) while they ran.
@@ -33,8 +33,15 @@ semel_bin="$CARGO_TARGET_DIR/release/semel-broker"
 load_bin="$CARGO_TARGET_DIR/release/examples/produce_load"
 work=$(mktemp -d)
 port=29491
+fresh=""
 cleanup() {
-  [ -f "$work/semel.pid" ] && kill "$(cat "$work/semel.pid")" 2>/dev/null || true
+  # Wait for the brokers to exit, so nothing writes into $work as it is removed.
+  local pid
+  for pid in "$(cat "$work/semel.pid" 2>/dev/null)" "$fresh"; do
+    [ -n "$pid" ] || continue
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -103,7 +110,19 @@ for _ in $(seq 1 "$runs"); do
   for mode in plain idem; do
     flag=()
     [ "$mode" = idem ] && flag=(--idempotent)
-    out=$("$load_bin" --bootstrap "127.0.0.1:$port" --acks all --seconds 4 "${flag[@]}" | tail -n 1)
+    # A fresh broker each time: on a shared one, later runs are slower as the page cache
+    # fills with earlier runs' data, and that drift is larger than the difference measured.
+    rm -rf "$work/fresh"
+    "$semel_bin" --listen "127.0.0.1:$((port + 1))" --data-dir "$work/fresh" --num-partitions 4 \
+      --log-level warn >"$work/fresh.log" 2>&1 &
+    fresh=$!
+    for _ in $(seq 1 100); do
+      kcat -b "127.0.0.1:$((port + 1))" -L -m 1 >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+    out=$("$load_bin" --bootstrap "127.0.0.1:$((port + 1))" --acks all --seconds 3 "${flag[@]}" | tail -n 1)
+    kill "$fresh"
+    wait "$fresh" 2>/dev/null || true
     r=$(echo "$out" | grep -o '[0-9]* records/s' | cut -d' ' -f1)
     if [ "$mode" = idem ]; then idem+=("$r"); else plain+=("$r"); fi
   done
