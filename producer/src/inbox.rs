@@ -81,3 +81,54 @@ impl Inbox {
         std::mem::take(&mut state.items)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::{Semaphore, oneshot};
+
+    use super::*;
+    use crate::record::ProduceError;
+
+    fn item(room: &Arc<Semaphore>) -> (Item, oneshot::Receiver<crate::reply::Outcome>) {
+        let permit = Arc::clone(room).try_acquire_owned().expect("room");
+        let (to, from) = oneshot::channel();
+        (
+            (ProducerRecord::new("t", "v"), Reply::one(to, permit)),
+            from,
+        )
+    }
+
+    #[tokio::test]
+    async fn records_wait_in_order_until_taken_and_a_closed_inbox_refuses_and_answers() {
+        let inbox = Inbox::default();
+        let room = Arc::new(Semaphore::new(8));
+        let (first, _first_reply) = item(&room);
+        let (second, _second_reply) = item(&room);
+        assert!(inbox.push([first]).is_ok());
+        assert!(inbox.push([second]).is_ok());
+        // The first push into an empty inbox left a wake-up for the task.
+        tokio::time::timeout(std::time::Duration::from_secs(5), inbox.arrived())
+            .await
+            .expect("woken");
+        let mut taken = Vec::new();
+        inbox.take(&mut taken);
+        assert_eq!(taken.len(), 2);
+        drop(taken);
+
+        let (waiting, waiting_reply) = item(&room);
+        assert!(inbox.push([waiting]).is_ok());
+        let left = inbox.close();
+        assert_eq!(left.len(), 1);
+        drop(left);
+        assert!(matches!(waiting_reply.await, Ok(Err(ProduceError::Closed))));
+
+        let (late, late_reply) = item(&room);
+        let refused = inbox.push([late]).expect_err("closed");
+        drop(refused);
+        assert!(matches!(late_reply.await, Ok(Err(ProduceError::Closed))));
+        // Every record's room came back.
+        assert_eq!(room.available_permits(), 8);
+    }
+}

@@ -227,6 +227,17 @@ pub(crate) struct Sender {
     txn: Option<Txn>,
 }
 
+impl Drop for Sender {
+    /// However the task ends (closing, or a panic unwinding through it), the inbox refuses
+    /// records from then on and the replies of those still waiting report `Closed`: a record
+    /// never waits in an inbox nobody takes from.
+    fn drop(&mut self) {
+        if let Some(inbox) = &self.inbox {
+            drop(inbox.close());
+        }
+    }
+}
+
 fn config_transactional(config: &ProducerConfig) -> Option<Txn> {
     config.transactional_id.as_ref().map(|_| Txn::default())
 }
@@ -356,11 +367,7 @@ impl Sender {
                     let _ = done.send(());
                 }
                 if closing {
-                    if let Some(inbox) = &inbox {
-                        // Nothing can send any more (the producer is gone); refuse anyway.
-                        drop(inbox.close());
-                    }
-                    return;
+                    return; // the inbox closes as `self` drops
                 }
             }
         }
