@@ -81,12 +81,19 @@ async fn send_all(
     Ok(())
 }
 
-async fn run_through_lossy_proxy(idempotent: bool) -> anyhow::Result<(Vec<Vec<usize>>, u64, u64)> {
+/// A broker that clients reach through a fault proxy (it advertises the proxy's address), and
+/// a raw client straight to the broker.
+async fn behind_proxy() -> anyhow::Result<(FaultProxy, TestBroker, RawClient)> {
     let proxy = FaultProxy::start(FaultPlan::default()).await?;
     let advertised = proxy.addr().to_string();
     let broker = TestBroker::start_with(|c| c.advertised_listener = Some(advertised)).await?;
     proxy.set_upstream(broker.addr());
-    let mut client = RawClient::connect(broker.addr()).await?;
+    let client = RawClient::connect(broker.addr()).await?;
+    Ok((proxy, broker, client))
+}
+
+async fn run_through_lossy_proxy(idempotent: bool) -> anyhow::Result<(Vec<Vec<usize>>, u64, u64)> {
+    let (proxy, _broker, mut client) = behind_proxy().await?;
     let topic = if idempotent {
         "ledger-on"
     } else {
@@ -367,11 +374,7 @@ async fn every_codec_round_trips_and_acks_0_and_flush_work() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_idempotence_a_lost_reply_is_an_error_not_a_retry_by_default() -> anyhow::Result<()>
 {
-    let proxy = FaultProxy::start(FaultPlan::default()).await?;
-    let advertised = proxy.addr().to_string();
-    let broker = TestBroker::start_with(|c| c.advertised_listener = Some(advertised)).await?;
-    proxy.set_upstream(broker.addr());
-    let mut client = RawClient::connect(broker.addr()).await?;
+    let (proxy, _broker, mut client) = behind_proxy().await?;
     create_topic(&mut client, "no-retries", 1).await?;
     proxy.set_plan(FaultPlan {
         cut_every_nth_produce_reply: 1,
@@ -515,11 +518,7 @@ async fn records_fail_at_delivery_timeout_when_the_broker_is_gone() -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_waits_while_max_queued_records_are_undelivered() -> anyhow::Result<()> {
     const PRODUCE_API: i16 = 0;
-    let proxy = FaultProxy::start(FaultPlan::default()).await?;
-    let advertised = proxy.addr().to_string();
-    let broker = TestBroker::start_with(|c| c.advertised_listener = Some(advertised)).await?;
-    proxy.set_upstream(broker.addr());
-    let mut client = RawClient::connect(broker.addr()).await?;
+    let (proxy, _broker, mut client) = behind_proxy().await?;
     create_topic(&mut client, "bounded", PARTITIONS).await?;
     let producer = Producer::connect(ProducerConfig {
         max_queued_records: 10,
@@ -593,11 +592,7 @@ async fn send_waits_while_max_queued_records_are_undelivered() -> anyhow::Result
 #[tokio::test]
 async fn one_produce_request_carries_every_ready_partition_of_a_broker() -> anyhow::Result<()> {
     const PRODUCE_API: i16 = 0;
-    let proxy = FaultProxy::start(FaultPlan::default()).await?;
-    let advertised = proxy.addr().to_string();
-    let broker = TestBroker::start_with(|c| c.advertised_listener = Some(advertised)).await?;
-    proxy.set_upstream(broker.addr());
-    let mut client = RawClient::connect(broker.addr()).await?;
+    let (proxy, _broker, mut client) = behind_proxy().await?;
     create_topic(&mut client, "per-broker", PARTITIONS).await?;
     // Partitions named in each Produce request, in the order the requests left.
     let requests: std::sync::Arc<std::sync::Mutex<Vec<Vec<i32>>>> = std::sync::Arc::default();
