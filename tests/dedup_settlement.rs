@@ -614,3 +614,72 @@ async fn a_batch_settles_with_one_write_and_a_dropped_batch_comes_again() -> any
     );
     Ok(())
 }
+
+/// Defect (issue 24): the store's syncs ran on the runtime's worker threads, so a slow fsync
+/// (a busy disk) stalled every other task of the application meanwhile: here the runtime has
+/// one thread, and a task that ticks every 10 ms must keep ticking while the middleware
+/// commits (each commit syncs the store first; the sync is made to take 800 ms).
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_store_sync_does_not_stall_the_runtime() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let broker = TestBroker::start().await?;
+    let bootstrap = broker.addr().to_string();
+    let topic = "slow-sync";
+    let messages = ids(0..20);
+    let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
+    let end = send(&bootstrap, topic, &refs).await?;
+
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(DedupStore::open(DedupConfig::new(
+        dir.path().join("store"),
+    ))?);
+    let syncs = Arc::new(AtomicUsize::new(0));
+    store.on_sync({
+        let syncs = Arc::clone(&syncs);
+        move || {
+            syncs.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(800));
+        }
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            let mut worst = Duration::ZERO;
+            let mut last = Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                worst = worst.max(last.elapsed());
+                last = Instant::now();
+            }
+            worst
+        }
+    });
+
+    let mut dedup = member(&bootstrap, "slow-sync-group", topic, &store).await?;
+    let started = Instant::now();
+    while dedup
+        .position(&(topic.to_string(), 0))
+        .is_none_or(|p| p < end)
+        || syncs.load(Ordering::SeqCst) == 0
+    {
+        ensure!(
+            started.elapsed() < PATIENCE,
+            "never read to {end} and synced"
+        );
+        if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
+            fresh?.done(|_| {})?;
+        }
+    }
+    dedup.close().await?;
+    stop.store(true, Ordering::SeqCst);
+    let worst = ticker.await?;
+    let syncs = syncs.load(Ordering::SeqCst);
+    ensure!(syncs > 0, "the store was never synced");
+    ensure!(
+        worst < Duration::from_millis(400),
+        "a task of the same runtime stood still for {worst:?} while the store synced ({syncs} syncs of 800 ms)"
+    );
+    Ok(())
+}

@@ -39,12 +39,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::changelog::{Changelog, ChangelogConfig, ChangelogError, RestoreMetrics};
 use super::settlement::{Epoch, Revoking, Settlements};
-use super::store::{Claim, ClaimToken, DedupError, DedupStore, KeyHash, StateBatch};
+use super::store::{Claim, ClaimToken, DedupError, DedupStore, KeyHash, StateBatch, off_runtime};
 use crate::assignor::TopicPartition;
 use crate::consumer::{Consumer, RebalanceContext, RebalanceListener};
 use crate::record::{ConsumerError, ConsumerRecord};
@@ -437,6 +438,15 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Makes every store write so far durable, on a blocking thread: an fsync takes
+    /// milliseconds (much longer on a busy disk) and would stall the worker's other tasks.
+    async fn sync_store(&self) -> Result<(), DedupError> {
+        off_runtime(&self.store, "syncing the write-ahead log", |store| {
+            store.sync()
+        })
+        .await
+    }
+
     /// Releases the claim (if it is still this handle's) and queues the record to be handed
     /// out again, if its partition is still owned by the same assignment (otherwise the next
     /// owner reads it).
@@ -539,7 +549,7 @@ impl Shared {
             return offsets;
         }
         // The marks behind these offsets must survive a power cut before the offsets leave.
-        if let Err(e) = self.store.sync() {
+        if let Err(e) = self.sync_store().await {
             tracing::warn!(error = %e, "store not synced; not committing on revocation");
             return BTreeMap::new();
         }
@@ -634,6 +644,18 @@ impl RebalanceListener for StoreOffsets {
     }
 }
 
+/// Lets a dropped [`DedupConsumer`] free its store at once: a background sync holds the
+/// store only while it holds this gate's lock, and one that has not started when the consumer
+/// is dropped does not start. Dropping waits at most for a sync under way (one fsync).
+#[derive(Debug, Default)]
+struct SyncGate(Arc<Mutex<bool>>);
+
+impl Drop for SyncGate {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    }
+}
+
 /// Where the record being looked at came from.
 #[derive(Debug)]
 struct Candidate {
@@ -644,6 +666,9 @@ struct Candidate {
     /// it.
     epoch: Epoch,
 }
+
+/// Offsets to commit, each with the ownership of its partition they were read in.
+type OwnedOffsets = BTreeMap<TopicPartition, (Epoch, i64)>;
 
 /// How a commit sent in the background ended.
 type CommitResult = tokio::sync::oneshot::Receiver<Result<(), ConsumerError>>;
@@ -671,6 +696,16 @@ pub struct DedupConsumer {
     passed: u64,
     rejected: u64,
     changelog: Option<Changelog>,
+    /// A sync of the store running on a blocking thread (see `start_sync`).
+    syncing: Option<tokio::task::JoinHandle<Result<(), DedupError>>>,
+    /// Closed when this consumer is dropped: see [`SyncGate`].
+    sync_gate: SyncGate,
+    /// A commit due, waiting for a sync to cover the store writes it depends on: (writes it
+    /// needs durable, offsets).
+    commit_waiting: Option<(u64, OwnedOffsets)>,
+    /// Marks due for the changelog, waiting for a sync likewise: (how many of the outbox's
+    /// first entries, writes they need durable).
+    marks_waiting: Option<(usize, u64)>,
 }
 
 impl DedupConsumer {
@@ -719,6 +754,10 @@ impl DedupConsumer {
             passed: 0,
             rejected: 0,
             changelog: None,
+            syncing: None,
+            sync_gate: SyncGate::default(),
+            commit_waiting: None,
+            marks_waiting: None,
         })
     }
 
@@ -1228,37 +1267,48 @@ impl DedupConsumer {
             tracing::info!(topic = changelog.topic(), "dedup changelog started");
             self.changelog = Some(changelog);
         }
-        let Some(changelog) = &mut self.changelog else {
-            return Ok(());
-        };
-        let due = {
+        let due = self.marks_waiting.is_some() || {
             let state = self.shared.lock();
             !state.outbox.is_empty()
                 && (now
                     || state.outbox.len() >= MARKS_GROUP
                     || self.last_marks_sent.elapsed() >= MARKS_LINGER)
         };
-        let settled: Vec<Settled> = if due {
-            self.shared.lock().outbox.drain(..).collect()
-        } else {
-            Vec::new()
-        };
-        if settled.iter().any(|s| s.key.is_some()) {
+        let mut settled: Vec<Settled> = Vec::new();
+        if due {
             // Marks leave the process only once they would survive a power cut here: a mark
             // in the changelog whose local state was lost would drop a message unhandled.
-            // Every mark taken above was written before it was queued, so this sync covers
-            // them; if it fails they go back to the front of the queue, in order.
-            if let Err(e) = self.shared.store.sync() {
-                let mut state = self.shared.lock();
-                for s in settled.into_iter().rev() {
-                    state.outbox.push_front(s);
+            // Every mark queued was written (and counted) before it was queued, so once the
+            // writes counted now are durable, the entries queued now may go. They stay queued
+            // until then: a cancelled call loses none.
+            // Asked for `now`: everything queued (a superset of what may be waiting).
+            let (queued, needed) = match self.marks_waiting {
+                Some(waiting) if !now => waiting,
+                _ => {
+                    let state = self.shared.lock();
+                    let marks = state.outbox.iter().any(|s| s.key.is_some());
+                    let needed = if marks { self.shared.store.writes() } else { 0 };
+                    (state.outbox.len(), needed)
                 }
-                return Err(e.into());
+            };
+            if self.shared.store.durable_writes() < needed {
+                if now {
+                    self.shared.sync_store().await?;
+                } else {
+                    // Synced in the background; `next` goes on meanwhile.
+                    self.marks_waiting = Some((queued, needed));
+                    self.start_sync()?;
+                }
+            }
+            if self.shared.store.durable_writes() >= needed {
+                self.marks_waiting = None;
+                self.last_marks_sent = Instant::now();
+                settled = self.shared.lock().outbox.drain(..queued).collect();
             }
         }
-        if due {
-            self.last_marks_sent = Instant::now();
-        }
+        let Some(changelog) = &mut self.changelog else {
+            return Ok(());
+        };
         for s in settled {
             match s.key {
                 Some(key) => changelog.push_mark(s.partition, s.record_offset, s.release, key),
@@ -1319,16 +1369,33 @@ impl DedupConsumer {
 
     /// What may be committed now: per partition the lowest offset not settled (with a
     /// changelog: whose marks it acknowledged), where it moved since the last commit.
-    fn commit_offsets(&self) -> BTreeMap<TopicPartition, i64> {
+    fn commit_offsets(&self) -> OwnedOffsets {
         let state = self.shared.lock();
         let offsets = if self.shared.changelog {
             state.acked.clone()
         } else {
             state.settlements.all_committable()
         };
+        // Only partitions owned now, with the ownership they are owned in: one being revoked
+        // is committed by its revocation (a commit from here could land after it and rewind
+        // the group).
         offsets
             .into_iter()
             .filter(|(tp, o)| self.committed.get(tp) != Some(o))
+            .filter_map(|(tp, o)| {
+                let epoch = state.settlements.epoch(&tp)?;
+                Some((tp, (epoch, o)))
+            })
+            .collect()
+    }
+
+    /// Of `offsets`, those whose partitions are still owned in the same ownership.
+    fn still_owned(&self, offsets: OwnedOffsets) -> BTreeMap<TopicPartition, i64> {
+        let state = self.shared.lock();
+        offsets
+            .into_iter()
+            .filter(|(tp, (epoch, _))| state.settlements.epoch(tp) == Some(*epoch))
+            .map(|(tp, (_, offset))| (tp, offset))
             .collect()
     }
 
@@ -1359,19 +1426,41 @@ impl DedupConsumer {
         }
     }
 
+    /// Commits what is settled every `commit_interval`, once a sync covers the store writes
+    /// behind it. The sync runs in the background: `next` is not held up by it, and a
+    /// cancelled `next` does not start it over.
     fn maybe_commit(&mut self) {
         self.check_commits();
-        if self.last_commit.elapsed() < self.config.commit_interval {
-            return;
+        if self.commit_waiting.is_none() {
+            if self.last_commit.elapsed() < self.config.commit_interval {
+                return;
+            }
+            self.last_commit = Instant::now();
+            let offsets = self.commit_offsets();
+            if offsets.is_empty() {
+                return;
+            }
+            // Counted after the offsets are read: a settle writes (and counts) its batch
+            // before its offset can be read, so every write behind them is counted.
+            let needed = self.shared.store.writes();
+            self.commit_waiting = Some((needed, offsets));
         }
-        self.last_commit = Instant::now();
-        let offsets = self.commit_offsets();
-        if offsets.is_empty() {
+        let Some((needed, _)) = &self.commit_waiting else {
             return;
-        }
+        };
         // The marks behind these offsets must survive a power cut before the offsets leave.
-        if let Err(e) = self.shared.store.sync() {
-            tracing::warn!(error = %e, "store not synced; offsets not committed");
+        if self.shared.store.durable_writes() < *needed {
+            if let Err(e) = self.start_sync() {
+                tracing::warn!(error = %e, "store not synced; offsets not committed yet");
+            }
+            return;
+        }
+        let Some((_, offsets)) = self.commit_waiting.take() else {
+            return;
+        };
+        // A partition revoked (or revoked and assigned again) while the sync ran is left out.
+        let offsets = self.still_owned(offsets);
+        if offsets.is_empty() {
             return;
         }
         self.committed.extend(offsets.clone());
@@ -1381,6 +1470,42 @@ impl DedupConsumer {
                 tracing::warn!(error = %e, "commit not sent");
                 self.forget_committed(&offsets);
             }
+        }
+    }
+
+    /// Starts a sync of the store on a blocking thread unless one is running; `next` is
+    /// woken when it ends. Returns the error of a sync that ended since the last call (the
+    /// writes it was to cover are not durable; the next call tries again).
+    fn start_sync(&mut self) -> Result<(), DedupError> {
+        if self.syncing.as_ref().is_some_and(|h| !h.is_finished()) {
+            return Ok(());
+        }
+        let ended = self.syncing.take();
+        let shared = Arc::downgrade(&self.shared);
+        let gate = Arc::clone(&self.sync_gate.0);
+        self.syncing = Some(tokio::task::spawn_blocking(move || {
+            let closed = gate.lock().unwrap_or_else(|p| p.into_inner());
+            // The consumer was dropped: no sync (it would hold the store open), and nothing
+            // waits for it.
+            let Some(shared) = shared.upgrade().filter(|_| !*closed) else {
+                return Ok(());
+            };
+            let synced = shared.store.sync();
+            shared.wake.notify_one();
+            // Let go of the store before the gate: once a drop has passed the gate, no sync
+            // holds the store.
+            drop(shared);
+            drop(closed);
+            synced
+        }));
+        match ended.and_then(|h| h.now_or_never()) {
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(e)) => Err(DedupError::Interrupted {
+                path: self.shared.store.path().to_path_buf(),
+                what: "syncing the write-ahead log",
+                reason: e.to_string(),
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -1424,7 +1549,9 @@ impl DedupConsumer {
         }
         let offsets = self.commit_offsets();
         if !offsets.is_empty() {
-            match self.shared.store.sync() {
+            let synced = self.shared.sync_store().await;
+            let offsets = self.still_owned(offsets);
+            match synced {
                 Ok(()) => {
                     if let Err(e) = self.consumer.commit_offsets(&offsets).await {
                         tracing::warn!(error = %e, "final commit failed; the store's offsets still hold");

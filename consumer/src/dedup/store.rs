@@ -181,6 +181,18 @@ pub enum DedupError {
         /// The key, in hex.
         key: String,
     },
+    /// A store call run off the runtime's threads did not finish: its blocking task was
+    /// cancelled (the runtime is shutting down) or panicked. What it was to write may or may
+    /// not be written; nothing that depends on it was sent.
+    #[error("dedup store {path}: {what} did not finish: {reason}")]
+    Interrupted {
+        /// The path.
+        path: PathBuf,
+        /// Which call.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// RocksDB failed (I/O, a full disk, a corrupt file).
     #[error("dedup store {path}: {source}")]
     Storage {
@@ -341,7 +353,12 @@ pub struct DedupStore {
     writes: AtomicU64,
     /// Of those, how many a sync covered.
     durable: AtomicU64,
+    /// Runs at the start of every sync: an instrument for tests (a slow disk, or where syncs
+    /// run), set with [`DedupStore::on_sync`].
+    sync_hook: std::sync::OnceLock<SyncHook>,
 }
+
+type SyncHook = Box<dyn Fn() + Send + Sync>;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -448,6 +465,7 @@ impl DedupStore {
             bucket_width_ms,
             writes: AtomicU64::new(0),
             durable: AtomicU64::new(0),
+            sync_hook: std::sync::OnceLock::new(),
         };
         store.expire()?;
         Ok(store)
@@ -639,10 +657,20 @@ impl DedupStore {
     /// `Storage` when the sync fails: nothing written since the last successful sync may be
     /// relied on.
     pub fn sync(&self) -> Result<(), DedupError> {
+        if let Some(hook) = self.sync_hook.get() {
+            hook();
+        }
         let written = self.writes();
         self.db.flush_wal(true).map_err(|e| self.storage(e))?;
         self.durable.fetch_max(written, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Test instrument: `hook` runs at the start of every [`DedupStore::sync`] (to play a slow
+    /// disk, or to see which thread syncs). Only the first hook set is kept.
+    #[doc(hidden)]
+    pub fn on_sync(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let _ = self.sync_hook.set(Box::new(hook));
     }
 
     /// Writes (batches) stored since open: a count, for tests and metrics.
@@ -1206,6 +1234,29 @@ impl DedupStore {
 
 /// The bucket width recorded in `db`, or (a store without one: new, or older than the record)
 /// `window / 2` of `config`, recorded now.
+/// Runs `call` on the store on one of the runtime's blocking threads, not a worker: RocksDB
+/// blocks (an fsync takes milliseconds, a write stall or a read from disk longer) and would
+/// hold up every task on the worker meanwhile. The call runs to its end even if the caller's
+/// future is dropped.
+pub(crate) async fn off_runtime<T: Send + 'static>(
+    store: &Arc<DedupStore>,
+    what: &'static str,
+    call: impl FnOnce(&DedupStore) -> Result<T, DedupError> + Send + 'static,
+) -> Result<T, DedupError> {
+    let on_thread = Arc::clone(store);
+    tokio::task::spawn_blocking(move || call(&on_thread))
+        .await
+        .map_err(|e| DedupError::Interrupted {
+            path: store.config.path.clone(),
+            what,
+            reason: if e.is_panic() {
+                "it panicked".to_string()
+            } else {
+                "the runtime is shutting down".to_string()
+            },
+        })?
+}
+
 fn stored_width(db: &Db, config: &DedupConfig) -> Result<i64, DedupError> {
     let storage = |source| DedupError::Storage {
         path: config.path.clone(),
