@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::settlement::Epoch;
-use super::store::{DedupError, DedupStore, KeyHash};
+use super::store::{DedupError, DedupStore, KeyHash, off_runtime};
 
 /// An offset that may be committed once the changelog acknowledged what came before it, and
 /// the ownership of the partition it was settled in (an offset from an earlier ownership is
@@ -537,7 +537,7 @@ impl Changelog {
     /// the position an earlier replay reached, to the end offsets read now.
     pub(crate) async fn restore(
         &mut self,
-        store: &DedupStore,
+        store: &Arc<DedupStore>,
         assigned: &BTreeSet<TopicPartition>,
     ) -> Result<(), ChangelogError> {
         let started = Instant::now();
@@ -665,7 +665,7 @@ fn decode(key: Option<&Bytes>, value: Option<&Bytes>) -> Option<(KeyHash, i64)> 
 /// skipped).
 async fn replay(
     reader: &mut Consumer,
-    store: &DedupStore,
+    store: &Arc<DedupStore>,
     topic: &str,
     partitions: &BTreeSet<i32>,
     since: i64,
@@ -723,7 +723,7 @@ async fn replay(
             }
             positions.insert(record.partition, record.offset + 1);
             if marks.len() >= RESTORE_BATCH {
-                added += flush_marks(store, topic, &mut marks, &mut positions)?;
+                added += flush_marks(store, topic, &mut marks, &mut positions).await?;
             }
         }
         from.retain(|tp, (_, end)| reader.position(tp).is_none_or(|p| p < *end));
@@ -732,24 +732,32 @@ async fn replay(
             next_progress += 100_000;
         }
     }
-    added += flush_marks(store, topic, &mut marks, &mut positions)?;
+    added += flush_marks(store, topic, &mut marks, &mut positions).await?;
     Ok((read, added, skipped))
 }
 
-fn flush_marks(
-    store: &DedupStore,
+/// Writes `marks`, then the changelog `positions` they bring each partition to, on a blocking
+/// thread (see `off_runtime`). Both are taken: on an error the caller reads them again.
+async fn flush_marks(
+    store: &Arc<DedupStore>,
     topic: &str,
     marks: &mut Vec<(KeyHash, i64)>,
     positions: &mut BTreeMap<i32, i64>,
 ) -> Result<u64, ChangelogError> {
-    // The positions go with the last batch of each partition's marks: one write per partition
-    // position (the marks are in the first), so a crash mid-replay re-reads, never skips.
-    let mut added = store.restore_marks(marks, None)? as u64;
-    for (partition, next) in std::mem::take(positions) {
-        added += store.restore_marks(&[], Some((POSITIONS, topic, partition, next)))? as u64;
-    }
-    marks.clear();
-    Ok(added)
+    let marks = std::mem::take(marks);
+    let positions = std::mem::take(positions);
+    let topic = topic.to_string();
+    let added = off_runtime(store, "restoring marks", move |store| {
+        // The positions go after the marks: one write per partition position (the marks are
+        // in the first), so a crash mid-replay re-reads, never skips.
+        let mut added = store.restore_marks(&marks, None)?;
+        for (partition, next) in positions {
+            added += store.restore_marks(&[], Some((POSITIONS, &topic, partition, next)))?;
+        }
+        Ok(added)
+    })
+    .await?;
+    Ok(added as u64)
 }
 
 /// Warm standby: tails every changelog partition into the store.
@@ -799,19 +807,32 @@ async fn standby(
         };
         let mut marks = Vec::with_capacity(records.len());
         let mut positions = BTreeMap::new();
+        // Where this poll's records start, per partition: read again if they are not stored.
+        let mut firsts: BTreeMap<i32, i64> = BTreeMap::new();
         for record in &records {
             if let Some(mark) = decode(record.key.as_ref(), record.value.as_ref()) {
                 marks.push(mark);
             }
             positions.insert(record.partition, record.offset + 1);
+            firsts.entry(record.partition).or_insert(record.offset);
         }
-        match flush_marks(&store, &topic, &mut marks, &mut positions) {
+        match flush_marks(&store, &topic, &mut marks, &mut positions).await {
             Ok(added) => {
                 let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
                 m.standby_marks += added;
                 metrics::counter!("semel_dedup_changelog_standby_marks_total").increment(added);
             }
-            Err(e) => tracing::warn!(error = %e, "changelog standby cannot write the store"),
+            Err(e) => {
+                // Not skipped: a later poll's positions would pass these marks, and a
+                // replay starting from them would never restore them.
+                tracing::warn!(error = %e, "changelog standby cannot write the store; reading those records again");
+                for (partition, first) in firsts {
+                    if let Err(e) = reader.seek(&(topic.clone(), partition), first) {
+                        tracing::warn!(error = %e, "changelog standby cannot seek");
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
 }
