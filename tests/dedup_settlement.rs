@@ -683,3 +683,68 @@ async fn a_slow_store_sync_does_not_stall_the_runtime() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Defect: a handler's `done` closure ran under the middleware's lock (and the store's), so a
+/// closure that gave another handle back (dropped it: its handler gave up) or read the
+/// store waited for itself forever. Bounded: the settle runs on its own thread, and a hang
+/// fails the test. The handle dropped inside comes again, and every id counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_done_closure_may_drop_another_handle_and_read_the_store() -> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let bootstrap = broker.addr().to_string();
+    let topic = "closure-reentry";
+    let messages = ids(0..5);
+    let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
+    let end = send(&bootstrap, topic, &refs).await?;
+
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(DedupStore::open(DedupConfig::new(
+        dir.path().join("store"),
+    ))?);
+    let mut dedup = member(&bootstrap, "closure-reentry-group", topic, &store).await?;
+    let first = next(&mut dedup).await?;
+    let second = next(&mut dedup).await?;
+    ensure!(
+        id(&first) == "m0" && id(&second) == "m1",
+        "read out of order"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn({
+        let store = Arc::clone(&store);
+        move || {
+            let done = first.done(|batch| {
+                drop(second);
+                let fresh = store.counts().fresh;
+                batch.put(b"fresh-seen", fresh.to_string().as_bytes());
+            });
+            let _ = tx.send(done.map_err(anyhow::Error::from));
+        }
+    });
+    match tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(10))).await? {
+        Ok(done) => done?,
+        Err(_) => {
+            anyhow::bail!("done() never returned: its closure waited for a lock held around it")
+        }
+    }
+    let mut handled: BTreeMap<String, u32> = BTreeMap::from([("m0".to_string(), 1)]);
+    let started = Instant::now();
+    while dedup
+        .position(&(topic.to_string(), 0))
+        .is_none_or(|p| p < end)
+        || handled.len() < messages.len()
+    {
+        ensure!(started.elapsed() < PATIENCE, "handled only {handled:?}");
+        if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
+            let fresh = fresh?;
+            *handled.entry(id(&fresh)).or_default() += 1;
+            fresh.done(|_| {})?;
+        }
+    }
+    ensure!(handled.values().all(|&n| n == 1), "handled {handled:?}");
+    ensure!(
+        store.state(b"fresh-seen")?.is_some(),
+        "the closure's write is missing"
+    );
+    dedup.close().await?;
+    Ok(())
+}

@@ -45,7 +45,9 @@ use tokio::time::Instant;
 
 use super::changelog::{Changelog, ChangelogConfig, ChangelogError, RestoreMetrics};
 use super::settlement::{Epoch, Revoking, Settlements};
-use super::store::{Claim, ClaimToken, DedupError, DedupStore, KeyHash, StateBatch, off_runtime};
+use super::store::{
+    Claim, ClaimToken, DedupError, DedupStore, KeyHash, StateBatch, StateWrites, off_runtime,
+};
 use crate::assignor::TopicPartition;
 use crate::consumer::{Consumer, RebalanceContext, RebalanceListener};
 use crate::record::{ConsumerError, ConsumerRecord};
@@ -220,6 +222,9 @@ impl Fresh {
     pub fn done(mut self, state: impl FnOnce(&mut StateBatch<'_>)) -> Result<(), MiddlewareError> {
         // `settled` is set once the batch is written (or refused): if `state` panics, the
         // handle is dropped unsettled and its record is given back.
+        // The handler's writes first, with no lock held: its closure may use the store or
+        // the middleware, or panic (then the handle is dropped unsettled).
+        let state = StateWrites::collect(state);
         let shared = Arc::clone(&self.shared);
         let record = &self.record;
         let tp = record.topic_partition();
@@ -229,7 +234,7 @@ impl Fresh {
         let offset = inner
             .settlements
             .committable_after(&tp, self.epoch, record.offset);
-        let written = shared.store.mark_done_many(
+        let written = shared.store.mark_done_with(
             self.claim.as_slice(),
             offset
                 .map(|o| (shared.group.as_str(), &*record.topic, record.partition, o))
@@ -284,6 +289,8 @@ impl Fresh {
             )
             .into());
         }
+        // As in `done`: the handler's writes first, with no lock held.
+        let state = StateWrites::collect(state);
         let mut inner = shared.lock();
         // Per partition and ownership, the offsets settled here.
         let mut settling: BTreeMap<(TopicPartition, Epoch), BTreeSet<i64>> = BTreeMap::new();
@@ -308,7 +315,7 @@ impl Fresh {
             .collect();
         let claims: Vec<(KeyHash, ClaimToken)> = handles.iter().filter_map(|h| h.claim).collect();
         // Under the lock, as `done`: racing settles never write offsets out of order.
-        let written = shared.store.mark_done_many(&claims, &offset_refs, state);
+        let written = shared.store.mark_done_with(&claims, &offset_refs, state);
         for h in &mut handles {
             h.settled = true;
         }

@@ -313,8 +313,14 @@ impl KeyHash {
 
 /// Writes the handler adds to a mark's batch (its own state, in the `state` column family).
 pub struct StateBatch<'a> {
-    batch: &'a mut WriteBatch,
-    state: Arc<rocksdb::BoundColumnFamily<'a>>,
+    writes: &'a mut Vec<StateWrite>,
+}
+
+/// One write a handler asked for, applied with its mark.
+#[derive(Debug)]
+enum StateWrite {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
 }
 
 impl std::fmt::Debug for StateBatch<'_> {
@@ -326,12 +332,29 @@ impl std::fmt::Debug for StateBatch<'_> {
 impl StateBatch<'_> {
     /// Sets `key` to `value`, committed with the mark or not at all.
     pub fn put(&mut self, key: &[u8], value: &[u8]) {
-        self.batch.put_cf(&self.state, key, value);
+        self.writes
+            .push(StateWrite::Put(key.to_vec(), value.to_vec()));
     }
 
     /// Deletes `key`, committed with the mark or not at all.
     pub fn delete(&mut self, key: &[u8]) {
-        self.batch.delete_cf(&self.state, key);
+        self.writes.push(StateWrite::Delete(key.to_vec()));
+    }
+}
+
+/// A handler's state writes, collected before any lock is taken: the handler's closure is
+/// user code, and may call into the store or the middleware (which would wait for a lock held
+/// around it), block, or panic, without holding anything up.
+#[derive(Debug, Default)]
+pub(crate) struct StateWrites(Vec<StateWrite>);
+
+impl StateWrites {
+    pub(crate) fn collect(state: impl FnOnce(&mut StateBatch<'_>)) -> Self {
+        let mut writes = Vec::new();
+        state(&mut StateBatch {
+            writes: &mut writes,
+        });
+        Self(writes)
     }
 }
 
@@ -934,6 +957,16 @@ impl DedupStore {
         offsets: &[(&str, &str, i32, i64)],
         state: impl FnOnce(&mut StateBatch<'_>),
     ) -> Result<(), DedupError> {
+        self.mark_done_with(claims, offsets, StateWrites::collect(state))
+    }
+
+    /// [`DedupStore::mark_done_many`] with the handler's writes already collected.
+    pub(crate) fn mark_done_with(
+        &self,
+        claims: &[(KeyHash, ClaimToken)],
+        offsets: &[(&str, &str, i32, i64)],
+        state: StateWrites,
+    ) -> Result<(), DedupError> {
         let mut inner = self.inner();
         let now = self.clock.now_ms();
         // Checked under the same lock as every claim: no claim can change in between.
@@ -981,14 +1014,13 @@ impl DedupStore {
             .unwrap_or_default();
             batch.put_cf(&offsets_family, offset_key(group, topic, partition), value);
         }
-        {
-            let mut handle = StateBatch {
-                batch: &mut batch,
-                state: state_family,
-            };
-            state(&mut handle);
+        for write in state.0 {
+            match write {
+                StateWrite::Put(key, value) => batch.put_cf(&state_family, key, value),
+                StateWrite::Delete(key) => batch.delete_cf(&state_family, key),
+            }
         }
-        drop((marks, offsets_family));
+        drop((marks, offsets_family, state_family));
         self.write(batch)?;
         for (key, _) in claims {
             inner.held.remove(key);
@@ -1411,6 +1443,36 @@ mod tests {
             Claim::Fresh(token) => Ok(token),
             other => panic!("expected Fresh, got {other:?}"),
         }
+    }
+
+    /// Defect: the handler's closure ran under the store's lock, so a closure that used the
+    /// store (here `counts` and `check`) waited for itself forever. Bounded: the settle runs
+    /// on its own thread, and a hang fails the test after 10 s.
+    #[test]
+    fn the_state_closure_may_use_the_store() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _clock) = store(dir.path());
+        let store = Arc::new(store);
+        let token = fresh(&store, key(1))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let store = Arc::clone(&store);
+            move || {
+                let done = store.mark_done(key(1), token, None, |batch| {
+                    let seen = store.counts().fresh;
+                    let other = store.check(key(2)).ok();
+                    batch.put(b"seen", format!("{seen} {other:?}").as_bytes());
+                });
+                let _ = tx.send(done);
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(done) => done?,
+            Err(_) => panic!("mark_done never returned: the closure waited for the store's lock"),
+        }
+        assert_eq!(store.state(b"seen")?, Some(b"1 Some(Unhandled)".to_vec()));
+        assert_eq!(store.claim(key(1))?, Claim::Duplicate);
+        Ok(())
     }
 
     #[test]
