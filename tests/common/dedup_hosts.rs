@@ -57,9 +57,16 @@ pub async fn child_main() -> anyhow::Result<()> {
         &env("SEMEL_GROUP")?,
     ))
     .await?;
-    consumer.subscribe([topic.clone()])?;
+    // "on", "off", or "assign": on, with the partitions assigned by hand (no group
+    // rebalance, so no assignment callback).
+    let mode = env("SEMEL_CHANGELOG")?;
+    if mode == "assign" {
+        consumer.assign((0..PARTITIONS).map(|p| (topic.clone(), p)))?;
+    } else {
+        consumer.subscribe([topic.clone()])?;
+    }
     let store = Arc::new(DedupStore::open(DedupConfig::new(env("SEMEL_STORE")?))?);
-    let changelog = (env("SEMEL_CHANGELOG")? == "on").then(ChangelogConfig::default);
+    let changelog = (mode != "off").then(ChangelogConfig::default);
     let mut dedup = DedupConsumer::new(
         consumer,
         store,
@@ -124,7 +131,8 @@ pub struct Outcome {
 }
 
 /// Runs the scenario on the cluster at `bootstrap`, where `topic` exists with
-/// [`PARTITIONS`] partitions; `changelog` is "on" or "off".
+/// [`PARTITIONS`] partitions; `changelog` is "on", "off", or "assign" (on, with every
+/// partition assigned by hand to each host instead of a group subscription).
 pub async fn two_hosts(
     bootstrap: &str,
     topic: &str,
@@ -206,7 +214,7 @@ pub async fn two_hosts(
         "host a committed offsets: {committed:?}"
     );
     probe.close().await?;
-    if changelog == "on" {
+    if changelog != "off" {
         // Bad input: a record in the changelog that is not a semel mark (someone else wrote
         // to the topic). The replay skips it, counted, and goes on.
         let producer = Producer::connect(ProducerConfig {

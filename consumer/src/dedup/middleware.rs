@@ -946,6 +946,11 @@ impl DedupConsumer {
             return None;
         }
         let record = self.consumer.take_buffered()?;
+        if self.first_of_assigned_partition(&record) {
+            // Its partition's changelog is replayed first: `next` does that.
+            self.held = Some(record);
+            return None;
+        }
         match self.config.key_source.key(&record) {
             Some(message_key) => {
                 let key = KeyHash::new(&self.shared.group, &record.topic, &message_key);
@@ -972,6 +977,26 @@ impl DedupConsumer {
                 }
             },
         }
+    }
+
+    /// Whether `record` is the first of a partition assigned by hand ([`Consumer::assign`]:
+    /// no group rebalance, so no assignment callback) that must wait for its changelog
+    /// replay. The partition is taken as owned from here (as the callback would), and with a
+    /// changelog queued for its replay, so that a mark another host handled is known before
+    /// any of its records is handed out.
+    fn first_of_assigned_partition(&self, record: &ConsumerRecord) -> bool {
+        if !self.shared.changelog {
+            return false;
+        }
+        let tp = record.topic_partition();
+        let mut state = self.shared.lock();
+        // Known (the common case), or a subscription's (its callback decides).
+        if state.settlements.epoch(&tp).is_some() || !self.consumer.subscription().is_empty() {
+            return false;
+        }
+        state.settlements.assign(&tp);
+        state.to_restore.insert(tp);
+        true
     }
 
     /// When the marks waiting for the changelog, or the next commit, are due while `next`
@@ -1112,7 +1137,9 @@ impl DedupConsumer {
                     }
                 }
             };
-            if self.shared.lock().to_restore.is_empty() {
+            if !self.first_of_assigned_partition(&record)
+                && self.shared.lock().to_restore.is_empty()
+            {
                 break record;
             }
             // Kept across a failed or cancelled replay.
