@@ -703,6 +703,8 @@ pub struct DedupConsumer {
     passed: u64,
     rejected: u64,
     changelog: Option<Changelog>,
+    /// Offsets the changelog released and not yet noted in the shared state.
+    acked_unnoted: BTreeMap<TopicPartition, super::changelog::Release>,
     /// A sync of the store running on a blocking thread (see `start_sync`).
     syncing: Option<tokio::task::JoinHandle<Result<(), DedupError>>>,
     /// Closed when this consumer is dropped: see [`SyncGate`].
@@ -761,6 +763,7 @@ impl DedupConsumer {
             passed: 0,
             rejected: 0,
             changelog: None,
+            acked_unnoted: BTreeMap::new(),
             syncing: None,
             sync_gate: SyncGate::default(),
             commit_waiting: None,
@@ -1353,9 +1356,11 @@ impl DedupConsumer {
                 }
             }
         }
-        let mut acked = BTreeMap::new();
-        changelog.pump(&mut acked).await?;
-        self.shared.note_acked(acked);
+        let pumped = changelog.pump(&mut self.acked_unnoted).await;
+        // Also what a cancelled `flush_changelog` had taken.
+        self.shared
+            .note_acked(std::mem::take(&mut self.acked_unnoted));
+        pumped?;
         Ok(())
     }
 
@@ -1392,10 +1397,13 @@ impl DedupConsumer {
         }
         self.pump_changelog(true).await?;
         if let Some(changelog) = &mut self.changelog {
-            let mut acked = BTreeMap::new();
-            let flushed = changelog.flush(&mut acked).await;
+            // Kept in `self` while the flush waits: if this call is cancelled, the next one
+            // notes what it had taken (a release lost here would hold the partition's
+            // commit back until its next settle).
+            let flushed = changelog.flush(&mut self.acked_unnoted).await;
             // What was acknowledged before a failure still counts.
-            self.shared.note_acked(acked);
+            self.shared
+                .note_acked(std::mem::take(&mut self.acked_unnoted));
             flushed?;
         }
         Ok(())
