@@ -38,6 +38,9 @@ struct Track {
     outstanding: BTreeSet<i64>,
     /// Of those, the ones a live handle holds: what a revocation waits for.
     handed: BTreeSet<i64>,
+    /// Whether a record was settled in this ownership (so an offset was released to the
+    /// changelog, which a revocation waits for).
+    settled_any: bool,
 }
 
 impl Track {
@@ -54,7 +57,8 @@ impl Track {
 pub(crate) enum Revoking {
     /// Handles of that ownership are still out.
     Waiting,
-    /// None is out: the committable offset then (`None`: nothing was read).
+    /// None is out: the committable offset then (`None`: nothing was settled in that
+    /// ownership, so there is no release to wait for and nothing new to commit).
     Settled(Option<i64>),
     /// Not revoking in that ownership any more (assigned again, or lost).
     Gone,
@@ -84,6 +88,7 @@ impl Settlements {
                 read_to: None,
                 outstanding: BTreeSet::new(),
                 handed: BTreeSet::new(),
+                settled_any: false,
             },
         );
         epoch
@@ -110,6 +115,7 @@ impl Settlements {
         match self.revoking.get(tp).filter(|t| t.epoch == epoch) {
             None => Revoking::Gone,
             Some(track) if !track.handed.is_empty() => Revoking::Waiting,
+            Some(track) if !track.settled_any => Revoking::Settled(None),
             Some(track) => Revoking::Settled(track.committable()),
         }
     }
@@ -217,6 +223,7 @@ impl Settlements {
         let track = self.track_mut(tp, epoch)?;
         track.outstanding.remove(&offset);
         track.handed.remove(&offset);
+        track.settled_any = true;
         track.committable()
     }
 
@@ -282,6 +289,31 @@ mod tests {
         assert_eq!(s.committable_after_all(&tp(), e, &all), Some(6));
         let other = Epoch(e.0 + 1);
         assert_eq!(s.committable_after_all(&tp(), other, &all), None);
+    }
+
+    /// Defect: a partition revoked with records read but none settled in that ownership (its
+    /// one handler failed, or every record waited for another's claim) reported the lowest
+    /// outstanding offset as settled-to, and a revocation with a changelog waited for the
+    /// changelog to acknowledge a release that was never sent: the whole `revocation_wait`
+    /// (30 s) on every such rebalance.
+    #[test]
+    fn a_revocation_with_nothing_settled_waits_for_no_release() {
+        let mut s = Settlements::default();
+        let tp = tp();
+        let epoch = s.assign(&tp);
+        s.read(&tp, 5, true);
+        s.read(&tp, 6, true);
+        s.returned(&tp, epoch, 5);
+        assert_eq!(s.start_revoke(&tp), Some(epoch));
+        assert_eq!(s.revoking(&tp, epoch), Revoking::Settled(None));
+
+        // Once one settles, its release is what the revocation waits for.
+        let epoch = s.assign(&tp);
+        s.read(&tp, 5, true);
+        s.read(&tp, 6, true);
+        assert_eq!(s.settle(&tp, epoch, 6), Some(5));
+        assert_eq!(s.start_revoke(&tp), Some(epoch));
+        assert_eq!(s.revoking(&tp, epoch), Revoking::Settled(Some(5)));
     }
 
     #[test]
