@@ -137,6 +137,37 @@ async fn handled_by_the_next_member_with(
     Ok(handled)
 }
 
+/// A broker with ids m0..m(n-1) sent to partition 0 of a topic, and an empty store.
+struct Fixture {
+    _broker: TestBroker,
+    bootstrap: String,
+    /// The partition's end offset.
+    end: i64,
+    _dir: tempfile::TempDir,
+    store: Arc<DedupStore>,
+    messages: Vec<String>,
+}
+
+async fn fixture(topic: &str, n: usize) -> anyhow::Result<Fixture> {
+    let broker = TestBroker::start().await?;
+    let bootstrap = broker.addr().to_string();
+    let messages = ids(0..n);
+    let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
+    let end = send(&bootstrap, topic, &refs).await?;
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(DedupStore::open(DedupConfig::new(
+        dir.path().join("store"),
+    ))?);
+    Ok(Fixture {
+        _broker: broker,
+        bootstrap,
+        end,
+        _dir: dir,
+        store,
+        messages,
+    })
+}
+
 fn ids(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|n| format!("m{n}")).collect()
 }
@@ -623,17 +654,15 @@ async fn a_batch_settles_with_one_write_and_a_dropped_batch_comes_again() -> any
 async fn a_slow_store_sync_does_not_stall_the_runtime() -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    let broker = TestBroker::start().await?;
-    let bootstrap = broker.addr().to_string();
     let topic = "slow-sync";
-    let messages = ids(0..20);
-    let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
-    let end = send(&bootstrap, topic, &refs).await?;
-
-    let dir = tempfile::tempdir()?;
-    let store = Arc::new(DedupStore::open(DedupConfig::new(
-        dir.path().join("store"),
-    ))?);
+    let Fixture {
+        _broker,
+        bootstrap,
+        end,
+        _dir,
+        store,
+        ..
+    } = fixture(topic, 20).await?;
     let syncs = Arc::new(AtomicUsize::new(0));
     store.on_sync({
         let syncs = Arc::clone(&syncs);
@@ -690,17 +719,15 @@ async fn a_slow_store_sync_does_not_stall_the_runtime() -> anyhow::Result<()> {
 /// fails the test. The handle dropped inside comes again, and every id counts once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_done_closure_may_drop_another_handle_and_read_the_store() -> anyhow::Result<()> {
-    let broker = TestBroker::start().await?;
-    let bootstrap = broker.addr().to_string();
     let topic = "closure-reentry";
-    let messages = ids(0..5);
-    let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
-    let end = send(&bootstrap, topic, &refs).await?;
-
-    let dir = tempfile::tempdir()?;
-    let store = Arc::new(DedupStore::open(DedupConfig::new(
-        dir.path().join("store"),
-    ))?);
+    let Fixture {
+        _broker,
+        bootstrap,
+        end,
+        _dir,
+        store,
+        messages,
+    } = fixture(topic, 5).await?;
     let mut dedup = member(&bootstrap, "closure-reentry-group", topic, &store).await?;
     let first = next(&mut dedup).await?;
     let second = next(&mut dedup).await?;
