@@ -302,6 +302,11 @@ impl Consumer {
         self.partitions.keys().cloned().collect()
     }
 
+    /// Whether this consumer is a group member by subscription (not assigned by hand).
+    pub(crate) fn is_subscribed(&self) -> bool {
+        matches!(self.mode, Mode::Subscribed(_))
+    }
+
     /// The subscribed topics.
     pub fn subscription(&self) -> BTreeSet<String> {
         match &self.mode {

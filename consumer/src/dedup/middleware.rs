@@ -988,13 +988,13 @@ impl DedupConsumer {
     /// changelog queued for its replay, so that a mark another host handled is known before
     /// any of its records is handed out.
     fn first_of_assigned_partition(&self, record: &ConsumerRecord) -> bool {
-        if !self.shared.changelog {
+        // A subscription's partitions (the common case) have their callback.
+        if !self.shared.changelog || self.consumer.is_subscribed() {
             return false;
         }
         let tp = record.topic_partition();
         let mut state = self.shared.lock();
-        // Known (the common case), or a subscription's (its callback decides).
-        if state.settlements.epoch(&tp).is_some() || !self.consumer.subscription().is_empty() {
+        if state.settlements.epoch(&tp).is_some() {
             return false;
         }
         state.settlements.assign(&tp);
