@@ -482,7 +482,15 @@ async fn a_handler_whose_lease_ran_out_cannot_settle_after_another_took_the_clai
         "first record at {}",
         slow.record.offset
     );
-    // The resend: its claim is in progress until the slow handler's lease runs out.
+    // The resend waits aside while its claim is held: m1 comes first.
+    let m1 = next(&mut dedup).await?;
+    ensure!(
+        m1.record.offset == 2,
+        "second record at {}",
+        m1.record.offset
+    );
+    dedup.done(m1, |_| {})?;
+    // Then the resend, once the slow handler's lease has run out.
     let fast = next(&mut dedup).await?;
     ensure!(
         fast.record.offset == 1 && fast.reclaimed(),
@@ -773,5 +781,77 @@ async fn a_done_closure_may_drop_another_handle_and_read_the_store() -> anyhow::
         "the closure's write is missing"
     );
     dedup.close().await?;
+    Ok(())
+}
+
+/// Defect (issue 24): a handler that takes several records with `next()` before settling them
+/// together (`done_many`) got stuck when a message came twice among them. The second copy's
+/// key was claimed by the first copy's handle, so `next()` waited out the whole claim lease
+/// (30 s by default) for a handle only the caller could settle; it then took the claim over,
+/// and `done_many` of both copies was refused (`LeaseLost`), both were handed out again, and
+/// the same wait came back: a livelock. A copy whose key is claimed must wait aside while the
+/// records after it are handed out, and be dropped as a duplicate once its key is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_a_record_in_flight_waits_aside_and_is_dropped_once_the_first_is_done()
+-> anyhow::Result<()> {
+    let broker = TestBroker::start().await?;
+    let bootstrap = broker.bootstrap();
+    let topic = "copy-in-flight";
+    // m0, m0 resent, m1, m2.
+    let end = send(&bootstrap, topic, &["m0", "m0", "m1", "m2"]).await?;
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(DedupStore::open(DedupConfig {
+        claim_lease: Duration::from_secs(60),
+        ..DedupConfig::new(dir.path().join("store"))
+    })?);
+    let group = format!("{topic}-group");
+    let mut dedup = member(&bootstrap, &group, topic, &store).await?;
+    let mut batch = vec![next(&mut dedup).await?];
+    for _ in 0..2 {
+        let fresh = tokio::time::timeout(Duration::from_secs(10), dedup.next())
+            .await
+            .with_context(|| {
+                format!(
+                    "next() stood still with {:?} in hand (the copy of m0 waits for a claim \
+                     only this caller can settle)",
+                    batch.iter().map(id).collect::<Vec<_>>()
+                )
+            })??;
+        batch.push(fresh);
+    }
+    let got: Vec<(String, i64)> = batch.iter().map(|f| (id(f), f.record.offset)).collect();
+    ensure!(
+        got == [("m0".to_string(), 0), ("m1".into(), 2), ("m2".into(), 3)],
+        "handed out {got:?}"
+    );
+    dedup.done_many(batch, |state| state.put(b"handled", b"3"))?;
+    // The copy is dropped now that m0 is done; nothing else comes.
+    let started = Instant::now();
+    while dedup.position(&(topic.to_string(), 0)) != Some(end) || dedup.in_flight() != 0 {
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the copy of m0 was never settled: position {:?}, in flight {}",
+            dedup.position(&(topic.to_string(), 0)),
+            dedup.in_flight()
+        );
+        if let Ok(extra) = tokio::time::timeout(Duration::from_millis(100), dedup.next()).await {
+            let extra = extra?;
+            anyhow::bail!("handed out {} at {} again", id(&extra), extra.record.offset);
+        }
+    }
+    ensure!(
+        dedup.metrics().duplicates == 1,
+        "duplicates {}",
+        dedup.metrics().duplicates
+    );
+    dedup.close().await?;
+    drop(store);
+    let handled =
+        handled_by_the_next_member(&bootstrap, &group, topic, &dir.path().join("store"), end)
+            .await?;
+    ensure!(
+        handled.is_empty(),
+        "the next member handled {handled:?} again"
+    );
     Ok(())
 }

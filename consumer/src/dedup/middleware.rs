@@ -259,6 +259,9 @@ impl Fresh {
             });
         }
         drop(inner);
+        shared
+            .settles
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         shared.wake.notify_one();
         shared.settled.notify_waiters();
         Ok(())
@@ -341,6 +344,9 @@ impl Fresh {
             }
         }
         drop(inner);
+        shared
+            .settles
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         shared.wake.notify_one();
         shared.settled.notify_waiters();
         Ok(())
@@ -407,6 +413,9 @@ struct Shared {
     wake: Notify,
     /// Wakes revocations waiting for handles to settle.
     settled: Notify,
+    /// Counts settles and claims given back: a record waiting aside for a claim is claimed
+    /// again once this moves.
+    settles: std::sync::atomic::AtomicU64,
     /// Set by `close`: a revocation waits for nothing more.
     closing: std::sync::atomic::AtomicBool,
     /// `MiddlewareConfig::revocation_wait`.
@@ -476,6 +485,8 @@ impl Shared {
             });
         }
         drop(state);
+        self.settles
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.wake.notify_one();
         self.settled.notify_waiters();
         released
@@ -674,6 +685,35 @@ struct Candidate {
     epoch: Epoch,
 }
 
+/// A record whose key another handler holds (typically a resent copy of a record still in
+/// flight here). It waits aside while the records after it are handed out: the caller may
+/// hold the handle it waits for, and settle it only after taking more records (`done_many`).
+/// It stays outstanding meanwhile, so nothing past it is committed. It is claimed again once a
+/// handler of this process settles, or when the claim's lease ends.
+#[derive(Debug)]
+struct Parked {
+    candidate: Candidate,
+    /// `Shared::settles` read before its claim was refused: a settle since may have ended it.
+    settles: u64,
+    /// When the claim's lease ends (for a claim of another process, the only way it ends).
+    until: Instant,
+}
+
+impl Parked {
+    /// Due to be claimed at the next chance (kept after a store error).
+    fn due(candidate: Candidate) -> Self {
+        Self {
+            candidate,
+            settles: u64::MAX,
+            until: Instant::now(),
+        }
+    }
+}
+
+/// How many records may wait aside at most; past that `next` reads no further until one of
+/// them is decided (memory stays bounded when one key comes many times while it is held).
+const PARKED_MAX: usize = 1024;
+
 /// Offsets to commit, each with the ownership of its partition they were read in.
 type OwnedOffsets = BTreeMap<TopicPartition, (Epoch, i64)>;
 
@@ -686,10 +726,9 @@ pub struct DedupConsumer {
     consumer: Consumer,
     shared: Arc<Shared>,
     config: MiddlewareConfig,
-    /// A record whose key another handler holds, waiting for that claim to end.
-    /// Records whose keys another handler holds, waiting for those claims to end (oldest
-    /// first).
-    pending: VecDeque<Candidate>,
+    /// Records whose keys another handler holds, waiting aside for those claims to end
+    /// (oldest first); see [`Parked`].
+    pending: VecDeque<Parked>,
     /// A record read while a replay was due, kept until the replay is done.
     held: Option<ConsumerRecord>,
     /// What was last committed, so unchanged offsets are not committed again.
@@ -746,6 +785,7 @@ impl DedupConsumer {
             state: Mutex::new(SharedState::default()),
             wake: Notify::new(),
             settled: Notify::new(),
+            settles: std::sync::atomic::AtomicU64::new(0),
             closing: std::sync::atomic::AtomicBool::new(false),
             revocation_wait: config.revocation_wait,
         });
@@ -787,26 +827,28 @@ impl DedupConsumer {
     }
 
     /// The next message not handled before, claimed. Duplicates are dropped on the way;
-    /// records given back (failed, dropped unsettled) come first. Cancel-safe: a record taken
-    /// from the consumer but not yet handed out is kept for the next call.
+    /// records given back (failed, dropped unsettled) come first. A record whose key another
+    /// handler holds (a resent copy of one still in flight) waits aside while the records
+    /// after it are handed out, and is dropped as a duplicate once that handler is done (or
+    /// handed out if it fails, or its lease ends). Cancel-safe: a record taken from the
+    /// consumer but not yet handed out is kept for the next call.
     ///
     /// # Errors
     /// The consumer's and the store's errors; `NoKey` with `MissingKey::Reject`.
     pub async fn next(&mut self) -> Result<Fresh, MiddlewareError> {
         loop {
-            let candidate = match self.take_pending() {
-                Some(candidate) => candidate,
-                None => match self.read().await? {
-                    Ok(candidate) => candidate,
-                    Err(passed) => return Ok(passed),
-                },
+            let candidate = match self.read().await? {
+                Ok(candidate) => candidate,
+                Err(passed) => return Ok(passed),
             };
+            // Read before the claim: a settle after it retries the claim if it is refused.
+            let settles = self.settles();
             let claimed = match self.claim(std::slice::from_ref(&candidate)) {
                 Ok(mut claimed) => claimed.remove(0),
                 Err(e) => {
                     // Kept for the next call: a record read and then lost to a store error
                     // would be passed by the next one settled.
-                    self.pending.push_front(candidate);
+                    self.pending.push_front(Parked::due(candidate));
                     return Err(e.into());
                 }
             };
@@ -823,18 +865,7 @@ impl DedupConsumer {
                         Some(candidate.key),
                     );
                 }
-                (Claim::InProgress { until_ms }, _) => {
-                    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
-                    let wait = u64::try_from(until_ms.saturating_sub(now)).unwrap_or(0);
-                    tracing::debug!(topic = %candidate.record.topic, partition = candidate.record.partition, offset = candidate.record.offset, wait_ms = wait, "another handler holds the claim; waiting for it");
-                    self.pending.push_front(candidate);
-                    // A handler of this process settling wakes us; another's lease ends.
-                    let _ = tokio::time::timeout(
-                        Duration::from_millis(wait.clamp(10, 60_000)),
-                        self.shared.wake.notified(),
-                    )
-                    .await;
-                }
+                (Claim::InProgress { until_ms }, _) => self.park(candidate, settles, until_ms),
             }
         }
     }
@@ -851,41 +882,30 @@ impl DedupConsumer {
         loop {
             let mut out = Vec::new();
             let mut candidates: Vec<Candidate> = Vec::new();
-            if self.pending.is_empty() {
-                match self.read().await? {
+            match self.read().await? {
+                Ok(candidate) => candidates.push(candidate),
+                Err(passed) => out.push(passed),
+            }
+            // What is already here, without waiting: records given back or due again, then
+            // the consumer's buffer. A record without a key under `MissingKey::Reject` stops
+            // the batch; `next` reports it.
+            while candidates.len() + out.len() < max {
+                let Some(record) = self.take_ready() else {
+                    break;
+                };
+                match record {
                     Ok(candidate) => candidates.push(candidate),
                     Err(passed) => out.push(passed),
                 }
-                // What is already here, without waiting: records given back, then the
-                // consumer's buffer. A record without a key under `MissingKey::Reject` stops
-                // the batch; `next` reports it.
-                while candidates.len() + out.len() < max {
-                    let Some(record) = self.take_ready() else {
-                        break;
-                    };
-                    match record {
-                        Ok(candidate) => candidates.push(candidate),
-                        Err(passed) => out.push(passed),
-                    }
-                }
-            } else {
-                while candidates.len() < max {
-                    let Some(candidate) = self.take_pending() else {
-                        break;
-                    };
-                    candidates.push(candidate);
-                }
-                if candidates.is_empty() {
-                    continue;
-                }
             }
+            let settles = self.settles();
             let claims = match self.claim(&candidates) {
                 Ok(claims) => claims,
                 Err(e) => {
                     // Kept for the next call, in order: a record read and then lost to a
                     // store error would be passed by the next one settled.
                     for candidate in candidates.into_iter().rev() {
-                        self.pending.push_front(candidate);
+                        self.pending.push_front(Parked::due(candidate));
                     }
                     for fresh in out {
                         // Handed out again by the next call (nothing was claimed for them).
@@ -894,7 +914,6 @@ impl DedupConsumer {
                     return Err(e.into());
                 }
             };
-            let mut waiting_until: Option<i64> = None;
             for (candidate, claimed) in candidates.into_iter().zip(claims) {
                 match claimed {
                     (Claim::Fresh(token) | Claim::Reclaimed(token), reclaimed) => {
@@ -908,27 +927,40 @@ impl DedupConsumer {
                             Some(candidate.key),
                         );
                     }
-                    (Claim::InProgress { until_ms }, _) => {
-                        // Outstanding since it was read: it holds the partition's committable
-                        // offset until it is handed out and settled.
-                        waiting_until = Some(waiting_until.map_or(until_ms, |w| w.min(until_ms)));
-                        self.pending.push_back(candidate);
-                    }
+                    // Outstanding since it was read: it holds the partition's committable
+                    // offset until it is handed out and settled.
+                    (Claim::InProgress { until_ms }, _) => self.park(candidate, settles, until_ms),
                 }
             }
             if !out.is_empty() {
                 return Ok(out);
             }
-            if let Some(until_ms) = waiting_until {
-                let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
-                let wait = u64::try_from(until_ms.saturating_sub(now)).unwrap_or(0);
-                let _ = tokio::time::timeout(
-                    Duration::from_millis(wait.clamp(10, 60_000)),
-                    self.shared.wake.notified(),
-                )
-                .await;
-            }
         }
+    }
+
+    /// `Shared::settles` now.
+    fn settles(&self) -> u64 {
+        self.shared
+            .settles
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Sets `candidate` aside until a settle after `settles`, or until its claim's lease ends
+    /// (`until_ms`, wall clock).
+    fn park(&mut self, candidate: Candidate, settles: u64, until_ms: i64) {
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        let wait = u64::try_from(until_ms.saturating_sub(now)).unwrap_or(0);
+        tracing::debug!(topic = %candidate.record.topic, partition = candidate.record.partition, offset = candidate.record.offset, wait_ms = wait, "another handler holds the claim; the record waits aside");
+        self.pending.push_back(Parked {
+            candidate,
+            settles,
+            until: Instant::now() + Duration::from_millis(wait.clamp(10, 60_000)),
+        });
+    }
+
+    /// Whether as many records wait aside as may: nothing more is read until one is decided.
+    fn parked_full(&self) -> bool {
+        self.pending.len() >= PARKED_MAX
     }
 
     /// A record that needs no wait: one given back, else one the consumer has buffered (as
@@ -945,7 +977,10 @@ impl DedupConsumer {
                 None => Err(self.fresh(again.record, None, again.epoch, false)),
             });
         }
-        if self.held.is_some() || !self.shared.lock().to_restore.is_empty() {
+        if let Some(candidate) = self.take_pending() {
+            return Some(Ok(candidate));
+        }
+        if self.held.is_some() || self.parked_full() || !self.shared.lock().to_restore.is_empty() {
             return None;
         }
         let record = self.consumer.take_buffered()?;
@@ -1002,14 +1037,16 @@ impl DedupConsumer {
         true
     }
 
-    /// When the marks waiting for the changelog, or the next commit, are due while `next`
-    /// waits for records.
+    /// When the marks waiting for the changelog, the next commit, or a record waiting aside
+    /// for a claim's lease to end, are due while `next` waits for records.
     fn upkeep_at(&self) -> Instant {
         let commit = self.last_commit + self.config.commit_interval;
+        let lease_end = self.pending.iter().map(|p| p.until).min();
+        let at = lease_end.map_or(commit, |end| commit.min(end));
         if self.shared.lock().outbox.is_empty() {
-            commit
+            at
         } else {
-            commit.min(self.last_marks_sent + MARKS_LINGER)
+            at.min(self.last_marks_sent + MARKS_LINGER)
         }
     }
 
@@ -1081,17 +1118,25 @@ impl DedupConsumer {
             .collect())
     }
 
-    /// The oldest record waiting for another handler's claim, if its partition is still
-    /// owned as when it was read (else it is dropped: the partition's next owner reads it).
+    /// The oldest record waiting aside that is due to be claimed again (a settle since it was
+    /// set aside, or its claim's lease ended). One whose partition is no longer owned as when
+    /// it was read is dropped: the partition's next owner reads it.
     fn take_pending(&mut self) -> Option<Candidate> {
-        while let Some(candidate) = self.pending.pop_front() {
-            let current = self
-                .shared
-                .lock()
-                .settlements
-                .epoch(&candidate.record.topic_partition());
-            if current == Some(candidate.epoch) {
-                return Some(candidate);
+        if self.pending.is_empty() {
+            return None;
+        }
+        let settles = self.settles();
+        let now = Instant::now();
+        let state = self.shared.lock();
+        let mut i = 0;
+        while let Some(parked) = self.pending.get(i) {
+            let tp = parked.candidate.record.topic_partition();
+            if state.settlements.epoch(&tp) != Some(parked.candidate.epoch) {
+                self.pending.remove(i);
+            } else if parked.settles != settles || parked.until <= now {
+                return self.pending.remove(i).map(|p| p.candidate);
+            } else {
+                i += 1;
             }
         }
         None
@@ -1126,14 +1171,18 @@ impl DedupConsumer {
                     None => Err(self.fresh(again.record, None, again.epoch, false)),
                 });
             }
+            if let Some(candidate) = self.take_pending() {
+                return Ok(Ok(candidate));
+            }
             let record = match self.held.take() {
                 Some(record) => record,
                 None => {
                     let shared = Arc::clone(&self.shared);
                     let upkeep = self.upkeep_at();
+                    let read_on = !self.parked_full();
                     // `recv` is cancel-safe: a record it took is never lost to the select.
                     tokio::select! {
-                        record = self.consumer.recv() => record?,
+                        record = self.consumer.recv(), if read_on => record?,
                         // A record given back, or a settle (marks to send, offsets to commit).
                         () = shared.wake.notified() => continue,
                         () = tokio::time::sleep_until(upkeep) => continue,
@@ -1216,7 +1265,7 @@ impl DedupConsumer {
         let waiting = self
             .pending
             .iter()
-            .map(|c| &c.record)
+            .map(|p| &p.candidate.record)
             .chain(self.held.iter())
             .chain(state.again.iter().map(|a| &a.record))
             .filter(|r| r.topic_partition() == *partition)
@@ -1622,6 +1671,7 @@ mod tests {
             state: Mutex::new(SharedState::default()),
             wake: Notify::new(),
             settled: Notify::new(),
+            settles: std::sync::atomic::AtomicU64::new(0),
             closing: std::sync::atomic::AtomicBool::new(false),
             revocation_wait: Duration::from_secs(30),
         })
