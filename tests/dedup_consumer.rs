@@ -614,3 +614,88 @@ async fn records_without_a_key_are_rejected_or_passed_never_dropped() -> anyhow:
     dedup.close().await?;
     Ok(())
 }
+
+/// Defect (issue 24): a `KeySource::Custom` function that panicked on a record unwound out of
+/// `next()` after the record had been taken from the consumer and before the middleware
+/// tracked it, so a caller that went on (a supervisor restarting the task) never saw that
+/// record again, and the next settle committed past it: a message skipped without a word. It
+/// must be reported like a record without a key (`MissingKey::Reject`), with its coordinates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_function_that_panics_is_reported_not_skipped() -> anyhow::Result<()> {
+    use semel::consumer::dedup::KeySource;
+
+    let broker = TestBroker::start_with(|c| {
+        c.group.initial_rebalance_delay = Duration::from_millis(100);
+    })
+    .await?;
+    let bootstrap = broker.bootstrap();
+    let mut admin = RawClient::connect(broker.addr()).await?;
+    create_topic(&mut admin, "keyfn", 1).await?;
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![bootstrap.clone()],
+        ..ProducerConfig::default()
+    })
+    .await?;
+    for value in ["a", "boom", "c", "d"] {
+        producer
+            .send(ProducerRecord::new("keyfn", value).key(value))
+            .await?
+            .await?;
+    }
+    producer.close().await;
+    let work = tempfile::tempdir()?;
+    let store = Arc::new(DedupStore::open(DedupConfig::new(work.path().join("s")))?);
+    let config = MiddlewareConfig {
+        key_source: KeySource::Custom(Arc::new(|record| {
+            let value = record.value.clone().unwrap_or_default();
+            assert!(
+                &value[..] != b"boom",
+                "the key function fails on this record"
+            );
+            Some(value)
+        })),
+        changelog: None,
+        ..MiddlewareConfig::default()
+    };
+    for (group, batches) in [("keyfn-next", false), ("keyfn-batch", true)] {
+        let mut consumer = Consumer::connect(consumer_config(&bootstrap, group)).await?;
+        consumer.subscribe(["keyfn"])?;
+        let mut dedup = DedupConsumer::new(consumer, Arc::clone(&store), config.clone())?;
+        let mut seen = Vec::new();
+        let mut errors = Vec::new();
+        while seen.len() + errors.len() < 4 {
+            let call = async {
+                if batches {
+                    dedup.next_batch(10).await
+                } else {
+                    dedup.next().await.map(|f| vec![f])
+                }
+            };
+            // A panic here is the defect itself: the record is gone with it.
+            match tokio::time::timeout(PATIENCE, call).await? {
+                Ok(handles) => {
+                    for fresh in handles {
+                        seen.push(fresh.record.offset);
+                        fresh.done(|_| {})?;
+                    }
+                }
+                Err(error) => errors.push(error),
+            }
+        }
+        ensure!(seen == [0, 2, 3], "{group}: handed out {seen:?}");
+        ensure!(
+            matches!(
+                errors.as_slice(),
+                [MiddlewareError::KeyFunction { offset: 1, .. }]
+            ),
+            "{group}: errors {errors:?}"
+        );
+        let message = errors[0].to_string();
+        ensure!(
+            message.contains("keyfn-0@1") && message.contains("fails on this record"),
+            "{message}"
+        );
+        dedup.close().await?;
+    }
+    Ok(())
+}

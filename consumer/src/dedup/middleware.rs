@@ -77,13 +77,22 @@ impl std::fmt::Debug for KeySource {
 }
 
 impl KeySource {
-    fn key(&self, record: &ConsumerRecord) -> Option<Bytes> {
-        match self {
+    /// The record's message key (`None`: it has none), or what a panicking `Custom` function
+    /// said: the record was taken from the consumer and must not unwind away with it.
+    fn key(&self, record: &ConsumerRecord) -> Result<Option<Bytes>, String> {
+        let key = match self {
             Self::Header(name) => record.header(name).cloned(),
             Self::RecordKey => record.key.clone(),
-            Self::Custom(f) => f(record),
-        }
-        .filter(|k| !k.is_empty())
+            Self::Custom(f) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(record)))
+                .map_err(|panic| {
+                    panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic without a message".to_string())
+                })?,
+        };
+        Ok(key.filter(|k| !k.is_empty()))
     }
 }
 
@@ -156,6 +165,21 @@ pub enum MiddlewareError {
         /// The key source that found nothing.
         source_: KeySource,
     },
+    /// A `KeySource::Custom` function panicked on a record. As with `NoKey`, the record counts
+    /// as settled (its offset may be committed): this error is the only report of it.
+    #[error(
+        "the message key function panicked on record {topic}-{partition}@{offset}: {panic}; the record is not handed out"
+    )]
+    KeyFunction {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The offset.
+        offset: i64,
+        /// The panic's message.
+        panic: String,
+    },
 }
 
 /// Counters: the store's decisions plus the middleware's own.
@@ -171,7 +195,7 @@ pub struct MiddlewareMetrics {
     pub handler_failures: u64,
     /// Records without a key handed out (`MissingKey::Pass`).
     pub passed_without_key: u64,
-    /// Records without a key rejected.
+    /// Records without a key rejected (or whose key function panicked).
     pub rejected_without_key: u64,
     /// Estimated keys in the store.
     pub keys_stored: u64,
@@ -990,7 +1014,12 @@ impl DedupConsumer {
             return None;
         }
         match self.config.key_source.key(&record) {
-            Some(message_key) => {
+            // Reported by `read`, which takes the held record first.
+            Err(_) => {
+                self.held = Some(record);
+                None
+            }
+            Ok(Some(message_key)) => {
                 let key = KeyHash::new(&self.shared.group, &record.topic, &message_key);
                 let epoch = self.shared.lock().settlements.read(
                     &record.topic_partition(),
@@ -999,7 +1028,7 @@ impl DedupConsumer {
                 );
                 Some(Ok(Candidate { record, key, epoch }))
             }
-            None => match self.config.missing_key {
+            Ok(None) => match self.config.missing_key {
                 MissingKey::Pass => {
                     self.passed += 1;
                     let epoch = self.shared.lock().settlements.read(
@@ -1199,7 +1228,21 @@ impl DedupConsumer {
             self.restore_assigned().await?;
         };
         let tp = record.topic_partition();
-        let Some(message_key) = self.config.key_source.key(&record) else {
+        let message_key = match self.config.key_source.key(&record) {
+            Ok(key) => key,
+            Err(panic) => {
+                tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, %panic, "the message key function panicked");
+                self.rejected += 1;
+                self.settle_unhandled(&record, None, None);
+                return Err(MiddlewareError::KeyFunction {
+                    topic: record.topic.to_string(),
+                    partition: record.partition,
+                    offset: record.offset,
+                    panic,
+                });
+            }
+        };
+        let Some(message_key) = message_key else {
             return match self.config.missing_key {
                 MissingKey::Pass => {
                     self.passed += 1;
