@@ -855,3 +855,64 @@ async fn a_copy_of_a_record_in_flight_waits_aside_and_is_dropped_once_the_first_
     );
     Ok(())
 }
+
+/// The records waiting aside for a claim are capped (1024), so memory stays bounded when one
+/// message comes many times while its first copy is in flight: past the cap nothing more is
+/// read, and once the first copy is done every waiting copy is dropped and reading goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_waiting_aside_are_capped_and_drain_once_the_first_is_done() -> anyhow::Result<()> {
+    const COPIES: usize = 1100;
+    let broker = TestBroker::start().await?;
+    let bootstrap = broker.bootstrap();
+    let topic = "copies-capped";
+    let mut messages = vec!["m0"; COPIES];
+    messages.push("m1");
+    let end = send(&bootstrap, topic, &messages).await?;
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(DedupStore::open(DedupConfig {
+        claim_lease: Duration::from_secs(60),
+        ..DedupConfig::new(dir.path().join("store"))
+    })?);
+    let mut dedup = member(&bootstrap, &format!("{topic}-group"), topic, &store).await?;
+    let m0 = next(&mut dedup).await?;
+    ensure!(
+        m0.record.offset == 0,
+        "first record at {}",
+        m0.record.offset
+    );
+    // The copies fill the cap; m1, behind the rest of them, is not reached.
+    if let Ok(got) = tokio::time::timeout(Duration::from_secs(3), dedup.next()).await {
+        let got = got?;
+        anyhow::bail!(
+            "handed out {} at {} while m0 is in flight",
+            id(&got),
+            got.record.offset
+        );
+    }
+    let position = dedup.position(&(topic.to_string(), 0));
+    ensure!(
+        position == Some(1),
+        "position {position:?}: the copies waiting aside still count as not read"
+    );
+    ensure!(
+        dedup.in_flight() == 1025,
+        "in flight: {}",
+        dedup.in_flight()
+    );
+    dedup.done(m0, |_| {})?;
+    let m1 = next(&mut dedup).await?;
+    ensure!(
+        id(&m1) == "m1" && m1.record.offset == end - 1,
+        "then {} at {}",
+        id(&m1),
+        m1.record.offset
+    );
+    dedup.done(m1, |_| {})?;
+    ensure!(
+        dedup.metrics().duplicates == COPIES as u64 - 1,
+        "duplicates {}",
+        dedup.metrics().duplicates
+    );
+    dedup.close().await?;
+    Ok(())
+}
