@@ -9,7 +9,9 @@
 //! An embedded broker (its data in a temporary directory, metrics on a free port); one
 //! idempotent semel-producer per run, `acks=all`, records handed over 1,000 at a time
 //! (`send_many`), 3 partitions. The figure is records acknowledged per second, from the first
-//! send to the last acknowledgement. A last run resends the first half of the ids to the
+//! send to the last acknowledgement. Beside it, the process's CPU time per record (broker and
+//! producer together, from `/proc/self/stat`): wall-clock rates on a shared 2-core machine move
+//! by ±20 % between runs of the same code, CPU time per record much less. A last run resends the first half of the ids to the
 //! window's topic and checks that nothing was stored again.
 
 #[path = "support/mod.rs"]
@@ -83,6 +85,30 @@ async fn load(
     Ok(elapsed)
 }
 
+/// CPU seconds this process has used (every thread, user and system), from `/proc/self/stat`;
+/// `None` where that is not readable.
+fn cpu_seconds(ticks_per_second: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces, so split after its ')'): state is
+    // field 3, utime field 14, stime field 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / ticks_per_second)
+}
+
+/// Clock ticks per second of `/proc` times (`getconf CLK_TCK`; 100 where that fails).
+fn ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
 /// The broker's `/metrics` text.
 async fn metrics(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
@@ -119,9 +145,11 @@ async fn main() -> anyhow::Result<()> {
         "dedup_window_bench: {} records of {} B per run, unique ids, idempotent semel-producer, acks=all, {PARTITIONS} partitions\n",
         args.messages, args.size
     );
-    println!("| round | window | records/s |");
-    println!("|---|---|---|");
+    println!("| round | window | records/s | CPU µs per record |");
+    println!("|---|---|---|---|");
+    let ticks = ticks_per_second();
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut last_window_topic = String::new();
     for round in 0..args.rounds {
         for window in [false, true] {
@@ -132,13 +160,21 @@ async fn main() -> anyhow::Result<()> {
                 &[]
             };
             support::create_topic_with_configs(&bootstrap, &topic, PARTITIONS, configs).await?;
+            let cpu_before = cpu_seconds(ticks);
             let took = load(&bootstrap, &topic, 0..args.messages, args.size).await?;
             let rate = args.messages as f64 / took.as_secs_f64();
+            let per_record = cpu_before
+                .zip(cpu_seconds(ticks))
+                .map(|(before, after)| (after - before) * 1e6 / args.messages as f64);
             println!(
-                "| {round} | {} | {rate:.0} |",
-                if window { "on" } else { "off" }
+                "| {round} | {} | {rate:.0} | {} |",
+                if window { "on" } else { "off" },
+                per_record.map_or("?".to_string(), |us| format!("{us:.2}"))
             );
             rates[usize::from(window)].push(rate);
+            if let Some(us) = per_record {
+                cpu[usize::from(window)].push(us);
+            }
             if window {
                 last_window_topic = topic;
             }
@@ -154,6 +190,14 @@ async fn main() -> anyhow::Result<()> {
         "\nmedian: off {off:.0}/s, on {on:.0}/s: the window costs {:.1} %",
         (1.0 - on / off) * 100.0
     );
+    if cpu.iter().all(|v| !v.is_empty()) {
+        let off = median(&mut cpu[0]);
+        let on = median(&mut cpu[1]);
+        println!(
+            "median CPU per record: off {off:.2} µs, on {on:.2} µs: {:+.1} % with the window",
+            (on / off - 1.0) * 100.0
+        );
+    }
 
     let text = metrics(metrics_addr).await?;
     let ids = sum(&text, "semel_dedup_window_ids", &last_window_topic);
