@@ -289,3 +289,80 @@ async fn close_returns_when_the_broker_is_gone_and_says_the_marks_did_not_land()
         .ok();
     Ok(())
 }
+
+/// Defect: a replay cut short by a cancelled `next()` (a caller's timeout) lost the count of
+/// the marks it had already written to the store, so `marks_restored` under-counted: the next
+/// call's replay started from the position those writes reached and found nothing left. (The
+/// marks themselves were kept; `examples/duplicate_consume` showed "0 marks replayed" while
+/// it dropped every one of host A's messages.) Host B here calls `next()` with timeouts of
+/// 1 ms, 2 ms, 3 ms, ... so that replays are cancelled at every kind of await point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_cancelled_midway_still_counts_every_mark_it_restored() -> anyhow::Result<()> {
+    const HANDLED: usize = 3000;
+    let broker = TestBroker::start_with(|c| {
+        c.group.initial_rebalance_delay = Duration::from_millis(100);
+    })
+    .await?;
+    let bootstrap = broker.bootstrap();
+    let mut admin = RawClient::connect(broker.addr()).await?;
+    let topic = "replay-count";
+    create_topic(&mut admin, topic, 1).await?;
+    let group = "replay-count-group";
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![bootstrap.clone()],
+        ..ProducerConfig::default()
+    })
+    .await?;
+    let mut acks = Vec::new();
+    for n in 0..=HANDLED {
+        let id = format!("m{n}");
+        acks.push(
+            producer
+                .send(ProducerRecord::new(topic, id.clone()).header("semel-msg-id", id))
+                .await?,
+        );
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    producer.close().await;
+    let work = tempfile::tempdir()?;
+    {
+        let store = Arc::new(DedupStore::open(DedupConfig::new(work.path().join("a")))?);
+        let mut consumer = Consumer::connect(consumer_config(&bootstrap, group)).await?;
+        consumer.subscribe([topic])?;
+        let mut a = DedupConsumer::new(consumer, store, MiddlewareConfig::default())?;
+        for _ in 0..HANDLED {
+            let fresh = tokio::time::timeout(PATIENCE, a.next()).await??;
+            a.done(fresh, |_| {})?;
+        }
+        tokio::time::timeout(PATIENCE, a.close()).await??;
+    }
+    let store = Arc::new(DedupStore::open(DedupConfig::new(work.path().join("b")))?);
+    let mut consumer = Consumer::connect(consumer_config(&bootstrap, group)).await?;
+    consumer.subscribe([topic])?;
+    let mut b = DedupConsumer::new(consumer, store, MiddlewareConfig::default())?;
+    let started = Instant::now();
+    let mut wait_ms = 0;
+    let last = loop {
+        ensure!(started.elapsed() < PATIENCE, "host b handed out nothing");
+        wait_ms += 1;
+        if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(wait_ms), b.next()).await {
+            break fresh?;
+        }
+    };
+    ensure!(
+        last.record.offset == HANDLED as i64,
+        "host b handed out offset {}",
+        last.record.offset
+    );
+    b.done(last, |_| {})?;
+    let restored = b.metrics().changelog.marks_restored;
+    b.close().await?;
+    ensure!(
+        restored == HANDLED as u64,
+        "marks_restored says {restored}; host b restored all {HANDLED} of host a's marks \
+         (it handed none of them out again)"
+    );
+    Ok(())
+}

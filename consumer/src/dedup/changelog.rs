@@ -551,6 +551,7 @@ impl Changelog {
             &self.topic,
             &partitions,
             since,
+            &self.metrics,
             |done, total| {
                 tracing::info!(topic = %self.topic, read = done, of = total, "changelog replay in progress");
             },
@@ -559,11 +560,9 @@ impl Changelog {
         self.reader.assign(Vec::new())?;
         let elapsed = started.elapsed();
         {
+            // Records and marks are counted as they are read and written: a replay cancelled
+            // midway (a caller's timeout around `next`) loses none of its counts.
             let mut metrics = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
-            metrics.records_read += read;
-            metrics.marks_restored += added;
-            metrics::counter!("semel_dedup_changelog_marks_restored_total").increment(added);
-            metrics.records_skipped += skipped;
             metrics.restore_ms += u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         }
         tracing::info!(
@@ -572,6 +571,7 @@ impl Changelog {
             partitions = ?partitions,
             records = read,
             restored = added,
+            skipped,
             seconds = elapsed.as_secs_f64(),
             "changelog replayed"
         );
@@ -662,13 +662,15 @@ fn decode(key: Option<&Bytes>, value: Option<&Bytes>) -> Option<(KeyHash, i64)> 
 
 /// Reads changelog `partitions` from `since` (or the stored position, if further) to their
 /// end offsets now, adding the marks to `store`. Returns (records read, marks added, records
-/// skipped).
+/// skipped) by this call; `metrics` counts them as they go, so a cancelled replay's count
+/// stays too.
 async fn replay(
     reader: &mut Consumer,
     store: &Arc<DedupStore>,
     topic: &str,
     partitions: &BTreeSet<i32>,
     since: i64,
+    metrics: &Arc<Mutex<RestoreMetrics>>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<(u64, u64, u64), ChangelogError> {
     let tps: Vec<TopicPartition> = partitions.iter().map(|p| (topic.to_string(), *p)).collect();
@@ -707,6 +709,7 @@ async fn replay(
     let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
     while !from.is_empty() {
         let records = reader.poll(Duration::from_millis(200)).await?;
+        let skipped_before = skipped;
         for record in &records {
             read += 1;
             match decode(record.key.as_ref(), record.value.as_ref()) {
@@ -722,9 +725,15 @@ async fn replay(
                 }
             }
             positions.insert(record.partition, record.offset + 1);
-            if marks.len() >= RESTORE_BATCH {
-                added += flush_marks(store, topic, &mut marks, &mut positions).await?;
-            }
+        }
+        {
+            let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+            m.records_read += records.len() as u64;
+            m.records_skipped += skipped - skipped_before;
+        }
+        if marks.len() >= RESTORE_BATCH {
+            added +=
+                flush_marks(store, topic, &mut marks, &mut positions, restored(metrics)).await?;
         }
         from.retain(|tp, (_, end)| reader.position(tp).is_none_or(|p| p < *end));
         if read >= next_progress {
@@ -732,17 +741,32 @@ async fn replay(
             next_progress += 100_000;
         }
     }
-    added += flush_marks(store, topic, &mut marks, &mut positions).await?;
+    added += flush_marks(store, topic, &mut marks, &mut positions, restored(metrics)).await?;
     Ok((read, added, skipped))
+}
+
+/// Counts marks a replay added, for [`flush_marks`].
+fn restored(metrics: &Arc<Mutex<RestoreMetrics>>) -> impl FnOnce(u64) + Send + 'static {
+    let metrics = Arc::clone(metrics);
+    move |added| {
+        metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .marks_restored += added;
+        metrics::counter!("semel_dedup_changelog_marks_restored_total").increment(added);
+    }
 }
 
 /// Writes `marks`, then the changelog `positions` they bring each partition to, on a blocking
 /// thread (see `off_runtime`). Both are taken: on an error the caller reads them again.
+/// `count` is told how many marks were added, on that thread: the write goes on when the
+/// caller is cancelled, and so does its count.
 async fn flush_marks(
     store: &Arc<DedupStore>,
     topic: &str,
     marks: &mut Vec<(KeyHash, i64)>,
     positions: &mut BTreeMap<i32, i64>,
+    count: impl FnOnce(u64) + Send + 'static,
 ) -> Result<u64, ChangelogError> {
     let marks = std::mem::take(marks);
     let positions = std::mem::take(positions);
@@ -754,6 +778,7 @@ async fn flush_marks(
         for (partition, next) in positions {
             added += store.restore_marks(&[], Some((POSITIONS, &topic, partition, next)))?;
         }
+        count(added as u64);
         Ok(added)
     })
     .await?;
@@ -816,12 +841,16 @@ async fn standby(
             positions.insert(record.partition, record.offset + 1);
             firsts.entry(record.partition).or_insert(record.offset);
         }
-        match flush_marks(&store, &topic, &mut marks, &mut positions).await {
-            Ok(added) => {
-                let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
-                m.standby_marks += added;
-                metrics::counter!("semel_dedup_changelog_standby_marks_total").increment(added);
-            }
+        let standby_count = Arc::clone(&metrics);
+        let counted = move |added: u64| {
+            standby_count
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .standby_marks += added;
+            metrics::counter!("semel_dedup_changelog_standby_marks_total").increment(added);
+        };
+        match flush_marks(&store, &topic, &mut marks, &mut positions, counted).await {
+            Ok(_) => {}
             Err(e) => {
                 // Not skipped: a later poll's positions would pass these marks, and a
                 // replay starting from them would never restore them.
