@@ -7,9 +7,14 @@
 //! - Control batches (transaction markers) are never returned; with `read_committed`, records
 //!   of aborted transactions are dropped, Kafka's way: the response's aborted-transaction list
 //!   activates a producer id once its first offset is reached, its ABORT marker ends it.
-//! - CRCs are checked; all four codecs are decompressed. Compressed batches are read a piece
-//!   at a time by `semel-records`, at most 256 MiB decompressed each, so a small batch from a
-//!   broken or hostile broker cannot make the consumer allocate gigabytes.
+//! - CRCs are checked; all four codecs are decompressed. Records are read by `semel-records`:
+//!   uncompressed ones without copying, compressed ones a piece at a time, at most 256 MiB
+//!   decompressed each, so a small batch from a broken or hostile broker cannot make the
+//!   consumer allocate gigabytes.
+//! - Offset deltas may leave gaps (Kafka's log cleaner drops records from a batch and keeps
+//!   the batch) but must increase within the batch's last offset delta. A base offset no
+//!   broker could hand out is an error; timestamps wrap past i64::MAX as in the Java client.
+//!   Nothing in the bytes can make the arithmetic overflow.
 //!
 //! References: Kafka protocol guide (Record Batch), the Java client's `CompletedFetch`.
 
@@ -17,7 +22,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
-use kafka_protocol::records::RecordBatchDecoder;
 
 use crate::record::ConsumerRecord;
 
@@ -69,44 +73,23 @@ fn be_i32(b: &[u8], at: usize) -> i32 {
     i32::from_be_bytes(a)
 }
 
-/// A record of a decoded batch, whichever decoder read it.
-struct Plain {
-    offset: i64,
-    timestamp: i64,
-    key: Option<Bytes>,
-    value: Option<Bytes>,
-    headers: Vec<(String, Option<Bytes>)>,
-}
-
-impl From<kafka_protocol::records::Record> for Plain {
-    fn from(r: kafka_protocol::records::Record) -> Self {
-        Self {
-            offset: r.offset,
-            timestamp: r.timestamp,
-            key: r.key,
-            value: r.value,
-            headers: r
-                .headers
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
-        }
-    }
-}
-
 const CRC_AT: usize = 17;
 const FIRST_TIMESTAMP_AT: usize = 27;
 const MAX_TIMESTAMP_AT: usize = 35;
 /// Attributes bit: every record's timestamp is the batch's max timestamp (`LogAppendTime`).
 const LOG_APPEND_TIME: i16 = 1 << 3;
+/// The highest base offset read: any record's offset delta (an i32) added to it, and one
+/// more, still fits in an i64. No broker comes near it; a batch past it is damaged.
+const MAX_BASE_OFFSET: i64 = i64::MAX - (1 << 32);
 
-/// A compressed batch's records (the whole batch, length prefix included): CRC checked, then
-/// decompressed and read a piece at a time by semel-records.
-fn decode_compressed(
-    batch: &[u8],
+/// A batch's records (the whole batch, length prefix included): CRC checked, then read by
+/// semel-records, compressed ones decompressed a piece at a time. Offset deltas may have gaps
+/// (a compacted batch) but must increase and stay within the last offset delta.
+fn decode_records(
+    batch: &Bytes,
     attributes: i16,
-    base_offset: i64,
-) -> Result<Vec<Plain>, String> {
+    count: usize,
+) -> Result<Vec<semel_records::RawRecord>, String> {
     let stored = u32::from_be_bytes([
         batch[CRC_AT],
         batch[CRC_AT + 1],
@@ -119,26 +102,16 @@ fn decode_compressed(
             "CRC mismatch: the batch says {stored:#010x}, its bytes give {computed:#010x}"
         ));
     }
-    let count = usize::try_from(be_i32(batch, RECORDS_COUNT_AT)).unwrap_or(0);
-    let first_timestamp = be_i64(batch, FIRST_TIMESTAMP_AT);
-    let max_timestamp = be_i64(batch, MAX_TIMESTAMP_AT);
-    let records =
-        semel_records::decode_compressed_records(&batch[HEADER_LEN..], attributes & 0x7, count)
-            .map_err(|e| e.0)?;
-    Ok(records
-        .into_iter()
-        .map(|r| Plain {
-            offset: base_offset + i64::from(r.offset_delta),
-            timestamp: if attributes & LOG_APPEND_TIME != 0 {
-                max_timestamp
-            } else {
-                first_timestamp.wrapping_add(r.timestamp_delta)
-            },
-            key: r.key,
-            value: r.value,
-            headers: r.headers,
-        })
-        .collect())
+    let deltas = semel_records::OffsetDeltas::Increasing {
+        last: be_i32(batch, LAST_OFFSET_DELTA_AT),
+    };
+    let codec = attributes & 0x7;
+    if codec == 0 {
+        semel_records::decode_records(&batch.slice(HEADER_LEN..), count, deltas)
+    } else {
+        semel_records::decode_compressed_records(&batch[HEADER_LEN..], codec, count, deltas)
+    }
+    .map_err(|e| e.0)
 }
 
 /// What a buffered record counts for against the buffer bound.
@@ -207,7 +180,7 @@ pub(crate) fn decode(
         if data.len() < total {
             break; // a partial batch at the end of the response
         }
-        let mut batch = data.split_to(total);
+        let batch = data.split_to(total);
         if total < HEADER_LEN {
             let e = fail(
                 format!("batch of {total} bytes is shorter than its header"),
@@ -221,6 +194,10 @@ pub(crate) fn decode(
                 format!("message format v{magic} is not supported (only record batches v2)"),
                 &out,
             );
+            return (out, Some(e));
+        }
+        if !(0..=MAX_BASE_OFFSET).contains(&base_offset) {
+            let e = fail(format!("base offset {base_offset} is out of range"), &out);
             return (out, Some(e));
         }
         let attributes = i16::from_be_bytes([batch[ATTRIBUTES_AT], batch[ATTRIBUTES_AT + 1]]);
@@ -240,8 +217,8 @@ pub(crate) fn decode(
         if last_offset < fetch_offset {
             continue; // wholly before the position (and out.next_offset is still ahead)
         }
-        // The decoder reserves room for the header's record count: a count the bytes cannot
-        // back (a hostile or broken broker) would abort the process, so it is checked first.
+        // Room is reserved for the header's record count: a count the bytes cannot back (a
+        // hostile or broken broker) would abort the process, so it is checked first.
         let count = be_i32(&batch, RECORDS_COUNT_AT);
         let payload = total - HEADER_LEN;
         let most = if attributes & 0x7 != 0 {
@@ -256,16 +233,7 @@ pub(crate) fn decode(
             );
             return (out, Some(e));
         }
-        // Compressed data batches are read by semel-records, a piece at a time and bounded (a
-        // small batch may not decompress into gigabytes); the rest by kafka-protocol.
-        let decoded = if attributes & 0x7 != 0 && !control {
-            decode_compressed(&batch, attributes, base_offset)
-        } else {
-            RecordBatchDecoder::decode(&mut batch)
-                .map(|set| set.records.into_iter().map(Plain::from).collect())
-                .map_err(|e| e.to_string())
-        };
-        let decoded = match decoded {
+        let decoded = match decode_records(&batch, attributes, count as usize) {
             Ok(decoded) => decoded,
             Err(reason) => {
                 let e = fail(reason, &out);
@@ -292,19 +260,27 @@ pub(crate) fn decode(
         if read_committed && transactional && active_aborts.contains(&producer_id) {
             continue;
         }
+        let first_timestamp = be_i64(&batch, FIRST_TIMESTAMP_AT);
+        let max_timestamp = be_i64(&batch, MAX_TIMESTAMP_AT);
         for r in decoded {
-            if r.offset < fetch_offset {
+            // MAX_BASE_OFFSET leaves room for any delta.
+            let offset = base_offset + i64::from(r.offset_delta);
+            if offset < fetch_offset {
                 continue;
             }
-            let headers = r.headers;
             let record = ConsumerRecord {
                 topic: Arc::clone(topic),
                 partition,
-                offset: r.offset,
-                timestamp: r.timestamp,
+                offset,
+                // Wraps past i64::MAX, as Java's long does in the Java consumer.
+                timestamp: if attributes & LOG_APPEND_TIME != 0 {
+                    max_timestamp
+                } else {
+                    first_timestamp.wrapping_add(r.timestamp_delta)
+                },
                 key: r.key,
                 value: r.value,
-                headers,
+                headers: r.headers,
             };
             out.bytes += record_size(&record);
             out.records.push(record);
@@ -333,7 +309,8 @@ mod tests {
             producer_epoch: 0,
             timestamp_type: TimestampType::Creation,
             offset,
-            sequence: -1,
+            // Constant offset - sequence: the encoder puts such records in one batch.
+            sequence: offset as i32,
             timestamp: 1_000 + offset,
             key: Some(Bytes::from(format!("k{offset}"))),
             value: Some(Bytes::from(value.to_string())),
@@ -437,6 +414,120 @@ mod tests {
         }
     }
 
+    /// Rewrites bytes of the first batch in `batch` at `at` and recomputes its CRC.
+    fn patch(batch: &mut BytesMut, at: usize, bytes: &[u8]) {
+        batch[at..at + bytes.len()].copy_from_slice(bytes);
+        let end = LENGTH_PREFIX + usize::try_from(be_i32(batch, 8)).expect("a length");
+        let crc = crc32c::crc32c(&batch[ATTRIBUTES_AT..end]);
+        batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+    }
+
+    /// Found by the fuzzer (consumer_fetch): a base offset of i64::MIN with a negative last
+    /// offset delta overflowed computing the batch's last offset and killed the process. A
+    /// base offset no broker can hand out (negative, or so close to i64::MAX that its records'
+    /// offsets overflow) is a decode error after the good batches.
+    #[test]
+    fn a_batch_whose_offsets_overflow_is_an_error_not_a_panic() {
+        for compression in [Compression::None, Compression::Zstd] {
+            for (base, last_delta) in [(i64::MIN, -2), (-1, 0), (i64::MAX, 0), (i64::MAX - 1, 5)] {
+                let mut data = batch(&[record(0, "a", -1, false)], compression);
+                let mut bad = batch(&[record(1, "b", -1, false)], compression);
+                bad[..8].copy_from_slice(&base.to_be_bytes());
+                patch(
+                    &mut bad,
+                    LAST_OFFSET_DELTA_AT,
+                    &i32::to_be_bytes(last_delta),
+                );
+                data.extend_from_slice(&bad);
+                let (out, error) = decode(&topic(), 0, 0, data.freeze(), None);
+                assert_eq!(out.records.len(), 1, "{compression:?} {base}");
+                let error = error.expect("an error for the batch");
+                assert!(error.reason.contains("offset"), "{}", error.reason);
+            }
+        }
+    }
+
+    /// A record's timestamp is the batch's first timestamp plus its delta, both from the
+    /// broker's bytes: a sum past i64::MAX wraps, as in the Java consumer (it overflowed and
+    /// panicked in kafka-protocol's decoder).
+    #[test]
+    fn a_timestamp_past_the_end_of_i64_wraps_not_panics() {
+        for compression in [Compression::None, Compression::Zstd] {
+            let mut early = record(0, "a", -1, false);
+            early.timestamp = 0;
+            let mut late = record(1, "b", -1, false);
+            late.timestamp = i64::MAX;
+            let mut data = batch(&[early, late], compression);
+            patch(&mut data, FIRST_TIMESTAMP_AT, &1i64.to_be_bytes());
+            assert_eq!(
+                LENGTH_PREFIX + be_i32(&data, 8) as usize,
+                data.len(),
+                "one batch"
+            );
+            let (out, error) = decode(&topic(), 0, 0, data.freeze(), None);
+            assert_eq!(error, None, "{compression:?}");
+            assert_eq!(
+                out.records.iter().map(|r| r.timestamp).collect::<Vec<_>>(),
+                vec![1, i64::MIN],
+                "{compression:?}"
+            );
+        }
+    }
+
+    /// Kafka's log cleaner drops records from a batch and keeps its base offset and last
+    /// offset delta, so the offset deltas left have gaps, compressed batches included. The
+    /// Java consumer reads them; a compacted compressed batch was refused here ("record 1 of 3
+    /// has offset delta 2").
+    #[test]
+    fn a_compacted_batch_with_gaps_in_its_offsets_is_read() {
+        for compression in [
+            Compression::None,
+            Compression::Gzip,
+            Compression::Snappy,
+            Compression::Lz4,
+            Compression::Zstd,
+        ] {
+            let data = batch(
+                &[
+                    record(10, "a", -1, false),
+                    record(12, "b", -1, false),
+                    record(15, "c", -1, false),
+                ],
+                compression,
+            );
+            assert_eq!(
+                LENGTH_PREFIX + be_i32(&data, 8) as usize,
+                data.len(),
+                "one batch"
+            );
+            let (out, error) = decode(&topic(), 0, 11, data.freeze(), None);
+            assert_eq!(error, None, "{compression:?}");
+            assert_eq!(
+                out.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+                vec![12, 15],
+                "{compression:?}"
+            );
+            assert_eq!(out.next_offset, 16, "{compression:?}");
+        }
+    }
+
+    /// Offset deltas that go backwards (or past the last offset delta) are not a batch any
+    /// broker writes: an error, not records handed out of order.
+    #[test]
+    fn offset_deltas_out_of_order_are_an_error() {
+        for compression in [Compression::None, Compression::Zstd] {
+            let mut data = batch(
+                &[record(0, "a", -1, false), record(1, "b", -1, false)],
+                compression,
+            );
+            patch(&mut data, LAST_OFFSET_DELTA_AT, &0i32.to_be_bytes());
+            let (out, error) = decode(&topic(), 0, 0, data.freeze(), None);
+            assert!(out.records.is_empty(), "{compression:?}");
+            let error = error.expect("an error for the batch");
+            assert!(error.reason.contains("offset delta"), "{}", error.reason);
+        }
+    }
+
     #[test]
     fn a_bad_crc_is_an_error_after_the_good_batches() {
         let mut data = batch(&[record(0, "a", -1, false)], Compression::None);
@@ -449,7 +540,7 @@ mod tests {
         let error = error.expect("crc error");
         assert_eq!(error.offset, 1);
         assert_eq!(error.before, 1);
-        assert!(error.reason.contains("Cyclic"), "{}", error.reason);
+        assert!(error.reason.contains("CRC mismatch"), "{}", error.reason);
     }
 
     #[test]

@@ -7,7 +7,11 @@
 //!   batches with it: count, offset deltas, nothing after the last record) and skips their
 //!   contents.
 //! - [`decode_compressed_records`] also returns each record's key, value and headers (the
-//!   consumer decodes fetched batches with it).
+//!   consumer decodes fetched batches with it); [`decode_records`] does the same for an
+//!   uncompressed batch, without copying. Fetched batches may have gaps in their offset
+//!   deltas (Kafka's log cleaner removes records and keeps the batch), so both take the rule
+//!   the deltas must follow.
+//! - Nothing read here is added to anything: offsets and timestamps are returned as deltas.
 //!
 //! Codecs, as Kafka numbers them in the batch attributes: 1 gzip, 2 snappy (the framing of
 //! snappy-java, `\x82SNAPPY\0` then length-prefixed blocks, or one raw block without it, as
@@ -77,7 +81,31 @@ pub fn check_compressed_records(
     read_within(payload, codec, count, MAX_DECOMPRESSED_BYTES, None)
 }
 
-/// Like [`check_compressed_records`], and returns the records.
+/// How the offset deltas of a batch's records must run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetDeltas {
+    /// 0, 1, 2, …: a batch as a producer writes it (the broker checks produced batches so).
+    Consecutive,
+    /// Increasing, none past `last` (the batch's last offset delta): a stored batch, which
+    /// may have lost records to Kafka's log cleaner or to the dedup window, leaving gaps.
+    Increasing {
+        /// The batch's last offset delta.
+        last: i32,
+    },
+}
+
+impl OffsetDeltas {
+    /// Whether `delta` may follow `previous` (-1 before the first record) as record `index`.
+    fn allows(self, index: usize, previous: i64, delta: i64) -> bool {
+        match self {
+            Self::Consecutive => usize::try_from(delta).ok() == Some(index),
+            Self::Increasing { last } => delta > previous && delta <= i64::from(last),
+        }
+    }
+}
+
+/// Like [`check_compressed_records`], and returns the records; their offset deltas run as
+/// `deltas` says.
 ///
 /// # Errors
 /// What is wrong, as a sentence.
@@ -85,6 +113,7 @@ pub fn decode_compressed_records(
     payload: &[u8],
     codec: i16,
     count: usize,
+    deltas: OffsetDeltas,
 ) -> Result<Vec<RawRecord>, RecordsError> {
     let mut records = Vec::new();
     read_within(
@@ -92,9 +121,108 @@ pub fn decode_compressed_records(
         codec,
         count,
         MAX_DECOMPRESSED_BYTES,
-        Some(&mut records),
+        Some((&mut records, deltas)),
     )?;
     Ok(records)
+}
+
+/// The `count` records of an uncompressed batch (`payload`, the batch after its 61-byte
+/// header), their keys, values and header values sharing `payload`'s memory. Their offset
+/// deltas run as `deltas` says, and they fill the payload exactly.
+///
+/// # Errors
+/// What is wrong, as a sentence.
+pub fn decode_records(
+    payload: &Bytes,
+    count: usize,
+    deltas: OffsetDeltas,
+) -> Result<Vec<RawRecord>, RecordsError> {
+    let malformed = |index: usize| RecordsError(format!("record {index} of {count} is malformed"));
+    // Every record takes a byte at least, so the bytes bound what is reserved.
+    let mut records = Vec::with_capacity(count.min(payload.len()));
+    let mut at = 0usize;
+    let mut previous = -1i64;
+    for index in 0..count {
+        let length = varint_at(payload, &mut at)
+            .and_then(|l| usize::try_from(l).ok())
+            .ok_or_else(|| malformed(index))?;
+        let end = at
+            .checked_add(length)
+            .filter(|end| *end <= payload.len())
+            .ok_or_else(|| {
+                RecordsError(format!(
+                    "record {index} of {count} claims {length} bytes past the end of the batch"
+                ))
+            })?;
+        let record = payload.slice(at..end);
+        let mut cursor = 1; // attributes
+        if record.is_empty() {
+            return Err(malformed(index));
+        }
+        let timestamp_delta = varint_at(&record, &mut cursor).ok_or_else(|| malformed(index))?;
+        let offset_delta = varint_at(&record, &mut cursor).ok_or_else(|| malformed(index))?;
+        if !deltas.allows(index, previous, offset_delta) {
+            return Err(RecordsError(format!(
+                "record {index} of {count} has offset delta {offset_delta}"
+            )));
+        }
+        previous = offset_delta;
+        let key = bytes_at(&record, &mut cursor).ok_or_else(|| malformed(index))?;
+        let value = bytes_at(&record, &mut cursor).ok_or_else(|| malformed(index))?;
+        let header_count = varint_at(&record, &mut cursor)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| malformed(index))?;
+        // Each header takes two bytes at least.
+        let mut headers = Vec::with_capacity(header_count.min(record.len() / 2));
+        for _ in 0..header_count {
+            let name = bytes_at(&record, &mut cursor)
+                .flatten()
+                .ok_or_else(|| malformed(index))?;
+            let name = String::from_utf8(name.to_vec()).map_err(|_| {
+                RecordsError(format!(
+                    "record {index} of {count} has a header name that is not UTF-8"
+                ))
+            })?;
+            let value = bytes_at(&record, &mut cursor).ok_or_else(|| malformed(index))?;
+            headers.push((name, value));
+        }
+        if cursor != record.len() {
+            return Err(RecordsError(format!(
+                "record {index} of {count} has {} bytes after its headers",
+                record.len() - cursor
+            )));
+        }
+        records.push(RawRecord {
+            timestamp_delta,
+            // allows() kept it within 0..=last or equal to an index below count.
+            offset_delta: i32::try_from(offset_delta).map_err(|_| malformed(index))?,
+            key,
+            value,
+            headers,
+        });
+        at = end;
+    }
+    if at != payload.len() {
+        return Err(RecordsError(format!(
+            "{} bytes follow the {count} records of the batch",
+            payload.len() - at
+        )));
+    }
+    Ok(records)
+}
+
+/// A varint length (-1 = null) at `*at` in `record` and that many bytes, sharing its memory;
+/// `None` when malformed. Advances `at`.
+fn bytes_at(record: &Bytes, at: &mut usize) -> Option<Option<Bytes>> {
+    let length = varint_at(record, at)?;
+    if length == -1 {
+        return Some(None);
+    }
+    let length = usize::try_from(length).ok()?;
+    let end = at.checked_add(length).filter(|end| *end <= record.len())?;
+    let bytes = record.slice(*at..end);
+    *at = end;
+    Some(Some(bytes))
 }
 
 fn read_within(
@@ -102,7 +230,7 @@ fn read_within(
     codec: i16,
     count: usize,
     limit: u64,
-    keep: Option<&mut Vec<RawRecord>>,
+    keep: Option<(&mut Vec<RawRecord>, OffsetDeltas)>,
 ) -> Result<(), RecordsError> {
     let name = codec_name(codec);
     let invalid = |reason: String| RecordsError(reason);
@@ -168,16 +296,18 @@ impl From<io::Error> for Walk {
 fn walk(
     reader: &mut impl Read,
     count: usize,
-    mut keep: Option<&mut Vec<RawRecord>>,
+    mut keep: Option<(&mut Vec<RawRecord>, OffsetDeltas)>,
 ) -> Result<(), Walk> {
     let mut prefix = [0u8; RECORD_PREFIX_BYTES];
+    let mut previous = -1i64;
     for index in 0..count {
         let length = read_varint(reader)?;
         let length = u64::try_from(length)
             .map_err(|_| Walk::Record(format!("record {index} of {count} has length {length}")))?;
-        if let Some(records) = keep.as_deref_mut() {
+        if let Some((records, deltas)) = keep.as_mut() {
             let mut record = reader.by_ref().take(length);
-            let decoded = read_record(&mut record, index, count)?;
+            let decoded = read_record(&mut record, index, count, *deltas, previous)?;
+            previous = i64::from(decoded.offset_delta);
             if record.limit() != 0 {
                 return Err(Walk::Record(format!(
                     "record {index} of {count} has {} bytes after its headers",
@@ -220,12 +350,18 @@ fn walk(
 
 /// One record's fields, from a reader limited to the record's length. Buffers grow with the
 /// bytes that arrive, never from a length read off the stream.
-fn read_record(record: &mut impl Read, index: usize, count: usize) -> Result<RawRecord, Walk> {
+fn read_record(
+    record: &mut impl Read,
+    index: usize,
+    count: usize,
+    deltas: OffsetDeltas,
+    previous: i64,
+) -> Result<RawRecord, Walk> {
     let mut attributes = [0u8; 1];
     record.read_exact(&mut attributes)?;
     let timestamp_delta = read_varint(record)?;
     let offset_delta = read_varint(record)?;
-    if usize::try_from(offset_delta).ok() != Some(index) {
+    if !deltas.allows(index, previous, offset_delta) {
         return Err(Walk::Record(format!(
             "record {index} of {count} has offset delta {offset_delta}"
         )));
@@ -500,7 +636,7 @@ mod tests {
             let payload = compress(codec, &plain);
             check_compressed_records(&payload, codec, 50)
                 .unwrap_or_else(|e| panic!("codec {codec}: {e}"));
-            let decoded = decode_compressed_records(&payload, codec, 50)
+            let decoded = decode_compressed_records(&payload, codec, 50, OffsetDeltas::Consecutive)
                 .unwrap_or_else(|e| panic!("codec {codec}: {e}"));
             assert_eq!(decoded.len(), 50);
             assert_eq!(decoded[7].offset_delta, 7);
@@ -508,7 +644,10 @@ mod tests {
             assert_eq!(decoded[7].value.as_deref(), Some(&[b'v'; 30][..]));
             for wrong in [49, 51, 1000] {
                 assert!(check_compressed_records(&payload, codec, wrong).is_err());
-                assert!(decode_compressed_records(&payload, codec, wrong).is_err());
+                assert!(
+                    decode_compressed_records(&payload, codec, wrong, OffsetDeltas::Consecutive)
+                        .is_err()
+                );
             }
         }
         // Raw snappy without snappy-java's header, as the Java client also reads.
@@ -551,13 +690,26 @@ mod tests {
             assert!(payload.len() < 300 * 1024, "{codec}: {}", payload.len());
             for keep in [false, true] {
                 let mut records = Vec::new();
-                let e = read_within(&payload, codec, 1, 1 << 20, keep.then_some(&mut records))
-                    .unwrap_err();
+                let e = read_within(
+                    &payload,
+                    codec,
+                    1,
+                    1 << 20,
+                    keep.then_some((&mut records, OffsetDeltas::Consecutive)),
+                )
+                .unwrap_err();
                 assert!(
                     e.to_string().contains("more than 1048576 bytes"),
                     "{codec}: {e}"
                 );
-                read_within(&payload, codec, 1, 8 << 20, keep.then_some(&mut records)).unwrap();
+                read_within(
+                    &payload,
+                    codec,
+                    1,
+                    8 << 20,
+                    keep.then_some((&mut records, OffsetDeltas::Consecutive)),
+                )
+                .unwrap();
             }
         }
     }

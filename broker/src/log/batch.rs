@@ -92,9 +92,11 @@ impl BatchHeader {
             .map(|l| l + LOG_OVERHEAD)
     }
 
-    /// Offset of the last record.
+    /// Offset of the last record. Saturates: the base offset is not covered by the CRC, so a
+    /// damaged one near i64::MAX must not overflow (the recovery scan then refuses it).
     pub fn last_offset(&self) -> i64 {
-        self.base_offset + i64::from(self.last_offset_delta)
+        self.base_offset
+            .saturating_add(i64::from(self.last_offset_delta))
     }
 
     /// Compression codec id (0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd).

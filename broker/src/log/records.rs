@@ -14,7 +14,7 @@
 //! here ([`super::batch::check_records`]).
 
 use bytes::Bytes;
-use semel_records::{RawRecord, varint_at};
+use semel_records::{OffsetDeltas, RawRecord, varint_at};
 
 use super::LogError;
 use super::batch::{BatchHeader, HEADER_BYTES, LOG_OVERHEAD, ValidatedBatch, compute_crc};
@@ -112,9 +112,19 @@ fn walk(
                 payload.len()
             )));
         }
-        let decoded =
-            semel_records::decode_compressed_records(payload, header.compression(), count)
-                .map_err(|e| invalid(e.0))?;
+        let decoded = semel_records::decode_compressed_records(
+            payload,
+            header.compression(),
+            count,
+            if strict {
+                OffsetDeltas::Consecutive
+            } else {
+                OffsetDeltas::Increasing {
+                    last: header.last_offset_delta,
+                }
+            },
+        )
+        .map_err(|e| invalid(e.0))?;
         let records = decoded
             .iter()
             .map(|r| RecordId {
