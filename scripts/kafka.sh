@@ -311,6 +311,9 @@ broker.heartbeat.interval.ms=1000
 broker.session.timeout.ms=6000
 auto.create.topics.enable=true
 log.segment.bytes=67108864
+# The log cleaner looks for dirty logs every second (default 15 s), so a compacted topic's
+# test sees it cleaned within seconds.
+log.cleaner.backoff.ms=1000
 num.network.threads=2
 num.io.threads=4
 num.recovery.threads.per.data.dir=1

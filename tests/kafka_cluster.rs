@@ -861,6 +861,131 @@ async fn semel_clients_over_sasl_ssl(cluster: &Cluster) -> anyhow::Result<()> {
 }
 
 /// The child process of [`dedup_changelog_takeover`] (one "host").
+/// A compacted, compressed topic read by semel-consumer. Kafka's log cleaner keeps a batch
+/// that lost records (its base offset and last offset delta stay), so the records left have
+/// gaps in their offset deltas; semel-consumer refused such a compressed batch ("record 1 of
+/// 3 has offset delta 2"). The topic rolls 1 MiB segments (the smallest Kafka allows) and
+/// the brokers look for dirty logs every second (`log.cleaner.backoff.ms` in kafka.sh).
+async fn compacted_compressed_topic(cluster: &Cluster) -> anyhow::Result<()> {
+    const TOPIC: &str = "semel-compacted";
+    const MESSAGES: u64 = 3_000;
+    const KEYS: u64 = 50;
+    cluster.tool(&[
+        "topics",
+        "--bootstrap-server",
+        &cluster.bootstrap,
+        "--create",
+        "--topic",
+        TOPIC,
+        "--partitions",
+        "1",
+        "--replication-factor",
+        "3",
+        "--config",
+        "cleanup.policy=compact",
+        "--config",
+        "segment.bytes=1048576",
+        "--config",
+        "min.cleanable.dirty.ratio=0.01",
+    ])?;
+    let producer = Producer::connect(ProducerConfig {
+        compression: semel::producer::Compression::Zstd,
+        linger: Duration::from_millis(20),
+        ..through_broker_kills(cluster)
+    })
+    .await?;
+    // 1 KiB values that do not compress (xorshift), so 3,000 of them fill three segments.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut latest = BTreeMap::new();
+    let mut deliveries = Vec::new();
+    for i in 0..MESSAGES {
+        let mut value = format!("{i}:").into_bytes();
+        while value.len() < 1024 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            value.extend_from_slice(&state.to_le_bytes());
+        }
+        let key = format!("k{}", i % KEYS);
+        latest.insert(key.clone(), i);
+        deliveries.push(
+            producer
+                .send(ProducerRecord::new(TOPIC, value).key(key))
+                .await?,
+        );
+    }
+    for delivery in deliveries {
+        delivery.await?;
+    }
+    producer.close().await;
+
+    // Read the whole partition until the cleaner has run (fewer records than were sent, with
+    // the last one still there), bounded.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let mut consumer = Consumer::connect(ConsumerConfig {
+            bootstrap_servers: vec![cluster.bootstrap.clone()],
+            auto_offset_reset: AutoOffsetReset::Earliest,
+            ..ConsumerConfig::default()
+        })
+        .await?;
+        consumer.assign([(TOPIC.to_string(), 0)])?;
+        let mut read: Vec<(i64, String, u64)> = Vec::new();
+        let read_deadline = Instant::now() + Duration::from_secs(30);
+        while read
+            .last()
+            .is_none_or(|(offset, _, _)| *offset < MESSAGES as i64 - 1)
+        {
+            ensure!(
+                Instant::now() < read_deadline,
+                "read {} records of the compacted topic in 30 s, up to offset {:?}",
+                read.len(),
+                read.last().map(|r| r.0)
+            );
+            for record in consumer.poll(Duration::from_millis(200)).await? {
+                let key = String::from_utf8_lossy(record.key.as_deref().unwrap_or_default());
+                let value = record.value.as_deref().unwrap_or_default();
+                let end = value.iter().position(|b| *b == b':').unwrap_or(0);
+                let sent: u64 = std::str::from_utf8(&value[..end])?.parse()?;
+                read.push((record.offset, key.into_owned(), sent));
+            }
+        }
+        drop(consumer);
+        ensure!(
+            read.windows(2).all(|w| w[0].0 < w[1].0),
+            "offsets out of order"
+        );
+        for (offset, _, sent) in &read {
+            ensure!(
+                *offset == *sent as i64,
+                "offset {offset} holds message {sent}"
+            );
+        }
+        if read.len() < MESSAGES as usize {
+            let mut last = BTreeMap::new();
+            for (_, key, sent) in &read {
+                last.insert(key.clone(), *sent);
+            }
+            ensure!(
+                last == latest,
+                "after compaction the latest value of each key differs"
+            );
+            eprintln!(
+                "on Kafka: a compacted zstd topic read after {attempts} tries: {} of {MESSAGES} records left, every key's latest value there",
+                read.len()
+            );
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "Kafka's log cleaner did not compact {TOPIC} within 120 s"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 #[test]
 fn host_child() -> anyhow::Result<()> {
     common::child::run_if_child("SEMEL_HOST_CHILD", dedup_hosts::child_main)
@@ -870,6 +995,7 @@ fn host_child() -> anyhow::Result<()> {
 async fn semel_libraries_on_a_three_broker_kafka_cluster() -> anyhow::Result<()> {
     common::init_tracing();
     let cluster = Cluster::start()?;
+    compacted_compressed_topic(&cluster).await?;
     idempotent_producer_through_leader_kills(&cluster).await?;
     for (strategy, assignor) in [
         (
