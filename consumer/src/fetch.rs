@@ -337,19 +337,31 @@ mod tests {
         buf
     }
 
+    const EVERY_CODEC: [Compression; 5] = [
+        Compression::None,
+        Compression::Gzip,
+        Compression::Snappy,
+        Compression::Lz4,
+        Compression::Zstd,
+    ];
+
+    /// The encoder starts a new batch where it must (see `record`): the tests that mean one
+    /// batch of several records check that they got one.
+    fn assert_one_batch(data: &[u8]) {
+        assert_eq!(
+            LENGTH_PREFIX + be_i32(data, 8) as usize,
+            data.len(),
+            "one batch"
+        );
+    }
+
     fn topic() -> Arc<str> {
         Arc::from("t")
     }
 
     #[test]
     fn every_codec_decodes_and_partial_tail_is_left() {
-        for compression in [
-            Compression::None,
-            Compression::Gzip,
-            Compression::Snappy,
-            Compression::Lz4,
-            Compression::Zstd,
-        ] {
+        for compression in EVERY_CODEC {
             let mut data = batch(
                 &[record(0, "a", -1, false), record(1, "b", -1, false)],
                 compression,
@@ -459,11 +471,7 @@ mod tests {
             late.timestamp = i64::MAX;
             let mut data = batch(&[early, late], compression);
             patch(&mut data, FIRST_TIMESTAMP_AT, &1i64.to_be_bytes());
-            assert_eq!(
-                LENGTH_PREFIX + be_i32(&data, 8) as usize,
-                data.len(),
-                "one batch"
-            );
+            assert_one_batch(&data);
             let (out, error) = decode(&topic(), 0, 0, data.freeze(), None);
             assert_eq!(error, None, "{compression:?}");
             assert_eq!(
@@ -480,13 +488,7 @@ mod tests {
     /// has offset delta 2").
     #[test]
     fn a_compacted_batch_with_gaps_in_its_offsets_is_read() {
-        for compression in [
-            Compression::None,
-            Compression::Gzip,
-            Compression::Snappy,
-            Compression::Lz4,
-            Compression::Zstd,
-        ] {
+        for compression in EVERY_CODEC {
             let data = batch(
                 &[
                     record(10, "a", -1, false),
@@ -495,11 +497,7 @@ mod tests {
                 ],
                 compression,
             );
-            assert_eq!(
-                LENGTH_PREFIX + be_i32(&data, 8) as usize,
-                data.len(),
-                "one batch"
-            );
+            assert_one_batch(&data);
             let (out, error) = decode(&topic(), 0, 11, data.freeze(), None);
             assert_eq!(error, None, "{compression:?}");
             assert_eq!(
