@@ -40,32 +40,41 @@ pub(crate) enum Verdict {
     AllDuplicates { first: Stored, last_offset: i64 },
 }
 
-/// A slot of the id table: the low 64 bits of an id and the sequence number of its latest
-/// store; `seq == EMPTY` for a slot never used.
+/// A slot of the id table, 8 bytes: a fingerprint of the id (its low 32 bits, never 0) and
+/// the low 32 bits of the sequence number of its latest store; `fp == 0` for a slot never
+/// used. A slot's sequence number is read relative to the queue's first one (see
+/// [`DedupWindow::live_seq`]), so 32 bits are enough for any window of fewer than 2^32 ids.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
-    low: u64,
-    seq: u64,
+    fp: u32,
+    seq: u32,
 }
 
-const EMPTY: u64 = u64::MAX;
+/// The fingerprint a slot keeps for `id`: its low 32 bits, 0 (the empty slot's) made 1.
+fn fingerprint(id: MessageId) -> u32 {
+    (id as u32).max(1)
+}
 
-/// The slot an id's probe starts at: from its low 64 bits (which the slot keeps, so a table
+/// The slot an id's probe starts at: from its fingerprint (which the slot keeps, so a table
 /// can be rebuilt without the ids).
-fn home(low: u64, mask: usize) -> usize {
-    (low as usize) & mask
+fn home(fp: u32, mask: usize) -> usize {
+    (fp as usize) & mask
 }
-const EMPTY_SLOT: Slot = Slot { low: 0, seq: EMPTY };
+const EMPTY_SLOT: Slot = Slot { fp: 0, seq: 0 };
 /// Fewest slots a table has (small in tests, so they grow and rebuild tables often).
 const MIN_SLOTS: usize = if cfg!(test) { 16 } else { 1024 };
+/// Slots per queued store after a rebuild. The table is rebuilt when half its slots are used
+/// (live or stale), so at the cap, with every store new, that is every `SLOTS_PER_ID / 2 - 1`
+/// caps' worth of stores; and probes stay short (at most half the slots used).
+const SLOTS_PER_ID: usize = 8;
 
 /// One partition's window.
 ///
 /// Every store goes to the back of `order` and gets the next sequence number. `slots` is an
 /// open-addressing table (linear probing, indexed by an id's low 64 bits) from id to the
-/// sequence number of its latest store; a slot holds the id's low 64 bits, and the id is
-/// confirmed against `order`, so a match costs one look into the queue and the table one
-/// cache line per probe. Expiry and the cap pop `order` from the front without touching the
+/// sequence number of its latest store; a slot holds a 32-bit fingerprint of the id, and the
+/// id is confirmed against `order`, so a match costs one look into the queue, and the table
+/// (8 bytes a slot, 8 slots a cache line) about one cache line per probe. Expiry and the cap pop `order` from the front without touching the
 /// table: a slot whose sequence number was popped is stale, read as absent and reused by a
 /// later insert on its probe path (it never becomes empty again, so no probe path breaks).
 /// When used slots pass half of the table, it is rebuilt with the live ones only, in one pass
@@ -136,8 +145,8 @@ impl DedupWindow {
         self.order.len()
     }
 
-    /// Bytes the window's tables hold: 16 per table slot (between 2 and 8 slots per id) and
-    /// 32 per queue slot.
+    /// Bytes the window's tables hold: 8 per table slot (8 to 16 slots per queued id after a
+    /// rebuild) and 32 per queue slot.
     pub(crate) fn bytes(&self) -> usize {
         self.slots.len() * std::mem::size_of::<Slot>()
             + self.order.capacity() * std::mem::size_of::<(MessageId, Stored)>()
@@ -182,22 +191,35 @@ impl DedupWindow {
             .map(|(_, stored)| *stored)
     }
 
+    /// The full sequence number of a slot's `seq` if it names a store still queued. Read
+    /// relative to `first_seq`, so a slot left from 2^32 stores ago may look queued: it is
+    /// then confirmed, and refused, by the id in `order` (never a wrong answer, only a slot
+    /// kept until the next rebuild).
+    fn live_seq(&self, seq: u32) -> Option<u64> {
+        let behind = u64::from(seq.wrapping_sub(self.first_seq as u32));
+        (behind < self.order.len() as u64).then(|| self.first_seq + behind)
+    }
+
     fn probe(&self, id: MessageId) -> Probe {
         let mask = self.slots.len() - 1;
-        let low = id as u64;
-        let mut at = home(low, mask);
+        let fp = fingerprint(id);
+        let mut at = home(fp, mask);
         let mut reuse = None;
         loop {
             let slot = self.slots[at];
-            if slot.seq == EMPTY {
+            if slot.fp == 0 {
                 return Probe::Absent(reuse.unwrap_or(at));
             }
-            if slot.seq < self.first_seq {
-                reuse.get_or_insert(at);
-            } else if slot.low == low
-                && let Some(stored) = self.queued(slot.seq, id)
-            {
-                return Probe::Found(at, stored);
+            match self.live_seq(slot.seq) {
+                None => {
+                    reuse.get_or_insert(at);
+                }
+                Some(seq) if slot.fp == fp => {
+                    if let Some(stored) = self.queued(seq, id) {
+                        return Probe::Found(at, stored);
+                    }
+                }
+                Some(_) => {}
             }
             at = (at + 1) & mask;
         }
@@ -206,39 +228,39 @@ impl DedupWindow {
     /// Points `at` (from [`Self::probe`]) to `seq` for `id`, then grows or cleans the table
     /// when used slots pass half of it (probe paths stay short: stale slots count as used).
     fn set(&mut self, at: usize, id: MessageId, seq: u64) {
-        if self.slots[at].seq == EMPTY {
+        if self.slots[at].fp == 0 {
             self.used += 1;
         }
         self.slots[at] = Slot {
-            low: id as u64,
-            seq,
+            fp: fingerprint(id),
+            // The low 32 bits: `live_seq` restores the rest.
+            seq: seq as u32,
         };
         if self.used * 2 > self.slots.len() {
             self.rebuild_table();
         }
     }
 
-    /// A new table holding the live slots only, with at least 4 slots per live one.
+    /// A new table holding the live slots only, with at least `SLOTS_PER_ID` slots per queued
+    /// store (at most one live slot each), so the next rebuild is that many stores away.
     fn rebuild_table(&mut self) {
-        let live = self
-            .slots
-            .iter()
-            .filter(|s| s.seq != EMPTY && s.seq >= self.first_seq)
-            .count();
-        let size = (live * 4).max(MIN_SLOTS).next_power_of_two();
+        let size = (self.order.len() * SLOTS_PER_ID)
+            .max(MIN_SLOTS)
+            .next_power_of_two();
         let mut slots = vec![EMPTY_SLOT; size];
         let mask = size - 1;
-        for slot in self
-            .slots
-            .iter()
-            .filter(|s| s.seq != EMPTY && s.seq >= self.first_seq)
-        {
+        let mut live = 0;
+        for slot in &self.slots {
+            if slot.fp == 0 || self.live_seq(slot.seq).is_none() {
+                continue;
+            }
             // Read in table order and written near their old places: close to sequential.
-            let mut at = home(slot.low, mask);
-            while slots[at].seq != EMPTY {
+            let mut at = home(slot.fp, mask);
+            while slots[at].fp != 0 {
                 at = (at + 1) & mask;
             }
             slots[at] = *slot;
+            live += 1;
         }
         self.slots = slots;
         self.used = live;
@@ -289,10 +311,9 @@ impl DedupWindow {
         // no load depending on another, lets the processor fetch them at the same time; the
         // probes below then find them in cache. (A prefetch without unsafe code.)
         let mask = self.slots.len() - 1;
-        let touched = records
-            .iter()
-            .filter_map(|r| r.id)
-            .fold(0u64, |acc, id| acc ^ self.slots[home(id as u64, mask)].seq);
+        let touched = records.iter().filter_map(|r| r.id).fold(0u32, |acc, id| {
+            acc ^ self.slots[home(fingerprint(id), mask)].seq
+        });
         std::hint::black_box(touched);
         let mut keep = Vec::new();
         let mut first_original: Option<Stored> = None;
@@ -811,6 +832,9 @@ mod tests {
             #[test]
             fn the_window_answers_as_a_plain_list_does(
                 cap in 1u32..40,
+                // Slots keep the low 32 bits of a sequence number: also start just below 2^32,
+                // so the numbers wrap within the run.
+                first_seq in proptest::sample::select(vec![0u64, (1u64 << 32) - 300]),
                 steps in proptest::collection::vec(
                     (
                         proptest::collection::vec((proptest::option::weighted(0.9, 0u8..64), 0i64..1_500), 1..6),
@@ -820,6 +844,7 @@ mod tests {
                 ),
             ) {
                 let mut window = DedupWindow::new(&config(1_000, cap));
+                window.first_seq = first_seq;
                 let mut model = Model::default();
                 let mut now = 10_000i64;
                 let mut offset = 0i64;
