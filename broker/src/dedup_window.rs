@@ -68,6 +68,44 @@ const MIN_SLOTS: usize = if cfg!(test) { 16 } else { 1024 };
 /// caps' worth of stores; and probes stay short (at most half the slots used).
 const SLOTS_PER_ID: usize = 8;
 
+/// [`DedupWindow::live_seq`] for a queue whose first store is `first_seq` and which holds
+/// `queued` stores.
+fn live_seq(seq: u32, first_seq: u64, queued: usize) -> Option<u64> {
+    let behind = u64::from(seq.wrapping_sub(first_seq as u32));
+    (behind < queued as u64).then(|| first_seq + behind)
+}
+
+/// Empties every slot that `is_live` refuses and moves each live one to where a probe from
+/// its home now finds it first; returns the live slots. Slots are taken in probe order from
+/// just after an empty one, so every slot between a live one's home and its old place is
+/// settled (or empty) when it moves: it lands there or earlier, never past an empty slot.
+/// The table must have an empty slot (it is at most half used).
+fn clean_in_place(slots: &mut [Slot], is_live: impl Fn(&Slot) -> bool) -> usize {
+    let mask = slots.len() - 1;
+    let Some(start) = slots.iter().position(|s| s.fp == 0) else {
+        return slots.len();
+    };
+    let mut live = 0;
+    for step in 1..=slots.len() {
+        let at = (start + step) & mask;
+        let slot = slots[at];
+        if slot.fp == 0 {
+            continue;
+        }
+        slots[at] = EMPTY_SLOT;
+        if !is_live(&slot) {
+            continue;
+        }
+        let mut to = home(slot.fp, mask);
+        while slots[to].fp != 0 {
+            to = (to + 1) & mask;
+        }
+        slots[to] = slot;
+        live += 1;
+    }
+    live
+}
+
 /// One partition's window.
 ///
 /// Every store goes to the back of `order` and gets the next sequence number. `slots` is an
@@ -196,8 +234,7 @@ impl DedupWindow {
     /// then confirmed, and refused, by the id in `order` (never a wrong answer, only a slot
     /// kept until the next rebuild).
     fn live_seq(&self, seq: u32) -> Option<u64> {
-        let behind = u64::from(seq.wrapping_sub(self.first_seq as u32));
-        (behind < self.order.len() as u64).then(|| self.first_seq + behind)
+        live_seq(seq, self.first_seq, self.order.len())
     }
 
     fn probe(&self, id: MessageId) -> Probe {
@@ -241,19 +278,25 @@ impl DedupWindow {
         }
     }
 
-    /// A new table holding the live slots only, with at least `SLOTS_PER_ID` slots per queued
-    /// store (at most one live slot each), so the next rebuild is that many stores away.
+    /// A table holding the live slots only, with at least `SLOTS_PER_ID` slots per queued
+    /// store (at most one live slot each), so the next rebuild is that many stores away. When
+    /// that is the table's present size (a full window, the steady state under load), the
+    /// table is cleaned in place rather than allocated again: no new memory to fault in and
+    /// zero, which cost more than the rebuild itself.
     fn rebuild_table(&mut self) {
         let size = (self.order.len() * SLOTS_PER_ID)
             .max(MIN_SLOTS)
             .next_power_of_two();
+        let (first_seq, queued) = (self.first_seq, self.order.len());
+        let is_live = |slot: &Slot| slot.fp != 0 && live_seq(slot.seq, first_seq, queued).is_some();
+        if size == self.slots.len() {
+            self.used = clean_in_place(&mut self.slots, is_live);
+            return;
+        }
         let mut slots = vec![EMPTY_SLOT; size];
         let mask = size - 1;
         let mut live = 0;
-        for slot in &self.slots {
-            if slot.fp == 0 || self.live_seq(slot.seq).is_none() {
-                continue;
-            }
+        for slot in self.slots.iter().filter(|s| is_live(s)) {
             // Read in table order and written near their old places: close to sequential.
             let mut at = home(slot.fp, mask);
             while slots[at].fp != 0 {
@@ -683,6 +726,46 @@ mod tests {
             Verdict::Store
         );
         assert_eq!(window.original(7, 1_000).map(|s| s.offset), Some(60_000));
+    }
+
+    #[test]
+    fn a_full_window_cleans_its_table_in_place_and_still_finds_every_id() {
+        // Scattered homes: at up to half the slots used, linear probing makes runs of
+        // neighbours, and a slot left behind a gap (a stale one emptied in place, the slots
+        // after it not moved) would be missed.
+        let id_of = |n: u128| {
+            let mixed = (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            (n << 64) | u128::from(mixed ^ (mixed >> 32))
+        };
+        let cap = 100u128;
+        let mut window = DedupWindow::new(&config(60_000, cap as u32));
+        let mut table_len = None;
+        let (mut used, mut cleanings) = (0, 0);
+        for n in 0..20_000u128 {
+            let batch = [record(0, 1_000, Some(id_of(n)))];
+            assert_eq!(window.decide(&batch, n as i64, 1_000, None), Verdict::Store);
+            if n >= cap {
+                // Full: the table keeps its size from here on, cleaned where it is.
+                assert_eq!(
+                    *table_len.get_or_insert(window.slots.len()),
+                    window.slots.len()
+                );
+                cleanings += usize::from(window.used < used);
+            }
+            used = window.used;
+            for back in 0..(n + 1).min(cap) {
+                let id = n - back;
+                assert_eq!(
+                    window.original(id_of(id), 1_000).map(|s| s.offset),
+                    Some(id as i64),
+                    "id {id} after storing {n}"
+                );
+            }
+            if n >= cap {
+                assert!(window.original(id_of(n - cap), 1_000).is_none());
+            }
+        }
+        assert!(cleanings > 20, "cleaned in place {cleanings} times");
     }
 
     #[test]
