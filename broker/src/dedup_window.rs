@@ -503,11 +503,17 @@ impl DedupWindow {
         Ok(())
     }
 
-    /// Writes the window as it is for everything below `end_offset` to `dir`, atomically, and
-    /// deletes all but the newest two such snapshots. A failure is logged: the next start then
-    /// reads more of the log.
+    /// Writes the window as it is for everything below `end_offset` to `dir` (see
+    /// [`WindowSnapshot::write`]).
     pub(crate) fn write_snapshot(&self, dir: &Path, end_offset: i64) {
-        let file = SnapshotFile {
+        self.snapshot(end_offset).write(dir);
+    }
+
+    /// The window as it is for everything below `end_offset`, to be written later: a copy of
+    /// the queue (32 bytes per id, a memory copy), so the caller can let go of the partition
+    /// before the slow part (encoding, writing and syncing the file).
+    pub(crate) fn snapshot(&self, end_offset: i64) -> WindowSnapshot {
+        WindowSnapshot(SnapshotFile {
             end_offset,
             window_ms: self.window_ms,
             header: self.header.clone(),
@@ -516,8 +522,23 @@ impl DedupWindow {
                 .iter()
                 .map(|(id, stored)| (*id, stored.offset, stored.timestamp))
                 .collect(),
-        };
-        if let Err(e) = state_file::write(&snapshot_path(dir, end_offset), MAGIC, VERSION, &file) {
+        })
+    }
+}
+
+/// A window taken by [`DedupWindow::snapshot`], not yet on disk.
+#[derive(Debug)]
+pub(crate) struct WindowSnapshot(SnapshotFile);
+
+impl WindowSnapshot {
+    /// Writes it to `dir`, atomically, and deletes all but the newest two snapshots there. A
+    /// failure is logged: the next start then reads more of the log. Callers writing to the
+    /// same directory from several threads take turns (their temporary files share a name
+    /// when their end offsets do).
+    pub(crate) fn write(self, dir: &Path) {
+        let end_offset = self.0.end_offset;
+        if let Err(e) = state_file::write(&snapshot_path(dir, end_offset), MAGIC, VERSION, &self.0)
+        {
             tracing::warn!(dir = %dir.display(), end_offset, error = %e, "could not write a dedup window snapshot");
             return;
         }

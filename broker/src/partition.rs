@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use kafka_protocol::ResponseError;
 use tokio::sync::watch;
 
-use crate::dedup_window::{DedupWindow, Verdict};
+use crate::dedup_window::{DedupWindow, Verdict, WindowSnapshot};
 use crate::idempotence::snapshot::{self, SnapshotFile};
 use crate::idempotence::{BatchIdentity, CachedBatch, Decision, ProducerEntry, ProducerStateTable};
 use crate::log::batch::{ControlType, control_batch, control_type};
@@ -173,6 +173,9 @@ pub(crate) struct Partition {
     /// Every offset below this is fsynced.
     durable_end: AtomicI64,
     flush_lock: tokio::sync::Mutex<()>,
+    /// Held while a dedup window snapshot is written (from a roll, on its own thread, or at
+    /// close): one at a time.
+    window_snapshots: Arc<Mutex<()>>,
     /// Bumped after every append so long-polling fetches re-check.
     appended: Arc<watch::Sender<u64>>,
     /// Tests: the next fsync of `wait_durable` fails as an `EIO` would.
@@ -231,6 +234,7 @@ impl Partition {
                 log: Mutex::new(log),
                 durable_end,
                 flush_lock: tokio::sync::Mutex::new(()),
+                window_snapshots: Arc::new(Mutex::new(())),
                 appended,
                 #[cfg(test)]
                 fail_next_sync: std::sync::atomic::AtomicBool::new(false),
@@ -458,13 +462,23 @@ impl Partition {
     /// After an append, with the producer lock still held: a roll snapshots the producer
     /// state at the new segment's start; then the lock goes and long-polling fetches wake.
     fn appended_under(&self, guard: MutexGuard<'_, Producers>, info: &AppendInfo, now_ms: i64) {
+        let mut window = None;
         if info.rolled {
+            // The window's snapshot (tens of MB for a full window) is copied here and written
+            // after the lock is gone, on a thread of its own: written under the lock it held
+            // every produce to this partition for about a second per roll.
+            window = guard
+                .window
+                .as_ref()
+                .map(|w| w.snapshot(info.last_offset + 1));
             crate::blocking::may_block(|| {
                 self.write_snapshot(&guard, info.last_offset + 1, now_ms);
-                self.write_window_snapshot(&guard, info.last_offset + 1);
             });
         }
         drop(guard);
+        if let Some(snapshot) = window {
+            self.write_window_snapshot_later(snapshot);
+        }
         self.appended
             .send_modify(|generation| *generation = generation.wrapping_add(1));
     }
@@ -566,8 +580,13 @@ impl Partition {
         if report.rolled || expired > 0 {
             self.write_snapshot(&producers, end, now_ms);
         }
-        if report.rolled {
-            self.write_window_snapshot(&producers, end);
+        let window = report
+            .rolled
+            .then(|| producers.window.as_ref().map(|w| w.snapshot(end)))
+            .flatten();
+        drop(producers);
+        if let Some(snapshot) = window {
+            self.write_window_snapshot_later(snapshot);
         }
         Ok((report, expired))
     }
@@ -603,12 +622,34 @@ impl Partition {
         Ok(())
     }
 
-    /// Writes the dedup window (if the topic has one) as of `end_offset`, the log end: at a
-    /// roll and at a clean shutdown, so a start reads at most the log after it.
+    /// Writes the dedup window (if the topic has one) as of `end_offset`, the log end, now: at
+    /// a clean shutdown, so a start reads at most the log after it. Waits for a snapshot still
+    /// being written from a roll.
     fn write_window_snapshot(&self, producers: &Producers, end_offset: i64) {
         if let Some(window) = producers.window.as_ref() {
             let dir = self.log().dir().to_path_buf();
+            let _turn = self
+                .window_snapshots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             window.write_snapshot(&dir, end_offset);
+        }
+    }
+
+    /// Writes a window snapshot taken at a roll on a thread of its own, in turn with the
+    /// others of this partition. If no thread can be started it is not written (logged): a
+    /// start then reads more of the log, as after a failed write.
+    fn write_window_snapshot_later(&self, snapshot: WindowSnapshot) {
+        let dir = self.log().dir().to_path_buf();
+        let turns = Arc::clone(&self.window_snapshots);
+        let spawned = std::thread::Builder::new()
+            .name("semel-dedup-snapshot".into())
+            .spawn(move || {
+                let _turn = turns.lock().unwrap_or_else(|p| p.into_inner());
+                snapshot.write(&dir);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(topic = %self.topic, partition = self.index, error = %e, "no thread for the dedup window snapshot; not written");
         }
     }
 
@@ -967,6 +1008,49 @@ mod tests {
             );
         }
         assert_eq!(again.log().log_end_offset(), 3);
+    }
+
+    #[test]
+    fn a_roll_writes_the_window_snapshot_and_a_start_reads_only_the_log_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 300,
+            ..window_config(60_000)
+        };
+        let partition = open(dir.path(), &config, 1_000);
+        let mut rolled_at = None;
+        for (n, id) in ["a", "b", "c", "d", "e", "f"].into_iter().enumerate() {
+            let Appended::New(info) = partition
+                .append(&with_ids(&[Some(id)], 1_000, None), 1_000)
+                .unwrap()
+            else {
+                panic!("{id} was taken for a duplicate");
+            };
+            if info.rolled {
+                rolled_at.get_or_insert(n as i64 + 1);
+            }
+        }
+        let rolled_at = rolled_at.expect("300-byte segments roll within six batches");
+        // Written on a thread of its own once the partition was let go: it lands shortly.
+        let snapshot = dir.path().join(format!("{rolled_at:020}.dedup"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !snapshot.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no window snapshot at {} after the roll",
+                snapshot.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(partition);
+        let reopened = open(dir.path(), &config, 1_100);
+        for id in ["a", "b", "c", "d", "e", "f"] {
+            duplicate_of(
+                reopened
+                    .append(&with_ids(&[Some(id)], 1_100, None), 1_100)
+                    .unwrap(),
+            );
+        }
     }
 
     #[test]
