@@ -417,7 +417,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let bytes = records as f64 * args.record_bytes as f64;
     println!(
-        "acks={} idempotent={} ids={} dedup_window_ms={} connections={} in_flight={} batch_records={} record_bytes={}: {:.0} records/s, {:.1} MB/s of values, request latency p50 {:.2} ms p99 {:.2} ms ({} records in {:.1} s)",
+        "acks={} idempotent={} ids={} dedup_window_ms={} connections={} in_flight={} batch_records={} record_bytes={}: {:.0} records/s, {:.1} MB/s of values, request latency p50 {:.2} ms p99 {:.2} ms max {:.1} ms ({} records in {:.1} s)",
         args.acks,
         args.idempotent,
         args.ids || args.dedup_window_ms.is_some(),
@@ -430,6 +430,7 @@ async fn main() -> anyhow::Result<()> {
         bytes / elapsed / 1e6,
         percentile(0.50),
         percentile(0.99),
+        percentile(1.0),
         records,
         elapsed
     );
