@@ -267,6 +267,7 @@ impl Broker {
             Arc::clone(&state),
             shutdown_rx.clone(),
         ));
+        let flushes = tokio::spawn(server::flush_loop(Arc::clone(&state), shutdown_rx.clone()));
         let group_timers =
             tokio::spawn(server::group_loop(Arc::clone(&state), shutdown_rx.clone()));
         let transaction_timers = tokio::spawn(server::transaction_loop(
@@ -291,6 +292,7 @@ impl Broker {
             shutdown_tx,
             server: Some(server),
             maintenance: Some(maintenance),
+            flushes: Some(flushes),
             group_timers: Some(group_timers),
             transaction_timers: Some(transaction_timers),
             state,
@@ -308,6 +310,7 @@ pub struct BrokerHandle {
     shutdown_tx: watch::Sender<bool>,
     server: Option<JoinHandle<()>>,
     maintenance: Option<JoinHandle<()>>,
+    flushes: Option<JoinHandle<()>>,
     group_timers: Option<JoinHandle<()>>,
     transaction_timers: Option<JoinHandle<()>>,
     pub(crate) state: Arc<BrokerState>,
@@ -340,6 +343,9 @@ impl BrokerHandle {
         }
         if let Some(maintenance) = self.maintenance.take() {
             let _ = maintenance.await;
+        }
+        if let Some(flushes) = self.flushes.take() {
+            let _ = flushes.await;
         }
         if let Some(group_timers) = self.group_timers.take() {
             let _ = group_timers.await;

@@ -685,6 +685,15 @@ impl Partition {
         self.durable_end.load(Ordering::Acquire)
     }
 
+    /// Fsyncs what was appended since the last fsync, if anything (the periodic flush).
+    pub(crate) async fn flush_written(&self) -> Result<(), LogError> {
+        let end = self.log().log_end_offset();
+        if self.durable_end() >= end {
+            return Ok(());
+        }
+        self.wait_durable(end).await
+    }
+
     /// Returns once every offset below `end_offset` is fsynced (group commit).
     pub(crate) async fn wait_durable(&self, end_offset: i64) -> Result<(), LogError> {
         loop {
@@ -1127,6 +1136,27 @@ mod tests {
             assert_eq!(new_offset(appended), expected);
         }
         assert!(partition.dedup_window_stats().is_none());
+    }
+
+    /// The periodic flush (`log.flush.interval.ms`) makes what acks 0 or 1 wrote durable,
+    /// and does nothing when nothing was written since the last fsync.
+    #[tokio::test]
+    async fn the_periodic_flush_fsyncs_what_was_written_since_the_last_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let partition = open(dir.path(), &LogConfig::default(), 0);
+        partition.append(&batch(1, 0, 0, 5), 1).unwrap();
+        assert_eq!(partition.durable_end(), 0, "an append alone syncs nothing");
+        partition.flush_written().await.unwrap();
+        assert_eq!(partition.durable_end(), 2);
+        partition.fail_next_sync.store(true, Ordering::SeqCst);
+        partition
+            .flush_written()
+            .await
+            .expect("nothing new: no fsync (the failing one is not reached)");
+        partition.fail_next_sync.store(false, Ordering::SeqCst);
+        partition.append(&batch(1, 0, 2, 5), 2).unwrap();
+        partition.flush_written().await.unwrap();
+        assert_eq!(partition.durable_end(), 4);
     }
 
     /// Issue 18, item 4: after a failed fsync the kernel may drop the dirty pages and let the

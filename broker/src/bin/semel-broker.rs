@@ -77,6 +77,10 @@ struct Args {
         default_value_t = 300_000
     )]
     log_retention_check_interval_ms: u64,
+    /// Longest a record produced with acks 0 or 1 waits in the page cache before it is
+    /// fsynced, in milliseconds; 0: only at a segment roll (Kafka: log.flush.interval.ms).
+    #[arg(long, env = "SEMEL_LOG_FLUSH_INTERVAL_MS", default_value_t = 1_000)]
+    log_flush_interval_ms: u64,
     /// Largest record batch accepted, in bytes (Kafka: message.max.bytes).
     #[arg(long, env = "SEMEL_MESSAGE_MAX_BYTES", default_value_t = 1_048_588)]
     message_max_bytes: u32,
@@ -295,6 +299,8 @@ fn main() -> anyhow::Result<()> {
         retention_check_interval: Duration::from_millis(
             args.log_retention_check_interval_ms.max(1),
         ),
+        log_flush_interval: (args.log_flush_interval_ms > 0)
+            .then(|| Duration::from_millis(args.log_flush_interval_ms)),
         shutdown_grace: Duration::from_millis(args.shutdown_grace_ms),
         producer_id_expiration: Duration::from_millis(args.producer_id_expiration_ms),
         max_producers_per_partition: args.max_producers_per_partition,

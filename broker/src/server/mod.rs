@@ -106,6 +106,28 @@ pub(crate) async fn transaction_loop(state: Arc<BrokerState>, mut shutdown: watc
     }
 }
 
+/// Fsyncs, every `log.flush.interval.ms`, each partition written since its last fsync
+/// (records produced with `acks` 0 or 1), beside produce: see `BrokerConfig::log_flush_interval`.
+pub(crate) async fn flush_loop(state: Arc<BrokerState>, mut shutdown: watch::Receiver<bool>) {
+    let Some(every) = state.config.log_flush_interval else {
+        return;
+    };
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        for partition in state.catalog.partitions() {
+            if let Err(e) = partition.flush_written().await {
+                // A failed fsync took the partition offline and was logged there.
+                tracing::debug!(topic = %partition.topic, partition = partition.index, error = %e, "periodic flush");
+            }
+        }
+    }
+}
+
 /// Rolls segments by time, applies retention and expires idle producers every
 /// `retention_check_interval`.
 pub(crate) async fn maintenance_loop(state: Arc<BrokerState>, mut shutdown: watch::Receiver<bool>) {
