@@ -56,11 +56,9 @@ pub struct BrokerConfig {
     /// How often segment roll by time and retention run (`log.retention.check.interval.ms`).
     pub retention_check_interval: Duration,
     /// How long a record produced with `acks` 0 or 1 may stay in the page cache before the
-    /// broker fsyncs it (`log.flush.interval.ms`); `None`: only at a segment roll, as Kafka
-    /// by default. `acks=all` is fsynced before it is answered either way. The fsync runs
-    /// beside produce, not under the partition's lock, and it keeps the fsync at a segment
-    /// roll (which holds produce to that partition) short: with 1 GiB segments and no
-    /// interval it held produce for about 1.5 s at each roll on our machines.
+    /// broker fsyncs it (`log.flush.interval.ms`); `None`: only once its segment is rolled
+    /// (within a second of the roll), as Kafka by default. `acks=all` is fsynced before it is
+    /// answered either way. Every fsync runs beside produce, never under the partition's lock.
     pub log_flush_interval: Option<Duration>,
     /// How long a shutdown waits for in-flight requests before closing connections anyway.
     pub shutdown_grace: Duration,

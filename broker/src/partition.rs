@@ -704,7 +704,8 @@ impl Partition {
             if self.durable_end.load(Ordering::Acquire) >= end_offset {
                 return Ok(());
             }
-            let (file, target) = self.log().sync_target()?;
+            let sync = self.log().sync_target()?;
+            let target = sync.end();
             #[cfg(test)]
             let injected = self.fail_next_sync.swap(false, Ordering::AcqRel);
             #[cfg(not(test))]
@@ -713,19 +714,23 @@ impl Partition {
                 if injected {
                     return Err(std::io::Error::from_raw_os_error(5)); // EIO
                 }
-                file.sync_data()
+                sync.sync().map(|()| sync)
             })
             .await
             .map_err(|join| std::io::Error::other(join.to_string()))
             .and_then(|result| result);
-            if let Err(source) = synced {
-                let error = LogError::Sync {
-                    topic_partition: format!("{}-{}", self.topic, self.index),
-                    source,
-                };
-                self.log().fsync_failed(&error);
-                return Err(error);
-            }
+            let sync = match synced {
+                Ok(sync) => sync,
+                Err(source) => {
+                    let error = LogError::Sync {
+                        topic_partition: format!("{}-{}", self.topic, self.index),
+                        source,
+                    };
+                    self.log().fsync_failed(&error);
+                    return Err(error);
+                }
+            };
+            self.log().synced(&sync);
             debug_assert!(
                 target <= self.log().log_end_offset(),
                 "synced up to {target}, beyond the log end"
@@ -1156,6 +1161,37 @@ mod tests {
         partition.fail_next_sync.store(false, Ordering::SeqCst);
         partition.append(&batch(1, 0, 2, 5), 2).unwrap();
         partition.flush_written().await.unwrap();
+        assert_eq!(partition.durable_end(), 4);
+    }
+
+    /// A roll seals a segment without fsyncing it (the produce that rolls does not wait for
+    /// the disk); the next sync round covers it, and a failure there takes the partition
+    /// offline like any other fsync's.
+    #[tokio::test]
+    async fn a_sync_round_covers_the_segment_a_roll_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = batch(1, 0, 0, 5).bytes().len() as u64;
+        let config = LogConfig {
+            segment_bytes: one,
+            ..LogConfig::default()
+        };
+        let partition = open(dir.path(), &config, 0);
+        partition.append(&batch(1, 0, 0, 5), 1).unwrap();
+        let rolled = partition.append(&batch(1, 0, 2, 5), 2).unwrap();
+        assert!(matches!(rolled, Appended::New(info) if info.rolled));
+        assert_eq!(partition.log().unsynced_sealed(), vec![0]);
+        assert_eq!(partition.durable_end(), 0, "the roll fsynced nothing");
+        partition.wait_durable(4).await.unwrap();
+        assert!(partition.log().unsynced_sealed().is_empty());
+        partition.append(&batch(1, 0, 4, 5), 3).unwrap();
+        assert_eq!(partition.log().unsynced_sealed(), vec![2]);
+        partition.fail_next_sync.store(true, Ordering::SeqCst);
+        partition.flush_written().await.expect_err("EIO");
+        assert_eq!(
+            partition.log().unsynced_sealed(),
+            vec![2],
+            "still not durable"
+        );
         assert_eq!(partition.durable_end(), 4);
     }
 

@@ -12,7 +12,7 @@ mod index;
 pub(crate) mod records;
 mod segment;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -254,12 +254,15 @@ impl LogError {
 pub struct RecoveryReport {
     /// Segments loaded.
     pub segments: usize,
-    /// Batches validated in the last (active) segment.
+    /// Batches validated (CRC included) in the segments recovery checked: the last one, and
+    /// every one from the segment holding the recovery point on.
     pub tail_batches_checked: usize,
     /// Bytes cut from the tail (0 if it was clean).
     pub truncated_bytes: u64,
     /// Where and why the tail was cut.
     pub truncation: Option<Truncation>,
+    /// Segments deleted because they came after a cut sealed segment (after a gap).
+    pub segments_dropped: usize,
 }
 
 /// Where an append landed.
@@ -319,6 +322,50 @@ pub struct PartitionLog {
     /// Largest offset, relative to its segment's base, a record may have: a segment rolls
     /// before an append would pass it ([`MAX_RELATIVE_OFFSET`]; lowered by tests).
     max_relative_offset: i64,
+    /// Sealed segments not fsynced yet, by base offset: a roll leaves the fsync to the next
+    /// sync round ([`PartitionLog::sync_target`]), outside the partition's lock, as Kafka
+    /// flushes a rolled segment in the background.
+    unsynced: BTreeSet<i64>,
+    /// Changes to the directory (segments created by rolls) and how many of them a sync round
+    /// has made durable: the directory needs an fsync while they differ.
+    dir_changes: u64,
+    dir_synced: u64,
+}
+
+/// What one sync round fsyncs to make every offset below [`SyncTarget::end`] durable: the
+/// sealed segments a roll left unsynced, the directory if a roll changed it, then the active
+/// segment. Taken under the partition's lock, synced outside it.
+#[derive(Debug)]
+pub struct SyncTarget {
+    dir: PathBuf,
+    sealed: Vec<(i64, fs::File)>,
+    dir_changes: Option<u64>,
+    active: fs::File,
+    end: i64,
+}
+
+impl SyncTarget {
+    /// The log end offset when the target was taken.
+    pub fn end(&self) -> i64 {
+        self.end
+    }
+
+    /// Fsyncs everything the target names (blocking).
+    ///
+    /// # Errors
+    /// The first failing fsync's error; after it the log must go offline.
+    pub fn sync(&self) -> std::io::Result<()> {
+        let started = std::time::Instant::now();
+        for (_, file) in &self.sealed {
+            file.sync_data()?;
+        }
+        if self.dir_changes.is_some() {
+            fs::File::open(&self.dir)?.sync_all()?;
+        }
+        self.active.sync_data()?;
+        crate::metrics::FSYNC.observe(started.elapsed());
+        Ok(())
+    }
 }
 
 /// Largest offset relative to a segment's base offset (Kafka's bound, `Int.MaxValue`): the
@@ -392,24 +439,81 @@ impl PartitionLog {
         let recovery_point = read_recovery_point(dir);
         let mut report = RecoveryReport::default();
         let mut segments = BTreeMap::new();
-        let last = bases.last().copied();
-        for base in bases {
-            let recover = Some(base) == last;
+        let mut unsynced = BTreeSet::new();
+        // A roll does not fsync the segment it seals (the next sync round does), so after a
+        // power cut any segment from the one holding the recovery point on may be torn; without
+        // a checkpoint, any segment at all. Those are checked batch by batch (CRCs); the ones
+        // before are sealed and were fsynced.
+        let first_checked = if recovery_point < 0 {
+            bases.first().copied()
+        } else {
+            bases
+                .iter()
+                .rev()
+                .find(|base| **base <= recovery_point)
+                .or(bases.first())
+                .copied()
+        };
+        for (at, &base) in bases.iter().enumerate() {
+            let next_base = bases.get(at + 1).copied();
+            let checked = first_checked.is_some_and(|first| base >= first);
+            // A checked segment must reach the recovery point, or its successor's base when
+            // that comes first; below that every byte was fsynced and acknowledged.
+            let floor = next_base.map_or(recovery_point, |next| recovery_point.min(next));
             let (segment, truncation, batches) = Segment::open(
                 dir,
                 base,
-                recover.then_some(recovery_point),
+                checked.then_some(floor),
                 config.index_interval_bytes,
                 now_ms,
             )?;
-            if recover {
-                report.tail_batches_checked = batches;
-                if let Some(t) = truncation {
-                    report.truncated_bytes = t.bytes;
-                    report.truncation = Some(t);
-                }
+            if checked {
+                report.tail_batches_checked += batches;
+            }
+            let short = next_base.filter(|next| segment.next_offset != *next);
+            if let Some(next) = short
+                && segment.next_offset > next
+            {
+                return Err(LogError::CorruptBatch {
+                    reason: format!(
+                        "{}: segment ends at offset {} past the next segment's base {next}",
+                        dir.join(file_name(base, "log")).display(),
+                        segment.next_offset
+                    ),
+                });
+            }
+            if let Some(t) = truncation {
+                report.truncated_bytes += t.bytes;
+                report.truncation = Some(t);
+            }
+            if checked && next_base.is_some() {
+                // What a crash left in the page cache is fsynced before it counts as durable.
+                unsynced.insert(base);
             }
             segments.insert(base, segment);
+            if let Some(next) = short {
+                // The rest of this segment never reached the disk: every record after it
+                // would follow a gap, so the later segments go (a torn tail, one segment on).
+                let later = &bases[at + 1..];
+                tracing::warn!(dir = %dir.display(), segment = base, next, dropped = later.len(), "a sealed segment lost its tail; dropping the segments after it");
+                for &gone in later {
+                    for extension in ["log", "index", "timeindex"] {
+                        match fs::remove_file(dir.join(file_name(gone, extension))) {
+                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                                return Err(LogError::Io {
+                                    path: dir.join(file_name(gone, extension)),
+                                    source: e,
+                                });
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                sync_dir(dir)?;
+                report.segments_dropped = later.len();
+                unsynced.remove(&base);
+                break;
+            }
         }
         if segments.is_empty() {
             segments.insert(0, Segment::create(dir, 0, now_ms)?);
@@ -424,6 +528,9 @@ impl PartitionLog {
             max_relative_offset: MAX_RELATIVE_OFFSET,
             recovery_point,
             start_offset: -1,
+            unsynced,
+            dir_changes: 0,
+            dir_synced: 0,
         };
         // A checkpoint beyond the log end (the log lost its tail): the log starts at its end.
         log.start_offset = read_log_start(dir).min(log.log_end_offset());
@@ -496,6 +603,7 @@ impl PartitionLog {
                 break;
             }
             if let Some(segment) = self.segments.remove(&base) {
+                self.unsynced.remove(&base);
                 segment.delete_files(&self.dir)?;
                 deleted = true;
             }
@@ -637,29 +745,23 @@ impl PartitionLog {
         }
     }
 
-    /// Fsyncs the active segment; a failure takes the log offline.
-    fn sync_active(&mut self) -> Result<(), LogError> {
-        self.check_online()?;
-        let synced = self.active().sync();
-        if let Err(e) = &synced {
-            self.fsync_failed(e);
-        }
-        synced
-    }
-
-    /// Seals the active segment (fsynced, with its index files) and starts a new one at the
-    /// log end. Blocks on the disk: see [`crate::blocking`].
+    /// Seals the active segment (its index files written) and starts a new one at the log
+    /// end. Nothing is fsynced here: the sealed segment and the directory are left to the next
+    /// sync round ([`PartitionLog::sync_target`]: an `acks=all` produce, the periodic flush),
+    /// which runs outside the partition's lock. Until then the sealed segment counts as not
+    /// durable, and recovery checks it after a crash.
     fn roll(&mut self, now_ms: i64) -> Result<(), LogError> {
         crate::blocking::may_block(|| {
             #[cfg(test)]
             crate::partition::slow_disk::stall(&self.dir);
             let next = self.log_end_offset();
-            self.sync_active()?;
             let active = self.active();
-            active.write_indexes(&self.dir)?;
+            let sealed = active.base_offset;
+            active.write_indexes(&self.dir, false)?;
             let segment = Segment::create(&self.dir, next, now_ms)?;
-            sync_dir(&self.dir)?;
             self.segments.insert(next, segment);
+            self.unsynced.insert(sealed);
+            self.dir_changes += 1;
             Ok(())
         })
     }
@@ -847,28 +949,77 @@ impl PartitionLog {
         Ok(Some((exact.unwrap_or(base_offset), timestamp)))
     }
 
-    /// A handle on the active segment and the log end offset now, so the caller can fsync
-    /// outside its lock. Rolled segments were fsynced at roll, so syncing this file makes every
-    /// offset below the returned one durable.
+    /// What to fsync, outside the caller's lock, so that every offset below the log end now
+    /// is durable: the sealed segments a roll left unsynced, the directory, the active segment.
+    /// Report a successful sync back with [`PartitionLog::synced`].
     ///
     /// # Errors
-    /// `Io` if the file handle cannot be duplicated.
-    pub fn sync_target(&self) -> Result<(fs::File, i64), LogError> {
+    /// `Offline` after a failed fsync; `Io` if a file handle cannot be duplicated.
+    pub fn sync_target(&self) -> Result<SyncTarget, LogError> {
         self.check_online()?;
-        let active = self.active();
-        let file = active.file().try_clone().map_err(|source| LogError::Io {
-            path: self.dir.clone(),
-            source,
-        })?;
-        Ok((file, self.log_end_offset()))
+        let clone = |segment: &Segment| {
+            segment.file().try_clone().map_err(|source| LogError::Io {
+                path: self.dir.clone(),
+                source,
+            })
+        };
+        let sealed = self
+            .unsynced
+            .iter()
+            .filter_map(|base| self.segments.get(base).map(|s| (*base, s)))
+            .map(|(base, segment)| Ok((base, clone(segment)?)))
+            .collect::<Result<Vec<_>, LogError>>()?;
+        Ok(SyncTarget {
+            dir: self.dir.clone(),
+            sealed,
+            dir_changes: (self.dir_changes > self.dir_synced).then_some(self.dir_changes),
+            active: clone(self.active())?,
+            end: self.log_end_offset(),
+        })
     }
 
-    /// Fsyncs the active segment.
+    /// Records that `target` was fsynced: its sealed segments and directory changes are
+    /// durable now.
+    pub fn synced(&mut self, target: &SyncTarget) {
+        for (base, _) in &target.sealed {
+            self.unsynced.remove(base);
+        }
+        if let Some(changes) = target.dir_changes {
+            self.dir_synced = self.dir_synced.max(changes);
+        }
+    }
+
+    /// Sealed segments not fsynced yet (base offsets).
+    pub fn unsynced_sealed(&self) -> Vec<i64> {
+        self.unsynced.iter().copied().collect()
+    }
+
+    /// Whether a roll left a sealed segment unsynced.
+    pub fn has_unsynced_sealed(&self) -> bool {
+        !self.unsynced.is_empty()
+    }
+
+    /// Fsyncs everything written (sealed segments left by rolls, the directory, the active
+    /// segment) under the caller's lock; a failure takes the log offline.
     ///
     /// # Errors
-    /// `Io` if the fsync fails.
+    /// `Offline`, or `Io` if an fsync fails.
     pub fn flush(&mut self) -> Result<(), LogError> {
-        self.sync_active()
+        let target = self.sync_target()?;
+        match target.sync() {
+            Ok(()) => {
+                self.synced(&target);
+                Ok(())
+            }
+            Err(source) => {
+                let error = LogError::Io {
+                    path: self.dir.clone(),
+                    source,
+                };
+                self.fsync_failed(&error);
+                Err(error)
+            }
+        }
     }
 
     /// Rolls by time and applies retention (whole segments, never the active one).
@@ -902,6 +1053,7 @@ impl PartitionLog {
                 break;
             }
             if let Some(segment) = self.segments.remove(&base) {
+                self.unsynced.remove(&base);
                 segment.delete_files(&self.dir)?;
                 report.deleted_segments.push(base);
             }
@@ -917,10 +1069,9 @@ impl PartitionLog {
     ///
     /// # Errors
     /// `Io` on failure.
-    pub fn close(self) -> Result<(), LogError> {
-        let active = self.active();
-        active.sync()?;
-        active.write_indexes(&self.dir)
+    pub fn close(mut self) -> Result<(), LogError> {
+        self.flush()?;
+        self.active().write_indexes(&self.dir, true)
     }
 }
 

@@ -435,3 +435,164 @@ fn delete_records_moves_the_log_start_durably() {
     log.append(&validated(2, 100), 0).expect("append after");
     assert_eq!((log.log_start_offset(), log.log_end_offset()), (16, 18));
 }
+
+/// Segments of three one-record batches each, `batches` batches in all, appended and dropped
+/// without a close (a crash); returns the directory and the segments' base offsets.
+fn crashed_log(batches: i64, recovery_point: Option<i64>) -> (tempfile::TempDir, Vec<i64>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let batch_size = build_batch(1, 0, 10).len() as u64;
+    let config = LogConfig {
+        segment_bytes: batch_size * 3,
+        ..LogConfig::default()
+    };
+    let (mut log, _) = open(dir.path(), config);
+    for i in 0..batches {
+        log.append(&validated(1, i), 0).expect("append");
+    }
+    if let Some(point) = recovery_point {
+        log.checkpoint_recovery_point(point).expect("checkpoint");
+    }
+    let bases = log.segments.keys().copied().collect();
+    drop(log);
+    (dir, bases)
+}
+
+fn small_segments() -> LogConfig {
+    LogConfig {
+        segment_bytes: build_batch(1, 0, 10).len() as u64 * 3,
+        ..LogConfig::default()
+    }
+}
+
+/// A roll leaves the sealed segment's fsync to the next sync round, so a power cut can tear a
+/// sealed segment, not only the last one: recovery checks every segment from the one holding
+/// the recovery point, cuts the first torn one and drops every segment after it (their
+/// records come after a gap).
+#[test]
+fn power_loss_after_a_roll_cuts_a_torn_sealed_segment_and_drops_the_segments_after_it() {
+    // Segments 0-2, 3-5, 6-8, 9-10; the recovery point at 3.
+    let (dir, bases) = crashed_log(11, Some(3));
+    assert_eq!(bases, vec![0, 3, 6, 9]);
+    // Segment 3 lost its last batch's last bytes (pages never written back).
+    let segment = dir.path().join(file_name(3, "log"));
+    let size = fs::metadata(&segment).expect("metadata").len();
+    OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .expect("open")
+        .set_len(size - 5)
+        .expect("tear");
+
+    let (mut log, report) = open(dir.path(), small_segments());
+    assert_eq!(
+        log.log_end_offset(),
+        5,
+        "offsets 3 and 4 survive, 5 is torn"
+    );
+    assert_eq!(
+        report.segments_dropped, 2,
+        "segments 6 and 9 follow the gap"
+    );
+    assert!(report.truncation.is_some());
+    assert!(!dir.path().join(file_name(6, "log")).exists());
+    assert!(!dir.path().join(file_name(9, "log")).exists());
+    assert_eq!(
+        batch_offsets(&log.read(0, 1 << 20).expect("read").records).len(),
+        5
+    );
+    assert_eq!(
+        log.append(&validated(1, 0), 0).expect("append").base_offset,
+        5
+    );
+}
+
+/// A sealed segment that lost whole batches at its end (its size never reached the disk) is
+/// as much a gap as a torn one.
+#[test]
+fn a_sealed_segment_short_of_the_next_base_is_a_gap_too() {
+    let (dir, _) = crashed_log(11, Some(3));
+    let batch_size = build_batch(1, 0, 10).len() as u64;
+    let segment = dir.path().join(file_name(6, "log"));
+    OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .expect("open")
+        .set_len(batch_size)
+        .expect("cut");
+    let (log, report) = open(dir.path(), small_segments());
+    assert_eq!(log.log_end_offset(), 7);
+    assert_eq!(report.segments_dropped, 1);
+}
+
+/// Below the recovery point every byte was fsynced and acknowledged: a sealed segment
+/// damaged there is refused, never cut.
+#[test]
+fn a_sealed_segment_damaged_below_the_recovery_point_is_refused() {
+    // The recovery point at 7: offset 6 was fsynced, 7 and 8 may not have been.
+    let (dir, _) = crashed_log(11, Some(7));
+    let segment = dir.path().join(file_name(6, "log"));
+    let batch_size = build_batch(1, 0, 10).len() as u64;
+    let tear = |len: u64| {
+        OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .expect("open")
+            .set_len(len)
+            .expect("tear");
+    };
+    // Offset 8 lost: cut there, and segment 9 (after the gap) dropped.
+    tear(2 * batch_size);
+    let (log, report) = open(dir.path(), small_segments());
+    assert_eq!(log.log_end_offset(), 8);
+    assert_eq!(report.segments_dropped, 1);
+    drop(log);
+    // Offset 6 lost too: below the recovery point.
+    tear(0);
+    let error = PartitionLog::open(dir.path(), small_segments(), 0).expect_err("refused");
+    assert!(
+        matches!(error, LogError::CorruptBelowRecoveryPoint { .. }),
+        "{error}"
+    );
+}
+
+/// Without a checkpoint nothing is known to be fsynced: every segment is checked.
+#[test]
+fn without_a_recovery_point_every_segment_is_checked() {
+    let (dir, _) = crashed_log(11, None);
+    let segment = dir.path().join(file_name(0, "log"));
+    let size = fs::metadata(&segment).expect("metadata").len();
+    OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .expect("open")
+        .set_len(size - 5)
+        .expect("tear");
+    let (log, report) = open(dir.path(), small_segments());
+    assert_eq!(log.log_end_offset(), 2);
+    assert_eq!(report.segments_dropped, 3);
+}
+
+/// What a crash left in the page cache of sealed segments is fsynced before the log counts
+/// it durable, and a sync round covers the sealed segments a roll left unsynced.
+#[test]
+fn sync_rounds_cover_the_sealed_segments_a_roll_left_unsynced() {
+    let (dir, _) = crashed_log(11, Some(3));
+    let (mut log, _) = open(dir.path(), small_segments());
+    assert_eq!(
+        log.unsynced_sealed(),
+        vec![3, 6],
+        "segments after the recovery point"
+    );
+    log.flush().expect("flush");
+    assert!(log.unsynced_sealed().is_empty());
+    // 11, then a roll at 12 (sealing 9), 13, 14, a roll at 15 (sealing 12), 16, 17.
+    for i in 0..7 {
+        log.append(&validated(1, i), 0).expect("append");
+    }
+    assert_eq!(log.unsynced_sealed(), vec![9, 12]);
+    let target = log.sync_target().expect("target");
+    assert_eq!(target.end(), 18);
+    target.sync().expect("sync");
+    log.synced(&target);
+    assert!(log.unsynced_sealed().is_empty());
+}

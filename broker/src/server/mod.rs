@@ -108,11 +108,12 @@ pub(crate) async fn transaction_loop(state: Arc<BrokerState>, mut shutdown: watc
 
 /// Fsyncs, every `log.flush.interval.ms`, each partition written since its last fsync
 /// (records produced with `acks` 0 or 1), beside produce: see `BrokerConfig::log_flush_interval`.
+/// Without an interval it still fsyncs, within a second, every segment a roll sealed (a roll
+/// leaves that to a sync round, outside the partition's lock), as Kafka flushes a rolled
+/// segment in the background.
 pub(crate) async fn flush_loop(state: Arc<BrokerState>, mut shutdown: watch::Receiver<bool>) {
-    let Some(every) = state.config.log_flush_interval else {
-        return;
-    };
-    let mut interval = tokio::time::interval(every);
+    let every = state.config.log_flush_interval;
+    let mut interval = tokio::time::interval(every.unwrap_or(SEALED_SEGMENT_SYNC));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -120,6 +121,9 @@ pub(crate) async fn flush_loop(state: Arc<BrokerState>, mut shutdown: watch::Rec
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
         for partition in state.catalog.partitions() {
+            if every.is_none() && !partition.log().has_unsynced_sealed() {
+                continue;
+            }
             if let Err(e) = partition.flush_written().await {
                 // A failed fsync took the partition offline and was logged there.
                 tracing::debug!(topic = %partition.topic, partition = partition.index, error = %e, "periodic flush");
@@ -127,6 +131,9 @@ pub(crate) async fn flush_loop(state: Arc<BrokerState>, mut shutdown: watch::Rec
         }
     }
 }
+
+/// How soon a sealed segment is fsynced when `log.flush.interval.ms` is off.
+const SEALED_SEGMENT_SYNC: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Rolls segments by time, applies retention and expires idle producers every
 /// `retention_check_interval`.
