@@ -4,7 +4,8 @@
 //! The broker's hot paths (appends to the page cache, reads from it) stay where they are:
 //! handing each request to another thread cost about a third of the produce throughput
 //! (measured with `examples/produce_load`). The rare, slow steps inside them (a segment roll
-//! fsyncs the old segment and the directory; a topic is created with its directories) go
+//! creates the new segment's file and writes the old one's index files; a topic is created
+//! with its directories) go
 //! through [`may_block`] instead: on a multi-threaded runtime it tells tokio that this thread
 //! is about to block, so the runtime moves its other tasks to another thread meanwhile, and
 //! every other connection keeps being served.

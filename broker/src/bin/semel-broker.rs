@@ -78,7 +78,8 @@ struct Args {
     )]
     log_retention_check_interval_ms: u64,
     /// Longest a record produced with acks 0 or 1 waits in the page cache before it is
-    /// fsynced, in milliseconds; 0: only at a segment roll (Kafka: log.flush.interval.ms).
+    /// fsynced, in milliseconds; 0: only once its segment rolls, within a second of the roll
+    /// (Kafka: log.flush.interval.ms).
     #[arg(long, env = "SEMEL_LOG_FLUSH_INTERVAL_MS", default_value_t = 1_000)]
     log_flush_interval_ms: u64,
     /// Largest record batch accepted, in bytes (Kafka: message.max.bytes).

@@ -374,12 +374,15 @@ impl SyncTarget {
 pub const MAX_RELATIVE_OFFSET: i64 = i32::MAX as i64;
 
 impl PartitionLog {
-    /// Opens the log in `dir` (creating it if needed). The last segment is fully validated and
-    /// a torn or corrupt tail is truncated at the last valid batch.
+    /// Opens the log in `dir` (creating it if needed). Every segment from the one holding the
+    /// recovery point on (all of them without one) is fully validated; a torn or corrupt tail
+    /// is truncated at the last valid batch, and when that tail is a sealed segment's, the
+    /// segments after it are deleted (their records would follow a gap).
     ///
     /// # Errors
     /// `Io` when the directory cannot be read or a file cannot be opened; `UnexpectedFile` for
-    /// a `.log` file whose name is not a base offset; `CorruptBatch` for a corrupt sealed segment.
+    /// a `.log` file whose name is not a base offset; `CorruptBatch` for a corrupt segment
+    /// before the recovery point's; `CorruptBelowRecoveryPoint` for damage below that point.
     pub fn open(
         dir: &Path,
         config: LogConfig,
