@@ -576,6 +576,34 @@ fn list_snapshots(dir: &Path) -> Vec<i64> {
 /// The newest readable snapshot at or below `log_end_offset` written for `config`'s header
 /// and width. Snapshots beyond the log end (the log lost its tail) or unreadable ones are
 /// deleted; one for another header or width is left (the topic may be set back).
+/// Deletes the window snapshots in `dir` beyond `log_end_offset`: written at a roll before
+/// the sealed segment was fsynced, they name records a power cut took. Run at every open,
+/// whether or not the topic has a window then: kept, such a snapshot would pass for valid once
+/// the log grew past it again, and its ids would turn new records away.
+///
+/// # Errors
+/// `Io` when one cannot be deleted, or the deletion made durable: the partition must not open
+/// with it in place.
+pub(crate) fn discard_snapshots_beyond(dir: &Path, log_end_offset: i64) -> Result<(), LogError> {
+    let beyond: Vec<i64> = list_snapshots(dir)
+        .into_iter()
+        .filter(|offset| *offset > log_end_offset)
+        .collect();
+    for &offset in &beyond {
+        let path = snapshot_path(dir, offset);
+        tracing::warn!(snapshot = %path.display(), log_end_offset, "dedup window snapshot beyond the log end discarded");
+        fs::remove_file(&path).map_err(|source| LogError::Io { path, source })?;
+    }
+    if !beyond.is_empty() {
+        // Gone for good: a later power cut must not bring it back once the log is past it.
+        state_file::sync_dir(dir).map_err(|e| LogError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
+    Ok(())
+}
+
 fn load_snapshot(dir: &Path, log_end_offset: i64, config: &LogConfig) -> Option<SnapshotFile> {
     let mut offsets = list_snapshots(dir);
     offsets.sort_unstable_by(|a, b| b.cmp(a));

@@ -198,6 +198,7 @@ impl Partition {
     ) -> Result<(Self, RecoveryReport), LogError> {
         let (mut log, report) = PartitionLog::open(dir, config, now_ms)?;
         log.flush()?;
+        crate::dedup_window::discard_snapshots_beyond(dir, log.log_end_offset())?;
         let producers = rebuild_producer_state(topic, index, &log, max_producers, now_ms)?;
         let window = if log.config().dedup_window_ms > 0 {
             match DedupWindow::rebuild(log.config(), &log, now_ms) {
@@ -1022,6 +1023,81 @@ mod tests {
             );
         }
         assert_eq!(again.log().log_end_offset(), 3);
+    }
+
+    /// A roll's snapshots are written before the sealed segment is fsynced, so a power cut
+    /// can leave a window snapshot beyond what recovery kept. It goes at the next open, even
+    /// with the window off then: kept, it would become "valid" once the log grew past it again,
+    /// and its ids (of records the disk lost) would turn new records away as duplicates.
+    #[test]
+    fn a_window_snapshot_beyond_the_recovered_log_is_discarded_even_with_the_window_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 300,
+            ..window_config(60_000)
+        };
+        let partition = open(dir.path(), &config, 1_000);
+        let ids = ["a", "b", "c", "d", "e", "f"];
+        let mut rolled_at = None;
+        for (n, id) in ids.into_iter().enumerate() {
+            let Appended::New(info) = partition
+                .append(&with_ids(&[Some(id)], 1_000, None), 1_000)
+                .unwrap()
+            else {
+                panic!("{id} was taken for a duplicate");
+            };
+            if info.rolled {
+                rolled_at.get_or_insert(n as i64 + 1);
+            }
+        }
+        let rolled_at = rolled_at.expect("300-byte segments roll within six batches");
+        let snapshot = dir.path().join(format!("{rolled_at:020}.dedup"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !snapshot.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no snapshot after the roll"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(partition);
+        // The power cut: the first segment never reached the disk (no recovery point yet).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(format!("{:020}.log", 0)))
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let off = LogConfig {
+            segment_bytes: 300,
+            ..LogConfig::default()
+        };
+        let (reopened, report) = Partition::open(
+            "t",
+            0,
+            dir.path(),
+            off,
+            MAX,
+            1_100,
+            Arc::new(watch::channel(0).0),
+        )
+        .unwrap();
+        assert_eq!(reopened.log().log_end_offset(), 0);
+        assert!(report.segments_dropped > 0);
+        for id in ["g", "h", "i", "j", "k", "l"] {
+            reopened
+                .append(&with_ids(&[Some(id)], 1_100, None), 1_100)
+                .unwrap();
+        }
+        drop(reopened);
+        let window_on = open(dir.path(), &config, 1_200);
+        let appended = window_on
+            .append(&with_ids(&[Some("a")], 1_200, None), 1_200)
+            .unwrap();
+        assert!(
+            matches!(appended, Appended::New(_)),
+            "\"a\" was lost with the disk's pages, so it is new: {appended:?}"
+        );
     }
 
     #[test]

@@ -113,6 +113,14 @@ pub(crate) fn load(dir: &Path, log_end_offset: i64) -> (Option<SnapshotFile>, Lo
             }
         }
     }
+    if !report.discarded.is_empty()
+        && let Err(e) = state_file::sync_dir(dir)
+    {
+        // A snapshot beyond the log end that a power cut brought back would pass for valid
+        // once the log grew past it; any later fsync on the same file system makes the
+        // deletion durable too, so this is only reported.
+        tracing::warn!(dir = %dir.display(), error = %e, "could not fsync the directory after discarding producer snapshots");
+    }
     (found, report)
 }
 
