@@ -485,6 +485,18 @@ impl PartitionLog {
                     ),
                 });
             }
+            if let Some(next) = short
+                && !checked
+            {
+                // Fsynced whole before the recovery point's segment: not a torn tail.
+                return Err(LogError::CorruptBelowRecoveryPoint {
+                    path: dir.join(file_name(base, "log")),
+                    position: segment.size,
+                    offset: segment.next_offset,
+                    recovery_point,
+                    reason: format!("the segment ends before the next one's base offset {next}"),
+                });
+            }
             if let Some(t) = truncation {
                 report.truncated_bytes += t.bytes;
                 report.truncation = Some(t);

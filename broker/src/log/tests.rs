@@ -596,3 +596,27 @@ fn sync_rounds_cover_the_sealed_segments_a_roll_left_unsynced() {
     log.synced(&target);
     assert!(log.unsynced_sealed().is_empty());
 }
+
+/// A segment before the one holding the recovery point was fsynced whole: ending short of
+/// the next segment's base there is damage to acknowledged data, refused rather than taken
+/// for a torn tail (which would delete the fsynced segments after it).
+#[test]
+fn a_gap_before_the_recovery_point_is_refused_not_cut() {
+    let (dir, _) = crashed_log(11, Some(9));
+    let batch_size = build_batch(1, 0, 10).len() as u64;
+    OpenOptions::new()
+        .write(true)
+        .open(dir.path().join(file_name(3, "log")))
+        .expect("open")
+        .set_len(batch_size)
+        .expect("cut");
+    let error = PartitionLog::open(dir.path(), small_segments(), 0).expect_err("refused");
+    assert!(
+        matches!(error, LogError::CorruptBelowRecoveryPoint { .. }),
+        "{error}"
+    );
+    assert!(
+        dir.path().join(file_name(9, "log")).exists(),
+        "nothing deleted"
+    );
+}
