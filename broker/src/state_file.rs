@@ -127,7 +127,12 @@ pub(crate) fn write<T: Serialize>(
     bytes.extend_from_slice(&payload);
     bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_be_bytes());
 
-    let temporary = path.with_extension("tmp");
+    // The whole name plus `.tmp`: a producer snapshot and a window snapshot at the same offset
+    // (`<offset>.snapshot`, `<offset>.dedup`), written by different threads, must not share
+    // a temporary file.
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -178,6 +183,38 @@ mod tests {
     use super::*;
 
     const MAGIC: &[u8; 8] = b"SEMELTST";
+
+    /// A roll's producer snapshot and its window snapshot have the same offset and different
+    /// extensions, and are written by different threads: each must land whole.
+    #[test]
+    fn files_differing_only_in_extension_are_written_at_once_without_mixing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let writer = |extension: &'static str, fill: u8| {
+            let path = dir.path().join(format!("{:020}.{extension}", 7));
+            move || {
+                for round in 0..200u32 {
+                    let value = (round, vec![fill; 64 * 1024]);
+                    write(&path, MAGIC, 1, &value)?;
+                }
+                Ok::<_, StateFileError>(path)
+            }
+        };
+        let (a, b) = std::thread::scope(|scope| {
+            let a = scope.spawn(writer("snapshot", 1));
+            let b = scope.spawn(writer("dedup", 2));
+            (a.join().expect("thread"), b.join().expect("thread"))
+        });
+        for (path, fill) in [
+            (a.expect("snapshot writes"), 1),
+            (b.expect("dedup writes"), 2),
+        ] {
+            let (round, bytes) = read::<(u32, Vec<u8>)>(&path, MAGIC, 1)
+                .expect("intact")
+                .expect("present");
+            assert_eq!(round, 199);
+            assert!(bytes.iter().all(|b| *b == fill), "{} mixed", path.display());
+        }
+    }
 
     #[test]
     fn round_trip_and_corruption_is_named() {
