@@ -19,7 +19,7 @@
 
 use std::borrow::Cow;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kafka_protocol::ResponseError;
@@ -176,11 +176,21 @@ pub(crate) struct Partition {
     /// Held while a dedup window snapshot is written (from a roll, on its own thread, or at
     /// close): one at a time.
     window_snapshots: Arc<Mutex<()>>,
+    /// A roll's window snapshot is copied and not written yet: a roll meanwhile takes none
+    /// (its copy, tens of MB, and its thread would pile up with tiny segments; a later roll's
+    /// or the close's snapshot covers as much).
+    window_snapshot_pending: Arc<AtomicBool>,
+    /// Set when the topic is deleted: a roll's snapshot still waiting is not written (its
+    /// directory may by then be a new topic's of the same name).
+    retired: Arc<AtomicBool>,
+    /// Tests: threads started for roll snapshots.
+    #[cfg(test)]
+    window_snapshot_threads: std::sync::atomic::AtomicUsize,
     /// Bumped after every append so long-polling fetches re-check.
     appended: Arc<watch::Sender<u64>>,
     /// Tests: the next fsync of `wait_durable` fails as an `EIO` would.
     #[cfg(test)]
-    fail_next_sync: std::sync::atomic::AtomicBool,
+    fail_next_sync: AtomicBool,
 }
 
 impl Partition {
@@ -236,9 +246,13 @@ impl Partition {
                 durable_end,
                 flush_lock: tokio::sync::Mutex::new(()),
                 window_snapshots: Arc::new(Mutex::new(())),
+                window_snapshot_pending: Arc::new(AtomicBool::new(false)),
+                retired: Arc::new(AtomicBool::new(false)),
+                #[cfg(test)]
+                window_snapshot_threads: std::sync::atomic::AtomicUsize::new(0),
                 appended,
                 #[cfg(test)]
-                fail_next_sync: std::sync::atomic::AtomicBool::new(false),
+                fail_next_sync: AtomicBool::new(false),
             },
             report,
         ))
@@ -471,6 +485,7 @@ impl Partition {
             window = guard
                 .window
                 .as_ref()
+                .filter(|_| !self.window_snapshot_pending.swap(true, Ordering::AcqRel))
                 .map(|w| w.snapshot(info.last_offset + 1));
             crate::blocking::may_block(|| {
                 self.write_snapshot(&guard, info.last_offset + 1, now_ms);
@@ -638,20 +653,40 @@ impl Partition {
     }
 
     /// Writes a window snapshot taken at a roll on a thread of its own, in turn with the
-    /// others of this partition. If no thread can be started it is not written (logged): a
-    /// start then reads more of the log, as after a failed write.
+    /// others of this partition, unless the topic was deleted meanwhile. If no thread can be
+    /// started it is not written (logged): a start then reads more of the log, as after a
+    /// failed write.
     fn write_window_snapshot_later(&self, snapshot: WindowSnapshot) {
         let dir = self.log().dir().to_path_buf();
         let turns = Arc::clone(&self.window_snapshots);
+        let pending = Arc::clone(&self.window_snapshot_pending);
+        let retired = Arc::clone(&self.retired);
+        #[cfg(test)]
+        self.window_snapshot_threads.fetch_add(1, Ordering::Relaxed);
         let spawned = std::thread::Builder::new()
             .name("semel-dedup-snapshot".into())
             .spawn(move || {
                 let _turn = turns.lock().unwrap_or_else(|p| p.into_inner());
-                snapshot.write(&dir);
+                if !retired.load(Ordering::Acquire) {
+                    snapshot.write(&dir);
+                }
+                pending.store(false, Ordering::Release);
             });
         if let Err(e) = spawned {
+            self.window_snapshot_pending.store(false, Ordering::Release);
             tracing::warn!(topic = %self.topic, partition = self.index, error = %e, "no thread for the dedup window snapshot; not written");
         }
+    }
+
+    /// The topic is being deleted: no roll snapshot is written from now on, and one being
+    /// written is finished before this returns (so it lands before the directory moves).
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        drop(
+            self.window_snapshots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
     }
 
     /// Every remembered producer, ordered by producer id.
@@ -1025,6 +1060,91 @@ mod tests {
         assert_eq!(again.log().log_end_offset(), 3);
     }
 
+    /// Waits (bounded) until no roll's window snapshot is pending.
+    fn settle_window_snapshots(partition: &Partition) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while partition.window_snapshot_pending.load(Ordering::Acquire) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "snapshot still pending"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// With tiny segments every produce rolls: while one roll's window snapshot waits to be
+    /// written, the next rolls take no copy and start no thread (each copy is tens of MB for a
+    /// full window), so they cannot pile up.
+    #[test]
+    fn rolls_take_no_window_snapshot_while_one_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 61,
+            ..window_config(60_000)
+        };
+        let partition = open(dir.path(), &config, 1_000);
+        let turn = partition.window_snapshots.lock().unwrap();
+        for n in 0..20 {
+            let id = format!("id-{n}");
+            let appended = partition
+                .append(&with_ids(&[Some(id.as_str())], 1_000, None), 1_000)
+                .unwrap();
+            assert!(matches!(appended, Appended::New(info) if info.rolled || n == 0));
+        }
+        assert_eq!(
+            partition.window_snapshot_threads.load(Ordering::Relaxed),
+            1,
+            "one roll's snapshot waiting; the 18 rolls after it took none"
+        );
+        drop(turn);
+        settle_window_snapshots(&partition);
+        partition
+            .append(&with_ids(&[Some("after")], 1_000, None), 1_000)
+            .unwrap();
+        assert_eq!(partition.window_snapshot_threads.load(Ordering::Relaxed), 2);
+        settle_window_snapshots(&partition);
+    }
+
+    /// A roll's window snapshot still waiting when its topic is deleted is never written: by
+    /// then its directory may be a new topic's of the same name.
+    #[test]
+    fn a_deleted_topics_pending_window_snapshot_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 61,
+            ..window_config(60_000)
+        };
+        let partition = open(dir.path(), &config, 1_000);
+        let turn = partition.window_snapshots.lock().unwrap();
+        for id in ["a", "b"] {
+            partition
+                .append(&with_ids(&[Some(id)], 1_000, None), 1_000)
+                .unwrap();
+        }
+        assert_eq!(partition.window_snapshot_threads.load(Ordering::Relaxed), 1);
+        std::thread::scope(|scope| {
+            let retiring = scope.spawn(|| partition.retire());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !partition.retired.load(Ordering::Acquire) {
+                assert!(std::time::Instant::now() < deadline, "retire never started");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            drop(turn);
+            retiring.join().expect("retire");
+        });
+        settle_window_snapshots(&partition);
+        let written: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.path().extension().is_some_and(|e| e == "dedup"))
+            .map(|entry| entry.path())
+            .collect();
+        assert!(
+            written.is_empty(),
+            "the deleted topic's snapshot was written: {written:?}"
+        );
+    }
+
     /// A roll's snapshots are written before the sealed segment is fsynced, so a power cut
     /// can leave a window snapshot beyond what recovery kept. It goes at the next open, even
     /// with the window off then: kept, it would become "valid" once the log grew past it again,
@@ -1132,6 +1252,9 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+        // The records before the snapshot go: a start that found their ids read the snapshot,
+        // not the log.
+        partition.delete_records(rolled_at).unwrap();
         drop(partition);
         let reopened = open(dir.path(), &config, 1_100);
         for id in ["a", "b", "c", "d", "e", "f"] {

@@ -342,6 +342,9 @@ impl Catalog {
         let topic = self.topic(name).ok_or_else(|| unknown_topic(name))?;
         let mut doomed = Vec::new();
         for partition in &topic.partitions {
+            // A roll's window snapshot still to be written would land in this directory, or
+            // in a new topic's of the same name.
+            partition.retire();
             let dir = partition_dir(&self.data_dir, name, partition.index);
             let target = self.data_dir.join(format!(
                 "{name}-{}.{}-delete",
