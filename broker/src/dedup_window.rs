@@ -67,6 +67,11 @@ const MIN_SLOTS: usize = if cfg!(test) { 16 } else { 1024 };
 /// (live or stale), so at the cap, with every store new, that is every `SLOTS_PER_ID / 2 - 1`
 /// caps' worth of stores; and probes stay short (at most half the slots used).
 const SLOTS_PER_ID: usize = 8;
+/// Stores after which the table is rebuilt even if it is not half used (ids stored again
+/// after they expired reuse their stale slots, so `used` may never grow). With at most
+/// [`crate::log::MAX_DEDUP_IDS`] queued, a slot is then never more than 2^31 stores behind the
+/// queue's first, so its 32-bit sequence number cannot alias a queued store.
+const REBUILD_AFTER_STORES: u64 = if cfg!(test) { 1 << 12 } else { 1 << 30 };
 
 /// [`DedupWindow::live_seq`] for a queue whose first store is `first_seq` and which holds
 /// `queued` stores.
@@ -134,6 +139,11 @@ pub(crate) struct DedupWindow {
     pub(crate) dropped: u64,
     /// Ids forgotten before their time because of `max_ids`.
     pub(crate) evicted: u64,
+    /// Stores since the table was last rebuilt.
+    stores_since_rebuild: u64,
+    /// Tests: tables rebuilt.
+    #[cfg(test)]
+    rebuilds: usize,
 }
 
 /// What a probe for an id found.
@@ -158,6 +168,9 @@ impl DedupWindow {
             first_seq: 0,
             dropped: 0,
             evicted: 0,
+            stores_since_rebuild: 0,
+            #[cfg(test)]
+            rebuilds: 0,
         }
     }
 
@@ -230,9 +243,8 @@ impl DedupWindow {
     }
 
     /// The full sequence number of a slot's `seq` if it names a store still queued. Read
-    /// relative to `first_seq`, so a slot left from 2^32 stores ago may look queued: it is
-    /// then confirmed, and refused, by the id in `order` (never a wrong answer, only a slot
-    /// kept until the next rebuild).
+    /// relative to `first_seq`: exact because no slot outlives [`REBUILD_AFTER_STORES`]
+    /// stores without a rebuild, which keeps only live slots.
     fn live_seq(&self, seq: u32) -> Option<u64> {
         live_seq(seq, self.first_seq, self.order.len())
     }
@@ -273,7 +285,8 @@ impl DedupWindow {
             // The low 32 bits: `live_seq` restores the rest.
             seq: seq as u32,
         };
-        if self.used * 2 > self.slots.len() {
+        self.stores_since_rebuild += 1;
+        if self.used * 2 > self.slots.len() || self.stores_since_rebuild >= REBUILD_AFTER_STORES {
             self.rebuild_table();
         }
     }
@@ -284,6 +297,11 @@ impl DedupWindow {
     /// table is cleaned in place rather than allocated again: no new memory to fault in and
     /// zero, which cost more than the rebuild itself.
     fn rebuild_table(&mut self) {
+        self.stores_since_rebuild = 0;
+        #[cfg(test)]
+        {
+            self.rebuilds += 1;
+        }
         let size = (self.order.len() * SLOTS_PER_ID)
             .max(MIN_SLOTS)
             .next_power_of_two();
@@ -752,6 +770,37 @@ mod tests {
         window.set_max_ids(1);
         assert!(window.original(3, 1_000).is_none());
         assert!(window.original(4, 1_000).is_some());
+    }
+
+    /// Ids stored again after they expired reuse their stale slots, so the table never gets
+    /// half used; it is rebuilt every `REBUILD_AFTER_STORES` stores all the same, so no stale
+    /// slot lives long enough for its 32-bit sequence number to alias a queued store.
+    #[test]
+    fn a_table_that_never_fills_is_still_rebuilt_every_so_many_stores() {
+        let mut window = DedupWindow::new(&config(1_000, 100));
+        let mut grown = 0;
+        let rounds = 4 * REBUILD_AFTER_STORES / 10;
+        for round in 0..rounds {
+            let now = 1_000 + 2_000 * round as i64;
+            for id in 0..10u128 {
+                window.insert(id, id as i64, now, now);
+            }
+            window.expire(now + 1_500);
+            if round == 0 {
+                // The table grew to hold the ten ids; none of that counts.
+                grown = window.rebuilds;
+            }
+        }
+        assert!(
+            window.used <= 20,
+            "stale slots were reused: {} used",
+            window.used
+        );
+        assert!(
+            window.rebuilds - grown >= 3,
+            "{} rebuilds after the table grew",
+            window.rebuilds - grown
+        );
     }
 
     #[test]

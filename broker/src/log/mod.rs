@@ -83,6 +83,10 @@ impl Default for LogConfig {
     }
 }
 
+/// Most ids a partition's dedup window may hold (`semel.dedup.max.ids`): about 100 bytes of
+/// memory each, and the window's 32-bit sequence numbers need the queue well below 2^32.
+pub const MAX_DEDUP_IDS: u32 = 1 << 30;
+
 /// The header the dedup window reads by default: the one semel-consumer's dedup middleware
 /// reads too.
 pub const DEFAULT_DEDUP_HEADER: &str = "semel-msg-id";
@@ -118,8 +122,11 @@ impl LogConfig {
         if self.dedup_header.is_empty() {
             return invalid("semel.dedup.header must not be empty".into());
         }
-        if self.dedup_max_ids == 0 {
-            return invalid("semel.dedup.max.ids must be at least 1".into());
+        if self.dedup_max_ids == 0 || self.dedup_max_ids > MAX_DEDUP_IDS {
+            return invalid(format!(
+                "semel.dedup.max.ids {} must be between 1 and {MAX_DEDUP_IDS}",
+                self.dedup_max_ids
+            ));
         }
         Ok(())
     }
