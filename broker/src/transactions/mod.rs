@@ -39,7 +39,7 @@ pub(crate) mod partition;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kafka_protocol::ResponseError;
 
@@ -202,6 +202,9 @@ type OffsetEntry = ((String, i32), Option<Committed>);
 pub(crate) struct TransactionCoordinator {
     path: PathBuf,
     inner: Mutex<Inner>,
+    /// One completion at a time per transactional id: the request that decided it, the
+    /// timer's retry and the start may each set out to complete the same transaction.
+    completions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl TransactionCoordinator {
@@ -239,6 +242,7 @@ impl TransactionCoordinator {
         Ok(Self {
             path,
             inner: Mutex::new(inner),
+            completions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -584,6 +588,24 @@ impl TransactionCoordinator {
         Ok(ending)
     }
 
+    /// Whether the transaction is still decided as `ending` says (same producer, epoch and
+    /// decision, not complete yet).
+    fn still_decided(inner: &Inner, ending: &Ending) -> bool {
+        let decided = if ending.commit {
+            TxnState::PrepareCommit
+        } else {
+            TxnState::PrepareAbort
+        };
+        inner
+            .transactions
+            .get(&ending.transactional_id)
+            .is_some_and(|meta| {
+                meta.producer_id == ending.producer_id
+                    && meta.epoch == ending.epoch
+                    && meta.state == decided
+            })
+    }
+
     fn ending_of(transactional_id: &str, meta: &TxnMetadata) -> Ending {
         Ending {
             transactional_id: transactional_id.to_string(),
@@ -621,7 +643,23 @@ impl TransactionCoordinator {
 
     /// Writes the markers of a decided transaction, commits its offsets (commit only), waits for
     /// all of it to be durable, then records it complete.
+    ///
+    /// One completer at a time per transactional id, and only while the transaction is still
+    /// decided as `ending` says: a completer that waited its turn finds it complete and does
+    /// nothing. Written twice, a marker could land after the producer's next transaction
+    /// began on that partition and end it there, and the offsets would be committed again.
     async fn complete(&self, state: &BrokerState, ending: Ending) -> Result<(), TxnError> {
+        let turn = Arc::clone(
+            self.completions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(ending.transactional_id.clone())
+                .or_default(),
+        );
+        let _turn = turn.lock().await;
+        if !Self::still_decided(&self.lock(), &ending) {
+            return Ok(());
+        }
         let control = if ending.commit {
             ControlType::Commit
         } else {
@@ -678,12 +716,12 @@ impl TransactionCoordinator {
             })?;
         }
         let mut inner = self.lock();
+        if !Self::still_decided(&inner, &ending) {
+            return Ok(());
+        }
         let Some(meta) = inner.transactions.get(&ending.transactional_id) else {
             return Ok(());
         };
-        if meta.producer_id != ending.producer_id || meta.epoch != ending.epoch {
-            return Ok(());
-        }
         let mut meta = meta.clone();
         meta.state = if ending.commit {
             TxnState::CompleteCommit
@@ -824,6 +862,11 @@ impl TransactionCoordinator {
                 if self.persist(&next).is_ok() {
                     inner.transactions = next;
                     inner.rebuild_index();
+                    let mut completions =
+                        self.completions.lock().unwrap_or_else(|p| p.into_inner());
+                    for id in &idle {
+                        completions.remove(id);
+                    }
                     tracing::info!(
                         expired = idle.len(),
                         "transactional ids expired (transactional.id.expiration.ms)"
@@ -913,6 +956,52 @@ mod tests {
         let end = partition.log().log_end_offset();
         let read = partition.log().read(end - 1, 1 << 20).ok()?;
         control_type(&read.records)
+    }
+
+    /// The request that decided a transaction and the timer (which retries every decided
+    /// one) may both set out to complete it. Only one writes its markers and commits its
+    /// offsets: a second marker written late would end the producer's next transaction on
+    /// that partition (aborting or exposing its records), and a second offset commit could
+    /// move the group back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decided_transaction_is_completed_once_when_two_completers_race() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, state, pid, epoch) = with_topic(dir.path(), 1).await;
+        state
+            .transactions
+            .add_partitions("tx", pid, epoch, &[("t".into(), 0)], state.now_ms())
+            .unwrap();
+        let partition = state
+            .catalog
+            .topic("t")
+            .unwrap()
+            .partition(0)
+            .unwrap()
+            .clone();
+        let batch = validate_produce_records(&transactional(pid, epoch, 0, 1), 1 << 20).unwrap();
+        let verify = |h: &BatchHeader| state.transactions.verify(h, "tx", "t", 0);
+        partition.append_verified(&batch, 2, &verify).unwrap();
+        let ending = {
+            let mut inner = state.transactions.lock();
+            state
+                .transactions
+                .decide(&mut inner, "tx", false, false, state.now_ms())
+                .unwrap()
+        };
+        let (first, second) = tokio::join!(
+            state.transactions.complete(&state, ending.clone()),
+            state.transactions.complete(&state, ending)
+        );
+        first.unwrap();
+        second.unwrap();
+        assert_eq!(
+            partition.log().log_end_offset(),
+            2,
+            "the batch and one abort marker"
+        );
+        assert_eq!(last_batch_control(&state, "t"), Some(ControlType::Abort));
+        drop(state);
+        broker.shutdown().await;
     }
 
     /// The crash window of EndTxn: the commit was decided (PrepareCommit is on disk) and the
