@@ -565,6 +565,16 @@ impl Partition {
         }
     }
 
+    /// Checkpoints the recovery point at the durable end (if it moved): a start after a crash
+    /// then checks the log from there on, not from an older checkpoint.
+    ///
+    /// # Errors
+    /// `Io` when the checkpoint cannot be written (the previous one stays).
+    pub(crate) fn checkpoint_recovery_point(&self) -> Result<(), LogError> {
+        let durable = self.durable_end();
+        self.log().checkpoint_recovery_point(durable)
+    }
+
     /// Rolls by time, applies retention, and forgets producers idle for longer than
     /// `producer_expiration_ms` (`producer.id.expiration.ms`). Producer state is kept when
     /// retention deletes the producer's records. A roll writes a snapshot.
@@ -1392,6 +1402,21 @@ mod tests {
             "still not durable"
         );
         assert_eq!(partition.durable_end(), 4);
+    }
+
+    /// The flush task checkpoints the recovery point at the durable end, so a start after a
+    /// crash checks only the log written since (recovery reads every segment from the
+    /// recovery point's on).
+    #[tokio::test]
+    async fn the_recovery_point_follows_the_durable_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let partition = open(dir.path(), &LogConfig::default(), 0);
+        partition.append(&batch(1, 0, 0, 5), 1).unwrap();
+        partition.checkpoint_recovery_point().unwrap();
+        assert_eq!(partition.log().recovery_point(), 0, "nothing fsynced yet");
+        partition.flush_written().await.unwrap();
+        partition.checkpoint_recovery_point().unwrap();
+        assert_eq!(partition.log().recovery_point(), 2);
     }
 
     /// Issue 18, item 4: after a failed fsync the kernel may drop the dirty pages and let the

@@ -719,6 +719,11 @@ impl PartitionLog {
         })
     }
 
+    /// The recovery point last checkpointed (`-1`: none).
+    pub fn recovery_point(&self) -> i64 {
+        self.recovery_point
+    }
+
     /// Records `offset` as the recovery point (atomically, fsynced): every offset below it
     /// must have been fsynced. Only moves forward; a no-op while offline.
     ///
