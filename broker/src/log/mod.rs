@@ -551,11 +551,31 @@ impl PartitionLog {
             recovery_point,
             start_offset: -1,
             unsynced,
-            dir_changes: 0,
+            // The directory is fsynced by the first sync round: a crash may have left the
+            // active segment's entry in it unsynced.
+            dir_changes: 1,
             dir_synced: 0,
         };
-        // A checkpoint beyond the log end (the log lost its tail): the log starts at its end.
-        log.start_offset = read_log_start(dir).min(log.log_end_offset());
+        // A checkpoint beyond the log end (the log lost its tail): the log starts at its end,
+        // and the checkpoint says so durably, or it would hide the offsets written next once
+        // the log grew past it again.
+        let stored_start = read_log_start(dir);
+        log.start_offset = stored_start.min(log.log_end_offset());
+        if stored_start > log.log_end_offset() {
+            let path = dir.join(LOG_START_FILE);
+            crate::state_file::write(
+                &path,
+                LOG_START_MAGIC,
+                LOG_START_VERSION,
+                &RecoveryPoint {
+                    offset: log.start_offset,
+                },
+            )
+            .map_err(|e| LogError::Io {
+                path,
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
         Ok((log, report))
     }
 

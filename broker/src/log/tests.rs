@@ -620,3 +620,35 @@ fn a_gap_before_the_recovery_point_is_refused_not_cut() {
         "nothing deleted"
     );
 }
+
+/// A log start checkpoint (DeleteRecords) beyond what recovery kept is lowered to the log end
+/// on disk too: left as it was, it would hide the records written next once the log grew past
+/// it again.
+#[test]
+fn a_log_start_beyond_the_recovered_end_is_lowered_durably() {
+    let (dir, _) = crashed_log(11, Some(3));
+    {
+        let (mut log, _) = open(dir.path(), small_segments());
+        assert_eq!(log.delete_records_before(8).expect("delete records"), 8);
+    }
+    // The power cut: segment 6 kept only offset 6.
+    OpenOptions::new()
+        .write(true)
+        .open(dir.path().join(file_name(6, "log")))
+        .expect("open")
+        .set_len(build_batch(1, 0, 10).len() as u64)
+        .expect("cut");
+    let (mut log, _) = open(dir.path(), small_segments());
+    assert_eq!((log.log_start_offset(), log.log_end_offset()), (7, 7));
+    for i in 0..3 {
+        log.append(&validated(1, i), 0).expect("append");
+    }
+    drop(log);
+    let (log, _) = open(dir.path(), small_segments());
+    assert_eq!(
+        log.log_start_offset(),
+        7,
+        "offset 7 was written after the cut"
+    );
+    assert_eq!(log.log_end_offset(), 10);
+}
