@@ -572,7 +572,13 @@ impl Partition {
     /// `Io` when the checkpoint cannot be written (the previous one stays).
     pub(crate) fn checkpoint_recovery_point(&self) -> Result<(), LogError> {
         let durable = self.durable_end();
-        self.log().checkpoint_recovery_point(durable)
+        let mut log = self.log();
+        // A deleted topic's directory may be a new topic's of the same name by now (checked
+        // under the log's lock, which `retire` takes after setting the flag).
+        if self.retired.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        log.checkpoint_recovery_point(durable)
     }
 
     /// Rolls by time, applies retention, and forgets producers idle for longer than
@@ -608,7 +614,13 @@ impl Partition {
         }
         let window = report
             .rolled
-            .then(|| producers.window.as_ref().map(|w| w.snapshot(end)))
+            .then(|| {
+                producers
+                    .window
+                    .as_ref()
+                    .filter(|_| !self.window_snapshot_pending.swap(true, Ordering::AcqRel))
+                    .map(|w| w.snapshot(end))
+            })
             .flatten();
         drop(producers);
         if let Some(snapshot) = window {
@@ -688,10 +700,13 @@ impl Partition {
         }
     }
 
-    /// The topic is being deleted: no roll snapshot is written from now on, and one being
-    /// written is finished before this returns (so it lands before the directory moves).
+    /// The topic is being deleted: no roll snapshot or recovery point checkpoint is written
+    /// from now on, and one being written is finished before this returns (so it lands before
+    /// the directory moves).
     pub(crate) fn retire(&self) {
         self.retired.store(true, Ordering::Release);
+        // A recovery point checkpoint under way finishes first, too.
+        drop(self.log());
         drop(
             self.window_snapshots
                 .lock()

@@ -120,6 +120,14 @@ pub(crate) struct GroupCoordinator {
 }
 
 impl GroupCoordinator {
+    /// Checkpoints the offsets log's recovery point (the flush task, every minute).
+    ///
+    /// # Errors
+    /// `Io` when the checkpoint cannot be written.
+    pub(crate) fn checkpoint_recovery_point(&self) -> Result<(), LogError> {
+        self.offsets.checkpoint_recovery_point()
+    }
+
     pub(crate) fn open(
         data_dir: &Path,
         config: GroupConfig,

@@ -437,6 +437,14 @@ impl OffsetStore {
     }
 
     /// Fsyncs and closes the log (clean shutdown).
+    /// Checkpoints the offsets log's recovery point at its durable end (the flush task).
+    ///
+    /// # Errors
+    /// `Io` when the checkpoint cannot be written.
+    pub(crate) fn checkpoint_recovery_point(&self) -> Result<(), LogError> {
+        self.partition.checkpoint_recovery_point()
+    }
+
     pub(crate) fn close(&self, now_ms: i64) -> Result<(), LogError> {
         self.partition.close(now_ms)
     }

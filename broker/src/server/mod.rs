@@ -126,19 +126,31 @@ pub(crate) async fn flush_loop(state: Arc<BrokerState>, mut shutdown: watch::Rec
             if every.is_none() && !partition.log().has_unsynced_sealed() {
                 continue;
             }
-            if let Err(e) = partition.flush_written().await {
+            // A disk that stops answering holds up this partition's flush, not every other
+            // partition's (nor the shutdown, which waits for this task).
+            match tokio::time::timeout(FLUSH_LIMIT, partition.flush_written()).await {
+                Ok(Ok(())) => {}
                 // A failed fsync took the partition offline and was logged there.
-                tracing::debug!(topic = %partition.topic, partition = partition.index, error = %e, "periodic flush");
+                Ok(Err(e)) => {
+                    tracing::debug!(topic = %partition.topic, partition = partition.index, error = %e, "periodic flush")
+                }
+                Err(_) => {
+                    tracing::warn!(topic = %partition.topic, partition = partition.index, limit_s = FLUSH_LIMIT.as_secs(), "periodic flush not done in time; going on with the other partitions")
+                }
             }
         }
         if checkpointed.elapsed() >= RECOVERY_POINT_CHECKPOINT {
             checkpointed = tokio::time::Instant::now();
             // A few small fsynced files: off the runtime's threads.
+            let groups = Arc::clone(&state);
             let written = tokio::task::spawn_blocking(move || {
                 for partition in partitions {
                     if let Err(e) = partition.checkpoint_recovery_point() {
                         tracing::warn!(topic = %partition.topic, partition = partition.index, error = %e, "recovery point not checkpointed");
                     }
+                }
+                if let Err(e) = groups.groups.checkpoint_recovery_point() {
+                    tracing::warn!(error = %e, "offsets log recovery point not checkpointed");
                 }
             });
             if let Err(e) = written.await {
@@ -147,6 +159,9 @@ pub(crate) async fn flush_loop(state: Arc<BrokerState>, mut shutdown: watch::Rec
         }
     }
 }
+
+/// Longest the flush task waits for one partition's fsync before it goes on.
+const FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How often the flush task checkpoints each partition's recovery point (Kafka's
 /// `log.flush.offset.checkpoint.interval.ms`): recovery after a crash reads the log from it.
