@@ -1170,21 +1170,12 @@ mod tests {
         );
     }
 
-    /// A roll's snapshots are written before the sealed segment is fsynced, so a power cut
-    /// can leave a window snapshot beyond what recovery kept. It goes at the next open, even
-    /// with the window off then: kept, it would become "valid" once the log grew past it again,
-    /// and its ids (of records the disk lost) would turn new records away as duplicates.
-    #[test]
-    fn a_window_snapshot_beyond_the_recovered_log_is_discarded_even_with_the_window_off() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = LogConfig {
-            segment_bytes: 300,
-            ..window_config(60_000)
-        };
-        let partition = open(dir.path(), &config, 1_000);
-        let ids = ["a", "b", "c", "d", "e", "f"];
+    /// A partition of 300-byte segments with a window, ids "a" to "f" appended (a roll comes
+    /// within them), and the roll's window snapshot on disk: (partition, the roll's offset).
+    fn rolled_with_window_snapshot(dir: &Path, config: &LogConfig) -> (Partition, i64) {
+        let partition = open(dir, config, 1_000);
         let mut rolled_at = None;
-        for (n, id) in ids.into_iter().enumerate() {
+        for (n, id) in ["a", "b", "c", "d", "e", "f"].into_iter().enumerate() {
             let Appended::New(info) = partition
                 .append(&with_ids(&[Some(id)], 1_000, None), 1_000)
                 .unwrap()
@@ -1196,15 +1187,32 @@ mod tests {
             }
         }
         let rolled_at = rolled_at.expect("300-byte segments roll within six batches");
-        let snapshot = dir.path().join(format!("{rolled_at:020}.dedup"));
+        // Written on a thread of its own once the partition was let go: it lands shortly.
+        let snapshot = dir.join(format!("{rolled_at:020}.dedup"));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !snapshot.exists() {
             assert!(
                 std::time::Instant::now() < deadline,
-                "no snapshot after the roll"
+                "no window snapshot at {} after the roll",
+                snapshot.display()
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+        (partition, rolled_at)
+    }
+
+    /// A roll's snapshots are written before the sealed segment is fsynced, so a power cut
+    /// can leave a window snapshot beyond what recovery kept. It goes at the next open, even
+    /// with the window off then: kept, it would become "valid" once the log grew past it again,
+    /// and its ids (of records the disk lost) would turn new records away as duplicates.
+    #[test]
+    fn a_window_snapshot_beyond_the_recovered_log_is_discarded_even_with_the_window_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 300,
+            ..window_config(60_000)
+        };
+        let (partition, _) = rolled_with_window_snapshot(dir.path(), &config);
         drop(partition);
         // The power cut: the first segment never reached the disk (no recovery point yet).
         std::fs::OpenOptions::new()
@@ -1252,31 +1260,7 @@ mod tests {
             segment_bytes: 300,
             ..window_config(60_000)
         };
-        let partition = open(dir.path(), &config, 1_000);
-        let mut rolled_at = None;
-        for (n, id) in ["a", "b", "c", "d", "e", "f"].into_iter().enumerate() {
-            let Appended::New(info) = partition
-                .append(&with_ids(&[Some(id)], 1_000, None), 1_000)
-                .unwrap()
-            else {
-                panic!("{id} was taken for a duplicate");
-            };
-            if info.rolled {
-                rolled_at.get_or_insert(n as i64 + 1);
-            }
-        }
-        let rolled_at = rolled_at.expect("300-byte segments roll within six batches");
-        // Written on a thread of its own once the partition was let go: it lands shortly.
-        let snapshot = dir.path().join(format!("{rolled_at:020}.dedup"));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !snapshot.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no window snapshot at {} after the roll",
-                snapshot.display()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        let (partition, rolled_at) = rolled_with_window_snapshot(dir.path(), &config);
         // The records before the snapshot go: a start that found their ids read the snapshot,
         // not the log.
         partition.delete_records(rolled_at).unwrap();

@@ -440,12 +440,7 @@ fn delete_records_moves_the_log_start_durably() {
 /// without a close (a crash); returns the directory and the segments' base offsets.
 fn crashed_log(batches: i64, recovery_point: Option<i64>) -> (tempfile::TempDir, Vec<i64>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let batch_size = build_batch(1, 0, 10).len() as u64;
-    let config = LogConfig {
-        segment_bytes: batch_size * 3,
-        ..LogConfig::default()
-    };
-    let (mut log, _) = open(dir.path(), config);
+    let (mut log, _) = open(dir.path(), small_segments());
     for i in 0..batches {
         log.append(&validated(1, i), 0).expect("append");
     }
@@ -457,9 +452,32 @@ fn crashed_log(batches: i64, recovery_point: Option<i64>) -> (tempfile::TempDir,
     (dir, bases)
 }
 
+/// Sets the size of segment `base`'s file, as a power cut that lost its tail leaves it.
+fn cut_segment(dir: &Path, base: i64, len: u64) {
+    OpenOptions::new()
+        .write(true)
+        .open(dir.join(file_name(base, "log")))
+        .expect("open")
+        .set_len(len)
+        .expect("cut");
+}
+
+/// Cuts the last 5 bytes of segment `base`: its last batch torn.
+fn tear_segment(dir: &Path, base: i64) {
+    let size = fs::metadata(dir.join(file_name(base, "log")))
+        .expect("metadata")
+        .len();
+    cut_segment(dir, base, size - 5);
+}
+
+/// Bytes of one of `crashed_log`'s batches.
+fn one_batch() -> u64 {
+    build_batch(1, 0, 10).len() as u64
+}
+
 fn small_segments() -> LogConfig {
     LogConfig {
-        segment_bytes: build_batch(1, 0, 10).len() as u64 * 3,
+        segment_bytes: one_batch() * 3,
         ..LogConfig::default()
     }
 }
@@ -474,14 +492,7 @@ fn power_loss_after_a_roll_cuts_a_torn_sealed_segment_and_drops_the_segments_aft
     let (dir, bases) = crashed_log(11, Some(3));
     assert_eq!(bases, vec![0, 3, 6, 9]);
     // Segment 3 lost its last batch's last bytes (pages never written back).
-    let segment = dir.path().join(file_name(3, "log"));
-    let size = fs::metadata(&segment).expect("metadata").len();
-    OpenOptions::new()
-        .write(true)
-        .open(&segment)
-        .expect("open")
-        .set_len(size - 5)
-        .expect("tear");
+    tear_segment(dir.path(), 3);
 
     let (mut log, report) = open(dir.path(), small_segments());
     assert_eq!(
@@ -511,14 +522,7 @@ fn power_loss_after_a_roll_cuts_a_torn_sealed_segment_and_drops_the_segments_aft
 #[test]
 fn a_sealed_segment_short_of_the_next_base_is_a_gap_too() {
     let (dir, _) = crashed_log(11, Some(3));
-    let batch_size = build_batch(1, 0, 10).len() as u64;
-    let segment = dir.path().join(file_name(6, "log"));
-    OpenOptions::new()
-        .write(true)
-        .open(&segment)
-        .expect("open")
-        .set_len(batch_size)
-        .expect("cut");
+    cut_segment(dir.path(), 6, one_batch());
     let (log, report) = open(dir.path(), small_segments());
     assert_eq!(log.log_end_offset(), 7);
     assert_eq!(report.segments_dropped, 1);
@@ -530,24 +534,14 @@ fn a_sealed_segment_short_of_the_next_base_is_a_gap_too() {
 fn a_sealed_segment_damaged_below_the_recovery_point_is_refused() {
     // The recovery point at 7: offset 6 was fsynced, 7 and 8 may not have been.
     let (dir, _) = crashed_log(11, Some(7));
-    let segment = dir.path().join(file_name(6, "log"));
-    let batch_size = build_batch(1, 0, 10).len() as u64;
-    let tear = |len: u64| {
-        OpenOptions::new()
-            .write(true)
-            .open(&segment)
-            .expect("open")
-            .set_len(len)
-            .expect("tear");
-    };
     // Offset 8 lost: cut there, and segment 9 (after the gap) dropped.
-    tear(2 * batch_size);
+    cut_segment(dir.path(), 6, 2 * one_batch());
     let (log, report) = open(dir.path(), small_segments());
     assert_eq!(log.log_end_offset(), 8);
     assert_eq!(report.segments_dropped, 1);
     drop(log);
     // Offset 6 lost too: below the recovery point.
-    tear(0);
+    cut_segment(dir.path(), 6, 0);
     let error = PartitionLog::open(dir.path(), small_segments(), 0).expect_err("refused");
     assert!(
         matches!(error, LogError::CorruptBelowRecoveryPoint { .. }),
@@ -559,14 +553,7 @@ fn a_sealed_segment_damaged_below_the_recovery_point_is_refused() {
 #[test]
 fn without_a_recovery_point_every_segment_is_checked() {
     let (dir, _) = crashed_log(11, None);
-    let segment = dir.path().join(file_name(0, "log"));
-    let size = fs::metadata(&segment).expect("metadata").len();
-    OpenOptions::new()
-        .write(true)
-        .open(&segment)
-        .expect("open")
-        .set_len(size - 5)
-        .expect("tear");
+    tear_segment(dir.path(), 0);
     let (log, report) = open(dir.path(), small_segments());
     assert_eq!(log.log_end_offset(), 2);
     assert_eq!(report.segments_dropped, 3);
@@ -603,13 +590,7 @@ fn sync_rounds_cover_the_sealed_segments_a_roll_left_unsynced() {
 #[test]
 fn a_gap_before_the_recovery_point_is_refused_not_cut() {
     let (dir, _) = crashed_log(11, Some(9));
-    let batch_size = build_batch(1, 0, 10).len() as u64;
-    OpenOptions::new()
-        .write(true)
-        .open(dir.path().join(file_name(3, "log")))
-        .expect("open")
-        .set_len(batch_size)
-        .expect("cut");
+    cut_segment(dir.path(), 3, one_batch());
     let error = PartitionLog::open(dir.path(), small_segments(), 0).expect_err("refused");
     assert!(
         matches!(error, LogError::CorruptBelowRecoveryPoint { .. }),
@@ -632,12 +613,7 @@ fn a_log_start_beyond_the_recovered_end_is_lowered_durably() {
         assert_eq!(log.delete_records_before(8).expect("delete records"), 8);
     }
     // The power cut: segment 6 kept only offset 6.
-    OpenOptions::new()
-        .write(true)
-        .open(dir.path().join(file_name(6, "log")))
-        .expect("open")
-        .set_len(build_batch(1, 0, 10).len() as u64)
-        .expect("cut");
+    cut_segment(dir.path(), 6, one_batch());
     let (mut log, _) = open(dir.path(), small_segments());
     assert_eq!((log.log_start_offset(), log.log_end_offset()), (7, 7));
     for i in 0..3 {
