@@ -35,6 +35,10 @@ struct Args {
     /// One memtable's size in MiB (`DedupConfig::write_buffer_bytes`).
     #[arg(long, default_value_t = 4)]
     write_buffer_mib: usize,
+    /// Marks held in memory as batch records (`DedupConfig::memory_marks`); 0: one RocksDB
+    /// key per mark at once.
+    #[arg(long, default_value_t = 1 << 20)]
+    memory_marks: usize,
     /// Keys per claim_many/mark_done_many (1: one call per key).
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -224,6 +228,7 @@ fn main() -> anyhow::Result<()> {
         sync_writes: args.sync,
         block_cache_bytes: args.cache_mib << 20,
         write_buffer_bytes: args.write_buffer_mib << 20,
+        memory_marks: args.memory_marks,
         ..DedupConfig::new(dir.path())
     };
     let store = DedupStore::open(config.clone())?;
@@ -298,6 +303,7 @@ fn main() -> anyhow::Result<()> {
     let duplicates = started.elapsed();
     let (estimated_keys, sst_bytes) = store.size();
     let filter_bytes = store.filter_bytes();
+    let (held, held_bytes) = store.marks_in_memory();
     let rss = rss_mib();
     drop(store);
     let disk = semel::consumer::dedup::inspect::directory_bytes(dir.path());
@@ -309,7 +315,8 @@ fn main() -> anyhow::Result<()> {
     println!(
         "semel store keys={} batch={batch} sync={} cache={} MiB: claim+mark_done {:.0} pairs/s ({:.2} µs/pair); duplicate claim {:.0}/s; \
          estimated keys {estimated_keys}; SST bytes {sst_bytes}; on disk after close {disk} bytes \
-         ({:.1} bytes/key); RSS {rss:.0} MiB; key filters {filter_bytes} bytes; reopen {:.2} s",
+         ({:.1} bytes/key); RSS {rss:.0} MiB; key filters {filter_bytes} bytes; \
+         marks held in memory {held} ({held_bytes} bytes); reopen {:.2} s",
         args.keys,
         args.sync,
         args.cache_mib,

@@ -92,8 +92,15 @@ pub fn inspect(path: &Path) -> Result<StoreSummary, DedupError> {
             .ok_or_else(|| corrupt(name.clone(), "listed but not opened".into()))?;
         let mut keys = 0u64;
         for item in db.iterator_cf(&family, IteratorMode::Start) {
-            item.map_err(storage)?;
-            keys += 1;
+            let (key, value) = item.map_err(storage)?;
+            // A batch record holds many marks (see `recent`).
+            keys += match super::recent::parse_batch_key(&key) {
+                Some(seq) => super::recent::decode_batch(&value)
+                    .map_err(|reason| corrupt(format!("{name}: batch record {seq}"), reason))?
+                    .1
+                    .len() as u64,
+                None => 1,
+            };
         }
         buckets.push(BucketSummary { start_ms, keys });
     }

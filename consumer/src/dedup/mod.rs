@@ -37,6 +37,7 @@ pub mod changelog;
 mod filter;
 pub mod inspect;
 pub mod middleware;
+mod recent;
 mod settlement;
 pub mod store;
 

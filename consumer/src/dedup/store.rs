@@ -22,7 +22,11 @@
 //! of the keys written to it (see `filter`), filled again from the bucket at open, and only a
 //! key it may hold is looked up.
 //!
-//! Memory: the key filters (about 1.5 bytes per mark in the window), the block cache
+//! Marks are written as batch records, one per `mark_done` call, and held in memory up to
+//! `memory_marks`; past that the oldest are rewritten one key per mark (see `recent`).
+//!
+//! Memory: the marks held (25 to 50 bytes each, up to `memory_marks`), the key filters
+//! (about 1.5 bytes per mark in the window), the block cache
 //! (`block_cache_bytes`, shared by all column families) plus, per
 //! column family, up to `max_write_buffers` memtables of `write_buffer_bytes`. With the
 //! defaults (64 MiB cache, 2 × 4 MiB per family, at most 3 mark buckets + offsets + state +
@@ -48,6 +52,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::filter::KeyFilter;
+use super::recent::{self, Recent};
 use crate::clock::{Clock, SystemClock};
 
 const FORMAT_VERSION: u8 = 1;
@@ -81,6 +86,11 @@ pub struct DedupConfig {
     /// fsync every mark (survives power loss); without it a mark survives `kill -9` (it is in
     /// the write-ahead log in the OS) but not a machine crash.
     pub sync_writes: bool,
+    /// Marks held in memory (`memory_marks`): `mark_done` writes one record per call, and
+    /// the marks it holds are looked up in memory; past this many, the oldest records are
+    /// rewritten as one RocksDB key per mark (slower to write, but on disk only). About 25 to
+    /// 50 bytes per mark held; 0 writes every mark as its own key at once.
+    pub memory_marks: usize,
 }
 
 impl DedupConfig {
@@ -94,6 +104,7 @@ impl DedupConfig {
             write_buffer_bytes: 4 << 20,
             max_write_buffers: 2,
             sync_writes: false,
+            memory_marks: 1 << 20,
         }
     }
 }
@@ -394,6 +405,12 @@ struct Inner {
     /// The claims of this open, by key: their tokens are checked here. The store is one
     /// process's (RocksDB's lock), so no claim of another holder can be live.
     held: std::collections::HashMap<KeyHash, Held, KeyHashState>,
+    /// Per live bucket (by start): its batch records still held in memory (see `recent`).
+    recent: std::collections::HashMap<i64, Recent>,
+    /// Marks in `recent`, all buckets.
+    recent_marks: usize,
+    /// The sequence of the next batch record.
+    next_batch: u64,
 }
 
 /// A claim of this open.
@@ -470,8 +487,22 @@ impl DedupStore {
         buckets.sort_by_key(|b| std::cmp::Reverse(b.0));
         let bucket_width_ms = stored_width(&db, &config)?;
         let mut filters = std::collections::HashMap::new();
+        let mut recents = std::collections::HashMap::new();
+        let mut recent_marks = 0;
+        let mut next_batch = 0;
         for (start, name) in &buckets {
-            filters.insert(*start, bucket_filter(&db, name).map_err(storage)?);
+            let read = read_bucket(&db, name).map_err(|e| match e {
+                BucketError::Storage(source) => storage(source),
+                BucketError::Corrupt(what, reason) => DedupError::Corrupt {
+                    path: config.path.clone(),
+                    what: format!("{name}: {what}"),
+                    reason,
+                },
+            })?;
+            filters.insert(*start, read.filter);
+            recent_marks += read.recent.len();
+            next_batch = next_batch.max(read.next_batch);
+            recents.insert(*start, read.recent);
         }
         let store = Self {
             db,
@@ -482,6 +513,9 @@ impl DedupStore {
                 buckets,
                 filters,
                 held: std::collections::HashMap::default(),
+                recent: recents,
+                recent_marks,
+                next_batch,
             }),
             cache,
             next_token: AtomicU64::new(token_seed()),
@@ -491,6 +525,10 @@ impl DedupStore {
             sync_hook: std::sync::OnceLock::new(),
         };
         store.expire()?;
+        {
+            let mut inner = store.inner();
+            store.spill(&mut inner)?;
+        }
         Ok(store)
     }
 
@@ -562,6 +600,9 @@ impl DedupStore {
                 self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
                 inner.buckets.retain(|(_, n)| *n != name);
                 inner.filters.remove(&start);
+                if let Some(recent) = inner.recent.remove(&start) {
+                    inner.recent_marks -= recent.len();
+                }
                 dropped += 1;
             }
         }
@@ -610,12 +651,20 @@ impl DedupStore {
             let Some(family) = self.db.cf_handle(name) else {
                 continue;
             };
-            // Keys the bucket's filter refuses are not in it: no read for them.
+            // Keys the bucket's filter refuses are not in it: no read for them. A mark held
+            // in memory is the bucket's newest for its key (see `recent`).
             let filter = inner.filters.get(start);
+            let recent = inner.recent.get(start);
             let mut still_open = Vec::with_capacity(open.len());
             let mut asked = Vec::with_capacity(open.len());
             for &i in &open {
-                if filter.is_none_or(|f| f.may_contain(keys[i])) {
+                if let Some(at_ms) = recent.and_then(|r| r.get(keys[i])) {
+                    if now_ms < at_ms.saturating_add(self.window_ms()) {
+                        found[i] = Some((MarkState::Done { at_ms }, *start));
+                    }
+                    // Outlived: its bucket goes soon. An older bucket cannot hold a newer
+                    // mark of the key.
+                } else if filter.is_none_or(|f| f.may_contain(keys[i])) {
                     asked.push(i);
                 } else {
                     still_open.push(i);
@@ -710,6 +759,16 @@ impl DedupStore {
     /// Bytes held by the in-memory key filters (about 1.5 per mark in the window).
     pub fn filter_bytes(&self) -> usize {
         self.inner().filters.values().map(KeyFilter::bytes).sum()
+    }
+
+    /// Marks held in memory as batch records, and the bytes their index takes (see
+    /// [`DedupConfig::memory_marks`]).
+    pub fn marks_in_memory(&self) -> (usize, usize) {
+        let inner = self.inner();
+        (
+            inner.recent_marks,
+            inner.recent.values().map(Recent::bytes).sum(),
+        )
     }
 
     /// Whether `key` was handled, without claiming it.
@@ -980,11 +1039,6 @@ impl DedupStore {
             }
         }
         let (bucket_start, bucket) = self.current_bucket(&mut inner, now)?;
-        if let Some(filter) = inner.filters.get_mut(&bucket_start) {
-            for &(key, _) in claims {
-                filter.insert(key);
-            }
-        }
         let marks = self
             .db
             .cf_handle(&bucket)
@@ -998,13 +1052,15 @@ impl DedupStore {
             .cf_handle(STATE)
             .ok_or_else(|| self.missing(STATE))?;
         let mut batch = WriteBatch::default();
-        let done = Self::encode(MarkState::Done { at_ms: now });
-        // In key order: each insert into the memtable's skip list starts where the one
-        // before it ended, instead of from the top.
-        let mut keys: Vec<KeyHash> = claims.iter().map(|&(key, _)| key).collect();
-        keys.sort_unstable_by_key(|key| key.bytes());
-        for key in keys {
-            batch.put_cf(&marks, key.bytes(), &done);
+        // One record for all the marks (see `recent`), held in memory once written.
+        let keys: Vec<KeyHash> = claims.iter().map(|&(key, _)| key).collect();
+        let seq = inner.next_batch;
+        if !keys.is_empty() {
+            batch.put_cf(
+                &marks,
+                recent::batch_key(seq),
+                recent::encode_batch(now, &keys),
+            );
         }
         for &(group, topic, partition, next_offset) in offsets {
             let value = postcard::to_stdvec(&StoredOffset {
@@ -1024,6 +1080,81 @@ impl DedupStore {
         self.write(batch)?;
         for (key, _) in claims {
             inner.held.remove(key);
+        }
+        if !keys.is_empty() {
+            inner.next_batch += 1;
+            let recent = inner.recent.entry(bucket_start).or_default();
+            let before = recent.len();
+            recent.insert(seq, now, &keys);
+            let added = recent.len() - before;
+            inner.recent_marks += added;
+            // The batch is written: a spill that fails leaves records in memory (over the
+            // bound) until a later one succeeds, and does not make this call fail.
+            if let Err(e) = self.spill(&mut inner) {
+                tracing::warn!(error = %e, "dedup store: batch records not rewritten one key per mark yet; they stay in memory");
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the oldest batch records as one key per mark until at most `memory_marks`
+    /// are held in memory. Each record goes in one write: its marks (added to the bucket's
+    /// filter first) and the record's deletion, so a crash leaves one form or the other.
+    fn spill(&self, inner: &mut Inner) -> Result<(), DedupError> {
+        while inner.recent_marks > self.config.memory_marks {
+            let Some((start, seq)) = inner
+                .recent
+                .iter()
+                .filter_map(|(start, recent)| Some((*start, recent.oldest()?)))
+                .min_by_key(|&(_, seq)| seq)
+            else {
+                return Ok(());
+            };
+            let name = bucket_name(start);
+            let family = self
+                .db
+                .cf_handle(&name)
+                .ok_or_else(|| self.missing(&name))?;
+            let key = recent::batch_key(seq);
+            let value = self
+                .db
+                .get_pinned_cf(&family, key)
+                .map_err(|e| self.storage(e))?
+                .ok_or_else(|| DedupError::Corrupt {
+                    path: self.config.path.clone(),
+                    what: format!("{name}: batch record {seq}"),
+                    reason: "held in memory but not in the store".into(),
+                })?;
+            let (at_ms, mut keys) =
+                recent::decode_batch(&value).map_err(|reason| DedupError::Corrupt {
+                    path: self.config.path.clone(),
+                    what: format!("{name}: batch record {seq}"),
+                    reason,
+                })?;
+            drop(value);
+            if let Some(filter) = inner.filters.get_mut(&start) {
+                for &key in &keys {
+                    filter.insert(key);
+                }
+            }
+            let mut batch = WriteBatch::default();
+            let done = Self::encode(MarkState::Done { at_ms });
+            // In key order: each insert into the memtable's skip list starts where the one
+            // before it ended, instead of from the top.
+            keys.sort_unstable();
+            for &key in &keys {
+                // A key that a later record holds too gets that record's later time when
+                // that record is spilled; until then memory answers for it.
+                batch.put_cf(&family, key.bytes(), &done);
+            }
+            batch.delete_cf(&family, key);
+            drop(family);
+            self.write(batch)?;
+            if let Some(recent) = inner.recent.get_mut(&start) {
+                inner.recent_marks -= recent.len();
+                recent.remove_oldest(&keys);
+                inner.recent_marks += recent.len();
+            }
         }
         Ok(())
     }
@@ -1232,6 +1363,8 @@ impl DedupStore {
             .map(|(_, n)| n.clone())
             .collect();
         families.extend([OFFSETS.to_string(), STATE.to_string()]);
+        // A batch record counts as one key below; its marks are counted here.
+        keys += self.inner().recent_marks as u64;
         for name in &families {
             if let Some(family) = self.db.cf_handle(name) {
                 if name.starts_with(MARKS_PREFIX) {
@@ -1323,28 +1456,66 @@ fn stored_width(db: &Db, config: &DedupConfig) -> Result<i64, DedupError> {
     Ok(width_ms)
 }
 
-/// A filter of every key in the bucket `name`, read at open.
-fn bucket_filter(db: &Db, name: &str) -> Result<KeyFilter, rocksdb::Error> {
+/// What an open reads from a bucket: a filter of its keys, its batch records.
+struct BucketRead {
+    filter: KeyFilter,
+    recent: Recent,
+    /// Past the bucket's last batch record.
+    next_batch: u64,
+}
+
+enum BucketError {
+    Storage(rocksdb::Error),
+    /// What, why.
+    Corrupt(String, String),
+}
+
+/// Reads the bucket `name` at open: every key of a mark into a new filter, every batch
+/// record into memory.
+fn read_bucket(db: &Db, name: &str) -> Result<BucketRead, BucketError> {
     let Some(family) = db.cf_handle(name) else {
-        return Ok(KeyFilter::with_capacity(0));
+        return Ok(BucketRead {
+            filter: KeyFilter::with_capacity(0),
+            recent: Recent::default(),
+            next_batch: 0,
+        });
     };
     let expected = db
-        .property_int_value_cf(&family, "rocksdb.estimate-num-keys")?
+        .property_int_value_cf(&family, "rocksdb.estimate-num-keys")
+        .map_err(BucketError::Storage)?
         .unwrap_or(0);
     let mut filter = KeyFilter::with_capacity(usize::try_from(expected).unwrap_or(0));
+    let mut recent = Recent::default();
+    let mut next_batch = 0;
+    let mut everything = false;
     let mut keys = db.raw_iterator_cf(&family);
     keys.seek_to_first();
     while let Some(key) = keys.key() {
-        // Every key a bucket holds is 16 bytes. Should one not be, the filter cannot vouch
-        // for the bucket: every lookup reads it, as without a filter.
-        let Ok(bytes) = <[u8; 16]>::try_from(key) else {
-            return Ok(KeyFilter::everything());
-        };
-        filter.insert(KeyHash::from_bytes(bytes));
+        if let Some(seq) = recent::parse_batch_key(key) {
+            let (at_ms, marks) = recent::decode_batch(keys.value().unwrap_or_default())
+                .map_err(|reason| BucketError::Corrupt(format!("batch record {seq}"), reason))?;
+            // In key order, which is sequence order.
+            recent.insert(seq, at_ms, &marks);
+            next_batch = next_batch.max(seq + 1);
+        } else if let Ok(bytes) = <[u8; 16]>::try_from(key) {
+            filter.insert(KeyHash::from_bytes(bytes));
+        } else {
+            // Neither a mark nor a batch record: the filter cannot vouch for the bucket, and
+            // every lookup reads it, as without a filter.
+            everything = true;
+        }
         keys.next();
     }
-    keys.status()?;
-    Ok(filter)
+    keys.status().map_err(BucketError::Storage)?;
+    Ok(BucketRead {
+        filter: if everything {
+            KeyFilter::everything()
+        } else {
+            filter
+        },
+        recent,
+        next_batch,
+    })
 }
 
 /// A start for claim tokens that a restart does not repeat: nanoseconds since the epoch.
@@ -1754,6 +1925,133 @@ mod tests {
         assert_eq!(store.claim(key(1))?, Claim::Duplicate);
         assert_eq!(store.offset("billing", "payments", 2)?, Some(41));
         assert_eq!(store.state(b"balance")?, Some(b"42".to_vec()));
+        Ok(())
+    }
+
+    fn store_holding(dir: &Path, memory_marks: usize) -> DedupStore {
+        let clock = Arc::new(ManualClock(AtomicI64::new(T0)));
+        let config = DedupConfig {
+            window: Duration::from_secs(3600),
+            memory_marks,
+            ..DedupConfig::new(dir)
+        };
+        DedupStore::open_with_clock(config, clock).expect("open")
+    }
+
+    /// Claims `keys` as the middleware does (no claim records) and marks them done in one
+    /// call.
+    fn mark(store: &DedupStore, keys: impl Iterator<Item = u32>) -> Result<(), DedupError> {
+        let keys: Vec<KeyHash> = keys.map(key).collect();
+        let claims = store
+            .claim_many_handing_out(&keys, &[])?
+            .into_iter()
+            .zip(&keys)
+            .map(|(claim, &key)| match claim {
+                Claim::Fresh(token) => (key, token),
+                other => panic!("expected Fresh, got {other:?}"),
+            })
+            .collect::<Vec<_>>();
+        store.mark_done_many(&claims, &[], |_| {})
+    }
+
+    /// The keys of one bucket's column family, by length.
+    fn stored_keys(store: &DedupStore) -> Vec<usize> {
+        let name = store.inner().buckets[0].1.clone();
+        let family = store.db.cf_handle(&name).expect("bucket");
+        store
+            .db
+            .iterator_cf(&family, rocksdb::IteratorMode::Start)
+            .map(|item| item.expect("read").0.len())
+            .collect()
+    }
+
+    #[test]
+    fn marks_of_one_call_are_one_record_held_in_memory_and_read_back_at_open()
+    -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let store = store_holding(dir.path(), 100);
+            mark(&store, 0..10)?;
+            mark(&store, 10..20)?;
+            assert_eq!(store.marks_in_memory().0, 20);
+            // Two batch records, no key per mark.
+            assert_eq!(stored_keys(&store), vec![9, 9]);
+            for n in 0..20 {
+                assert_eq!(store.claim(key(n))?, Claim::Duplicate, "key {n}");
+            }
+            assert!(matches!(store.claim(key(20))?, Claim::Fresh(_)));
+        }
+        // `semel dedup inspect` counts the marks in the records (and key 20's claim).
+        let summary = super::super::inspect::inspect(dir.path())?;
+        assert_eq!(summary.buckets.iter().map(|b| b.keys).sum::<u64>(), 21);
+        let store = store_holding(dir.path(), 100);
+        assert_eq!(store.marks_in_memory().0, 20);
+        for n in 0..20 {
+            assert_eq!(
+                store.claim(key(n))?,
+                Claim::Duplicate,
+                "key {n} after a reopen"
+            );
+        }
+        assert!(matches!(store.claim(key(21))?, Claim::Fresh(_)));
+        // New records follow the ones read back.
+        mark(&store, 30..31)?;
+        // (The two claims above wrote a claim record each.)
+        assert_eq!(stored_keys(&store).iter().filter(|&&l| l == 9).count(), 3);
+        Ok(())
+    }
+
+    #[test]
+    fn past_the_memory_bound_the_oldest_records_become_one_key_per_mark() -> Result<(), DedupError>
+    {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let store = store_holding(dir.path(), 25);
+            for batch in 0..10 {
+                mark(&store, batch * 10..batch * 10 + 10)?;
+                assert!(store.marks_in_memory().0 <= 25);
+            }
+            let lengths = stored_keys(&store);
+            // 20 marks held in two records, the other 80 one key each.
+            assert_eq!(lengths.iter().filter(|&&l| l == 9).count(), 2);
+            assert_eq!(lengths.iter().filter(|&&l| l == 16).count(), 80);
+            for n in 0..100 {
+                assert_eq!(store.claim(key(n))?, Claim::Duplicate, "key {n}");
+            }
+        }
+        // A smaller bound at the next open spills at once; every mark is still there.
+        let store = store_holding(dir.path(), 0);
+        assert_eq!(store.marks_in_memory().0, 0);
+        assert_eq!(stored_keys(&store), vec![16; 100]);
+        for n in 0..100 {
+            assert_eq!(
+                store.claim(key(n))?,
+                Claim::Duplicate,
+                "key {n} after a reopen"
+            );
+        }
+        assert!(matches!(store.claim(key(100))?, Claim::Fresh(_)));
+        Ok(())
+    }
+
+    #[test]
+    fn a_corrupt_batch_record_is_a_clear_error_at_open() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let store = store_holding(dir.path(), 100);
+            mark(&store, 0..3)?;
+            let name = store.inner().buckets[0].1.clone();
+            let family = store.db.cf_handle(&name).expect("bucket");
+            store
+                .db
+                .put_cf(&family, recent::batch_key(0), [1, 2, 3])
+                .expect("put");
+        }
+        let clock = Arc::new(ManualClock(AtomicI64::new(T0)));
+        match DedupStore::open_with_clock(DedupConfig::new(dir.path()), clock) {
+            Err(DedupError::Corrupt { what, .. }) => assert!(what.contains("batch record 0")),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
         Ok(())
     }
 
