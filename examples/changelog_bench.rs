@@ -256,7 +256,7 @@ async fn main() -> anyhow::Result<()> {
         m.records_read,
         m.marks_restored,
         m.restore_ms as f64 / 1000.0,
-        m.records_read as f64 / (m.restore_ms.max(1) as f64 / 1000.0),
+        m.marks_restored as f64 / (m.restore_ms.max(1) as f64 / 1000.0),
         first.as_secs_f64()
     );
     ensure!(

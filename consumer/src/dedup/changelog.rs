@@ -66,7 +66,13 @@ use crate::config::{AutoOffsetReset, ConsumerConfig};
 use crate::consumer::Consumer;
 use crate::record::ConsumerError;
 
+/// A changelog record of one mark (the record key is the mark's key): what earlier versions
+/// wrote, still read.
 const FORMAT_VERSION: u8 = 1;
+/// A changelog record of several marks of one input partition (no record key).
+const MARKS_FORMAT_VERSION: u8 = 2;
+/// Marks in one changelog record at most: about 30 KB.
+const MARKS_PER_RECORD: usize = 1024;
 /// The store's offsets family keeps changelog positions under this pseudo group.
 const POSITIONS: &str = "\u{0}semel-changelog-position";
 /// Marks written to the store per batch while replaying.
@@ -152,6 +158,17 @@ struct MarkValue {
     at_ms: i64,
 }
 
+/// Marks as written to the changelog: several marks of one input partition in one record,
+/// so that a mark costs the producer and the broker a few bytes, not a record.
+#[derive(Debug, Serialize, Deserialize)]
+struct MarksValue {
+    version: u8,
+    topic: String,
+    partition: i32,
+    /// Each mark: its key, the offset of its record, when it was marked.
+    marks: Vec<([u8; 16], i64, i64)>,
+}
+
 /// A mark waiting to be produced, or an offset waiting behind marks in flight.
 struct Entry {
     partition: TopicPartition,
@@ -185,9 +202,11 @@ impl MarkGroup {
             self.deliveries = None;
         }
         Some(
+            // Several entries share a record: each reads its outcome.
             self.outcomes
-                .get_mut(index)
-                .and_then(Option::take)
+                .get(index)
+                .cloned()
+                .flatten()
                 .unwrap_or(Err(ProduceError::Closed)),
         )
     }
@@ -461,17 +480,19 @@ impl Changelog {
         if needed > self.partitions {
             self.ensure_partitions(needed).await?;
         }
-        // Every mark not sent yet goes to the producer in one hand-over.
-        let mut unsent = Vec::new();
-        let mut records = Vec::new();
-        for (index, entry) in self.entries.iter().enumerate().skip(self.sent) {
-            if entry.delivery.is_none()
-                && let Some((key, at_ms)) = entry.mark
-            {
-                unsent.push(index);
-                records.push(mark_record(&self.topic, entry, key, at_ms));
-            }
-        }
+        // Every mark not sent yet goes to the producer in one hand-over, the marks of each
+        // input partition gathered into records of up to `MARKS_PER_RECORD`, in queue order.
+        let (unsent, values) = gather(
+            self.entries
+                .iter()
+                .enumerate()
+                .skip(self.sent)
+                .filter(|(_, entry)| entry.delivery.is_none()),
+        );
+        let records: Vec<ProducerRecord> = values
+            .iter()
+            .map(|value| marks_record(&self.topic, value))
+            .collect();
         if !records.is_empty() {
             let count = records.len();
             let deliveries = self.producer.send_many(records).await?;
@@ -479,11 +500,12 @@ impl Changelog {
                 deliveries: Some(deliveries),
                 outcomes: (0..count).map(|_| None).collect(),
             }));
-            for (slot, index) in unsent.into_iter().enumerate() {
+            for (index, slot) in unsent {
                 self.entries[index].delivery = Some((Arc::clone(&group), slot));
             }
         }
         self.sent = self.entries.len();
+        let mut failed = None;
         while let Some(front) = self.entries.front_mut() {
             if let Some((group, index)) = front.delivery.as_ref() {
                 let outcome = group
@@ -494,8 +516,9 @@ impl Changelog {
                     None => break,
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
-                        tracing::warn!(error = %e, partition = ?front.partition, offset = front.record_offset, "changelog write failed; sending the mark again (its offset is not committed until it lands)");
-                        front.delivery = None;
+                        tracing::warn!(error = %e, partition = ?front.partition, offset = front.record_offset, "changelog write failed; sending the marks of that record again (their offsets are not committed until they land)");
+                        // Every mark of the failed record goes again, together.
+                        failed = front.delivery.take();
                         self.sent = 0;
                         self.last_failure = Some(e);
                         break;
@@ -506,6 +529,17 @@ impl Changelog {
                 self.sent = self.sent.saturating_sub(1);
                 if let Some(release) = entry.release {
                     settled.insert(entry.partition, release);
+                }
+            }
+        }
+        if let Some((group, slot)) = failed {
+            for entry in &mut self.entries {
+                if entry
+                    .delivery
+                    .as_ref()
+                    .is_some_and(|(g, s)| Arc::ptr_eq(g, &group) && *s == slot)
+                {
+                    entry.delivery = None;
                 }
             }
         }
@@ -634,30 +668,88 @@ fn reader_config(consumer: &ConsumerConfig, suffix: &str) -> ConsumerConfig {
     }
 }
 
-fn mark_record(topic: &str, entry: &Entry, key: KeyHash, at_ms: i64) -> ProducerRecord {
-    let value = postcard::to_stdvec(&MarkValue {
-        version: FORMAT_VERSION,
-        topic: entry.partition.0.clone(),
-        partition: entry.partition.1,
-        offset: entry.record_offset,
-        at_ms,
-    })
-    .unwrap_or_default();
+/// Gathers the marks of `entries` (index, entry; in queue order) into changelog record values
+/// of one input partition and up to `MARKS_PER_RECORD` marks each: the values, and for each
+/// entry with a mark, (its index, the value holding its mark). A partition's marks stay in
+/// queue order, across its values too.
+fn gather<'a>(
+    entries: impl Iterator<Item = (usize, &'a Entry)>,
+) -> (Vec<(usize, usize)>, Vec<MarksValue>) {
+    let mut placed = Vec::new();
+    let mut values: Vec<MarksValue> = Vec::new();
+    // Per partition, the value being filled.
+    let mut filling: BTreeMap<&TopicPartition, usize> = BTreeMap::new();
+    for (index, entry) in entries {
+        let Some((key, at_ms)) = entry.mark else {
+            continue;
+        };
+        let slot = match filling.get(&entry.partition) {
+            Some(&slot) if values[slot].marks.len() < MARKS_PER_RECORD => slot,
+            _ => {
+                values.push(MarksValue {
+                    version: MARKS_FORMAT_VERSION,
+                    topic: entry.partition.0.clone(),
+                    partition: entry.partition.1,
+                    marks: Vec::new(),
+                });
+                filling.insert(&entry.partition, values.len() - 1);
+                values.len() - 1
+            }
+        };
+        values[slot]
+            .marks
+            .push((key.to_bytes(), entry.record_offset, at_ms));
+        placed.push((index, slot));
+    }
+    (placed, values)
+}
+
+fn marks_record(topic: &str, value: &MarksValue) -> ProducerRecord {
+    // The newest mark's time: the record is kept (`retention.ms`) as long as that mark needs,
+    // and a replay from (now − window) finds it.
+    let newest = value.marks.iter().map(|&(_, _, at)| at).max().unwrap_or(0);
+    let bytes = postcard::to_stdvec(value).unwrap_or_default();
     ProducerRecord {
         topic: topic.to_string(),
-        partition: Some(entry.partition.1),
-        key: Some(Bytes::copy_from_slice(&key.to_bytes())),
-        value: Some(Bytes::from(value)),
+        partition: Some(value.partition),
+        key: None,
+        value: Some(Bytes::from(bytes)),
         headers: Vec::new(),
-        timestamp_ms: Some(at_ms),
+        timestamp_ms: Some(newest),
     }
 }
 
-/// Decodes a changelog record: the key and when it was marked.
-fn decode(key: Option<&Bytes>, value: Option<&Bytes>) -> Option<(KeyHash, i64)> {
-    let key: [u8; 16] = key?.as_ref().try_into().ok()?;
-    let value: MarkValue = postcard::from_bytes(value?).ok()?;
-    (value.version == FORMAT_VERSION).then_some((KeyHash::from_bytes(key), value.at_ms))
+/// Decodes a changelog record into `marks`: each key and when it was marked. `false` when the
+/// record is not a semel mark record.
+fn decode(key: Option<&Bytes>, value: Option<&Bytes>, marks: &mut Vec<(KeyHash, i64)>) -> bool {
+    let Some(value) = value else {
+        return false;
+    };
+    match value.first() {
+        Some(&FORMAT_VERSION) => {
+            let Some(key) = key.and_then(|k| <[u8; 16]>::try_from(k.as_ref()).ok()) else {
+                return false;
+            };
+            let Ok(mark) = postcard::from_bytes::<MarkValue>(value) else {
+                return false;
+            };
+            marks.push((KeyHash::from_bytes(key), mark.at_ms));
+            true
+        }
+        Some(&MARKS_FORMAT_VERSION) => {
+            let Ok(batch) = postcard::from_bytes::<MarksValue>(value) else {
+                return false;
+            };
+            marks.extend(
+                batch
+                    .marks
+                    .iter()
+                    .map(|&(key, _, at_ms)| (KeyHash::from_bytes(key), at_ms)),
+            );
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Reads changelog `partitions` from `since` (or the stored position, if further) to their
@@ -712,17 +804,14 @@ async fn replay(
         let skipped_before = skipped;
         for record in &records {
             read += 1;
-            match decode(record.key.as_ref(), record.value.as_ref()) {
-                Some(mark) => marks.push(mark),
-                None => {
-                    skipped += 1;
-                    tracing::warn!(
-                        topic,
-                        partition = record.partition,
-                        offset = record.offset,
-                        "changelog record is not a semel dedup mark; skipped"
-                    );
-                }
+            if !decode(record.key.as_ref(), record.value.as_ref(), &mut marks) {
+                skipped += 1;
+                tracing::warn!(
+                    topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                    "changelog record is not a semel dedup mark; skipped"
+                );
             }
             positions.insert(record.partition, record.offset + 1);
         }
@@ -835,9 +924,7 @@ async fn standby(
         // Where this poll's records start, per partition: read again if they are not stored.
         let mut firsts: BTreeMap<i32, i64> = BTreeMap::new();
         for record in &records {
-            if let Some(mark) = decode(record.key.as_ref(), record.value.as_ref()) {
-                marks.push(mark);
-            }
+            decode(record.key.as_ref(), record.value.as_ref(), &mut marks);
             positions.insert(record.partition, record.offset + 1);
             firsts.entry(record.partition).or_insert(record.offset);
         }
@@ -863,5 +950,103 @@ async fn standby(
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(topic: &str, partition: i32, offset: i64, mark: Option<u128>) -> Entry {
+        Entry {
+            partition: (topic.to_string(), partition),
+            record_offset: offset,
+            release: None,
+            mark: mark.map(|k| (KeyHash(k), 1_000 + offset)),
+            delivery: None,
+        }
+    }
+
+    #[test]
+    fn marks_are_gathered_per_partition_in_queue_order_and_bounded_per_record() {
+        let mut entries = Vec::new();
+        for offset in 0..(MARKS_PER_RECORD as i64 + 5) {
+            entries.push(entry("in", 0, offset, Some(offset as u128)));
+            if offset < 3 {
+                entries.push(entry("in", 1, offset, Some(1 << 64 | offset as u128)));
+                entries.push(entry("in", 1, offset, None));
+            }
+        }
+        let (placed, values) = gather(entries.iter().enumerate());
+        assert_eq!(
+            values.len(),
+            3,
+            "two records of partition 0, one of partition 1"
+        );
+        assert_eq!(values[0].marks.len(), MARKS_PER_RECORD);
+        assert_eq!((values[1].partition, values[1].marks.len()), (1, 3));
+        assert_eq!((values[2].partition, values[2].marks.len()), (0, 5));
+        // Every entry with a mark is placed, once, in the record holding its mark.
+        assert_eq!(placed.len(), MARKS_PER_RECORD + 5 + 3);
+        for &(index, slot) in &placed {
+            let (key, _) = entries[index].mark.expect("a mark");
+            assert!(values[slot].marks.iter().any(|m| m.0 == key.to_bytes()));
+        }
+        // Partition 0's offsets run in order across its two records.
+        let offsets: Vec<i64> = [&values[0], &values[2]]
+            .iter()
+            .flat_map(|v| v.marks.iter().map(|m| m.1))
+            .collect();
+        assert_eq!(
+            offsets,
+            (0..MARKS_PER_RECORD as i64 + 5).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn both_record_formats_decode_and_anything_else_is_refused() {
+        let values = gather(
+            [entry("in", 2, 7, Some(42)), entry("in", 2, 8, Some(43))]
+                .iter()
+                .enumerate(),
+        )
+        .1;
+        let record = marks_record("log", &values[0]);
+        assert_eq!(record.partition, Some(2));
+        assert_eq!(record.timestamp_ms, Some(1_008), "the newest mark's time");
+        let mut marks = Vec::new();
+        assert!(decode(None, record.value.as_ref(), &mut marks));
+        assert_eq!(marks, vec![(KeyHash(42), 1_007), (KeyHash(43), 1_008)]);
+        // One mark per record, keyed by the mark: what earlier versions wrote.
+        let old = Bytes::from(
+            postcard::to_stdvec(&MarkValue {
+                version: FORMAT_VERSION,
+                topic: "in".into(),
+                partition: 2,
+                offset: 9,
+                at_ms: 5,
+            })
+            .expect("encode"),
+        );
+        let key = Bytes::copy_from_slice(&KeyHash(44).to_bytes());
+        assert!(decode(Some(&key), Some(&old), &mut marks));
+        assert_eq!(marks.last(), Some(&(KeyHash(44), 5)));
+        let before = marks.len();
+        assert!(
+            !decode(None, Some(&old), &mut marks),
+            "a one-mark record needs its key"
+        );
+        assert!(!decode(
+            Some(&key),
+            Some(&Bytes::from_static(b"\x03xx")),
+            &mut marks
+        ));
+        assert!(!decode(Some(&key), None, &mut marks));
+        assert!(!decode(
+            None,
+            Some(&Bytes::from_static(&[2, 1])),
+            &mut marks
+        ));
+        assert_eq!(marks.len(), before, "nothing added from a refused record");
     }
 }
