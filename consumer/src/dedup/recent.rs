@@ -9,13 +9,15 @@
 //! ([`Recent`]), exactly (no false positives: a duplicate is found without a read, a fresh key
 //! is never taken for one).
 //!
-//! The index is bounded (`DedupConfig::memory_marks`). Past it, the oldest batch records are
-//! *spilled*: one `WriteBatch` puts a mark per key and deletes the record, and the keys leave
-//! memory (the bucket's Bloom filter and RocksDB answer for them from then on). An open reads
-//! the batch records of the live buckets back into memory.
+//! The index is bounded (`DedupConfig::memory_marks`). Once it is full, marks are written one
+//! RocksDB key each, as before records existed, until a bucket's expiry frees memory. An open
+//! reads the batch records of the live buckets back into memory; when they exceed the bound
+//! (a smaller one than they were written under), the oldest records are *spilled*: one
+//! `WriteBatch` puts a mark per key and deletes the record, and the keys leave memory (the
+//! bucket's Bloom filter and RocksDB answer for them from then on).
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 
 use super::store::KeyHash;
 
@@ -98,24 +100,60 @@ impl Hash for Packed {
     }
 }
 
-/// Passes a `Packed`'s word through.
-#[derive(Debug, Default, Clone, Copy)]
-struct PassThrough(u64);
+/// Hashes a `Packed` with a seed drawn per index: keys come from message ids that whoever
+/// sends the messages chooses, so a fixed mapping to slots could be attacked with keys made to
+/// share slots (inserts then take time in the square of their number). Mixing with an unknown
+/// seed (a folded multiply) leaves nothing to aim at.
+#[derive(Debug, Clone, Copy)]
+struct Seeded(u64);
 
-impl Hasher for PassThrough {
+impl Default for Seeded {
+    fn default() -> Self {
+        Self(std::collections::hash_map::RandomState::new().hash_one(0u64))
+    }
+}
+
+impl BuildHasher for Seeded {
+    type Hasher = Folded;
+
+    fn build_hasher(&self) -> Folded {
+        Folded {
+            seed: self.0,
+            hash: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Folded {
+    seed: u64,
+    hash: u64,
+}
+
+impl Folded {
+    fn mix(&mut self, value: u64) {
+        let product =
+            u128::from(value ^ self.seed ^ self.hash) * u128::from(0x9e37_79b9_7f4a_7c15_u64);
+        self.hash = (product >> 64) as u64 ^ product as u64;
+    }
+}
+
+impl Hasher for Folded {
     fn finish(&self) -> u64 {
-        self.0
+        self.hash
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Not reached for `Packed`; correct all the same (FNV-1a).
-        for &byte in bytes {
-            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+        // Not reached for `Packed`; correct all the same.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word));
         }
     }
 
     fn write_u64(&mut self, value: u64) {
-        self.0 ^= value;
+        self.mix(value);
     }
 }
 
@@ -123,7 +161,7 @@ impl Hasher for PassThrough {
 #[derive(Debug, Default)]
 pub(super) struct Recent {
     /// Each key of the held records, with the newest record holding it.
-    marks: HashMap<Packed, u64, BuildHasherDefault<PassThrough>>,
+    marks: HashMap<Packed, u64, Seeded>,
     /// The held records, oldest first: sequence, time of their marks.
     batches: VecDeque<(u64, i64)>,
 }
@@ -166,6 +204,12 @@ impl Recent {
                 self.marks.remove(&packed);
             }
         }
+    }
+
+    /// Gives back the memory of records forgotten.
+    pub(super) fn shrink(&mut self) {
+        self.marks.shrink_to_fit();
+        self.batches.shrink_to_fit();
     }
 
     /// Marks held.

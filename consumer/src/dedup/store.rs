@@ -23,7 +23,7 @@
 //! key it may hold is looked up.
 //!
 //! Marks are written as batch records, one per `mark_done` call, and held in memory up to
-//! `memory_marks`; past that the oldest are rewritten one key per mark (see `recent`).
+//! `memory_marks`; past that, one key per mark (see `recent`).
 //!
 //! Memory: the marks held (25 to 50 bytes each, up to `memory_marks`), the key filters
 //! (about 1.5 bytes per mark in the window), the block cache
@@ -56,6 +56,10 @@ use super::recent::{self, Recent};
 use crate::clock::{Clock, SystemClock};
 
 const FORMAT_VERSION: u8 = 1;
+/// The version in the bucket-width record: 2 since marks may be held in batch records
+/// (`recent`). Versions before those refuse a store whose record says 2 (they take it for
+/// corrupt) instead of opening it without seeing those marks.
+const STORE_FORMAT: u8 = 2;
 pub(super) const OFFSETS: &str = "offsets";
 /// Published through the `metrics` facade: every claim by outcome (`result` = `fresh`,
 /// `reclaimed` after an expired lease, or `duplicate`); beside it
@@ -86,10 +90,11 @@ pub struct DedupConfig {
     /// fsync every mark (survives power loss); without it a mark survives `kill -9` (it is in
     /// the write-ahead log in the OS) but not a machine crash.
     pub sync_writes: bool,
-    /// Marks held in memory (`memory_marks`): `mark_done` writes one record per call, and
-    /// the marks it holds are looked up in memory; past this many, the oldest records are
-    /// rewritten as one RocksDB key per mark (slower to write, but on disk only). About 25 to
-    /// 50 bytes per mark held; 0 writes every mark as its own key at once.
+    /// Marks held in memory (`memory_marks`): `mark_done` writes the marks of one call as one
+    /// record, and they are looked up in memory; once this many are held, marks are written
+    /// one RocksDB key each (slower to write, on disk only) until buckets expire. About 25 to
+    /// 50 bytes per mark held; 0 writes every mark as its own key. A smaller bound at an open
+    /// rewrites the oldest records one key per mark.
     pub memory_marks: usize,
 }
 
@@ -658,13 +663,16 @@ impl DedupStore {
             let mut still_open = Vec::with_capacity(open.len());
             let mut asked = Vec::with_capacity(open.len());
             for &i in &open {
-                if let Some(at_ms) = recent.and_then(|r| r.get(keys[i])) {
-                    if now_ms < at_ms.saturating_add(self.window_ms()) {
-                        found[i] = Some((MarkState::Done { at_ms }, *start));
-                    }
-                    // Outlived: its bucket goes soon. An older bucket cannot hold a newer
-                    // mark of the key.
+                let held = recent.and_then(|r| r.get(keys[i]));
+                if let Some(at_ms) = held
+                    && now_ms < at_ms.saturating_add(self.window_ms())
+                {
+                    // Live: nothing later was written for the key (a claim would have been
+                    // a duplicate, a replayed mark skipped).
+                    found[i] = Some((MarkState::Done { at_ms }, *start));
                 } else if filter.is_none_or(|f| f.may_contain(keys[i])) {
+                    // (A held mark that outlived the window may have a later one of its own
+                    // key beside it in the bucket: a replayed mark, a claim.)
                     asked.push(i);
                 } else {
                     still_open.push(i);
@@ -1052,15 +1060,31 @@ impl DedupStore {
             .cf_handle(STATE)
             .ok_or_else(|| self.missing(STATE))?;
         let mut batch = WriteBatch::default();
-        // One record for all the marks (see `recent`), held in memory once written.
-        let keys: Vec<KeyHash> = claims.iter().map(|&(key, _)| key).collect();
+        let mut keys: Vec<KeyHash> = claims.iter().map(|&(key, _)| key).collect();
         let seq = inner.next_batch;
-        if !keys.is_empty() {
+        // One record for all the marks (see `recent`), held in memory once written; with the
+        // memory full, one key per mark.
+        let held = !keys.is_empty()
+            && inner.recent_marks.saturating_add(keys.len()) <= self.config.memory_marks;
+        if held {
             batch.put_cf(
                 &marks,
                 recent::batch_key(seq),
                 recent::encode_batch(now, &keys),
             );
+        } else if !keys.is_empty() {
+            if let Some(filter) = inner.filters.get_mut(&bucket_start) {
+                for &key in &keys {
+                    filter.insert(key);
+                }
+            }
+            let done = Self::encode(MarkState::Done { at_ms: now });
+            // In key order: each insert into the memtable's skip list starts where the one
+            // before it ended, instead of from the top.
+            keys.sort_unstable();
+            for &key in &keys {
+                batch.put_cf(&marks, key.bytes(), &done);
+            }
         }
         for &(group, topic, partition, next_offset) in offsets {
             let value = postcard::to_stdvec(&StoredOffset {
@@ -1081,26 +1105,33 @@ impl DedupStore {
         for (key, _) in claims {
             inner.held.remove(key);
         }
-        if !keys.is_empty() {
+        if held {
             inner.next_batch += 1;
             let recent = inner.recent.entry(bucket_start).or_default();
             let before = recent.len();
             recent.insert(seq, now, &keys);
             let added = recent.len() - before;
             inner.recent_marks += added;
-            // The batch is written: a spill that fails leaves records in memory (over the
-            // bound) until a later one succeeds, and does not make this call fail.
-            if let Err(e) = self.spill(&mut inner) {
-                tracing::warn!(error = %e, "dedup store: batch records not rewritten one key per mark yet; they stay in memory");
-            }
         }
         Ok(())
     }
 
     /// Rewrites the oldest batch records as one key per mark until at most `memory_marks`
-    /// are held in memory. Each record goes in one write: its marks (added to the bucket's
-    /// filter first) and the record's deletion, so a crash leaves one form or the other.
+    /// are held in memory (at open, under a smaller bound than the store was written with).
+    /// Each record goes in one write: its marks (added to the bucket's filter first) and the
+    /// record's deletion, so a crash leaves one form or the other.
     fn spill(&self, inner: &mut Inner) -> Result<(), DedupError> {
+        if inner.recent_marks <= self.config.memory_marks {
+            return Ok(());
+        }
+        self.spill_records(inner)?;
+        for recent in inner.recent.values_mut() {
+            recent.shrink();
+        }
+        Ok(())
+    }
+
+    fn spill_records(&self, inner: &mut Inner) -> Result<(), DedupError> {
         while inner.recent_marks > self.config.memory_marks {
             let Some((start, seq)) = inner
                 .recent
@@ -1142,10 +1173,15 @@ impl DedupStore {
             // In key order: each insert into the memtable's skip list starts where the one
             // before it ended, instead of from the top.
             keys.sort_unstable();
-            for &key in &keys {
-                // A key that a later record holds too gets that record's later time when
-                // that record is spilled; until then memory answers for it.
-                batch.put_cf(&family, key.bytes(), &done);
+            // Marks that outlived the window are not rewritten: they count for nothing, and
+            // a later mark or claim of the key may sit beside them in the bucket (written
+            // once they had outlived it), which they must not overwrite. A live one has
+            // nothing later beside it. A key that a later record holds too gets that
+            // record's time when that record is spilled; until then memory answers for it.
+            if self.clock.now_ms() < at_ms.saturating_add(self.window_ms()) {
+                for &key in &keys {
+                    batch.put_cf(&family, key.bytes(), &done);
+                }
             }
             batch.delete_cf(&family, key);
             drop(family);
@@ -1434,18 +1470,31 @@ fn stored_width(db: &Db, config: &DedupConfig) -> Result<i64, DedupError> {
                 what: "bucket width".into(),
                 reason: e.to_string(),
             })?;
-        if stored.version != FORMAT_VERSION || stored.width_ms <= 0 {
+        if !(FORMAT_VERSION..=STORE_FORMAT).contains(&stored.version) || stored.width_ms <= 0 {
             return Err(DedupError::Corrupt {
                 path: config.path.clone(),
                 what: "bucket width".into(),
                 reason: format!("version {}, width {} ms", stored.version, stored.width_ms),
             });
         }
-        return Ok(stored.width_ms);
+        if stored.version == STORE_FORMAT {
+            return Ok(stored.width_ms);
+        }
+        // Written by a version without batch records: from now on it may hold some.
+        return write_width(db, config, stored.width_ms);
     }
     let width_ms = (i64::try_from(config.window.as_millis()).unwrap_or(i64::MAX) / 2).max(1);
+    write_width(db, config, width_ms)
+}
+
+/// Records the bucket width, with the store's format, synced.
+fn write_width(db: &Db, config: &DedupConfig, width_ms: i64) -> Result<i64, DedupError> {
+    let storage = |source| DedupError::Storage {
+        path: config.path.clone(),
+        source,
+    };
     let value = postcard::to_stdvec(&StoredWidth {
-        version: FORMAT_VERSION,
+        version: STORE_FORMAT,
         width_ms,
     })
     .unwrap_or_default();
@@ -2002,8 +2051,8 @@ mod tests {
     }
 
     #[test]
-    fn past_the_memory_bound_the_oldest_records_become_one_key_per_mark() -> Result<(), DedupError>
-    {
+    fn past_the_memory_bound_marks_are_one_key_each_and_a_smaller_bound_rewrites_records()
+    -> Result<(), DedupError> {
         let dir = tempfile::tempdir().expect("dir");
         {
             let store = store_holding(dir.path(), 25);
@@ -2031,6 +2080,76 @@ mod tests {
             );
         }
         assert!(matches!(store.claim(key(100))?, Claim::Fresh(_)));
+        Ok(())
+    }
+
+    /// Review finding: a mark held in memory that had outlived the window hid a later mark
+    /// of the same key in the same bucket (replayed from the changelog: the key was handled
+    /// again on another host late in that bucket), so the key counted as fresh; and
+    /// rewriting the record one key per mark put the outlived time over the later mark.
+    #[test]
+    fn an_outlived_mark_in_memory_hides_no_later_mark_of_its_bucket() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let width = 1_800_000; // half the one-hour window
+        let open = |memory_marks: usize, now: i64| {
+            let config = DedupConfig {
+                window: Duration::from_secs(3600),
+                memory_marks,
+                ..DedupConfig::new(dir.path())
+            };
+            let clock = Arc::new(ManualClock(AtomicI64::new(now)));
+            DedupStore::open_with_clock(config, clock).expect("open")
+        };
+        let later = T0 + 2 * width + 20_000;
+        {
+            let store = open(100, T0 + 10_000);
+            mark(&store, 1..2)?;
+        }
+        {
+            let store = open(100, later);
+            // Handled again elsewhere at the end of the same bucket: live until T0 + 3 widths.
+            assert_eq!(
+                store.restore_marks(&[(key(1), T0 + width - 10_000)], None)?,
+                1
+            );
+            assert_eq!(store.claim(key(1))?, Claim::Duplicate);
+        }
+        // The record is rewritten one key per mark at this open (no memory): the later mark
+        // stays.
+        let store = open(0, later);
+        assert_eq!(store.marks_in_memory().0, 0);
+        assert_eq!(store.claim(key(1))?, Claim::Duplicate);
+        Ok(())
+    }
+
+    /// Review finding: a version from before batch records opened a store that held some,
+    /// and took every mark in them for fresh. Such versions accept only format 1 in the
+    /// bucket-width record; this one writes 2 (and upgrades a store of format 1).
+    #[test]
+    fn the_store_format_keeps_versions_without_batch_records_out() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let width = |store: &DedupStore| -> StoredWidth {
+            let bytes = store
+                .db
+                .get(BUCKET_WIDTH_KEY)
+                .expect("read")
+                .expect("width");
+            postcard::from_bytes(&bytes).expect("decode")
+        };
+        {
+            let store = store_holding(dir.path(), 100);
+            assert_eq!(width(&store).version, STORE_FORMAT);
+            // As a version before batch records left it.
+            let old = postcard::to_stdvec(&StoredWidth {
+                version: FORMAT_VERSION,
+                width_ms: 1_800_000,
+            })
+            .expect("encode");
+            store.db.put(BUCKET_WIDTH_KEY, old).expect("put");
+        }
+        let store = store_holding(dir.path(), 100);
+        let stored = width(&store);
+        assert_eq!((stored.version, stored.width_ms), (STORE_FORMAT, 1_800_000));
         Ok(())
     }
 
