@@ -152,41 +152,44 @@ impl Consumer {
 
     fn take_next(&mut self, errors: bool) -> Result<Option<ConsumerRecord>, ConsumerError> {
         let limit = self.config.max_poll_records;
-        let current = self.cursor.clone().filter(|tp| {
+        // The partition taken from last time, while it has records and its share is not
+        // used up; else the next one that has some (round robin). No clone of its name per
+        // record: this runs once per record.
+        let stay = self.cursor.as_ref().is_some_and(|tp| {
             self.taken_from_cursor < limit
                 && self
                     .partitions
                     .get(tp)
                     .is_some_and(|s| !s.paused && !s.buffer.is_empty())
         });
-        let tp = match current {
-            Some(tp) => tp,
-            None => {
-                let after = self.cursor.clone();
-                let next = after
-                    .as_ref()
-                    .and_then(|a| {
-                        self.partitions
-                            .range::<TopicPartition, _>((
-                                std::ops::Bound::Excluded(a),
-                                std::ops::Bound::Unbounded,
-                            ))
-                            .find(|(_, s)| !s.paused && (!s.buffer.is_empty() || s.error.is_some()))
-                            .map(|(tp, _)| tp.clone())
-                    })
-                    .or_else(|| {
-                        self.partitions
-                            .iter()
-                            .find(|(_, s)| !s.paused && (!s.buffer.is_empty() || s.error.is_some()))
-                            .map(|(tp, _)| tp.clone())
-                    });
-                let Some(tp) = next else { return Ok(None) };
-                self.cursor = Some(tp.clone());
-                self.taken_from_cursor = 0;
-                tp
-            }
-        };
-        let Some(state) = self.partitions.get_mut(&tp) else {
+        if !stay {
+            let next = self
+                .cursor
+                .as_ref()
+                .and_then(|a| {
+                    self.partitions
+                        .range::<TopicPartition, _>((
+                            std::ops::Bound::Excluded(a),
+                            std::ops::Bound::Unbounded,
+                        ))
+                        .find(|(_, s)| !s.paused && (!s.buffer.is_empty() || s.error.is_some()))
+                        .map(|(tp, _)| tp.clone())
+                })
+                .or_else(|| {
+                    self.partitions
+                        .iter()
+                        .find(|(_, s)| !s.paused && (!s.buffer.is_empty() || s.error.is_some()))
+                        .map(|(tp, _)| tp.clone())
+                });
+            let Some(tp) = next else { return Ok(None) };
+            self.cursor = Some(tp);
+            self.taken_from_cursor = 0;
+        }
+        let Some(state) = self
+            .cursor
+            .as_ref()
+            .and_then(|tp| self.partitions.get_mut(tp))
+        else {
             return Ok(None);
         };
         match state.buffer.pop_front() {

@@ -319,13 +319,18 @@ impl Fresh {
         // As in `done`: the handler's writes first, with no lock held.
         let state = StateWrites::collect(state);
         let mut inner = shared.lock();
-        // Per partition and ownership, the offsets settled here.
-        let mut settling: BTreeMap<(TopicPartition, Epoch), BTreeSet<i64>> = BTreeMap::new();
+        // Per partition and ownership, the offsets settled here (a handful of partitions: a
+        // list, and no copy of a partition's name per handle).
+        let mut settling: Vec<((TopicPartition, Epoch), BTreeSet<i64>)> = Vec::new();
         for h in &handles {
-            settling
-                .entry((h.record.topic_partition(), h.epoch))
-                .or_default()
-                .insert(h.record.offset);
+            let at = settling.iter().position(|((tp, epoch), _)| {
+                *epoch == h.epoch && tp.1 == h.record.partition && *tp.0 == *h.record.topic
+            });
+            let at = at.unwrap_or_else(|| {
+                settling.push(((h.record.topic_partition(), h.epoch), BTreeSet::new()));
+                settling.len() - 1
+            });
+            settling[at].1.insert(h.record.offset);
         }
         let offsets: Vec<(TopicPartition, i64)> = settling
             .iter()
@@ -355,12 +360,13 @@ impl Fresh {
             }
             return Err(e.into());
         }
+        let mut last = None;
         for h in &handles {
-            let tp = h.record.topic_partition();
-            let released = inner.settlements.settle(&tp, h.epoch, h.record.offset);
+            let tp = partition_of(&mut last, &h.record);
+            let released = inner.settlements.settle(tp, h.epoch, h.record.offset);
             if shared.changelog {
                 inner.outbox.push_back(Settled {
-                    partition: tp,
+                    partition: tp.clone(),
                     record_offset: h.record.offset,
                     release: released.map(|offset| (h.epoch, offset)),
                     key: h.key(),
@@ -388,6 +394,21 @@ impl Fresh {
             .give_back(&self.record, self.claim, self.epoch)?;
         Ok(())
     }
+}
+
+/// `record`'s partition: the one in `last` when it is the same, else a copy made now (and
+/// kept in `last`), so handles of one partition in a row cost one copy of its name.
+fn partition_of<'a>(
+    last: &'a mut Option<TopicPartition>,
+    record: &ConsumerRecord,
+) -> &'a TopicPartition {
+    let same = last
+        .as_ref()
+        .is_some_and(|tp| tp.1 == record.partition && *tp.0 == *record.topic);
+    if !same {
+        *last = Some(record.topic_partition());
+    }
+    last.get_or_insert_with(|| record.topic_partition())
 }
 
 impl Drop for Fresh {
@@ -921,6 +942,13 @@ impl DedupConsumer {
                     Ok(candidate) => candidates.push(candidate),
                     Err(passed) => out.push(passed),
                 }
+                // Nothing given back or due: the rest comes from the consumer's buffer, in
+                // one go.
+                if self.nothing_waiting() {
+                    let room = max - candidates.len() - out.len();
+                    self.take_buffered_many(room, &mut candidates, &mut out);
+                    break;
+                }
             }
             let settles = self.settles();
             let claims = match self.claim(&candidates) {
@@ -938,11 +966,12 @@ impl DedupConsumer {
                     return Err(e.into());
                 }
             };
+            let mut handing = Vec::with_capacity(candidates.len());
             for (candidate, claimed) in candidates.into_iter().zip(claims) {
                 match claimed {
                     (Claim::Fresh(token) | Claim::Reclaimed(token), reclaimed) => {
                         let Candidate { record, key, epoch } = candidate;
-                        out.push(self.fresh(record, Some((key, token)), epoch, reclaimed));
+                        handing.push(self.handle(record, Some((key, token)), epoch, reclaimed));
                     }
                     (Claim::Duplicate, _) => {
                         self.settle_unhandled(
@@ -955,6 +984,19 @@ impl DedupConsumer {
                     // offset until it is handed out and settled.
                     (Claim::InProgress { until_ms }, _) => self.park(candidate, settles, until_ms),
                 }
+            }
+            if !handing.is_empty() {
+                // Handed out together: one lock for all.
+                let mut state = self.shared.lock();
+                let mut last = None;
+                for fresh in &handing {
+                    let tp = partition_of(&mut last, &fresh.record);
+                    state
+                        .settlements
+                        .hand_out(tp, fresh.epoch, fresh.record.offset);
+                }
+                drop(state);
+                out.extend(handing);
             }
             if !out.is_empty() {
                 return Ok(out);
@@ -1044,6 +1086,79 @@ impl DedupConsumer {
                 }
             },
         }
+    }
+
+    /// Whether no record is given back, waiting aside, held, or waiting for a replay: then
+    /// the next records are the consumer's buffered ones.
+    fn nothing_waiting(&self) -> bool {
+        if !self.pending.is_empty() || self.held.is_some() || self.parked_full() {
+            return false;
+        }
+        let state = self.shared.lock();
+        state.again.is_empty() && state.to_restore.is_empty()
+    }
+
+    /// Up to `room` records from the consumer's buffer, as `take_ready` takes them one at a
+    /// time (when [`DedupConsumer::nothing_waiting`]), with one lock for all of them: each
+    /// with its key as a candidate, or (without one, `MissingKey::Pass`) a handle in `out`.
+    /// Stops at a record `next` has to deal with (a replay due, a key to reject), which it
+    /// holds.
+    fn take_buffered_many(
+        &mut self,
+        room: usize,
+        candidates: &mut Vec<Candidate>,
+        out: &mut Vec<Fresh>,
+    ) {
+        let mut read: Vec<(ConsumerRecord, Option<KeyHash>)> = Vec::new();
+        while read.len() < room {
+            let Some(record) = self.consumer.take_buffered() else {
+                break;
+            };
+            if self.first_of_assigned_partition(&record) {
+                self.held = Some(record);
+                break;
+            }
+            match self.config.key_source.key(&record) {
+                Err(_) => {
+                    self.held = Some(record);
+                    break;
+                }
+                Ok(Some(message_key)) => {
+                    let key = KeyHash::new(&self.shared.group, &record.topic, &message_key);
+                    read.push((record, Some(key)));
+                }
+                Ok(None) => match self.config.missing_key {
+                    MissingKey::Pass => {
+                        self.passed += 1;
+                        read.push((record, None));
+                    }
+                    MissingKey::Reject => {
+                        self.held = Some(record);
+                        break;
+                    }
+                },
+            }
+        }
+        let mut state = self.shared.lock();
+        let mut last = None;
+        let mut passed = Vec::new();
+        for (record, key) in read {
+            let tp = partition_of(&mut last, &record);
+            let epoch = state.settlements.read(tp, record.offset, true);
+            match key {
+                Some(key) => candidates.push(Candidate { record, key, epoch }),
+                None => {
+                    state.settlements.hand_out(tp, epoch, record.offset);
+                    passed.push((record, epoch));
+                }
+            }
+        }
+        drop(state);
+        out.extend(
+            passed
+                .into_iter()
+                .map(|(record, epoch)| self.handle(record, None, epoch, false)),
+        );
     }
 
     /// Whether `record` is the first of a partition assigned by hand ([`Consumer::assign`]:
@@ -1331,6 +1446,18 @@ impl DedupConsumer {
             .lock()
             .settlements
             .hand_out(&record.topic_partition(), epoch, record.offset);
+        self.handle(record, claim, epoch, reclaimed)
+    }
+
+    /// The handle of a record, not yet counted as handed out (the caller does that,
+    /// `Settlements::hand_out`, before the handle leaves).
+    fn handle(
+        &self,
+        record: ConsumerRecord,
+        claim: Option<(KeyHash, ClaimToken)>,
+        epoch: Epoch,
+        reclaimed: bool,
+    ) -> Fresh {
         Fresh {
             record,
             claim,
