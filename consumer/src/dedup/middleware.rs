@@ -321,16 +321,19 @@ impl Fresh {
         let mut inner = shared.lock();
         // Per partition and ownership, the offsets settled here (a handful of partitions: a
         // list, and no copy of a partition's name per handle).
-        let mut settling: Vec<((TopicPartition, Epoch), BTreeSet<i64>)> = Vec::new();
+        let mut settling: Vec<((TopicPartition, Epoch), Vec<i64>)> = Vec::new();
         for h in &handles {
             let at = settling.iter().position(|((tp, epoch), _)| {
                 *epoch == h.epoch && tp.1 == h.record.partition && *tp.0 == *h.record.topic
             });
             let at = at.unwrap_or_else(|| {
-                settling.push(((h.record.topic_partition(), h.epoch), BTreeSet::new()));
+                settling.push(((h.record.topic_partition(), h.epoch), Vec::new()));
                 settling.len() - 1
             });
-            settling[at].1.insert(h.record.offset);
+            settling[at].1.push(h.record.offset);
+        }
+        for (_, offsets) in &mut settling {
+            offsets.sort_unstable();
         }
         let offsets: Vec<(TopicPartition, i64)> = settling
             .iter()

@@ -21,9 +21,85 @@
 //!
 //! [`Fresh`]: super::Fresh
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::assignor::TopicPartition;
+
+/// A set of offsets, for offsets that mostly arrive in increasing order and mostly leave from
+/// the low end (records read in order, settled about in order): a sorted queue in which a
+/// removed offset is only marked, and dropped once it reaches the front. A `BTreeSet` cost a
+/// node search and, every few offsets, an allocation per insert and per remove, several per
+/// record. Marked entries never outnumber live ones by much: past that the queue is compacted.
+#[derive(Debug, Default)]
+pub(crate) struct OffsetSet {
+    /// Increasing offsets, each with whether it is (still) in the set. The front one is.
+    entries: VecDeque<(i64, bool)>,
+    live: usize,
+}
+
+impl OffsetSet {
+    /// Adds `offset`; `false` when it was there already.
+    pub(crate) fn insert(&mut self, offset: i64) -> bool {
+        if self.entries.back().is_none_or(|&(last, _)| last < offset) {
+            self.entries.push_back((offset, true));
+            self.live += 1;
+            return true;
+        }
+        match self.entries.binary_search_by_key(&offset, |&(o, _)| o) {
+            Ok(at) => {
+                let (_, present) = &mut self.entries[at];
+                if *present {
+                    return false;
+                }
+                *present = true;
+            }
+            Err(at) => self.entries.insert(at, (offset, true)),
+        }
+        self.live += 1;
+        true
+    }
+
+    /// Removes `offset`; `false` when it was not there.
+    pub(crate) fn remove(&mut self, offset: i64) -> bool {
+        let Ok(at) = self.entries.binary_search_by_key(&offset, |&(o, _)| o) else {
+            return false;
+        };
+        let (_, present) = &mut self.entries[at];
+        if !*present {
+            return false;
+        }
+        *present = false;
+        self.live -= 1;
+        while self.entries.front().is_some_and(|&(_, present)| !present) {
+            self.entries.pop_front();
+        }
+        if self.entries.len() > 2 * self.live + 64 {
+            self.entries.retain(|&(_, present)| present);
+        }
+        true
+    }
+
+    /// The lowest offset in the set.
+    pub(crate) fn first(&self) -> Option<i64> {
+        self.entries.front().map(|&(offset, _)| offset)
+    }
+
+    /// The offsets, lowest first.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = i64> + '_ {
+        self.entries
+            .iter()
+            .filter(|&&(_, present)| present)
+            .map(|&(offset, _)| offset)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.live
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+}
 
 /// One ownership of one partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -35,9 +111,9 @@ struct Track {
     /// The offset after the last record read (`None` before the first).
     read_to: Option<i64>,
     /// Offsets read and not settled yet (handed out, given back, or waiting for a claim).
-    outstanding: BTreeSet<i64>,
+    outstanding: OffsetSet,
     /// Of those, the ones a live handle holds: what a revocation waits for.
-    handed: BTreeSet<i64>,
+    handed: OffsetSet,
     /// Whether a record was settled in this ownership (so an offset was released to the
     /// changelog, which a revocation waits for).
     settled_any: bool,
@@ -46,7 +122,7 @@ struct Track {
 impl Track {
     fn committable(&self) -> Option<i64> {
         match self.outstanding.first() {
-            Some(&lowest) => Some(lowest),
+            Some(lowest) => Some(lowest),
             None => self.read_to,
         }
     }
@@ -86,8 +162,8 @@ impl Settlements {
             Track {
                 epoch,
                 read_to: None,
-                outstanding: BTreeSet::new(),
-                handed: BTreeSet::new(),
+                outstanding: OffsetSet::default(),
+                handed: OffsetSet::default(),
                 settled_any: false,
             },
         );
@@ -158,7 +234,7 @@ impl Settlements {
     /// A handle came back unsettled (failed, dropped): its record is outstanding still.
     pub(crate) fn returned(&mut self, tp: &TopicPartition, epoch: Epoch, offset: i64) {
         if let Some(track) = self.track_mut(tp, epoch) {
-            track.handed.remove(&offset);
+            track.handed.remove(offset);
         }
     }
 
@@ -195,24 +271,28 @@ impl Settlements {
         offset: i64,
     ) -> Option<i64> {
         let track = self.track(tp, epoch)?;
-        let lowest_other = track.outstanding.iter().copied().find(|&o| o != offset);
+        let lowest_other = track.outstanding.iter().find(|&o| o != offset);
         match lowest_other {
             Some(lowest) => Some(lowest),
             None => track.read_to,
         }
     }
 
-    /// What [`Settlements::committable`] will be once every offset of `offsets` (read in
-    /// `epoch`) is settled; `None` when `epoch` is not the partition's current one.
+    /// What [`Settlements::committable`] will be once every offset of `offsets` (sorted; read
+    /// in `epoch`) is settled; `None` when `epoch` is not the partition's current one.
     pub(crate) fn committable_after_all(
         &self,
         tp: &TopicPartition,
         epoch: Epoch,
-        offsets: &BTreeSet<i64>,
+        offsets: &[i64],
     ) -> Option<i64> {
         let track = self.track(tp, epoch)?;
-        match track.outstanding.difference(offsets).next() {
-            Some(&lowest) => Some(lowest),
+        let lowest_other = track
+            .outstanding
+            .iter()
+            .find(|o| offsets.binary_search(o).is_err());
+        match lowest_other {
+            Some(lowest) => Some(lowest),
             None => track.read_to,
         }
     }
@@ -221,8 +301,8 @@ impl Settlements {
     /// or `None` when `epoch` is stale (nothing changes).
     pub(crate) fn settle(&mut self, tp: &TopicPartition, epoch: Epoch, offset: i64) -> Option<i64> {
         let track = self.track_mut(tp, epoch)?;
-        track.outstanding.remove(&offset);
-        track.handed.remove(&offset);
+        track.outstanding.remove(offset);
+        track.handed.remove(offset);
         track.settled_any = true;
         track.committable()
     }
@@ -283,9 +363,9 @@ mod tests {
         for o in 0..6 {
             s.read(&tp(), o, true);
         }
-        let some: BTreeSet<i64> = [0, 1, 3].into();
+        let some = [0, 1, 3];
         assert_eq!(s.committable_after_all(&tp(), e, &some), Some(2));
-        let all: BTreeSet<i64> = (0..6).collect();
+        let all: Vec<i64> = (0..6).collect();
         assert_eq!(s.committable_after_all(&tp(), e, &all), Some(6));
         let other = Epoch(e.0 + 1);
         assert_eq!(s.committable_after_all(&tp(), other, &all), None);
@@ -347,6 +427,34 @@ mod tests {
     }
 
     proptest! {
+        /// `OffsetSet` against `BTreeSet`: inserts mostly above what is there, some below or
+        /// again; removes anywhere, mostly low.
+        #[test]
+        fn an_offset_set_answers_as_a_btree_set_does(
+            ops in proptest::collection::vec((any::<bool>(), 0u8..4, 0i64..200), 1..400),
+        ) {
+            let mut set = OffsetSet::default();
+            let mut model = std::collections::BTreeSet::new();
+            let mut next = 0i64;
+            for (add, kind, n) in ops {
+                if add {
+                    let offset = if kind > 0 { next += 1; next } else { n };
+                    prop_assert_eq!(set.insert(offset), model.insert(offset));
+                } else {
+                    let offset = match kind {
+                        0 => n,
+                        _ => model.iter().next().copied().unwrap_or(n),
+                    };
+                    prop_assert_eq!(set.remove(offset), model.remove(&offset));
+                }
+                prop_assert_eq!(set.first(), model.first().copied());
+                prop_assert_eq!(set.len(), model.len());
+                prop_assert_eq!(set.is_empty(), model.is_empty());
+                prop_assert!(set.entries.len() <= 2 * set.len() + 64 + 1);
+            }
+            prop_assert_eq!(set.iter().collect::<Vec<_>>(), model.iter().copied().collect::<Vec<_>>());
+        }
+
         /// Against a model: records 0..n read in order, each handed out or settled at once,
         /// settled in a random order. The committable offset is always the lowest offset not
         /// settled (or the end read), it never moves backwards, and every offset below it is
