@@ -229,6 +229,10 @@ pub(crate) struct Changelog {
     sent: usize,
     metrics: Arc<Mutex<RestoreMetrics>>,
     standby: Option<AbortOnDrop>,
+    /// Each record's key: a random prefix of this middleware's, then a count. Unique, so a
+    /// topic someone made compacted accepts the records (it refuses records without a key)
+    /// and keeps every one.
+    record_keys: (u64, u64),
 }
 
 /// The standby task, stopped when the changelog goes, with or without `close` (it holds the
@@ -322,6 +326,13 @@ impl Changelog {
             sent: 0,
             metrics: Arc::new(Mutex::new(RestoreMetrics::default())),
             standby: None,
+            record_keys: (
+                std::hash::BuildHasher::hash_one(
+                    &std::collections::hash_map::RandomState::new(),
+                    group,
+                ),
+                0,
+            ),
         };
         changelog.ensure_partitions(input_partitions).await?;
         if config.standby {
@@ -491,7 +502,14 @@ impl Changelog {
         );
         let records: Vec<ProducerRecord> = values
             .iter()
-            .map(|value| marks_record(&self.topic, value))
+            .map(|value| {
+                let (prefix, count) = &mut self.record_keys;
+                *count += 1;
+                let mut key = [0; 16];
+                key[..8].copy_from_slice(&prefix.to_be_bytes());
+                key[8..].copy_from_slice(&count.to_be_bytes());
+                marks_record(&self.topic, key, value)
+            })
             .collect();
         if !records.is_empty() {
             let count = records.len();
@@ -532,13 +550,19 @@ impl Changelog {
                 }
             }
         }
+        // Every mark of a failed record of that hand-over goes again, at once, not one record
+        // per round as each reaches the front.
         if let Some((group, slot)) = failed {
             for entry in &mut self.entries {
-                if entry
-                    .delivery
-                    .as_ref()
-                    .is_some_and(|(g, s)| Arc::ptr_eq(g, &group) && *s == slot)
-                {
+                let resend = entry.delivery.as_ref().is_some_and(|(g, s)| {
+                    Arc::ptr_eq(g, &group)
+                        && (*s == slot
+                            || matches!(
+                                g.lock().unwrap_or_else(|p| p.into_inner()).outcome(*s),
+                                Some(Err(_))
+                            ))
+                });
+                if resend {
                     entry.delivery = None;
                 }
             }
@@ -704,7 +728,7 @@ fn gather<'a>(
     (placed, values)
 }
 
-fn marks_record(topic: &str, value: &MarksValue) -> ProducerRecord {
+fn marks_record(topic: &str, key: [u8; 16], value: &MarksValue) -> ProducerRecord {
     // The newest mark's time: the record is kept (`retention.ms`) as long as that mark needs,
     // and a replay from (now − window) finds it.
     let newest = value.marks.iter().map(|&(_, _, at)| at).max().unwrap_or(0);
@@ -712,7 +736,7 @@ fn marks_record(topic: &str, value: &MarksValue) -> ProducerRecord {
     ProducerRecord {
         topic: topic.to_string(),
         partition: Some(value.partition),
-        key: None,
+        key: Some(Bytes::copy_from_slice(&key)),
         value: Some(Bytes::from(bytes)),
         headers: Vec::new(),
         timestamp_ms: Some(newest),
@@ -1011,11 +1035,15 @@ mod tests {
                 .enumerate(),
         )
         .1;
-        let record = marks_record("log", &values[0]);
+        let record = marks_record("log", [7; 16], &values[0]);
         assert_eq!(record.partition, Some(2));
         assert_eq!(record.timestamp_ms, Some(1_008), "the newest mark's time");
         let mut marks = Vec::new();
-        assert!(decode(None, record.value.as_ref(), &mut marks));
+        assert!(decode(
+            record.key.as_ref(),
+            record.value.as_ref(),
+            &mut marks
+        ));
         assert_eq!(marks, vec![(KeyHash(42), 1_007), (KeyHash(43), 1_008)]);
         // One mark per record, keyed by the mark: what earlier versions wrote.
         let old = Bytes::from(

@@ -304,8 +304,22 @@ impl KeyHash {
     /// Hashes `key` within (`group`, `topic`), each part length-prefixed so the parts cannot
     /// run into each other.
     pub fn new(group: &str, topic: &str, key: &[u8]) -> Self {
+        let parts = [group.as_bytes(), topic.as_bytes(), key];
+        let total: usize = parts.iter().map(|p| 8 + p.len()).sum();
+        // The usual ids fit on the stack: one pass of the one-shot hash over them (the same
+        // value as the streaming hash of the same bytes, which longer ones take).
+        let mut stack = [0u8; 256];
+        if let Some(buffer) = stack.get_mut(..total) {
+            let mut at = 0;
+            for part in parts {
+                buffer[at..at + 8].copy_from_slice(&(part.len() as u64).to_le_bytes());
+                buffer[at + 8..at + 8 + part.len()].copy_from_slice(part);
+                at += 8 + part.len();
+            }
+            return Self(xxhash_rust::xxh3::xxh3_128(buffer));
+        }
         let mut hasher = Xxh3::new();
-        for part in [group.as_bytes(), topic.as_bytes(), key] {
+        for part in parts {
             hasher.update(&(part.len() as u64).to_le_bytes());
             hasher.update(part);
         }
@@ -1975,6 +1989,24 @@ mod tests {
         assert_eq!(store.offset("billing", "payments", 2)?, Some(41));
         assert_eq!(store.state(b"balance")?, Some(b"42".to_vec()));
         Ok(())
+    }
+
+    /// Key hashes are stored: the one-shot path (short ids) must give the streaming hash.
+    #[test]
+    fn key_hashes_do_not_depend_on_the_id_length_path() {
+        for len in [0, 1, 17, 200, 215, 216, 217, 300, 5000] {
+            let id = vec![b'x'; len];
+            let mut hasher = Xxh3::new();
+            for part in [b"billing".as_slice(), b"payments", &id] {
+                hasher.update(&(part.len() as u64).to_le_bytes());
+                hasher.update(part);
+            }
+            assert_eq!(
+                KeyHash::new("billing", "payments", &id).0,
+                hasher.digest128(),
+                "id of {len} bytes"
+            );
+        }
     }
 
     fn store_holding(dir: &Path, memory_marks: usize) -> DedupStore {
