@@ -35,10 +35,6 @@ struct Args {
     /// One memtable's size in MiB (`DedupConfig::write_buffer_bytes`).
     #[arg(long, default_value_t = 4)]
     write_buffer_mib: usize,
-    /// Marks held in memory as batch records (`DedupConfig::memory_marks`); 0: one RocksDB
-    /// key per mark at once.
-    #[arg(long, default_value_t = 1 << 20)]
-    memory_marks: usize,
     /// Keys per claim_many/mark_done_many (1: one call per key).
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -228,7 +224,6 @@ fn main() -> anyhow::Result<()> {
         sync_writes: args.sync,
         block_cache_bytes: args.cache_mib << 20,
         write_buffer_bytes: args.write_buffer_mib << 20,
-        memory_marks: args.memory_marks,
         ..DedupConfig::new(dir.path())
     };
     let store = DedupStore::open(config.clone())?;

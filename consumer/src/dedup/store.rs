@@ -1074,10 +1074,14 @@ impl DedupStore {
             .cf_handle(STATE)
             .ok_or_else(|| self.missing(STATE))?;
         let mut batch = WriteBatch::default();
-        let mut keys: Vec<KeyHash> = claims.iter().map(|&(key, _)| key).collect();
+        // A key whose claim record (`claim_many`) is in this bucket gets its mark over that
+        // record, one key; the others go in one record (see `recent`), held in memory once
+        // written. With the memory full, every mark is one key.
+        let (mut keyed, keys): (Vec<KeyHash>, Vec<KeyHash>) = claims
+            .iter()
+            .map(|&(key, _)| key)
+            .partition(|key| inner.held.get(key).and_then(|h| h.disk) == Some(bucket_start));
         let seq = inner.next_batch;
-        // One record for all the marks (see `recent`), held in memory once written; with the
-        // memory full, one key per mark.
         let held = !keys.is_empty()
             && inner.recent_marks.saturating_add(keys.len()) <= self.config.memory_marks;
         if held {
@@ -1086,17 +1090,20 @@ impl DedupStore {
                 recent::batch_key(seq),
                 recent::encode_batch(now, &keys),
             );
-        } else if !keys.is_empty() {
+        } else {
+            keyed.extend_from_slice(&keys);
+        }
+        if !keyed.is_empty() {
             if let Some(filter) = inner.filters.get_mut(&bucket_start) {
-                for &key in &keys {
+                for &key in &keyed {
                     filter.insert(key);
                 }
             }
             let done = Self::encode(MarkState::Done { at_ms: now });
             // In key order: each insert into the memtable's skip list starts where the one
             // before it ended, instead of from the top.
-            keys.sort_unstable();
-            for &key in &keys {
+            keyed.sort_unstable();
+            for &key in &keyed {
                 batch.put_cf(&marks, key.bytes(), &done);
             }
         }
