@@ -688,6 +688,11 @@ fn reader_config(consumer: &ConsumerConfig, suffix: &str) -> ConsumerConfig {
         client_id: format!("{}-{suffix}", consumer.client_id),
         auto_offset_reset: AutoOffsetReset::Earliest,
         enable_auto_commit: false,
+        // A record holds up to `MARKS_PER_RECORD` marks: a poll of the consumer's 500 could
+        // hand a replay or the standby half a million marks for one store write; 64 records
+        // keep it under 66 k (and records of one mark each, as earlier versions wrote, still
+        // come 64 to a poll).
+        max_poll_records: 64,
         ..consumer.clone()
     }
 }
