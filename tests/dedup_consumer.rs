@@ -345,43 +345,30 @@ async fn crash_run(mode: &str) -> anyhow::Result<(BTreeMap<String, u32>, usize, 
     Ok((counts, kills, ids.len()))
 }
 
+/// `crash_run(mode)`, which must count every id exactly once.
+async fn every_id_once(mode: &str) -> anyhow::Result<()> {
+    let (counts, kills, ids) = crash_run(mode).await?;
+    let twice: Vec<(&String, &u32)> = counts.iter().filter(|(_, n)| **n != 1).collect();
+    eprintln!(
+        "{mode}: {ids} ids, {kills} kill -9s, counted other than once: {}",
+        twice.len()
+    );
+    ensure!(kills >= 10, "only {kills} kills");
+    ensure!(
+        twice.is_empty(),
+        "{mode}: counted other than once: {twice:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ledger_kept_through_the_store_counts_every_message_once_across_kill_9()
 -> anyhow::Result<()> {
-    let (counts, kills, ids) = crash_run("dedup").await?;
-    let twice: Vec<(&String, &u32)> = counts.iter().filter(|(_, n)| **n != 1).collect();
-    eprintln!(
-        "dedup: {ids} ids, {kills} kill -9s, counted other than once: {}",
-        twice.len()
-    );
-    ensure!(kills >= 10, "only {kills} kills");
-    ensure!(twice.is_empty(), "counted other than once: {twice:?}");
-
+    every_id_once("dedup").await?;
     // Without the changelog: the store's own marks (records, keys, rewritten records) only.
-    let (counts, kills, ids) = crash_run("local").await?;
-    let twice: Vec<(&String, &u32)> = counts.iter().filter(|(_, n)| **n != 1).collect();
-    eprintln!(
-        "local: {ids} ids, {kills} kill -9s, counted other than once: {}",
-        twice.len()
-    );
-    ensure!(kills >= 10, "only {kills} kills");
-    ensure!(
-        twice.is_empty(),
-        "local: counted other than once: {twice:?}"
-    );
-
+    every_id_once("local").await?;
     // Eight handlers at once, settling in any order, some failing or dropped, same kills.
-    let (counts, kills, ids) = crash_run("concurrent").await?;
-    let twice: Vec<(&String, &u32)> = counts.iter().filter(|(_, n)| **n != 1).collect();
-    eprintln!(
-        "concurrent: {ids} ids, {kills} kill -9s, counted other than once: {}",
-        twice.len()
-    );
-    ensure!(kills >= 10, "only {kills} kills");
-    ensure!(
-        twice.is_empty(),
-        "concurrent: counted other than once: {twice:?}"
-    );
+    every_id_once("concurrent").await?;
 
     // The same load and kills without the store: double counts.
     let (counts, kills, ids) = crash_run("plain").await?;
