@@ -468,8 +468,12 @@ async fn requests_wait_for_the_memory_budget_instead_of_growing_it() {
     }
     let peak = peak_resident_mib(&broker);
     eprintln!("broker peak resident memory: {before} MiB before, {peak} MiB after");
+    // One request at a time is about 100 MiB of values, answer and buffers; glibc's
+    // per-thread arenas can each keep one request's worth when consecutive requests run on
+    // different worker threads (130 MiB after is usual here, 181 MiB was seen in a busy CI
+    // run). Without the budget all eight are held at once: 745 MiB after, measured.
     assert!(
-        peak < before + 150,
+        peak < before + 300,
         "peak resident memory went from {before} MiB to {peak} MiB with a 100 MiB budget"
     );
 }
