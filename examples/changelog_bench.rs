@@ -142,6 +142,7 @@ async fn handle_all(
     )?;
     let mut handled = 0;
     let mut tasks: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
+    let mut settling = None;
     // The clock starts at the first record, as for the plain consumer.
     let mut started = None;
     while handled < messages {
@@ -160,10 +161,17 @@ async fn handle_all(
                     done??;
                 }
             }
-            tasks.spawn(async move { Ok(Fresh::done_all(batch, |_| {})?) });
+            tasks.spawn(async move { Ok(Fresh::done_all(batch, |_| {}).await?) });
         } else {
-            dedup.done_many(batch, |_| {})?;
+            // The write runs on a blocking thread: the next batch is claimed meanwhile, and
+            // this one's result is looked at after that.
+            if let Some(previous) = settling.replace(dedup.done_many(batch, |_| {})) {
+                previous.await?;
+            }
         }
+    }
+    if let Some(last) = settling.take() {
+        last.await?;
     }
     while let Some(done) = tasks.join_next().await {
         done??;
@@ -249,7 +257,7 @@ async fn main() -> anyhow::Result<()> {
     let waiting = Instant::now();
     let fresh = dedup.next().await?;
     let first = waiting.elapsed();
-    dedup.done(fresh, |_| {})?;
+    dedup.done(fresh, |_| {}).await?;
     let m = dedup.metrics().changelog;
     println!(
         "host B, empty store: replayed {} changelog records ({} marks restored) in {:.2} s = {:.0} marks/s; first record handed out {:.2} s after the consumer started waiting",

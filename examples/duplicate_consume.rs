@@ -211,7 +211,7 @@ async fn with_dedup(
         let patience = Patience::new("the dedup consumer's first life", LIMIT);
         while handled < crash_at {
             let fresh = patience.wait(dedup.next()).await??;
-            book(&mut dedup, fresh)?;
+            book(&mut dedup, fresh).await?;
             handled += 1;
         }
         dropped += dedup.metrics().duplicates;
@@ -228,7 +228,7 @@ async fn with_dedup(
         }
         patience.check(|| format!("position {:?} of {sent}", position(&dedup)))?;
         match tokio::time::timeout(Duration::from_millis(500), dedup.next()).await {
-            Ok(fresh) => book(&mut dedup, fresh?)?,
+            Ok(fresh) => book(&mut dedup, fresh?).await?,
             Err(_) => continue,
         }
     }
@@ -252,7 +252,10 @@ fn balances_of(store: &DedupStore) -> anyhow::Result<BTreeMap<String, i64>> {
 }
 
 /// Books a transfer in the host's own store, with its mark and offset.
-fn book(dedup: &mut DedupConsumer, fresh: semel::consumer::dedup::Fresh) -> anyhow::Result<()> {
+async fn book(
+    dedup: &mut DedupConsumer,
+    fresh: semel::consumer::dedup::Fresh,
+) -> anyhow::Result<()> {
     let (account, amount) = parse(fresh.record.value.as_deref())?;
     let key = format!("balance/{account}");
     let old = dedup
@@ -260,9 +263,11 @@ fn book(dedup: &mut DedupConsumer, fresh: semel::consumer::dedup::Fresh) -> anyh
         .state(key.as_bytes())?
         .map(|b| i64::from_be_bytes(b.as_slice().try_into().unwrap_or_default()))
         .unwrap_or(0);
-    dedup.done(fresh, |state| {
-        state.put(key.as_bytes(), &(old + amount).to_be_bytes());
-    })?;
+    dedup
+        .done(fresh, |state| {
+            state.put(key.as_bytes(), &(old + amount).to_be_bytes());
+        })
+        .await?;
     Ok(())
 }
 
@@ -301,7 +306,7 @@ async fn moved(
         let patience = Patience::new(host_a_wait(changelog), LIMIT);
         for _ in 0..crash_at {
             let fresh = patience.wait(dedup.next()).await??;
-            book(&mut dedup, fresh)?;
+            book(&mut dedup, fresh).await?;
         }
         // The marks reached the changelog (when there is one); the crash comes before the
         // next offset commit.
@@ -328,7 +333,7 @@ async fn moved(
             )
         })?;
         match tokio::time::timeout(Duration::from_millis(500), dedup.next()).await {
-            Ok(fresh) => book(&mut dedup, fresh?)?,
+            Ok(fresh) => book(&mut dedup, fresh?).await?,
             Err(_) => continue,
         }
     }

@@ -324,7 +324,7 @@ async fn semel_worker(
                 }
                 Some(acknowledged) => {
                     acknowledged?;
-                    dedup.done(fresh, |_| {})?;
+                    dedup.done(fresh, |_| {}).await?;
                 }
             }
         }
@@ -342,7 +342,7 @@ async fn semel_worker(
             Err(_) => {
                 if let Some((fresh, delivery)) = in_flight.pop_front() {
                     delivery.await?;
-                    dedup.done(fresh, |_| {})?;
+                    dedup.done(fresh, |_| {}).await?;
                 }
             }
         }

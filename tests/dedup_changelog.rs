@@ -155,7 +155,7 @@ async fn a_warm_standby_knows_the_marks_before_the_takeover() -> anyhow::Result<
             let fresh = a.next().await?;
             let id = String::from_utf8_lossy(fresh.record.value.as_deref().unwrap_or_default())
                 .into_owned();
-            a.done(fresh, |_| {})?;
+            a.done(fresh, |_| {}).await?;
             *handled.entry(id).or_default() += 1;
         }
         a.flush_changelog().await?;
@@ -190,7 +190,7 @@ async fn a_warm_standby_knows_the_marks_before_the_takeover() -> anyhow::Result<
         let fresh = fresh?;
         let id =
             String::from_utf8_lossy(fresh.record.value.as_deref().unwrap_or_default()).into_owned();
-        b.done(fresh, |_| {})?;
+        b.done(fresh, |_| {}).await?;
         *handled.entry(id).or_default() += 1;
         b_handled += 1;
     }
@@ -268,13 +268,13 @@ async fn close_returns_when_the_broker_is_gone_and_says_the_marks_did_not_land()
     )?;
     // The first record brings the rest of the partition into the consumer's buffer.
     let first = tokio::time::timeout(PATIENCE, dedup.next()).await??;
-    dedup.done(first, |_| {})?;
+    dedup.done(first, |_| {}).await?;
     dedup.flush_changelog().await?;
     broker.handle.shutdown().await;
     // Buffered records are still handed out and marked locally; their marks cannot land.
     for _ in 0..5 {
         let fresh = tokio::time::timeout(PATIENCE, dedup.next()).await??;
-        dedup.done(fresh, |_| {})?;
+        dedup.done(fresh, |_| {}).await?;
     }
     let flushed = tokio::time::timeout(PATIENCE, dedup.flush_changelog())
         .await
@@ -334,7 +334,7 @@ async fn a_replay_cancelled_midway_still_counts_every_mark_it_restored() -> anyh
         let mut a = DedupConsumer::new(consumer, store, MiddlewareConfig::default())?;
         for _ in 0..HANDLED {
             let fresh = tokio::time::timeout(PATIENCE, a.next()).await??;
-            a.done(fresh, |_| {})?;
+            a.done(fresh, |_| {}).await?;
         }
         tokio::time::timeout(PATIENCE, a.close()).await??;
     }
@@ -356,7 +356,7 @@ async fn a_replay_cancelled_midway_still_counts_every_mark_it_restored() -> anyh
         "host b handed out offset {}",
         last.record.offset
     );
-    b.done(last, |_| {})?;
+    b.done(last, |_| {}).await?;
     let restored = b.metrics().changelog.marks_restored;
     b.close().await?;
     ensure!(

@@ -157,9 +157,11 @@ async fn child_main() -> anyhow::Result<()> {
             std::process::abort(); // after the effect, before the mark
         }
         let count = count_of(&store, &id)? + 1;
-        dedup.done(fresh, |state| {
-            state.put(&ledger_key(&id), &count.to_be_bytes())
-        })?;
+        dedup
+            .done(fresh, |state| {
+                state.put(&ledger_key(&id), &count.to_be_bytes())
+            })
+            .await?;
         if reached(&|tp| dedup.position(tp)) {
             dedup.close().await?;
             return Ok(());
@@ -206,7 +208,7 @@ async fn concurrent_handlers(
             let pause = (attempt.wrapping_mul(2_654_435_761) >> 7) % 16;
             tokio::time::sleep(Duration::from_millis(pause)).await;
             if attempt.is_multiple_of(17) {
-                fresh.failed()?;
+                fresh.failed().await?;
                 return Ok(());
             }
             if attempt.is_multiple_of(23) {
@@ -216,7 +218,9 @@ async fn concurrent_handlers(
             let id = String::from_utf8_lossy(fresh.record.value.as_deref().unwrap_or_default())
                 .into_owned();
             let count = count_of(&store, &id)? + 1;
-            fresh.done(|state| state.put(&ledger_key(&id), &count.to_be_bytes()))?;
+            fresh
+                .done(|state| state.put(&ledger_key(&id), &count.to_be_bytes()))
+                .await?;
             Ok(())
         });
     }
@@ -485,7 +489,9 @@ async fn two_members_sharing_a_store_hand_over_a_partition_without_handling_twic
                     .into_owned();
                 let count = count_of(&store, &id)? + 1;
                 let partition = fresh.record.partition;
-                dedup.done(fresh, |s| s.put(&ledger_key(&id), &count.to_be_bytes()))?;
+                dedup
+                    .done(fresh, |s| s.put(&ledger_key(&id), &count.to_be_bytes()))
+                    .await?;
                 handled
                     .lock()
                     .expect("handled")
@@ -604,7 +610,7 @@ async fn records_without_a_key_are_rejected_or_passed_never_dropped() -> anyhow:
     ensure!(error.to_string().contains("MissingKey::Pass"), "{error}");
     let next = tokio::time::timeout(PATIENCE, dedup.next()).await??;
     ensure!(next.record.offset == 1 && next.key().is_some());
-    dedup.done(next, |_| {})?;
+    dedup.done(next, |_| {}).await?;
     ensure!(dedup.metrics().rejected_without_key == 1);
     dedup.close().await?;
 
@@ -623,14 +629,14 @@ async fn records_without_a_key_are_rejected_or_passed_never_dropped() -> anyhow:
         first.record.offset == 0 && first.key().is_none(),
         "passed without a key"
     );
-    dedup.done(first, |_| {})?;
+    dedup.done(first, |_| {}).await?;
     let second = tokio::time::timeout(PATIENCE, dedup.next()).await??;
     ensure!(second.record.offset == 1);
     // A handler failure releases the claim and brings the record back.
-    dedup.failed(second)?;
+    dedup.failed(second).await?;
     let again = tokio::time::timeout(PATIENCE, dedup.next()).await??;
     ensure!(again.record.offset == 1, "the failed record comes again");
-    dedup.done(again, |_| {})?;
+    dedup.done(again, |_| {}).await?;
     let metrics = dedup.metrics();
     ensure!(
         metrics.passed_without_key == 1 && metrics.handler_failures == 1,
@@ -702,7 +708,7 @@ async fn a_key_function_that_panics_is_reported_not_skipped() -> anyhow::Result<
                 Ok(handles) => {
                     for fresh in handles {
                         seen.push(fresh.record.offset);
-                        fresh.done(|_| {})?;
+                        fresh.done(|_| {}).await?;
                     }
                 }
                 Err(error) => errors.push(error),

@@ -83,7 +83,7 @@ async fn a_dropped_dedup_consumer_stops_its_standby_task_and_frees_the_store() -
         )?;
         // The first record starts the changelog, and with it the standby task.
         let fresh = tokio::time::timeout(Duration::from_secs(60), dedup.next()).await??;
-        dedup.done(fresh, |_| {})?;
+        dedup.done(fresh, |_| {}).await?;
         // Dropped without close.
     }
     let started = Instant::now();

@@ -97,15 +97,17 @@ fn count(store: &DedupStore, id: &str) -> anyhow::Result<u32> {
     })
 }
 
-fn done(store: &DedupStore, fresh: Fresh) -> anyhow::Result<()> {
+async fn done(store: &DedupStore, fresh: Fresh) -> anyhow::Result<()> {
     let id = id_of(&fresh);
     let next = count(store, &id)? + 1;
-    fresh.done(|state| state.put(id.as_bytes(), &next.to_be_bytes()))?;
+    fresh
+        .done(|state| state.put(id.as_bytes(), &next.to_be_bytes()))
+        .await?;
     Ok(())
 }
 
 /// Settles `handles` with one write: each id's count goes up by one, in the same batch.
-fn done_many(store: &DedupStore, handles: Vec<Fresh>) -> anyhow::Result<()> {
+async fn done_many(store: &DedupStore, handles: Vec<Fresh>) -> anyhow::Result<()> {
     let mut counts = Vec::new();
     for fresh in &handles {
         let id = id_of(fresh);
@@ -116,7 +118,8 @@ fn done_many(store: &DedupStore, handles: Vec<Fresh>) -> anyhow::Result<()> {
         for (id, next) in &counts {
             state.put(id.as_bytes(), &next.to_be_bytes());
         }
-    })?;
+    })
+    .await?;
     Ok(())
 }
 
@@ -159,10 +162,10 @@ async fn run(ops: Vec<Op>) -> anyhow::Result<()> {
                 }
             }
             Op::Done(i) if !handles.is_empty() => {
-                done(&store, handles.swap_remove(i.index(handles.len())))?;
+                done(&store, handles.swap_remove(i.index(handles.len()))).await?;
             }
             Op::Failed(i) if !handles.is_empty() => {
-                handles.swap_remove(i.index(handles.len())).failed()?;
+                handles.swap_remove(i.index(handles.len())).failed().await?;
             }
             Op::Drop(i) if !handles.is_empty() => {
                 drop(handles.swap_remove(i.index(handles.len())));
@@ -184,14 +187,14 @@ async fn run(ops: Vec<Op>) -> anyhow::Result<()> {
             Op::DoneMany(i, n) if !handles.is_empty() => {
                 let from = i.index(handles.len());
                 let to = (from + n).min(handles.len());
-                done_many(&store, handles.drain(from..to).collect())?;
+                done_many(&store, handles.drain(from..to).collect()).await?;
             }
             Op::Done(_) | Op::Failed(_) | Op::Drop(_) | Op::DoneMany(..) => {}
         }
     }
     // Settle what is in flight, then read to the end.
     for fresh in handles.drain(..) {
-        done(&store, fresh)?;
+        done(&store, fresh).await?;
     }
     let started = Instant::now();
     while dedup.position(&(topic.clone(), 0)).is_none_or(|p| p < end) || dedup.in_flight() > 0 {
@@ -201,7 +204,7 @@ async fn run(ops: Vec<Op>) -> anyhow::Result<()> {
             dedup.position(&(topic.clone(), 0))
         );
         if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
-            done(&store, fresh?)?;
+            done(&store, fresh?).await?;
         }
     }
     dedup.close().await?;

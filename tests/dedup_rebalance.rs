@@ -138,15 +138,15 @@ async fn moves_with_a_handler_in_flight(strategy: Strategy) -> anyhow::Result<()
                 in_flight = Some(fresh);
             } else if settled_by_a < 3 {
                 note(&handled, "A", id(&fresh));
-                fresh.done(|_| {})?;
+                fresh.done(|_| {}).await?;
                 settled_by_a += 1;
             } else {
                 // Not settled: handed out again to whoever owns the partition next.
-                fresh.failed()?;
+                fresh.failed().await?;
             }
         }
         if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(10), b.next()).await {
-            fresh?.done(|_| {})?;
+            fresh?.done(|_| {}).await?;
         }
     }
     let m0 = in_flight.context("m0 never handed out")?;
@@ -159,7 +159,7 @@ async fn moves_with_a_handler_in_flight(strategy: Strategy) -> anyhow::Result<()
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(1500)).await;
             note(&handled, "A", id(&m0));
-            m0.done(|_| {})
+            m0.done(|_| {}).await
         })
     };
     let started = Instant::now();
@@ -176,14 +176,14 @@ async fn moves_with_a_handler_in_flight(strategy: Strategy) -> anyhow::Result<()
             if fresh.record.topic.as_ref() == topic {
                 note(&handled, "A", id(&fresh));
             }
-            fresh.done(|_| {})?;
+            fresh.done(|_| {}).await?;
         }
         if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(20), b.next()).await {
             let fresh = fresh?;
             if fresh.record.topic.as_ref() == topic {
                 note(&handled, "B", id(&fresh));
             }
-            fresh.done(|_| {})?;
+            fresh.done(|_| {}).await?;
         }
     }
     finishing.await??;

@@ -130,7 +130,7 @@ async fn handled_by_the_next_member_with(
         if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
             let fresh = fresh?;
             *handled.entry(id(&fresh)).or_default() += 1;
-            dedup.done(fresh, |_| {})?;
+            dedup.done(fresh, |_| {}).await?;
         }
     }
     dedup.close().await?;
@@ -212,7 +212,7 @@ async fn first_member_settles_m1_only(
         ensure!(id(&m0) == "m0", "first record {}", id(&m0));
         let m1 = next(&mut dedup).await?;
         ensure!(id(&m1) == "m1", "second record {}", id(&m1));
-        dedup.done(m1, |_| {})?;
+        dedup.done(m1, |_| {}).await?;
         if take_a_duplicate {
             // The resent m1 is dropped on the way to m2; m0 is still in flight.
             let m2 = next(&mut dedup).await?;
@@ -221,7 +221,7 @@ async fn first_member_settles_m1_only(
                 dedup.metrics().duplicates == 1,
                 "the resent m1 was not dropped"
             );
-            dedup.done(m2, |_| {})?;
+            dedup.done(m2, |_| {}).await?;
         }
         match end_how {
             End::DropThenClose => {
@@ -359,7 +359,7 @@ async fn every_offset_commit_leaves_after_the_marks_it_covers_are_synced() -> an
         if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
             let fresh = fresh?;
             let next = fresh.record.offset + 1;
-            dedup.done(fresh, |_| {})?;
+            dedup.done(fresh, |_| {}).await?;
             settled_at
                 .lock()
                 .expect("settled")
@@ -412,7 +412,7 @@ async fn a_commit_that_failed_is_sent_again_without_new_records() -> anyhow::Res
     {
         ensure!(started.elapsed() < PATIENCE, "never read to {end}");
         if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
-            dedup.done(fresh?, |_| {})?;
+            dedup.done(fresh?, |_| {}).await?;
         }
     }
     // Commit chances (every 1 ms) while the commits are cut.
@@ -489,7 +489,7 @@ async fn a_handler_whose_lease_ran_out_cannot_settle_after_another_took_the_clai
         "second record at {}",
         m1.record.offset
     );
-    dedup.done(m1, |_| {})?;
+    dedup.done(m1, |_| {}).await?;
     // Then the resend, once the slow handler's lease has run out.
     let fast = next(&mut dedup).await?;
     ensure!(
@@ -499,13 +499,17 @@ async fn a_handler_whose_lease_ran_out_cannot_settle_after_another_took_the_clai
         fast.reclaimed()
     );
     let before = count(&store)?;
-    dedup.done(fast, |state| {
-        state.put(b"count/m0", &(before + 1).to_be_bytes());
-    })?;
+    dedup
+        .done(fast, |state| {
+            state.put(b"count/m0", &(before + 1).to_be_bytes());
+        })
+        .await?;
     let before = count(&store)?;
-    let late = dedup.done(slow, |state| {
-        state.put(b"count/m0", &(before + 1).to_be_bytes());
-    });
+    let late = dedup
+        .done(slow, |state| {
+            state.put(b"count/m0", &(before + 1).to_be_bytes());
+        })
+        .await;
     ensure!(
         late.is_err(),
         "the handler whose claim was taken over settled too (count now {})",
@@ -549,7 +553,7 @@ async fn marks_the_changelog_never_acknowledged_reach_it_after_a_restart() -> an
         for n in 0..10 {
             let fresh = next(&mut a).await?;
             ensure!(id(&fresh) == format!("m{n}"), "host A got {}", id(&fresh));
-            a.done(fresh, |_| {})?;
+            a.done(fresh, |_| {}).await?;
         }
         // Crash: m9's mark is in the store only.
     }
@@ -563,7 +567,7 @@ async fn marks_the_changelog_never_acknowledged_reach_it_after_a_restart() -> an
             "host A after its restart got {}",
             id(&fresh)
         );
-        a.done(fresh, |_| {})?;
+        a.done(fresh, |_| {}).await?;
         a.flush_changelog().await?;
         a.close().await?;
     }
@@ -632,7 +636,9 @@ async fn a_batch_settles_with_one_write_and_a_dropped_batch_comes_again() -> any
         ensure!(seen == want, "handed out {seen:?}, want m0..m9 once each");
         ensure!(dedup.in_flight() == 10, "in flight: {}", dedup.in_flight());
         let writes = store.writes();
-        dedup.done_many(all, |state| state.put(b"batches", b"1"))?;
+        dedup
+            .done_many(all, |state| state.put(b"batches", b"1"))
+            .await?;
         ensure!(
             store.writes() == writes + 1,
             "done_many took {} writes",
@@ -706,7 +712,7 @@ async fn a_slow_store_sync_does_not_stall_the_runtime() -> anyhow::Result<()> {
             "never read to {end} and synced"
         );
         if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
-            fresh?.done(|_| {})?;
+            fresh?.done(|_| {}).await?;
         }
     }
     dedup.close().await?;
@@ -717,6 +723,86 @@ async fn a_slow_store_sync_does_not_stall_the_runtime() -> anyhow::Result<()> {
     ensure!(
         worst < Duration::from_millis(400),
         "a task of the same runtime stood still for {worst:?} while the store synced ({syncs} syncs of 800 ms)"
+    );
+    Ok(())
+}
+
+/// Defect (issue 24): the store's writes ran on the runtime's worker threads: each `next`'s
+/// claims, each `done`'s batch, the release of a failed handle's claim. A write is
+/// microseconds, until RocksDB stalls writes (compaction falling behind, a slow disk); then
+/// every other task of the application stood still with it. Here the runtime has one thread,
+/// every write is made to take 400 ms, and a task that ticks every 10 ms must keep ticking
+/// while records are claimed, failed, handed out again and settled. A `next` cut short by a
+/// timeout while its claim is under way loses nothing: every id is handled once.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stalled_store_write_does_not_stall_the_runtime() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let topic = "slow-write";
+    let Fixture {
+        _broker,
+        bootstrap,
+        end,
+        _dir,
+        store,
+        messages,
+    } = fixture(topic, 4).await?;
+    let writes = Arc::new(AtomicUsize::new(0));
+    store.on_write({
+        let writes = Arc::clone(&writes);
+        move || {
+            writes.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            let mut worst = Duration::ZERO;
+            let mut last = Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                worst = worst.max(last.elapsed());
+                last = Instant::now();
+            }
+            worst
+        }
+    });
+
+    let mut dedup = member(&bootstrap, "slow-write-group", topic, &store).await?;
+    let mut handled: BTreeMap<String, u32> = BTreeMap::new();
+    let mut failed_one = false;
+    let started = Instant::now();
+    while dedup
+        .position(&(topic.to_string(), 0))
+        .is_none_or(|p| p < end)
+        || handled.len() < messages.len()
+    {
+        ensure!(started.elapsed() < PATIENCE, "handled only {handled:?}");
+        if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
+            let fresh = fresh?;
+            if !failed_one {
+                failed_one = true;
+                fresh.failed().await?;
+                continue;
+            }
+            *handled.entry(id(&fresh)).or_default() += 1;
+            fresh.done(|_| {}).await?;
+        }
+    }
+    dedup.close().await?;
+    stop.store(true, Ordering::SeqCst);
+    let worst = ticker.await?;
+    let writes = writes.load(Ordering::SeqCst);
+    ensure!(
+        handled.len() == messages.len() && handled.values().all(|&n| n == 1),
+        "handled {handled:?}"
+    );
+    ensure!(writes > 0, "the store was never written");
+    ensure!(
+        worst < Duration::from_millis(300),
+        "a task of the same runtime stood still for {worst:?} while the store wrote ({writes} writes of 400 ms)"
     );
     Ok(())
 }
@@ -747,7 +833,7 @@ async fn a_done_closure_may_drop_another_handle_and_read_the_store() -> anyhow::
     std::thread::spawn({
         let store = Arc::clone(&store);
         move || {
-            let done = first.done(|batch| {
+            let done = first.done_blocking(|batch| {
                 drop(second);
                 let fresh = store.counts().fresh;
                 batch.put(b"fresh-seen", fresh.to_string().as_bytes());
@@ -772,7 +858,7 @@ async fn a_done_closure_may_drop_another_handle_and_read_the_store() -> anyhow::
         if let Ok(fresh) = tokio::time::timeout(Duration::from_millis(200), dedup.next()).await {
             let fresh = fresh?;
             *handled.entry(id(&fresh)).or_default() += 1;
-            fresh.done(|_| {})?;
+            fresh.done(|_| {}).await?;
         }
     }
     ensure!(handled.values().all(|&n| n == 1), "handled {handled:?}");
@@ -824,7 +910,9 @@ async fn a_copy_of_a_record_in_flight_waits_aside_and_is_dropped_once_the_first_
         got == [("m0".to_string(), 0), ("m1".into(), 2), ("m2".into(), 3)],
         "handed out {got:?}"
     );
-    dedup.done_many(batch, |state| state.put(b"handled", b"3"))?;
+    dedup
+        .done_many(batch, |state| state.put(b"handled", b"3"))
+        .await?;
     // The copy is dropped now that m0 is done; nothing else comes.
     let started = Instant::now();
     while dedup.position(&(topic.to_string(), 0)) != Some(end) || dedup.in_flight() != 0 {
@@ -899,7 +987,7 @@ async fn copies_waiting_aside_are_capped_and_drain_once_the_first_is_done() -> a
         "in flight: {}",
         dedup.in_flight()
     );
-    dedup.done(m0, |_| {})?;
+    dedup.done(m0, |_| {}).await?;
     let m1 = next(&mut dedup).await?;
     ensure!(
         id(&m1) == "m1" && m1.record.offset == end - 1,
@@ -907,7 +995,7 @@ async fn copies_waiting_aside_are_capped_and_drain_once_the_first_is_done() -> a
         id(&m1),
         m1.record.offset
     );
-    dedup.done(m1, |_| {})?;
+    dedup.done(m1, |_| {}).await?;
     ensure!(
         dedup.metrics().duplicates == COPIES as u64 - 1,
         "duplicates {}",

@@ -110,7 +110,7 @@ pub async fn child_main() -> anyhow::Result<()> {
         };
         let id =
             String::from_utf8_lossy(fresh.record.value.as_deref().unwrap_or_default()).into_owned();
-        dedup.done(fresh, |_| {})?;
+        dedup.done(fresh, |_| {}).await?;
         append_line(&handled, &id)?;
         count += 1;
         if stop_after == Some(count) {

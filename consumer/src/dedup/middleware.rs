@@ -238,104 +238,132 @@ impl Fresh {
     /// offset not yet settled, so never past a record still in flight) and `state`'s writes,
     /// in one atomic batch.
     ///
+    /// `state` runs now, on the caller's thread (it may read the store, or drop other
+    /// handles); its writes are collected and the batch is written on the consumer's store
+    /// thread, so a write that RocksDB stalls never stalls the runtime. The write goes on
+    /// whether or not the returned [`Settling`] is awaited; awaiting it gives its result.
+    ///
     /// # Errors
     /// The store's error: nothing was written, and the record will be handed out again.
     /// `Store(DedupError::LeaseLost)` when this handler's lease ran out and another handler
     /// claimed the key since: `state` was not applied (the record counts once, through the
     /// current holder).
-    pub fn done(mut self, state: impl FnOnce(&mut StateBatch<'_>)) -> Result<(), MiddlewareError> {
-        // `settled` is set once the batch is written (or refused): if `state` panics, the
-        // handle is dropped unsettled and its record is given back.
-        // The handler's writes first, with no lock held: its closure may use the store or
-        // the middleware, or panic (then the handle is dropped unsettled).
+    pub fn done(self, state: impl FnOnce(&mut StateBatch<'_>)) -> Settling {
+        // If `state` panics, the handle is dropped unsettled and its record is given back.
         let state = StateWrites::collect(state);
         let shared = Arc::clone(&self.shared);
-        let record = &self.record;
-        let tp = record.topic_partition();
-        let mut inner = shared.lock();
-        // The batch is written under the lock, so handles racing each other never write a
-        // partition's offsets out of order.
-        let offset = inner
-            .settlements
-            .committable_after(&tp, self.epoch, record.offset);
-        let written = shared.store.mark_done_with(
-            self.claim.as_slice(),
-            offset
-                .map(|o| (shared.group.as_str(), &*record.topic, record.partition, o))
-                .as_slice(),
-            state,
-        );
-        self.settled = true;
-        if let Err(e) = written {
-            drop(inner);
-            if let Err(release) = shared.give_back(record, self.claim, self.epoch) {
-                tracing::warn!(error = %release, "claim not released; the record comes again once its lease ends");
-            }
-            return Err(e.into());
-        }
-        let released = inner.settlements.settle(&tp, self.epoch, record.offset);
-        if shared.changelog {
-            inner.outbox.push_back(Settled {
-                partition: tp,
-                record_offset: record.offset,
-                release: released.map(|offset| (self.epoch, offset)),
-                key: self.key(),
-            });
-        }
-        drop(inner);
-        shared
-            .settles
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        shared.wake.notify_one();
-        shared.settled.notify_waiters();
-        Ok(())
+        Settling::start(&shared, move || settle(vec![self], state))
+    }
+
+    /// As [`Fresh::done`], with the batch written on this thread before it returns: for
+    /// synchronous code outside the runtime's worker threads (a thread of its own, or
+    /// `spawn_blocking`).
+    ///
+    /// # Errors
+    /// As [`Fresh::done`].
+    pub fn done_blocking(
+        self,
+        state: impl FnOnce(&mut StateBatch<'_>),
+    ) -> Result<(), MiddlewareError> {
+        let state = StateWrites::collect(state);
+        settle(vec![self], state)
     }
 
     /// Marks several handles done with one atomic write: their marks, each partition's
     /// committable offset and `state`'s writes (all of them, or nothing). The handles must
-    /// come from the same [`DedupConsumer`]; an empty list writes nothing.
+    /// come from the same [`DedupConsumer`]; an empty list writes nothing. `state` runs now
+    /// and the batch is written on the store thread, as with [`Fresh::done`].
     ///
     /// # Errors
     /// As [`Fresh::done`]: on any error nothing was written and every record is handed out
     /// again (`LeaseLost` when one of the claims was taken over). `State` when the handles
     /// come from different consumers (then they are handed out again too).
-    pub fn done_all(
+    pub fn done_all(handles: Vec<Fresh>, state: impl FnOnce(&mut StateBatch<'_>)) -> Settling {
+        let Some(first) = handles.first() else {
+            return Settling::ready(Ok(()));
+        };
+        let shared = Arc::clone(&first.shared);
+        let state = StateWrites::collect(state);
+        Settling::start(&shared, move || settle(handles, state))
+    }
+
+    /// As [`Fresh::done_all`], with the batch written on this thread before it returns (see
+    /// [`Fresh::done_blocking`]).
+    ///
+    /// # Errors
+    /// As [`Fresh::done_all`].
+    pub fn done_all_blocking(
         handles: Vec<Fresh>,
         state: impl FnOnce(&mut StateBatch<'_>),
     ) -> Result<(), MiddlewareError> {
-        let Some(first) = handles.first() else {
-            return Ok(());
-        };
-        let shared = Arc::clone(&first.shared);
-        let mut handles = handles;
-        if handles.iter().any(|h| !Arc::ptr_eq(&h.shared, &shared)) {
-            // Dropped unsettled: each goes back to its own consumer.
-            drop(handles);
-            return Err(ConsumerError::State(
-                "done_all: the handles come from different dedup consumers".into(),
-            )
-            .into());
-        }
-        // As in `done`: the handler's writes first, with no lock held.
         let state = StateWrites::collect(state);
-        let mut inner = shared.lock();
-        // Per partition and ownership, the offsets settled here (a handful of partitions: a
-        // list, and no copy of a partition's name per handle).
-        let mut settling: Vec<((TopicPartition, Epoch), Vec<i64>)> = Vec::new();
-        for h in &handles {
-            let at = settling.iter().position(|((tp, epoch), _)| {
-                *epoch == h.epoch && tp.1 == h.record.partition && *tp.0 == *h.record.topic
-            });
-            let at = at.unwrap_or_else(|| {
-                settling.push(((h.record.topic_partition(), h.epoch), Vec::new()));
-                settling.len() - 1
-            });
-            settling[at].1.push(h.record.offset);
-        }
-        for (_, offsets) in &mut settling {
-            offsets.sort_unstable();
-        }
-        let offsets: Vec<(TopicPartition, i64)> = settling
+        settle(handles, state)
+    }
+
+    /// The handler failed: the claim is released and the record is handed out again (before
+    /// anything after it is committed). Done on the store thread, as [`Fresh::done`]'s write
+    /// (the store's lock may be held by a write under way).
+    ///
+    /// # Errors
+    /// The store's error releasing the claim (the record still comes again, once the claim's
+    /// lease has ended).
+    pub fn failed(mut self) -> Settling {
+        self.settled = true;
+        let shared = Arc::clone(&self.shared);
+        Settling::start(&shared, move || {
+            self.shared
+                .give_back(&self.record, self.claim, self.epoch)
+                .map_err(Into::into)
+        })
+    }
+}
+
+/// Writes the handles' marks, their partitions' committable offsets and `state` in one batch,
+/// then counts them settled; on an error gives them back. Blocking: the store writes.
+fn settle(mut handles: Vec<Fresh>, state: StateWrites) -> Result<(), MiddlewareError> {
+    let Some(first) = handles.first() else {
+        return Ok(());
+    };
+    let shared = Arc::clone(&first.shared);
+    if handles.iter().any(|h| !Arc::ptr_eq(&h.shared, &shared)) {
+        // Dropped unsettled: each goes back to its own consumer.
+        drop(handles);
+        return Err(ConsumerError::State(
+            "done_all: the handles come from different dedup consumers".into(),
+        )
+        .into());
+    }
+    // One settle at a time, from the offsets it reads to the settlement it records: racing
+    // settles never write a partition's offsets out of order. The middleware's lock is taken
+    // only around the bookkeeping, never around the store's write, so `next` and the other
+    // handles' bookkeeping go on while RocksDB writes.
+    let order = shared
+        .settle_order
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    // Per partition and ownership, the offsets settled here (a handful of partitions: a
+    // list, and no copy of a partition's name per handle).
+    let mut settling: Vec<((TopicPartition, Epoch), Vec<i64>)> = Vec::new();
+    for h in &handles {
+        let at = settling.iter().position(|((tp, epoch), _)| {
+            *epoch == h.epoch && tp.1 == h.record.partition && *tp.0 == *h.record.topic
+        });
+        let at = at.unwrap_or_else(|| {
+            settling.push(((h.record.topic_partition(), h.epoch), Vec::new()));
+            settling.len() - 1
+        });
+        settling[at].1.push(h.record.offset);
+    }
+    for (_, offsets) in &mut settling {
+        offsets.sort_unstable();
+    }
+    // Computed before the write and recorded after it: meanwhile other records may be read,
+    // handed out, given back or dropped as duplicates, which can only keep a partition's
+    // committable offset where it is (a record outstanding now holds it), never move it
+    // below one outstanding now. Only a settle moves it up, and settles wait for this one.
+    let offsets: Vec<(TopicPartition, i64)> = {
+        let inner = shared.lock();
+        settling
             .iter()
             .filter_map(|((tp, epoch), set)| {
                 inner
@@ -343,59 +371,138 @@ impl Fresh {
                     .committable_after_all(tp, *epoch, set)
                     .map(|o| (tp.clone(), o))
             })
-            .collect();
-        let offset_refs: Vec<(&str, &str, i32, i64)> = offsets
-            .iter()
-            .map(|((topic, partition), o)| (shared.group.as_str(), topic.as_str(), *partition, *o))
-            .collect();
-        let claims: Vec<(KeyHash, ClaimToken)> = handles.iter().filter_map(|h| h.claim).collect();
-        // Under the lock, as `done`: racing settles never write offsets out of order.
-        let written = shared.store.mark_done_with(&claims, &offset_refs, state);
-        for h in &mut handles {
-            h.settled = true;
-        }
-        if let Err(e) = written {
-            drop(inner);
-            for h in &handles {
-                if let Err(release) = shared.give_back(&h.record, h.claim, h.epoch) {
-                    tracing::warn!(error = %release, "claim not released; the record comes again once its lease ends");
-                }
-            }
-            return Err(e.into());
-        }
-        let mut last = None;
+            .collect()
+    };
+    let offset_refs: Vec<(&str, &str, i32, i64)> = offsets
+        .iter()
+        .map(|((topic, partition), o)| (shared.group.as_str(), topic.as_str(), *partition, *o))
+        .collect();
+    let claims: Vec<(KeyHash, ClaimToken)> = handles.iter().filter_map(|h| h.claim).collect();
+    let written = shared.store.mark_done_with(&claims, &offset_refs, state);
+    for h in &mut handles {
+        h.settled = true;
+    }
+    if let Err(e) = written {
+        drop(order);
         for h in &handles {
-            let tp = partition_of(&mut last, &h.record);
-            let released = inner.settlements.settle(tp, h.epoch, h.record.offset);
-            if shared.changelog {
-                inner.outbox.push_back(Settled {
-                    partition: tp.clone(),
-                    record_offset: h.record.offset,
-                    release: released.map(|offset| (h.epoch, offset)),
-                    key: h.key(),
-                });
+            if let Err(release) = shared.give_back(&h.record, h.claim, h.epoch) {
+                tracing::warn!(error = %release, "claim not released; the record comes again once its lease ends");
             }
         }
-        drop(inner);
-        shared
-            .settles
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        shared.wake.notify_one();
-        shared.settled.notify_waiters();
-        Ok(())
+        return Err(e.into());
+    }
+    let mut inner = shared.lock();
+    let mut last = None;
+    for h in &handles {
+        let tp = partition_of(&mut last, &h.record);
+        let released = inner.settlements.settle(tp, h.epoch, h.record.offset);
+        if shared.changelog {
+            inner.outbox.push_back(Settled {
+                partition: tp.clone(),
+                record_offset: h.record.offset,
+                release: released.map(|offset| (h.epoch, offset)),
+                key: h.key(),
+            });
+        }
+    }
+    drop(inner);
+    drop(order);
+    shared
+        .settles
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    shared.wake.notify_one();
+    shared.settled.notify_waiters();
+    Ok(())
+}
+
+/// A settle under way ([`Fresh::done`], [`Fresh::done_all`], [`Fresh::failed`]): its store
+/// write runs on the consumer's store thread, and goes on whether or not this is awaited.
+/// Awaiting it gives the settle's result.
+#[must_use = "the settle goes on without it, but only awaiting it tells whether it was written"]
+#[derive(Debug)]
+pub struct Settling(SettlingState);
+
+#[derive(Debug)]
+enum SettlingState {
+    Ready(Option<Result<(), MiddlewareError>>),
+    Running {
+        result: tokio::sync::oneshot::Receiver<Result<(), MiddlewareError>>,
+        store: Arc<DedupStore>,
+    },
+}
+
+impl Settling {
+    fn ready(result: Result<(), MiddlewareError>) -> Self {
+        Self(SettlingState::Ready(Some(result)))
     }
 
-    /// The handler failed: the claim is released and the record is handed out again (before
-    /// anything after it is committed).
-    ///
-    /// # Errors
-    /// The store's error releasing the claim (the record still comes again, once the claim's
-    /// lease has ended).
-    pub fn failed(mut self) -> Result<(), MiddlewareError> {
-        self.settled = true;
-        self.shared
-            .give_back(&self.record, self.claim, self.epoch)?;
-        Ok(())
+    /// Runs `work` on the store thread. It is counted in `Shared::settling` until it has run
+    /// (`close` waits for it).
+    fn start(
+        shared: &Arc<Shared>,
+        work: impl FnOnce() -> Result<(), MiddlewareError> + Send + 'static,
+    ) -> Self {
+        let running = SettlingGuard::new(shared);
+        let result = shared.store_thread.run(move || {
+            let _running = running;
+            work()
+        });
+        Self(SettlingState::Running {
+            result,
+            store: Arc::clone(&shared.store),
+        })
+    }
+}
+
+impl std::future::Future for Settling {
+    type Output = Result<(), MiddlewareError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            SettlingState::Ready(result) => {
+                std::task::Poll::Ready(result.take().unwrap_or_else(|| {
+                    Err(ConsumerError::State("a settle was awaited twice".into()).into())
+                }))
+            }
+            SettlingState::Running { result, store } => match result.poll_unpin(cx) {
+                std::task::Poll::Pending => std::task::Poll::Pending,
+                std::task::Poll::Ready(Ok(result)) => std::task::Poll::Ready(result),
+                std::task::Poll::Ready(Err(_)) => {
+                    // Its handles were dropped with it, unsettled: their records come again.
+                    std::task::Poll::Ready(Err(DedupError::Interrupted {
+                        path: store.path().to_path_buf(),
+                        what: "settling handles",
+                        reason: "it panicked".to_string(),
+                    }
+                    .into()))
+                }
+            },
+        }
+    }
+}
+
+/// Counts a settle under way in `Shared::settling` for as long as it lives.
+#[derive(Debug)]
+struct SettlingGuard(Arc<Shared>);
+
+impl SettlingGuard {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared
+            .settling
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(Arc::clone(shared))
+    }
+}
+
+impl Drop for SettlingGuard {
+    fn drop(&mut self) {
+        self.0
+            .settling
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.settled.notify_waiters();
     }
 }
 
@@ -418,9 +525,17 @@ impl Drop for Fresh {
     fn drop(&mut self) {
         if !self.settled {
             tracing::warn!(topic = %self.record.topic, partition = self.record.partition, offset = self.record.offset, "a claimed record was dropped unsettled; handing it out again");
-            if let Err(e) = self.shared.give_back(&self.record, self.claim, self.epoch) {
-                tracing::warn!(error = %e, "claim not released; the record comes again once its lease ends");
-            }
+            // On the store thread, as `failed`: the store's lock may be held by a write.
+            let back = Fresh {
+                record: self.record.clone(),
+                claim: self.claim,
+                reclaimed: self.reclaimed,
+                epoch: self.epoch,
+                shared: Arc::clone(&self.shared),
+                settled: false,
+            };
+            self.settled = true;
+            drop(back.failed());
         }
     }
 }
@@ -468,6 +583,54 @@ struct Shared {
     closing: std::sync::atomic::AtomicBool,
     /// `MiddlewareConfig::revocation_wait`.
     revocation_wait: Duration,
+    /// Held by a settle from reading its partitions' committable offsets to recording them
+    /// settled (see `settle`).
+    settle_order: Mutex<()>,
+    /// Settles and give-backs under way on the store thread ([`Settling`]).
+    settling: std::sync::atomic::AtomicUsize,
+    /// Runs claims, settles and give-backs.
+    store_thread: StoreThread,
+}
+
+/// A call for the store thread.
+type StoreCall = Box<dyn FnOnce() + Send>;
+
+/// The thread that runs the middleware's store calls (claims, settles, releases), in the
+/// order they come, off the runtime's worker threads: a write that RocksDB stalls stalls this
+/// thread only. One thread rather than the runtime's blocking pool: the store's in-memory
+/// index stays in one core's caches, and the calls wake one known thread. Syncs (an fsync
+/// each) run on the blocking pool, so claims do not queue behind them. The thread ends once
+/// the middleware and every handle are gone.
+#[derive(Debug)]
+struct StoreThread(std::sync::mpsc::Sender<StoreCall>);
+
+impl StoreThread {
+    fn start() -> std::io::Result<Self> {
+        let (calls, queue) = std::sync::mpsc::channel::<StoreCall>();
+        std::thread::Builder::new()
+            .name("semel-dedup-store".into())
+            .spawn(move || {
+                while let Ok(call) = queue.recv() {
+                    // A call that panics drops its answer: its caller gets `Interrupted`
+                    // (and its handles, dropped unsettled, come again); the thread goes on.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call));
+                }
+            })?;
+        Ok(Self(calls))
+    }
+
+    /// Queues `call`; the receiver gets its result (or is closed if it panicked).
+    fn run<T: Send + 'static>(
+        &self,
+        call: impl FnOnce() -> T + Send + 'static,
+    ) -> tokio::sync::oneshot::Receiver<T> {
+        let (answer, result) = tokio::sync::oneshot::channel();
+        // The thread lives as long as this sender: the send cannot fail.
+        let _ = self.0.send(Box::new(move || {
+            let _ = answer.send(call());
+        }));
+        result
+    }
 }
 
 #[derive(Debug, Default)]
@@ -568,6 +731,12 @@ impl Shared {
     ) -> BTreeMap<TopicPartition, i64> {
         let started = Instant::now();
         loop {
+            // Registered before the check: a settle or acknowledgement between the two still
+            // wakes the wait below. No polling: every settle, give-back and acknowledgement
+            // notifies.
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             let settled = {
                 let state = self.lock();
                 revoking
@@ -583,13 +752,12 @@ impl Shared {
             if settled || self.closing.load(std::sync::atomic::Ordering::SeqCst) {
                 break;
             }
-            if started.elapsed() >= self.revocation_wait {
+            let left = self.revocation_wait.saturating_sub(started.elapsed());
+            if left.is_zero() {
                 tracing::warn!(partitions = ?revoking, waited = ?self.revocation_wait, "handles still out on revoked partitions; the rebalance goes on, and their records are handled again by the next owner");
                 break;
             }
-            // Notified on every settle and acknowledgement; the timeout only guards a
-            // notification that raced the check above.
-            let _ = tokio::time::timeout(Duration::from_millis(25), self.settled.notified()).await;
+            let _ = tokio::time::timeout(left, notified).await;
         }
         let mut offsets = BTreeMap::new();
         {
@@ -620,6 +788,28 @@ impl Shared {
             return BTreeMap::new();
         }
         offsets
+    }
+
+    /// Waits until no settle or give-back runs on the store thread ([`Settling`]), for
+    /// `revocation_wait` at the most.
+    async fn settles_under_way(&self) {
+        let started = Instant::now();
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a settle that ends in between still wakes it.
+            notified.as_mut().enable();
+            let running = self.settling.load(std::sync::atomic::Ordering::Acquire);
+            if running == 0 {
+                return;
+            }
+            let left = self.revocation_wait.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                tracing::warn!(running, waited = ?self.revocation_wait, "settles still under way; what they settle is committed by the next owner");
+                return;
+            }
+            let _ = tokio::time::timeout(left, notified).await;
+        }
     }
 
     /// Everything about `tp` is forgotten (revoked, lost, or assigned anew).
@@ -707,6 +897,9 @@ impl RebalanceListener for StoreOffsets {
         for tp in partitions {
             Shared::forget(&mut state, tp);
         }
+        drop(state);
+        // A revocation waiting for these partitions' handles has nothing left to wait for.
+        self.0.settled.notify_waiters();
     }
 }
 
@@ -768,6 +961,89 @@ type OwnedOffsets = BTreeMap<TopicPartition, (Epoch, i64)>;
 /// How a commit sent in the background ended.
 type CommitResult = tokio::sync::oneshot::Receiver<Result<(), ConsumerError>>;
 
+/// Claims the candidates' keys, held in memory, and records in the same store write how
+/// far each partition is handed out (one small write per call, not a claim record per
+/// key). Says for each whether it may have been handled before: a claim taken over, or a
+/// fresh record below how far an earlier run (that crashed) handed its partition out.
+fn claim(shared: &Shared, candidates: &[Candidate]) -> Result<Vec<(Claim, bool)>, DedupError> {
+    let store = &shared.store;
+    let group = shared.group.as_str();
+    // The partitions of this call (a handful): what the store says, and how far this
+    // call hands each out.
+    let mut parts: Vec<((&str, i32), Handed, i64)> = Vec::new();
+    {
+        let mut state = shared.lock();
+        for c in candidates {
+            let key = (&*c.record.topic, c.record.partition);
+            let slot = match parts.iter().position(|(k, _, _)| *k == key) {
+                Some(slot) => slot,
+                None => {
+                    let tp = c.record.topic_partition();
+                    let handed = match state.handed.get(&tp) {
+                        Some(handed) => *handed,
+                        None => {
+                            let before = store.handed_out(group, key.0, key.1)?.unwrap_or(-1);
+                            let handed = Handed { before, to: before };
+                            state.handed.insert(tp, handed);
+                            handed
+                        }
+                    };
+                    parts.push((key, handed, handed.to));
+                    parts.len() - 1
+                }
+            };
+            parts[slot].2 = parts[slot].2.max(c.record.offset + 1);
+        }
+    }
+    let handed_out: Vec<(&str, &str, i32, i64)> = parts
+        .iter()
+        .filter(|(_, handed, to)| *to > handed.to)
+        .map(|((topic, partition), _, to)| (group, *topic, *partition, *to))
+        .collect();
+    let keys: Vec<KeyHash> = candidates.iter().map(|c| c.key).collect();
+    let claims = store.claim_many_handing_out(&keys, &handed_out)?;
+    if !handed_out.is_empty() {
+        let mut state = shared.lock();
+        for &(_, topic, partition, to) in &handed_out {
+            if let Some(handed) = state.handed.get_mut(&(topic.to_string(), partition)) {
+                handed.to = handed.to.max(to);
+            }
+        }
+    }
+    Ok(candidates
+        .iter()
+        .zip(claims)
+        .map(|(c, claim)| {
+            let key = (&*c.record.topic, c.record.partition);
+            let before = parts
+                .iter()
+                .find(|(k, _, _)| *k == key)
+                .map_or(-1, |(_, handed, _)| handed.before);
+            let reclaimed = match claim {
+                Claim::Reclaimed(_) => true,
+                Claim::Fresh(_) => c.record.offset < before,
+                Claim::Duplicate | Claim::InProgress { .. } => false,
+            };
+            (claim, reclaimed)
+        })
+        .collect())
+}
+
+/// What a claim on the store thread gives back: its candidates, and for each its claim.
+type ClaimResult = (Vec<Candidate>, Result<Vec<(Claim, bool)>, DedupError>);
+
+/// A claim under way on the store thread (see [`DedupConsumer::next_batch`]).
+#[derive(Debug)]
+struct Claiming {
+    task: tokio::sync::oneshot::Receiver<ClaimResult>,
+    /// Records passed without a key, read with the candidates: handed out with them.
+    out: Vec<Fresh>,
+    /// `Shared::settles` before the claim.
+    settles: u64,
+    /// Per partition, the lowest offset of the candidates (for `position`).
+    waiting: Vec<(TopicPartition, i64)>,
+}
+
 /// A group consumer that yields only messages not handled before.
 #[derive(Debug)]
 pub struct DedupConsumer {
@@ -802,6 +1078,12 @@ pub struct DedupConsumer {
     /// Marks due for the changelog, waiting for a sync likewise: (how many of the outbox's
     /// first entries, writes they need durable).
     marks_waiting: Option<(usize, u64)>,
+    /// A claim under way on the store thread, with its records.
+    claiming: Option<Claiming>,
+    /// Claimed records not yet returned (a claim found more than the call asked for).
+    ready: VecDeque<Fresh>,
+    /// Whether the consumer was read since the last prefetched claim (see `prefetch`).
+    prefetch_due: bool,
 }
 
 impl DedupConsumer {
@@ -836,6 +1118,11 @@ impl DedupConsumer {
             settles: std::sync::atomic::AtomicU64::new(0),
             closing: std::sync::atomic::AtomicBool::new(false),
             revocation_wait: config.revocation_wait,
+            settle_order: Mutex::new(()),
+            settling: std::sync::atomic::AtomicUsize::new(0),
+            store_thread: StoreThread::start().map_err(|e| {
+                ConsumerError::State(format!("cannot start the dedup store thread: {e}"))
+            })?,
         });
         consumer.set_rebalance_listener(StoreOffsets(Arc::clone(&shared)));
         Ok(Self {
@@ -856,6 +1143,9 @@ impl DedupConsumer {
             sync_gate: SyncGate::default(),
             commit_waiting: None,
             marks_waiting: None,
+            claiming: None,
+            ready: VecDeque::new(),
+            prefetch_due: false,
         })
     }
 
@@ -878,42 +1168,16 @@ impl DedupConsumer {
     /// records given back (failed, dropped unsettled) come first. A record whose key another
     /// handler holds (a resent copy of one still in flight) waits aside while the records
     /// after it are handed out, and is dropped as a duplicate once that handler is done (or
-    /// handed out if it fails, or its lease ends). Cancel-safe: a record taken from the
-    /// consumer but not yet handed out is kept for the next call.
+    /// handed out if it fails, or its lease ends). The claim (the store's lookups and its
+    /// write) runs on the store thread. Cancel-safe: records taken from the consumer, or
+    /// claimed, but not yet handed out are kept for the next call.
     ///
     /// # Errors
     /// The consumer's and the store's errors; `NoKey` with `MissingKey::Reject`.
     pub async fn next(&mut self) -> Result<Fresh, MiddlewareError> {
         loop {
-            let candidate = match self.read().await? {
-                Ok(candidate) => candidate,
-                Err(passed) => return Ok(passed),
-            };
-            // Read before the claim: a settle after it retries the claim if it is refused.
-            let settles = self.settles();
-            let claimed = match self.claim(std::slice::from_ref(&candidate)) {
-                Ok(mut claimed) => claimed.remove(0),
-                Err(e) => {
-                    // Kept for the next call: a record read and then lost to a store error
-                    // would be passed by the next one settled.
-                    self.pending.push_front(Parked::due(candidate));
-                    return Err(e.into());
-                }
-            };
-            match claimed {
-                (Claim::Fresh(token) | Claim::Reclaimed(token), reclaimed) => {
-                    let Candidate { record, key, epoch } = candidate;
-                    return Ok(self.fresh(record, Some((key, token)), epoch, reclaimed));
-                }
-                (Claim::Duplicate, _) => {
-                    tracing::debug!(topic = %candidate.record.topic, partition = candidate.record.partition, offset = candidate.record.offset, "duplicate dropped");
-                    self.settle_unhandled(
-                        &candidate.record,
-                        Some(candidate.epoch),
-                        Some(candidate.key),
-                    );
-                }
-                (Claim::InProgress { until_ms }, _) => self.park(candidate, settles, until_ms),
+            if let Some(fresh) = self.next_batch(1).await?.pop() {
+                return Ok(fresh);
             }
         }
     }
@@ -928,83 +1192,184 @@ impl DedupConsumer {
     pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Fresh>, MiddlewareError> {
         let max = max.max(1);
         loop {
-            let mut out = Vec::new();
-            let mut candidates: Vec<Candidate> = Vec::new();
-            match self.read().await? {
-                Ok(candidate) => candidates.push(candidate),
-                Err(passed) => out.push(passed),
+            if self.claiming.is_none() {
+                if !self.ready.is_empty() {
+                    let n = self.ready.len().min(max);
+                    return Ok(self.ready.drain(..n).collect());
+                }
+                self.start_claim(max).await?;
             }
-            // What is already here, without waiting: records given back or due again, then
-            // the consumer's buffer. A record without a key under `MissingKey::Reject` stops
-            // the batch; `next` reports it.
-            while candidates.len() + out.len() < max {
-                let Some(record) = self.take_ready() else {
-                    break;
-                };
-                match record {
-                    Ok(candidate) => candidates.push(candidate),
-                    Err(passed) => out.push(passed),
-                }
-                // Nothing given back or due: the rest comes from the consumer's buffer, in
-                // one go.
-                if self.nothing_waiting() {
-                    let room = max - candidates.len() - out.len();
-                    self.take_buffered_many(room, &mut candidates, &mut out);
-                    break;
-                }
-            }
-            let settles = self.settles();
-            let claims = match self.claim(&candidates) {
-                Ok(claims) => claims,
-                Err(e) => {
-                    // Kept for the next call, in order: a record read and then lost to a
-                    // store error would be passed by the next one settled.
-                    for candidate in candidates.into_iter().rev() {
-                        self.pending.push_front(Parked::due(candidate));
-                    }
-                    for fresh in out {
-                        // Handed out again by the next call (nothing was claimed for them).
-                        drop(fresh);
-                    }
-                    return Err(e.into());
-                }
+            // The claim runs on the store thread. Cancelled here, it stays in
+            // `self.claiming` with its records, and the next call takes it up.
+            let Some(claiming) = self.claiming.as_mut() else {
+                continue;
             };
-            let mut handing = Vec::with_capacity(candidates.len());
-            for (candidate, claimed) in candidates.into_iter().zip(claims) {
-                match claimed {
-                    (Claim::Fresh(token) | Claim::Reclaimed(token), reclaimed) => {
-                        let Candidate { record, key, epoch } = candidate;
-                        handing.push(self.handle(record, Some((key, token)), epoch, reclaimed));
-                    }
-                    (Claim::Duplicate, _) => {
-                        self.settle_unhandled(
-                            &candidate.record,
-                            Some(candidate.epoch),
-                            Some(candidate.key),
-                        );
-                    }
-                    // Outstanding since it was read: it holds the partition's committable
-                    // offset until it is handed out and settled.
-                    (Claim::InProgress { until_ms }, _) => self.park(candidate, settles, until_ms),
-                }
-            }
-            if !handing.is_empty() {
-                // Handed out together: one lock for all.
-                let mut state = self.shared.lock();
-                let mut last = None;
-                for fresh in &handing {
-                    let tp = partition_of(&mut last, &fresh.record);
-                    state
-                        .settlements
-                        .hand_out(tp, fresh.epoch, fresh.record.offset);
-                }
-                drop(state);
-                out.extend(handing);
+            let joined = (&mut claiming.task).await;
+            let Some(Claiming { out, settles, .. }) = self.claiming.take() else {
+                continue;
+            };
+            let mut out = self.claimed(joined, out, settles)?;
+            if out.len() > max {
+                self.ready.extend(out.drain(max..));
             }
             if !out.is_empty() {
+                self.prefetch(max);
                 return Ok(out);
             }
         }
+    }
+
+    /// Starts claiming the records already buffered behind those just handed out, so the
+    /// claim runs while the caller handles these (the next call takes it up). Once per read
+    /// of the consumer: the call after a prefetched one reads the consumer again (its
+    /// rebalances, the changelog, the commits), whatever is buffered.
+    fn prefetch(&mut self, max: usize) {
+        if !self.prefetch_due || self.claiming.is_some() || !self.ready.is_empty() {
+            return;
+        }
+        self.prefetch_due = false;
+        if !self.nothing_waiting() {
+            return;
+        }
+        let mut candidates = Vec::new();
+        let mut out = Vec::new();
+        self.take_buffered_many(max, &mut candidates, &mut out);
+        if !candidates.is_empty() || !out.is_empty() {
+            self.spawn_claim(candidates, out);
+        }
+    }
+
+    /// Reads the next records (waiting for the first, then up to `max` in all of what is
+    /// already here) and starts claiming their keys on the store thread, in
+    /// `self.claiming`. Records passed without a key go with it, to be handed out together.
+    async fn start_claim(&mut self, max: usize) -> Result<(), MiddlewareError> {
+        let mut out = Vec::new();
+        let mut candidates: Vec<Candidate> = Vec::new();
+        match self.read().await? {
+            Ok(candidate) => candidates.push(candidate),
+            Err(passed) => out.push(passed),
+        }
+        // What is already here, without waiting: records given back or due again, then
+        // the consumer's buffer. A record without a key under `MissingKey::Reject` stops
+        // the batch; `next` reports it.
+        while candidates.len() + out.len() < max {
+            let Some(record) = self.take_ready() else {
+                break;
+            };
+            match record {
+                Ok(candidate) => candidates.push(candidate),
+                Err(passed) => out.push(passed),
+            }
+            // Nothing given back or due: the rest comes from the consumer's buffer, in
+            // one go.
+            if self.nothing_waiting() {
+                let room = max - candidates.len() - out.len();
+                self.take_buffered_many(room, &mut candidates, &mut out);
+                break;
+            }
+        }
+        self.spawn_claim(candidates, out);
+        self.prefetch_due = true;
+        Ok(())
+    }
+
+    /// Claims `candidates` on the store thread, in `self.claiming` with `out` (records
+    /// passed without a key, handed out with them).
+    fn spawn_claim(&mut self, candidates: Vec<Candidate>, out: Vec<Fresh>) {
+        // Read before the claim: a settle after it retries a claim that is refused.
+        let settles = self.settles();
+        let mut waiting: Vec<(TopicPartition, i64)> = Vec::new();
+        for c in &candidates {
+            let same = |(tp, _): &&mut (TopicPartition, i64)| {
+                tp.1 == c.record.partition && *tp.0 == *c.record.topic
+            };
+            match waiting.iter_mut().find(same) {
+                Some((_, first)) => *first = (*first).min(c.record.offset),
+                None => waiting.push((c.record.topic_partition(), c.record.offset)),
+            }
+        }
+        let shared = Arc::clone(&self.shared);
+        let task = self.shared.store_thread.run(move || {
+            let claims = claim(&shared, &candidates);
+            (candidates, claims)
+        });
+        self.claiming = Some(Claiming {
+            task,
+            out,
+            settles,
+            waiting,
+        });
+    }
+
+    /// Hands out what a claim found fresh (with `out`, the records passed without a key read
+    /// with them), drops duplicates, and sets aside records whose key another handler holds.
+    fn claimed(
+        &mut self,
+        joined: Result<ClaimResult, tokio::sync::oneshot::error::RecvError>,
+        mut out: Vec<Fresh>,
+        settles: u64,
+    ) -> Result<Vec<Fresh>, MiddlewareError> {
+        let (candidates, claims) = match joined {
+            Ok(joined) => joined,
+            Err(_) => {
+                // Only a bug: the candidates went with the claim, and stay outstanding, so
+                // nothing past them is committed; they come again to the partition's next
+                // owner.
+                return Err(DedupError::Interrupted {
+                    path: self.shared.store.path().to_path_buf(),
+                    what: "claiming message keys",
+                    reason: "it panicked".to_string(),
+                }
+                .into());
+            }
+        };
+        let claims = match claims {
+            Ok(claims) => claims,
+            Err(e) => {
+                // Kept for the next call, in order: a record read and then lost to a store
+                // error would be passed by the next one settled.
+                for candidate in candidates.into_iter().rev() {
+                    self.pending.push_front(Parked::due(candidate));
+                }
+                // Handed out again by the next call (nothing was claimed for them).
+                drop(out);
+                return Err(e.into());
+            }
+        };
+        let mut handing = Vec::with_capacity(candidates.len());
+        for (candidate, claimed) in candidates.into_iter().zip(claims) {
+            match claimed {
+                (Claim::Fresh(token) | Claim::Reclaimed(token), reclaimed) => {
+                    let Candidate { record, key, epoch } = candidate;
+                    handing.push(self.handle(record, Some((key, token)), epoch, reclaimed));
+                }
+                (Claim::Duplicate, _) => {
+                    tracing::debug!(topic = %candidate.record.topic, partition = candidate.record.partition, offset = candidate.record.offset, "duplicate dropped");
+                    self.settle_unhandled(
+                        &candidate.record,
+                        Some(candidate.epoch),
+                        Some(candidate.key),
+                    );
+                }
+                // Outstanding since it was read: it holds the partition's committable
+                // offset until it is handed out and settled.
+                (Claim::InProgress { until_ms }, _) => self.park(candidate, settles, until_ms),
+            }
+        }
+        if !handing.is_empty() {
+            // Handed out together: one lock for all.
+            let mut state = self.shared.lock();
+            let mut last = None;
+            for fresh in &handing {
+                let tp = partition_of(&mut last, &fresh.record);
+                state
+                    .settlements
+                    .hand_out(tp, fresh.epoch, fresh.record.offset);
+            }
+            drop(state);
+            out.extend(handing);
+        }
+        Ok(out)
     }
 
     /// `Shared::settles` now.
@@ -1197,74 +1562,6 @@ impl DedupConsumer {
         }
     }
 
-    /// Claims the candidates' keys, held in memory, and records in the same store write how
-    /// far each partition is handed out (one small write per call, not a claim record per
-    /// key). Says for each whether it may have been handled before: a claim taken over, or a
-    /// fresh record below how far an earlier run (that crashed) handed its partition out.
-    fn claim(&self, candidates: &[Candidate]) -> Result<Vec<(Claim, bool)>, DedupError> {
-        let store = &self.shared.store;
-        let group = self.shared.group.as_str();
-        // The partitions of this call (a handful): what the store says, and how far this
-        // call hands each out.
-        let mut parts: Vec<((&str, i32), Handed, i64)> = Vec::new();
-        {
-            let mut state = self.shared.lock();
-            for c in candidates {
-                let key = (&*c.record.topic, c.record.partition);
-                let slot = match parts.iter().position(|(k, _, _)| *k == key) {
-                    Some(slot) => slot,
-                    None => {
-                        let tp = c.record.topic_partition();
-                        let handed = match state.handed.get(&tp) {
-                            Some(handed) => *handed,
-                            None => {
-                                let before = store.handed_out(group, key.0, key.1)?.unwrap_or(-1);
-                                let handed = Handed { before, to: before };
-                                state.handed.insert(tp, handed);
-                                handed
-                            }
-                        };
-                        parts.push((key, handed, handed.to));
-                        parts.len() - 1
-                    }
-                };
-                parts[slot].2 = parts[slot].2.max(c.record.offset + 1);
-            }
-        }
-        let handed_out: Vec<(&str, &str, i32, i64)> = parts
-            .iter()
-            .filter(|(_, handed, to)| *to > handed.to)
-            .map(|((topic, partition), _, to)| (group, *topic, *partition, *to))
-            .collect();
-        let keys: Vec<KeyHash> = candidates.iter().map(|c| c.key).collect();
-        let claims = store.claim_many_handing_out(&keys, &handed_out)?;
-        if !handed_out.is_empty() {
-            let mut state = self.shared.lock();
-            for &(_, topic, partition, to) in &handed_out {
-                if let Some(handed) = state.handed.get_mut(&(topic.to_string(), partition)) {
-                    handed.to = handed.to.max(to);
-                }
-            }
-        }
-        Ok(candidates
-            .iter()
-            .zip(claims)
-            .map(|(c, claim)| {
-                let key = (&*c.record.topic, c.record.partition);
-                let before = parts
-                    .iter()
-                    .find(|(k, _, _)| *k == key)
-                    .map_or(-1, |(_, handed, _)| handed.before);
-                let reclaimed = match claim {
-                    Claim::Reclaimed(_) => true,
-                    Claim::Fresh(_) => c.record.offset < before,
-                    Claim::Duplicate | Claim::InProgress { .. } => false,
-                };
-                (claim, reclaimed)
-            })
-            .collect())
-    }
-
     /// The oldest record waiting aside that is due to be claimed again (a settle since it was
     /// set aside, or its claim's lease ended). One whose partition is no longer owned as when
     /// it was read is dropped: the partition's next owner reads it.
@@ -1417,6 +1714,9 @@ impl DedupConsumer {
                 key,
             });
         }
+        drop(state);
+        // A revocation may be waiting for this record.
+        self.shared.settled.notify_waiters();
     }
 
     /// The next offset of `partition` this middleware will hand out or drop: records given
@@ -1429,8 +1729,21 @@ impl DedupConsumer {
             .map(|p| &p.candidate.record)
             .chain(self.held.iter())
             .chain(state.again.iter().map(|a| &a.record))
+            .chain(self.ready.iter().map(|f| &f.record))
+            .chain(
+                self.claiming
+                    .iter()
+                    .flat_map(|c| c.out.iter().map(|f| &f.record)),
+            )
             .filter(|r| r.topic_partition() == *partition)
             .map(|r| r.offset)
+            .chain(
+                self.claiming
+                    .iter()
+                    .flat_map(|c| c.waiting.iter())
+                    .filter(|(tp, _)| tp == partition)
+                    .map(|(_, offset)| *offset),
+            )
             .min();
         match (waiting, self.consumer.position(partition)) {
             (Some(w), Some(p)) => Some(w.min(p)),
@@ -1475,11 +1788,7 @@ impl DedupConsumer {
     ///
     /// # Errors
     /// As [`Fresh::done`].
-    pub fn done(
-        &mut self,
-        fresh: Fresh,
-        state: impl FnOnce(&mut StateBatch<'_>),
-    ) -> Result<(), MiddlewareError> {
+    pub fn done(&mut self, fresh: Fresh, state: impl FnOnce(&mut StateBatch<'_>)) -> Settling {
         fresh.done(state)
     }
 
@@ -1491,7 +1800,7 @@ impl DedupConsumer {
         &mut self,
         handles: Vec<Fresh>,
         state: impl FnOnce(&mut StateBatch<'_>),
-    ) -> Result<(), MiddlewareError> {
+    ) -> Settling {
         Fresh::done_all(handles, state)
     }
 
@@ -1499,7 +1808,7 @@ impl DedupConsumer {
     ///
     /// # Errors
     /// As [`Fresh::failed`].
-    pub fn failed(&mut self, fresh: Fresh) -> Result<(), MiddlewareError> {
+    pub fn failed(&mut self, fresh: Fresh) -> Settling {
         fresh.failed()
     }
 
@@ -1805,6 +2114,26 @@ impl DedupConsumer {
         self.shared
             .closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        // A revocation waiting for handles stops waiting.
+        self.shared.settled.notify_waiters();
+        // Records claimed and not handed out are given back, and the settles under way
+        // (written on the store thread) end first, so what they settled is committed below
+        // and no claim of this consumer outlives it in the store.
+        if let Some(Claiming {
+            task, out, settles, ..
+        }) = self.claiming.take()
+        {
+            let joined = task.await;
+            if let Ok(claimed) = self.claimed(joined, out, settles) {
+                self.ready.extend(claimed);
+            }
+        }
+        for fresh in std::mem::take(&mut self.ready) {
+            if let Err(e) = fresh.failed().await {
+                tracing::warn!(error = %e, "claim not released; its record comes again once its lease ends");
+            }
+        }
+        self.shared.settles_under_way().await;
         if let Err(e) = self.flush_changelog().await {
             tracing::warn!(error = %e, "changelog not flushed; offsets of unacknowledged marks stay uncommitted");
         }
@@ -1847,6 +2176,9 @@ mod tests {
             settles: std::sync::atomic::AtomicU64::new(0),
             closing: std::sync::atomic::AtomicBool::new(false),
             revocation_wait: Duration::from_secs(30),
+            settle_order: Mutex::new(()),
+            settling: std::sync::atomic::AtomicUsize::new(0),
+            store_thread: StoreThread::start().expect("store thread"),
         })
     }
 

@@ -264,6 +264,7 @@ impl Settlements {
 
     /// What [`Settlements::committable`] will be once `offset` (read in `epoch`) is settled;
     /// `None` when `epoch` is not the partition's current one.
+    #[cfg(test)]
     pub(crate) fn committable_after(
         &self,
         tp: &TopicPartition,

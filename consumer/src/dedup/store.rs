@@ -41,7 +41,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use rocksdb::{
@@ -409,6 +409,59 @@ pub struct DedupStore {
     /// Runs at the start of every sync: an instrument for tests (a slow disk, or where syncs
     /// run), set with [`DedupStore::on_sync`].
     sync_hook: std::sync::OnceLock<SyncHook>,
+    /// Runs before every write: an instrument for tests (a write stalled by RocksDB, or where
+    /// writes run), set with [`DedupStore::on_write`].
+    write_hook: std::sync::OnceLock<SyncHook>,
+    /// This process's hold on the path: declared last, so it is let go after the database
+    /// has closed.
+    _open: OpenHere,
+}
+
+/// How long an open waits for a store of the same path that this process still has open.
+/// Such a store is usually on its way out: its last owner was dropped while a settle or a
+/// claim still ran on a blocking thread, and it closes when that ends. A store of the path
+/// open in another process is refused at once (RocksDB's lock).
+const OPEN_HERE_WAIT: Duration = Duration::from_secs(5);
+
+/// The paths of the stores open in this process.
+static OPEN_HERE: std::sync::LazyLock<(Mutex<std::collections::HashSet<PathBuf>>, Condvar)> =
+    std::sync::LazyLock::new(Default::default);
+
+/// A path held by a store of this process (see [`OPEN_HERE_WAIT`]).
+#[derive(Debug)]
+struct OpenHere(PathBuf);
+
+impl OpenHere {
+    /// Holds `path`, waiting (`OPEN_HERE_WAIT` at the most) for a store of this process that
+    /// holds it to close.
+    fn hold(path: &Path) -> Result<Self, DedupError> {
+        let key = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let (open, closed) = &*OPEN_HERE;
+        let held = open.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut held, waited) = closed
+            .wait_timeout_while(held, OPEN_HERE_WAIT, |held| held.contains(&key))
+            .unwrap_or_else(|p| p.into_inner());
+        if waited.timed_out() && held.contains(&key) {
+            return Err(DedupError::InUse {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "another DedupStore of this process has it open (still {OPEN_HERE_WAIT:?} later)"
+                ),
+            });
+        }
+        held.insert(key.clone());
+        Ok(Self(key))
+    }
+}
+
+impl Drop for OpenHere {
+    fn drop(&mut self) {
+        let (open, closed) = &*OPEN_HERE;
+        open.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.0);
+        closed.notify_all();
+    }
 }
 
 type SyncHook = Box<dyn Fn() + Send + Sync>;
@@ -464,6 +517,7 @@ impl DedupStore {
     /// # Errors
     /// As [`DedupStore::open`].
     pub fn open_with_clock(config: DedupConfig, clock: Arc<dyn Clock>) -> Result<Self, DedupError> {
+        let open_here = OpenHere::hold(&config.path)?;
         let cache = Cache::new_lru_cache(config.block_cache_bytes);
         let family_options = family_options(&config, &cache);
         let mut db_options = family_options.clone();
@@ -542,6 +596,8 @@ impl DedupStore {
             writes: AtomicU64::new(0),
             durable: AtomicU64::new(0),
             sync_hook: std::sync::OnceLock::new(),
+            write_hook: std::sync::OnceLock::new(),
+            _open: open_here,
         };
         store.expire()?;
         {
@@ -729,6 +785,9 @@ impl DedupStore {
     }
 
     fn write(&self, batch: WriteBatch) -> Result<(), DedupError> {
+        if let Some(hook) = self.write_hook.get() {
+            hook();
+        }
         let mut options = WriteOptions::default();
         options.set_sync(self.config.sync_writes);
         self.db
@@ -765,6 +824,13 @@ impl DedupStore {
     #[doc(hidden)]
     pub fn on_sync(&self, hook: impl Fn() + Send + Sync + 'static) {
         let _ = self.sync_hook.set(Box::new(hook));
+    }
+
+    /// Test instrument: `hook` runs before every write of the store (to play a write that
+    /// RocksDB stalls, or to see which thread writes). Only the first hook set is kept.
+    #[doc(hidden)]
+    pub fn on_write(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let _ = self.write_hook.set(Box::new(hook));
     }
 
     /// Writes (batches) stored since open: a count, for tests and metrics.
@@ -2211,6 +2277,27 @@ mod tests {
             other => panic!("expected Corrupt, got {other:?}"),
         }
         Ok(())
+    }
+
+    /// A store whose last owner is a task finishing on another thread (a settle's write) is
+    /// closed moments later: opening its path meanwhile waits for that, rather than failing
+    /// with `InUse` (a consumer dropped and made again at once, as a restart loop does).
+    #[test]
+    fn an_open_waits_for_a_store_of_this_process_on_its_way_out() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (first, _) = store(dir.path());
+        let first = Arc::new(first);
+        let last_owner = {
+            let first = Arc::clone(&first);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                drop(first);
+            })
+        };
+        drop(first);
+        let second = DedupStore::open(DedupConfig::new(dir.path()));
+        assert!(second.is_ok(), "{second:?}");
+        last_owner.join().expect("thread");
     }
 
     #[test]
