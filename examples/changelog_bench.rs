@@ -163,7 +163,7 @@ async fn handle_all(
             }
             tasks.spawn(async move { Ok(Fresh::done_all(batch, |_| {}).await?) });
         } else {
-            // The write runs on a blocking thread: the next batch is claimed meanwhile, and
+            // The write runs on the store thread: the next batch is claimed meanwhile, and
             // this one's result is looked at after that.
             if let Some(previous) = settling.replace(dedup.done_many(batch, |_| {})) {
                 previous.await?;

@@ -807,6 +807,67 @@ async fn a_stalled_store_write_does_not_stall_the_runtime() -> anyhow::Result<()
     Ok(())
 }
 
+/// Defect (issue 24, found in review): a consumer dropped while a claim ran on its store
+/// thread (a `next` cut short, then the consumer dropped: a restart loop) left that claim
+/// held in the store, so the next consumer of the same store waited out the claim's lease
+/// (30 s) before handing the record out. The claim is released once it has run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_under_way_when_its_consumer_is_dropped_is_released() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let topic = "claim-dropped";
+    let Fixture {
+        _broker,
+        bootstrap,
+        _dir,
+        store,
+        ..
+    } = fixture(topic, 3).await?;
+    let writing = Arc::new(AtomicBool::new(false));
+    store.on_write({
+        let writing = Arc::clone(&writing);
+        move || {
+            if !writing.swap(true, Ordering::SeqCst) {
+                // The first write is the first claim's: it is still under way when the
+                // consumer is dropped.
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    });
+    let mut first = member(&bootstrap, "claim-dropped-group", topic, &store).await?;
+    let started = Instant::now();
+    while !writing.load(Ordering::SeqCst) {
+        ensure!(started.elapsed() < PATIENCE, "no claim started");
+        let _ = tokio::time::timeout(Duration::from_millis(20), first.next()).await;
+    }
+    drop(first);
+    // The next consumer may claim m0 while the dropped one's claim still runs (then m0 waits
+    // aside, and the records after it come first): it must come within seconds all the same.
+    let mut second = member(&bootstrap, "claim-dropped-group", topic, &store).await?;
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|id| id == "m0") {
+        ensure!(
+            started.elapsed() < Duration::from_secs(15),
+            "m0 was not handed out again within 15 s (its claim was still held); handed out {seen:?}"
+        );
+        let Ok(fresh) = tokio::time::timeout(Duration::from_millis(500), second.next()).await
+        else {
+            continue;
+        };
+        let fresh = fresh?;
+        seen.push(id(&fresh));
+        let mut settling = fresh.done(|_| {});
+        (&mut settling).await?;
+        ensure!(
+            (&mut settling).await.is_err(),
+            "a settle awaited again after its result gave a result again"
+        );
+    }
+    second.close().await?;
+    Ok(())
+}
+
 /// Defect: a handler's `done` closure ran under the middleware's lock (and the store's), so a
 /// closure that gave another handle back (dropped it: its handler gave up) or read the
 /// store waited for itself forever. Bounded: the settle runs on its own thread, and a hang

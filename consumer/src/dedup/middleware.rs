@@ -242,6 +242,9 @@ impl Fresh {
     /// handles); its writes are collected and the batch is written on the consumer's store
     /// thread, so a write that RocksDB stalls never stalls the runtime. The write goes on
     /// whether or not the returned [`Settling`] is awaited; awaiting it gives its result.
+    /// The state written is visible to [`DedupStore::state`] once it has resolved: a handler
+    /// that reads a value, then writes it back changed, awaits the settle before the next
+    /// read.
     ///
     /// # Errors
     /// The store's error: nothing was written, and the record will be handed out again.
@@ -252,7 +255,10 @@ impl Fresh {
         // If `state` panics, the handle is dropped unsettled and its record is given back.
         let state = StateWrites::collect(state);
         let shared = Arc::clone(&self.shared);
-        Settling::start(&shared, move || settle(vec![self], state))
+        Settling::start(&shared, move || {
+            let mut handles = vec![self];
+            (settle(&mut handles, state), handles)
+        })
     }
 
     /// As [`Fresh::done`], with the batch written on this thread before it returns: for
@@ -266,7 +272,7 @@ impl Fresh {
         state: impl FnOnce(&mut StateBatch<'_>),
     ) -> Result<(), MiddlewareError> {
         let state = StateWrites::collect(state);
-        settle(vec![self], state)
+        settle(&mut vec![self], state)
     }
 
     /// Marks several handles done with one atomic write: their marks, each partition's
@@ -284,7 +290,10 @@ impl Fresh {
         };
         let shared = Arc::clone(&first.shared);
         let state = StateWrites::collect(state);
-        Settling::start(&shared, move || settle(handles, state))
+        Settling::start(&shared, move || {
+            let mut handles = handles;
+            (settle(&mut handles, state), handles)
+        })
     }
 
     /// As [`Fresh::done_all`], with the batch written on this thread before it returns (see
@@ -297,7 +306,8 @@ impl Fresh {
         state: impl FnOnce(&mut StateBatch<'_>),
     ) -> Result<(), MiddlewareError> {
         let state = StateWrites::collect(state);
-        settle(handles, state)
+        let mut handles = handles;
+        settle(&mut handles, state)
     }
 
     /// The handler failed: the claim is released and the record is handed out again (before
@@ -311,23 +321,27 @@ impl Fresh {
         self.settled = true;
         let shared = Arc::clone(&self.shared);
         Settling::start(&shared, move || {
-            self.shared
+            let given = self
+                .shared
                 .give_back(&self.record, self.claim, self.epoch)
-                .map_err(Into::into)
+                .map_err(Into::into);
+            (given, vec![self])
         })
     }
 }
 
 /// Writes the handles' marks, their partitions' committable offsets and `state` in one batch,
 /// then counts them settled; on an error gives them back. Blocking: the store writes.
-fn settle(mut handles: Vec<Fresh>, state: StateWrites) -> Result<(), MiddlewareError> {
+/// The handles stay the caller's (settled or given back), so their records are freed where
+/// they were made: the caller's thread, once it looks at the [`Settling`].
+fn settle(handles: &mut Vec<Fresh>, state: StateWrites) -> Result<(), MiddlewareError> {
     let Some(first) = handles.first() else {
         return Ok(());
     };
     let shared = Arc::clone(&first.shared);
     if handles.iter().any(|h| !Arc::ptr_eq(&h.shared, &shared)) {
         // Dropped unsettled: each goes back to its own consumer.
-        drop(handles);
+        handles.clear();
         return Err(ConsumerError::State(
             "done_all: the handles come from different dedup consumers".into(),
         )
@@ -344,7 +358,7 @@ fn settle(mut handles: Vec<Fresh>, state: StateWrites) -> Result<(), MiddlewareE
     // Per partition and ownership, the offsets settled here (a handful of partitions: a
     // list, and no copy of a partition's name per handle).
     let mut settling: Vec<((TopicPartition, Epoch), Vec<i64>)> = Vec::new();
-    for h in &handles {
+    for h in handles.iter() {
         let at = settling.iter().position(|((tp, epoch), _)| {
             *epoch == h.epoch && tp.1 == h.record.partition && *tp.0 == *h.record.topic
         });
@@ -379,12 +393,12 @@ fn settle(mut handles: Vec<Fresh>, state: StateWrites) -> Result<(), MiddlewareE
         .collect();
     let claims: Vec<(KeyHash, ClaimToken)> = handles.iter().filter_map(|h| h.claim).collect();
     let written = shared.store.mark_done_with(&claims, &offset_refs, state);
-    for h in &mut handles {
+    for h in handles.iter_mut() {
         h.settled = true;
     }
     if let Err(e) = written {
         drop(order);
-        for h in &handles {
+        for h in handles.iter() {
             if let Err(release) = shared.give_back(&h.record, h.claim, h.epoch) {
                 tracing::warn!(error = %release, "claim not released; the record comes again once its lease ends");
             }
@@ -393,7 +407,7 @@ fn settle(mut handles: Vec<Fresh>, state: StateWrites) -> Result<(), MiddlewareE
     }
     let mut inner = shared.lock();
     let mut last = None;
-    for h in &handles {
+    for h in handles.iter() {
         let tp = partition_of(&mut last, &h.record);
         let released = inner.settlements.settle(tp, h.epoch, h.record.offset);
         if shared.changelog {
@@ -425,8 +439,11 @@ pub struct Settling(SettlingState);
 #[derive(Debug)]
 enum SettlingState {
     Ready(Option<Result<(), MiddlewareError>>),
+    /// Its result was given.
+    Done,
     Running {
-        result: tokio::sync::oneshot::Receiver<Result<(), MiddlewareError>>,
+        /// The result, and the handles (settled), to be dropped here.
+        result: tokio::sync::oneshot::Receiver<(Result<(), MiddlewareError>, Vec<Fresh>)>,
         store: Arc<DedupStore>,
     },
 }
@@ -440,7 +457,7 @@ impl Settling {
     /// (`close` waits for it).
     fn start(
         shared: &Arc<Shared>,
-        work: impl FnOnce() -> Result<(), MiddlewareError> + Send + 'static,
+        work: impl FnOnce() -> (Result<(), MiddlewareError>, Vec<Fresh>) + Send + 'static,
     ) -> Self {
         let running = SettlingGuard::new(shared);
         let result = shared.store_thread.run(move || {
@@ -461,26 +478,26 @@ impl std::future::Future for Settling {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        match &mut self.0 {
-            SettlingState::Ready(result) => {
-                std::task::Poll::Ready(result.take().unwrap_or_else(|| {
-                    Err(ConsumerError::State("a settle was awaited twice".into()).into())
-                }))
-            }
+        let polled = match &mut self.0 {
+            SettlingState::Ready(result) => result.take(),
+            SettlingState::Done => None,
             SettlingState::Running { result, store } => match result.poll_unpin(cx) {
-                std::task::Poll::Pending => std::task::Poll::Pending,
-                std::task::Poll::Ready(Ok(result)) => std::task::Poll::Ready(result),
-                std::task::Poll::Ready(Err(_)) => {
-                    // Its handles were dropped with it, unsettled: their records come again.
-                    std::task::Poll::Ready(Err(DedupError::Interrupted {
-                        path: store.path().to_path_buf(),
-                        what: "settling handles",
-                        reason: "it panicked".to_string(),
-                    }
-                    .into()))
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+                // The handles' records are freed on this thread, which made them.
+                std::task::Poll::Ready(Ok((result, _handles))) => Some(result),
+                // Its handles were dropped with it, unsettled: their records come again.
+                std::task::Poll::Ready(Err(_)) => Some(Err(DedupError::Interrupted {
+                    path: store.path().to_path_buf(),
+                    what: "settling handles",
+                    reason: "it panicked".to_string(),
                 }
+                .into())),
             },
-        }
+        };
+        self.0 = SettlingState::Done;
+        std::task::Poll::Ready(polled.unwrap_or_else(|| {
+            Err(ConsumerError::State("a settle was awaited again after its result".into()).into())
+        }))
     }
 }
 
@@ -843,6 +860,8 @@ impl RebalanceListener for StoreOffsets {
                 }
             }
         }
+        // A revocation still waiting for one of these partitions has nothing left to wait for.
+        shared.settled.notify_waiters();
         if shared.changelog {
             // From the group's offset, not the store's: records settled here whose marks
             // the changelog never acknowledged (a crash in between) lie between the two, and
@@ -970,31 +989,39 @@ fn claim(shared: &Shared, candidates: &[Candidate]) -> Result<Vec<(Claim, bool)>
     let group = shared.group.as_str();
     // The partitions of this call (a handful): what the store says, and how far this
     // call hands each out.
-    let mut parts: Vec<((&str, i32), Handed, i64)> = Vec::new();
+    let mut parts: Vec<((&str, i32), Option<Handed>, i64)> = Vec::new();
     {
-        let mut state = shared.lock();
+        let state = shared.lock();
         for c in candidates {
             let key = (&*c.record.topic, c.record.partition);
             let slot = match parts.iter().position(|(k, _, _)| *k == key) {
                 Some(slot) => slot,
                 None => {
-                    let tp = c.record.topic_partition();
-                    let handed = match state.handed.get(&tp) {
-                        Some(handed) => *handed,
-                        None => {
-                            let before = store.handed_out(group, key.0, key.1)?.unwrap_or(-1);
-                            let handed = Handed { before, to: before };
-                            state.handed.insert(tp, handed);
-                            handed
-                        }
-                    };
-                    parts.push((key, handed, handed.to));
+                    let handed = state.handed.get(&c.record.topic_partition()).copied();
+                    parts.push((key, handed, -1));
                     parts.len() - 1
                 }
             };
             parts[slot].2 = parts[slot].2.max(c.record.offset + 1);
         }
     }
+    // A partition seen for the first time: how far an earlier run handed it out, read with
+    // no lock held (a read may wait for the disk).
+    for (key, handed, _) in &mut parts {
+        if handed.is_none() {
+            let before = store.handed_out(group, key.0, key.1)?.unwrap_or(-1);
+            let mut state = shared.lock();
+            let entry = state
+                .handed
+                .entry((key.0.to_string(), key.1))
+                .or_insert(Handed { before, to: before });
+            *handed = Some(*entry);
+        }
+    }
+    let parts: Vec<((&str, i32), Handed, i64)> = parts
+        .into_iter()
+        .filter_map(|(key, handed, to)| handed.map(|handed| (key, handed, to.max(handed.to))))
+        .collect();
     let handed_out: Vec<(&str, &str, i32, i64)> = parts
         .iter()
         .filter(|(_, handed, to)| *to > handed.to)
@@ -1032,16 +1059,49 @@ fn claim(shared: &Shared, candidates: &[Candidate]) -> Result<Vec<(Claim, bool)>
 /// What a claim on the store thread gives back: its candidates, and for each its claim.
 type ClaimResult = (Vec<Candidate>, Result<Vec<(Claim, bool)>, DedupError>);
 
-/// A claim under way on the store thread (see [`DedupConsumer::next_batch`]).
+/// A claim under way on the store thread (see [`DedupConsumer::next_batch`]). Dropped
+/// unanswered (the consumer dropped, or `close` cancelled, while it ran), its claims are
+/// released once it has run, so its keys are not held for a lease by nobody.
 #[derive(Debug)]
 struct Claiming {
-    task: tokio::sync::oneshot::Receiver<ClaimResult>,
+    /// `None` once its answer is taken.
+    task: Option<tokio::sync::oneshot::Receiver<ClaimResult>>,
     /// Records passed without a key, read with the candidates: handed out with them.
     out: Vec<Fresh>,
     /// `Shared::settles` before the claim.
     settles: u64,
     /// Per partition, the lowest offset of the candidates (for `position`).
     waiting: Vec<(TopicPartition, i64)>,
+    shared: Arc<Shared>,
+}
+
+impl Claiming {
+    /// Its answer was taken: what is left to hand out with it, and `Shared::settles` before.
+    fn answered(mut self) -> (Vec<Fresh>, u64) {
+        self.task = None;
+        (std::mem::take(&mut self.out), self.settles)
+    }
+}
+
+impl Drop for Claiming {
+    fn drop(&mut self) {
+        let Some(mut task) = self.task.take() else {
+            return;
+        };
+        let store = Arc::clone(&self.shared.store);
+        // Queued behind the claim on the same thread: its answer is in by the time this runs.
+        drop(self.shared.store_thread.run(move || {
+            if let Ok((candidates, Ok(claims))) = task.try_recv() {
+                for (candidate, (claim, _)) in candidates.iter().zip(claims) {
+                    if let Claim::Fresh(token) | Claim::Reclaimed(token) = claim
+                        && let Err(e) = store.release(candidate.key, token)
+                    {
+                        tracing::warn!(error = %e, "claim not released; its record comes again once its lease ends");
+                    }
+                }
+            }
+        }));
+    }
 }
 
 /// A group consumer that yields only messages not handled before.
@@ -1082,8 +1142,6 @@ pub struct DedupConsumer {
     claiming: Option<Claiming>,
     /// Claimed records not yet returned (a claim found more than the call asked for).
     ready: VecDeque<Fresh>,
-    /// Whether the consumer was read since the last prefetched claim (see `prefetch`).
-    prefetch_due: bool,
 }
 
 impl DedupConsumer {
@@ -1145,7 +1203,6 @@ impl DedupConsumer {
             marks_waiting: None,
             claiming: None,
             ready: VecDeque::new(),
-            prefetch_due: false,
         })
     }
 
@@ -1201,11 +1258,12 @@ impl DedupConsumer {
             }
             // The claim runs on the store thread. Cancelled here, it stays in
             // `self.claiming` with its records, and the next call takes it up.
-            let Some(claiming) = self.claiming.as_mut() else {
+            let Some(task) = self.claiming.as_mut().and_then(|c| c.task.as_mut()) else {
+                self.claiming = None;
                 continue;
             };
-            let joined = (&mut claiming.task).await;
-            let Some(Claiming { out, settles, .. }) = self.claiming.take() else {
+            let joined = task.await;
+            let Some((out, settles)) = self.claiming.take().map(Claiming::answered) else {
                 continue;
             };
             let mut out = self.claimed(joined, out, settles)?;
@@ -1213,29 +1271,8 @@ impl DedupConsumer {
                 self.ready.extend(out.drain(max..));
             }
             if !out.is_empty() {
-                self.prefetch(max);
                 return Ok(out);
             }
-        }
-    }
-
-    /// Starts claiming the records already buffered behind those just handed out, so the
-    /// claim runs while the caller handles these (the next call takes it up). Once per read
-    /// of the consumer: the call after a prefetched one reads the consumer again (its
-    /// rebalances, the changelog, the commits), whatever is buffered.
-    fn prefetch(&mut self, max: usize) {
-        if !self.prefetch_due || self.claiming.is_some() || !self.ready.is_empty() {
-            return;
-        }
-        self.prefetch_due = false;
-        if !self.nothing_waiting() {
-            return;
-        }
-        let mut candidates = Vec::new();
-        let mut out = Vec::new();
-        self.take_buffered_many(max, &mut candidates, &mut out);
-        if !candidates.is_empty() || !out.is_empty() {
-            self.spawn_claim(candidates, out);
         }
     }
 
@@ -1269,7 +1306,6 @@ impl DedupConsumer {
             }
         }
         self.spawn_claim(candidates, out);
-        self.prefetch_due = true;
         Ok(())
     }
 
@@ -1294,10 +1330,11 @@ impl DedupConsumer {
             (candidates, claims)
         });
         self.claiming = Some(Claiming {
-            task,
+            task: Some(task),
             out,
             settles,
             waiting,
+            shared: Arc::clone(&self.shared),
         });
     }
 
@@ -1388,7 +1425,10 @@ impl DedupConsumer {
         self.pending.push_back(Parked {
             candidate,
             settles,
-            until: Instant::now() + Duration::from_millis(wait.clamp(10, 60_000)),
+            // At least once a second: a claim of another consumer of the same store (a
+            // consumer dropped while it claimed, whose claims are released just after) ends
+            // without a settle of ours to say so.
+            until: Instant::now() + Duration::from_millis(wait.clamp(10, 1_000)),
         });
     }
 
@@ -2119,11 +2159,12 @@ impl DedupConsumer {
         // Records claimed and not handed out are given back, and the settles under way
         // (written on the store thread) end first, so what they settled is committed below
         // and no claim of this consumer outlives it in the store.
-        if let Some(Claiming {
-            task, out, settles, ..
-        }) = self.claiming.take()
+        // (Cancelled at the await, the claim is dropped unanswered: its claims are released.)
+        if let Some(mut claiming) = self.claiming.take()
+            && let Some(task) = claiming.task.as_mut()
         {
             let joined = task.await;
+            let (out, settles) = claiming.answered();
             if let Ok(claimed) = self.claimed(joined, out, settles) {
                 self.ready.extend(claimed);
             }
