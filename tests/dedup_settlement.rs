@@ -868,6 +868,65 @@ async fn a_claim_under_way_when_its_consumer_is_dropped_is_released() -> anyhow:
     Ok(())
 }
 
+/// Defect (issue 24, found in review): a store call that panicked on the store thread (here
+/// a write hook; in life a bug) panicked the caller too ("called after complete", from
+/// tokio's oneshot polled after it was found closed) instead of answering `Interrupted`.
+/// The claim's and the settle's callers both get the error, and nothing panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_call_that_panics_answers_an_error() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let topic = "store-panic";
+    let Fixture {
+        _broker,
+        bootstrap,
+        _dir,
+        store,
+        ..
+    } = fixture(topic, 3).await?;
+    // The first write (the first claim's) and the third (the first settle's) panic.
+    let writes = Arc::new(AtomicUsize::new(0));
+    store.on_write({
+        let writes = Arc::clone(&writes);
+        move || {
+            let n = writes.fetch_add(1, Ordering::SeqCst);
+            if n == 0 || n == 2 {
+                // Unwinds at once (no panic hook, no backtrace): the answer is seen closed
+                // while its caller still spins for it.
+                std::panic::resume_unwind(Box::new(format!("write {n} made to fail")));
+            }
+        }
+    });
+    let mut dedup = member(&bootstrap, "store-panic-group", topic, &store).await?;
+    let started = Instant::now();
+    let mut claim_failed = false;
+    let fresh = loop {
+        ensure!(started.elapsed() < PATIENCE, "no record handed out");
+        match tokio::time::timeout(Duration::from_millis(500), dedup.next()).await {
+            Err(_) => continue,
+            Ok(Err(e)) => {
+                ensure!(e.to_string().contains("panicked"), "unexpected error: {e}");
+                claim_failed = true;
+            }
+            Ok(Ok(fresh)) => break fresh,
+        }
+    };
+    ensure!(claim_failed, "the panicking claim answered no error");
+    // The second write: the claim again. The third, this settle's, panics; it is over by the
+    // time the settle is awaited.
+    let settling = fresh.done(|_| {});
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let settled = settling.await;
+    ensure!(
+        settled
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("panicked")),
+        "the panicking settle answered {settled:?}"
+    );
+    dedup.close().await?;
+    Ok(())
+}
+
 /// Defect: a handler's `done` closure ran under the middleware's lock (and the store's), so a
 /// closure that gave another handle back (dropped it: its handler gave up) or read the
 /// store waited for itself forever. Bounded: the settle runs on its own thread, and a hang

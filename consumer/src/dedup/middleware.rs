@@ -333,7 +333,8 @@ impl Fresh {
 /// Writes the handles' marks, their partitions' committable offsets and `state` in one batch,
 /// then counts them settled; on an error gives them back. Blocking: the store writes.
 /// The handles stay the caller's (settled or given back), so their records are freed where
-/// they were made: the caller's thread, once it looks at the [`Settling`].
+/// they were made: the caller's thread, once it looks at the [`Settling`] (or this thread,
+/// if the `Settling` was dropped before the answer came).
 fn settle(handles: &mut Vec<Fresh>, state: StateWrites) -> Result<(), MiddlewareError> {
     let Some(first) = handles.first() else {
         return Ok(());
@@ -446,7 +447,7 @@ enum SettlingState {
         result: tokio::sync::oneshot::Receiver<(Result<(), MiddlewareError>, Vec<Fresh>)>,
         /// Whether the first poll spun for the answer (see `HANDOFF_SPIN`).
         spun: bool,
-        store: Arc<DedupStore>,
+        shared: Arc<Shared>,
     },
 }
 
@@ -469,7 +470,7 @@ impl Settling {
         Self(SettlingState::Running {
             result,
             spun: false,
-            store: Arc::clone(&shared.store),
+            shared: Arc::clone(shared),
         })
     }
 }
@@ -487,25 +488,33 @@ impl std::future::Future for Settling {
             SettlingState::Running {
                 result,
                 spun,
-                store,
-            } => match (!std::mem::replace(spun, true))
-                .then(|| answer_soon(result))
-                .flatten()
-                .map_or_else(
-                    || result.poll_unpin(cx),
-                    |answer| std::task::Poll::Ready(Ok(answer)),
-                ) {
-                std::task::Poll::Pending => return std::task::Poll::Pending,
-                // The handles' records are freed on this thread, which made them.
-                std::task::Poll::Ready(Ok((result, _handles))) => Some(result),
-                // Its handles were dropped with it, unsettled: their records come again.
-                std::task::Poll::Ready(Err(_)) => Some(Err(DedupError::Interrupted {
-                    path: store.path().to_path_buf(),
-                    what: "settling handles",
-                    reason: "it panicked".to_string(),
+                shared,
+            } => {
+                let answer = if std::mem::replace(spun, true) {
+                    Answer::Later
+                } else {
+                    answer_soon(result, &shared.store_thread)
+                };
+                let answer = match answer {
+                    Answer::Value(answer) => Some(answer),
+                    Answer::Lost => None,
+                    Answer::Later => match result.poll_unpin(cx) {
+                        std::task::Poll::Pending => return std::task::Poll::Pending,
+                        std::task::Poll::Ready(answer) => answer.ok(),
+                    },
+                };
+                match answer {
+                    // The handles' records are freed on this thread, which made them.
+                    Some((result, _handles)) => Some(result),
+                    // Its handles were dropped with it, unsettled: their records come again.
+                    None => Some(Err(DedupError::Interrupted {
+                        path: shared.store.path().to_path_buf(),
+                        what: "settling handles",
+                        reason: "it panicked".to_string(),
+                    }
+                    .into())),
                 }
-                .into())),
-            },
+            }
         };
         self.0 = SettlingState::Done;
         std::task::Poll::Ready(polled.unwrap_or_else(|| {
@@ -628,25 +637,41 @@ type StoreCall = (Box<dyn FnOnce() + Send>, std::time::Instant);
 /// How long the store thread, and a caller waiting for it, spin before they sleep. A thread
 /// woken from sleep took about 40 µs on our 2-core machines, longer than most claims and
 /// settles: one record at a time (`next`, then `done`), sleeping on both sides ran at 9 k
-/// messages/s, spinning this long at 81 k (`changelog_bench --batch 1`). Bounded, so a store
-/// call that takes long (a stalled write) is waited for asleep, and the store thread spins
-/// only while calls come this close together.
+/// messages/s, spinning this long at 87 k (`changelog_bench --batch 1`). Bounded, so a store
+/// call that takes long (a stalled write) is waited for asleep; the store thread spins only
+/// while calls come this close together, and a caller only while at most one call is ahead
+/// of its own.
 const HANDOFF_SPIN: Duration = Duration::from_micros(50);
 
-/// Takes `answer` if it comes within [`HANDOFF_SPIN`], spinning; `None` if it does not (then
-/// await it).
-fn answer_soon<T>(answer: &mut tokio::sync::oneshot::Receiver<T>) -> Option<T> {
+/// What a store call's answer looks like after a short wait for it.
+enum Answer<T> {
+    Value(T),
+    /// The call panicked (its answer was dropped). The receiver is spent: not to be polled.
+    Lost,
+    /// Not yet: await the receiver.
+    Later,
+}
+
+/// Takes `answer` if it comes within [`HANDOFF_SPIN`], spinning, while at most one other call
+/// is ahead of it on the store thread (behind many, it would spin for theirs too: a caller
+/// awaiting a thousand settles at once).
+fn answer_soon<T>(
+    answer: &mut tokio::sync::oneshot::Receiver<T>,
+    thread: &StoreThread,
+) -> Answer<T> {
     use tokio::sync::oneshot::error::TryRecvError;
     let started = std::time::Instant::now();
     loop {
         match answer.try_recv() {
-            Ok(value) => return Some(value),
-            // Awaiting gives its error at once.
-            Err(TryRecvError::Closed) => return None,
-            Err(TryRecvError::Empty) if started.elapsed() < HANDOFF_SPIN => {
+            Ok(value) => return Answer::Value(value),
+            Err(TryRecvError::Closed) => return Answer::Lost,
+            Err(TryRecvError::Empty)
+                if started.elapsed() < HANDOFF_SPIN
+                    && thread.queued.load(std::sync::atomic::Ordering::Acquire) <= 2 =>
+            {
                 std::hint::spin_loop();
             }
-            Err(TryRecvError::Empty) => return None,
+            Err(TryRecvError::Empty) => return Answer::Later,
         }
     }
 }
@@ -658,11 +683,17 @@ fn answer_soon<T>(answer: &mut tokio::sync::oneshot::Receiver<T>) -> Option<T> {
 /// each) run on the blocking pool, so claims do not queue behind them. The thread ends once
 /// the middleware and every handle are gone.
 #[derive(Debug)]
-struct StoreThread(std::sync::mpsc::Sender<StoreCall>);
+struct StoreThread {
+    calls: std::sync::mpsc::Sender<StoreCall>,
+    /// Calls queued or running.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
 
 impl StoreThread {
     fn start() -> std::io::Result<Self> {
         let (calls, queue) = std::sync::mpsc::channel::<StoreCall>();
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let running = Arc::clone(&queued);
         std::thread::Builder::new()
             .name("semel-dedup-store".into())
             .spawn(move || {
@@ -696,10 +727,11 @@ impl StoreThread {
                     // A call that panics drops its answer: its caller gets `Interrupted`
                     // (and its handles, dropped unsettled, come again); the thread goes on.
                     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call));
+                    running.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                     last_done = std::time::Instant::now();
                 }
             })?;
-        Ok(Self(calls))
+        Ok(Self { calls, queued })
     }
 
     /// Queues `call`; the receiver gets its result (or is closed if it panicked).
@@ -709,7 +741,9 @@ impl StoreThread {
     ) -> tokio::sync::oneshot::Receiver<T> {
         let (answer, result) = tokio::sync::oneshot::channel();
         // The thread lives as long as this sender: the send cannot fail.
-        let _ = self.0.send((
+        self.queued
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let _ = self.calls.send((
             Box::new(move || {
                 let _ = answer.send(call());
             }),
@@ -1163,7 +1197,7 @@ impl Drop for Claiming {
             if let Ok((candidates, Ok(claims))) = task.try_recv() {
                 for (candidate, (claim, _)) in candidates.iter().zip(claims) {
                     if let Claim::Fresh(token) | Claim::Reclaimed(token) = claim
-                        && let Err(e) = store.release(candidate.key, token)
+                        && let Err(e) = store.release_unhandled(candidate.key, token)
                     {
                         tracing::warn!(error = %e, "claim not released; its record comes again once its lease ends");
                     }
@@ -1333,9 +1367,10 @@ impl DedupConsumer {
             };
             // The claim is usually answered within microseconds: a short spin spares the
             // wake-up (see `HANDOFF_SPIN`).
-            let joined = match answer_soon(task) {
-                Some(answer) => Ok(answer),
-                None => task.await,
+            let joined = match answer_soon(task, &self.shared.store_thread) {
+                Answer::Value(answer) => Some(answer),
+                Answer::Lost => None,
+                Answer::Later => task.await.ok(),
             };
             let Some((out, settles)) = self.claiming.take().map(Claiming::answered) else {
                 continue;
@@ -1416,13 +1451,13 @@ impl DedupConsumer {
     /// with them), drops duplicates, and sets aside records whose key another handler holds.
     fn claimed(
         &mut self,
-        joined: Result<ClaimResult, tokio::sync::oneshot::error::RecvError>,
+        joined: Option<ClaimResult>,
         mut out: Vec<Fresh>,
         settles: u64,
     ) -> Result<Vec<Fresh>, MiddlewareError> {
         let (candidates, claims) = match joined {
-            Ok(joined) => joined,
-            Err(_) => {
+            Some(joined) => joined,
+            None => {
                 // Only a bug: the candidates went with the claim, and stay outstanding, so
                 // nothing past them is committed; they come again to the partition's next
                 // owner.
@@ -2237,7 +2272,7 @@ impl DedupConsumer {
         if let Some(mut claiming) = self.claiming.take()
             && let Some(task) = claiming.task.as_mut()
         {
-            let joined = task.await;
+            let joined = task.await.ok();
             let (out, settles) = claiming.answered();
             if let Ok(claimed) = self.claimed(joined, out, settles) {
                 self.ready.extend(claimed);

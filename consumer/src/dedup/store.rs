@@ -1396,6 +1396,25 @@ impl DedupStore {
     /// # Errors
     /// `Corrupt`, `Storage`.
     pub fn release(&self, key: KeyHash, token: ClaimToken) -> Result<(), DedupError> {
+        self.release_claim(key, token, true)
+    }
+
+    /// [`DedupStore::release`] of a claim no handler ever had (claimed for a consumer that
+    /// was dropped before handing it out): not counted as a handler failure.
+    pub(crate) fn release_unhandled(
+        &self,
+        key: KeyHash,
+        token: ClaimToken,
+    ) -> Result<(), DedupError> {
+        self.release_claim(key, token, false)
+    }
+
+    fn release_claim(
+        &self,
+        key: KeyHash,
+        token: ClaimToken,
+        handler_failed: bool,
+    ) -> Result<(), DedupError> {
         let mut inner = self.inner();
         let Some(held) = inner.held.get(&key).copied() else {
             return Ok(());
@@ -1413,8 +1432,10 @@ impl DedupStore {
             self.write(batch)?;
         }
         inner.held.remove(&key);
-        inner.counts.handler_failures += 1;
-        metrics::counter!("semel_dedup_handler_failures_total").increment(1);
+        if handler_failed {
+            inner.counts.handler_failures += 1;
+            metrics::counter!("semel_dedup_handler_failures_total").increment(1);
+        }
         Ok(())
     }
 
