@@ -660,13 +660,59 @@ async fn a_batch_settles_with_one_write_and_a_dropped_batch_comes_again() -> any
     Ok(())
 }
 
+/// A task of the test's runtime that ticks every 10 ms and measures its longest gap: how long
+/// the runtime stood still.
+struct Ticker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Duration>,
+}
+
+impl Ticker {
+    fn start() -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = Arc::clone(&stop);
+            async move {
+                let mut worst = Duration::ZERO;
+                let mut last = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    worst = worst.max(last.elapsed());
+                    last = Instant::now();
+                }
+                worst
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// The longest gap between two ticks.
+    async fn stop(self) -> anyhow::Result<Duration> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(self.task.await?)
+    }
+}
+
+/// A store hook (`on_sync`, `on_write`) that counts its calls and takes `ms` each: a slow
+/// disk, or writes that RocksDB stalls.
+fn slow_hook(
+    calls: &Arc<std::sync::atomic::AtomicUsize>,
+    ms: u64,
+) -> impl Fn() + Send + Sync + 'static {
+    let calls = Arc::clone(calls);
+    move || {
+        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
 /// Defect (issue 24): the store's syncs ran on the runtime's worker threads, so a slow fsync
 /// (a busy disk) stalled every other task of the application meanwhile: here the runtime has
 /// one thread, and a task that ticks every 10 ms must keep ticking while the middleware
 /// commits (each commit syncs the store first; the sync is made to take 800 ms).
 #[tokio::test(flavor = "current_thread")]
 async fn a_slow_store_sync_does_not_stall_the_runtime() -> anyhow::Result<()> {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     let topic = "slow-sync";
     let Fixture {
@@ -678,27 +724,8 @@ async fn a_slow_store_sync_does_not_stall_the_runtime() -> anyhow::Result<()> {
         ..
     } = fixture(topic, 20).await?;
     let syncs = Arc::new(AtomicUsize::new(0));
-    store.on_sync({
-        let syncs = Arc::clone(&syncs);
-        move || {
-            syncs.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(800));
-        }
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let ticker = tokio::spawn({
-        let stop = Arc::clone(&stop);
-        async move {
-            let mut worst = Duration::ZERO;
-            let mut last = Instant::now();
-            while !stop.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                worst = worst.max(last.elapsed());
-                last = Instant::now();
-            }
-            worst
-        }
-    });
+    store.on_sync(slow_hook(&syncs, 800));
+    let ticker = Ticker::start();
 
     let mut dedup = member(&bootstrap, "slow-sync-group", topic, &store).await?;
     let started = Instant::now();
@@ -716,8 +743,7 @@ async fn a_slow_store_sync_does_not_stall_the_runtime() -> anyhow::Result<()> {
         }
     }
     dedup.close().await?;
-    stop.store(true, Ordering::SeqCst);
-    let worst = ticker.await?;
+    let worst = ticker.stop().await?;
     let syncs = syncs.load(Ordering::SeqCst);
     ensure!(syncs > 0, "the store was never synced");
     ensure!(
@@ -736,7 +762,7 @@ async fn a_slow_store_sync_does_not_stall_the_runtime() -> anyhow::Result<()> {
 /// timeout while its claim is under way loses nothing: every id is handled once.
 #[tokio::test(flavor = "current_thread")]
 async fn a_stalled_store_write_does_not_stall_the_runtime() -> anyhow::Result<()> {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     let topic = "slow-write";
     let Fixture {
@@ -748,27 +774,8 @@ async fn a_stalled_store_write_does_not_stall_the_runtime() -> anyhow::Result<()
         messages,
     } = fixture(topic, 4).await?;
     let writes = Arc::new(AtomicUsize::new(0));
-    store.on_write({
-        let writes = Arc::clone(&writes);
-        move || {
-            writes.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(400));
-        }
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let ticker = tokio::spawn({
-        let stop = Arc::clone(&stop);
-        async move {
-            let mut worst = Duration::ZERO;
-            let mut last = Instant::now();
-            while !stop.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                worst = worst.max(last.elapsed());
-                last = Instant::now();
-            }
-            worst
-        }
-    });
+    store.on_write(slow_hook(&writes, 400));
+    let ticker = Ticker::start();
 
     let mut dedup = member(&bootstrap, "slow-write-group", topic, &store).await?;
     let mut handled: BTreeMap<String, u32> = BTreeMap::new();
@@ -792,8 +799,7 @@ async fn a_stalled_store_write_does_not_stall_the_runtime() -> anyhow::Result<()
         }
     }
     dedup.close().await?;
-    stop.store(true, Ordering::SeqCst);
-    let worst = ticker.await?;
+    let worst = ticker.stop().await?;
     let writes = writes.load(Ordering::SeqCst);
     ensure!(
         handled.len() == messages.len() && handled.values().all(|&n| n == 1),
