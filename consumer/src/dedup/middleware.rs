@@ -2268,19 +2268,35 @@ impl DedupConsumer {
         // Records claimed and not handed out are given back, and the settles under way
         // (written on the store thread) end first, so what they settled is committed below
         // and no claim of this consumer outlives it in the store.
-        // (Cancelled at the await, the claim is dropped unanswered: its claims are released.)
+        // Each wait ends by `revocation_wait` (a store thread stuck in RocksDB); cancelled or
+        // cut short at the first, the claim is dropped unanswered and released once it ran.
+        let deadline = Instant::now() + self.config.revocation_wait;
         if let Some(mut claiming) = self.claiming.take()
             && let Some(task) = claiming.task.as_mut()
         {
-            let joined = task.await.ok();
-            let (out, settles) = claiming.answered();
-            if let Ok(claimed) = self.claimed(joined, out, settles) {
-                self.ready.extend(claimed);
+            match tokio::time::timeout_at(deadline, task).await {
+                Ok(answer) => {
+                    let (out, settles) = claiming.answered();
+                    if let Ok(claimed) = self.claimed(answer.ok(), out, settles) {
+                        self.ready.extend(claimed);
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!(waited = ?self.config.revocation_wait, "a claim still runs on the store thread; its claims are released once it has run");
+                }
             }
         }
-        for fresh in std::mem::take(&mut self.ready) {
-            if let Err(e) = fresh.failed().await {
-                tracing::warn!(error = %e, "claim not released; its record comes again once its lease ends");
+        let giving_back: Vec<Settling> = self.ready.drain(..).map(Fresh::failed).collect();
+        for settling in giving_back {
+            match tokio::time::timeout_at(deadline, settling).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "claim not released; its record comes again once its lease ends");
+                }
+                Err(_) => {
+                    tracing::warn!(waited = ?self.config.revocation_wait, "claims still being released on the store thread; closing without waiting for them");
+                    break;
+                }
             }
         }
         self.shared.settles_under_way().await;
