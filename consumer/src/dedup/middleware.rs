@@ -46,7 +46,7 @@ use tokio::time::Instant;
 use super::changelog::{Changelog, ChangelogConfig, ChangelogError, RestoreMetrics};
 use super::settlement::{Epoch, Revoking, Settlements};
 use super::store::{
-    Claim, ClaimToken, DedupError, DedupStore, KeyHash, StateBatch, StateWrites, off_runtime,
+    Claim, ClaimToken, DedupError, DedupStore, KeyHash, StateBatch, StateWrites, Waits, off_runtime,
 };
 use crate::assignor::TopicPartition;
 use crate::consumer::{Consumer, RebalanceContext, RebalanceListener};
@@ -1087,7 +1087,14 @@ type CommitResult = tokio::sync::oneshot::Receiver<Result<(), ConsumerError>>;
 /// far each partition is handed out (one small write per call, not a claim record per
 /// key). Says for each whether it may have been handled before: a claim taken over, or a
 /// fresh record below how far an earlier run (that crashed) handed its partition out.
-fn claim(shared: &Shared, candidates: &[Candidate]) -> Result<Vec<(Claim, bool)>, DedupError> {
+///
+/// With `Waits::Refused` it runs only if nothing in it would wait (see
+/// [`DedupStore::try_claim_many_handing_out`]); `None` then means: claim on the store thread.
+fn claim(
+    shared: &Shared,
+    candidates: &[Candidate],
+    waits: Waits,
+) -> Result<Option<Vec<(Claim, bool)>>, DedupError> {
     let store = &shared.store;
     let group = shared.group.as_str();
     // The partitions of this call (a handful): what the store says, and how far this
@@ -1112,6 +1119,9 @@ fn claim(shared: &Shared, candidates: &[Candidate]) -> Result<Vec<(Claim, bool)>
     // no lock held (a read may wait for the disk).
     for (key, handed, _) in &mut parts {
         if handed.is_none() {
+            if waits == Waits::Refused {
+                return Ok(None);
+            }
             let before = store.handed_out(group, key.0, key.1)?.unwrap_or(-1);
             let mut state = shared.lock();
             let entry = state
@@ -1131,7 +1141,13 @@ fn claim(shared: &Shared, candidates: &[Candidate]) -> Result<Vec<(Claim, bool)>
         .map(|((topic, partition), _, to)| (group, *topic, *partition, *to))
         .collect();
     let keys: Vec<KeyHash> = candidates.iter().map(|c| c.key).collect();
-    let claims = store.claim_many_handing_out(&keys, &handed_out)?;
+    let claims = match waits {
+        Waits::Allowed => store.claim_many_handing_out(&keys, &handed_out)?,
+        Waits::Refused => match store.try_claim_many_handing_out(&keys, &handed_out)? {
+            Some(claims) => claims,
+            None => return Ok(None),
+        },
+    };
     if !handed_out.is_empty() {
         let mut state = shared.lock();
         for &(_, topic, partition, to) in &handed_out {
@@ -1140,23 +1156,25 @@ fn claim(shared: &Shared, candidates: &[Candidate]) -> Result<Vec<(Claim, bool)>
             }
         }
     }
-    Ok(candidates
-        .iter()
-        .zip(claims)
-        .map(|(c, claim)| {
-            let key = (&*c.record.topic, c.record.partition);
-            let before = parts
-                .iter()
-                .find(|(k, _, _)| *k == key)
-                .map_or(-1, |(_, handed, _)| handed.before);
-            let reclaimed = match claim {
-                Claim::Reclaimed(_) => true,
-                Claim::Fresh(_) => c.record.offset < before,
-                Claim::Duplicate | Claim::InProgress { .. } => false,
-            };
-            (claim, reclaimed)
-        })
-        .collect())
+    Ok(Some(
+        candidates
+            .iter()
+            .zip(claims)
+            .map(|(c, claim)| {
+                let key = (&*c.record.topic, c.record.partition);
+                let before = parts
+                    .iter()
+                    .find(|(k, _, _)| *k == key)
+                    .map_or(-1, |(_, handed, _)| handed.before);
+                let reclaimed = match claim {
+                    Claim::Reclaimed(_) => true,
+                    Claim::Fresh(_) => c.record.offset < before,
+                    Claim::Duplicate | Claim::InProgress { .. } => false,
+                };
+                (claim, reclaimed)
+            })
+            .collect(),
+    ))
 }
 
 /// What a claim on the store thread gives back: its candidates, and for each its claim.
@@ -1357,7 +1375,15 @@ impl DedupConsumer {
                     let n = self.ready.len().min(max);
                     return Ok(self.ready.drain(..n).collect());
                 }
-                self.start_claim(max).await?;
+                if let Some((joined, out, settles)) = self.start_claim(max).await? {
+                    // Claimed here without a wait: a turn for the runtime's other tasks
+                    // all the same, as a wait would have given them.
+                    tokio::task::consume_budget().await;
+                    if let Some(out) = self.hand_over(Some(joined), out, settles, max)? {
+                        return Ok(out);
+                    }
+                    continue;
+                }
             }
             // The claim runs on the store thread. Cancelled here, it stays in
             // `self.claiming` with its records, and the next call takes it up.
@@ -1375,20 +1401,36 @@ impl DedupConsumer {
             let Some((out, settles)) = self.claiming.take().map(Claiming::answered) else {
                 continue;
             };
-            let mut out = self.claimed(joined, out, settles)?;
-            if out.len() > max {
-                self.ready.extend(out.drain(max..));
-            }
-            if !out.is_empty() {
+            if let Some(out) = self.hand_over(joined, out, settles, max)? {
                 return Ok(out);
             }
         }
     }
 
+    /// What a claim decided, as `next_batch` returns it: at most `max` handles (the rest
+    /// wait in `self.ready`); `None` when none is to be handed out.
+    fn hand_over(
+        &mut self,
+        joined: Option<ClaimResult>,
+        out: Vec<Fresh>,
+        settles: u64,
+        max: usize,
+    ) -> Result<Option<Vec<Fresh>>, MiddlewareError> {
+        let mut out = self.claimed(joined, out, settles)?;
+        if out.len() > max {
+            self.ready.extend(out.drain(max..));
+        }
+        Ok((!out.is_empty()).then_some(out))
+    }
+
     /// Reads the next records (waiting for the first, then up to `max` in all of what is
-    /// already here) and starts claiming their keys on the store thread, in
-    /// `self.claiming`. Records passed without a key go with it, to be handed out together.
-    async fn start_claim(&mut self, max: usize) -> Result<(), MiddlewareError> {
+    /// already here) and claims their keys: at once when nothing in the claim would wait
+    /// (returned, with the records passed without a key read with them and
+    /// `Shared::settles` before the claim), else on the store thread, in `self.claiming`.
+    async fn start_claim(
+        &mut self,
+        max: usize,
+    ) -> Result<Option<(ClaimResult, Vec<Fresh>, u64)>, MiddlewareError> {
         let mut out = Vec::new();
         let mut candidates: Vec<Candidate> = Vec::new();
         match self.read().await? {
@@ -1414,15 +1456,24 @@ impl DedupConsumer {
                 break;
             }
         }
-        self.spawn_claim(candidates, out);
-        Ok(())
+        Ok(self.claim_candidates(candidates, out))
     }
 
-    /// Claims `candidates` on the store thread, in `self.claiming` with `out` (records
-    /// passed without a key, handed out with them).
-    fn spawn_claim(&mut self, candidates: Vec<Candidate>, out: Vec<Fresh>) {
+    /// Claims `candidates` here if that needs no wait (the usual case: keys decided from
+    /// memory, a write RocksDB takes at once), else on the store thread, in `self.claiming`
+    /// with `out` (records passed without a key, handed out with them).
+    fn claim_candidates(
+        &mut self,
+        candidates: Vec<Candidate>,
+        out: Vec<Fresh>,
+    ) -> Option<(ClaimResult, Vec<Fresh>, u64)> {
         // Read before the claim: a settle after it retries a claim that is refused.
         let settles = self.settles();
+        match claim(&self.shared, &candidates, Waits::Refused) {
+            Ok(Some(claims)) => return Some(((candidates, Ok(claims)), out, settles)),
+            Err(e) => return Some(((candidates, Err(e)), out, settles)),
+            Ok(None) => {}
+        }
         let mut waiting: Vec<(TopicPartition, i64)> = Vec::new();
         for c in &candidates {
             let same = |(tp, _): &&mut (TopicPartition, i64)| {
@@ -1435,7 +1486,13 @@ impl DedupConsumer {
         }
         let shared = Arc::clone(&self.shared);
         let task = self.shared.store_thread.run(move || {
-            let claims = claim(&shared, &candidates);
+            let claims = claim(&shared, &candidates, Waits::Allowed).and_then(|claims| {
+                claims.ok_or_else(|| DedupError::Interrupted {
+                    path: shared.store.path().to_path_buf(),
+                    what: "claiming message keys",
+                    reason: "a claim allowed to wait was refused for waiting".to_string(),
+                })
+            });
             (candidates, claims)
         });
         self.claiming = Some(Claiming {
@@ -1445,6 +1502,7 @@ impl DedupConsumer {
             waiting,
             shared: Arc::clone(&self.shared),
         });
+        None
     }
 
     /// Hands out what a claim found fresh (with `out`, the records passed without a key read

@@ -14,7 +14,10 @@
 //! (a claim found on disk at a later open was left by a crashed process and is taken over at
 //! once); the middleware instead records, per partition, how far it handed records out (one
 //! small write per batch), and reports a fresh record below that after a restart as possibly
-//! handled before.
+//! handled before. A settle holds the store's lock before and after its write, not during it
+//! (settles take turns on a lock of their own), and the claims it settles cannot be taken over
+//! while it writes. A claim that may not wait (`try_claim_many_handing_out`, made on an async
+//! runtime's thread) gives up rather than wait for the lock, the disk or a stalled write.
 //! A crashed handler's claim expires and the key can be claimed again; a failed handler
 //! releases its claim at once.
 //!
@@ -46,7 +49,7 @@ use std::time::Duration;
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBWithThreadMode, MultiThreaded, Options,
-    WriteBatch, WriteOptions,
+    ReadOptions, ReadTier, WriteBatch, WriteOptions,
 };
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
@@ -395,6 +398,9 @@ pub struct DedupStore {
     clock: Arc<dyn Clock>,
     /// Serialises read-modify-write of marks (claim, release) and bucket changes.
     lock: Mutex<Inner>,
+    /// Held by a settle (`mark_done_with`) throughout, so settles take turns while claims,
+    /// which take only `lock`, go on during their writes.
+    settle_order: Mutex<()>,
     cache: Cache,
     /// The next claim token: seeded from the clock at open, so tokens of a crashed earlier
     /// process are not handed out again.
@@ -422,6 +428,10 @@ pub struct DedupStore {
 /// claim still ran on a blocking thread, and it closes when that ends. A store of the path
 /// open in another process is refused at once (RocksDB's lock).
 const OPEN_HERE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a claim that may not wait (`Waits::Refused`) spins for the store's lock before it
+/// gives up: settles hold the lock only for their bookkeeping, before and after their write.
+const LOCK_SPIN: Duration = Duration::from_micros(50);
 
 /// The paths of the stores open in this process.
 static OPEN_HERE: std::sync::LazyLock<(Mutex<std::collections::HashSet<PathBuf>>, Condvar)> =
@@ -485,6 +495,26 @@ struct Inner {
     next_batch: u64,
 }
 
+/// What a lookup found for a key: its newest live mark or claim, and its bucket's start.
+type Found = Option<(MarkState, i64)>;
+
+/// Whether a store call may wait: for the store's lock, the disk, a sync, or a write that
+/// RocksDB stalls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Waits {
+    Allowed,
+    /// The call gives up instead (it runs on an async runtime's thread).
+    Refused,
+}
+
+/// Whether a write was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Yes,
+    /// RocksDB would have made it wait (`Waits::Refused`): nothing was written.
+    WouldWait,
+}
+
 /// A claim of this open.
 #[derive(Debug, Clone, Copy)]
 struct Held {
@@ -493,6 +523,8 @@ struct Held {
     /// The start of the bucket holding a claim record for the key, if one was written (by
     /// this claim, or left by an earlier open's).
     disk: Option<i64>,
+    /// Its settle is being written (see `mark_done_with`): it cannot be taken over.
+    settling: bool,
 }
 
 impl std::fmt::Debug for DedupStore {
@@ -581,6 +613,7 @@ impl DedupStore {
             db,
             config,
             clock,
+            settle_order: Mutex::new(()),
             lock: Mutex::new(Inner {
                 counts: DedupCounts::default(),
                 buckets,
@@ -626,13 +659,33 @@ impl DedupStore {
         i64::try_from(self.config.window.as_millis()).unwrap_or(i64::MAX)
     }
 
+    /// The bucket marks written now go to, if it is in place already.
+    fn existing_bucket(inner: &Inner, width: i64, now_ms: i64) -> Option<(i64, String)> {
+        let start = now_ms - now_ms.rem_euclid(width);
+        inner
+            .buckets
+            .iter()
+            .find(|(s, _)| *s == start)
+            .map(|(s, name)| (*s, name.clone()))
+    }
+
+    /// A call allowed to wait was told it would: not reached (only calls made with
+    /// `Waits::Refused` are), and an error rather than a panic if it ever is.
+    fn refused_wait(&self, what: &'static str) -> DedupError {
+        DedupError::Interrupted {
+            path: self.config.path.clone(),
+            what,
+            reason: "a call allowed to wait was refused for waiting".to_string(),
+        }
+    }
+
     /// The bucket marks written now go to (its start and column family), created if needed.
     fn current_bucket(&self, inner: &mut Inner, now_ms: i64) -> Result<(i64, String), DedupError> {
         let width = self.bucket_width_ms();
-        let start = now_ms - now_ms.rem_euclid(width);
-        if let Some((_, name)) = inner.buckets.iter().find(|(s, _)| *s == start) {
-            return Ok((start, name.clone()));
+        if let Some(bucket) = Self::existing_bucket(inner, width, now_ms) {
+            return Ok(bucket);
         }
+        let start = now_ms - now_ms.rem_euclid(width);
         let name = bucket_name(start);
         if self.db.cf_handle(&name).is_none() {
             self.db
@@ -704,18 +757,23 @@ impl DedupStore {
         key: KeyHash,
         now_ms: i64,
     ) -> Result<Option<(MarkState, i64)>, DedupError> {
-        Ok(self.lookup_many(inner, &[key], now_ms)?.pop().flatten())
+        let found = self.lookup_many(inner, &[key], now_ms, Waits::Allowed)?;
+        Ok(found.and_then(|mut found| found.pop()).flatten())
     }
 
     /// [`DedupStore::lookup`] for several keys: one batched read per live bucket, newest
     /// bucket first, for the keys not found yet.
+    ///
+    /// With `Waits::Refused`, only memory is read (memtables and the block cache); `None` when
+    /// a key would need the disk.
     fn lookup_many(
         &self,
         inner: &Inner,
         keys: &[KeyHash],
         now_ms: i64,
-    ) -> Result<Vec<Option<(MarkState, i64)>>, DedupError> {
-        let mut found: Vec<Option<(MarkState, i64)>> = Vec::with_capacity(keys.len());
+        waits: Waits,
+    ) -> Result<Option<Vec<Found>>, DedupError> {
+        let mut found: Vec<Found> = Vec::with_capacity(keys.len());
         found.resize_with(keys.len(), || None);
         let mut open: Vec<usize> = (0..keys.len()).collect();
         let mut wanted: Vec<[u8; 16]> = Vec::with_capacity(keys.len());
@@ -754,7 +812,25 @@ impl DedupStore {
             }
             wanted.clear();
             wanted.extend(asked.iter().map(|&i| keys[i].bytes()));
-            let values = self.db.batched_multi_get_cf(&family, &wanted, false);
+            let values = match waits {
+                Waits::Allowed => self.db.batched_multi_get_cf(&family, &wanted, false),
+                // One read per key, from memory only. (A batched read does not keep to the
+                // block cache: RocksDB's MultiGet reads the disk whatever the read tier.)
+                Waits::Refused => {
+                    let mut options = ReadOptions::default();
+                    options.set_read_tier(ReadTier::BlockCache);
+                    let mut values = Vec::with_capacity(wanted.len());
+                    for key in &wanted {
+                        match self.db.get_pinned_cf_opt(&family, key, &options) {
+                            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => {
+                                return Ok(None);
+                            }
+                            value => values.push(value),
+                        }
+                    }
+                    values
+                }
+            };
             for (&i, value) in asked.iter().zip(values) {
                 match value.map_err(|e| self.storage(e))? {
                     Some(bytes) => {
@@ -772,7 +848,7 @@ impl DedupStore {
             }
             open = still_open;
         }
-        Ok(found)
+        Ok(Some(found))
     }
 
     fn encode(state: MarkState) -> Vec<u8> {
@@ -785,20 +861,38 @@ impl DedupStore {
     }
 
     fn write(&self, batch: WriteBatch) -> Result<(), DedupError> {
+        match self.write_unless_waiting(batch, Waits::Allowed)? {
+            Written::Yes => Ok(()),
+            Written::WouldWait => Err(self.refused_wait("writing")),
+        }
+    }
+
+    /// Writes `batch`; with `Waits::Refused`, only if RocksDB takes it without waiting: no
+    /// write stall or slowdown, no sync (`sync_writes`), and no write hook (which stands for a
+    /// stalled write in tests). `WouldWait`: nothing was written.
+    fn write_unless_waiting(&self, batch: WriteBatch, waits: Waits) -> Result<Written, DedupError> {
+        let refused = waits == Waits::Refused;
+        if refused && (self.config.sync_writes || self.write_hook.get().is_some()) {
+            return Ok(Written::WouldWait);
+        }
         if let Some(hook) = self.write_hook.get() {
             hook();
         }
         let mut options = WriteOptions::default();
         options.set_sync(self.config.sync_writes);
-        self.db
-            .write_opt(batch, &options)
-            .map_err(|e| self.storage(e))?;
+        options.set_no_slowdown(refused);
+        match self.db.write_opt(batch, &options) {
+            Err(e) if refused && e.kind() == rocksdb::ErrorKind::Incomplete => {
+                return Ok(Written::WouldWait);
+            }
+            written => written.map_err(|e| self.storage(e))?,
+        }
         // Counted after the write: a sync that reads the count covers what it counts.
         let written = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
         if self.config.sync_writes {
             self.durable.fetch_max(written, Ordering::SeqCst);
         }
-        Ok(())
+        Ok(Written::Yes)
     }
 
     /// Makes every write so far durable (syncs RocksDB's write-ahead log): what was written
@@ -867,7 +961,7 @@ impl DedupStore {
         let inner = self.inner();
         let now = self.clock.now_ms();
         if let Some(held) = inner.held.get(&key) {
-            return Ok(if held.until_ms > now {
+            return Ok(if held.until_ms > now || held.settling {
                 Check::Claimed {
                     until_ms: held.until_ms,
                 }
@@ -903,7 +997,8 @@ impl DedupStore {
     /// # Errors
     /// `Corrupt`, `Storage` (then nothing was claimed).
     pub fn claim_many(&self, keys: &[KeyHash]) -> Result<Vec<Claim>, DedupError> {
-        self.claim_keys(keys, true, &[])
+        self.claim_keys(keys, true, &[], Waits::Allowed)?
+            .ok_or_else(|| self.refused_wait("claiming"))
     }
 
     /// [`DedupStore::claim_many`] for a caller that keeps its own trace of what it handed
@@ -917,7 +1012,22 @@ impl DedupStore {
         keys: &[KeyHash],
         handed_out: &[(&str, &str, i32, i64)],
     ) -> Result<Vec<Claim>, DedupError> {
-        self.claim_keys(keys, false, handed_out)
+        self.claim_keys(keys, false, handed_out, Waits::Allowed)?
+            .ok_or_else(|| self.refused_wait("claiming"))
+    }
+
+    /// [`DedupStore::claim_many_handing_out`] if it can be done without waiting: the store's
+    /// lock free, every key decided from memory (the filters, the marks held, RocksDB's
+    /// memtables and block cache), the bucket in place, and the write taken by RocksDB at
+    /// once (no stall, no sync). `None`, with nothing claimed or written, when any of it would
+    /// wait: the caller then makes the call where waiting is allowed. This is what lets a
+    /// claim run on an async runtime's thread.
+    pub(crate) fn try_claim_many_handing_out(
+        &self,
+        keys: &[KeyHash],
+        handed_out: &[(&str, &str, i32, i64)],
+    ) -> Result<Option<Vec<Claim>>, DedupError> {
+        self.claim_keys(keys, false, handed_out, Waits::Refused)
     }
 
     /// How far records of (group, topic, partition) were handed out, as recorded by
@@ -935,24 +1045,56 @@ impl DedupStore {
 
     /// Claims `keys`; with `persist` each claim is also written (`claim_many`), else only
     /// the `handed_out` offsets are.
+    /// `None` (nothing claimed, nothing written) only with `Waits::Refused`, when the call
+    /// would wait.
     fn claim_keys(
         &self,
         keys: &[KeyHash],
         persist: bool,
         handed_out: &[(&str, &str, i32, i64)],
-    ) -> Result<Vec<Claim>, DedupError> {
-        let mut inner = self.inner();
+        waits: Waits,
+    ) -> Result<Option<Vec<Claim>>, DedupError> {
+        let mut inner = match waits {
+            Waits::Allowed => self.inner(),
+            // A settle holds the lock only around its bookkeeping (tens of microseconds,
+            // never its write): worth a short spin before handing the call over.
+            Waits::Refused => {
+                let started = std::time::Instant::now();
+                loop {
+                    match self.lock.try_lock() {
+                        Ok(inner) => break inner,
+                        Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                        Err(std::sync::TryLockError::WouldBlock)
+                            if started.elapsed() < LOCK_SPIN =>
+                        {
+                            std::hint::spin_loop();
+                        }
+                        Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+                    }
+                }
+            }
+        };
         let now = self.clock.now_ms();
         let lease = i64::try_from(self.config.claim_lease.as_millis()).unwrap_or(i64::MAX);
         let until_ms = now.saturating_add(lease);
-        let (bucket_start, bucket) = self.current_bucket(&mut inner, now)?;
+        let (bucket_start, bucket) = match waits {
+            Waits::Allowed => self.current_bucket(&mut inner, now)?,
+            // A new bucket is a new column family (and maybe old ones dropped): files.
+            Waits::Refused => match Self::existing_bucket(&inner, self.bucket_width_ms(), now) {
+                Some(bucket) => bucket,
+                None => return Ok(None),
+            },
+        };
         // Keys held by a live claim of this open are decided without a read.
         let unheld: Vec<KeyHash> = keys
             .iter()
             .filter(|k| !inner.held.contains_key(k))
             .copied()
             .collect();
-        let mut stored = self.lookup_many(&inner, &unheld, now)?.into_iter();
+        let Some(stored) = self.lookup_many(&inner, &unheld, now, waits)? else {
+            return Ok(None);
+        };
+        let mut stored = stored.into_iter();
         let mut records: Vec<([u8; 16], ClaimToken)> = Vec::new();
         let family = self
             .db
@@ -975,7 +1117,9 @@ impl DedupStore {
             let outcome = if !in_batch.insert(key) {
                 Claim::InProgress { until_ms }
             } else if let Some(held) = held {
-                if held.until_ms > now {
+                // A claim being settled is not taken over, even past its lease: its write
+                // decides.
+                if held.until_ms > now || held.settling {
                     Claim::InProgress {
                         until_ms: held.until_ms,
                     }
@@ -1006,20 +1150,16 @@ impl DedupStore {
                             token,
                             until_ms,
                             disk: persist.then_some(bucket_start).or(disk_claim),
+                            settling: false,
                         },
                     ));
                     if matches!(outcome, Claim::Fresh(_)) {
                         counts.fresh += 1;
-                        metrics::counter!(CLAIMS_METRIC, "result" => "fresh").increment(1);
                     } else {
                         counts.claims_expired += 1;
-                        metrics::counter!(CLAIMS_METRIC, "result" => "reclaimed").increment(1);
                     }
                 }
-                Claim::Duplicate => {
-                    counts.duplicates += 1;
-                    metrics::counter!(CLAIMS_METRIC, "result" => "duplicate").increment(1);
-                }
+                Claim::Duplicate => counts.duplicates += 1,
                 Claim::InProgress { .. } => {}
             }
             outcomes.push(outcome);
@@ -1055,12 +1195,22 @@ impl DedupStore {
             }
         }
         drop(family);
-        if !batch.is_empty() {
-            self.write(batch)?;
+        if !batch.is_empty() && self.write_unless_waiting(batch, waits)? == Written::WouldWait {
+            return Ok(None);
         }
         inner.held.extend(taken);
-        inner.counts = counts;
-        Ok(outcomes)
+        let before = std::mem::replace(&mut inner.counts, counts);
+        // Published once the claims stand: a call that would have waited counts nothing.
+        for (result, now, then) in [
+            ("fresh", counts.fresh, before.fresh),
+            ("reclaimed", counts.claims_expired, before.claims_expired),
+            ("duplicate", counts.duplicates, before.duplicates),
+        ] {
+            if now > then {
+                metrics::counter!(CLAIMS_METRIC, "result" => result).increment(now - then);
+            }
+        }
+        Ok(Some(outcomes))
     }
 
     fn new_token(&self) -> ClaimToken {
@@ -1114,9 +1264,14 @@ impl DedupStore {
         offsets: &[(&str, &str, i32, i64)],
         state: StateWrites,
     ) -> Result<(), DedupError> {
+        // One settle at a time: batch records are held in memory in the order of their
+        // sequence. The store's lock is held before and after RocksDB writes, not during,
+        // so claims go on meanwhile.
+        let _order = self.settle_order.lock().unwrap_or_else(|p| p.into_inner());
         let mut inner = self.inner();
         let now = self.clock.now_ms();
-        // Checked under the same lock as every claim: no claim can change in between.
+        // Checked under the same lock as every claim, and each claim marked as settling
+        // before the lock is let go: no claim can be taken over until the write is over.
         for &(key, token) in claims {
             if !inner.held.get(&key).is_some_and(|h| h.token == token) {
                 metrics::counter!("semel_dedup_leases_lost_total").increment(1);
@@ -1188,11 +1343,32 @@ impl DedupStore {
             }
         }
         drop((marks, offsets_family, state_family));
-        self.write(batch)?;
+        for (key, _) in claims {
+            if let Some(claim) = inner.held.get_mut(key) {
+                claim.settling = true;
+            }
+        }
+        drop(inner);
+        let written = self.write(batch);
+        let mut inner = self.inner();
+        if let Err(e) = written {
+            for (key, _) in claims {
+                if let Some(claim) = inner.held.get_mut(key) {
+                    claim.settling = false;
+                }
+            }
+            return Err(e);
+        }
         for (key, _) in claims {
             inner.held.remove(key);
         }
-        if held {
+        // (A bucket is dropped only once it is out of the window; this one is the current
+        // bucket, but the check costs nothing.)
+        let live = inner
+            .buckets
+            .iter()
+            .any(|&(start, _)| start == bucket_start);
+        if held && live {
             inner.next_batch += 1;
             let recent = inner.recent.entry(bucket_start).or_default();
             let before = recent.len();
@@ -1331,7 +1507,9 @@ impl DedupStore {
             .copied()
             .collect();
         let keys: Vec<KeyHash> = live.iter().map(|&(key, _)| key).collect();
-        let stored = self.lookup_many(&inner, &keys, now)?;
+        let stored = self
+            .lookup_many(&inner, &keys, now, Waits::Allowed)?
+            .ok_or_else(|| self.refused_wait("restoring marks"))?;
         let mut fenced = Vec::new();
         for (&(key, at_ms), found) in live.iter().zip(stored) {
             let held = inner.held.get(&key).copied();
@@ -1645,7 +1823,11 @@ fn read_bucket(db: &Db, name: &str) -> Result<BucketRead, BucketError> {
     let mut recent = Recent::default();
     let mut next_batch = 0;
     let mut everything = false;
-    let mut keys = db.raw_iterator_cf(&family);
+    // Read once, start to end: kept out of the block cache, where it would only push out
+    // the index and filter blocks and the marks that lookups use.
+    let mut once = ReadOptions::default();
+    once.fill_cache(false);
+    let mut keys = db.raw_iterator_cf_opt(&family, once);
     keys.seek_to_first();
     while let Some(key) = keys.key() {
         if let Some(seq) = recent::parse_batch_key(key) {
@@ -1993,6 +2175,120 @@ mod tests {
             store.mark_done(key(1), fast, None, |_| {}),
             Err(DedupError::LeaseLost { .. })
         ));
+        Ok(())
+    }
+
+    /// A claim being settled cannot be taken over while its write is under way, even once its
+    /// lease has ended: the settle no longer holds the store's lock during its write, so a
+    /// claim can come in between; were it taken over, both handlers' state would be applied.
+    #[test]
+    fn a_claim_being_written_is_not_taken_over() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, clock) = store(dir.path());
+        let store = Arc::new(store);
+        let token = fresh(&store, key(1))?;
+        let (writing_tx, writing) = std::sync::mpsc::channel();
+        let (go_on, go_on_rx) = std::sync::mpsc::channel::<()>();
+        let go_on_rx = Mutex::new(go_on_rx);
+        store.on_write(move || {
+            let _ = writing_tx.send(());
+            let _ = go_on_rx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .recv_timeout(Duration::from_secs(10));
+        });
+        let settle = std::thread::spawn({
+            let store = Arc::clone(&store);
+            move || store.mark_done(key(1), token, Some(("g", "t", 0, 1)), |s| s.put(b"n", b"1"))
+        });
+        writing
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the settle never wrote");
+        clock.0.store(T0 + 60_000, Ordering::SeqCst);
+        let during = store.claim(key(1));
+        go_on.send(()).expect("the settle is waiting");
+        settle.join().expect("settle thread")?;
+        assert!(
+            matches!(during?, Claim::InProgress { .. }),
+            "a claim being written was taken over"
+        );
+        assert_eq!(store.claim(key(1))?, Claim::Duplicate);
+        Ok(())
+    }
+
+    /// A claim that may not wait gives up, claiming and writing nothing, when the store's
+    /// lock stays taken or a write would wait; the same claim allowed to wait then decides as
+    /// if the first had not been tried.
+    #[test]
+    fn a_claim_that_may_not_wait_gives_up_without_a_trace() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let (store, _) = store(dir.path());
+        // The first claim of a bucket makes its column family: not without a wait.
+        assert_eq!(store.try_claim_many_handing_out(&[key(1)], &[])?, None);
+        assert!(matches!(
+            store.claim_many(&[key(0)])?[..],
+            [Claim::Fresh(_)]
+        ));
+        let handed = [("g", "t", 0, 10)];
+        {
+            let _taken = store.inner();
+            assert_eq!(store.try_claim_many_handing_out(&[key(1)], &handed)?, None);
+        }
+        assert_eq!(
+            store.handed_out("g", "t", 0)?,
+            None,
+            "written while refused"
+        );
+        let Some(claims) = store.try_claim_many_handing_out(&[key(1)], &handed)? else {
+            panic!("refused with nothing in the way");
+        };
+        assert!(matches!(claims[..], [Claim::Fresh(_)]));
+        assert_eq!(store.handed_out("g", "t", 0)?, Some(10));
+        // A write that would wait (the hook stands for a write RocksDB stalls).
+        store.on_write(|| {});
+        assert_eq!(
+            store.try_claim_many_handing_out(&[key(2)], &[("g", "t", 0, 11)])?,
+            None
+        );
+        assert_eq!(store.handed_out("g", "t", 0)?, Some(10));
+        assert!(matches!(
+            store.claim_many_handing_out(&[key(2)], &[("g", "t", 0, 11)])?[..],
+            [Claim::Fresh(_)]
+        ));
+        assert_eq!(store.counts().fresh, 3, "a refused claim was counted");
+        Ok(())
+    }
+
+    /// A key that only the disk can decide (its mark in a table file, not in the block
+    /// cache) is not read by a claim that may not wait: it gives up, and the claim that may
+    /// wait reads it.
+    #[test]
+    fn a_claim_that_may_not_wait_does_not_read_the_disk() -> Result<(), DedupError> {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = DedupConfig {
+            memory_marks: 0,
+            ..DedupConfig::new(dir.path())
+        };
+        let store = DedupStore::open(config)?;
+        let token = fresh(&store, key(1))?;
+        store.mark_done(key(1), token, None, |_| {})?;
+        // The mark goes from the memtable to a table file, whose blocks are not cached yet.
+        // Taken for "not found", it would make the key fresh.
+        let buckets = store.inner().buckets.clone();
+        for (_, name) in buckets {
+            let family = store.db.cf_handle(&name).expect("bucket");
+            store.db.flush_cf(&family).expect("flush");
+        }
+        assert_eq!(store.try_claim_many_handing_out(&[key(1)], &[])?, None);
+        assert_eq!(
+            store.claim_many_handing_out(&[key(1)], &[])?,
+            vec![Claim::Duplicate]
+        );
+        // Read once, the block is cached: decided without the disk now.
+        assert_eq!(
+            store.try_claim_many_handing_out(&[key(1)], &[])?,
+            Some(vec![Claim::Duplicate])
+        );
         Ok(())
     }
 
