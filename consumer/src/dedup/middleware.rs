@@ -94,6 +94,22 @@ impl KeySource {
         };
         Ok(key.filter(|k| !k.is_empty()))
     }
+
+    /// The hash of the record's message key in `group` ([`KeySource::key`]), without a copy
+    /// of the key (nor a count on its buffer) when it is a header or the record key.
+    fn hash(&self, group: &str, record: &ConsumerRecord) -> Result<Option<KeyHash>, String> {
+        let borrowed = match self {
+            Self::Header(name) => record.header(name),
+            Self::RecordKey => record.key.as_ref(),
+            Self::Custom(_) => {
+                let key = self.key(record)?;
+                return Ok(key.map(|k| KeyHash::new(group, &record.topic, &k)));
+            }
+        };
+        Ok(borrowed
+            .filter(|k| !k.is_empty())
+            .map(|k| KeyHash::new(group, &record.topic, k)))
+    }
 }
 
 /// What to do with a record that has no key.
@@ -1540,12 +1556,15 @@ impl DedupConsumer {
                 return Err(e.into());
             }
         };
-        let mut handing = Vec::with_capacity(candidates.len());
+        // Into `out` directly, after the records passed without a key: a record is moved
+        // as few times as may be.
+        let first = out.len();
+        out.reserve(candidates.len());
         for (candidate, claimed) in candidates.into_iter().zip(claims) {
             match claimed {
                 (Claim::Fresh(token) | Claim::Reclaimed(token), reclaimed) => {
                     let Candidate { record, key, epoch } = candidate;
-                    handing.push(self.handle(record, Some((key, token)), epoch, reclaimed));
+                    out.push(self.handle(record, Some((key, token)), epoch, reclaimed));
                 }
                 (Claim::Duplicate, _) => {
                     tracing::debug!(topic = %candidate.record.topic, partition = candidate.record.partition, offset = candidate.record.offset, "duplicate dropped");
@@ -1560,18 +1579,16 @@ impl DedupConsumer {
                 (Claim::InProgress { until_ms }, _) => self.park(candidate, settles, until_ms),
             }
         }
-        if !handing.is_empty() {
+        if out.len() > first {
             // Handed out together: one lock for all.
             let mut state = self.shared.lock();
             let mut last = None;
-            for fresh in &handing {
+            for fresh in &out[first..] {
                 let tp = partition_of(&mut last, &fresh.record);
                 state
                     .settlements
                     .hand_out(tp, fresh.epoch, fresh.record.offset);
             }
-            drop(state);
-            out.extend(handing);
         }
         Ok(out)
     }
@@ -1630,14 +1647,13 @@ impl DedupConsumer {
             self.held = Some(record);
             return None;
         }
-        match self.config.key_source.key(&record) {
+        match self.config.key_source.hash(&self.shared.group, &record) {
             // Reported by `read`, which takes the held record first.
             Err(_) => {
                 self.held = Some(record);
                 None
             }
-            Ok(Some(message_key)) => {
-                let key = KeyHash::new(&self.shared.group, &record.topic, &message_key);
+            Ok(Some(key)) => {
                 let epoch = self.shared.lock().settlements.read(
                     &record.topic_partition(),
                     record.offset,
@@ -1684,7 +1700,8 @@ impl DedupConsumer {
         candidates: &mut Vec<Candidate>,
         out: &mut Vec<Fresh>,
     ) {
-        let mut read: Vec<(ConsumerRecord, Option<KeyHash>)> = Vec::new();
+        // (`room` comes from the caller's `max`: not a size to allocate up front.)
+        let mut read: Vec<(ConsumerRecord, Option<KeyHash>)> = Vec::with_capacity(room.min(1024));
         while read.len() < room {
             let Some(record) = self.consumer.take_buffered() else {
                 break;
@@ -1693,15 +1710,12 @@ impl DedupConsumer {
                 self.held = Some(record);
                 break;
             }
-            match self.config.key_source.key(&record) {
+            match self.config.key_source.hash(&self.shared.group, &record) {
                 Err(_) => {
                     self.held = Some(record);
                     break;
                 }
-                Ok(Some(message_key)) => {
-                    let key = KeyHash::new(&self.shared.group, &record.topic, &message_key);
-                    read.push((record, Some(key)));
-                }
+                Ok(Some(key)) => read.push((record, Some(key))),
                 Ok(None) => match self.config.missing_key {
                     MissingKey::Pass => {
                         self.passed += 1;
@@ -1717,6 +1731,7 @@ impl DedupConsumer {
         let mut state = self.shared.lock();
         let mut last = None;
         let mut passed = Vec::new();
+        candidates.reserve(read.len());
         for (record, key) in read {
             let tp = partition_of(&mut last, &record);
             let epoch = state.settlements.read(tp, record.offset, true);

@@ -61,8 +61,18 @@ impl OffsetSet {
 
     /// Removes `offset`; `false` when it was not there.
     pub(crate) fn remove(&mut self, offset: i64) -> bool {
-        let Ok(at) = self.entries.binary_search_by_key(&offset, |&(o, _)| o) else {
-            return false;
+        // Settled about in order: usually the lowest.
+        let at = if self
+            .entries
+            .front()
+            .is_some_and(|&(first, _)| first == offset)
+        {
+            0
+        } else {
+            match self.entries.binary_search_by_key(&offset, |&(o, _)| o) {
+                Ok(at) => at,
+                Err(_) => return false,
+            }
         };
         let (_, present) = &mut self.entries[at];
         if !*present {

@@ -1102,9 +1102,12 @@ impl DedupStore {
             .ok_or_else(|| self.missing(&bucket))?;
         let mut outcomes = Vec::with_capacity(keys.len());
         let mut counts = inner.counts;
-        let mut taken: Vec<(KeyHash, Held)> = Vec::new();
+        let mut taken: Vec<(KeyHash, Held)> = Vec::with_capacity(keys.len());
         let mut in_batch: std::collections::HashSet<KeyHash, KeyHashState> =
-            std::collections::HashSet::default();
+            std::collections::HashSet::with_capacity_and_hasher(
+                keys.len(),
+                KeyHashState::default(),
+            );
         for &key in keys {
             let held = inner.held.get(&key).copied();
             // Lookups were made, in order, for exactly the keys not held.
