@@ -44,7 +44,9 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         1 => any::<prop::sample::Index>().prop_map(Op::Failed),
         1 => any::<prop::sample::Index>().prop_map(Op::Drop),
         1 => Just(Op::Crash),
-        3 => (1usize..6).prop_map(Op::NextBatch),
+        // Up to 11: claims of 8 or more are made where `next_batch` is called (see
+        // `CLAIM_HERE_MIN`), smaller ones on the store thread.
+        3 => (1usize..12).prop_map(Op::NextBatch),
         3 => (any::<prop::sample::Index>(), 1usize..6).prop_map(|(i, n)| Op::DoneMany(i, n)),
     ]
 }

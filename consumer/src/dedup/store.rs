@@ -997,7 +997,7 @@ impl DedupStore {
     /// # Errors
     /// `Corrupt`, `Storage` (then nothing was claimed).
     pub fn claim_many(&self, keys: &[KeyHash]) -> Result<Vec<Claim>, DedupError> {
-        self.claim_keys(keys, true, &[], Waits::Allowed)?
+        self.claim_keys(keys, true, Waits::Allowed)?
             .ok_or_else(|| self.refused_wait("claiming"))
     }
 
@@ -1012,7 +1012,8 @@ impl DedupStore {
         keys: &[KeyHash],
         handed_out: &[(&str, &str, i32, i64)],
     ) -> Result<Vec<Claim>, DedupError> {
-        self.claim_keys(keys, false, handed_out, Waits::Allowed)?
+        self.write_handed_out(handed_out, Waits::Allowed)?;
+        self.claim_keys(keys, false, Waits::Allowed)?
             .ok_or_else(|| self.refused_wait("claiming"))
     }
 
@@ -1027,7 +1028,38 @@ impl DedupStore {
         keys: &[KeyHash],
         handed_out: &[(&str, &str, i32, i64)],
     ) -> Result<Option<Vec<Claim>>, DedupError> {
-        self.claim_keys(keys, false, handed_out, Waits::Refused)
+        // (Written even if the claim then gives up: the call made instead writes the same.)
+        if self.write_handed_out(handed_out, Waits::Refused)? == Written::WouldWait {
+            return Ok(None);
+        }
+        self.claim_keys(keys, false, Waits::Refused)
+    }
+
+    /// Records how far records of each (group, topic, partition) were handed out: before
+    /// their claims, so a record is never handed out unrecorded. Its own write, with no lock:
+    /// the claims themselves are held in memory only.
+    fn write_handed_out(
+        &self,
+        handed_out: &[(&str, &str, i32, i64)],
+        waits: Waits,
+    ) -> Result<Written, DedupError> {
+        if handed_out.is_empty() {
+            return Ok(Written::Yes);
+        }
+        let offsets = self
+            .db
+            .cf_handle(OFFSETS)
+            .ok_or_else(|| self.missing(OFFSETS))?;
+        let mut batch = WriteBatch::default();
+        for &(group, topic, partition, next_offset) in handed_out {
+            batch.put_cf(
+                &offsets,
+                handed_out_key(group, topic, partition),
+                encode_offset(next_offset),
+            );
+        }
+        drop(offsets);
+        self.write_unless_waiting(batch, waits)
     }
 
     /// How far records of (group, topic, partition) were handed out, as recorded by
@@ -1046,14 +1078,17 @@ impl DedupStore {
     /// Claims `keys`; with `persist` each claim is also written (`claim_many`), else only
     /// the `handed_out` offsets are.
     /// `None` (nothing claimed, nothing written) only with `Waits::Refused`, when the call
-    /// would wait.
+    /// would wait; `persist` (a write) is for calls that may wait. The store's lock is held
+    /// for the whole call: with `persist`, across the write.
     fn claim_keys(
         &self,
         keys: &[KeyHash],
         persist: bool,
-        handed_out: &[(&str, &str, i32, i64)],
         waits: Waits,
     ) -> Result<Option<Vec<Claim>>, DedupError> {
+        if persist && waits == Waits::Refused {
+            return Ok(None);
+        }
         let mut inner = match waits {
             Waits::Allowed => self.inner(),
             // A settle holds the lock only around its bookkeeping (tens of microseconds,
@@ -1077,14 +1112,13 @@ impl DedupStore {
         let now = self.clock.now_ms();
         let lease = i64::try_from(self.config.claim_lease.as_millis()).unwrap_or(i64::MAX);
         let until_ms = now.saturating_add(lease);
-        let (bucket_start, bucket) = match waits {
-            Waits::Allowed => self.current_bucket(&mut inner, now)?,
-            // A new bucket is a new column family (and maybe old ones dropped): files.
-            Waits::Refused => match Self::existing_bucket(&inner, self.bucket_width_ms(), now) {
-                Some(bucket) => bucket,
-                None => return Ok(None),
-            },
+        // The bucket of the claim records (`persist`), made if need be: a new bucket is a new
+        // column family (and older ones may go): files, for calls that may wait.
+        let bucket = match waits {
+            Waits::Allowed => Some(self.current_bucket(&mut inner, now)?),
+            Waits::Refused => None,
         };
+        let bucket_start = bucket.as_ref().map(|&(start, _)| start);
         // Keys held by a live claim of this open are decided without a read.
         let unheld: Vec<KeyHash> = keys
             .iter()
@@ -1096,10 +1130,6 @@ impl DedupStore {
         };
         let mut stored = stored.into_iter();
         let mut records: Vec<([u8; 16], ClaimToken)> = Vec::new();
-        let family = self
-            .db
-            .cf_handle(&bucket)
-            .ok_or_else(|| self.missing(&bucket))?;
         let mut outcomes = Vec::with_capacity(keys.len());
         let mut counts = inner.counts;
         let mut taken: Vec<(KeyHash, Held)> = Vec::with_capacity(keys.len());
@@ -1152,7 +1182,7 @@ impl DedupStore {
                         Held {
                             token,
                             until_ms,
-                            disk: persist.then_some(bucket_start).or(disk_claim),
+                            disk: if persist { bucket_start } else { None }.or(disk_claim),
                             settling: false,
                         },
                     ));
@@ -1167,39 +1197,30 @@ impl DedupStore {
             }
             outcomes.push(outcome);
         }
-        let mut batch = WriteBatch::default();
-        if let Some(filter) = inner.filters.get_mut(&bucket_start) {
-            for (key, _) in &records {
-                filter.insert(KeyHash::from_bytes(*key));
-            }
-        }
-        records.sort_unstable_by_key(|(key, _)| *key);
-        for (key, token) in records {
-            batch.put_cf(
-                &family,
-                key,
-                Self::encode(MarkState::ClaimedBy {
-                    until_ms,
-                    token: token.0,
-                }),
-            );
-        }
-        if !handed_out.is_empty() {
-            let offsets = self
+        if let Some((start, name)) = bucket.filter(|_| !records.is_empty()) {
+            let family = self
                 .db
-                .cf_handle(OFFSETS)
-                .ok_or_else(|| self.missing(OFFSETS))?;
-            for &(group, topic, partition, next_offset) in handed_out {
+                .cf_handle(&name)
+                .ok_or_else(|| self.missing(&name))?;
+            if let Some(filter) = inner.filters.get_mut(&start) {
+                for (key, _) in &records {
+                    filter.insert(KeyHash::from_bytes(*key));
+                }
+            }
+            records.sort_unstable_by_key(|(key, _)| *key);
+            let mut batch = WriteBatch::default();
+            for (key, token) in records {
                 batch.put_cf(
-                    &offsets,
-                    handed_out_key(group, topic, partition),
-                    encode_offset(next_offset),
+                    &family,
+                    key,
+                    Self::encode(MarkState::ClaimedBy {
+                        until_ms,
+                        token: token.0,
+                    }),
                 );
             }
-        }
-        drop(family);
-        if !batch.is_empty() && self.write_unless_waiting(batch, waits)? == Written::WouldWait {
-            return Ok(None);
+            drop(family);
+            self.write(batch)?;
         }
         inner.held.extend(taken);
         let before = std::mem::replace(&mut inner.counts, counts);
@@ -2219,29 +2240,20 @@ mod tests {
         Ok(())
     }
 
-    /// A claim that may not wait gives up, claiming and writing nothing, when the store's
-    /// lock stays taken or a write would wait; the same claim allowed to wait then decides as
-    /// if the first had not been tried.
+    /// A claim that may not wait gives up, claiming nothing, when the store's lock stays
+    /// taken or a write would wait; the same claim allowed to wait then decides as if the
+    /// first had not been tried.
     #[test]
     fn a_claim_that_may_not_wait_gives_up_without_a_trace() -> Result<(), DedupError> {
         let dir = tempfile::tempdir().expect("dir");
         let (store, _) = store(dir.path());
-        // The first claim of a bucket makes its column family: not without a wait.
-        assert_eq!(store.try_claim_many_handing_out(&[key(1)], &[])?, None);
-        assert!(matches!(
-            store.claim_many(&[key(0)])?[..],
-            [Claim::Fresh(_)]
-        ));
         let handed = [("g", "t", 0, 10)];
         {
             let _taken = store.inner();
             assert_eq!(store.try_claim_many_handing_out(&[key(1)], &handed)?, None);
         }
-        assert_eq!(
-            store.handed_out("g", "t", 0)?,
-            None,
-            "written while refused"
-        );
+        // (How far records were handed out may be written already: the call made instead
+        // writes the same.) Nothing was claimed:
         let Some(claims) = store.try_claim_many_handing_out(&[key(1)], &handed)? else {
             panic!("refused with nothing in the way");
         };
@@ -2258,7 +2270,7 @@ mod tests {
             store.claim_many_handing_out(&[key(2)], &[("g", "t", 0, 11)])?[..],
             [Claim::Fresh(_)]
         ));
-        assert_eq!(store.counts().fresh, 3, "a refused claim was counted");
+        assert_eq!(store.counts().fresh, 2, "a refused claim was counted");
         Ok(())
     }
 
