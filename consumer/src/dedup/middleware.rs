@@ -1193,7 +1193,7 @@ fn claim(
     ))
 }
 
-/// The fewest records a claim is made for where `next` is called (when nothing in it would
+/// The fewest records with a key a claim is made for where `next` is called (when nothing in it would
 /// wait) rather than on the store thread. There, each claim writes beside the store
 /// thread's settles (RocksDB's write queue), a cost paid per claim; it pays off for batches.
 /// Measured with `changelog_bench` (same hour): `--batch 1`, 300 k records: 52–64 k
@@ -1400,10 +1400,11 @@ impl DedupConsumer {
                     let n = self.ready.len().min(max);
                     return Ok(self.ready.drain(..n).collect());
                 }
+                // A claim made here has no wait of its own: the runtime's other tasks get
+                // their turn all the same, as a wait would give them. Before the claim, not
+                // between it and the handing out: cancelled there, its records would be lost.
+                tokio::task::consume_budget().await;
                 if let Some((joined, out, settles)) = self.start_claim(max).await? {
-                    // Claimed here without a wait: a turn for the runtime's other tasks
-                    // all the same, as a wait would have given them.
-                    tokio::task::consume_budget().await;
                     if let Some(out) = self.hand_over(Some(joined), out, settles, max)? {
                         return Ok(out);
                     }

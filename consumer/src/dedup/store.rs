@@ -401,6 +401,10 @@ pub struct DedupStore {
     /// Held by a settle (`mark_done_with`) throughout, so settles take turns while claims,
     /// which take only `lock`, go on during their writes.
     settle_order: Mutex<()>,
+    /// Written while a column family is made or dropped (a bucket): RocksDB then holds every
+    /// write back while it writes and syncs its MANIFEST. A call that may not wait reads it
+    /// with `try_read` around its write, and gives up rather than wait for that.
+    families: std::sync::RwLock<()>,
     cache: Cache,
     /// The next claim token: seeded from the clock at open, so tokens of a crashed earlier
     /// process are not handed out again.
@@ -614,6 +618,7 @@ impl DedupStore {
             config,
             clock,
             settle_order: Mutex::new(()),
+            families: std::sync::RwLock::new(()),
             lock: Mutex::new(Inner {
                 counts: DedupCounts::default(),
                 buckets,
@@ -688,6 +693,7 @@ impl DedupStore {
         let start = now_ms - now_ms.rem_euclid(width);
         let name = bucket_name(start);
         if self.db.cf_handle(&name).is_none() {
+            let _changing = self.families.write().unwrap_or_else(|p| p.into_inner());
             self.db
                 .create_cf(&name, &family_options(&self.config, &self.cache))
                 .map_err(|e| self.storage(e))?;
@@ -725,7 +731,10 @@ impl DedupStore {
         let mut dropped = 0;
         for (start, name) in inner.buckets.clone() {
             if now >= start.saturating_add(width).saturating_add(window) {
-                self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
+                {
+                    let _changing = self.families.write().unwrap_or_else(|p| p.into_inner());
+                    self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
+                }
                 inner.buckets.retain(|(_, n)| *n != name);
                 inner.filters.remove(&start);
                 if let Some(recent) = inner.recent.remove(&start) {
@@ -1028,10 +1037,17 @@ impl DedupStore {
         keys: &[KeyHash],
         handed_out: &[(&str, &str, i32, i64)],
     ) -> Result<Option<Vec<Claim>>, DedupError> {
+        // No bucket made or dropped meanwhile (RocksDB would hold the write back for it).
+        let families = match self.families.try_read() {
+            Ok(families) => families,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+        };
         // (Written even if the claim then gives up: the call made instead writes the same.)
         if self.write_handed_out(handed_out, Waits::Refused)? == Written::WouldWait {
             return Ok(None);
         }
+        drop(families);
         self.claim_keys(keys, false, Waits::Refused)
     }
 
@@ -1373,7 +1389,18 @@ impl DedupStore {
             }
         }
         drop(inner);
-        let written = self.write(batch);
+        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write(batch)))
+            .unwrap_or_else(|panic| {
+                // Not left settling for good: the claims can be released or taken over.
+                let mut inner = self.inner();
+                for (key, _) in claims {
+                    if let Some(claim) = inner.held.get_mut(key) {
+                        claim.settling = false;
+                    }
+                }
+                drop(inner);
+                std::panic::resume_unwind(panic)
+            });
         let mut inner = self.inner();
         if let Err(e) = written {
             for (key, _) in claims {
@@ -1621,7 +1648,8 @@ impl DedupStore {
         let Some(held) = inner.held.get(&key).copied() else {
             return Ok(());
         };
-        if held.token != token {
+        // A claim being settled is left to its settle, which decides it either way.
+        if held.token != token || held.settling {
             return Ok(());
         }
         if let Some(family) = held
@@ -2241,15 +2269,20 @@ mod tests {
     }
 
     /// A claim that may not wait gives up, claiming nothing, when the store's lock stays
-    /// taken or a write would wait; the same claim allowed to wait then decides as if the
-    /// first had not been tried.
+    /// taken, a bucket is being made or dropped, or a write would wait (here the write hook,
+    /// which stands for a stall; RocksDB's own `no_slowdown` refusal is not played); the same
+    /// claim allowed to wait then decides as if the first had not been tried.
     #[test]
-    fn a_claim_that_may_not_wait_gives_up_without_a_trace() -> Result<(), DedupError> {
+    fn a_claim_that_may_not_wait_gives_up_without_claiming() -> Result<(), DedupError> {
         let dir = tempfile::tempdir().expect("dir");
         let (store, _) = store(dir.path());
         let handed = [("g", "t", 0, 10)];
         {
             let _taken = store.inner();
+            assert_eq!(store.try_claim_many_handing_out(&[key(1)], &handed)?, None);
+        }
+        {
+            let _changing = store.families.write().expect("families");
             assert_eq!(store.try_claim_many_handing_out(&[key(1)], &handed)?, None);
         }
         // (How far records were handed out may be written already: the call made instead
