@@ -1012,10 +1012,10 @@ impl DedupStore {
 
     /// [`DedupStore::claim_many`] for a caller that keeps its own trace of what it handed
     /// out, instead of a claim record per key: the claims are held in memory only (fenced the
-    /// same way), and the same write records `handed_out`, each partition's next offset past
-    /// the records handed out (see [`DedupStore::handed_out`]). A crash leaves no claim, so
-    /// the caller reports a record below that offset as possibly handled before. One small
-    /// write per call instead of one per key.
+    /// same way), and a write made first records `handed_out`, each partition's next offset
+    /// past the records handed out (see [`DedupStore::handed_out`]). A crash leaves no
+    /// claim, so the caller reports a record below that offset as possibly handled before.
+    /// One small write per call instead of one per key.
     pub(crate) fn claim_many_handing_out(
         &self,
         keys: &[KeyHash],
@@ -1026,12 +1026,13 @@ impl DedupStore {
             .ok_or_else(|| self.refused_wait("claiming"))
     }
 
-    /// [`DedupStore::claim_many_handing_out`] if it can be done without waiting: the store's
-    /// lock free, every key decided from memory (the filters, the marks held, RocksDB's
-    /// memtables and block cache), the bucket in place, and the write taken by RocksDB at
-    /// once (no stall, no sync). `None`, with nothing claimed or written, when any of it would
-    /// wait: the caller then makes the call where waiting is allowed. This is what lets a
-    /// claim run on an async runtime's thread.
+    /// [`DedupStore::claim_many_handing_out`] if it can be done without waiting: no bucket
+    /// being made or dropped, the write taken by RocksDB at once (no stall, no sync), the
+    /// store's lock free (or within a short spin), and every key decided from memory (the
+    /// filters, the marks held, RocksDB's memtables and block cache). `None`, with nothing
+    /// claimed, when any of it would wait (the handed-out offsets may be written already:
+    /// the call made instead writes the same). This is what lets a claim run on an async
+    /// runtime's thread.
     pub(crate) fn try_claim_many_handing_out(
         &self,
         keys: &[KeyHash],
