@@ -664,16 +664,6 @@ impl DedupStore {
         i64::try_from(self.config.window.as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// The bucket marks written now go to, if it is in place already.
-    fn existing_bucket(inner: &Inner, width: i64, now_ms: i64) -> Option<(i64, String)> {
-        let start = now_ms - now_ms.rem_euclid(width);
-        inner
-            .buckets
-            .iter()
-            .find(|(s, _)| *s == start)
-            .map(|(s, name)| (*s, name.clone()))
-    }
-
     /// A call allowed to wait was told it would: not reached (only calls made with
     /// `Waits::Refused` are), and an error rather than a panic if it ever is.
     fn refused_wait(&self, what: &'static str) -> DedupError {
@@ -687,10 +677,10 @@ impl DedupStore {
     /// The bucket marks written now go to (its start and column family), created if needed.
     fn current_bucket(&self, inner: &mut Inner, now_ms: i64) -> Result<(i64, String), DedupError> {
         let width = self.bucket_width_ms();
-        if let Some(bucket) = Self::existing_bucket(inner, width, now_ms) {
-            return Ok(bucket);
-        }
         let start = now_ms - now_ms.rem_euclid(width);
+        if let Some((_, name)) = inner.buckets.iter().find(|(s, _)| *s == start) {
+            return Ok((start, name.clone()));
+        }
         let name = bucket_name(start);
         if self.db.cf_handle(&name).is_none() {
             let _changing = self.families.write().unwrap_or_else(|p| p.into_inner());
