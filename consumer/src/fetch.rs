@@ -118,11 +118,7 @@ fn decode_records(
 pub(crate) fn record_size(record: &ConsumerRecord) -> usize {
     record.key.as_ref().map_or(0, Bytes::len)
         + record.value.as_ref().map_or(0, Bytes::len)
-        + record
-            .headers
-            .iter()
-            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len))
-            .sum::<usize>()
+        + record.headers.wire().len()
         + 64
 }
 
@@ -377,10 +373,7 @@ mod tests {
                 "{compression:?}"
             );
             assert_eq!(out.next_offset, 2);
-            assert_eq!(
-                out.records[0].header("semel-msg-id"),
-                Some(&Bytes::from("id"))
-            );
+            assert_eq!(out.records[0].header("semel-msg-id"), Some(&b"id"[..]));
         }
     }
 

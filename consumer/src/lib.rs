@@ -51,5 +51,5 @@ pub mod record;
 pub use assignor::{Strategy, TopicPartition};
 pub use config::{AutoOffsetReset, ConfigError, ConsumerConfig, IsolationLevel};
 pub use consumer::{Consumer, ConsumerMetrics, RebalanceContext, RebalanceListener};
-pub use record::{ConsumerError, ConsumerRecord};
+pub use record::{ConsumerError, ConsumerRecord, Headers, HeadersIter};
 pub use semel_client::ConsumerGroupMetadata;

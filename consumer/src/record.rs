@@ -5,6 +5,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use kafka_protocol::ResponseError;
 use semel_client::ClientError;
+pub use semel_records::{Headers, HeadersIter};
 
 use crate::assignor::TopicPartition;
 use crate::config::ConfigError;
@@ -24,17 +25,15 @@ pub struct ConsumerRecord {
     pub key: Option<Bytes>,
     /// The value (`None` for a tombstone).
     pub value: Option<Bytes>,
-    /// Headers in the order they were written.
-    pub headers: Vec<(String, Option<Bytes>)>,
+    /// Headers in the order they were written (read from the fetched bytes when asked: a
+    /// record's headers cost no allocation).
+    pub headers: Headers,
 }
 
 impl ConsumerRecord {
     /// The value of the first header called `name`.
-    pub fn header(&self, name: &str) -> Option<&Bytes> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, v)| v.as_ref())
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.get(name)
     }
 
     /// `(topic, partition)`.

@@ -22,7 +22,11 @@
 
 use std::io::{self, Read};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+
+mod headers;
+
+pub use headers::{Headers, Iter as HeadersIter};
 
 /// Why a batch's records cannot be read: a sentence for the error message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +52,7 @@ pub struct RawRecord {
     /// The value, `None` for null.
     pub value: Option<Bytes>,
     /// Headers in order: name, and value (`None` for null).
-    pub headers: Vec<(String, Option<Bytes>)>,
+    pub headers: Headers,
 }
 
 /// The most bytes a compressed batch may decompress to. Real batches are bounded by
@@ -172,20 +176,12 @@ pub fn decode_records(
         let header_count = varint_at(&record, &mut cursor)
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| malformed(index))?;
-        // Each header takes two bytes at least.
-        let mut headers = Vec::with_capacity(header_count.min(record.len() / 2));
-        for _ in 0..header_count {
-            let name = bytes_at(&record, &mut cursor)
-                .flatten()
-                .ok_or_else(|| malformed(index))?;
-            let name = String::from_utf8(name.to_vec()).map_err(|_| {
-                RecordsError(format!(
-                    "record {index} of {count} has a header name that is not UTF-8"
-                ))
-            })?;
-            let value = bytes_at(&record, &mut cursor).ok_or_else(|| malformed(index))?;
-            headers.push((name, value));
-        }
+        let headers = Headers::read(&record, &mut cursor, header_count).map_err(|e| match e {
+            headers::Malformed::NotUtf8 => RecordsError(format!(
+                "record {index} of {count} has a header name that is not UTF-8"
+            )),
+            headers::Malformed::Framing | headers::Malformed::NullName => malformed(index),
+        })?;
         if cursor != record.len() {
             return Err(RecordsError(format!(
                 "record {index} of {count} has {} bytes after its headers",
@@ -374,20 +370,23 @@ fn read_record(
             "record {index} of {count} has {header_count} headers"
         ))
     })?;
-    let mut headers = Vec::new();
+    // Kept in wire form, as an uncompressed record's are (its lengths written anew).
+    let mut wire = BytesMut::new();
     for _ in 0..header_count {
         let name = read_bytes(record)?.ok_or_else(|| {
             Walk::Record(format!(
                 "record {index} of {count} has a header without a name"
             ))
         })?;
-        let name = String::from_utf8(name.to_vec()).map_err(|_| {
-            Walk::Record(format!(
+        if std::str::from_utf8(&name).is_err() {
+            return Err(Walk::Record(format!(
                 "record {index} of {count} has a header name that is not UTF-8"
-            ))
-        })?;
-        headers.push((name, read_bytes(record)?));
+            )));
+        }
+        headers::put_bytes(&mut wire, Some(&name));
+        headers::put_bytes(&mut wire, read_bytes(record)?.as_deref());
     }
+    let headers = Headers::from_wire(wire.freeze(), header_count);
     Ok(RawRecord {
         timestamp_delta,
         offset_delta: offset_delta as i32,

@@ -133,8 +133,8 @@ fn walk(
                 id: r
                     .headers
                     .iter()
-                    .find(|(name, _)| name == header_name)
-                    .and_then(|(_, value)| value.as_deref())
+                    .find(|(name, _)| *name == header_name)
+                    .and_then(|(_, value)| value)
                     .map(hash),
             })
             .collect();
@@ -261,10 +261,7 @@ fn encode(out: &mut Vec<u8>, record: &RawRecord) {
     put_bytes(&mut body, record.key.as_deref());
     put_bytes(&mut body, record.value.as_deref());
     put_varint(&mut body, record.headers.len() as i64);
-    for (name, value) in &record.headers {
-        put_bytes(&mut body, Some(name.as_bytes()));
-        put_bytes(&mut body, value.as_deref());
-    }
+    body.extend_from_slice(record.headers.wire());
     put_varint(out, body.len() as i64);
     out.extend_from_slice(&body);
 }
@@ -340,12 +337,10 @@ pub(crate) mod tests {
         let mut records = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             let value = format!("v{i}");
-            let mut headers = vec![("other".to_string(), Some(Bytes::from_static(b"x")))];
+            let mut headers = semel_records::Headers::new();
+            headers.push("other", Some(b"x"));
             if let Some(id) = id {
-                headers.push((
-                    "semel-msg-id".to_string(),
-                    Some(Bytes::copy_from_slice(id.as_bytes())),
-                ));
+                headers.push("semel-msg-id", Some(id.as_bytes()));
             }
             let record = RawRecord {
                 timestamp_delta: i as i64,

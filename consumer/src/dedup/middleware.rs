@@ -81,7 +81,7 @@ impl KeySource {
     /// said: the record was taken from the consumer and must not unwind away with it.
     fn key(&self, record: &ConsumerRecord) -> Result<Option<Bytes>, String> {
         let key = match self {
-            Self::Header(name) => record.header(name).cloned(),
+            Self::Header(name) => record.headers.get_bytes(name),
             Self::RecordKey => record.key.clone(),
             Self::Custom(f) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(record)))
                 .map_err(|panic| {
@@ -100,7 +100,7 @@ impl KeySource {
     fn hash(&self, group: &str, record: &ConsumerRecord) -> Result<Option<KeyHash>, String> {
         let borrowed = match self {
             Self::Header(name) => record.header(name),
-            Self::RecordKey => record.key.as_ref(),
+            Self::RecordKey => record.key.as_deref(),
             Self::Custom(_) => {
                 let key = self.key(record)?;
                 return Ok(key.map(|k| KeyHash::new(group, &record.topic, &k)));
