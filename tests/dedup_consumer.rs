@@ -647,6 +647,87 @@ async fn records_without_a_key_are_rejected_or_passed_never_dropped() -> anyhow:
     Ok(())
 }
 
+/// A batch mixing records with and without a message id (`MissingKey::Pass`) in one
+/// partition: every record is handed out once, and once all are settled, in any order, the
+/// committable offset is past the last one (the keyed and the passed records are tracked
+/// in the order they were read, whichever list they go through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_mixing_keyed_and_unkeyed_records_hands_each_out_once() -> anyhow::Result<()> {
+    const RECORDS: i64 = 40;
+    let broker = TestBroker::start_with(|c| {
+        c.group.initial_rebalance_delay = Duration::from_millis(100);
+    })
+    .await?;
+    let bootstrap = broker.bootstrap();
+    let mut admin = RawClient::connect(broker.addr()).await?;
+    create_topic(&mut admin, "mixed", 1).await?;
+    let producer = Producer::connect(ProducerConfig {
+        bootstrap_servers: vec![bootstrap.clone()],
+        ..ProducerConfig::default()
+    })
+    .await?;
+    let mut acks = Vec::new();
+    for n in 0..RECORDS {
+        // Runs of keyed and unkeyed records of different lengths.
+        let record = ProducerRecord::new("mixed", format!("v{n}"));
+        let record = if n % 5 < 3 {
+            record.header("semel-msg-id", format!("m{n}"))
+        } else {
+            record
+        };
+        acks.push(producer.send(record).await?);
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    producer.close().await;
+    let work = tempfile::tempdir()?;
+    let store = Arc::new(DedupStore::open(DedupConfig::new(work.path().join("s")))?);
+    let mut consumer = Consumer::connect(consumer_config(&bootstrap, "mixed")).await?;
+    consumer.subscribe(["mixed"])?;
+    let mut dedup = DedupConsumer::new(
+        consumer,
+        Arc::clone(&store),
+        MiddlewareConfig {
+            missing_key: MissingKey::Pass,
+            changelog: None,
+            ..MiddlewareConfig::default()
+        },
+    )?;
+    let mut handles = Vec::new();
+    while handles.len() < RECORDS as usize {
+        handles.extend(tokio::time::timeout(PATIENCE, dedup.next_batch(64)).await??);
+    }
+    let mut offsets: Vec<i64> = handles.iter().map(|f| f.record.offset).collect();
+    offsets.sort_unstable();
+    ensure!(
+        offsets == (0..RECORDS).collect::<Vec<_>>(),
+        "handed out {offsets:?}"
+    );
+    for fresh in &handles {
+        let keyed = fresh.record.offset % 5 < 3;
+        ensure!(
+            fresh.key().is_some() == keyed,
+            "offset {}: key {:?}",
+            fresh.record.offset,
+            fresh.key()
+        );
+    }
+    // Settled last first: nothing is committable until offset 0 is.
+    handles.sort_by_key(|f| std::cmp::Reverse(f.record.offset));
+    for fresh in handles {
+        dedup.done(fresh, |_| {}).await?;
+    }
+    ensure!(
+        store.offset("mixed", "mixed", 0)? == Some(RECORDS),
+        "store offset {:?}",
+        store.offset("mixed", "mixed", 0)?
+    );
+    ensure!(dedup.metrics().passed_without_key == 16);
+    dedup.close().await?;
+    Ok(())
+}
+
 /// Defect (issue 24): a `KeySource::Custom` function that panicked on a record unwound out of
 /// `next()` after the record had been taken from the consumer and before the middleware
 /// tracked it, so a caller that went on (a supervisor restarting the task) never saw that

@@ -18,7 +18,7 @@
 //!
 //! References: Kafka protocol guide (Record Batch), the Java client's `CompletedFetch`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
@@ -35,7 +35,8 @@ pub(crate) struct AbortedTransaction {
 /// One partition's decoded fetch data.
 #[derive(Debug, Default)]
 pub(crate) struct Decoded {
-    pub(crate) records: Vec<ConsumerRecord>,
+    /// A deque: it becomes the partition's buffer as it is when that is empty (no copy).
+    pub(crate) records: VecDeque<ConsumerRecord>,
     /// Where the next fetch starts: after the last complete batch (control and aborted batches
     /// included), or the fetch offset when there was none.
     pub(crate) next_offset: i64,
@@ -258,6 +259,7 @@ pub(crate) fn decode(
         }
         let first_timestamp = be_i64(&batch, FIRST_TIMESTAMP_AT);
         let max_timestamp = be_i64(&batch, MAX_TIMESTAMP_AT);
+        out.records.reserve(decoded.len());
         for r in decoded {
             // MAX_BASE_OFFSET leaves room for any delta.
             let offset = base_offset + i64::from(r.offset_delta);
@@ -279,7 +281,7 @@ pub(crate) fn decode(
                 headers: r.headers,
             };
             out.bytes += record_size(&record);
-            out.records.push(record);
+            out.records.push_back(record);
         }
     }
     (out, None)

@@ -563,7 +563,11 @@ impl Consumer {
                 self.export
                     .lag(&tp.0, tp.1, p.high_watermark - decoded.next_offset);
                 state.buffered_bytes += decoded.bytes;
-                state.buffer.extend(decoded.records);
+                if state.buffer.is_empty() {
+                    state.buffer = decoded.records;
+                } else {
+                    state.buffer.extend(decoded.records);
+                }
                 if state.buffer.is_empty() {
                     // Only control or aborted batches: the position moves past them.
                     state.position = Some(state.fetch_offset);

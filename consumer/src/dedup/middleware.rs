@@ -1712,9 +1712,14 @@ impl DedupConsumer {
         candidates: &mut Vec<Candidate>,
         out: &mut Vec<Fresh>,
     ) {
+        // Keyed records go straight into `candidates` (a record is moved as few times as may
+        // be) and are read under one lock below; a record passed without a key notes how
+        // many keyed ones came before it, so all are read in the order they came.
+        let start = candidates.len();
         // (`room` comes from the caller's `max`: not a size to allocate up front.)
-        let mut read: Vec<(ConsumerRecord, Option<KeyHash>)> = Vec::with_capacity(room.min(1024));
-        while read.len() < room {
+        candidates.reserve(room.min(1024));
+        let mut passed: Vec<(usize, ConsumerRecord)> = Vec::new();
+        while candidates.len() - start + passed.len() < room {
             let Some(record) = self.consumer.take_buffered() else {
                 break;
             };
@@ -1727,11 +1732,15 @@ impl DedupConsumer {
                     self.held = Some(record);
                     break;
                 }
-                Ok(Some(key)) => read.push((record, Some(key))),
+                Ok(Some(key)) => candidates.push(Candidate {
+                    record,
+                    key,
+                    epoch: Epoch::UNREAD,
+                }),
                 Ok(None) => match self.config.missing_key {
                     MissingKey::Pass => {
                         self.passed += 1;
-                        read.push((record, None));
+                        passed.push((candidates.len(), record));
                     }
                     MissingKey::Reject => {
                         self.held = Some(record);
@@ -1742,22 +1751,23 @@ impl DedupConsumer {
         }
         let mut state = self.shared.lock();
         let mut last = None;
-        let mut passed = Vec::new();
-        candidates.reserve(read.len());
-        for (record, key) in read {
-            let tp = partition_of(&mut last, &record);
-            let epoch = state.settlements.read(tp, record.offset, true);
-            match key {
-                Some(key) => candidates.push(Candidate { record, key, epoch }),
-                None => {
-                    state.settlements.hand_out(tp, epoch, record.offset);
-                    passed.push((record, epoch));
-                }
+        let mut handed = Vec::with_capacity(passed.len());
+        let mut passed = passed.into_iter().peekable();
+        for at in start..=candidates.len() {
+            while let Some((_, record)) = passed.next_if(|(before, _)| *before == at) {
+                let tp = partition_of(&mut last, &record);
+                let epoch = state.settlements.read(tp, record.offset, true);
+                state.settlements.hand_out(tp, epoch, record.offset);
+                handed.push((record, epoch));
+            }
+            if let Some(candidate) = candidates.get_mut(at) {
+                let tp = partition_of(&mut last, &candidate.record);
+                candidate.epoch = state.settlements.read(tp, candidate.record.offset, true);
             }
         }
         drop(state);
         out.extend(
-            passed
+            handed
                 .into_iter()
                 .map(|(record, epoch)| self.handle(record, None, epoch, false)),
         );

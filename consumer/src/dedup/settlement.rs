@@ -115,6 +115,12 @@ impl OffsetSet {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct Epoch(u64);
 
+impl Epoch {
+    /// Stands for an epoch until the record is read ([`Settlements::read`] gives the real
+    /// one); no partition's epoch.
+    pub(crate) const UNREAD: Epoch = Epoch(u64::MAX);
+}
+
 #[derive(Debug)]
 struct Track {
     epoch: Epoch,
