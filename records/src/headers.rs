@@ -56,7 +56,17 @@ impl Headers {
     /// value is null).
     #[must_use]
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter().find(|(n, _)| *n == name).and_then(|(_, v)| v)
+        // Names compared as bytes: no UTF-8 check on the way (it was made at decode).
+        let raw: &[u8] = &self.raw;
+        let mut at = 0;
+        for _ in 0..self.count {
+            let found = span_at(raw, &mut at)??;
+            let value = span_at(raw, &mut at)?;
+            if raw[found] == *name.as_bytes() {
+                return value.map(|v| &raw[v]);
+            }
+        }
+        None
     }
 
     /// Like [`Headers::get`], as a [`Bytes`] sharing the record's memory.
@@ -89,10 +99,15 @@ impl Headers {
         &self.raw
     }
 
-    /// The `count` headers at `*at` in `record` (an uncompressed record: the headers share
-    /// its memory); advances `at`. `Err` says what is wrong: `None` when malformed,
-    /// `Some(())` for a name that is not UTF-8.
-    pub(crate) fn read(record: &Bytes, at: &mut usize, count: usize) -> Result<Self, Malformed> {
+    /// The `count` headers at `*at` in `payload`, before `end` (the record's end: the
+    /// headers share the payload's memory); advances `at`.
+    pub(crate) fn read(
+        payload: &Bytes,
+        end: usize,
+        at: &mut usize,
+        count: usize,
+    ) -> Result<Self, Malformed> {
+        let record = &payload[..end];
         let start = *at;
         for _ in 0..count {
             let name = span_at(record, at)
@@ -104,7 +119,7 @@ impl Headers {
             span_at(record, at).ok_or(Malformed::Framing)?;
         }
         Ok(Self {
-            raw: record.slice(start..*at),
+            raw: payload.slice(start..*at),
             count,
         })
     }
@@ -275,17 +290,29 @@ mod tests {
     fn headers_read_from_a_record_refuse_bad_names_and_lengths() {
         let good: Headers = [("a", Some("1"))].into_iter().collect();
         let record = Bytes::copy_from_slice(good.wire());
+        let end = record.len();
         let mut at = 0;
-        assert_eq!(Headers::read(&record, &mut at, 1), Ok(good));
-        assert_eq!(at, record.len());
+        assert_eq!(Headers::read(&record, end, &mut at, 1), Ok(good));
+        assert_eq!(at, end);
         // One header more than there are bytes for.
-        assert_eq!(Headers::read(&record, &mut 0, 2), Err(Malformed::Framing));
+        assert_eq!(
+            Headers::read(&record, end, &mut 0, 2),
+            Err(Malformed::Framing)
+        );
+        // The bytes are there, but past the record's end.
+        assert_eq!(
+            Headers::read(&record, end - 1, &mut 0, 1),
+            Err(Malformed::Framing)
+        );
         let null_name = Bytes::from_static(&[1, 2, b'v']); // -1, then a 1-byte value
         assert_eq!(
-            Headers::read(&null_name, &mut 0, 1),
+            Headers::read(&null_name, 3, &mut 0, 1),
             Err(Malformed::NullName)
         );
         let not_utf8 = Bytes::from_static(&[2, 0xff, 1]); // a 1-byte name 0xff, null value
-        assert_eq!(Headers::read(&not_utf8, &mut 0, 1), Err(Malformed::NotUtf8));
+        assert_eq!(
+            Headers::read(&not_utf8, 3, &mut 0, 1),
+            Err(Malformed::NotUtf8)
+        );
     }
 }

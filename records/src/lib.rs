@@ -158,34 +158,37 @@ pub fn decode_records(
                     "record {index} of {count} claims {length} bytes past the end of the batch"
                 ))
             })?;
-        let record = payload.slice(at..end);
-        let mut cursor = 1; // attributes
-        if record.is_empty() {
+        // Read in place: the fields are slices of `payload` (no count taken on it for the
+        // record as a whole).
+        let record = &payload[..end];
+        if at == end {
             return Err(malformed(index));
         }
-        let timestamp_delta = varint_at(&record, &mut cursor).ok_or_else(|| malformed(index))?;
-        let offset_delta = varint_at(&record, &mut cursor).ok_or_else(|| malformed(index))?;
+        let mut cursor = at + 1; // attributes
+        let timestamp_delta = varint_at(record, &mut cursor).ok_or_else(|| malformed(index))?;
+        let offset_delta = varint_at(record, &mut cursor).ok_or_else(|| malformed(index))?;
         if !deltas.allows(index, previous, offset_delta) {
             return Err(RecordsError(format!(
                 "record {index} of {count} has offset delta {offset_delta}"
             )));
         }
         previous = offset_delta;
-        let key = bytes_at(&record, &mut cursor).ok_or_else(|| malformed(index))?;
-        let value = bytes_at(&record, &mut cursor).ok_or_else(|| malformed(index))?;
-        let header_count = varint_at(&record, &mut cursor)
+        let key = bytes_at(payload, end, &mut cursor).ok_or_else(|| malformed(index))?;
+        let value = bytes_at(payload, end, &mut cursor).ok_or_else(|| malformed(index))?;
+        let header_count = varint_at(record, &mut cursor)
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| malformed(index))?;
-        let headers = Headers::read(&record, &mut cursor, header_count).map_err(|e| match e {
-            headers::Malformed::NotUtf8 => RecordsError(format!(
-                "record {index} of {count} has a header name that is not UTF-8"
-            )),
-            headers::Malformed::Framing | headers::Malformed::NullName => malformed(index),
-        })?;
-        if cursor != record.len() {
+        let headers =
+            Headers::read(payload, end, &mut cursor, header_count).map_err(|e| match e {
+                headers::Malformed::NotUtf8 => RecordsError(format!(
+                    "record {index} of {count} has a header name that is not UTF-8"
+                )),
+                headers::Malformed::Framing | headers::Malformed::NullName => malformed(index),
+            })?;
+        if cursor != end {
             return Err(RecordsError(format!(
                 "record {index} of {count} has {} bytes after its headers",
-                record.len() - cursor
+                end - cursor
             )));
         }
         records.push(RawRecord {
@@ -207,17 +210,17 @@ pub fn decode_records(
     Ok(records)
 }
 
-/// A varint length (-1 = null) at `*at` in `record` and that many bytes, sharing its memory;
-/// `None` when malformed. Advances `at`.
-fn bytes_at(record: &Bytes, at: &mut usize) -> Option<Option<Bytes>> {
-    let length = varint_at(record, at)?;
+/// A varint length (-1 = null) at `*at` in `payload`, and that many bytes before `end` (the
+/// record's end), sharing its memory; `None` when malformed. Advances `at`.
+fn bytes_at(payload: &Bytes, end: usize, at: &mut usize) -> Option<Option<Bytes>> {
+    let length = varint_at(&payload[..end], at)?;
     if length == -1 {
         return Some(None);
     }
     let length = usize::try_from(length).ok()?;
-    let end = at.checked_add(length).filter(|end| *end <= record.len())?;
-    let bytes = record.slice(*at..end);
-    *at = end;
+    let stop = at.checked_add(length).filter(|stop| *stop <= end)?;
+    let bytes = payload.slice(*at..stop);
+    *at = stop;
     Some(Some(bytes))
 }
 
@@ -583,6 +586,37 @@ mod tests {
             out.extend(record);
         }
         out
+    }
+
+    /// A record's fields are read within the record's own length: a value, key or header
+    /// that runs into the next record is malformed, not a read of that record's bytes.
+    #[test]
+    fn an_uncompressed_record_cannot_reach_into_the_next() {
+        let good = records(2, 3);
+        let decoded =
+            decode_records(&Bytes::from(good.clone()), 2, OffsetDeltas::Consecutive).unwrap();
+        assert_eq!(decoded.len(), 2);
+        assert_eq!(decoded[1].value.as_deref(), Some(&b"vvv"[..]));
+        assert!(decoded[1].headers.is_empty());
+        // Record 0: length 8 = attributes, ts, delta, key -1, value length 3, "vvv", header
+        // count. Its value length says 5: two bytes past its end, into record 1.
+        let mut long_value = good.clone();
+        assert_eq!(long_value[5], 6, "the value length of record 0");
+        long_value[5] = 10;
+        let error = decode_records(&Bytes::from(long_value), 2, OffsetDeltas::Consecutive);
+        assert_eq!(
+            error,
+            Err(RecordsError("record 0 of 2 is malformed".to_string()))
+        );
+        // Its header count says 1: the header would be read from record 1.
+        let mut header = good;
+        assert_eq!(header[9], 0, "the header count of record 0");
+        header[9] = 2;
+        let error = decode_records(&Bytes::from(header), 2, OffsetDeltas::Consecutive);
+        assert_eq!(
+            error,
+            Err(RecordsError("record 0 of 2 is malformed".to_string()))
+        );
     }
 
     fn zigzag(value: i64) -> Vec<u8> {
