@@ -598,7 +598,7 @@ mod tests {
         assert_eq!(decoded.len(), 2);
         assert_eq!(decoded[1].value.as_deref(), Some(&b"vvv"[..]));
         assert!(decoded[1].headers.is_empty());
-        // Record 0: length 8 = attributes, ts, delta, key -1, value length 3, "vvv", header
+        // Record 0: 9 bytes = attributes, ts, delta, key -1, value length 3, "vvv", header
         // count. Its value length says 5: two bytes past its end, into record 1.
         let mut long_value = good.clone();
         assert_eq!(long_value[5], 6, "the value length of record 0");

@@ -57,8 +57,8 @@ fn invalid(reason: String) -> LogError {
 }
 
 /// Reads every record of the whole stored batch `batch` (header included): offset delta,
-/// timestamp, and the value of the first header named `header_name`, hashed. Offset deltas
-/// may leave gaps (a batch stored without some records).
+/// timestamp, and the value of the first header named `header_name`, hashed (no id when it is
+/// null or empty). Offset deltas may leave gaps (a batch stored without some records).
 ///
 /// # Errors
 /// `InvalidRecord` when the records are malformed.
@@ -135,6 +135,7 @@ fn walk(
                     .iter()
                     .find(|(name, _)| *name == header_name)
                     .and_then(|(_, value)| value)
+                    .filter(|value| !value.is_empty())
                     .map(hash),
             })
             .collect();
@@ -184,12 +185,16 @@ fn walk(
         skip_bytes(record, &mut cursor).ok_or_else(malformed)?; // key
         skip_bytes(record, &mut cursor).ok_or_else(malformed)?; // value
         let headers = varint_at(record, &mut cursor).ok_or_else(malformed)?;
+        // The first header of the name decides (a null or empty value: no id), as the
+        // consumer middleware and the compressed path read it.
         let mut id = None;
+        let mut found = false;
         for _ in 0..headers.max(0) {
             let name = bytes_at(record, &mut cursor).ok_or_else(malformed)?;
             let value = bytes_at(record, &mut cursor).ok_or_else(malformed)?;
-            if id.is_none() && name == Some(header_name.as_bytes()) {
-                id = value.map(hash);
+            if !found && name == Some(header_name.as_bytes()) {
+                found = true;
+                id = value.filter(|value| !value.is_empty()).map(hash);
             }
         }
         records.push(RecordId {
@@ -334,14 +339,31 @@ pub(crate) mod tests {
     /// header after an `other` header, or no header for `None`), timestamps `base + i`,
     /// compressed with gzip when `gzip`.
     pub(crate) fn batch_with_ids(ids: &[Option<&str>], base_timestamp: i64, gzip: bool) -> Vec<u8> {
+        let headers: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let mut headers = semel_records::Headers::new();
+                headers.push("other", Some(b"x"));
+                if let Some(id) = id {
+                    headers.push("semel-msg-id", Some(id.as_bytes()));
+                }
+                headers
+            })
+            .collect();
+        batch_with_headers(&headers, base_timestamp, gzip)
+    }
+
+    /// A batch of one record per entry of `headers` (value `v<i>`), timestamps `base + i`,
+    /// compressed with gzip when `gzip`.
+    fn batch_with_headers(
+        headers: &[semel_records::Headers],
+        base_timestamp: i64,
+        gzip: bool,
+    ) -> Vec<u8> {
         let mut records = Vec::new();
-        for (i, id) in ids.iter().enumerate() {
+        for (i, headers) in headers.iter().enumerate() {
             let value = format!("v{i}");
-            let mut headers = semel_records::Headers::new();
-            headers.push("other", Some(b"x"));
-            if let Some(id) = id {
-                headers.push("semel-msg-id", Some(id.as_bytes()));
-            }
+            let headers = headers.clone();
             let record = RawRecord {
                 timestamp_delta: i as i64,
                 offset_delta: i as i32,
@@ -358,7 +380,7 @@ pub(crate) mod tests {
             encoder.write_all(&records).expect("gzip");
             records = encoder.finish().expect("gzip");
         }
-        let count = ids.len() as i32;
+        let count = headers.len() as i32;
         let mut batch = Vec::new();
         batch.extend_from_slice(&0i64.to_be_bytes());
         batch.extend_from_slice(
@@ -383,6 +405,43 @@ pub(crate) mod tests {
 
     fn id(text: &str) -> Option<MessageId> {
         Some(xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
+    }
+
+    /// The id is the first header of that name, as the consumer middleware reads it: when
+    /// its value is null the record has no id, whatever a later header of the same name
+    /// says (the uncompressed walk took the later one; the compressed path did not); an
+    /// empty value is no id either (records with one were all taken for one message).
+    #[test]
+    fn the_first_header_of_the_name_decides_even_when_null() {
+        let headers: semel_records::Headers =
+            [("semel-msg-id", None), ("semel-msg-id", Some("late"))]
+                .into_iter()
+                .collect();
+        let with_id: semel_records::Headers = [("semel-msg-id", Some("a"))].into_iter().collect();
+        // An empty id is no id (as the middleware reads it): two such records are not one
+        // message sent twice.
+        let empty: semel_records::Headers = [("semel-msg-id", Some(""))].into_iter().collect();
+        for gzip in [false, true] {
+            let bytes = super::super::tests::with_producer(
+                batch_with_headers(
+                    &[
+                        headers.clone(),
+                        with_id.clone(),
+                        empty.clone(),
+                        empty.clone(),
+                    ],
+                    1_000,
+                    gzip,
+                ),
+                7,
+                0,
+                40,
+            );
+            let batch = validate_produce_records(&bytes, 1 << 20).expect("valid");
+            let records = read_ids(batch.bytes(), "semel-msg-id").expect("read");
+            let ids: Vec<_> = records.records.iter().map(|r| r.id).collect();
+            assert_eq!(ids, vec![None, id("a"), None, None], "gzip: {gzip}");
+        }
     }
 
     #[test]
