@@ -12,8 +12,11 @@
 #  3. 1 to 4 producers at once (each the load of 1, its own topic): aggregate records/s, and
 #     the machine's CPU use (from /proc/stat) while they ran.
 #  4. 1 KiB records, acks=all, large batches: kcat (batch.size=1 MB, linger.ms=50, idempotent
-#     and not) and produce_load (64 records per batch, 4 connections): MB/s written, next to
-#     the disk's sequential write speed (dd, 1 GiB, one fdatasync) in the same run.
+#     and not) and produce_load (960 records per batch, the most a 1 MiB request holds;
+#     idempotent; 4 connections x 5 in flight; 8 s): MB/s written, next to the disk's
+#     sequential write bandwidth in the same run: dd of 2 GiB with O_DIRECT in 4 MiB writes
+#     (the device, no page cache) before each produce_load run, and dd of 1 GiB into the page
+#     cache with one fdatasync at the end (which this machine's host partly absorbs).
 #
 #   scripts/bench-broker.sh [RUNS] [RECORDS]          (defaults: 5 1000000)
 #
@@ -160,7 +163,7 @@ echo
 large=$(( records / 5 > 0 ? records / 5 : 1 ))
 dd if=/dev/zero of="$work/dd" bs=1M count=1024 conv=fdatasync 2>"$work/dd.err" || true
 disk=$(grep -o '[0-9.,]* [MG]B/s' "$work/dd.err" | tail -n 1)
-echo "The disk (dd 1 GiB, fdatasync): $disk"
+echo "The disk (dd 1 GiB into the page cache, one fdatasync): $disk"
 for idempotent in false true; do
   kib=()
   for _ in $(seq 1 "$runs"); do
@@ -170,10 +173,20 @@ for idempotent in false true; do
   echo "kcat, 1 KiB x $large, acks=all, idempotent=$idempotent, batch.size=1000000, linger.ms=50: semel-broker $(median "${kib[@]}") MB/s (runs: ${kib[*]})"
 done
 kib=()
+direct=()
 for _ in $(seq 1 "$runs"); do
-  out=$("$load_bin" --bootstrap "127.0.0.1:$port" --acks all --seconds 4 --record-bytes 1024 \
-    --batch-records 64 | tail -n 1)
+  dd if=/dev/zero of="$work/dd" bs=4M count=512 oflag=direct 2>"$work/dd.err" || true
+  direct+=("$(grep -o '[0-9.,]* [MG]B/s' "$work/dd.err" | tail -n 1 | python3 -c '
+import sys
+value, unit = sys.stdin.read().split()
+print(round(float(value.replace(chr(44), chr(46))) * (1000 if unit == "GB/s" else 1)))')")
+  rm -f "$work/dd"
+  out=$("$load_bin" --bootstrap "127.0.0.1:$port" --acks all --idempotent --seconds 8 \
+    --record-bytes 1024 --batch-records 960 | tail -n 1)
   kib+=("$(echo "$out" | grep -o '[0-9.]* MB/s' | cut -d' ' -f1)")
 done
-echo "produce_load, 1 KiB, 64 per batch, 4 connections x 5 in flight, acks=all: semel-broker $(median "${kib[@]}") MB/s (runs: ${kib[*]})"
+echo "The disk (dd 2 GiB, O_DIRECT, 4 MiB writes): $(median "${direct[@]}") MB/s (runs: ${direct[*]})"
+echo "produce_load, 1 KiB, 960 per batch, idempotent, 4 connections x 5 in flight, acks=all, 8 s: semel-broker $(median "${kib[@]}") MB/s (runs: ${kib[*]})"
+python3 -c 'import sys; print(f"semel-broker / disk (O_DIRECT), medians: {float(sys.argv[1]) / float(sys.argv[2]):.2f}")' \
+  "$(median "${kib[@]}")" "$(median "${direct[@]}")"
 rm -f "$work/dd"

@@ -431,7 +431,29 @@ fn read_varint(reader: &mut impl Read) -> Result<i64, Walk> {
 
 /// The zig-zag varint (a record's lengths and deltas) at `*at` in `bytes`; advances `at`.
 /// `None` when the bytes end first or it is longer than 10 bytes.
+///
+/// Inlined for the one- and two-byte varints that make up nearly all of a record's fields
+/// (values below 8192): the broker and the consumer read several per record.
+#[inline]
 pub fn varint_at(bytes: &[u8], at: &mut usize) -> Option<i64> {
+    let unzigzag = |value: u64| ((value >> 1) as i64) ^ -((value & 1) as i64);
+    let first = *bytes.get(*at)?;
+    if first & 0x80 == 0 {
+        *at += 1;
+        return Some(unzigzag(u64::from(first)));
+    }
+    if let Some(&second) = bytes.get(*at + 1)
+        && second & 0x80 == 0
+    {
+        *at += 2;
+        return Some(unzigzag(u64::from(first & 0x7f) | (u64::from(second) << 7)));
+    }
+    varint_at_long(bytes, at)
+}
+
+/// [`varint_at`] for any length.
+#[inline(never)]
+fn varint_at_long(bytes: &[u8], at: &mut usize) -> Option<i64> {
     let mut value: u64 = 0;
     for shift in (0..64).step_by(7) {
         let byte = *bytes.get(*at)?;
@@ -628,6 +650,49 @@ mod tests {
         }
         out.push(v as u8);
         out
+    }
+
+    #[test]
+    fn the_short_varint_paths_read_as_the_long_one_does() {
+        let values = (-70_000i64..70_000).step_by(7).chain([
+            i64::MIN,
+            i64::MAX,
+            -1,
+            0,
+            63,
+            64,
+            -64,
+            -65,
+            8191,
+            8192,
+            -8192,
+            -8193,
+        ]);
+        for value in values {
+            let encoded = zigzag(value);
+            // After a prefix, at the end of the input and followed by more bytes.
+            for tail in [&[][..], &[0x05, 0x80][..]] {
+                let bytes: Vec<u8> = [&[0xAA][..], &encoded, tail].concat();
+                let (mut short, mut long) = (1, 1);
+                assert_eq!(varint_at(&bytes, &mut short), Some(value), "{value}");
+                assert_eq!(varint_at_long(&bytes, &mut long), Some(value), "{value}");
+                assert_eq!(short, 1 + encoded.len());
+                assert_eq!(long, short);
+            }
+            // Cut short anywhere: none at all.
+            for cut in 0..encoded.len() {
+                assert_eq!(
+                    varint_at(&encoded[..cut], &mut 0),
+                    None,
+                    "{value} cut at {cut}"
+                );
+            }
+        }
+        // Eleven continuation bytes: longer than any i64.
+        assert_eq!(varint_at(&[0xFF; 11], &mut 0), None);
+        assert_eq!(varint_at(&[0x80, 0x80], &mut 0), None);
+        assert_eq!(varint_at(&[], &mut 0), None);
+        assert_eq!(varint_at(&[0], &mut 1), None);
     }
 
     fn gzip(bytes: &[u8]) -> Vec<u8> {
