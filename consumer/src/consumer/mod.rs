@@ -303,6 +303,7 @@ impl Consumer {
     }
 
     /// Whether this consumer is a group member by subscription (not assigned by hand).
+    #[cfg(feature = "dedup")]
     pub(crate) fn is_subscribed(&self) -> bool {
         matches!(self.mode, Mode::Subscribed(_))
     }
