@@ -191,7 +191,7 @@ fn batch_position(frame: &[u8], batch: &[u8]) -> anyhow::Result<usize> {
         .context("the batch was not found in its request")
 }
 
-/// Where a request frame (after its 4-byte length) keeps its correlation id.
+/// Where a request frame keeps its correlation id: after its 4-byte length, API key and version.
 const CORRELATION_ID: usize = 4 + 2 + 2;
 
 /// Byte positions in a RecordBatch v2 header.
