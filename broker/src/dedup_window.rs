@@ -40,96 +40,95 @@ pub(crate) enum Verdict {
     AllDuplicates { first: Stored, last_offset: i64 },
 }
 
-/// Slots in a bucket of the id table.
-const BUCKET_SLOTS: usize = 8;
-
-/// Eight slots of the id table, 64 bytes, one cache line: for each slot a fingerprint of an id
-/// (its low 32 bits, never 0; 0 for a slot never used) and the low 32 bits of the sequence
-/// number of the id's latest store. A slot's sequence number is read relative to the queue's
-/// first one (see [`live_seq`]), so 32 bits are enough for any window of fewer than 2^32 ids.
-/// The fingerprints come first and the sequence numbers after, so a bucket is checked in a few
-/// instructions rather than slot by slot.
+/// A slot of the id table, 8 bytes: a fingerprint of the id (its low 32 bits, never 0) and
+/// the low 32 bits of the sequence number of its latest store; `fp == 0` for a slot never
+/// used. A slot's sequence number is read relative to the queue's first one (see
+/// [`DedupWindow::live_seq`]), so 32 bits are enough for any window of fewer than 2^32 ids.
 #[derive(Debug, Clone, Copy)]
-#[repr(C, align(64))]
-struct Bucket {
-    fps: [u32; BUCKET_SLOTS],
-    seqs: [u32; BUCKET_SLOTS],
+struct Slot {
+    fp: u32,
+    seq: u32,
 }
-
-const EMPTY_BUCKET: Bucket = Bucket {
-    fps: [0; BUCKET_SLOTS],
-    seqs: [0; BUCKET_SLOTS],
-};
 
 /// The fingerprint a slot keeps for `id`: its low 32 bits, 0 (the empty slot's) made 1.
 fn fingerprint(id: MessageId) -> u32 {
     (id as u32).max(1)
 }
 
-/// The bucket an id's probe starts at: from its fingerprint (which the slot keeps, so a table
+/// The slot an id's probe starts at: from its fingerprint (which the slot keeps, so a table
 /// can be rebuilt without the ids).
 fn home(fp: u32, mask: usize) -> usize {
     (fp as usize) & mask
 }
-
-/// Fewest buckets a table has (small in tests, so they grow, overflow and rebuild often).
-const MIN_BUCKETS: usize = if cfg!(test) { 2 } else { 128 };
-/// Slots per queued store after a rebuild: one bucket per id, so a bucket holds one live id on
-/// average and almost never all eight. The table is rebuilt when half its slots are used (live
-/// or stale), which a window that grows reaches at 4 ids a bucket.
+const EMPTY_SLOT: Slot = Slot { fp: 0, seq: 0 };
+/// Fewest slots a table has (small in tests, so they grow and rebuild tables often).
+const MIN_SLOTS: usize = if cfg!(test) { 16 } else { 1024 };
+/// Slots per queued store after a rebuild. The table is rebuilt when half its slots are used
+/// (live or stale), so at the cap, with every store new, that is every `SLOTS_PER_ID / 2 - 1`
+/// caps' worth of stores; and probes stay short (at most half the slots used).
 const SLOTS_PER_ID: usize = 8;
-/// Stores after which the table is rebuilt even if it is not half used (stale slots are reused
-/// in place, so `used` may never grow). With at most [`crate::log::MAX_DEDUP_IDS`] queued, a
-/// slot is then never more than 2^31 stores behind the queue's first, so its 32-bit sequence
-/// number cannot alias a queued store.
+/// Stores after which the table is rebuilt even if it is not half used (ids stored again
+/// after they expired reuse their stale slots, so `used` may never grow). With at most
+/// [`crate::log::MAX_DEDUP_IDS`] queued, a slot is then never more than 2^31 stores behind the
+/// queue's first, so its 32-bit sequence number cannot alias a queued store.
 const REBUILD_AFTER_STORES: u64 = if cfg!(test) { 1 << 12 } else { 1 << 30 };
 
-/// The full sequence number of a slot's `seq` if it names a store still queued, for a queue
-/// whose first store is `first_seq` and which holds `queued` stores. Read relative to
-/// `first_seq`: exact because no slot outlives [`REBUILD_AFTER_STORES`] stores without a
-/// rebuild, which keeps only live slots.
+/// [`DedupWindow::live_seq`] for a queue whose first store is `first_seq` and which holds
+/// `queued` stores.
 fn live_seq(seq: u32, first_seq: u64, queued: usize) -> Option<u64> {
     let behind = u64::from(seq.wrapping_sub(first_seq as u32));
     (behind < queued as u64).then(|| first_seq + behind)
 }
 
-/// The slots of `bucket` that are empty, that hold `fp` for a live store, and that are free
-/// (empty or stale), as bit masks (bit `i` for slot `i`).
-fn classify(bucket: &Bucket, fp: u32, first_seq: u64, queued: usize) -> (u32, u32, u32) {
-    let (mut empty, mut matching, mut free) = (0u32, 0u32, 0u32);
-    for i in 0..BUCKET_SLOTS {
-        let live = live_seq(bucket.seqs[i], first_seq, queued).is_some();
-        let is_empty = bucket.fps[i] == 0;
-        empty |= u32::from(is_empty) << i;
-        matching |= u32::from(bucket.fps[i] == fp && live) << i;
-        free |= u32::from(is_empty || !live) << i;
+/// Empties every slot that `is_live` refuses and moves each live one to where a probe from
+/// its home now finds it first; returns the live slots. Slots are taken in probe order from
+/// just after an empty one, so every slot between a live one's home and its old place is
+/// settled (or empty) when it moves: it lands there or earlier, never past an empty slot.
+/// The table must have an empty slot (it is at most half used).
+fn clean_in_place(slots: &mut [Slot], is_live: impl Fn(&Slot) -> bool) -> usize {
+    let mask = slots.len() - 1;
+    let Some(start) = slots.iter().position(|s| s.fp == 0) else {
+        return slots.len();
+    };
+    let mut live = 0;
+    for step in 1..=slots.len() {
+        let at = (start + step) & mask;
+        let slot = slots[at];
+        if slot.fp == 0 {
+            continue;
+        }
+        slots[at] = EMPTY_SLOT;
+        if !is_live(&slot) {
+            continue;
+        }
+        let mut to = home(slot.fp, mask);
+        while slots[to].fp != 0 {
+            to = (to + 1) & mask;
+        }
+        slots[to] = slot;
+        live += 1;
     }
-    (empty, matching, free)
+    live
 }
 
 /// One partition's window.
 ///
-/// Every store goes to the back of `order` and gets the next sequence number. `buckets` is a
-/// hash table from id to the sequence number of its latest store: an id lives in the first
-/// bucket from its home (its fingerprint's low bits) that had a free slot when it was stored,
-/// so a probe reads one cache line, and a second only when a bucket was once full. A slot
-/// holds a 32-bit fingerprint of the id, and the id is confirmed against `order`, so a match
-/// costs one look into the queue.
-///
-/// Expiry and the cap pop `order` from the front without touching the table: a slot whose
-/// sequence number was popped is stale, read as absent and reused by a later store in its
-/// bucket. A slot never becomes empty again, so a probe goes on past a bucket with no empty
-/// slot and stops at the first one with an empty slot; that keeps every id stored further on
-/// reachable. Since a full window reuses stale slots where they are, its table fills only as
-/// fast as the most ids a bucket ever held at once grows; when used slots pass half of the
-/// table, it is rebuilt with the live ones only.
+/// Every store goes to the back of `order` and gets the next sequence number. `slots` is an
+/// open-addressing table (linear probing, indexed by an id's low 64 bits) from id to the
+/// sequence number of its latest store; a slot holds a 32-bit fingerprint of the id, and the
+/// id is confirmed against `order`, so a match costs one look into the queue, and the table
+/// (8 bytes a slot, 8 slots a cache line) about one cache line per probe. Expiry and the cap pop `order` from the front without touching the
+/// table: a slot whose sequence number was popped is stale, read as absent and reused by a
+/// later insert on its probe path (it never becomes empty again, so no probe path breaks).
+/// When used slots pass half of the table, it is rebuilt with the live ones only, in one pass
+/// that reads the old table and writes the new one in order.
 #[derive(Debug)]
 pub(crate) struct DedupWindow {
     header: String,
     window_ms: i64,
     max_ids: usize,
     /// Id → sequence number of its latest store; a power-of-two length.
-    buckets: Vec<Bucket>,
+    slots: Vec<Slot>,
     /// Slots not empty (live or stale).
     used: usize,
     /// Every store in append order, for expiry and the cap; `order[i]` has sequence number
@@ -147,12 +146,12 @@ pub(crate) struct DedupWindow {
     rebuilds: usize,
 }
 
-/// What a probe for an id found; a slot is named by `bucket * BUCKET_SLOTS + index`.
+/// What a probe for an id found.
 enum Probe {
     /// The id's slot, and its latest store if that is still queued.
     Found(usize, Stored),
-    /// Not there; the slot to put it in (the first free one on its path: a stale one, or an
-    /// empty one in the bucket that ended the path).
+    /// Not there; the slot to put it in (a stale one on its path, or the empty one that ended
+    /// the path).
     Absent(usize),
 }
 
@@ -163,7 +162,7 @@ impl DedupWindow {
             header: config.dedup_header.clone(),
             window_ms: config.dedup_window_ms,
             max_ids: config.dedup_max_ids as usize,
-            buckets: vec![EMPTY_BUCKET; MIN_BUCKETS],
+            slots: vec![EMPTY_SLOT; MIN_SLOTS],
             used: 0,
             order: VecDeque::new(),
             first_seq: 0,
@@ -200,7 +199,7 @@ impl DedupWindow {
     /// Bytes the window's tables hold: 8 per table slot (8 to 16 slots per queued id after a
     /// rebuild) and 32 per queue slot.
     pub(crate) fn bytes(&self) -> usize {
-        self.buckets.len() * std::mem::size_of::<Bucket>()
+        self.slots.len() * std::mem::size_of::<Slot>()
             + self.order.capacity() * std::mem::size_of::<(MessageId, Stored)>()
     }
 
@@ -243,92 +242,88 @@ impl DedupWindow {
             .map(|(_, stored)| *stored)
     }
 
+    /// The full sequence number of a slot's `seq` if it names a store still queued. Read
+    /// relative to `first_seq`: exact because no slot outlives [`REBUILD_AFTER_STORES`]
+    /// stores without a rebuild, which keeps only live slots.
+    fn live_seq(&self, seq: u32) -> Option<u64> {
+        live_seq(seq, self.first_seq, self.order.len())
+    }
+
     fn probe(&self, id: MessageId) -> Probe {
-        let mask = self.buckets.len() - 1;
+        let mask = self.slots.len() - 1;
         let fp = fingerprint(id);
-        let (first_seq, queued) = (self.first_seq, self.order.len());
         let mut at = home(fp, mask);
         let mut reuse = None;
         loop {
-            let bucket = &self.buckets[at];
-            let (empty, mut matching, free) = classify(bucket, fp, first_seq, queued);
-            while matching != 0 {
-                let index = matching.trailing_zeros() as usize;
-                matching &= matching - 1;
-                if let Some(stored) = live_seq(bucket.seqs[index], first_seq, queued)
-                    .and_then(|seq| self.queued(seq, id))
-                {
-                    return Probe::Found(at * BUCKET_SLOTS + index, stored);
+            let slot = self.slots[at];
+            if slot.fp == 0 {
+                return Probe::Absent(reuse.unwrap_or(at));
+            }
+            match self.live_seq(slot.seq) {
+                None => {
+                    reuse.get_or_insert(at);
                 }
-            }
-            if free != 0 {
-                reuse.get_or_insert(at * BUCKET_SLOTS + free.trailing_zeros() as usize);
-            }
-            if empty != 0 {
-                // An empty slot is free, so `reuse` is set by now.
-                return Probe::Absent(
-                    reuse.unwrap_or(at * BUCKET_SLOTS + empty.trailing_zeros() as usize),
-                );
+                Some(seq) if slot.fp == fp => {
+                    if let Some(stored) = self.queued(seq, id) {
+                        return Probe::Found(at, stored);
+                    }
+                }
+                Some(_) => {}
             }
             at = (at + 1) & mask;
         }
     }
 
-    /// Points slot `at` (from [`Self::probe`]) to `seq` for `id`, then rebuilds the table when
-    /// used slots pass half of it (probes stay short: stale slots count as used).
+    /// Points `at` (from [`Self::probe`]) to `seq` for `id`, then grows or cleans the table
+    /// when used slots pass half of it (probe paths stay short: stale slots count as used).
     fn set(&mut self, at: usize, id: MessageId, seq: u64) {
-        let (bucket, index) = (at / BUCKET_SLOTS, at % BUCKET_SLOTS);
-        let bucket = &mut self.buckets[bucket];
-        if bucket.fps[index] == 0 {
+        if self.slots[at].fp == 0 {
             self.used += 1;
         }
-        bucket.fps[index] = fingerprint(id);
-        // The low 32 bits: `live_seq` restores the rest.
-        bucket.seqs[index] = seq as u32;
+        self.slots[at] = Slot {
+            fp: fingerprint(id),
+            // The low 32 bits: `live_seq` restores the rest.
+            seq: seq as u32,
+        };
         self.stores_since_rebuild += 1;
-        if self.used * 2 > self.buckets.len() * BUCKET_SLOTS
-            || self.stores_since_rebuild >= REBUILD_AFTER_STORES
-        {
+        if self.used * 2 > self.slots.len() || self.stores_since_rebuild >= REBUILD_AFTER_STORES {
             self.rebuild_table();
         }
     }
 
     /// A table holding the live slots only, with at least `SLOTS_PER_ID` slots per queued
-    /// store (at most one live slot each).
+    /// store (at most one live slot each), so the next rebuild is that many stores away. When
+    /// that is the table's present size (a full window, the steady state under load), the
+    /// table is cleaned in place rather than allocated again: no new memory to fault in and
+    /// zero, which cost more than the rebuild itself.
     fn rebuild_table(&mut self) {
         self.stores_since_rebuild = 0;
         #[cfg(test)]
         {
             self.rebuilds += 1;
         }
-        let size = (self.order.len() * SLOTS_PER_ID / BUCKET_SLOTS)
-            .max(MIN_BUCKETS)
+        let size = (self.order.len() * SLOTS_PER_ID)
+            .max(MIN_SLOTS)
             .next_power_of_two();
         let (first_seq, queued) = (self.first_seq, self.order.len());
-        let mut buckets = vec![EMPTY_BUCKET; size];
+        let is_live = |slot: &Slot| slot.fp != 0 && live_seq(slot.seq, first_seq, queued).is_some();
+        if size == self.slots.len() {
+            self.used = clean_in_place(&mut self.slots, is_live);
+            return;
+        }
+        let mut slots = vec![EMPTY_SLOT; size];
         let mask = size - 1;
         let mut live = 0;
-        for old in &self.buckets {
-            for (fp, seq) in old.fps.iter().zip(&old.seqs) {
-                if *fp == 0 || live_seq(*seq, first_seq, queued).is_none() {
-                    continue;
-                }
-                // The first bucket from its home with an empty slot: every bucket passed is
-                // full and stays full, so a probe from the home goes on to this one.
-                let mut at = home(*fp, mask);
-                loop {
-                    let bucket = &mut buckets[at];
-                    if let Some(index) = bucket.fps.iter().position(|f| *f == 0) {
-                        bucket.fps[index] = *fp;
-                        bucket.seqs[index] = *seq;
-                        break;
-                    }
-                    at = (at + 1) & mask;
-                }
-                live += 1;
+        for slot in self.slots.iter().filter(|s| is_live(s)) {
+            // Read in table order and written near their old places: close to sequential.
+            let mut at = home(slot.fp, mask);
+            while slots[at].fp != 0 {
+                at = (at + 1) & mask;
             }
+            slots[at] = *slot;
+            live += 1;
         }
-        self.buckets = buckets;
+        self.slots = slots;
         self.used = live;
     }
 
@@ -376,9 +371,9 @@ impl DedupWindow {
         // Each id's home slot is, in a large window, a cache miss. Reading them all first, with
         // no load depending on another, lets the processor fetch them at the same time; the
         // probes below then find them in cache. (A prefetch without unsafe code.)
-        let mask = self.buckets.len() - 1;
+        let mask = self.slots.len() - 1;
         let touched = records.iter().filter_map(|r| r.id).fold(0u32, |acc, id| {
-            acc ^ self.buckets[home(fingerprint(id), mask)].seqs[0]
+            acc ^ self.slots[home(fingerprint(id), mask)].seq
         });
         std::hint::black_box(touched);
         let mut keep = Vec::new();
@@ -817,8 +812,7 @@ mod tests {
                 window.decide(&batch, id as i64, 1_000, None),
                 Verdict::Store
             );
-            let slots = window.buckets.len() * BUCKET_SLOTS;
-            assert!(slots <= 4 * 1024, "{slots}");
+            assert!(window.slots.len() <= 4 * 1024, "{}", window.slots.len());
         }
         assert_eq!(window.len(), 100);
         assert_eq!(window.evicted, 49_900);
@@ -833,22 +827,30 @@ mod tests {
     }
 
     #[test]
-    fn a_full_window_reuses_stale_slots_and_still_finds_every_id() {
-        // Scattered homes, as real ids have.
+    fn a_full_window_cleans_its_table_in_place_and_still_finds_every_id() {
+        // Scattered homes: at up to half the slots used, linear probing makes runs of
+        // neighbours, and a slot left behind a gap (a stale one emptied in place, the slots
+        // after it not moved) would be missed.
         let id_of = |n: u128| {
             let mixed = (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             (n << 64) | u128::from(mixed ^ (mixed >> 32))
         };
         let cap = 100u128;
         let mut window = DedupWindow::new(&config(60_000, cap as u32));
-        let mut rebuilds_when_full = None;
-        let stores = 20_000u128;
-        for n in 0..stores {
+        let mut table_len = None;
+        let (mut used, mut cleanings) = (0, 0);
+        for n in 0..20_000u128 {
             let batch = [record(0, 1_000, Some(id_of(n)))];
             assert_eq!(window.decide(&batch, n as i64, 1_000, None), Verdict::Store);
-            if n == cap {
-                rebuilds_when_full = Some(window.rebuilds);
+            if n >= cap {
+                // Full: the table keeps its size from here on, cleaned where it is.
+                assert_eq!(
+                    *table_len.get_or_insert(window.slots.len()),
+                    window.slots.len()
+                );
+                cleanings += usize::from(window.used < used);
             }
+            used = window.used;
             for back in 0..(n + 1).min(cap) {
                 let id = n - back;
                 assert_eq!(
@@ -861,16 +863,7 @@ mod tests {
                 assert!(window.original(id_of(n - cap), 1_000).is_none());
             }
         }
-        // Each store past the cap makes one slot stale; the next stores reuse them in their
-        // buckets, so the table is rebuilt far less often than once per cap's worth of stores
-        // (which cleaning the whole table for stale slots would need).
-        let rebuilds = window.rebuilds - rebuilds_when_full.unwrap_or(0);
-        assert!(
-            rebuilds * 20 < (stores / cap) as usize,
-            "{rebuilds} rebuilds in {} caps' worth of stores",
-            stores / cap
-        );
-        assert!(window.used <= window.buckets.len() * BUCKET_SLOTS / 2);
+        assert!(cleanings > 20, "cleaned in place {cleanings} times");
     }
 
     #[test]
