@@ -75,10 +75,13 @@ impl Headers {
         self.get(name).map(|v| self.raw.slice_ref(v))
     }
 
-    /// Adds a header after the others.
+    /// Adds a header after the others. The bytes are extended in place when no one else holds
+    /// them (headers built by pushes), so n pushes cost O(n) amortized, not O(n²); headers
+    /// sharing a fetched batch's memory are copied once first.
     pub fn push(&mut self, name: &str, value: Option<&[u8]>) {
-        let mut raw = BytesMut::with_capacity(self.raw.len() + name.len() + 4);
-        raw.extend_from_slice(&self.raw);
+        let mut raw = std::mem::take(&mut self.raw)
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         put_bytes(&mut raw, Some(name.as_bytes()));
         put_bytes(&mut raw, value);
         self.raw = raw.freeze();
@@ -284,6 +287,34 @@ mod tests {
         pushed.push("trace", None);
         pushed.push("id", Some(b"m2"));
         assert_eq!(pushed, headers);
+    }
+
+    /// A push extends the bytes in place only when nothing else holds them: a clone taken
+    /// before, and the batch a record's headers were read from, keep what they had.
+    #[test]
+    fn a_push_never_changes_headers_shared_with_a_clone_or_a_batch() {
+        let mut pushed = Headers::new();
+        for n in 0..100 {
+            pushed.push("n", Some(format!("{n}").as_bytes()));
+        }
+        let before = pushed.clone();
+        pushed.push("last", None);
+        assert_eq!(before.len(), 100);
+        assert_eq!(before.get("last"), None);
+        assert_eq!(pushed.len(), 101);
+        let built: Headers = (0..100)
+            .map(|n| ("n", Some(format!("{n}"))))
+            .chain([("last", None)])
+            .collect();
+        assert_eq!(pushed, built);
+
+        let wire = Bytes::copy_from_slice(before.wire());
+        let mut at = 0;
+        let mut read = Headers::read(&wire, wire.len(), &mut at, 100).expect("well formed");
+        read.push("more", Some(b"x"));
+        assert_eq!(&wire[..], before.wire(), "the batch's bytes are untouched");
+        assert_eq!(read.len(), 101);
+        assert_eq!(read.get("more"), Some(&b"x"[..]));
     }
 
     #[test]
