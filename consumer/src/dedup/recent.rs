@@ -100,12 +100,12 @@ impl Hash for Packed {
     }
 }
 
-/// Hashes a `Packed` with a seed drawn per index: keys come from message ids that whoever
-/// sends the messages chooses, so a fixed mapping to slots could be attacked with keys made to
-/// share slots (inserts then take time in the square of their number). Mixing with an unknown
-/// seed (a folded multiply) leaves nothing to aim at.
+/// Hashes a `Packed` (or a [`KeyHash`]) with a seed drawn per map: keys come from message ids
+/// that whoever sends the messages chooses, so a fixed mapping to slots could be attacked with
+/// keys made to share slots (inserts then take time in the square of their number). Mixing
+/// with an unknown seed (a folded multiply) leaves nothing to aim at.
 #[derive(Debug, Clone, Copy)]
-struct Seeded(u64);
+pub(crate) struct Seeded(u64);
 
 impl Default for Seeded {
     fn default() -> Self {
@@ -125,7 +125,7 @@ impl BuildHasher for Seeded {
 }
 
 #[derive(Debug)]
-struct Folded {
+pub(crate) struct Folded {
     seed: u64,
     hash: u64,
 }
@@ -154,6 +154,11 @@ impl Hasher for Folded {
 
     fn write_u64(&mut self, value: u64) {
         self.mix(value);
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        // A `KeyHash`: a hash already, so its halves folded into one word are enough.
+        self.mix((value >> 64) as u64 ^ value as u64);
     }
 }
 

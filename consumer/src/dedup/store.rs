@@ -278,30 +278,9 @@ type Db = DBWithThreadMode<MultiThreaded>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyHash(pub(crate) u128);
 
-/// Hashes a [`KeyHash`] for a `HashMap` by taking 64 of its bits: it is a hash already, so
-/// SipHash over it again (the default) only costs time.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Not a `KeyHash` (never used so, but correct all the same): FNV-1a.
-        for &byte in bytes {
-            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-
-    fn write_u128(&mut self, value: u128) {
-        self.0 ^= value as u64;
-    }
-}
-
-/// A `HashMap` or `HashSet` hasher for [`KeyHash`] keys.
-pub(crate) type KeyHashState = std::hash::BuildHasherDefault<KeyHasher>;
+/// A `HashMap` or `HashSet` hasher for [`KeyHash`] keys: seeded per map (keys are chosen by
+/// whoever produces the messages), one multiply per key.
+pub(crate) type KeyHashState = recent::Seeded;
 
 impl KeyHash {
     /// Hashes `key` within (`group`, `topic`), each part length-prefixed so the parts cannot
@@ -1963,6 +1942,26 @@ mod tests {
     use std::sync::atomic::{AtomicI64, Ordering};
 
     use super::*;
+
+    /// The claims held in memory are keyed by message keys that whoever produces chooses: with
+    /// a fixed mapping from key to slot, keys made to share slots would make each insert and
+    /// lookup scan all of them. The map's hasher is seeded per map and reads all 128 bits.
+    #[test]
+    fn the_held_claims_map_hashes_with_a_seed_of_its_own() {
+        use std::hash::BuildHasher;
+        let key = KeyHash(0x0123_4567_89ab_cdef_0011_2233_4455_6677);
+        let states: Vec<KeyHashState> = (0..8).map(|_| KeyHashState::default()).collect();
+        let hashes: std::collections::BTreeSet<u64> =
+            states.iter().map(|state| state.hash_one(key)).collect();
+        assert!(
+            hashes.len() > 1,
+            "eight maps placed the key alike: unseeded"
+        );
+        // Keys that differ only in their high half do not share a slot.
+        let state = KeyHashState::default();
+        let twin = KeyHash(key.0 ^ (1u128 << 100));
+        assert_ne!(state.hash_one(key), state.hash_one(twin));
+    }
 
     #[derive(Debug)]
     struct ManualClock(AtomicI64);
