@@ -79,9 +79,20 @@ impl Headers {
     /// them (headers built by pushes), so n pushes cost O(n) amortized, not O(n²); headers
     /// sharing a fetched batch's memory are copied once first.
     pub fn push(&mut self, name: &str, value: Option<&[u8]>) {
-        let mut raw = std::mem::take(&mut self.raw)
-            .try_into_mut()
-            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        // Two varint lengths of at most 5 bytes each (lengths are i32).
+        let added = name.len() + value.map_or(0, <[u8]>::len) + 10;
+        let copy = |bytes: &[u8]| {
+            let mut copied = BytesMut::with_capacity(bytes.len() + added);
+            copied.extend_from_slice(bytes);
+            copied
+        };
+        let mut raw = match std::mem::take(&mut self.raw).try_into_mut() {
+            Ok(owned) if owned.capacity() <= 2 * (owned.len() + added) + 64 => owned,
+            // Headers read from a batch that nothing else holds any more: extended in place,
+            // they would keep the whole batch alive as spare room.
+            Ok(owned) => copy(&owned),
+            Err(shared) => copy(&shared),
+        };
         put_bytes(&mut raw, Some(name.as_bytes()));
         put_bytes(&mut raw, value);
         self.raw = raw.freeze();
@@ -315,6 +326,23 @@ mod tests {
         assert_eq!(&wire[..], before.wire(), "the batch's bytes are untouched");
         assert_eq!(read.len(), 101);
         assert_eq!(read.get("more"), Some(&b"x"[..]));
+
+        // Headers read from the middle of a batch that is then dropped: the only holder of
+        // its memory. A push gives them the header, and nothing of the batch around them.
+        let mut batch = vec![0xaa; 1_000];
+        batch.extend_from_slice(before.wire());
+        let end = batch.len();
+        batch.extend_from_slice(&[0xbb; 64 << 10]);
+        let batch = Bytes::from(batch);
+        let mut at = 1_000;
+        let mut alone = Headers::read(&batch, end, &mut at, 100).expect("well formed");
+        drop(batch);
+        alone.push("more", Some(b"y"));
+        let mut expected = before.clone();
+        expected.push("more", Some(b"y"));
+        assert_eq!(alone, expected);
+        assert_eq!(alone.wire(), expected.wire());
+        assert_eq!(alone.get("more"), Some(&b"y"[..]));
     }
 
     #[test]
